@@ -1,0 +1,79 @@
+"""`TTTConfig`: every knob of a TTT layer in one dataclass (gpt-fast style)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from ttt_speech.layers.ttt import TTTLayer
+
+Inner = Literal["linear", "mlp"]
+Variant = Literal["ttt-lm", "fla"]
+
+
+@dataclass
+class TTTConfig:
+    """Configuration of one TTT layer.
+
+    `variant="ttt-lm"` follows the official ttt-lm-pytorch/jax semantics (Sun et al. 2024);
+    `variant="fla"` follows flash-linear-attention's `chunk_ttt_linear` (see docs/ttt.md for how
+    they differ). The TTT fast weights are state, not parameters: `W_init`/`b_init` parameters are
+    only the weights every stream starts from.
+    """
+
+    dim: int
+    num_heads: int
+    inner: Inner = "linear"
+    mini_batch: int = 16
+    variant: Variant = "ttt-lm"
+    base_lr: float | None = None  # None: 1.0 for linear, 0.1 for mlp (the paper's values)
+    use_rope: bool = True
+    rope_theta: float = 10000.0
+    pre_conv: bool = False
+    share_qk: bool = False
+    conv_kernel: int = 4
+    output_gate: bool = False
+    gate_init: float = 0.0
+    mlp_expansion: int = 4
+    eps: float = 1e-6
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.inner not in ("linear", "mlp"):
+            raise ValueError(f"inner must be 'linear' or 'mlp', got {self.inner!r}")
+        if self.variant not in ("ttt-lm", "fla"):
+            raise ValueError(f"variant must be 'ttt-lm' or 'fla', got {self.variant!r}")
+        if self.variant == "fla" and self.inner != "linear":
+            raise ValueError("variant='fla' exists for inner='linear' only (FLA has no TTT-MLP kernel)")
+        if self.dim <= 0 or self.num_heads <= 0 or self.dim % self.num_heads:
+            raise ValueError(f"dim ({self.dim}) must be a positive multiple of num_heads ({self.num_heads})")
+        if self.use_rope and self.head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
+        if self.mini_batch < 1:
+            raise ValueError(f"mini_batch must be >= 1, got {self.mini_batch}")
+        if (self.pre_conv or self.share_qk) and self.conv_kernel < 1:
+            raise ValueError(f"conv_kernel must be >= 1, got {self.conv_kernel}")
+        if self.base_lr is None:
+            self.base_lr = 1.0 if self.inner == "linear" else 0.1
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    def build(self, **projections: Any) -> "TTTLayer":
+        from ttt_speech.layers.ttt import TTTLayer
+
+        return TTTLayer(self, **projections)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TTTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown TTTConfig keys: {sorted(unknown)}")
+        return cls(**d)

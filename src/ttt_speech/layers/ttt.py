@@ -1,0 +1,246 @@
+"""`TTTLayer`: a TTT-Linear / TTT-MLP sequence layer that trains chunked and streams token by token.
+
+The layer maps x [B, T, dim] to y [B, T, dim]; its memory is an explicit `TTTState`. Three forms,
+one semantics: `forward` (chunked dual form, differentiable; FLA's kernel for variant="fla" on
+CUDA), and `step` (streaming, in place, graph-capturable for one token). The output is scaled by a
+per-channel gate tanh(alpha), alpha = `gate_init` (0: a new layer outputs exactly zero, so inserting
+it into a pretrained model changes nothing until it is trained).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ttt_speech.config import TTTConfig
+from ttt_speech.layers.state import TTTState, check_tensors, inner_shapes, state_spec
+from ttt_speech.ops.ttt.fla import fla_available, ttt_linear_fla
+from ttt_speech.ops.ttt.reference import ttt_chunked
+from ttt_speech.ops.ttt.step import ttt_step_
+
+
+def rope_interleaved(x: Tensor, pos: Tensor, theta: float) -> Tensor:
+    """Rotary embedding on adjacent pairs (2i, 2i+1), as the official TTT code's permute+rotate does.
+
+    x: [B, H, T, D]; pos: [B, T] positions inside the mini-batch.
+    """
+    D = x.shape[-1]
+    freqs = theta ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)
+    ang = pos.to(torch.float32)[:, None, :, None] * freqs  # [B, 1, T, D/2]
+    cos, sin = ang.cos(), ang.sin()
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+
+
+def causal_depthwise_conv(x: Tensor, tail: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """Causal depthwise conv over time continuing from `tail` (the previous kernel-1 inputs).
+
+    x: [B, T, C]; tail: [B, kernel-1, C]; weight: [C, kernel]. Returns (y [B, T, C], new tail).
+    """
+    xx = torch.cat([tail.to(x.dtype), x], dim=1)
+    y = F.conv1d(xx.transpose(1, 2), weight.to(x.dtype)[:, None, :], bias.to(x.dtype), groups=x.shape[-1])
+    return y.transpose(1, 2), xx[:, xx.shape[1] - tail.shape[1]:]
+
+
+class TTTLayer(nn.Module):
+    """TTT sequence layer. Projections may be supplied (e.g. an attention's) instead of created."""
+
+    def __init__(
+        self, config: TTTConfig, q_proj: nn.Module | None = None, k_proj: nn.Module | None = None,
+        v_proj: nn.Module | None = None, o_proj: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = cfg = config
+        H, D, C = cfg.num_heads, cfg.head_dim, cfg.dim
+
+        def linear(given: nn.Module | None) -> nn.Module:
+            if given is not None:
+                return given
+            lin = nn.Linear(C, C, bias=False)
+            nn.init.normal_(lin.weight, std=cfg.init_std)
+            return lin
+
+        self.q_proj = linear(q_proj)
+        self.k_proj = None if cfg.share_qk else linear(k_proj)
+        self.v_proj = linear(v_proj)
+        self.o_proj = linear(o_proj)
+        if cfg.share_qk:  # one projection, two short convs make q and k differ (the paper's Mamba block)
+            self.conv_q_weight = nn.Parameter(torch.randn(C, cfg.conv_kernel) / math.sqrt(cfg.conv_kernel))
+            self.conv_q_bias = nn.Parameter(torch.zeros(C))
+            self.conv_k_weight = nn.Parameter(torch.randn(C, cfg.conv_kernel) / math.sqrt(cfg.conv_kernel))
+            self.conv_k_bias = nn.Parameter(torch.zeros(C))
+        if cfg.pre_conv:  # residual RMSNorm + causal depthwise conv in front of the branch
+            self.pre_norm = nn.RMSNorm(C, eps=1e-6)
+            self.pre_conv_weight = nn.Parameter(torch.randn(C, cfg.conv_kernel) / math.sqrt(cfg.conv_kernel))
+            self.pre_conv_bias = nn.Parameter(torch.zeros(C))
+        # learnable step size: eta = base_lr * sigmoid(theta . x + b) / head_dim
+        self.lr_weight = nn.Parameter(torch.randn(H, C) * cfg.init_std)
+        self.lr_bias = nn.Parameter(torch.zeros(H))
+        if cfg.variant == "ttt-lm":
+            self.register_buffer(
+                "token_idx_base", 1.0 / torch.arange(1, cfg.mini_batch + 1, dtype=torch.float32), persistent=False
+            )
+            self.token_idx = nn.Parameter(torch.zeros(cfg.mini_batch))
+        self.ttt_norm_weight = nn.Parameter(torch.ones(H, D))
+        self.ttt_norm_bias = nn.Parameter(torch.zeros(H, D))
+        for name, shape in inner_shapes(cfg).items():  # the weights every stream starts from
+            init = torch.randn(shape) * cfg.init_std if name.startswith("W") else torch.zeros(shape)
+            self.register_parameter(name, nn.Parameter(init))
+        self.post_norm = nn.LayerNorm(C, eps=1e-6)
+        if cfg.output_gate:
+            self.g_proj = linear(None)
+        self.gate_alpha = nn.Parameter(torch.full((C,), float(cfg.gate_init)))
+
+    # -- state -------------------------------------------------------------------------------
+    @property
+    def state_dtype(self) -> torch.dtype:
+        """fp32 whatever the model dtype (bf16 state would drift over hours); fp64 for gradcheck."""
+        return torch.float64 if self.W1.dtype == torch.float64 else torch.float32
+
+    def initial_tensors(self) -> dict[str, Tensor]:
+        return {name: getattr(self, name).detach() for name in inner_shapes(self.config)}
+
+    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> TTTState:
+        device = self.ttt_norm_weight.device if device is None else device
+        tensors = {
+            name: torch.zeros(shape, dtype=dtype, device=device)
+            for name, (shape, dtype) in state_spec(self.config, batch_size, self.state_dtype).items()
+        }
+        return TTTState(self.config, tensors, self.initial_tensors).reset()
+
+    def reset_state(self, state: TTTState, mask: Tensor | None = None) -> TTTState:
+        state._initial = self.initial_tensors
+        return state.reset(mask)
+
+    def _check(self, x: Tensor, state: TTTState | None) -> TTTState:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be floating point, got dtype {x.dtype}")
+        if x.dim() != 3 or x.shape[-1] != self.config.dim:
+            raise ValueError(f"x: expected shape [B, T, {self.config.dim}], got {list(x.shape)}")
+        if state is None:
+            return self.init_state(x.shape[0], x.device)
+        if not isinstance(state, TTTState):
+            raise TypeError(f"state must be a TTTState, got {type(state).__name__}")
+        check_tensors(state.tensors, self.config, x.shape[0], "state")
+        if state.config != self.config:
+            raise ValueError(f"state: made for config {state.config}, this layer has {self.config}")
+        return state
+
+    # -- shared pieces of both forms ---------------------------------------------------------
+    def _prepare(self, x: Tensor, state: TTTState) -> tuple[list[Tensor], Tensor, dict[str, Tensor]]:
+        """Projections, convs, RoPE and step sizes: ([q, k, v, a, c] in fp32, branch input h, conv tails)."""
+        cfg = self.config
+        B, T, _ = x.shape
+        H, D = cfg.num_heads, cfg.head_dim
+        tails: dict[str, Tensor] = {}
+        h = x
+        if cfg.pre_conv:
+            y, tails["conv_pre"] = causal_depthwise_conv(
+                self.pre_norm(x), state["conv_pre"], self.pre_conv_weight, self.pre_conv_bias)
+            h = x + y
+        if cfg.share_qk:
+            xq = self.q_proj(h)
+            q, tail = causal_depthwise_conv(xq, state["conv_qk"], self.conv_q_weight, self.conv_q_bias)
+            k, _ = causal_depthwise_conv(xq, state["conv_qk"], self.conv_k_weight, self.conv_k_bias)
+            tails["conv_qk"] = tail
+        else:
+            q, k = self.q_proj(h), self.k_proj(h)
+        v = self.v_proj(h)
+        cd = state.dtype  # compute dtype of the TTT math: the state's
+        q, k, v = (t.to(cd).view(B, T, H, D).transpose(1, 2) for t in (q, k, v))
+        pos = (state.offset[:, None] + torch.arange(T, device=x.device)) % cfg.mini_batch  # [B, T]
+        if cfg.use_rope:
+            q, k = rope_interleaved(q, pos, cfg.rope_theta), rope_interleaved(k, pos, cfg.rope_theta)
+        lr = torch.sigmoid(torch.einsum("btc,hc->bht", h.to(cd), self.lr_weight.to(cd))
+                           + self.lr_bias.to(cd)[:, None]) * (cfg.base_lr / D)
+        if cfg.variant == "ttt-lm":  # eta[i, j] = token_eta(i) * lr(j)
+            tok = (self.token_idx_base.to(cd) + self.token_idx.to(cd)).clamp_min(0.0)[pos]
+            a, c = tok[:, None, :].expand(B, H, T), lr
+        else:  # fla: eta[i, j] = lr(i), q scaled like FLA's default 1/sqrt(D)
+            q = q * D**-0.5
+            a, c = lr, torch.ones_like(lr)
+        return [q, k, v, a, c], h, tails
+
+    def _finish(self, out: Tensor, h: Tensor, dtype: torch.dtype) -> Tensor:
+        B, H, T, D = out.shape
+        o = out.transpose(1, 2).reshape(B, T, H * D)
+        cd = out.dtype
+        o = F.layer_norm(o, (H * D,), self.post_norm.weight.to(cd), self.post_norm.bias.to(cd), 1e-6)
+        if self.config.output_gate:
+            o = F.gelu(self.g_proj(h).to(cd), approximate="tanh") * o
+        proj_dtype = next((p.dtype for p in self.o_proj.parameters()), dtype)
+        y = self.o_proj(o.to(proj_dtype)).to(cd) * torch.tanh(self.gate_alpha.to(cd))
+        return y.to(dtype)
+
+    @property
+    def _inner_args(self) -> dict:
+        cfg = self.config
+        return dict(mini_batch=cfg.mini_batch, residual="q" if cfg.variant == "ttt-lm" else "z", eps=cfg.eps)
+
+    def _ln(self) -> tuple[Tensor, Tensor]:
+        return self.ttt_norm_weight.to(self.state_dtype), self.ttt_norm_bias.to(self.state_dtype)
+
+    # -- the two forms -----------------------------------------------------------------------
+    def forward(self, x: Tensor, state: TTTState | None = None) -> tuple[Tensor, TTTState]:
+        """Chunked form over any T; returns y and a *new* state (the input state is not touched)."""
+        state = self._check(x, state)
+        if x.shape[1] == 0:
+            return x.new_zeros(x.shape), state.clone()
+        (q, k, v, a, c), h, tails = self._prepare(x, state)
+        weights, grads, offset = state.weights(), state.grads(), state.offset
+        outs = []
+        if self._use_fla(x, state):
+            T0 = x.shape[1] // self.config.mini_batch * self.config.mini_batch
+            o, W, b = ttt_linear_fla(q[:, :, :T0].to(x.dtype), k[:, :, :T0].to(x.dtype), v[:, :, :T0].to(x.dtype),
+                                     a[:, :, :T0], *self._ln(), *weights, self.config.mini_batch, self.config.eps)
+            outs.append(o)
+            weights = [W, b]
+            q, k, v, a, c = (t[:, :, T0:] for t in (q, k, v, a, c))
+        if q.shape[2]:
+            o, weights, grads, offset = ttt_chunked(q, k, v, a, c, *self._ln(), weights, grads, offset,
+                                                    **self._inner_args)
+            outs.append(o)
+        else:
+            offset = offset.clone()
+        y = self._finish(torch.cat(outs, dim=2), h, x.dtype)
+        names = state.weight_names
+        new = dict(zip(names, weights)) | {"grad_" + n: g for n, g in zip(names, grads)}
+        return y, state.replace(**new, offset=offset, **{k: t.to(state.dtype) for k, t in tails.items()})
+
+    def _use_fla(self, x: Tensor, state: TTTState) -> bool:
+        """FLA's kernel needs a fresh mini-batch start and at least one whole mini-batch."""
+        if self.config.variant != "fla" or not x.is_cuda or x.shape[1] < self.config.mini_batch:
+            return False
+        if not fla_available():
+            return False
+        fresh = (state.offset == 0).all() & torch.stack([g.abs().amax() == 0 for g in state.grads()]).all()
+        return bool(fresh)
+
+    @torch.no_grad()
+    def step(self, x: Tensor, state: TTTState, exec_mask: Tensor | None = None) -> tuple[Tensor, TTTState]:
+        """Streaming: outputs for x [B, T, dim] (or [B, dim]) at once; `state` is updated in place.
+
+        For one token this is the graph-capturable primal step; for longer runs the chunked form's
+        result is copied into `state`. Streams with exec_mask False keep their state unchanged.
+        """
+        squeeze = x.dim() == 2
+        x = x[:, None] if squeeze else x
+        state = self._check(x, state)
+        if x.shape[1] != 1:
+            y, new = self.forward(x, state)
+            state.copy_(new, exec_mask)
+        else:
+            (q, k, v, a, c), h, tails = self._prepare(x, state)
+            out = ttt_step_(q, k, v, a, c, *self._ln(), state.weights(), state.grads(), state.offset,
+                            exec_mask=exec_mask, **self._inner_args)
+            for name, t in tails.items():
+                old = state[name]
+                keep = None if exec_mask is None else exec_mask.view(-1, 1, 1).to(torch.bool)
+                old.copy_(t if keep is None else torch.where(keep, t.to(old.dtype), old))
+            y = self._finish(out, h, x.dtype)
+        return (y[:, 0] if squeeze else y), state

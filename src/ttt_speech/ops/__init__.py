@@ -1,0 +1,1 @@
+"""Math of the TTT layers: plain-torch references, kernels and streaming steps."""
