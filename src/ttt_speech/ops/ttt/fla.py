@@ -41,7 +41,7 @@ def ttt_linear_fla(
     assert kernel is not None and q.shape[2] % mini_batch == 0
     o, W_new, b_new = kernel(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        ln_w.float(), ln_b.float(), eta.transpose(1, 2)[..., None].to(q.dtype),
+        ln_w.to(q.dtype), ln_b.to(q.dtype), eta.transpose(1, 2)[..., None].to(q.dtype),  # its backward wants one dtype
         scale=1.0, eps=eps, chunk_size=mini_batch,
         initial_state=W.float().contiguous(), initial_state_bias=b.float().contiguous(),
         output_final_state=True,

@@ -1,0 +1,137 @@
+"""TTT layer throughput: reference vs FLA vs SDPA (flash) attention, and per-token step latency.
+
+    python benchmarks/layer.py                 # H=32, D=128, bf16, T = 4k/16k/64k (CUDA)
+    python benchmarks/layer.py --T 1024 --H 4  # smaller, also runs on CPU
+
+Prints markdown table rows; speeds are tokens/s measured in this process (ratios are what matter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ttt_speech.ops.ttt.fla import fla_chunk_ttt_linear
+from ttt_speech.ops.ttt.reference import ttt_chunked
+from ttt_speech.ops.ttt.step import ttt_step_
+
+
+def timeit(fn, warmup: int = 2, iters: int = 5) -> float:
+    """Median seconds per call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def inputs(B: int, H: int, T: int, D: int, device: str, dtype: torch.dtype, grad: bool):
+    g = torch.Generator(device=device).manual_seed(0)
+    r = lambda *s, sc=1.0: (torch.randn(*s, device=device, generator=g) * sc).to(dtype).requires_grad_(grad)
+    q, k, v = r(B, T, H, D, sc=D**-0.5), r(B, T, H, D, sc=D**-0.5), r(B, T, H, D)
+    eta = (torch.rand(B, T, H, 1, device=device, generator=g) * 0.01).to(dtype)
+    w = torch.ones(H, D, device=device, dtype=dtype, requires_grad=grad)
+    b = torch.zeros(H, D, device=device, dtype=dtype, requires_grad=grad)
+    return q, k, v, eta, w, b
+
+
+def run_reference(q, k, v, eta, w, b, K: int):
+    B, T, H, D = q.shape
+    tr = lambda t: t.transpose(1, 2).float()
+    a = eta[..., 0].transpose(1, 2).float()
+    W0 = torch.zeros(B, H, D, D, device=q.device)
+    b0 = torch.zeros(B, H, 1, D, device=q.device)
+    out, *_ = ttt_chunked(tr(q), tr(k), tr(v), a, torch.ones_like(a), w.float(), b.float(), [W0, b0],
+                          [torch.zeros_like(W0), torch.zeros_like(b0)], torch.zeros(B, dtype=torch.long, device=q.device),
+                          K, residual="z")
+    return out
+
+
+def run_fla(q, k, v, eta, w, b, K: int):
+    return fla_chunk_ttt_linear()(q, k, v, w, b, eta, scale=1.0, chunk_size=K)[0]
+
+
+def run_sdpa(q, k, v, *_):
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+
+
+def bench_throughput(name, fn, B, H, T, D, K, device, dtype, backward: bool) -> float:
+    args = inputs(B, H, T, D, device, dtype, backward)
+
+    def once():
+        out = fn(*args, K)
+        if backward:
+            out.float().sum().backward()
+
+    iters = 3 if T >= 65536 else 5
+    return B * T / timeit(once, warmup=1, iters=iters)
+
+
+def bench_step(B: int, H: int, D: int, device: str, graphed: bool) -> float:
+    """Milliseconds for one TTT-Linear token step of one layer (inner math only)."""
+    z = lambda *s: torch.zeros(*s, device=device)
+    q, k, v = (torch.randn(B, H, 1, D, device=device) for _ in range(3))
+    a, c = torch.full((B, H, 1), 1 / 16, device=device), torch.full((B, H, 1), 0.01, device=device)
+    lw, lb = torch.ones(H, D, device=device), z(H, D)
+    weights, grads = [z(B, H, D, D), z(B, H, 1, D)], [z(B, H, D, D), z(B, H, 1, D)]
+    offset = torch.zeros(B, dtype=torch.long, device=device)
+    fn = lambda: ttt_step_(q, k, v, a, c, lw, lb, weights, grads, offset, 16)
+    if graphed:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        run = graph.replay
+    else:
+        run = fn
+    n = 200
+    return timeit(lambda: [run() for _ in range(n)], warmup=1, iters=5) / n * 1e3
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--T", type=int, nargs="+", default=[4096, 16384, 65536])
+    p.add_argument("--H", type=int, default=32)
+    p.add_argument("--D", type=int, default=128)
+    p.add_argument("--B", type=int, default=1)
+    p.add_argument("--K", type=int, default=16, help="mini-batch")
+    args = p.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    impls = {"reference": run_reference, "sdpa": run_sdpa}
+    if device == "cuda" and fla_chunk_ttt_linear() is not None:
+        impls["fla"] = run_fla
+    print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}, "
+          f"B={args.B} H={args.H} D={args.D} K={args.K} {dtype}")
+    print("| T | impl | fwd Mtok/s | fwd+bwd Mtok/s |\n|---|---|---|---|")
+    for T in args.T:
+        for name, fn in impls.items():
+            f = bench_throughput(name, fn, args.B, args.H, T, args.D, args.K, device, dtype, False)
+            fb = bench_throughput(name, fn, args.B, args.H, T, args.D, args.K, device, dtype, True)
+            print(f"| {T} | {name} | {f / 1e6:.3f} | {fb / 1e6:.3f} |", flush=True)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    print("\n| step (one layer, one token) | B | ms |\n|---|---|---|")
+    for B in (1, 16):
+        print(f"| eager | {B} | {bench_step(B, args.H, args.D, device, False):.4f} |", flush=True)
+        if device == "cuda":
+            print(f"| CUDA graph | {B} | {bench_step(B, args.H, args.D, device, True):.4f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

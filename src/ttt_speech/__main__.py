@@ -1,0 +1,3 @@
+from ttt_speech.cli import main
+
+main()

@@ -1,0 +1,45 @@
+"""`ttt-speech <command>`: a thin front over the modules; each command's code lives in its package.
+
+Commands are imported only when run, so `ttt-speech --help` does not import moshi or transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# command -> (module, function adding its arguments, function running it, help)
+COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "generate": ("ttt_speech.moshi.commands", "add_generate_arguments", "run_generate",
+                 "stream N minutes from a TTT hybrid (tiny built-in model by default)"),
+    "convert-moshi": ("ttt_speech.moshi.commands", "add_convert_arguments", "run_convert",
+                      "convert a Moshi checkpoint into a TTT hybrid"),
+    "convert-hf": ("ttt_speech.hf.cli", "add_arguments", "run",
+                   "convert a transformers Llama/Qwen2 checkpoint into a TTT hybrid"),
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ttt-speech", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, add, _, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        if name == wanted:  # only the chosen command's module is imported
+            getattr(importlib.import_module(module), add)(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    # moshi compiles lazily unless told not to, which costs 4-18 s per first forward on a CPU
+    os.environ.setdefault("NO_TORCH_COMPILE", "1")
+    args = build_parser(argv).parse_args(argv)
+    module, _, run, _ = COMMANDS[args.command]
+    getattr(importlib.import_module(module), run)(args)
+
+
+if __name__ == "__main__":
+    main()
