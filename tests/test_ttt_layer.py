@@ -156,3 +156,12 @@ def test_bad_config_and_foreign_state():
     mlp = build("mlp")
     with pytest.raises(ValueError, match="expected tensors"):
         layer(torch.randn(2, 3, 16), mlp.init_state(2))
+
+
+def test_initial_fast_weights_learn_from_a_fresh_state():
+    """W1/b1 are the weights every stream starts from: the loss must reach them."""
+    layer = build("mlp")
+    y, _ = layer(torch.randn(2, 9, 16))
+    y.square().sum().backward()
+    for name in ("W1", "b1", "W2", "b2", "token_idx"):
+        assert getattr(layer, name).grad is not None and getattr(layer, name).grad.abs().sum() > 0, name

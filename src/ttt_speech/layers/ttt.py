@@ -79,10 +79,7 @@ class TTTLayer(nn.Module):
         # learnable step size: eta = base_lr * sigmoid(theta . x + b) / head_dim
         self.lr_weight = nn.Parameter(torch.randn(H, C) * cfg.init_std)
         self.lr_bias = nn.Parameter(torch.zeros(H))
-        if cfg.variant == "ttt-lm":
-            self.register_buffer(
-                "token_idx_base", 1.0 / torch.arange(1, cfg.mini_batch + 1, dtype=torch.float32), persistent=False
-            )
+        if cfg.variant == "ttt-lm":  # learnable offset on the 1/(i+1) token weights, init 0
             self.token_idx = nn.Parameter(torch.zeros(cfg.mini_batch))
         self.ttt_norm_weight = nn.Parameter(torch.ones(H, D))
         self.ttt_norm_bias = nn.Parameter(torch.zeros(H, D))
@@ -122,8 +119,11 @@ class TTTLayer(nn.Module):
             raise TypeError(f"x must be floating point, got dtype {x.dtype}")
         if x.dim() != 3 or x.shape[-1] != self.config.dim:
             raise ValueError(f"x: expected shape [B, T, {self.config.dim}], got {list(x.shape)}")
-        if state is None:
-            return self.init_state(x.shape[0], x.device)
+        if state is None:  # start from the live initial weights, so they get gradients
+            fresh = self.init_state(x.shape[0], x.device)
+            B = x.shape[0]
+            return fresh.replace(**{n: w.to(self.state_dtype).expand(B, *w.shape)
+                                    for n, w in ((n, getattr(self, n)) for n in fresh.weight_names)})
         if not isinstance(state, TTTState):
             raise TypeError(f"state must be a TTTState, got {type(state).__name__}")
         check_tensors(state.tensors, self.config, x.shape[0], "state")
@@ -159,7 +159,8 @@ class TTTLayer(nn.Module):
         lr = torch.sigmoid(torch.einsum("btc,hc->bht", h.to(cd), self.lr_weight.to(cd))
                            + self.lr_bias.to(cd)[:, None]) * (cfg.base_lr / D)
         if cfg.variant == "ttt-lm":  # eta[i, j] = token_eta(i) * lr(j)
-            tok = (self.token_idx_base.to(cd) + self.token_idx.to(cd)).clamp_min(0.0)[pos]
+            base = 1.0 / torch.arange(1, cfg.mini_batch + 1, device=x.device, dtype=cd)
+            tok = (base + self.token_idx.to(cd)).clamp_min(0.0)[pos]
             a, c = tok[:, None, :].expand(B, H, T), lr
         else:  # fla: eta[i, j] = lr(i), q scaled like FLA's default 1/sqrt(D)
             q = q * D**-0.5

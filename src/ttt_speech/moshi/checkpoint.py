@@ -1,0 +1,155 @@
+"""Moshi checkpoints on disk: the released format, and hybrid checkpoints (the same + a "ttt" section).
+
+A released Moshi checkpoint is config.json (`LMModel` kwargs plus CheckpointInfo's keys) and
+model.safetensors whose attention weights are stored fused: `...self_attn.in_proj_weight` and
+`...self_attn.out_proj.weight` (moshi's load hook splits them into `in_projs.{i}`). A hybrid
+checkpoint keeps that layout for everything Moshi has, adds `transformer.layers.{i}.ttt.*`
+tensors, and describes them in config.json under "ttt". `get_moshi_lm` loads strictly and cannot
+know the TTT layers, so hybrids load through `load_hybrid`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import typing as tp
+from pathlib import Path
+
+import torch
+from moshi.models.lm import LMModel
+from moshi.models.loaders import get_moshi_lm
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from ttt_speech import TTTConfig
+from ttt_speech.moshi.config import lm_kwargs
+from ttt_speech.moshi.convert import MODES, TTTLMModel, convert
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+TTT_SECTION = "ttt"
+HYBRID_FORMAT = "ttt-speech/moshi-hybrid"
+HYBRID_VERSION = 1
+
+_SPLIT = re.compile(r"^(?P<prefix>.*self_attn\.)(?P<kind>in|out)_projs\.(?P<i>\d+)\.weight$")
+_TTT_KEY = re.compile(r"^transformer\.layers\.(\d+)\.ttt\.")
+
+
+def to_moshi_layout(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Fuse `self_attn.{in,out}_projs.{i}.weight` into `in_proj_weight` / `out_proj.weight`, as released."""
+    out: dict[str, Tensor] = {}
+    fused: dict[str, dict[int, Tensor]] = {}
+    for key, value in state.items():
+        m = _SPLIT.match(key)
+        if m is None:
+            out[key] = value
+            continue
+        name = m["prefix"] + ("in_proj_weight" if m["kind"] == "in" else "out_proj.weight")
+        fused.setdefault(name, {})[int(m["i"])] = value
+    for name, parts in fused.items():
+        out[name] = torch.cat([parts[i] for i in range(len(parts))], dim=0)
+    return out
+
+
+def save_moshi_checkpoint(lm: LMModel, config: dict[str, tp.Any], out_dir: str | Path,
+                          extra_config: dict[str, tp.Any] | None = None) -> Path:
+    """Write `lm` as config.json + model.safetensors in the released Moshi layout; returns out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in to_moshi_layout(lm.state_dict()).items()}
+    save_file(state, str(out / WEIGHTS_NAME))
+    config = {k: v for k, v in config.items() if k != "moshi_name"} | (extra_config or {})
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def save_hybrid(model: TTTLMModel, out_dir: str | Path) -> Path:
+    """config.json = the Moshi config + {"ttt": {format, version, mode, layers, config}}."""
+    section = {"format": HYBRID_FORMAT, "version": HYBRID_VERSION, **model.ttt_spec.to_dict()}
+    return save_moshi_checkpoint(model, model.moshi_config, out_dir, {TTT_SECTION: section})
+
+
+def _parse_section(section: tp.Any, where: Path) -> tuple[str, list[int], TTTConfig]:
+    if not isinstance(section, dict):
+        raise ValueError(f"{where}: '{TTT_SECTION}' must be an object, got {type(section).__name__}")
+    if section.get("format") != HYBRID_FORMAT or section.get("version") != HYBRID_VERSION:
+        raise ValueError(f"{where}: '{TTT_SECTION}' has format/version {section.get('format')!r}/"
+                         f"{section.get('version')!r}; this library reads {HYBRID_FORMAT!r}/{HYBRID_VERSION}")
+    mode, layers, cfg = section.get("mode"), section.get("layers"), section.get("config")
+    if mode not in MODES:
+        raise ValueError(f"{where}: ttt.mode must be one of {MODES}, got {mode!r}")
+    if not isinstance(layers, list) or not all(isinstance(i, int) for i in layers):
+        raise ValueError(f"{where}: ttt.layers must be a list of layer indices, got {layers!r}")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where}: ttt.config must be an object, got {cfg!r}")
+    return mode, layers, TTTConfig.from_dict(cfg)
+
+
+def _mismatch(where: Path, expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]],
+              mode: str, layers: list[int]) -> str | None:
+    """A message naming how the tensors disagree with the 'ttt' section, or None if they agree."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = [f"{k}: file {found[k]} vs config {expected[k]}"
+              for k in sorted(set(expected) & set(found)) if expected[k] != found[k]]
+    if not (missing or unexpected or shapes):
+        return None
+    lines = [f"{where}: the '{TTT_SECTION}' section of {CONFIG_NAME} disagrees with {WEIGHTS_NAME}"]
+    file_layers = sorted({int(m.group(1)) for k in found if (m := _TTT_KEY.match(k))})
+    if file_layers != sorted(layers):
+        lines.append(f"ttt.layers is {sorted(layers)} but {WEIGHTS_NAME} has TTT tensors for layers {file_layers}")
+    attn = sorted({int(k.split(".")[2]) for k in found if k.startswith("transformer.layers.") and ".self_attn." in k})
+    if mode == "replace" and set(attn) & set(layers):
+        lines.append(f"ttt.mode is 'replace' but layers {sorted(set(attn) & set(layers))} still have attention")
+    if mode == "hybrid" and set(layers) - set(attn):
+        lines.append(f"ttt.mode is 'hybrid' but layers {sorted(set(layers) - set(attn))} have no attention")
+    if shapes:
+        lines.append("shape mismatches (the ttt config's dim/num_heads/inner/... differ?): " + "; ".join(shapes[:8]))
+    if missing:
+        lines.append(f"missing tensors ({len(missing)}): {missing[:8]}")
+    if unexpected:
+        lines.append(f"unexpected tensors ({len(unexpected)}): {unexpected[:8]}")
+    return "\n  ".join(lines)
+
+
+def load_hybrid(path: str | Path, device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.bfloat16) -> TTTLMModel:
+    """Load a checkpoint written by `save_pretrained` (a directory with config.json + model.safetensors).
+
+    Builds the Moshi model and its TTT layers on the meta device, checks every tensor name and
+    shape of the file against the "ttt" section, then assigns the file's tensors (no double copy).
+    """
+    root = Path(path)
+    raw = json.loads((root / CONFIG_NAME).read_text())
+    if TTT_SECTION not in raw:
+        raise ValueError(f"{root / CONFIG_NAME} has no '{TTT_SECTION}' section: it is a vanilla Moshi checkpoint; "
+                         "load it with moshi.models.loaders and call ttt_speech.moshi.convert")
+    mode, layers, cfg = _parse_section(raw.pop(TTT_SECTION), root / CONFIG_NAME)
+    lm = get_moshi_lm(None, lm_kwargs=lm_kwargs(raw), device="meta", dtype=dtype)
+    if not layers or not all(0 <= i < len(lm.transformer.layers) for i in layers):
+        raise ValueError(f"{root / CONFIG_NAME}: ttt.layers {layers} out of range for "
+                         f"{len(lm.transformer.layers)} layers")
+    model = convert(lm, layers, mode, cfg, init_from_attention=False, moshi_config=raw)  # type: ignore[arg-type]
+    state = load_file(str(root / WEIGHTS_NAME), device=str(device))
+    state = {k: _cast(k, v, dtype) for k, v in to_moshi_layout(state).items()}
+    expected = {k: tuple(v.shape) for k, v in to_moshi_layout(model.state_dict()).items()}
+    problem = _mismatch(root, expected, {k: tuple(v.shape) for k, v in state.items()}, mode, layers)
+    if problem:
+        raise ValueError(problem)
+    model.load_state_dict(state, strict=True, assign=True)
+    _check_materialized(model)
+    return model.eval()
+
+
+def _cast(key: str, value: Tensor, dtype: torch.dtype) -> Tensor:
+    """As moshi's get_moshi_lm: floats to `dtype`, except the conditioners, which stay fp32."""
+    if not value.dtype.is_floating_point:
+        return value
+    return value.float() if key.startswith(("condition_provider.", "fuser.")) else value.to(dtype)
+
+
+def _check_materialized(model: TTTLMModel) -> None:
+    """Built on meta and filled by assignment: anything still on meta was missing from the file."""
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"tensors left uninitialised after loading: {leftover[:8]}")

@@ -1,0 +1,151 @@
+"""Command-line implementations for `ttt-speech generate` and `ttt-speech convert-moshi`.
+
+cli.py adds a subparser, calls `add_*_arguments(parser)` and dispatches to `run_*(args)`; each
+module can also run alone: `python -m ttt_speech.moshi.commands generate --minutes 1`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import typing as tp
+from pathlib import Path
+
+import torch
+from moshi.models.loaders import get_mimi, get_moshi_lm
+
+from ttt_speech.moshi.checkpoint import load_hybrid
+from ttt_speech.moshi.config import lm_kwargs
+from ttt_speech.moshi.convert import convert, default_ttt_config
+from ttt_speech.moshi.generate import FRAME_RATE, WavSink, stream, wav_paths, write_outputs
+from ttt_speech.moshi.tiny import build_tiny_hybrid, build_tiny_mimi, tiny_mimi_config
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_layers(text: str) -> str | list[int]:
+    """"all", or comma-separated indices and inclusive ranges: "24-31", "0,2,5-7"."""
+    if text == "all":
+        return "all"
+    out: list[int] = []
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        try:
+            out += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad layer list {text!r}; use 'all', '24-31' or '0,2,5-7'") from None
+    return out
+
+
+def _ttt_overrides(args: argparse.Namespace) -> dict[str, tp.Any]:
+    over: dict[str, tp.Any] = json.loads(Path(args.ttt_config).read_text()) if args.ttt_config else {}
+    for key in ("inner", "mini_batch", "variant", "gate_init"):
+        if getattr(args, key) is not None:
+            over[key] = getattr(args, key)
+    return over
+
+
+def add_ttt_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layers", type=parse_layers, default="all",
+                   help="temporal-transformer layers to convert: all, 24-31, 0,2,5-7 (default: all)")
+    p.add_argument("--mode", choices=("hybrid", "replace"), default="hybrid",
+                   help="hybrid: attention + gated TTT branch (default); replace: TTT instead of attention")
+    p.add_argument("--ttt-config", help="JSON file of TTTConfig fields (dim/num_heads default to the model's)")
+    p.add_argument("--inner", choices=("linear", "mlp"), help="TTT inner model")
+    p.add_argument("--mini-batch", type=int, help="TTT mini-batch size")
+    p.add_argument("--variant", choices=("ttt-lm", "fla"), help="TTT update rule")
+    p.add_argument("--gate-init", type=float, help="initial gate alpha (hybrid: 0 keeps the logits unchanged)")
+
+
+def add_convert_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--moshi-weights", required=True, help="Moshi model.safetensors")
+    p.add_argument("--config", required=True, help="Moshi config.json")
+    p.add_argument("--out", required=True, help="output directory (model.safetensors + config.json)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16")
+    add_ttt_arguments(p)
+
+
+def run_convert(args: argparse.Namespace) -> Path:
+    """Load a released Moshi, convert it, save the hybrid checkpoint."""
+    raw = json.loads(Path(args.config).read_text())
+    lm = get_moshi_lm(args.moshi_weights, lm_kwargs=lm_kwargs(raw), dtype=DTYPES[args.dtype])
+    cfg = default_ttt_config(lm, args.mode, **_ttt_overrides(args))
+    hybrid = convert(lm, args.layers, args.mode, cfg, moshi_config=raw)
+    out = hybrid.save_pretrained(args.out)
+    n = sum(p.numel() for layer in hybrid.ttt_layers() for p in layer.ttt.parameters())
+    print(f"converted layers {list(hybrid.ttt_spec.layers)} ({args.mode}, {n / 1e6:.1f}M TTT parameters) -> {out}")
+    return out
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_argument_group("model (default: a tiny TTT hybrid built in code)")
+    src.add_argument("--hybrid", help="directory written by convert-moshi / save_pretrained")
+    src.add_argument("--moshi-weights", help="vanilla Moshi model.safetensors (needs --config)")
+    src.add_argument("--config", help="Moshi config.json for --moshi-weights")
+    src.add_argument("--mimi-weights", help="Mimi checkpoint: decode the generated audio to a wav")
+    src.add_argument("--mimi-config", help="Mimi config JSON (default: the released Mimi's)")
+    src.add_argument("--tiny-mimi", action="store_true", help="decode with a tiny random Mimi (demo of the audio path)")
+    p.add_argument("--minutes", type=float, default=1.0, help="minutes of audio to stream (12.5 frames/s)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--out", default="generate_out", help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
+    p.add_argument("--temp", type=float, default=0.8)
+    p.add_argument("--temp-text", type=float, default=0.7)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                   help="default: bfloat16 on CUDA for real weights, float32 otherwise")
+
+
+def run_generate(args: argparse.Namespace) -> dict[str, Path]:
+    device = torch.device(args.device)
+    real = bool(args.hybrid or args.moshi_weights)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if real and device.type == "cuda" else torch.float32)
+    if args.hybrid:
+        lm, name = load_hybrid(args.hybrid, device=device, dtype=dtype), f"hybrid {args.hybrid}"
+    elif args.moshi_weights:
+        if not args.config:
+            raise SystemExit("--moshi-weights needs --config")
+        raw = json.loads(Path(args.config).read_text())
+        lm = get_moshi_lm(args.moshi_weights, lm_kwargs=lm_kwargs(raw), device=device, dtype=dtype)
+        name = f"vanilla Moshi {args.moshi_weights}"
+    else:
+        lm, name = build_tiny_hybrid(args.seed, device, dtype), "tiny TTT hybrid (built in code)"
+    mimi = None
+    if args.mimi_weights:
+        mimi_cfg = json.loads(Path(args.mimi_config).read_text()) if args.mimi_config else None
+        mimi = get_mimi(args.mimi_weights, mimi_cfg, device=device, num_codebooks=max(lm.dep_q, lm.n_q - lm.dep_q))
+    elif args.tiny_mimi:
+        n = max(lm.dep_q, lm.n_q - lm.dep_q)
+        mimi = build_tiny_mimi(args.seed, tiny_mimi_config(n, lm.card), device=device, num_codebooks=n)
+    frames = max(1, round(args.minutes * 60 * FRAME_RATE))
+    print(f"streaming {frames} frames ({args.minutes:g} min) with {name} on {device}", file=sys.stderr)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sink = WavSink(wav_paths(out, args.batch_size)) if mimi is not None else None
+    try:
+        result = stream(lm.eval(), frames, batch_size=args.batch_size, mimi=mimi, use_sampling=not args.greedy,
+                        temp=args.temp, temp_text=args.temp_text, seed=args.seed, audio_sink=sink)
+    finally:
+        if sink is not None:
+            sink.close()
+    files = write_outputs(result, out, title=f"{name}: {frames} frames, batch {args.batch_size}")
+    files |= {p.stem: p for p in (sink.paths if sink is not None else [])}
+    s = result.stats()
+    print(f"{s['frames_per_s']:.1f} frames/s, RTF {s['rtf']:.3f}, p50 {s['p50_ms']:.2f} ms, p90 {s['p90_ms']:.2f} ms, "
+          f"state {s['state_bytes_last'] / 2**20:.2f} MiB -> {', '.join(str(f) for f in files.values())}")
+    return files
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ttt_speech.moshi.commands")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_generate_arguments(sub.add_parser("generate", help="stream N minutes and plot latency/memory"))
+    add_convert_arguments(sub.add_parser("convert-moshi", help="convert a Moshi checkpoint to a TTT hybrid"))
+    args = parser.parse_args(argv)
+    (run_generate if args.command == "generate" else run_convert)(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""`convert`: turn a pretrained Moshi `LMModel` into a TTT hybrid (or TTT-replaced) model in place.
+
+Only the temporal transformer (`lm.transformer`) is touched, never the depformer: the depformer
+restarts every frame, so it has no long context to remember.
+"""
+
+from __future__ import annotations
+
+import typing as tp
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from moshi.models.lm import LMModel
+from moshi.modules.streaming import StreamingModule
+from torch import nn
+
+from ttt_speech import TTTConfig
+from ttt_speech.moshi.config import infer_moshi_config
+from ttt_speech.moshi.layer import MODES, Mode, TTTTransformerLayer
+
+# tanh(10.0) == 1.0 in fp32: in replace mode the TTT output stands in for attention at full scale.
+REPLACE_GATE_INIT = 10.0
+
+LayerSpec = tp.Union[str, Iterable[int]]
+
+
+@dataclass(frozen=True)
+class HybridSpec:
+    """What `convert` did: saved as the `ttt` section of a hybrid checkpoint's config.json."""
+
+    mode: Mode
+    layers: tuple[int, ...]
+    config: TTTConfig
+
+    def to_dict(self) -> dict[str, tp.Any]:
+        return {"mode": self.mode, "layers": list(self.layers), "config": self.config.to_dict()}
+
+
+class TTTLMModel(LMModel):
+    """An `LMModel` whose temporal transformer has TTT layers; `LMGen` uses it unchanged.
+
+    Made by `convert` (which re-classes the given model in place instead of copying a 7B model)
+    or by `load_hybrid`; never constructed directly.
+    """
+
+    ttt_spec: HybridSpec
+    moshi_config: dict[str, tp.Any]
+
+    def __init__(self, *args: tp.Any, **kwargs: tp.Any) -> None:
+        raise TypeError("build a TTTLMModel with ttt_speech.moshi.convert(lm, ...) or load_hybrid(dir)")
+
+    def ttt_layers(self) -> list[TTTTransformerLayer]:
+        return [self.transformer.layers[i] for i in self.ttt_spec.layers]
+
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        """Write model.safetensors (Moshi's key layout) + config.json (Moshi's keys + a "ttt" section)."""
+        from ttt_speech.moshi.checkpoint import save_hybrid
+
+        return save_hybrid(self, out_dir)
+
+
+def default_ttt_config(lm: LMModel, mode: Mode = "hybrid", **overrides: tp.Any) -> TTTConfig:
+    """A TTT config shaped like `lm`'s attention (same heads, same RoPE base)."""
+    attn = lm.transformer.layers[0].self_attn
+    kw: dict[str, tp.Any] = {"dim": lm.dim, "num_heads": attn.num_heads, "rope_theta": float(lm.transformer.max_period),
+                             "gate_init": 0.0 if mode == "hybrid" else REPLACE_GATE_INIT}
+    return TTTConfig(**(kw | overrides))
+
+
+def select_layers(layers: LayerSpec, num_layers: int) -> tuple[int, ...]:
+    """"all", or indices (negative ones count from the end), as a sorted tuple of unique indices."""
+    if isinstance(layers, str):
+        if layers != "all":
+            raise ValueError(f'layers must be "all" or a collection of indices, got {layers!r}')
+        return tuple(range(num_layers))
+    out = []
+    for i in layers:
+        j = int(i) + num_layers if int(i) < 0 else int(i)
+        if not 0 <= j < num_layers:
+            raise ValueError(f"layer index {i} out of range for {num_layers} layers")
+        out.append(j)
+    if not out or len(set(out)) != len(out):
+        raise ValueError(f"layers must be non-empty and unique, got {list(layers)}")  # type: ignore[arg-type]
+    return tuple(sorted(out))
+
+
+def convert(
+    lm: LMModel, layers: LayerSpec = "all", mode: Mode = "hybrid", ttt: TTTConfig | None = None, *,
+    init_from_attention: bool | None = None, moshi_config: dict[str, tp.Any] | None = None,
+) -> TTTLMModel:
+    """Give the chosen temporal-transformer layers a TTT layer; modifies and returns `lm`.
+
+    mode="hybrid": attention and its ring KV cache stay; a gated TTT branch reads the same normed
+        input and is added to the residual. With gate_init=0 the logits equal the original's.
+    mode="replace": attention is replaced by TTT (no KV cache); the TTT projections start from the
+        attention's Q/K/V/O and the gate from `REPLACE_GATE_INIT` by default.
+    init_from_attention: copy the attention's Q/K/V/O into the TTT projections (default: only in
+        replace mode; hybrid branches start from small random projections).
+    moshi_config: the Moshi config.json this model was built from (CheckpointInfo.raw_config);
+        inferred from the model when omitted. save_pretrained writes it back.
+    """
+    if not isinstance(lm, LMModel) or isinstance(lm, TTTLMModel):
+        raise TypeError(f"convert expects a vanilla moshi LMModel, got {type(lm).__name__}")
+    if lm.is_streaming:
+        raise RuntimeError("convert the model before entering streaming mode")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    idx = select_layers(layers, len(lm.transformer.layers))
+    cfg = default_ttt_config(lm, mode) if ttt is None else ttt
+    if mode == "replace" and cfg.gate_init == 0.0:
+        raise ValueError("mode='replace' with gate_init=0 would make each converted layer output nothing; "
+                         f"use e.g. gate_init={REPLACE_GATE_INIT} (tanh = 1)")
+    if init_from_attention is None:
+        init_from_attention = mode == "replace"
+    config = dict(moshi_config) if moshi_config is not None else infer_moshi_config(lm)
+    for i in idx:
+        TTTTransformerLayer.from_layer(lm.transformer.layers[i], cfg, mode, init_from_attention)
+    for m in lm.modules():  # streaming children are cached on first use; the tree changed
+        if isinstance(m, StreamingModule):
+            m._cached_children = None
+    lm.__class__ = TTTLMModel
+    assert isinstance(lm, TTTLMModel)
+    lm.ttt_spec = HybridSpec(mode, idx, cfg)
+    lm.moshi_config = config
+    return lm
+
+
+def ttt_parameters(model: nn.Module) -> tp.Iterator[tuple[str, nn.Parameter]]:
+    """The parameters that conversion added (for optimisers that train only the TTT branches)."""
+    for name, p in model.named_parameters():
+        if ".ttt." in f".{name}":
+            yield name, p

@@ -1,0 +1,225 @@
+"""Stream a Moshi (vanilla or TTT hybrid) for minutes and record what it costs per frame.
+
+Moshi produces 12.5 frames per second of audio. `stream` runs moshi's own `LMGen` one frame at a
+time, as the server would, and records per-frame latency, streaming-state bytes (KV caches + TTT
+states) and process RSS, so a plot shows whether memory stays flat and latency stays put over a
+long session. `write_outputs` saves the tokens, the decoded audio (with a Mimi) and that plot.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import typing as tp
+import wave
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from moshi.models.compression import MimiModel
+from moshi.models.lm import LMGen, LMModel
+from moshi.modules.streaming import StreamingModule
+from moshi.modules.transformer import RingKVCache
+from torch import Tensor
+from tqdm import tqdm
+
+from ttt_speech import TTTState
+
+FRAME_RATE = 12.5
+SAMPLE_RATE = 24000
+
+
+def streaming_state_bytes(*modules: StreamingModule) -> int:
+    """Bytes held by the streaming states of `modules` and their streaming children (KV caches, TTT
+    states). Pass both an `LMGen` and its `lm_model`: LMGen detaches the model from its own tree."""
+    seen: set[int] = set()
+    total = 0
+
+    def add(t: Tensor) -> None:
+        nonlocal total
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+
+    states = [s for m in modules for s in m.get_streaming_state().values()]
+    for state in states:
+        for value in vars(state).values():
+            if isinstance(value, Tensor):
+                add(value)
+            elif isinstance(value, RingKVCache):
+                add(value.cache)
+                add(value.end_offset)
+            elif isinstance(value, TTTState):
+                for t in value.tensors.values():
+                    add(t)
+    return total
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now (Linux /proc; 0 where unavailable)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+    import resource
+
+    return pages * resource.getpagesize()
+
+
+@dataclass
+class StreamResult:
+    """Outputs and per-frame measurements of one `stream` run."""
+
+    tokens: np.ndarray  # [B, 1 + dep_q, frames - max(delays)]: text token, then the audio codebooks
+    frame_ms: np.ndarray  # [frames] wall time of each frame (LM step + Mimi decode)
+    state_bytes: np.ndarray  # [frames] streaming-state bytes after each frame
+    rss_bytes: np.ndarray  # [frames]
+    wall_s: float
+
+    @property
+    def frames(self) -> int:
+        """LMGen steps; the first max(delays) steps emit no tokens yet."""
+        return len(self.frame_ms)
+
+    def stats(self) -> dict[str, float]:
+        ms = self.frame_ms
+        return {
+            "frames": float(self.frames), "audio_s": self.frames / FRAME_RATE, "wall_s": self.wall_s,
+            "frames_per_s": self.frames / self.wall_s, "rtf": self.wall_s / (self.frames / FRAME_RATE),
+            "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
+            "max_ms": float(ms.max()), "state_bytes_first": float(self.state_bytes[0]),
+            "state_bytes_last": float(self.state_bytes[-1]), "rss_bytes_max": float(self.rss_bytes.max()),
+        }
+
+
+def silence_codes(mimi: MimiModel, n: int) -> Tensor:
+    """The codes Mimi gives 1 s of silence (its last frame): what a quiet user sends."""
+    device = next(mimi.parameters()).device
+    with torch.no_grad():
+        codes = mimi.encode(torch.zeros(1, mimi.channels, SAMPLE_RATE, device=device))
+    return codes[0, :n, -1]
+
+
+@torch.no_grad()
+def stream(
+    lm: LMModel, frames: int, *, batch_size: int = 1, mimi: MimiModel | None = None,
+    use_sampling: bool = True, temp: float = 0.8, temp_text: float = 0.7, seed: int = 0,
+    progress: bool = True, audio_sink: tp.Callable[[np.ndarray], None] | None = None,
+) -> StreamResult:
+    """Run `LMGen` for `frames` steps with a silent user (Mimi's silence codes, or Moshi's "no input"
+    token without a Mimi). With `mimi`, each frame's audio is decoded as it is made and handed to
+    `audio_sink` ([B, 1920] float32 at 24 kHz), so nothing grows with the stream's length."""
+    torch.manual_seed(seed)
+    device = lm.device
+    n_user = lm.n_q - lm.dep_q
+    if mimi is not None:
+        if mimi.cardinality != lm.card:
+            raise ValueError(f"Mimi has {mimi.cardinality} bins per codebook, the LM {lm.card}")
+        mimi.set_num_codebooks(max(lm.dep_q, n_user))
+        user = silence_codes(mimi, n_user).to(device)
+    else:
+        user = torch.full((n_user,), lm.zero_token_id, dtype=torch.long, device=device)
+    user = user.view(1, n_user, 1).expand(batch_size, -1, -1).contiguous()
+    gen = LMGen(lm, use_sampling=use_sampling, temp=temp, temp_text=temp_text)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    tokens = torch.zeros(batch_size, 1 + lm.dep_q, frames, dtype=torch.long)  # preallocated: flat RSS
+    n_tokens = 0
+    frame_ms, state_b, rss = np.zeros(frames), np.zeros(frames, np.int64), np.zeros(frames, np.int64)
+    bar = tqdm(total=frames, unit="frame", disable=not progress, dynamic_ncols=True)
+    with gen.streaming(batch_size), (mimi.streaming(batch_size) if mimi is not None else nullcontext()):
+        sync()
+        start = time.perf_counter()
+        for i in range(frames):
+            t0 = time.perf_counter()
+            out = gen.step(user)
+            if out is not None:
+                tokens[:, :, n_tokens] = out[:, :, 0].cpu()
+                n_tokens += 1
+                if mimi is not None:
+                    pcm = mimi.decode(out[:, 1:1 + lm.dep_q])[:, 0]
+                    if audio_sink is not None:
+                        audio_sink(pcm.float().cpu().numpy())
+            sync()
+            t1 = time.perf_counter()
+            frame_ms[i] = (t1 - t0) * 1e3
+            state_b[i] = streaming_state_bytes(gen, lm)
+            rss[i] = rss_bytes()
+            if i % 25 == 24 or i == frames - 1:
+                elapsed = t1 - start
+                bar.set_postfix(fps=f"{(i + 1) / elapsed:.1f}", rtf=f"{elapsed / ((i + 1) / FRAME_RATE):.3f}",
+                                refresh=False)
+                bar.update(i + 1 - bar.n)
+        wall = time.perf_counter() - start
+    bar.close()
+    return StreamResult(tokens[:, :, :n_tokens].numpy(), frame_ms, state_b, rss, wall)
+
+
+class WavSink:
+    """Appends each stream of a batch to its own mono 16-bit wav as frames arrive."""
+
+    def __init__(self, paths: list[Path], sample_rate: int = SAMPLE_RATE) -> None:
+        self.paths = paths
+        self.files = []
+        for path in paths:
+            f = wave.open(str(path), "wb")
+            f.setnchannels(1)
+            f.setsampwidth(2)
+            f.setframerate(sample_rate)
+            self.files.append(f)
+
+    def __call__(self, pcm: np.ndarray) -> None:
+        for f, x in zip(self.files, pcm):
+            f.writeframes((np.clip(x, -1.0, 1.0) * 32767.0).astype("<i2").tobytes())
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+
+def plot(result: StreamResult, path: Path, title: str = "") -> None:
+    """Per-frame latency (top) and memory (bottom) against stream time, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = np.arange(len(result.frame_ms)) / FRAME_RATE / 60.0
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    ax1.plot(t, result.frame_ms, lw=0.4, alpha=0.5, label="per frame")
+    win = max(1, min(125, len(t) // 10))
+    if len(t) >= win:
+        med = np.array([np.median(result.frame_ms[max(0, i - win + 1):i + 1]) for i in range(len(t))])
+        ax1.plot(t, med, lw=1.2, label=f"running median ({win} frames)")
+    ax1.axhline(1e3 / FRAME_RATE, color="r", ls="--", lw=0.8, label="real time (80 ms)")
+    ax1.set_ylabel("latency per frame (ms)")
+    ax1.set_yscale("log")
+    ax1.legend(loc="upper right", fontsize=8)
+    ax2.plot(t, result.state_bytes / 2**10, color="C0", label="streaming state (KV caches + TTT)")
+    ax2.set_ylabel("streaming state (KiB)", color="C0")
+    ax2.set_ylim(0, max(1.0, result.state_bytes.max() / 2**10 * 1.2))
+    ax3 = ax2.twinx()
+    ax3.plot(t, result.rss_bytes / 2**20, color="C1", label="process RSS")
+    ax3.set_ylabel("process RSS (MiB)", color="C1")
+    ax3.set_ylim(0, max(1.0, result.rss_bytes.max() / 2**20 * 1.2))
+    ax2.set_xlabel("stream time (min of audio)")
+    fig.suptitle(title or "Moshi streaming: latency and memory per frame")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def wav_paths(out_dir: Path, batch_size: int) -> list[Path]:
+    return [out_dir / "audio.wav"] if batch_size == 1 else [out_dir / f"audio_{b}.wav" for b in range(batch_size)]
+
+
+def write_outputs(result: StreamResult, out_dir: str | Path, title: str = "") -> dict[str, Path]:
+    """tokens.npy, latency_memory.png and stats.json (the wavs are written while streaming)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"tokens": out / "tokens.npy", "plot": out / "latency_memory.png", "stats": out / "stats.json"}
+    np.save(files["tokens"], result.tokens)
+    plot(result, files["plot"], title)
+    files["stats"].write_text(json.dumps(result.stats(), indent=2) + "\n")
+    return files

@@ -1,0 +1,134 @@
+"""`TTTTransformerLayer`: Moshi's transformer layer with a TTT branch beside (or instead of) attention.
+
+It subclasses moshi's `StreamingTransformerLayer`, so moshi-finetune's FSDP wrapping (which keys on
+that class) and `StreamingTransformer(layer_class=...)` keep working. The TTT state lives in the
+layer's own streaming state, so `with lm_gen.streaming(B)`, `reset_streaming(mask)` and
+`set_exec_mask` reach it through Moshi's machinery; it is updated in place (CUDA-graph safe).
+"""
+
+from __future__ import annotations
+
+import typing as tp
+from dataclasses import dataclass
+
+import torch
+from moshi.modules.transformer import StreamingTransformerLayer, _LayerState
+from torch import Tensor, nn
+
+from ttt_speech import TTTConfig, TTTLayer, TTTState
+
+Mode = tp.Literal["hybrid", "replace"]
+MODES: tuple[str, ...] = ("hybrid", "replace")
+
+
+@dataclass
+class TTTLayerState(_LayerState):
+    """Moshi's per-layer streaming state plus the TTT memory of this layer."""
+
+    ttt: TTTState | None = None
+    ttt_layer: TTTLayer | None = None  # resetting needs the layer's learnable initial weights
+
+    def reset(self, reset_mask: Tensor) -> None:
+        super().reset(reset_mask)
+        assert self.ttt is not None and self.ttt_layer is not None
+        self.ttt_layer.reset_state(self.ttt, reset_mask)
+
+
+def attention_projections(attn: nn.Module) -> dict[str, nn.Linear]:
+    """Copies of a Moshi attention's Q/K/V/O as separate `nn.Linear`s (its in_proj split in three).
+
+    Moshi's RoPE rotates interleaved pairs (2i, 2i+1) with theta^(-2i/D), the same convention as
+    the TTT layer's RoPE, so the rows need no permutation.
+    """
+    if attn.weights_per_step or attn.kv_repeat != 1 or attn.cross_attention:
+        raise ValueError("initialising TTT from attention needs plain self-attention "
+                         "(no weights_per_step, kv_repeat == 1)")
+    in_proj, out_proj = attn.in_projs[0], attn.out_projs[0]
+    if type(in_proj) is not nn.Linear or type(out_proj) is not nn.Linear:
+        raise ValueError(f"initialising TTT from attention needs nn.Linear projections, got "
+                         f"{type(in_proj).__name__}/{type(out_proj).__name__} (fuse LoRA / dequantize first)")
+    dim = attn.embed_dim
+    w = in_proj.weight.detach()
+    weights = {"q_proj": w[:dim], "k_proj": w[dim:2 * dim], "v_proj": w[2 * dim:],
+               "o_proj": out_proj.weight.detach()}
+    out = {}
+    for name, weight in weights.items():
+        lin = nn.Linear(dim, dim, bias=False, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(weight)
+        out[name] = lin
+    return out
+
+
+class TTTTransformerLayer(StreamingTransformerLayer):
+    """A Moshi transformer layer whose attention gains (hybrid) or is replaced by (replace) a TTT layer.
+
+    hybrid:  x + layer_scale_1(attn(norm1(x))) + ttt(norm1(x)); the TTT output carries its own
+             gate tanh(alpha), so with alpha = 0 the layer equals the original bit for bit.
+    replace: x + layer_scale_1(ttt(norm1(x))); no attention, no KV cache.
+    """
+
+    ttt: TTTLayer
+    ttt_mode: Mode
+
+    def __init__(self, *args: tp.Any, ttt: TTTConfig, ttt_mode: Mode = "hybrid",
+                 init_from_attention: bool = False, **kwargs: tp.Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._attach_ttt(ttt, ttt_mode, init_from_attention)
+
+    @classmethod
+    def from_layer(cls, layer: StreamingTransformerLayer, ttt: TTTConfig, mode: Mode = "hybrid",
+                   init_from_attention: bool = False) -> "TTTTransformerLayer":
+        """Turn an existing layer into this class in place, keeping its modules (no weight copies)."""
+        if type(layer) is not StreamingTransformerLayer:
+            raise TypeError(f"expected a moshi StreamingTransformerLayer, got {type(layer).__name__}")
+        layer.__class__ = cls
+        assert isinstance(layer, cls)
+        layer._attach_ttt(ttt, mode, init_from_attention)
+        return layer
+
+    def _attach_ttt(self, cfg: TTTConfig, mode: Mode, init_from_attention: bool) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if self.skip_self_attn or self.cross_attention is not None:
+            raise ValueError("TTT layers need a plain self-attention layer (no skip_self_attn, no cross attention)")
+        if cfg.dim != self.self_attn.embed_dim:
+            raise ValueError(f"TTTConfig.dim={cfg.dim} but the Moshi layer has d_model={self.self_attn.embed_dim}")
+        if init_from_attention and cfg.num_heads != self.self_attn.num_heads:
+            raise ValueError(f"initialising from attention needs TTTConfig.num_heads == the attention's "
+                             f"{self.self_attn.num_heads}, got {cfg.num_heads}")
+        ref = next(self.self_attn.parameters())  # not a norm: f32 norms keep fp32 in bf16 models
+        projections = attention_projections(self.self_attn) if init_from_attention else {}
+        with torch.device(ref.device):
+            ttt = TTTLayer(cfg, **projections)
+        self.ttt = ttt.to(dtype=ref.dtype)
+        self.ttt_mode = mode
+        if mode == "replace":
+            del self.self_attn
+
+    def _init_streaming_state(self, batch_size: int) -> TTTLayerState:
+        device = self.ttt.ttt_norm_weight.device
+        return TTTLayerState(batch_size, device, offset_cpu=0,
+                             ttt=self.ttt.init_state(batch_size, device), ttt_layer=self.ttt)
+
+    def _ttt_branch(self, h: Tensor) -> Tensor:
+        """Chunked (differentiable) form on whole sequences; in-place streaming step otherwise."""
+        state = self._streaming_state
+        if state is None:
+            y, _ = self.ttt(h)
+            return y
+        assert isinstance(state, TTTLayerState) and state.ttt is not None
+        y, _ = self.ttt.step(h, state.ttt, exec_mask=state.exec_mask)
+        return y
+
+    def _sa_block(self, x: Tensor) -> Tensor:
+        h = self.norm1(x)
+        if self.ttt_mode == "replace":
+            update = self._ttt_branch(h)
+            return x.to(update) + self.layer_scale_1(update)
+        update = self.self_attn(h, h, h)
+        out = x.to(update) + self.layer_scale_1(update)
+        return out + self._ttt_branch(h).to(out)
+
+    def extra_repr(self) -> str:
+        return f"ttt_mode={self.ttt_mode!r}"

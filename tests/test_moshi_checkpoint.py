@@ -1,0 +1,159 @@
+"""Checkpoints in Moshi's real format: a tiny Moshi written with moshi's classes, loaded through
+CheckpointInfo with local paths, converted, saved, reloaded by load_hybrid, generating identically;
+a "ttt" section that disagrees with the tensors is refused with a message naming the mismatch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("moshi")
+
+from moshi.models.lm import LMGen, LMModel  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+
+from ttt_speech import TTTConfig  # noqa: E402
+from ttt_speech.moshi import TTTLMModel, convert, load_hybrid  # noqa: E402
+from ttt_speech.moshi.commands import add_convert_arguments, parse_layers, run_convert  # noqa: E402
+from ttt_speech.moshi.tiny import TinyCheckpoint, build_tiny_lm, tiny_lm_config, write_tiny_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> TinyCheckpoint:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("moshi"), seed=0)
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+@torch.no_grad()
+def sample(lm: LMModel, steps: int = 30, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled LMGen tokens and text logits with a fixed seed and user stream."""
+    logits: list[torch.Tensor] = []
+    gen = LMGen(lm, use_sampling=True, on_text_logits_hook=lambda x: logits.append(x.clone()))
+    user = torch.randint(0, lm.card, (1, lm.n_q - lm.dep_q, steps), generator=torch.Generator().manual_seed(seed))
+    torch.manual_seed(seed)
+    outs = []
+    with gen.streaming(1):
+        for t in range(steps):
+            out = gen.step(user[:, :, t:t + 1])
+            if out is not None:
+                outs.append(out)
+    return torch.cat(outs, -1), torch.cat(logits, 2)
+
+
+def hybrid_from(ckpt: TinyCheckpoint) -> TTTLMModel:
+    info = ckpt.checkpoint_info()
+    lm = info.get_moshi(dtype=torch.float32)
+    model = convert(lm, layers="all", ttt=TTTConfig(dim=32, num_heads=4, mini_batch=4, gate_init=0.5),
+                    moshi_config=info.raw_config)
+    with torch.no_grad():  # make every TTT tensor distinct from a fresh init, so a lost tensor shows
+        for _, p in model.named_parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return model
+
+
+def test_tiny_checkpoint_has_the_released_layout_and_loads_with_checkpoint_info(tiny_ckpt: TinyCheckpoint) -> None:
+    shapes = safetensors_shapes(tiny_ckpt.moshi_weights)
+    assert shapes["transformer.layers.0.self_attn.in_proj_weight"] == (3 * 32, 32)
+    assert shapes["transformer.layers.0.self_attn.out_proj.weight"] == (32, 32)
+    assert shapes["depformer.layers.0.self_attn.in_proj_weight"] == (2 * 3 * 16, 16)  # 2 weights per step
+    assert not any("in_projs" in k or "out_projs" in k for k in shapes)
+    raw = json.loads(tiny_ckpt.config.read_text())
+    assert {k: v for k, v in raw.items() if k in tiny_lm_config()} == tiny_lm_config()
+    info = tiny_ckpt.checkpoint_info()
+    lm = info.get_moshi(dtype=torch.float32)
+    built = build_tiny_lm(0).state_dict()
+    assert lm.state_dict().keys() == built.keys()
+    for k, v in lm.state_dict().items():
+        assert torch.equal(v, built[k]), k
+    mimi = info.get_mimi()
+    assert mimi.num_codebooks == 2 and mimi.cardinality == lm.card and mimi.frame_size == 1920
+    ids = info.get_text_tokenizer().encode("moshi speaks for hours")
+    assert ids and max(ids) < lm.text_card
+
+
+def test_save_pretrained_then_load_hybrid_generates_identically(tiny_ckpt: TinyCheckpoint, tmp_path: Path) -> None:
+    model = hybrid_from(tiny_ckpt)
+    out = model.save_pretrained(tmp_path / "hybrid")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    raw = json.loads((out / "config.json").read_text())
+    original = json.loads(tiny_ckpt.config.read_text())
+    assert {k: v for k, v in raw.items() if k != "ttt"} == original  # Moshi's keys, untouched
+    assert raw["ttt"]["mode"] == "hybrid" and raw["ttt"]["layers"] == [0, 1]
+    assert TTTConfig.from_dict(raw["ttt"]["config"]) == model.ttt_spec.config
+    shapes = safetensors_shapes(out / "model.safetensors")
+    assert "transformer.layers.1.self_attn.in_proj_weight" in shapes and "transformer.layers.1.ttt.W1" in shapes
+    assert set(shapes) - set(safetensors_shapes(tiny_ckpt.moshi_weights)) == {
+        k for k in shapes if ".ttt." in k}
+
+    loaded = load_hybrid(out, dtype=torch.float32)
+    assert isinstance(loaded, TTTLMModel) and not loaded.training
+    assert loaded.ttt_spec == model.ttt_spec
+    want = model.state_dict()
+    assert loaded.state_dict().keys() == want.keys()
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, want[k]), k
+    tokens, logits = sample(loaded)
+    tokens_ref, logits_ref = sample(model.eval())
+    assert torch.equal(tokens, tokens_ref)
+    torch.testing.assert_close(logits, logits_ref, rtol=0, atol=0)
+
+
+def test_load_hybrid_in_bfloat16_keeps_a_float32_ttt_state(tiny_ckpt: TinyCheckpoint, tmp_path: Path) -> None:
+    out = hybrid_from(tiny_ckpt).save_pretrained(tmp_path / "hybrid")
+    lm = load_hybrid(out)  # moshi's default dtype
+    assert lm.transformer.layers[0].ttt.q_proj.weight.dtype == torch.bfloat16
+    gen = LMGen(lm, use_sampling=True)
+    with gen.streaming(1):
+        for _ in range(5):
+            gen.step(torch.zeros(1, 2, 1, dtype=torch.long))
+        state = lm.transformer.layers[0]._streaming_state.ttt
+        assert all(t.dtype in (torch.float32, torch.int64) and torch.isfinite(t.float()).all()
+                   for t in state.tensors.values())
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda s: s.update(layers=[0]), r"ttt.layers is \[0\] but model.safetensors has TTT tensors for layers \[0, 1\]"),
+    (lambda s: s["config"].update(num_heads=2), r"shape mismatches.*transformer.layers.0.ttt.W1: file \(4, 8, 8\) "
+                                                r"vs config \(2, 16, 16\)"),
+    (lambda s: s["config"].update(inner="mlp"), r"missing tensors.*transformer.layers.0.ttt.W2"),
+    (lambda s: s.update(mode="replace"), r"ttt.mode is 'replace' but layers \[0, 1\] still have attention"),
+])
+def test_a_ttt_section_that_disagrees_with_the_tensors_is_refused(
+        tiny_ckpt: TinyCheckpoint, tmp_path: Path, edit, message: str) -> None:
+    out = hybrid_from(tiny_ckpt).save_pretrained(tmp_path / "hybrid")
+    raw = json.loads((out / "config.json").read_text())
+    edit(raw["ttt"])
+    (out / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=r"(?s)the 'ttt' section of config.json disagrees with model.safetensors.*"
+                       + message):
+        load_hybrid(out, dtype=torch.float32)
+
+
+def test_load_hybrid_refuses_a_vanilla_checkpoint(tiny_ckpt: TinyCheckpoint) -> None:
+    with pytest.raises(ValueError, match="no 'ttt' section"):
+        load_hybrid(tiny_ckpt.root)
+
+
+def test_convert_moshi_command(tiny_ckpt: TinyCheckpoint, tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    add_convert_arguments(parser)
+    args = parser.parse_args(["--moshi-weights", str(tiny_ckpt.moshi_weights), "--config", str(tiny_ckpt.config),
+                              "--out", str(tmp_path / "out"), "--layers", "1", "--mode", "replace",
+                              "--mini-batch", "8", "--dtype", "float32"])
+    out = run_convert(args)
+    lm = load_hybrid(out, dtype=torch.float32)
+    assert lm.ttt_spec.mode == "replace" and lm.ttt_spec.layers == (1,)
+    assert lm.ttt_spec.config.mini_batch == 8 and lm.ttt_spec.config.num_heads == 4
+    assert not hasattr(lm.transformer.layers[1], "self_attn")
+    assert json.loads((out / "config.json").read_text())["mimi_name"] == "mimi.safetensors"
+    assert parse_layers("all") == "all" and parse_layers("24-27,3") == [24, 25, 26, 27, 3]
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_layers("x-y")

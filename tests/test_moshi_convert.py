@@ -1,0 +1,191 @@
+"""convert(): hybrid with a closed gate is the original model exactly; the training path (chunked TTT,
+windowed attention) equals one-step-per-call streaming; replace mode drops attention and its cache."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+
+pytest.importorskip("moshi")
+
+from moshi.models.lm import LMGen, LMModel  # noqa: E402
+from moshi.models.lm_utils import _delay_sequence, _undelay_sequence  # noqa: E402
+from moshi.modules.transformer import StreamingTransformer, StreamingTransformerLayer  # noqa: E402
+
+from ttt_speech import TTTConfig  # noqa: E402
+from ttt_speech.moshi import (  # noqa: E402
+    TTTTransformerLayer,
+    convert,
+    default_ttt_config,
+    infer_moshi_config,
+    ttt_parameters,
+)
+from ttt_speech.moshi.generate import streaming_state_bytes  # noqa: E402
+from ttt_speech.moshi.tiny import build_tiny_lm, tiny_lm_config  # noqa: E402
+
+CONTEXT = tiny_lm_config()["context"]
+
+
+def random_codes(lm: LMModel, B: int, T: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, lm.card, (B, lm.num_codebooks, T), generator=g)
+    codes[:, 0] = torch.randint(0, lm.text_card, (B, T), generator=g)
+    return codes
+
+
+def open_gates(model: LMModel, value: float = 0.7) -> None:
+    with torch.no_grad():
+        for layer in model.ttt_layers():
+            layer.ttt.gate_alpha.fill_(value)
+
+
+@torch.no_grad()
+def streamed_logits(lm: LMModel, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced logits computed as inference does: the temporal transformer one frame per call
+    (ring KV cache, TTT step), the depformer one codebook per call; re-aligned as LMModel.forward."""
+    B, K, T = codes.shape
+    initial = lm._get_initial_token().expand(B, -1, -1)
+    delayed = torch.cat([initial, _delay_sequence(lm.delays, codes, initial)], dim=2)
+    text, audio = [], []
+    with lm.streaming(B):
+        for t in range(T):
+            out, text_logits = lm.forward_text(delayed[:, :, t:t + 1])
+            text.append(text_logits)
+            with lm.depformer.streaming(B):
+                audio.append(torch.cat([lm.forward_depformer(cb, delayed[:, cb:cb + 1, t + 1:t + 2], out)
+                                        for cb in range(lm.dep_q)], dim=1))
+    logits, _ = _undelay_sequence(lm.delays[1:1 + lm.dep_q], torch.cat(audio, dim=2))
+    text_logits, _ = _undelay_sequence(lm.delays[:1], torch.cat(text, dim=2))
+    return logits, text_logits
+
+
+@torch.no_grad()
+def greedy_generate(lm: LMModel, steps: int, B: int = 1, seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy LMGen tokens and every step's text logits, with a random user stream."""
+    g = torch.Generator().manual_seed(seed)
+    user = torch.randint(0, lm.card, (B, lm.n_q - lm.dep_q, steps), generator=g)
+    logits: list[torch.Tensor] = []
+    gen = LMGen(lm, use_sampling=False, on_text_logits_hook=lambda x: logits.append(x.clone()))
+    outs = []
+    with gen.streaming(B):
+        for t in range(steps):
+            out = gen.step(user[:, :, t:t + 1])
+            if out is not None:
+                outs.append(out)
+    return torch.cat(outs, dim=-1), torch.cat(logits, dim=2)
+
+
+def test_infer_moshi_config_recovers_the_config() -> None:
+    lm = build_tiny_lm(0)
+    assert infer_moshi_config(lm) == tiny_lm_config() | {"existing_text_end_padding_id": 0}
+    other = tiny_lm_config(gating="none", norm="layer_norm", layer_scale=0.01, hidden_scale=3.0,
+                           depformer_gating="gelu", depformer_dim_feedforward=40, kv_repeat=2)
+    inferred = infer_moshi_config(build_tiny_lm(0, other))  # raises if the rebuilt model differs
+    assert inferred["gating"] == "none" and inferred["norm"] == "layer_norm" and inferred["kv_repeat"] == 2
+    assert inferred["depformer_gating"] == "gelu" and inferred["depformer_kv_repeat"] == 2  # leaked from main
+
+
+def test_hybrid_with_closed_gate_is_the_original_exactly() -> None:
+    lm = build_tiny_lm(0)
+    ref = copy.deepcopy(lm)
+    hybrid = convert(lm, layers="all", mode="hybrid", ttt=TTTConfig(dim=32, num_heads=4, mini_batch=4))
+    assert hybrid is lm and all(isinstance(layer, TTTTransformerLayer) for layer in hybrid.transformer.layers)
+    assert not any(isinstance(layer, TTTTransformerLayer) for layer in hybrid.depformer.layers)
+    codes = random_codes(ref, 2, 4 * CONTEXT)
+    with torch.no_grad():
+        a, b = ref(codes), hybrid(codes)
+    torch.testing.assert_close(b.logits, a.logits, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(b.text_logits, a.text_logits, rtol=0, atol=0, equal_nan=True)
+    tokens_ref, logits_ref = greedy_generate(ref, 4 * CONTEXT)
+    tokens, logits = greedy_generate(hybrid, 4 * CONTEXT)
+    assert tokens.shape == (1, 1 + ref.dep_q, 4 * CONTEXT - max(ref.delays))
+    assert torch.equal(tokens, tokens_ref)
+    torch.testing.assert_close(logits, logits_ref, rtol=0, atol=0)
+    open_gates(hybrid)  # the comparison above must be able to fail: an open gate changes the logits
+    assert not torch.equal(greedy_generate(hybrid, 4 * CONTEXT)[1], logits_ref)
+
+
+@pytest.mark.parametrize("mode,layers", [("hybrid", "all"), ("hybrid", [1]), ("replace", range(0, 2))])
+def test_training_path_equals_step_by_step_streaming(mode: str, layers) -> None:
+    lm = build_tiny_lm(0)
+    ref_logits = lm(random_codes(lm, 2, 5 * CONTEXT)).logits.detach()
+    model = convert(lm, layers=layers, mode=mode, ttt=default_ttt_config(lm, mode, mini_batch=4))
+    open_gates(model)
+    codes = random_codes(model, 2, 5 * CONTEXT)  # 40 frames: 5x the attention context, 10 TTT mini-batches
+    with torch.no_grad():
+        train = model(codes)
+    logits, text_logits = streamed_logits(model, codes)
+    assert train.logits.shape == logits.shape == (2, model.dep_q, 5 * CONTEXT, model.card)
+    assert torch.isfinite(train.logits[train.mask]).all()
+    torch.testing.assert_close(logits, train.logits, rtol=1e-5, atol=2e-5, equal_nan=True)
+    torch.testing.assert_close(text_logits, train.text_logits, rtol=1e-5, atol=2e-5, equal_nan=True)
+    assert (train.logits - ref_logits).nan_to_num().abs().max() > 1e-2  # TTT changed the model
+
+
+def test_training_path_backpropagates_into_ttt() -> None:
+    model = convert(build_tiny_lm(0), layers=[0], ttt=TTTConfig(dim=32, num_heads=4, mini_batch=4, gate_init=0.3))
+    model.train()
+    out = model(random_codes(model, 2, 3 * CONTEXT))
+    loss = out.logits[out.mask].logsumexp(-1).mean() + out.text_logits[out.text_mask].logsumexp(-1).mean()
+    loss.backward()
+    names = dict(ttt_parameters(model))
+    assert names and all(n.startswith("transformer.layers.0.ttt.") for n in names)
+    for name in ("q_proj.weight", "v_proj.weight", "o_proj.weight", "gate_alpha", "lr_weight", "ttt_norm_weight"):
+        grad = names[f"transformer.layers.0.ttt.{name}"].grad
+        assert grad is not None and grad.abs().max() > 0, name
+
+
+def test_replace_mode_starts_from_attention_and_drops_the_kv_cache() -> None:
+    lm = build_tiny_lm(0)
+    attn_in = [layer.self_attn.in_projs[0].weight.detach().clone() for layer in lm.transformer.layers]
+    attn_out = [layer.self_attn.out_projs[0].weight.detach().clone() for layer in lm.transformer.layers]
+    hybrid_bytes = _state_bytes(convert(copy.deepcopy(lm), layers=[0]))
+    model = convert(lm, layers=[0], mode="replace")
+    layer = model.transformer.layers[0]
+    assert not hasattr(layer, "self_attn") and hasattr(model.transformer.layers[1], "self_attn")
+    assert not any(k.startswith("transformer.layers.0.self_attn.") for k in model.state_dict())
+    torch.testing.assert_close(torch.cat([layer.ttt.q_proj.weight, layer.ttt.k_proj.weight, layer.ttt.v_proj.weight]),
+                               attn_in[0], rtol=0, atol=0)
+    torch.testing.assert_close(layer.ttt.o_proj.weight, attn_out[0], rtol=0, atol=0)
+    assert float(torch.tanh(layer.ttt.gate_alpha.detach()).min()) == 1.0
+    kv_bytes = 2 * 1 * CONTEXT * 32 * 4  # one layer's ring cache (k and v), batch 1, fp32
+    assert _state_bytes(model) < hybrid_bytes - kv_bytes + 64
+    with pytest.raises(ValueError, match="gate_init=0"):
+        convert(build_tiny_lm(0), mode="replace", ttt=TTTConfig(dim=32, num_heads=4))
+
+
+def _state_bytes(model: LMModel) -> int:
+    with model.streaming(1):
+        return streaming_state_bytes(model)
+
+
+def test_layer_selection_and_errors() -> None:
+    assert convert(build_tiny_lm(0), layers=[-1]).ttt_spec.layers == (1,)
+    assert convert(build_tiny_lm(0), layers=range(0, 2)).ttt_spec.layers == (0, 1)
+    for bad in ([2], [], [0, 0], "some"):
+        with pytest.raises(ValueError):
+            convert(build_tiny_lm(0), layers=bad)
+    with pytest.raises(ValueError, match="dim"):
+        convert(build_tiny_lm(0), ttt=TTTConfig(dim=64, num_heads=4))
+    model = convert(build_tiny_lm(0))
+    with pytest.raises(TypeError):
+        convert(model)
+
+
+def test_layer_class_hook_of_streaming_transformer() -> None:
+    """moshi's `StreamingTransformer(layer_class=...)` builds TTT layers directly (moshi-finetune path)."""
+    torch.manual_seed(0)
+    cfg = TTTConfig(dim=32, num_heads=4, mini_batch=4, gate_init=0.5)
+    tr = StreamingTransformer(d_model=32, num_heads=4, num_layers=2, dim_feedforward=64, causal=True,
+                              context=CONTEXT, positional_embedding="rope",
+                              layer_class=functools.partial(TTTTransformerLayer, ttt=cfg))
+    assert all(isinstance(layer, StreamingTransformerLayer) for layer in tr.layers)
+    x = torch.randn(2, 3 * CONTEXT, 32)
+    with torch.no_grad():
+        full = tr(x)
+        with tr.streaming(2):
+            steps = torch.cat([tr(x[:, t:t + 1]) for t in range(x.shape[1])], dim=1)
+    torch.testing.assert_close(steps, full, rtol=1e-5, atol=1e-5)
