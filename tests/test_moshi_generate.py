@@ -16,7 +16,9 @@ pytest.importorskip("moshi")
 from ttt_speech import TTTConfig  # noqa: E402
 from ttt_speech.moshi import convert  # noqa: E402
 from ttt_speech.moshi.commands import add_generate_arguments, run_generate  # noqa: E402
-from ttt_speech.moshi.generate import stream  # noqa: E402
+from moshi.models.lm import LMGen  # noqa: E402
+
+from ttt_speech.moshi.generate import stream, streaming_state_finite  # noqa: E402
 from ttt_speech.moshi.tiny import build_tiny_hybrid, build_tiny_lm, write_tiny_checkpoint  # noqa: E402
 
 
@@ -37,6 +39,7 @@ def test_generate_on_the_embedded_default(tmp_path: Path) -> None:
     assert files["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     stats = json.loads(files["stats"].read_text())
     assert stats["frames"] == frames and stats["state_bytes_first"] == stats["state_bytes_last"] > 0
+    assert stats["state_finite"] is True
     assert stats["frames_per_s"] > 0 and stats["rtf"] > 0 and stats["p90_ms"] >= stats["p50_ms"] > 0
 
 
@@ -64,3 +67,12 @@ def test_stream_state_is_constant_and_larger_than_vanillas_by_the_ttt_state() ->
     ttt_bytes = 2 * (2 * 4 * 8 * 8 * 4 + 2 * 4 * 8 * 4 + 8)  # 2 layers x (W1, grad W1, b1, grad b1, offset)
     assert hybrid.state_bytes[0] - vanilla.state_bytes[0] == ttt_bytes
     assert not torch.equal(torch.as_tensor(vanilla.tokens), torch.as_tensor(hybrid.tokens))
+
+
+def test_state_finite_flags_a_nan_in_the_ttt_memory():
+    lm = build_tiny_hybrid(seed=0).eval()
+    gen = LMGen(lm)
+    with gen.streaming(1):
+        assert streaming_state_finite(gen, lm)
+        lm.ttt_layers()[0]._streaming_state.ttt["W1"][0, 0, 0, 0] = float("nan")
+        assert not streaming_state_finite(gen, lm)

@@ -31,30 +31,31 @@ FRAME_RATE = 12.5
 SAMPLE_RATE = 24000
 
 
-def streaming_state_bytes(*modules: StreamingModule) -> int:
-    """Bytes held by the streaming states of `modules` and their streaming children (KV caches, TTT
-    states). Pass both an `LMGen` and its `lm_model`: LMGen detaches the model from its own tree."""
-    seen: set[int] = set()
-    total = 0
-
-    def add(t: Tensor) -> None:
-        nonlocal total
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
-
-    states = [s for m in modules for s in m.get_streaming_state().values()]
-    for state in states:
+def streaming_tensors(*modules: StreamingModule) -> list[Tensor]:
+    """Tensors held by the streaming states of `modules` and their streaming children (KV caches, TTT
+    states), each once. Pass both an `LMGen` and its `lm_model`: LMGen detaches the model from its tree."""
+    found: dict[int, Tensor] = {}
+    for state in (s for m in modules for s in m.get_streaming_state().values()):
         for value in vars(state).values():
             if isinstance(value, Tensor):
-                add(value)
+                tensors = [value]
             elif isinstance(value, RingKVCache):
-                add(value.cache)
-                add(value.end_offset)
+                tensors = [value.cache, value.end_offset]
             elif isinstance(value, TTTState):
-                for t in value.tensors.values():
-                    add(t)
-    return total
+                tensors = list(value.tensors.values())
+            else:
+                continue
+            found.update((id(t), t) for t in tensors)
+    return list(found.values())
+
+
+def streaming_state_bytes(*modules: StreamingModule) -> int:
+    return sum(t.numel() * t.element_size() for t in streaming_tensors(*modules))
+
+
+def streaming_state_finite(*modules: StreamingModule) -> bool:
+    """No NaN/Inf anywhere in the streaming state (a diverging TTT memory shows up here first)."""
+    return all(bool(torch.isfinite(t).all()) for t in streaming_tensors(*modules) if t.is_floating_point())
 
 
 def rss_bytes() -> int:
@@ -77,6 +78,7 @@ class StreamResult:
     state_bytes: np.ndarray  # [frames] streaming-state bytes after each frame
     rss_bytes: np.ndarray  # [frames]
     wall_s: float
+    state_finite: bool  # no NaN/Inf in KV caches and TTT states at the end
 
     @property
     def frames(self) -> int:
@@ -91,6 +93,7 @@ class StreamResult:
             "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
             "max_ms": float(ms.max()), "state_bytes_first": float(self.state_bytes[0]),
             "state_bytes_last": float(self.state_bytes[-1]), "rss_bytes_max": float(self.rss_bytes.max()),
+            "state_finite": self.state_finite,
         }
 
 
@@ -152,8 +155,9 @@ def stream(
                                 refresh=False)
                 bar.update(i + 1 - bar.n)
         wall = time.perf_counter() - start
+        finite = streaming_state_finite(gen, lm)
     bar.close()
-    return StreamResult(tokens[:, :, :n_tokens].numpy(), frame_ms, state_b, rss, wall)
+    return StreamResult(tokens[:, :, :n_tokens].numpy(), frame_ms, state_b, rss, wall, finite)
 
 
 class WavSink:

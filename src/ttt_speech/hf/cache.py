@@ -1,0 +1,118 @@
+"""`TTTCache`: the bounded memory of a converted model during `generate`.
+
+It is transformers' own `DynamicCache` built from the converted config, so every attention layer
+gets a `DynamicSlidingWindowLayer` that keeps `attention_window - 1` past keys/values, plus one
+`TTTState` per TTT layer. Replaced layers (mode="replace") have no attention, so their KV slot is a
+`DummyLayer`. Both parts have a size fixed by the batch size and the window, never by how long a
+stream has run.
+
+`generate` builds a plain `DynamicCache`; the converted model's forward hook adopts it (the same
+object becomes a `TTTCache`), so `generate` keeps working without any extra argument.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import Cache, DynamicCache, PreTrainedConfig
+from transformers.cache_utils import DummyLayer, DynamicSlidingWindowLayer
+
+from ttt_speech.hf.section import TTTSection, section_of
+from ttt_speech.layers.state import TTTState
+from ttt_speech.layers.ttt import TTTLayer
+
+
+def _section(config: PreTrainedConfig) -> TTTSection:
+    section = section_of(config)
+    if section is None:
+        raise ValueError("TTTCache needs the config of a model converted with ttt_speech.hf.convert")
+    return section
+
+
+class TTTCache(DynamicCache):
+    """Sliding-window KV cache + the TTT states of a converted model (`TTTCache(model.config)`)."""
+
+    attention_window: int
+    ttt_states: dict[int, TTTState]
+
+    def __init__(self, config: PreTrainedConfig) -> None:
+        super().__init__(config=config)
+        self._attach(_section(config))
+
+    def _attach(self, section: TTTSection) -> None:
+        self.attention_window = section.attention_window
+        self.ttt_states = {}
+        if section.mode == "replace":
+            for i in section.layers:
+                self.layers[i] = DummyLayer()
+
+    @classmethod
+    def adopt(cls, cache: Cache, config: PreTrainedConfig) -> TTTCache:
+        """Turn a fresh `DynamicCache` (e.g. the one `generate` made) into a `TTTCache`, in place.
+
+        In place, because `generate` keeps its own reference to the object. Refused for other cache
+        classes (static caches, quantized, ...) and for a cache already holding tokens without TTT
+        state: continuing from it would silently start the TTT layers from scratch.
+        """
+        if isinstance(cache, TTTCache):
+            return cache
+        section = _section(config)
+        if type(cache) is not DynamicCache:
+            raise TypeError(
+                f"converted models run with a TTTCache (or a fresh DynamicCache); got {type(cache).__name__}"
+            )
+        if cache.get_seq_length() > 0:
+            raise ValueError("this DynamicCache already holds tokens but no TTT state; start from a new TTTCache")
+        fresh = TTTCache(config)
+        cache.__class__ = TTTCache
+        cache.layers = fresh.layers
+        cache.layer_class_to_replicate = None
+        cache._attach(section)
+        return cache
+
+    def ttt_state(self, layer_idx: int, layer: TTTLayer, batch_size: int, device: torch.device) -> TTTState:
+        """The state of TTT layer `layer_idx`, created from the layer's initial weights on first use."""
+        state = self.ttt_states.get(layer_idx)
+        if state is None:
+            state = self.ttt_states[layer_idx] = layer.init_state(batch_size, device)
+        elif state.batch_size != batch_size:
+            raise ValueError(f"TTT state of layer {layer_idx} holds {state.batch_size} streams, input has {batch_size}")
+        return state
+
+    @property
+    def kv_nbytes(self) -> int:
+        """Bytes of storage behind the cached keys/values (what the allocator holds, not just the views)."""
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, DynamicSlidingWindowLayer) and layer.is_initialized:
+                total += layer.keys.untyped_storage().nbytes() + layer.values.untyped_storage().nbytes()
+        return total
+
+    @property
+    def ttt_nbytes(self) -> int:
+        return sum(s.nbytes for s in self.ttt_states.values())
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv_nbytes + self.ttt_nbytes
+
+    def reset(self) -> None:
+        super().reset()
+        self.ttt_states.clear()
+
+    def _unsupported(self, what: str) -> None:
+        raise NotImplementedError(
+            f"TTTCache does not support {what} (beam search, assisted/contrastive decoding): a TTT state "
+            "cannot be rolled back or re-indexed through transformers' cache API; use greedy or sampling"
+        )
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._unsupported("reorder_cache")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self._unsupported("crop")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._unsupported("batch_repeat_interleave")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._unsupported("batch_select_indices")

@@ -1,0 +1,73 @@
+"""`ttt-speech convert-hf`: convert a local transformers checkpoint (Llama/Qwen2, LLaMA-Omni) into a TTT hybrid.
+
+The output directory is a normal `save_pretrained` directory with a `ttt` section in config.json,
+loadable with `convert.load(out)`. Tensors of the input the language model does not own (a
+LLaMA-Omni speech encoder, projector, generator) are copied unchanged to `left_alone.safetensors`
+so nothing is lost; other files (tokenizer, chat template, ...) are copied as they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from ttt_speech.config import TTTConfig
+from ttt_speech.hf.checkpoint import load_llm, read_tensors
+from ttt_speech.hf.conversion import convert
+
+LEFT_ALONE_FILE = "left_alone.safetensors"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json")
+
+
+def parse_layers(spec: str) -> list[int]:
+    """'24-31' -> [24, ..., 31]; '1,3,5-6' -> [1, 3, 5, 6]."""
+    out: list[int] = []
+    for part in spec.split(","):
+        lo, _, hi = part.strip().partition("-")
+        out += range(int(lo), int(hi or lo) + 1)
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, type=Path, help="local transformers directory (config.json + safetensors)")
+    p.add_argument("--layers", required=True, type=parse_layers, help="decoder layers to convert, e.g. 24-31")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--mode", choices=["hybrid", "replace"], default="hybrid")
+    p.add_argument("--attention-window", type=int, default=4096, help="sliding-window size of every attention layer")
+    p.add_argument("--mini-batch", type=int, default=16, help="TTT mini-batch size")
+    p.add_argument("--inner", choices=["linear", "mlp"], default="linear")
+    p.add_argument("--variant", choices=["ttt-lm", "fla"], default="ttt-lm")
+    p.add_argument("--num-heads", type=int, default=None, help="TTT heads (default: the model's attention heads)")
+    p.add_argument("--base-lr", type=float, default=None)
+    p.add_argument("--gate-init", type=float, default=0.0, help="initial gate alpha (output scaled by tanh(alpha))")
+    p.add_argument("--dtype", default="auto", help="dtype to load and save in: auto, bfloat16, float16, float32")
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run `ttt-speech convert-hf` with the arguments `add_arguments` declared."""
+    model, report = load_llm(args.model, dtype=args.dtype)
+    if report.missing_keys:
+        raise SystemExit(f"{args.model}: checkpoint lacks language-model parameters: {report.missing_keys}")
+    config = model.config
+    ttt = TTTConfig(
+        dim=config.hidden_size, num_heads=args.num_heads or config.num_attention_heads, inner=args.inner,
+        mini_batch=args.mini_batch, variant=args.variant, base_lr=args.base_lr, gate_init=args.gate_init,
+    )
+    convert(model, layers=args.layers, mode=args.mode, ttt=ttt, attention_window=args.attention_window)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(args.out)
+    if report.left_alone_keys:
+        save_file(read_tensors(args.model, set(report.left_alone_keys)), str(args.out / LEFT_ALONE_FILE))
+    for f in sorted(args.model.iterdir()):
+        keep = f.is_file() and f.name not in WEIGHT_FILES and f.suffix != ".safetensors"
+        if keep and not (args.out / f.name).exists():
+            shutil.copy2(f, args.out / f.name)
+
+    print(report)
+    if report.left_alone_keys:
+        print(f"copied the {len(report.left_alone_keys)} left-alone tensors to {args.out / LEFT_ALONE_FILE}")
+    print(f"converted layers {args.layers} ({args.mode}, attention window {args.attention_window}) -> {args.out}")

@@ -1,0 +1,234 @@
+"""`convert`: put TTT layers into a transformers causal LM built from Llama/Qwen2-style decoder layers.
+
+What a conversion changes, in place:
+- the chosen layers' `self_attn` (see `modules.py`: hybrid mixin or `TTTAttention`);
+- the config: `sliding_window = attention_window` for every layer (so transformers' `DynamicCache`
+  makes `DynamicSlidingWindowLayer`s: bounded KV memory), and a `ttt` section (`section.py`);
+- a forward pre-hook on the base model (`model.model`) that, before every forward,
+  (1) replaces the 2D padding mask by transformers' sliding-window causal mask, so attention is
+      windowed in prefill and training too, even for models whose own code only builds full causal
+      masks (Llama);
+  (2) makes sure a `TTTCache` carries the TTT states (creating one in eval mode, or adopting
+      `generate`'s cache);
+  (3) hands the padding mask of the current tokens to the TTT branches (`ttt_token_mask`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import CONFIG_MAPPING, PreTrainedConfig, PreTrainedModel
+from transformers.masking_utils import create_sliding_window_causal_mask
+
+from ttt_speech.config import TTTConfig
+from ttt_speech.hf.cache import TTTCache
+from ttt_speech.hf.checkpoint import (
+    LoadReport, checkpoint_keys, load_llm, log_report, read_config, read_tensors, satisfied,
+)
+from ttt_speech.hf.modules import TOKEN_MASK_KWARG, TTTAttention, expand_kv_heads, hybrid_class
+from ttt_speech.hf.section import Mode, TTTSection, section_of
+from ttt_speech.layers.ttt import TTTLayer
+
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    base = getattr(model, "model", None)
+    if base is None or not isinstance(getattr(base, "layers", None), nn.ModuleList):
+        raise TypeError(
+            f"{type(model).__name__}: expected a causal LM with decoder layers at `model.model.layers` "
+            "(Llama, Qwen2 and their subclasses such as LLaMA-Omni's)"
+        )
+    return base
+
+
+def _config_model_type(config: PreTrainedConfig) -> str:
+    """The transformers model_type behind a config, also for subclasses with their own (LLaMA-Omni's)."""
+    for cls in type(config).__mro__:
+        model_type = getattr(cls, "model_type", "")
+        if model_type in CONFIG_MAPPING:
+            return model_type
+    raise ValueError(f"{type(config).__name__} does not derive from a transformers config class")
+
+
+def _apply_window(model: nn.Module, window: int) -> None:
+    """Make every attention layer sliding-window in the config, the cache and native-sliding modules."""
+    config = model.config
+    base = _decoder(model)
+    config.sliding_window = window
+    config.layer_types = ["sliding_attention"] * config.num_hidden_layers
+    if hasattr(config, "use_sliding_window"):  # Qwen2: otherwise its __post_init__ logic would drop the window
+        config.use_sliding_window = True
+        config.max_window_layers = 0
+    if hasattr(base, "has_sliding_layers"):  # Qwen2 builds its sliding mask only when this is set
+        base.has_sliding_layers = True
+    for layer in base.layers:
+        if hasattr(layer.self_attn, "sliding_window"):  # Qwen2 passes it on to flash-style kernels
+            layer.self_attn.sliding_window = window
+
+
+def _forward_params(module: nn.Module) -> list[str]:
+    return [p.name for p in inspect.signature(module.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _prepare_forward(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
+    """Forward pre-hook of the converted base model: window the mask, provide the cache, pass the pad mask."""
+    kwargs = {**dict(zip(_forward_params(module), args, strict=False)), **kwargs}
+    config = module.config
+    ref = kwargs.get("inputs_embeds")
+    ref = kwargs.get("input_ids") if ref is None else ref
+    if ref is None:
+        return None  # the model itself reports the missing input
+    B, T = ref.shape[:2]
+
+    cache = kwargs.get("past_key_values")
+    use_cache = kwargs.get("use_cache")
+    use_cache = config.use_cache if use_cache is None else use_cache
+    if cache is None and use_cache and not module.training:  # training forwards carry no TTT state
+        cache = kwargs["past_key_values"] = TTTCache(config)
+    elif cache is not None:
+        cache = TTTCache.adopt(cache, config)
+
+    mask = kwargs.get("attention_mask")
+    if mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+        if mask is not None:
+            token_mask = mask[:, -T:].to(device=ref.device, dtype=torch.bool)
+            if not bool(token_mask.all()):
+                kwargs[TOKEN_MASK_KWARG] = token_mask
+        windowed = create_sliding_window_causal_mask(
+            config=config,
+            inputs_embeds=torch.empty((B, T, 0), dtype=module.dtype, device=ref.device),
+            attention_mask=mask,
+            past_key_values=cache,
+            position_ids=kwargs.get("position_ids"),
+        )
+        if windowed is not None:  # None: plain causal attention is already exact (sdpa's is_causal path)
+            kwargs["attention_mask"] = windowed
+    return (), kwargs
+
+
+def _build_ttt(cfg: TTTConfig, attn: nn.Module, mode: Mode, config: PreTrainedConfig) -> TTTLayer:
+    """A TTT layer on the attention's device/dtype; in replace mode with the attention's projections."""
+    ref = attn.q_proj.weight
+    if mode == "hybrid":
+        return cfg.build().to(device=ref.device, dtype=ref.dtype)
+    num_heads, num_kv = config.num_attention_heads, config.num_key_value_heads
+    head_dim = attn.q_proj.out_features // num_heads
+    if (cfg.num_heads, cfg.head_dim) != (num_heads, head_dim) or attn.o_proj.out_features != cfg.dim:
+        raise ValueError(
+            f"replace mode reuses the attention's projections: TTTConfig needs num_heads={num_heads} and "
+            f"dim={num_heads * head_dim} (head_dim {head_dim}) = hidden size {attn.o_proj.out_features}; "
+            f"got num_heads={cfg.num_heads}, dim={cfg.dim}"
+        )
+    layer = TTTLayer(
+        cfg, q_proj=attn.q_proj, k_proj=expand_kv_heads(attn.k_proj, num_kv, num_heads),
+        v_proj=expand_kv_heads(attn.v_proj, num_kv, num_heads), o_proj=attn.o_proj,
+    )
+    return layer.to(device=ref.device, dtype=ref.dtype)
+
+
+class Converter:
+    """`convert(model, ...)` converts; `convert.load(path)` rebuilds a converted model from a directory."""
+
+    def __call__(
+        self,
+        model: PreTrainedModel,
+        layers: Iterable[int],
+        mode: Mode = "hybrid",
+        ttt: TTTConfig | None = None,
+        attention_window: int = 4096,
+    ) -> PreTrainedModel:
+        """Convert `model` in place and return it.
+
+        layers: decoder layer indices that get TTT (e.g. range(24, 32)).
+        mode: "hybrid" keeps attention and adds a gated TTT branch (gate 0 at start: same logits as the
+            original while sequences fit the window); "replace" swaps attention for TTT initialised from
+            its projections (GQA K/V heads expanded).
+        ttt: the TTT layer config; default TTTConfig(dim=hidden_size, num_heads=num_attention_heads).
+        attention_window: keys/values every attention layer sees and caches (sliding window, tokens).
+        """
+        base = _decoder(model)
+        config = model.config
+        if section_of(config) is not None:
+            raise ValueError("this model is already converted (its config has a 'ttt' section)")
+        if config._attn_implementation not in SUPPORTED_ATTENTION:
+            raise NotImplementedError(
+                f"attention implementation {config._attn_implementation!r} is not supported yet; "
+                f"load the model with attn_implementation in {SUPPORTED_ATTENTION}"
+            )
+        if mode not in ("hybrid", "replace"):
+            raise ValueError(f"mode must be 'hybrid' or 'replace', got {mode!r}")
+        if attention_window < 1:
+            raise ValueError(f"attention_window must be >= 1, got {attention_window}")
+        n = len(base.layers)
+        idx = sorted({int(i) for i in layers})
+        if not idx or idx[0] < 0 or idx[-1] >= n:
+            raise ValueError(f"layers must be a non-empty set of indices in [0, {n}), got {idx}")
+        if mode == "replace" and len(idx) == n:
+            raise ValueError("replace mode needs at least one attention layer left (it keeps track of positions)")
+        cfg = ttt or TTTConfig(dim=config.hidden_size, num_heads=config.num_attention_heads)
+        if cfg.dim != config.hidden_size:
+            raise ValueError(f"TTTConfig.dim ({cfg.dim}) must equal the model's hidden_size ({config.hidden_size})")
+
+        for i in idx:
+            attn = base.layers[i].self_attn
+            ttt_layer = _build_ttt(cfg, attn, mode, config)
+            if mode == "hybrid":
+                attn.__class__ = hybrid_class(type(attn))
+                attn.add_module("ttt", ttt_layer)
+            else:
+                base.layers[i].self_attn = TTTAttention(ttt_layer, i)
+        _apply_window(model, attention_window)
+        config.ttt = TTTSection(mode, tuple(idx), attention_window, cfg, _config_model_type(config)).to_dict()
+        base.register_forward_pre_hook(_prepare_forward, with_kwargs=True)
+        return model
+
+    def load(
+        self,
+        path: str | Path,
+        model: PreTrainedModel | None = None,
+        dtype: torch.dtype | str | None = None,
+        output_loading_info: bool = False,
+    ) -> PreTrainedModel | tuple[PreTrainedModel, LoadReport]:
+        """Rebuild a converted model from a local directory written by `save_pretrained`.
+
+        Without `model`, the language model named by the directory is built (for a LLaMA-Omni
+        directory: its Llama), converted as the config's `ttt` section says, and given the saved
+        weights. With `model` (e.g. a LLaMA-Omni object built by its own code), that object is converted
+        the same way and every tensor of the directory it has is loaded into it. Tensors and config keys
+        the model has no place for are left alone: logged, and returned with output_loading_info=True.
+        """
+        cfg = read_config(path)
+        if "ttt" not in cfg:
+            raise ValueError(f"{path}: config.json has no 'ttt' section; convert the model with `convert(...)` first")
+        section = TTTSection.from_dict(cfg["ttt"])
+        file_keys = checkpoint_keys(path)
+        if model is None:
+            model, report = load_llm(path, dtype=dtype)
+            loaded = file_keys & set(model.state_dict())
+        else:
+            report = LoadReport(str(path), section.llm_model_type)
+            loaded = set()
+        if section_of(model.config) is None:
+            self(model, section.layers, section.mode, section.ttt, section.attention_window)
+        elif section_of(model.config) != section:
+            raise ValueError(f"{path}: the model was converted differently from the directory's 'ttt' section")
+        state_keys = set(model.state_dict())
+        todo = (file_keys & state_keys) - loaded
+        ref = next(model.parameters())
+        model.load_state_dict(read_tensors(path, todo, ref.device), strict=False)
+        report.left_alone_keys = sorted(file_keys - state_keys)
+        report.missing_keys = sorted(state_keys - satisfied(model, loaded | todo))
+        if report.missing_keys:
+            raise ValueError(f"{path}: checkpoint lacks parameters of the converted model: {report.missing_keys}")
+        log_report(report)
+        return (model, report) if output_loading_info else model
+
+
+convert = Converter()

@@ -1,0 +1,140 @@
+"""The TTT branch inside a transformers decoder layer, and the two ways to put it there.
+
+hybrid:  `self_attn` keeps its class and weights, but its class gains a mixin that adds
+         `self.ttt(normed input)` to the attention output. The decoder layer adds that sum to the
+         residual, so the TTT branch reads exactly what attention reads (the input_layernorm output)
+         and all original state-dict keys stay where they were; the new ones live under `self_attn.ttt.`.
+replace: `self_attn` becomes `TTTAttention`, a TTT layer initialised from the attention's q/k/v/o.
+
+Padding: the model's forward hook passes `ttt_token_mask` [B, T] (False = padding) down the
+decoder layers' kwargs. Padded tokens never touch a TTT state: columns where every stream has a
+real token run through the chunked form, the other columns through the streaming step with
+`exec_mask` (so left-padded prompts give each stream exactly the state it would have alone).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ttt_speech.hf.cache import TTTCache
+from ttt_speech.layers.state import TTTState
+from ttt_speech.layers.ttt import TTTLayer
+
+TOKEN_MASK_KWARG = "ttt_token_mask"
+
+
+def _pads_before_tokens(token_mask: Tensor) -> bool:
+    """True when some stream has a padded position followed by a real token (left or inner padding)."""
+    real_at_or_after = token_mask.flip(1).cummax(1).values.flip(1)
+    return bool((~token_mask & real_at_or_after).any())
+
+
+def _runs(flags: list[bool]) -> list[tuple[int, int, bool]]:
+    """Maximal runs [start, end) of equal flags."""
+    runs, start = [], 0
+    for t in range(1, len(flags) + 1):
+        if t == len(flags) or flags[t] != flags[start]:
+            runs.append((start, t, flags[start]))
+            start = t
+    return runs
+
+
+def _masked(layer: TTTLayer, x: Tensor, state: TTTState, token_mask: Tensor) -> tuple[Tensor, TTTState]:
+    """TTT over x where padded tokens neither read nor write the state (no grad: uses `step`)."""
+    if torch.is_grad_enabled():
+        raise ValueError(
+            "padding before real tokens (or any padding while a TTTCache carries the state) needs the no-grad "
+            "streaming step, so the TTT state can skip the padded tokens: run inference under torch.no_grad(), "
+            "and train with right padding and use_cache=False (or model.train())."
+        )
+    ys = []
+    for start, end, all_real in _runs(token_mask.all(0).tolist()):
+        if all_real:
+            y, state = layer(x[:, start:end], state)
+            ys.append(y)
+        else:
+            for t in range(start, end):
+                y, state = layer.step(x[:, t : t + 1], state, exec_mask=token_mask[:, t])
+                ys.append(y)
+    return torch.cat(ys, dim=1), state
+
+
+def ttt_branch(layer: TTTLayer, x: Tensor, cache: Any, layer_idx: int, token_mask: Tensor | None) -> Tensor:
+    """Output of TTT layer `layer_idx` for x [B, T, dim], carrying its state in `cache` when it is a TTTCache.
+
+    Without a TTTCache (training, or use_cache=False) each call starts from the layer's initial
+    weights and uses the chunked form; trailing padding is harmless there (causal, state dropped).
+    """
+    state = cache.ttt_state(layer_idx, layer, x.shape[0], x.device) if isinstance(cache, TTTCache) else None
+    if state is None:
+        if token_mask is None or not _pads_before_tokens(token_mask):
+            return layer(x)[0]
+        return _masked(layer, x, layer.init_state(x.shape[0], x.device), token_mask)[0]
+    if token_mask is not None:
+        y, state = _masked(layer, x, state, token_mask)
+    elif x.shape[1] == 1 and not torch.is_grad_enabled():
+        y, state = layer.step(x, state)  # in place: the decode hot path
+    else:
+        y, state = layer(x, state)
+    cache.ttt_states[layer_idx] = state
+    return y
+
+
+class HybridAttentionMixin:
+    """Mixed in front of an attention class: attention output + gated TTT output."""
+
+    ttt: TTTLayer
+    layer_idx: int
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[Tensor, Any]:
+        token_mask = kwargs.pop(TOKEN_MASK_KWARG, None)
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        out, weights = super().forward(*args, **kwargs)  # type: ignore[misc]
+        y = ttt_branch(self.ttt, hidden, kwargs.get("past_key_values"), self.layer_idx, token_mask)
+        return out + y.to(out.dtype), weights
+
+
+_HYBRID_CLASSES: dict[type, type] = {}
+
+
+def hybrid_class(cls: type[nn.Module]) -> type[nn.Module]:
+    """`TTTHybrid<cls>`: one subclass per attention class, so isinstance checks on the original still hold."""
+    if cls not in _HYBRID_CLASSES:
+        _HYBRID_CLASSES[cls] = type(f"TTTHybrid{cls.__name__}", (HybridAttentionMixin, cls), {"__module__": __name__})
+    return _HYBRID_CLASSES[cls]
+
+
+class TTTAttention(nn.Module):
+    """Drop-in `self_attn` made of a TTT layer only (mode="replace"); returns (output, None) like attention."""
+
+    def __init__(self, ttt: TTTLayer, layer_idx: int) -> None:
+        super().__init__()
+        self.ttt = ttt
+        self.layer_idx = layer_idx
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, None]:
+        token_mask = kwargs.get(TOKEN_MASK_KWARG)
+        y = ttt_branch(self.ttt, hidden_states, kwargs.get("past_key_values"), self.layer_idx, token_mask)
+        return y.to(hidden_states.dtype), None
+
+
+def expand_kv_heads(proj: nn.Linear, num_kv_heads: int, num_heads: int) -> nn.Linear:
+    """A Linear whose output has `num_heads` heads: each KV head repeated as grouped-query attention shares it.
+
+    Query head h reads KV head h // (num_heads // num_kv_heads), the order of transformers' `repeat_kv`.
+    """
+    if num_kv_heads == num_heads:
+        return proj
+    rep = num_heads // num_kv_heads
+    head_dim = proj.out_features // num_kv_heads
+    out = nn.Linear(proj.in_features, num_heads * head_dim, bias=proj.bias is not None,
+                    device=proj.weight.device, dtype=proj.weight.dtype)
+    with torch.no_grad():
+        w = proj.weight.view(num_kv_heads, head_dim, proj.in_features)
+        out.weight.copy_(w.repeat_interleave(rep, dim=0).reshape(num_heads * head_dim, proj.in_features))
+        if proj.bias is not None:
+            out.bias.copy_(proj.bias.view(num_kv_heads, head_dim).repeat_interleave(rep, dim=0).reshape(-1))
+    return out

@@ -1,0 +1,63 @@
+"""The `ttt` section a converted model carries in its config (and so in `config.json`).
+
+It is the single source of truth for what `convert` did: the cache, the forward hook and the loader
+all read it, so a model rebuilt from a directory behaves exactly like the one that was saved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from transformers import PreTrainedConfig
+
+from ttt_speech.config import TTTConfig
+
+SECTION_FORMAT = "ttt-speech/hf"
+SECTION_VERSION = 1
+
+Mode = Literal["hybrid", "replace"]
+
+
+@dataclass(frozen=True)
+class TTTSection:
+    """What a conversion did to a transformers causal LM."""
+
+    mode: Mode
+    layers: tuple[int, ...]
+    attention_window: int
+    ttt: TTTConfig
+    llm_model_type: str  # transformers model_type of the language model (e.g. "llama" under LLaMA-Omni)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": SECTION_FORMAT,
+            "version": SECTION_VERSION,
+            "mode": self.mode,
+            "layers": list(self.layers),
+            "attention_window": self.attention_window,
+            "llm_model_type": self.llm_model_type,
+            "config": self.ttt.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TTTSection:
+        if d.get("format") != SECTION_FORMAT:
+            raise ValueError(f"config 'ttt' section: expected format {SECTION_FORMAT!r}, got {d.get('format')!r}")
+        if d.get("version") != SECTION_VERSION:
+            raise ValueError(
+                f"config 'ttt' section: version {d.get('version')!r}, this library reads version {SECTION_VERSION}"
+            )
+        return cls(
+            mode=d["mode"],
+            layers=tuple(int(i) for i in d["layers"]),
+            attention_window=int(d["attention_window"]),
+            ttt=TTTConfig.from_dict(d["config"]),
+            llm_model_type=d["llm_model_type"],
+        )
+
+
+def section_of(config: PreTrainedConfig) -> TTTSection | None:
+    """The section of a converted model's config, or None for a model that was never converted."""
+    d = getattr(config, "ttt", None)
+    return None if d is None else TTTSection.from_dict(d)

@@ -1,0 +1,162 @@
+"""convert(): hybrid keeps the logits at gate 0, attention is windowed, replace inits from attention and trains.
+
+Tiny Llama/Qwen2 models are built from config (GQA: 4 query heads, 2 KV heads), never downloaded.
+The builders here are shared by the other tests/test_hf_*.py files.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers.models.llama.modeling_llama import repeat_kv
+
+from ttt_speech import TTTConfig
+from ttt_speech.hf import convert
+from ttt_speech.hf.modules import TTTAttention, expand_kv_heads
+
+VOCAB, HIDDEN, HEADS, KV_HEADS = 97, 64, 4, 2
+FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+
+
+def tiny_config(family: str = "llama", layers: int = 3, attn: str = "sdpa", **extra):
+    config_cls, _ = FAMILIES[family]
+    return config_cls(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=1024,
+        attn_implementation=attn, pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra,
+    )
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **kw):
+    torch.manual_seed(seed)
+    return FAMILIES[family][1](tiny_config(family, **kw)).eval()
+
+
+def ttt_config(gate: float = 0.0, mini_batch: int = 4, **kw) -> TTTConfig:
+    return TTTConfig(dim=HIDDEN, num_heads=HEADS, mini_batch=mini_batch, gate_init=gate, **kw)
+
+
+def ttt_modules(model) -> list[nn.Module]:
+    return [layer.self_attn.ttt for layer in model.model.layers if hasattr(layer.self_attn, "ttt")]
+
+
+@torch.no_grad()
+def perturb_ttt(model, seed: int = 1, scale: float = 0.3) -> None:
+    """Move every TTT parameter off its init so the TTT branch changes the logits by a lot."""
+    g = torch.Generator().manual_seed(seed)
+    for module in ttt_modules(model):
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def hybrid(family: str = "llama", gate: float = 0.0, window: int = 8, layers=(1, 2), seed: int = 0, **kw):
+    model = tiny_model(family, seed=seed, **kw)
+    return convert(model, layers=layers, mode="hybrid", ttt=ttt_config(gate), attention_window=window)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hybrid_at_gate_zero_gives_the_original_logits(family):
+    original = tiny_model(family)
+    model = convert(copy.deepcopy(original), layers=[1, 2], ttt=ttt_config(0.0), attention_window=32)
+    ids = torch.randint(3, VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, out = original(ids).logits, model(ids).logits
+    assert (out - ref).abs().max().item() <= 1e-5
+    # the branch is really there: open the gate and the logits move
+    for m in ttt_modules(model):
+        m.gate_alpha.data.fill_(0.5)
+    perturb_ttt(model)
+    with torch.no_grad():
+        assert (model(ids).logits - ref).abs().max().item() > 1e-2
+    assert type(model.model.layers[1].self_attn).__name__.startswith("TTTHybrid")
+    assert not hasattr(model.model.layers[0].self_attn, "ttt")
+
+
+def band_mask(T: int, window: int) -> torch.Tensor:
+    """Independent oracle: query i sees keys j with i - window < j <= i."""
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    return ((j <= i) & (j > i - window))[None, None]
+
+
+@pytest.mark.parametrize("family,attn", [("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa")])
+def test_attention_is_windowed_in_a_full_forward(family, attn):
+    """T = 3 x window in one forward (prefill/training): logits equal the original under a band mask."""
+    W, T = 8, 24
+    original = tiny_model(family, attn=attn)
+    model = convert(copy.deepcopy(original), layers=[1], ttt=ttt_config(0.0), attention_window=W)
+    ids = torch.randint(3, VOCAB, (2, T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model(ids).logits
+        full = original(ids).logits
+        mask = band_mask(T, W).expand(2, 1, T, T)
+        if attn == "eager":
+            mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+        banded = original(ids, attention_mask=mask).logits
+    assert (out - banded).abs().max().item() <= 1e-5
+    assert (out[:, :W] - full[:, :W]).abs().max().item() <= 1e-5  # inside the window nothing changes
+    assert (out[:, W:] - full[:, W:]).abs().amax(-1).min().item() > 1e-3  # beyond it every position does
+
+
+def test_expand_kv_heads_matches_repeat_kv():
+    torch.manual_seed(0)
+    for bias in (False, True):
+        k = nn.Linear(HIDDEN, KV_HEADS * 16, bias=bias)
+        x = torch.randn(2, 5, HIDDEN)
+        expanded = expand_kv_heads(k, KV_HEADS, HEADS)
+        ref = repeat_kv(k(x).view(2, 5, KV_HEADS, 16).transpose(1, 2), HEADS // KV_HEADS)
+        got = expanded(x).view(2, 5, HEADS, 16).transpose(1, 2)
+        assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_replace_initialises_from_the_attention_projections(family):
+    original = tiny_model(family)
+    model = convert(copy.deepcopy(original), layers=[1], mode="replace", ttt=ttt_config(1.0), attention_window=16)
+    attn, new = original.model.layers[1].self_attn, model.model.layers[1].self_attn
+    assert isinstance(new, TTTAttention)
+    x = torch.randn(3, HIDDEN)
+    with torch.no_grad():
+        assert torch.equal(new.ttt.q_proj(x), attn.q_proj(x))
+        assert torch.equal(new.ttt.o_proj.weight, attn.o_proj.weight)
+        k_ref = attn.k_proj(x).view(3, KV_HEADS, 1, 16).expand(3, KV_HEADS, 2, 16).reshape(3, HEADS * 16)
+        assert torch.equal(new.ttt.k_proj(x), k_ref)
+    assert not any(".layers.1.self_attn.q_proj" in k for k in model.state_dict())
+
+
+def test_replace_mode_trains():
+    """30 Adam steps on a fixed batch: the loss of a model with a replaced layer falls by more than half."""
+    model = convert(tiny_model("llama", layers=2), layers=[1], mode="replace", ttt=ttt_config(1.0),
+                    attention_window=16).train()
+    ids = torch.randint(3, VOCAB, (4, 32), generator=torch.Generator().manual_seed(2))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss = model(ids, labels=ids, use_cache=False).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    ttt_grads = [p.grad for p in model.model.layers[1].self_attn.ttt.parameters() if p.grad is not None]
+    assert ttt_grads and all(torch.isfinite(g).all() for g in ttt_grads)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_convert_rejects_what_it_cannot_do():
+    with pytest.raises(ValueError, match="already converted"):
+        convert(hybrid(), layers=[0])
+    with pytest.raises(ValueError, match="layers must be"):
+        convert(tiny_model(), layers=[3])
+    with pytest.raises(ValueError, match="hidden_size"):
+        convert(tiny_model(), layers=[0], ttt=TTTConfig(dim=32, num_heads=2))
+    with pytest.raises(ValueError, match="num_heads"):
+        convert(tiny_model(), layers=[0], mode="replace", ttt=TTTConfig(dim=HIDDEN, num_heads=2))
+    with pytest.raises(ValueError, match="at least one attention layer"):
+        convert(tiny_model(), layers=[0, 1, 2], mode="replace", ttt=ttt_config())
+    model = tiny_model()
+    model.config._attn_implementation = "flex_attention"
+    with pytest.raises(NotImplementedError, match="flex_attention"):
+        convert(model, layers=[0])
+    with pytest.raises(TypeError, match="model.model.layers"):
+        convert(nn.Linear(2, 2), layers=[0])
