@@ -153,6 +153,8 @@ def test_bad_config_and_foreign_state():
     other = TTTConfig(dim=16, num_heads=4, mini_batch=4).build()
     with pytest.raises(ValueError, match=r"'W1' expected shape \(2, 2, 8, 8\), got \(2, 4, 4, 4\)"):
         layer(torch.randn(2, 3, 16), other.init_state(2))
+    with pytest.raises(ValueError, match=r"k_proj: expected a 16->16 projection .* got weight shape \(8, 16\)"):
+        TTTConfig(dim=16, num_heads=2).build(k_proj=torch.nn.Linear(16, 8, bias=False))
     mlp = build("mlp")
     with pytest.raises(ValueError, match="expected tensors"):
         layer(torch.randn(2, 3, 16), mlp.init_state(2))

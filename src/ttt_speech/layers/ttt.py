@@ -56,17 +56,21 @@ class TTTLayer(nn.Module):
         self.config = cfg = config
         H, D, C = cfg.num_heads, cfg.head_dim, cfg.dim
 
-        def linear(given: nn.Module | None) -> nn.Module:
+        def linear(given: nn.Module | None, name: str = "") -> nn.Module:
             if given is not None:
+                shape = tuple(getattr(given, "weight", torch.empty(C, C)).shape)
+                if shape != (C, C):
+                    raise ValueError(f"{name}: expected a {C}->{C} projection (weight shape {(C, C)}) for "
+                                     f"{H} heads x head_dim {D}, got weight shape {shape}")
                 return given
             lin = nn.Linear(C, C, bias=False)
             nn.init.normal_(lin.weight, std=cfg.init_std)
             return lin
 
-        self.q_proj = linear(q_proj)
-        self.k_proj = None if cfg.share_qk else linear(k_proj)
-        self.v_proj = linear(v_proj)
-        self.o_proj = linear(o_proj)
+        self.q_proj = linear(q_proj, "q_proj")
+        self.k_proj = None if cfg.share_qk else linear(k_proj, "k_proj")
+        self.v_proj = linear(v_proj, "v_proj")
+        self.o_proj = linear(o_proj, "o_proj")
         if cfg.share_qk:  # one projection, two short convs make q and k differ (the paper's Mamba block)
             self.conv_q_weight = nn.Parameter(torch.randn(C, cfg.conv_kernel) / math.sqrt(cfg.conv_kernel))
             self.conv_q_bias = nn.Parameter(torch.zeros(C))
