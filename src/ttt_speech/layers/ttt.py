@@ -9,6 +9,7 @@ it into a pretrained model changes nothing until it is trained).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -22,17 +23,33 @@ from ttt_speech.ops.ttt.reference import ttt_chunked
 from ttt_speech.ops.ttt.step import ttt_step_
 
 
-def rope_interleaved(x: Tensor, pos: Tensor, theta: float) -> Tensor:
+@functools.cache
+def rope_table(mini_batch: int, head_dim: int, theta: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """cos/sin [mini_batch, head_dim/2]. Positions only run inside a mini-batch, so the table is tiny and
+    made once per device (not a buffer: no dtype casts, nothing to load). fp32 like the official code,
+    which our ttt-lm variant reproduces to 1e-15 in fp64."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    ang = torch.arange(mini_batch, device=device).float()[:, None] * inv_freq
+    return ang.cos(), ang.sin()
+
+
+def rope_interleaved(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotary embedding on adjacent pairs (2i, 2i+1), as the official TTT code's permute+rotate does.
 
-    x: [B, H, T, D]; pos: [B, T] positions inside the mini-batch.
+    x: [B, H, T, D]; cos, sin: [B, 1, T, D/2] for each token's position inside the mini-batch.
     """
-    D = x.shape[-1]
-    freqs = theta ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)
-    ang = pos.to(torch.float32)[:, None, :, None] * freqs  # [B, 1, T, D/2]
-    cos, sin = ang.cos(), ang.sin()
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+
+
+@functools.cache
+def _fused_linear_step():
+    """The Triton step for TTT-Linear on CUDA, or None where Triton is missing."""
+    try:
+        from ttt_speech.ops.ttt.triton_step import ttt_linear_step_triton_
+    except ImportError:
+        return None
+    return ttt_linear_step_triton_
 
 
 def causal_depthwise_conv(x: Tensor, tail: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
@@ -159,7 +176,8 @@ class TTTLayer(nn.Module):
         q, k, v = (t.to(cd).view(B, T, H, D).transpose(1, 2) for t in (q, k, v))
         pos = (state.offset[:, None] + torch.arange(T, device=x.device)) % cfg.mini_batch  # [B, T]
         if cfg.use_rope:
-            q, k = rope_interleaved(q, pos, cfg.rope_theta), rope_interleaved(k, pos, cfg.rope_theta)
+            cos, sin = (t.to(cd)[pos][:, None] for t in rope_table(cfg.mini_batch, D, cfg.rope_theta, x.device))
+            q, k = rope_interleaved(q, cos, sin), rope_interleaved(k, cos, sin)
         lr = torch.sigmoid(torch.einsum("btc,hc->bht", h.to(cd), self.lr_weight.to(cd))
                            + self.lr_bias.to(cd)[:, None]) * (cfg.base_lr / D)
         if cfg.variant == "ttt-lm":  # eta[i, j] = token_eta(i) * lr(j)
@@ -226,6 +244,14 @@ class TTTLayer(nn.Module):
         fresh = (state.offset == 0).all() & torch.stack([g.abs().amax() == 0 for g in state.grads()]).all()
         return bool(fresh)
 
+    def _step_op(self, x: Tensor, state: TTTState):
+        """Fused Triton step where it applies (CUDA, TTT-Linear, power-of-two head_dim, fp32 state)."""
+        D = self.config.head_dim
+        fused = _fused_linear_step() if x.is_cuda else None
+        if fused is not None and self.config.inner == "linear" and not D & (D - 1) and state.dtype == torch.float32:
+            return fused
+        return ttt_step_
+
     @torch.no_grad()
     def step(self, x: Tensor, state: TTTState, exec_mask: Tensor | None = None) -> tuple[Tensor, TTTState]:
         """Streaming: outputs for x [B, T, dim] (or [B, dim]) at once; `state` is updated in place.
@@ -241,8 +267,8 @@ class TTTLayer(nn.Module):
             state.copy_(new, exec_mask)
         else:
             (q, k, v, a, c), h, tails = self._prepare(x, state)
-            out = ttt_step_(q, k, v, a, c, *self._ln(), state.weights(), state.grads(), state.offset,
-                            exec_mask=exec_mask, **self._inner_args)
+            out = self._step_op(x, state)(q, k, v, a, c, *self._ln(), state.weights(), state.grads(), state.offset,
+                                          exec_mask=exec_mask, **self._inner_args)
             for name, t in tails.items():
                 old = state[name]
                 keep = None if exec_mask is None else exec_mask.view(-1, 1, 1).to(torch.bool)
