@@ -77,7 +77,7 @@ def bench_throughput(name, fn, B, H, T, D, K, device, dtype, backward: bool) -> 
     return B * T / timeit(once, warmup=1, iters=iters)
 
 
-def bench_step(B: int, H: int, D: int, device: str, graphed: bool) -> float:
+def bench_step(B: int, H: int, D: int, device: str, graphed: bool, op=ttt_step_) -> float:
     """Milliseconds for one TTT-Linear token step of one layer (inner math only)."""
     z = lambda *s: torch.zeros(*s, device=device)
     q, k, v = (torch.randn(B, H, 1, D, device=device) for _ in range(3))
@@ -85,7 +85,7 @@ def bench_step(B: int, H: int, D: int, device: str, graphed: bool) -> float:
     lw, lb = torch.ones(H, D, device=device), z(H, D)
     weights, grads = [z(B, H, D, D), z(B, H, 1, D)], [z(B, H, D, D), z(B, H, 1, D)]
     offset = torch.zeros(B, dtype=torch.long, device=device)
-    fn = lambda: ttt_step_(q, k, v, a, c, lw, lb, weights, grads, offset, 16)
+    fn = lambda: op(q, k, v, a, c, lw, lb, weights, grads, offset, 16)
     if graphed:
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
@@ -110,6 +110,7 @@ def main() -> None:
     p.add_argument("--D", type=int, default=128)
     p.add_argument("--B", type=int, default=1)
     p.add_argument("--K", type=int, default=16, help="mini-batch")
+    p.add_argument("--step-only", action="store_true", help="only the per-token step table")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -119,7 +120,7 @@ def main() -> None:
     print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}, "
           f"B={args.B} H={args.H} D={args.D} K={args.K} {dtype}")
     print("| T | impl | fwd Mtok/s | fwd+bwd Mtok/s |\n|---|---|---|---|")
-    for T in args.T:
+    for T in [] if args.step_only else args.T:
         for name, fn in impls.items():
             f = bench_throughput(name, fn, args.B, args.H, T, args.D, args.K, device, dtype, False)
             fb = bench_throughput(name, fn, args.B, args.H, T, args.D, args.K, device, dtype, True)
@@ -127,10 +128,16 @@ def main() -> None:
             if device == "cuda":
                 torch.cuda.empty_cache()
     print("\n| step (one layer, one token) | B | ms |\n|---|---|---|")
+    steps = {"torch": ttt_step_}
+    if device == "cuda":
+        from ttt_speech.ops.ttt.triton_step import ttt_linear_step_triton_
+
+        steps["fused Triton"] = ttt_linear_step_triton_
     for B in (1, 16):
-        print(f"| eager | {B} | {bench_step(B, args.H, args.D, device, False):.4f} |", flush=True)
-        if device == "cuda":
-            print(f"| CUDA graph | {B} | {bench_step(B, args.H, args.D, device, True):.4f} |", flush=True)
+        for name, op in steps.items():
+            for graphed in (False, True) if device == "cuda" else (False,):
+                ms = bench_step(B, args.H, args.D, device, graphed, op)
+                print(f"| {name}, {'CUDA graph' if graphed else 'eager'} | {B} | {ms:.4f} |", flush=True)
 
 
 if __name__ == "__main__":
