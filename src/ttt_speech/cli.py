@@ -17,7 +17,12 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "convert-moshi": ("ttt_speech.moshi.commands", "add_convert_arguments", "run_convert",
                       "convert a Moshi checkpoint into a TTT hybrid"),
     "convert-hf": ("ttt_speech.hf.cli", "add_arguments", "run",
-                   "convert a transformers Llama/Qwen2 checkpoint into a TTT hybrid"),
+                   "convert a local transformers Llama/Qwen2 (or LLaMA-Omni) checkpoint into a TTT hybrid"),
+    "serve": ("ttt_speech.serve.commands", "add_arguments", "run",
+              "serve Moshi's websocket protocol: sessions batched in one step, suspend/resume"),
+    "eval-long": ("ttt_speech.eval.commands", "add_arguments", "run",
+                  "compare models on long held-out sequences: per-position loss, where quality degrades, "
+                  "free runs, conversations"),
 }
 
 

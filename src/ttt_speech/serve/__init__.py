@@ -1,0 +1,14 @@
+"""A real-time full-duplex server for Moshi-style models that speaks Moshi's websocket protocol.
+
+    ttt-speech serve --model DIR|tiny [--mimi FILE] --host 127.0.0.1 --port 8998
+
+protocol.py  the messages (Moshi's, plus a SUSPEND control and ?resume= / ?seed= query parameters)
+sampling.py  per-session seeded sampling inside moshi's LMGen
+streams.py   the batch of sessions one Mimi + LMGen step advances; per-session state snapshots
+store.py     kept conversations: safetensors files named by unguessable tokens
+sessions.py  sessions, limits, metrics and the engine task that batches them
+server.py    the aiohttp app: /api/chat, /health, /metrics
+commands.py  the command line (add_arguments / run)
+
+Importing a submodule imports moshi (and server.py / commands.py aiohttp).
+"""

@@ -1,0 +1,304 @@
+"""Sessions and the engine: one task steps every session that has a frame ready, in one batch.
+
+Each websocket connection gets a `Session` bound to one row ("slot") of `BatchedStreams`. The
+connection's handler decodes Opus into 80 ms frames and queues them; the engine task takes one frame
+from every session that has one, runs one batched step on a single worker thread (all model work is
+serialized there, so slot resets, snapshots and steps never interleave and the event loop stays
+free), and queues each session's audio and text. Input queues are bounded, so a client sending
+faster than real time is slowed down by TCP back-pressure; a client that does not read its output
+is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import typing as tp
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import sphn
+import torch
+
+from ttt_speech.serve import protocol
+from ttt_speech.serve.protocol import Close, ProtocolError
+from ttt_speech.serve.store import StateStore
+from ttt_speech.serve.streams import BatchedStreams, StepResult
+
+log = logging.getLogger("ttt_speech.serve")
+
+PENDING_PCM = "session.pending_pcm"  # decoded input that was not yet a whole frame, saved with a slot
+T = tp.TypeVar("T")
+
+
+class Tokenizer(tp.Protocol):
+    def id_to_piece(self, id: int) -> str: ...
+    def vocab_size(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one client may cost the server."""
+
+    max_queued_frames: int = 25  # 2 s of input queued per session before its socket stops being read
+    max_outbox: int = 250  # queued output messages (~10 s) before a client that does not read is closed
+    max_message_bytes: int = 1 << 16  # one websocket message (moshi's clients send ~20-80 ms of Opus)
+    idle_timeout_s: float = 30.0  # a client silent this long gives its slot back (moshi's clients always stream)
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How a session ends: websocket close code, metrics name, reason; `notify` sends an ERROR message first."""
+
+    code: Close
+    slug: str
+    reason: str
+    notify: bool = True
+
+    @classmethod
+    def of(cls, e: ProtocolError) -> Ending:
+        return cls(e.code, e.slug, e.reason)
+
+
+INTERNAL = Ending(Close.INTERNAL_ERROR, "internal", "internal server error")
+
+
+class Session:
+    """One conversation: its slot, its queued input frames and its queued output messages."""
+
+    def __init__(self, slot: int, sample_rate: int, limits: Limits) -> None:
+        self.slot = slot
+        self.frames = 0  # frames stepped: this conversation's generator offset
+        self.pending = np.zeros(0, np.float32)
+        self.inbox: asyncio.Queue[np.ndarray] = asyncio.Queue(limits.max_queued_frames)
+        self.outbox: asyncio.Queue[bytes | Ending] = asyncio.Queue()
+        self.settled = asyncio.Event()  # set while no frame of this session is queued or being stepped
+        self.settled.set()
+        self.ending: Ending | None = None
+        self.ended = asyncio.Event()
+        self.live = True  # holds its slot
+        self.opus_in = sphn.OpusStreamReader(sample_rate)
+        self.opus_out = sphn.OpusStreamWriter(sample_rate)
+
+    def decode(self, opus: bytes) -> np.ndarray:
+        try:
+            return self.opus_in.append_bytes(opus)
+        except ValueError as e:
+            raise ProtocolError(Close.INVALID_PAYLOAD, "bad_audio", f"invalid Ogg/Opus audio: {e}") from None
+
+    def end(self, ending: Ending, flush: bool) -> None:
+        """Queue the end of the session (the first ending wins); without `flush`, queued output is dropped."""
+        if self.ending is not None:
+            return
+        self.ending = ending
+        self.ended.set()
+        while not flush and not self.outbox.empty():
+            self.outbox.get_nowait()
+        self.outbox.put_nowait(ending)
+
+
+class Metrics:
+    """Counters, and a sliding window of recent steps for rates."""
+
+    def __init__(self, frame_s: float, window_s: float = 10.0) -> None:
+        self.frame_s, self.window_s = frame_s, window_s
+        self.started = time.monotonic()
+        self.frames_total = self.steps_total = self.opened = self.resumed = self.suspended = self.discarded = 0
+        self.ended: Counter[str] = Counter()
+        self._recent: deque[tuple[float, int, float]] = deque()  # (end time, frames, step seconds)
+
+    def _forget_before(self, now: float) -> None:
+        while self._recent and self._recent[0][0] < now - self.window_s:
+            self._recent.popleft()
+
+    def record(self, step_s: float, frames: int) -> None:
+        self.frames_total += frames
+        self.steps_total += 1
+        now = time.monotonic()
+        self._recent.append((now, frames, step_s))
+        self._forget_before(now)
+
+    def rates(self) -> tuple[float, float]:
+        """(session frames stepped per second, real-time factor = mean step time / frame duration)
+        over the last `window_s`; RTF < 1 means every session keeps real time."""
+        now = time.monotonic()
+        self._forget_before(now)
+        if not self._recent:
+            return 0.0, 0.0
+        span = min(self.window_s, now - self.started)
+        frames = sum(f for _, f, _ in self._recent)
+        step_s = sum(s for _, _, s in self._recent) / len(self._recent)
+        return frames / span, step_s / self.frame_s
+
+
+class SessionManager:
+    """Owns the slots, the model worker thread and the engine task."""
+
+    def __init__(self, streams: BatchedStreams, store: StateStore, tokenizer: Tokenizer,
+                 limits: Limits = Limits()) -> None:
+        self.streams, self.store, self.tokenizer, self.limits = streams, store, tokenizer, limits
+        self.sample_rate = streams.mimi.sample_rate
+        self.frame_size = streams.mimi.frame_size
+        self.slots: list[Session | None] = [None] * streams.batch_size
+        self.metrics = Metrics(1.0 / streams.mimi.frame_rate)
+        lm = streams.lm
+        self._silent_text = {lm.existing_text_end_padding_id, lm.existing_text_padding_id}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="ttt-serve-model")
+        self._work = asyncio.Event()
+        self._engine: asyncio.Task[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._engine = asyncio.get_running_loop().create_task(self._run_engine(), name="ttt-serve-engine")
+
+    async def stop(self) -> None:
+        if self._engine is not None:
+            self._engine.cancel()
+            await asyncio.gather(self._engine, return_exceptions=True)
+        self._pool.shutdown(wait=True)
+        self.streams.close()
+
+    @property
+    def healthy(self) -> bool:
+        return self._engine is not None and not self._engine.done()
+
+    @property
+    def sessions(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    async def _call(self, fn: tp.Callable[..., T], *args: tp.Any) -> T:
+        """Run model work on the single model thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    # -- sessions ----------------------------------------------------------------------------
+    def _claim(self) -> Session:
+        free = next((i for i, s in enumerate(self.slots) if s is None), None)
+        if free is None:
+            raise ProtocolError(Close.TRY_AGAIN_LATER, "server_full",
+                                f"server full ({len(self.slots)} sessions); try again later")
+        session = self.slots[free] = Session(free, self.sample_rate, self.limits)
+        return session
+
+    async def open(self, seed: int) -> Session:
+        """A new conversation sampling from `seed`; ProtocolError when every slot is taken."""
+        session = self._claim()
+        try:
+            await self._call(self.streams.start, session.slot, seed)
+        except BaseException:
+            self.release(session, None)
+            raise
+        self.metrics.opened += 1
+        return session
+
+    async def resume(self, token: str) -> Session:
+        """The conversation kept under `token`, where it stopped. A full server refuses before the
+        token is used up."""
+        session = self._claim()
+        try:
+            tensors, meta = await asyncio.to_thread(self.store.take, token)
+            pending = tensors.pop(PENDING_PCM, None)
+            try:
+                frames = int(meta["frames"])
+                await self._call(self.streams.restore, session.slot, tensors)
+            except (KeyError, ValueError):
+                raise ProtocolError(Close.POLICY_VIOLATION, "foreign_state",
+                                    "the kept conversation does not fit this model") from None
+        except BaseException:
+            self.release(session, None)
+            raise
+        session.frames = frames
+        if pending is not None:
+            session.pending = pending.numpy().astype(np.float32)
+        self.metrics.opened += 1
+        self.metrics.resumed += 1
+        return session
+
+    async def suspend(self, session: Session) -> str:
+        """Step what the session already sent, save its slot, and return the resume token."""
+        await session.settled.wait()
+        tensors = await self._call(self.streams.snapshot, session.slot)
+        tensors[PENDING_PCM] = torch.from_numpy(session.pending.copy())
+        token = await asyncio.to_thread(self.store.save, tensors, {"frames": str(session.frames)})
+        self.metrics.suspended += 1
+        return token
+
+    def release(self, session: Session, slug: str | None) -> None:
+        """Free the session's slot (its row is reset when the next session starts in it)."""
+        if not session.live:
+            return
+        session.live = False
+        self.slots[session.slot] = None
+        while not session.inbox.empty():
+            session.inbox.get_nowait()
+        if slug is not None:
+            self.metrics.ended[slug] += 1
+
+    async def feed(self, session: Session, pcm: np.ndarray) -> None:
+        """Queue decoded input as whole frames; waits while the session's input queue is full."""
+        pcm = np.concatenate([session.pending, pcm.astype(np.float32, copy=False)])
+        n = len(pcm) // self.frame_size
+        session.pending = pcm[n * self.frame_size:].copy()
+        for i in range(n):
+            session.settled.clear()
+            await session.inbox.put(pcm[i * self.frame_size:(i + 1) * self.frame_size])
+            self._work.set()
+
+    # -- the engine --------------------------------------------------------------------------
+    async def _run_engine(self) -> None:
+        B, F = len(self.slots), self.frame_size
+        while True:
+            await self._work.wait()
+            self._work.clear()
+            batch = [s for s in self.slots if s is not None and not s.inbox.empty()]
+            if not batch:
+                continue
+            pcm = np.zeros((B, F), np.float32)
+            active, first = np.zeros(B, bool), np.zeros(B, bool)
+            for s in batch:
+                pcm[s.slot] = s.inbox.get_nowait()
+                active[s.slot], first[s.slot] = True, s.frames == 0
+            t0 = time.perf_counter()
+            try:
+                result = await self._call(self.streams.step, pcm, active, first)
+            except Exception:
+                log.exception("batched step failed; ending the sessions in it")
+                for s in batch:
+                    s.end(INTERNAL, flush=False)
+            else:
+                self.metrics.record(time.perf_counter() - t0, len(batch))
+                for s in batch:
+                    s.frames += 1
+                    try:
+                        self._deliver(s, result)
+                    except Exception:
+                        log.exception("output of the session in slot %d failed", s.slot)
+                        s.end(INTERNAL, flush=False)
+            for s in batch:
+                if s.inbox.empty():
+                    s.settled.set()
+            if any(s is not None and not s.inbox.empty() for s in self.slots):
+                self._work.set()
+
+    def _text(self, token: int) -> str | None:
+        if token in self._silent_text or not 0 <= token < self.tokenizer.vocab_size():
+            return None
+        return self.tokenizer.id_to_piece(token).replace("\u2581", " ")
+
+    def _deliver(self, s: Session, result: StepResult) -> None:
+        if not s.live or s.ending is not None or not result.generated[s.slot]:
+            return
+        messages = []
+        opus = s.opus_out.append_pcm(result.pcm[s.slot])
+        if opus:
+            messages.append(protocol.audio(opus))
+        piece = self._text(int(result.tokens[s.slot, 0]))
+        if piece:
+            messages.append(protocol.text(piece))
+        if s.outbox.qsize() + len(messages) > self.limits.max_outbox:
+            s.end(Ending(Close.POLICY_VIOLATION, "slow_client", "client does not read its output"), flush=False)
+            return
+        for m in messages:
+            s.outbox.put_nowait(m)

@@ -1,0 +1,244 @@
+"""The server's batch of streams: a session's tokens do not depend on its slot or its neighbours, and a
+conversation suspended to a state file and resumed in another slot of a fresh model replays the
+uninterrupted run token for token; each saved part (TTT, attention window, Mimi, generator) matters."""
+
+from __future__ import annotations
+
+import typing as tp
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("moshi")
+
+from moshi.models.compression import MimiModel  # noqa: E402
+
+from ttt_speech import TTTConfig  # noqa: E402
+from ttt_speech.moshi import convert  # noqa: E402
+from ttt_speech.moshi.tiny import build_tiny_lm, build_tiny_mimi, tiny_lm_config, tiny_mimi_config  # noqa: E402
+from ttt_speech.serve.store import StateStore, fingerprint  # noqa: E402
+from ttt_speech.serve.streams import BatchedStreams  # noqa: E402
+
+B = 4
+CONTEXT = tiny_lm_config()["context"]  # attention window of the tiny model: 8 frames
+MINI_BATCH = 16  # TTT mini-batch of build_tiny_hybrid
+
+
+@torch.no_grad()
+def listening_mimi(seed: int = 0) -> MimiModel:
+    """A tiny Mimi whose codes depend on its input. build_tiny_mimi's codebooks are all zero, so it
+    encodes any audio to code 0; here each codebook takes 32 latents of seeded noise, k-means style."""
+    lm_card = tiny_lm_config()["card"]
+    mimi = build_tiny_mimi(seed, tiny_mimi_config(2, lm_card), num_codebooks=2)
+    rng = np.random.default_rng(seed)
+    loud = np.repeat(rng.uniform(0.01, 0.5, 64), 1920)
+    x = torch.from_numpy((rng.standard_normal(64 * 1920) * loud).astype(np.float32)).view(1, 1, -1)
+    (latent,) = mimi.encoder_transformer(mimi.encoder(x))
+    latent = mimi._to_framerate(latent)
+    for rvq in (mimi.quantizer.rvq_first, mimi.quantizer.rvq_rest):
+        codebook = rvq.vq.layers[0]._codebook
+        z = rvq.input_proj(latent)[0].T  # [64 frames, codebook dim]
+        codebook.embedding_sum.copy_(z[torch.randperm(len(z), generator=torch.Generator().manual_seed(seed))[:lm_card]])
+        codebook._embedding = None  # moshi caches embedding_sum / cluster_usage
+    return mimi
+
+
+def make_streams() -> BatchedStreams:
+    """A fresh tiny hybrid + Mimi (same weights every time, as a restarted server would load). The TTT
+    branch is made loud (open gate, larger projections) so that its state visibly decides tokens."""
+    lm = build_tiny_lm(0)
+    torch.manual_seed(0)
+    loud = TTTConfig(dim=32, num_heads=4, mini_batch=MINI_BATCH, gate_init=1.0, init_std=0.1)
+    lm = convert(lm, "all", "hybrid", loud)
+    return BatchedStreams(lm, listening_mimi(0), B)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread() -> tp.Iterator[None]:
+    """One intra-op thread while these tiny models run: on a shared 2-core machine two threads made a
+    step take 0.9 s instead of 14 ms (threads waiting on each other while descheduled)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def audio(seed: int, frames: int) -> np.ndarray:
+    return (0.1 * np.random.default_rng(seed).standard_normal((frames, 1920))).astype(np.float32)
+
+
+class Driver:
+    """Steps `BatchedStreams` as the session manager does: one frame for each slot that has one."""
+
+    def __init__(self, streams: BatchedStreams) -> None:
+        self.streams = streams
+        self.frames = [0] * B  # frames stepped per slot (the manager's Session.frames)
+
+    def start(self, slot: int, seed: int) -> None:
+        self.streams.start(slot, seed)
+        self.frames[slot] = 0
+
+    def step(self, pcm: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+        """pcm: slot -> one frame; returns slot -> tokens [1 + dep_q] for the slots that generated."""
+        x = np.zeros((B, 1920), np.float32)
+        active, first = np.zeros(B, bool), np.zeros(B, bool)
+        for slot, frame in pcm.items():
+            x[slot], active[slot], first[slot] = frame, True, self.frames[slot] == 0
+            self.frames[slot] += 1
+        out = self.streams.step(x, active, first)
+        return {s: out.tokens[s] for s in pcm if out.generated[s]}
+
+    def run(self, slot: int, frames: np.ndarray, neighbours: dict[int, np.ndarray] | None = None,
+            record: dict[int, list[np.ndarray]] | None = None) -> np.ndarray:
+        """Tokens [n, 1 + dep_q] of `slot` over `frames`. Each neighbour steps on every other frame
+        (idle in between); their tokens go to `record`."""
+        got = []
+        for t, frame in enumerate(frames):
+            pcm = {slot: frame}
+            for other, their in (neighbours or {}).items():
+                if (t + other) % 2:
+                    pcm[other] = their[t]
+            tokens = self.step(pcm)
+            if slot in tokens:
+                got.append(tokens[slot])
+            for other, tok in tokens.items():
+                if record is not None and other != slot:
+                    record.setdefault(other, []).append(tok)
+        return np.array(got)
+
+
+@torch.no_grad()
+def test_a_session_does_not_depend_on_its_slot_or_its_neighbours() -> None:
+    T = 2 * CONTEXT
+    mine = audio(1, T)
+    streams = make_streams()
+    try:
+        d = Driver(streams)
+        d.start(0, seed=42)
+        alone = d.run(0, mine)
+        for slot in (1, 2, 3):
+            d.start(slot, seed=100 + slot)
+        d.start(2, seed=42)
+        theirs: dict[int, list[np.ndarray]] = {}
+        crowded = d.run(2, mine, {1: audio(5, T), 3: audio(6, T), 0: audio(7, T)}, theirs)
+        d.start(1, seed=101)
+        idle_half = d.run(1, audio(5, T)[0::2])  # slot 1's frames alone, without the steps it sat out
+        d.start(1, seed=43)
+        reseeded = d.run(1, mine)
+        d.start(3, seed=42)
+        other_audio = d.run(3, audio(9, T))
+    finally:
+        streams.close()
+    assert alone.shape == (T - 1, 3)  # one frame of acoustic delay
+    np.testing.assert_array_equal(crowded, alone)
+    np.testing.assert_array_equal(np.array(theirs[1]), idle_half)  # an idle step leaves a session as it was
+    assert (reseeded != alone).any(axis=1).mean() > 0.5  # the tokens are sampled, and the seed decides them
+    assert (other_audio != alone).any(axis=1).mean() > 0.3  # and the user's audio reaches the model
+
+
+K, TOTAL = MINI_BATCH + 5, 2 * MINI_BATCH  # suspended mid TTT mini-batch, after the KV ring wrapped twice
+MINE = audio(1, TOTAL)
+
+
+@dataclass
+class Suspended:
+    """A conversation run whole, and the same one run up to frame K and saved to a state file."""
+
+    whole: np.ndarray  # uninterrupted tokens
+    before: np.ndarray  # tokens up to the suspend
+    snapshot: dict[str, torch.Tensor]
+    store: StateStore
+    token: str
+
+
+@pytest.fixture(scope="module")
+@torch.no_grad()
+def suspended(tmp_path_factory: pytest.TempPathFactory) -> tp.Iterator[Suspended]:
+    others = {1: audio(2, TOTAL), 2: audio(3, TOTAL)}
+    streams = make_streams()
+    try:
+        d = Driver(streams)
+        for slot in (0, 1, 2):
+            d.start(slot, seed=[42, 7, 8][slot])
+        whole = d.run(0, MINE, others)
+        d.start(0, seed=42)
+        d.start(1, seed=7)
+        before = d.run(0, MINE[:K], {1: others[1][:K]})
+        snapshot = streams.snapshot(0)
+        store = StateStore(tmp_path_factory.mktemp("kept"), fingerprint("tiny", streams.layout))
+        token = store.save(snapshot, {"frames": str(K)})
+    finally:
+        streams.close()
+    yield Suspended(whole, before, snapshot, store, token)
+
+
+@pytest.fixture(scope="module")
+def restarted() -> tp.Iterator[BatchedStreams]:
+    """A restarted server: new model objects (same weights); state comes only from what was saved."""
+    streams = make_streams()
+    yield streams
+    streams.close()
+
+
+def resume(streams: BatchedStreams, tensors: dict[str, torch.Tensor]) -> np.ndarray:
+    """Tokens after restoring `tensors` into slot 3, with other conversations running around it."""
+    d = Driver(streams)
+    for slot in (0, 1, 2):
+        d.start(slot, seed=slot)
+        d.run(slot, audio(10 + slot, 3))
+    d.start(3, seed=42)
+    streams.restore(3, tensors)
+    d.frames[3] = K
+    return d.run(3, MINE[K:], {0: audio(20, TOTAL), 2: audio(21, TOTAL)})
+
+
+@torch.no_grad()
+def test_resumed_conversation_replays_the_uninterrupted_run(suspended: Suspended, restarted: BatchedStreams) -> None:
+    tensors, meta = suspended.store.take(suspended.token)
+    after = resume(restarted, tensors)
+    assert suspended.whole.shape == (TOTAL - 1, 3) and meta["frames"] == str(K)
+    np.testing.assert_array_equal(np.concatenate([suspended.before, after]), suspended.whole)
+    assert not list(suspended.store.root.iterdir())  # taken: single use
+
+
+@pytest.mark.parametrize("part", [".ttt.", ".kv_cache.", "mimi.", "gen."])
+@torch.no_grad()
+def test_every_saved_part_of_the_state_matters(suspended: Suspended, restarted: BatchedStreams, part: str) -> None:
+    restarted.start(3, seed=42)
+    fresh = restarted.snapshot(3)
+    after = resume(restarted, {n: fresh[n] if part in n else t for n, t in suspended.snapshot.items()})
+    want = suspended.whole[K - 1:]
+    n = min(len(want), len(after))  # a fresh generator restarts its acoustic delay: one token fewer
+    mismatch = (after[:n] != want[:n]).any(axis=1).mean()
+    assert mismatch > 0.3, f"leaving out {part} changed only {mismatch:.0%} of the frames after the resume"
+
+
+@torch.no_grad()
+def test_slot_state_is_fixed_size_and_restored_in_place() -> None:
+    streams = make_streams()
+    try:
+        d = Driver(streams)
+        d.start(1, seed=3)
+        snap0 = streams.snapshot(1)
+        d.run(1, audio(4, 5 * CONTEXT))
+        snap1 = streams.snapshot(1)
+        ptrs = {n: t.data_ptr() for n, (t, _) in streams._tensors().items()}
+        streams.restore(2, snap1)
+        assert ptrs == {n: t.data_ptr() for n, (t, _) in streams._tensors().items()}
+        for name, t in streams.snapshot(2).items():
+            torch.testing.assert_close(t, snap1[name], rtol=0, atol=0)
+        bad = dict(snap1)
+        bad["lm.transformer.layers.0.ttt.W1"] = bad["lm.transformer.layers.0.ttt.W1"][:, :4]
+        with pytest.raises(ValueError, match="ttt.W1"):
+            streams.restore(2, bad)
+        with pytest.raises(ValueError, match="missing"):
+            streams.restore(2, {n: t for n, t in snap1.items() if "mimi" not in n})
+    finally:
+        streams.close()
+    sizes = {n: t.numel() * t.element_size() for n, t in snap1.items()}
+    assert sizes == {n: t.numel() * t.element_size() for n, t in snap0.items()}  # 40 frames later: same size
+    assert sum(sizes.values()) == streams.slot_bytes
+    assert any(".ttt.W1" in n for n in sizes) and any(".kv_cache.cache" in n for n in sizes)
+    assert snap1["gen.offsets"].item() == 5 * CONTEXT and snap1["gen.seeds"].item() == 3
