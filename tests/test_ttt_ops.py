@@ -15,7 +15,7 @@ def make_inputs(B=2, H=3, T=13, D=8, depth=1, seed=0, dtype=torch.float64, offse
     r = lambda *s, scale=1.0: (torch.randn(*s, generator=g, dtype=dtype) * scale)
     q, k, v = r(B, H, T, D), r(B, H, T, D), r(B, H, T, D)
     a = torch.rand(B, H, T, generator=g, dtype=dtype)
-    c = torch.rand(B, H, T, generator=g, dtype=dtype) * 0.5
+    c = torch.rand(B, H, T, generator=g, dtype=dtype) * 0.1  # lr = base_lr*sigmoid(.)/head_dim scale
     ln_w, ln_b = 1 + r(H, D, scale=0.1), r(H, D, scale=0.1)
     dims = [D, 4 * D, D][: depth + 1] if depth == 2 else [D, D]
     weights = []
