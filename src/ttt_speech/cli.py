@@ -23,6 +23,12 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "eval-long": ("ttt_speech.eval.commands", "add_arguments", "run",
                   "compare models on long held-out sequences: per-position loss, where quality degrades, "
                   "free runs, conversations"),
+    "tokenize": ("ttt_speech.train.commands", "add_tokenize_arguments", "run_tokenize",
+                 "tokenize a moshi-finetune jsonl manifest of stereo wavs into sharded Mimi token files"),
+    "train": ("ttt_speech.train.commands", "add_train_arguments", "run_train",
+              "fine-tune a TTT hybrid through multi-stage context extension (also under torchrun)"),
+    "plot-run": ("ttt_speech.train.commands", "add_plot_run_arguments", "run_plot_run",
+                 "write PNG loss curves per stage for a training run directory"),
 }
 
 
@@ -43,7 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("NO_TORCH_COMPILE", "1")
     args = build_parser(argv).parse_args(argv)
     module, _, run, _ = COMMANDS[args.command]
-    getattr(importlib.import_module(module), run)(args)
+    code = getattr(importlib.import_module(module), run)(args)
+    if isinstance(code, int) and code:
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":

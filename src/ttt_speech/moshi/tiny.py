@@ -140,7 +140,8 @@ def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0, lm_config: dict[st
     config = lm_config or tiny_lm_config()
     lm = build_tiny_lm(seed, config)
     save_moshi_checkpoint(lm, config, ckpt.root, {
-        "model_type": "moshi", "mimi_name": MIMI_WEIGHTS_NAME, "tokenizer_name": TOKENIZER_NAME})
+        "model_type": "moshi", "mimi_name": MIMI_WEIGHTS_NAME, "mimi_config_name": MIMI_CONFIG_NAME,
+        "tokenizer_name": TOKENIZER_NAME})
     n_mimi = max(config["dep_q"], config["n_q"] - config["dep_q"])
     mimi_cfg = tiny_mimi_config(n_mimi, config["card"])
     mimi = build_tiny_mimi(seed, mimi_cfg, num_codebooks=n_mimi)

@@ -1,0 +1,209 @@
+"""Free-running generation for minutes, scored per minute (text statistics, gibberish, ASR WER, voice).
+
+Moshi runs through moshi's own `LMGen`, one frame per step as it serves. The user's stream is
+silence (Mimi's silence codes, or Moshi's "no input" token without a Mimi) or, for a long
+conversation, a held-out dialogue's user codebooks. An optional prompt (the first frames of a
+held-out sequence) is forced into the model's own stream: its audio through LMGen's
+`depformer_replace_tokens`, its text by overwriting the text token LMGen just wrote into its
+token cache (LMGen has no text-forcing argument). Per frame the model's log-probability of its
+own text token (raw logits, temperature 1) is kept for `own_ppl`; with a Mimi, audio is decoded
+frame by frame and kept for one minute at a time (ASR and speaker embedding), so memory stays flat.
+
+An HF model samples token by token with its cache from the first tokens of a held-out sequence;
+its "minutes" are blocks of 750 tokens, with no pad ids and no audio.
+"""
+
+from __future__ import annotations
+
+import typing as tp
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from ttt_speech.eval.asr import Recognizer, word_error_rate
+from ttt_speech.eval.gibberish import (
+    FRAMES_PER_MINUTE,
+    GibberishThresholds,
+    MinuteStats,
+    degraded_minute,
+    minute_stats,
+)
+from ttt_speech.eval.speaker import SpeakerEmbedder, cosine
+
+SAMPLE_RATE = 24000
+
+
+@dataclass
+class MinuteAudio:
+    """What the audio of one minute said and sounded like."""
+
+    minute: int
+    asr: str | None = None
+    model_text: str | None = None
+    wer: float | None = None
+    speaker_similarity: float | None = None  # cosine to the first minute's embedding
+
+
+@dataclass
+class FreeRunResult:
+    """Per-minute record of one generated run."""
+
+    name: str
+    frames: int
+    prompt_frames: int
+    minutes: list[MinuteStats]
+    audio: list[MinuteAudio]
+    degraded_minute: int | None
+    speaker_method: str | None
+    notes: list[str] = field(default_factory=list)
+    text: np.ndarray | None = None  # generated text tokens [frames] (not serialised)
+
+    def to_dict(self) -> dict[str, tp.Any]:
+        d = asdict(self)
+        d.pop("text")
+        return d
+
+
+@dataclass
+class AudioScoring:
+    """Optional audio tools of a run: each None when unavailable (the report says why)."""
+
+    mimi: tp.Any = None
+    tokenizer: tp.Any = None  # sentencepiece processor: decodes the model's text for WER
+    recognizer: Recognizer | None = None
+    embedder: SpeakerEmbedder | None = None
+
+
+class MinuteAudioScorer:
+    """Collects decoded audio and text of the current minute; scores each minute as it completes."""
+
+    def __init__(self, scoring: AudioScoring, pad_ids: tuple[int, ...]) -> None:
+        self.scoring, self.pad_ids = scoring, pad_ids
+        self.chunks: list[np.ndarray] = []
+        self.reference: np.ndarray | None = None
+        self.results: list[MinuteAudio] = []
+
+    def add(self, pcm: np.ndarray) -> None:
+        self.chunks.append(pcm)
+
+    def finish_minute(self, text: np.ndarray) -> None:
+        s, audio = self.scoring, np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.float32)
+        self.chunks = []
+        res = MinuteAudio(len(self.results))
+        if s.tokenizer is not None:
+            ids = [int(t) for t in text if int(t) not in self.pad_ids]
+            res.model_text = s.tokenizer.decode(ids) if ids else ""
+        if s.recognizer is not None and len(audio):
+            res.asr = s.recognizer.transcribe(audio, SAMPLE_RATE)
+            if res.model_text is not None:
+                res.wer = word_error_rate(res.model_text, res.asr)
+        if s.embedder is not None and len(audio):
+            emb = s.embedder.embed(audio, SAMPLE_RATE)
+            if self.reference is None:
+                self.reference = emb
+            res.speaker_similarity = cosine(self.reference, emb)
+        self.results.append(res)
+
+
+def _silence(lm: tp.Any, mimi: tp.Any) -> Tensor:
+    n_user = lm.n_q - lm.dep_q
+    if mimi is None:
+        return torch.full((n_user,), lm.zero_token_id, dtype=torch.long)
+    from ttt_speech.moshi.generate import silence_codes
+
+    return silence_codes(mimi, n_user).cpu()
+
+
+@torch.no_grad()
+def free_run_moshi(lm: tp.Any, name: str, frames: int, *, prompt: Tensor | None = None, user: Tensor | None = None,
+                   scoring: AudioScoring | None = None, thresholds: GibberishThresholds | None = None,
+                   temp: float = 0.8, temp_text: float = 0.7, seed: int = 0, progress: bool = True,
+                   frames_per_minute: int = FRAMES_PER_MINUTE) -> FreeRunResult:
+    """Generate `frames` frames after an optional `prompt` [1 + n_q (+ user rows), P] forced into the model's
+    stream; `user` [n_user, >= P + frames] is the user's stream (default: the prompt's user rows, then silence)."""
+    from moshi.models.lm import LMGen
+
+    torch.manual_seed(seed)
+    scoring = scoring or AudioScoring()
+    device, mimi = lm.device, scoring.mimi
+    pad_ids = (lm.text_padding_token_id, lm.end_of_text_padding_id)
+    P = 0 if prompt is None else prompt.shape[-1]
+    if user is None:
+        user = _silence(lm, mimi)[:, None].repeat(1, P + frames)
+        if prompt is not None and prompt.shape[0] >= 1 + lm.n_q:
+            user[:, :P] = prompt[1 + lm.dep_q:1 + lm.n_q]
+    if user.shape[-1] < P + frames:
+        raise ValueError(f"the user stream has {user.shape[-1]} frames, the run needs {P + frames}")
+    if mimi is not None:
+        mimi.set_num_codebooks(max(lm.dep_q, lm.n_q - lm.dep_q))
+    steps: list[tuple[Tensor, Tensor]] = []
+    gen = LMGen(lm, use_sampling=True, temp=temp, temp_text=temp_text,
+                on_text_logits_hook=lambda logits: steps.append((logits[:, 0, 0].float().log_softmax(-1),)),
+                on_text_hook=lambda tok: steps.__setitem__(-1, (*steps[-1], tok)))
+    text = np.zeros(frames, dtype=np.int64)
+    logprobs = np.zeros(frames, dtype=np.float64)
+    minute_audio = MinuteAudioScorer(scoring, pad_ids)
+    delays = torch.tensor(lm.delays[1:1 + lm.dep_q])
+    bar = tqdm(total=P + frames, unit="frame", disable=not progress, dynamic_ncols=True, desc=f"{name} free run")
+    audio_ctx = mimi.streaming(1) if mimi is not None else nullcontext()
+    with gen.streaming(1), audio_ctx:
+        for i in range(P + frames):
+            forced = None
+            if i < P:  # the prompt's audio, in the depformer's delayed coordinates
+                assert prompt is not None
+                src = (i - delays).clamp(min=0)
+                forced = prompt[1:1 + lm.dep_q].gather(1, src[:, None])[None].to(device)
+            out = gen.step(user[:, i].view(1, -1, 1).to(device), depformer_replace_tokens=forced)
+            logp, token = steps[-1]
+            if i < P:  # force the prompt's text where LMGen wrote its sample
+                state = gen._streaming_state
+                state.cache[:, 0, state.offsets % state.cache.shape[-1]] = int(prompt[0, i])
+            else:
+                j = i - P
+                text[j] = int(token[0])
+                logprobs[j] = float(logp[0, token[0]])
+                if mimi is not None and ((j + 1) % frames_per_minute == 0 or j + 1 == frames):
+                    minute_audio.finish_minute(text[j - j % frames_per_minute:j + 1])
+            if out is not None and mimi is not None:
+                minute_audio.add(mimi.decode(out[:, 1:1 + lm.dep_q])[0, 0].float().cpu().numpy())
+            bar.update(1)
+    bar.close()
+    stats = minute_stats(text, lm.text_card, pad_ids, logprobs, frames_per_minute, thresholds)
+    notes = _audio_notes(scoring)
+    return FreeRunResult(name, frames, P, stats, minute_audio.results, degraded_minute(stats),
+                         scoring.embedder.method if scoring.embedder else None, notes, text)
+
+
+@torch.no_grad()
+def free_run_hf(model: tp.Any, name: str, tokens: int, *, prompt: Tensor, cache: tp.Any,
+                thresholds: GibberishThresholds | None = None, temp: float = 0.8, seed: int = 0,
+                progress: bool = True, frames_per_minute: int = FRAMES_PER_MINUTE) -> FreeRunResult:
+    """Sample `tokens` tokens after `prompt` [P] with the model's cache; blocks of 750 tokens as minutes."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    device = next(model.parameters()).device
+    logits = model(prompt[None].to(device), past_key_values=cache, use_cache=True).logits[:, -1]
+    text = np.zeros(tokens, dtype=np.int64)
+    logprobs = np.zeros(tokens, dtype=np.float64)
+    for j in tqdm(range(tokens), unit="tok", disable=not progress, dynamic_ncols=True, desc=f"{name} free run"):
+        logp = logits.float().log_softmax(-1)[0].cpu()
+        token = int(torch.multinomial((logp / temp).softmax(-1), 1, generator=g))
+        text[j], logprobs[j] = token, float(logp[token])
+        logits = model(torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True).logits[:, -1]
+    stats = minute_stats(text, model.config.vocab_size, (), logprobs, frames_per_minute, thresholds)
+    return FreeRunResult(name, tokens, len(prompt), stats, [], degraded_minute(stats), None,
+                         [f"HF model: a 'minute' is a block of {frames_per_minute} tokens; no pad ids, no audio"], text)
+
+
+def _audio_notes(scoring: AudioScoring) -> list[str]:
+    notes = []
+    if scoring.mimi is None:
+        notes.append("no Mimi checkpoint: audio not decoded (no WER, no voice consistency)")
+    elif scoring.recognizer is None:
+        notes.append("no ASR: WER not measured")
+    elif scoring.tokenizer is None:
+        notes.append("no text tokenizer: ASR transcripts kept, WER against the model's text not measured")
+    return notes

@@ -1,0 +1,239 @@
+"""The models `eval-long` compares, each wrapped as a `Scorer` that streams it in its production form.
+
+A scorer teacher-forces a held-out sequence through the model the way it runs when it serves:
+- Moshi (vanilla or TTT hybrid): one frame per call through the temporal transformer in streaming
+  mode, so the ring KV cache and the TTT states evolve exactly as under `LMGen`. moshi's
+  `RingKVCache` is a correct sliding window only when fed one step per call (a longer call
+  overwrites keys its own earlier queries still need), so frames are never batched in time. The
+  depformer restarts every frame, so it runs in its (exact) training form on that frame.
+- HF (vanilla or converted): chunks through `forward` with the model's cache (a `TTTCache` with
+  sliding-window KV layers for a converted model, a growing `DynamicCache` for a vanilla one);
+  chunked feeding through these caches equals token-by-token decoding (tests/test_hf_generate.py).
+
+Model specs on the command line: `tiny` (TTT hybrid built in code), `tiny-vanilla`, a Moshi hybrid
+directory (config.json with a "ttt" section), a vanilla Moshi directory (config.json +
+model.safetensors), or a transformers directory; `NAME=SPEC` names a model in the report.
+"""
+
+from __future__ import annotations
+
+import json
+import typing as tp
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Tick = tp.Callable[[int], None]
+BUILTINS = ("tiny", "tiny-vanilla")
+
+
+class Scorer(ABC):
+    """Per-position teacher-forced losses of one model, streamed as in production."""
+
+    name: str
+    kind: str  # "moshi" or "hf"
+    streams: tuple[str, ...]  # scored streams; "text" first
+    attention_window: int | None  # positions each attention layer sees; None: unbounded
+    model: nn.Module
+
+    @property
+    def lookahead(self) -> int:
+        """Positions past the last scored one that the stream must see to score it (Moshi's delays)."""
+        return 0
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @abstractmethod
+    def rows(self) -> int:
+        """Rows of a shard this model reads (text + codebooks)."""
+
+    @abstractmethod
+    def pad_value(self) -> int:
+        """Token that fills the tail of sequences shorter than their batch; never scored."""
+
+    @abstractmethod
+    def score(self, tokens: Tensor, out: Tensor, tick: Tick) -> None:
+        """Fill `out` [B, len(streams), T] (NaN-initialised) with the loss (nats) of each token of
+        `tokens` [B, rows, T]; call `tick(steps_done)` as the stream advances. May raise an
+        out-of-memory error: what was written before it stays valid."""
+
+
+def moshi_attention_window(lm: nn.Module) -> int | None:
+    """The `context` of the temporal transformer's attention (0 when every layer is TTT-only)."""
+    contexts = [layer.self_attn.context for layer in lm.transformer.layers if hasattr(layer, "self_attn")]
+    if not contexts:
+        return 0
+    return None if any(c is None for c in contexts) else min(contexts)
+
+
+def _cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """Per-token loss in nats, NaN where the target is no token of the vocabulary (-1, initial tokens)."""
+    valid = (target >= 0) & (target < logits.shape[-1])
+    loss = F.cross_entropy(logits.float().flatten(0, -2), torch.where(valid, target, 0).flatten(), reduction="none")
+    return torch.where(valid.flatten(), loss, torch.nan).view(target.shape)
+
+
+class MoshiScorer(Scorer):
+    """A moshi `LMModel` (or TTT hybrid): text + its own `dep_q` audio codebooks, frame by frame."""
+
+    kind = "moshi"
+
+    def __init__(self, lm: nn.Module, name: str) -> None:
+        self.model = lm.eval()
+        self.name = name
+        self.streams = ("text", *(f"audio{k}" for k in range(lm.dep_q)))
+        self.attention_window = moshi_attention_window(lm)
+
+    def rows(self) -> int:
+        return self.model.num_codebooks
+
+    @property
+    def lookahead(self) -> int:
+        return max(self.model.delays)
+
+    def pad_value(self) -> int:
+        return self.model.zero_token_id
+
+    @torch.no_grad()
+    def score(self, tokens: Tensor, out: Tensor, tick: Tick) -> None:
+        from moshi.models.lm_utils import _delay_sequence
+
+        lm = self.model
+        B, _, T = tokens.shape
+        codes = tokens[:, :lm.num_codebooks].to(lm.device)
+        initial = lm._get_initial_token().expand(B, -1, -1)
+        # the model's input at step j is column j; its targets are column j + 1 (as LMModel.forward)
+        delayed = torch.cat([initial, _delay_sequence(lm.delays, codes, initial)], dim=2)
+        delays = lm.delays[:len(self.streams)]
+        # only the temporal transformer streams: the depformer restarts every frame anyway
+        with lm.transformer.streaming(B):
+            for j in range(T):
+                transformer_out, text_logits = lm.forward_text(delayed[:, :, j:j + 1])
+                target = delayed[:, :len(self.streams), j + 1]
+                losses = [_cross_entropy(text_logits[:, 0, 0], target[:, 0])]
+                if lm.dep_q:
+                    audio = lm.forward_depformer_training(delayed[:, :, j + 1:j + 2], transformer_out)
+                    losses += list(_cross_entropy(audio[:, :, 0], target[:, 1:]).unbind(1))
+                for s, (loss, delay) in enumerate(zip(losses, delays)):
+                    if j >= delay:  # before that, column j + 1 of a delayed codebook is padding
+                        out[:, s, j - delay] = loss.cpu()
+                tick(j + 1)
+
+
+class HFScorer(Scorer):
+    """A transformers causal LM (converted or vanilla): row 0 of a shard, fed in chunks with its cache."""
+
+    kind = "hf"
+    streams = ("text",)
+
+    def __init__(self, model: nn.Module, name: str, chunk: int = 256) -> None:
+        from ttt_speech.hf.section import section_of
+
+        self.model = model.eval()
+        self.name = name
+        self.chunk = chunk
+        section = section_of(model.config)
+        self.converted = section is not None
+        if section is None:
+            self.attention_window = getattr(model.config, "sliding_window", None)
+        else:
+            replaced = section.mode == "replace" and len(section.layers) == model.config.num_hidden_layers
+            self.attention_window = 0 if replaced else section.attention_window
+
+    def rows(self) -> int:
+        return 1
+
+    def pad_value(self) -> int:
+        return -1
+
+    def new_cache(self) -> tp.Any:
+        from transformers import DynamicCache
+
+        from ttt_speech.hf import TTTCache
+
+        return TTTCache(self.model.config) if self.converted else DynamicCache(config=self.model.config)
+
+    @torch.no_grad()
+    def score(self, tokens: Tensor, out: Tensor, tick: Tick) -> None:
+        ids = tokens[:, 0].to(self.device)
+        T = ids.shape[-1]
+        cache = self.new_cache()
+        for s in range(0, T, self.chunk):
+            e = min(T, s + self.chunk)
+            logits = self.model(ids[:, s:e].clamp(min=0), past_key_values=cache, use_cache=True).logits
+            # logits at position t predict token t + 1; token 0 has no prediction
+            n = min(e + 1, T) - (s + 1)
+            if n > 0:
+                out[:, 0, s + 1:s + 1 + n] = _cross_entropy(logits[:, :n], ids[:, s + 1:s + 1 + n]).cpu()
+            tick(e)
+
+
+@dataclass
+class Loaded:
+    """A model ready to evaluate and what else its directory provides."""
+
+    scorer: Scorer
+    mimi_path: Path | None = None
+    mimi_config: dict[str, tp.Any] | None = None
+    tokenizer_path: Path | None = None
+
+
+def split_spec(spec: str) -> tuple[str, str]:
+    """`NAME=SPEC` -> (NAME, SPEC); a bare SPEC is named after itself (its directory name)."""
+    name, sep, rest = spec.partition("=")
+    if sep and name and not Path(spec).exists():
+        return name, rest
+    return (Path(spec).name or spec), spec
+
+
+def _moshi_extras(root: Path, raw: dict[str, tp.Any]) -> dict[str, tp.Any]:
+    """The Mimi and tokenizer files a Moshi directory names (as write_tiny_checkpoint lays them out)."""
+    extras: dict[str, tp.Any] = {}
+    mimi = root / str(raw.get("mimi_name", "mimi.safetensors"))
+    if mimi.is_file():
+        extras["mimi_path"] = mimi
+        cfg = root / str(raw.get("mimi_config_name", "mimi_config.json"))
+        extras["mimi_config"] = json.loads(cfg.read_text()) if cfg.is_file() else None
+    tok = root / str(raw.get("tokenizer_name", "tokenizer.model"))
+    if tok.is_file():
+        extras["tokenizer_path"] = tok
+    return extras
+
+
+def load_model(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+               seed: int = 0, chunk: int = 256) -> Loaded:
+    """Build or load the model a command-line spec names (see the module docstring)."""
+    name, path = split_spec(spec)
+    if path in BUILTINS:
+        from ttt_speech.moshi.tiny import build_tiny_hybrid, build_tiny_lm
+
+        lm = build_tiny_hybrid(seed, device, dtype) if path == "tiny" else build_tiny_lm(seed, device=device, dtype=dtype)
+        return Loaded(MoshiScorer(lm, name))
+    root = Path(path)
+    config = root / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{spec}: not one of {BUILTINS} and no {config}")
+    raw = json.loads(config.read_text())
+    section = raw.get("ttt")
+    is_moshi = "dep_q" in raw and "n_q" in raw
+    if is_moshi:
+        from ttt_speech.moshi import load_hybrid
+        from ttt_speech.moshi.config import lm_kwargs
+
+        if section is not None:
+            lm = load_hybrid(root, device=device, dtype=dtype)
+        else:
+            from moshi.models.loaders import get_moshi_lm
+
+            lm = get_moshi_lm(str(root / "model.safetensors"), lm_kwargs=lm_kwargs(raw), device=device, dtype=dtype)
+        return Loaded(MoshiScorer(lm, name), **_moshi_extras(root, raw))
+    from ttt_speech.hf import convert, load_llm
+
+    model = convert.load(root, dtype=dtype) if section is not None else load_llm(root, dtype=dtype)[0]
+    return Loaded(HFScorer(model.to(device), name, chunk))

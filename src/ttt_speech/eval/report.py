@@ -1,0 +1,148 @@
+"""report/report.md (tables and the rules behind them), report/results.json, report/*.png."""
+
+from __future__ import annotations
+
+import json
+import typing as tp
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ttt_speech.eval import plots
+from ttt_speech.eval.conversation import ConversationResult
+from ttt_speech.eval.free_run import FreeRunResult
+from ttt_speech.eval.gibberish import GibberishThresholds
+from ttt_speech.eval.long_context import ModelResult
+
+
+@dataclass
+class Report:
+    """Everything one eval-long run found."""
+
+    settings: dict[str, tp.Any]
+    long_context: list[ModelResult] = field(default_factory=list)
+    free_runs: list[FreeRunResult] = field(default_factory=list)
+    conversations: list[ConversationResult] = field(default_factory=list)
+    thresholds: GibberishThresholds = field(default_factory=GibberishThresholds)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, tp.Any]:
+        return {
+            "settings": self.settings, "notes": self.notes,
+            "gibberish_thresholds": asdict(self.thresholds),
+            "long_context": [r.to_dict() for r in self.long_context],
+            "free_runs": [r.to_dict() for r in self.free_runs],
+            "conversations": [r.to_dict() for r in self.conversations],
+        }
+
+
+def _f(x: float | None, fmt: str = ".3f") -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+def _mib(x: int | None) -> str:
+    return "–" if x is None else f"{x / 2**20:.0f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def _long_context_md(results: list[ModelResult]) -> list[str]:
+    lines = ["## Teacher-forced long context", ""]
+    rows = []
+    for r in results:
+        verdict = f"degrades at {r.degraded_at}" if r.degraded_at else ("OOM at " + str(r.oom_at) if r.oom_at else "holds")
+        if r.degraded_at and r.oom_at:
+            verdict += f", OOM at {r.oom_at}"
+        rows.append([r.name, r.kind, str(r.attention_window), f"{r.baseline_length}", _f(r.baseline_loss),
+                     _f(r.loss_inside_window), _f(r.loss_beyond_window), _f(r.window_gap, "+.3f"), verdict])
+    lines += _table(["model", "kind", "attention window", "baseline length", "baseline loss", "loss inside window",
+                     "loss beyond window", "beyond - inside", "verdict"], rows)
+    for r in results:
+        lines += ["", f"### {r.name}: per length ({', '.join(r.quality_streams)} stream(s); {r.sequences} sequences)", ""]
+        lines += _table(["length", "status", "loss", "quality", "ratio to baseline", "ms / position", "peak MiB"], [
+            [str(x.length), x.status, _f(x.loss), _f(x.quality, ".4f"), _f(x.ratio), _f(x.step_ms, ".2f"),
+             _mib(x.peak_memory_bytes)] for x in r.lengths])
+        if r.oom_message:
+            lines += ["", f"Out of memory: `{r.oom_message}`"]
+        lines += [f"- {n}" for n in r.notes]
+        lines += ["", "Mean loss (nats) per position bucket; figures: `loss_vs_position_<stream>.png`.", ""]
+        header = ["stream", *(f"[{lo},{hi})" for lo, hi in zip(r.bucket_edges[:-1], r.bucket_edges[1:]))]
+        lines += _table(header, [[s, *(_f(m, ".2f") for m in r.bucket_loss[s])] for s in r.streams])
+    return lines
+
+
+def _free_runs_md(runs: list[FreeRunResult], th: GibberishThresholds) -> list[str]:
+    lines = ["", "## Free-running generation", "",
+             (f"Gibberish thresholds: 4-gram repetition > {th.max_repetition} (loop); uniformity > "
+              f"{th.max_uniformity} with >= {th.min_tokens_for_uniformity} words (garbage); pad ratio > "
+              f"{th.max_pad_ratio} (silent); own perplexity > {th.max_own_ppl_ratio}x the first minute's (unsure). "
+              "Definitions in `ttt_speech/eval/gibberish.py`."), "", "![free run](free_run.png)"]
+    for r in runs:
+        first = "never" if r.degraded_minute is None else f"minute {r.degraded_minute + 1}"
+        lines += ["", f"### {r.name}: {r.frames} positions after a {r.prompt_frames}-position prompt; degrades: {first}", ""]
+        audio = {a.minute: a for a in r.audio}
+        rows = []
+        for m in r.minutes:
+            a = audio.get(m.minute)
+            rows.append([str(m.minute + 1), str(m.text_tokens), _f(m.pad_ratio, ".2f"), _f(m.entropy_bits, ".2f"),
+                         _f(m.uniformity, ".2f"), _f(m.repetition, ".2f"), _f(m.own_ppl, ".2f"),
+                         _f(a.wer if a else None, ".2f"), _f(a.speaker_similarity if a else None, ".2f"),
+                         ", ".join(m.flags) or "ok"])
+        lines += _table(["minute", "words", "pad ratio", "entropy bits", "uniformity", "repetition", "own ppl",
+                         "WER", "voice sim.", "flags"], rows)
+        if r.speaker_method:
+            lines.append(f"\nVoice similarity: {r.speaker_method} (see `ttt_speech/eval/speaker.py` for its limits).")
+        lines += [f"- {n}" for n in r.notes]
+    return lines
+
+
+def _conversations_md(results: list[ConversationResult]) -> list[str]:
+    lines = ["", "## Long conversations", "", "![conversation](conversation.png)", ""]
+    rows = [[r.name, r.dialogue, r.mode, " ".join(_f(x, ".2f") for x in r.user_loss),
+             " ".join(_f(x, ".2f") for x in r.speaker_similarity) or "–", r.speaker_method or "–"] for r in results]
+    lines += _table(["model", "dialogue", "user seat", "user-stream loss per minute", "voice similarity per minute",
+                     "voice measure"], rows)
+    lines += [f"- {r.name} / {r.dialogue}: {n}" for r in results for n in r.notes]
+    return lines
+
+
+RULES = """## How to read this
+
+- **Quality at length L** = exp(-mean loss over positions [L/2, L)) of the quality streams: the
+  geometric-mean probability the model gives the true token at depth L, teacher-forced and
+  streamed in production form (Moshi frame by frame through its ring KV cache and TTT states;
+  HF in chunks through its sliding-window cache and TTT states).
+- **Degradation rule**: the baseline is the quality at the baseline length B (positions [B/2, B));
+  a model degrades at the first length whose quality is below the threshold x baseline.
+- **Inside / beyond the window**: mean loss over positions [W/2, W) of the attention window W
+  against all positions >= W. A model that remembers past its window keeps the gap near 0.
+- **OOM** ends a model's pass: lengths it had reached keep their numbers, the rest read "oom".
+- Peak memory is CUDA's peak allocation on GPU, the process RSS on CPU (a proxy).
+"""
+
+
+def write(report: Report, out_dir: str | Path) -> dict[str, Path]:
+    """Write report.md, results.json and the PNGs; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    lines = ["# Long-context evaluation", "", "Settings (also in results.json):", "",
+             *(f"- {k}: `{v}`" for k, v in report.settings.items() if v not in (None, False)), ""]
+    lines += [f"- {n}" for n in report.notes] + [""] + RULES.splitlines()
+    if report.long_context:
+        for p in plots.loss_vs_position(report.long_context, out):
+            files[p.stem] = p
+        files["degradation"] = plots.degradation(report.long_context, out)
+        lines += ["", *_long_context_md(report.long_context), "", "![degradation](degradation.png)"]
+    if report.free_runs:
+        files["free_run"] = plots.free_runs(report.free_runs, out)
+        lines += _free_runs_md(report.free_runs, report.thresholds)
+    if report.conversations:
+        files["conversation"] = plots.conversations(report.conversations, out)
+        lines += _conversations_md(report.conversations)
+    files["report"] = out / "report.md"
+    files["report"].write_text("\n".join(lines) + "\n")
+    files["results"] = out / "results.json"
+    files["results"].write_text(json.dumps(report.to_dict(), indent=1, default=str) + "\n")
+    return files

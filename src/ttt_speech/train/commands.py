@@ -1,0 +1,105 @@
+"""Command-line entry points: `ttt-speech train | tokenize | plot-run` (argparse; cli.py wires them in).
+
+`python -m ttt_speech.train CONFIG.yaml` (alone, or under `torchrun --nproc-per-node N`) runs
+`train`; `python -m ttt_speech.train tokenize ...` and `... plot-run RUN_DIR` the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# moshi compiles lazily unless told not to, which costs seconds per first forward on a CPU
+os.environ.setdefault("NO_TORCH_COMPILE", "1")
+
+EXIT_INTERRUPTED = 143  # 128 + SIGTERM: the run stopped early after writing its checkpoint
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="training config (YAML); see configs/*.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.batch_size=8 --set run_dir=runs/x (repeatable)")
+    p.add_argument("--run-dir", help="override run_dir (resumes from its newest checkpoint if it has one)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip unusable data files (logged, counted at the end) instead of stopping on the first")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Train or resume; returns 0 when all stages are done, exits with EXIT_INTERRUPTED after a SIGTERM stop."""
+    from ttt_speech.train.config import load_config
+    from ttt_speech.train.loop import train
+
+    overrides = list(args.overrides)
+    if args.run_dir:
+        overrides.append(f"run_dir={args.run_dir}")
+    if args.skip_bad:
+        overrides.append("data.skip_bad=true")
+    result = train(load_config(args.config, overrides))
+    if result.skipped:
+        print(f"skipped {result.skipped} bad data file(s); see the log", file=sys.stderr)
+    if not result.finished:
+        raise SystemExit(EXIT_INTERRUPTED)
+    return 0
+
+
+def add_tokenize_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("manifest", help='jsonl manifest: one {"path": "rel/a.wav", "duration": 24.5} per line')
+    p.add_argument("--out", required=True, help="output directory (index.json + safetensors shards)")
+    p.add_argument("--checkpoint", required=True,
+                   help="Moshi checkpoint directory (config.json naming Mimi and the text tokenizer) or hub repo")
+    p.add_argument("--mimi-config", help="Mimi config JSON, when config.json does not name one (default: released)")
+    p.add_argument("--main-speaker", default="SPEAKER_MAIN", help="speaker label whose words form the text stream")
+    p.add_argument("--shard-frames", type=int, default=1 << 20, help="frames per output shard (12.5 per second)")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--skip-bad", action="store_true", help="skip (log and count) bad files instead of stopping")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def run_tokenize(args: argparse.Namespace) -> int:
+    from ttt_speech.train.tokenize import MoshiTokenizer, tokenize
+
+    tok = MoshiTokenizer.from_checkpoint(args.checkpoint, args.mimi_config, args.device, args.main_speaker)
+    report = tokenize(args.manifest, args.out, tok, skip_bad=args.skip_bad, shard_frames=args.shard_frames)
+    print(f"{report.documents} conversation(s), {report.frames} frames ({report.frames / 12.5 / 3600:.2f} h) "
+          f"-> {report.out_dir}" + (f"; skipped {len(report.skipped)} bad file(s)" if report.skipped else ""))
+    return 0
+
+
+def add_plot_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="training run directory (holds metrics.jsonl)")
+    p.add_argument("--out", help="output directory (default: RUN_DIR/plots)")
+
+
+def run_plot_run(args: argparse.Namespace) -> int:
+    from ttt_speech.train.plots import plot_run
+
+    for path in plot_run(args.run_dir, args.out):
+        print(path)
+    return 0
+
+
+COMMANDS = {
+    "tokenize": (add_tokenize_arguments, run_tokenize, "tokenize stereo conversations with Mimi"),
+    "plot-run": (add_plot_run_arguments, run_plot_run, "PNG loss curves of a training run"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ttt_speech.train [train] CONFIG | tokenize ... | plot-run RUN_DIR`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COMMANDS:
+        add, run, help_ = COMMANDS[argv[0]]
+        p = argparse.ArgumentParser(prog=f"python -m ttt_speech.train {argv[0]}", description=help_)
+        add(p)
+        return run(p.parse_args(argv[1:]))
+    if argv and argv[0] == "train":
+        argv = argv[1:]
+    p = argparse.ArgumentParser(prog="python -m ttt_speech.train", description="train a TTT hybrid (see configs/)")
+    add_train_arguments(p)
+    return run_train(p.parse_args(argv))

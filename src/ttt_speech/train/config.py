@@ -1,0 +1,220 @@
+"""The training config: one YAML file naming the model, the data, the stages and what trains.
+
+In the spirit of moshi-finetune's `example/moshi_7B.yaml`, plus a list of stages (sequence
+length, steps, learning rate) that the trainer walks through. Unknown keys are errors (a typo must
+not silently fall back to a default); `configs/*.yaml` are annotated examples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing as tp
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+Family = tp.Literal["moshi", "hf"]
+Trainable = tp.Literal["ttt", "lora", "all"]
+Parallel = tp.Literal["auto", "none", "ddp", "fsdp"]
+Precision = tp.Literal["bf16", "fp32"]
+FAMILIES: tuple[str, ...] = tp.get_args(Family)
+
+
+@dataclass
+class ModelConfig:
+    """Where the model comes from and how it is turned into a TTT hybrid.
+
+    Exactly one source: `hybrid` (a directory written by convert-moshi / hf convert: already has its
+    TTT layers), `pretrained` (a vanilla model: Moshi checkpoint directory or HF repo id / a
+    transformers directory; converted here with `layers`, `mode`, `ttt`), or `tiny` (a tiny random
+    model built in code, for tests and demos). `layers: []` keeps the model without TTT (baselines).
+    """
+
+    family: Family = "moshi"
+    hybrid: str | None = None
+    pretrained: str | None = None
+    tiny: bool = False
+    seed: int = 0  # initialisation of tiny models and of new TTT layers
+    layers: str | list[int] = "all"
+    mode: str = "hybrid"
+    ttt: dict[str, tp.Any] = field(default_factory=dict)  # TTTConfig overrides
+    dtype: str = "auto"  # auto: bfloat16 for frozen weights on CUDA, float32 on CPU
+    mimi_config: str | None = None  # Mimi config JSON when the checkpoint's config.json does not name one
+
+    def __post_init__(self) -> None:
+        sources = [s for s in ("hybrid", "pretrained", "tiny") if getattr(self, s)]
+        if len(sources) != 1:
+            raise ValueError(f"model: give exactly one of hybrid / pretrained / tiny, got {sources or 'none'}")
+        if self.hybrid and (self.layers != "all" or self.ttt):
+            raise ValueError("model: a hybrid checkpoint already has its TTT layers; drop layers/ttt")
+
+
+@dataclass
+class DataConfig:
+    """Token data: tokenized directories (`ttt-speech tokenize`), .safetensors / .npy shards or folders of them."""
+
+    train: list[str] = field(default_factory=list)
+    eval: list[str] = field(default_factory=list)  # held-out files; empty: `val_fraction` of the train files
+    val_fraction: float = 0.0
+    skip_bad: bool = False
+    pack: bool = False  # concatenate documents before cutting (default: each chunk within one document)
+    min_chunk: float = 0.25  # a document's tail shorter than this fraction of the stage length is dropped
+
+    def __post_init__(self) -> None:
+        if not self.train:
+            raise ValueError("data.train: name at least one tokenized directory or shard")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.eval and self.val_fraction:
+            raise ValueError("data: give either eval files or val_fraction, not both")
+        if not 0.0 < self.min_chunk <= 1.0:
+            raise ValueError(f"data.min_chunk must be in (0, 1], got {self.min_chunk}")
+
+
+@dataclass
+class Stage:
+    """One stage of context extension: `steps` optimizer steps on sequences of `seq_len` frames/tokens."""
+
+    seq_len: int
+    steps: int
+    lr: float
+    warmup: float = 0.05  # fraction of the stage's steps spent ramping up to `lr`
+    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
+    segment_len: int | None = None  # overrides train.segment_len for this stage
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2 or self.steps < 1 or self.lr <= 0:
+            raise ValueError(f"stage needs seq_len >= 2, steps >= 1, lr > 0; got {self}")
+        if not 0.0 <= self.warmup < 1.0 or not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"stage warmup must be in [0, 1) and min_lr_ratio in [0, 1]; got {self}")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 64
+    scaling: float = 2.0
+
+
+@dataclass
+class LossConfig:
+    """moshi-finetune's defaults: text padding x0.5, first audio codebook x100 (the user stream is input only)."""
+
+    text_padding_weight: float = 0.5
+    first_codebook_weight: float = 100.0
+
+
+@dataclass
+class TrainConfig:
+    trainable: Trainable = "ttt"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    batch_size: int = 1  # global: sequences per optimizer step over all processes
+    segment_len: int | None = None  # frames per forward/backward (TTT state + attention window carried); None: whole
+    attention_window: int | None = None  # training attention window; None: the model's own
+    attention_chunk: int | None = None  # queries per attention block (memory ~ T * (chunk + window))
+    grad_checkpointing: bool = False
+    precision: Precision = "bf16"  # bf16 autocast on CUDA (CPU always runs fp32)
+    parallel: Parallel = "auto"  # auto: ddp under torchrun, none alone
+    grad_clip: float = 1.0
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"train.batch_size must be >= 1, got {self.batch_size}")
+        for name in ("segment_len", "attention_window", "attention_chunk"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {value}")
+        self.betas = tuple(self.betas)  # type: ignore[assignment]
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500  # steps; also written at the end of each stage and on SIGTERM
+    keep: int = 2  # newest checkpoints kept
+
+
+@dataclass
+class LogConfig:
+    every: int = 1
+    eval_every: int = 0  # steps; 0: only at the end of each stage
+    eval_batches: int = 4
+    tensorboard: bool = True  # when the tensorboard package is installed
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    run_dir: str
+    model: ModelConfig
+    data: DataConfig
+    stages: list[Stage]
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ValueError("stages: give at least one {seq_len, steps, lr}")
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+    def to_dict(self) -> dict[str, tp.Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(tp_: tp.Any, value: tp.Any, where: str) -> tp.Any:
+    """Turn parsed YAML into `tp_` (dataclasses, lists of them, optionals), naming `where` on errors."""
+    origin = tp.get_origin(tp_)
+    if dataclasses.is_dataclass(tp_):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        hints = tp.get_type_hints(tp_)
+        names = {f.name for f in dataclasses.fields(tp_)}
+        unknown = sorted(set(value) - names)
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(names)}")
+        kwargs = {k: _build(hints[k], v, f"{where}.{k}" if where else k) for k, v in value.items()}
+        try:
+            return tp_(**kwargs)
+        except TypeError as e:
+            raise ValueError(f"{where or 'config'}: {e}") from None
+    if origin in (tp.Union, types.UnionType):
+        args = [a for a in tp.get_args(tp_) if a is not type(None)]
+        if value is None:
+            return None
+        return _build(args[0], value, where) if len(args) == 1 else value
+    if origin is list and isinstance(value, list):
+        (item,) = tp.get_args(tp_)
+        return [_build(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is tp.Literal and value not in tp.get_args(tp_):
+        raise ValueError(f"{where}: must be one of {list(tp.get_args(tp_))}, got {value!r}")
+    if tp_ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def config_from_dict(d: dict[str, tp.Any]) -> Config:
+    return _build(Config, d, "")
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config; `overrides` are `dotted.key=yaml_value` strings (e.g. `train.batch_size=4`)."""
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    for item in overrides or []:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r}: expected dotted.key=value")
+        node = raw
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = yaml.safe_load(text)
+    return config_from_dict(raw)

@@ -1,0 +1,292 @@
+"""Token data for training: documents in shards, the train/validation split, and stage-length chunks.
+
+A *document* is one token array: [K, T] (Moshi: text + audio codebooks per 12.5 Hz frame) or [T]
+(a flat token stream, e.g. for a transformers LLM). Documents live in
+- tokenized directories written by `ttt-speech tokenize` (an `index.json` + safetensors shards; the
+  document's source is its wav), or
+- generic shards: `.safetensors` files (every tensor a document) and `.npy` files (one each), or
+  folders of them (the document's source is its file).
+The validation split is made by source file, never by chunk, so no conversation leaks across it.
+Only headers are read up front (every file is checked before step 1); tokens are read lazily
+through memory maps when a batch needs them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import typing as tp
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "index.json"
+TOKENS_FORMAT = "ttt-speech/tokens"
+TOKENS_VERSION = 1
+PAD = -1  # "nothing here": no input, no loss (moshi's zero token)
+
+
+class BadInputError(ValueError):
+    """A data file that cannot be used; the message names the file."""
+
+
+@dataclass
+class SkipLog:
+    """Files skipped under --skip-bad, with why; reported at the end of a run."""
+
+    skip_bad: bool = False
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def bad(self, path: str | Path, why: str) -> None:
+        """Raise BadInputError naming `path`, or log and count it when skipping is allowed."""
+        message = f"{path}: {why}"
+        if not self.skip_bad:
+            raise BadInputError(message)
+        log.warning("skipping %s", message)
+        self.skipped.append((str(path), why))
+
+    def summary(self) -> str:
+        return f"skipped {len(self.skipped)} bad file(s)" + "".join(f"\n  {p}: {w}" for p, w in self.skipped)
+
+
+@dataclass(frozen=True)
+class Document:
+    source: str  # the file it came from: the unit of the train/validation split
+    path: Path  # the file holding its tokens
+    key: str | None  # tensor name in a .safetensors file; None for .npy
+    length: int  # time steps
+    streams: int  # K for [K, T] documents, 0 for flat [T] ones
+
+
+@lru_cache(maxsize=64)
+def _npy(path: Path) -> np.ndarray:
+    return np.load(path, mmap_mode="r")
+
+
+@lru_cache(maxsize=64)
+def _safetensors(path: Path) -> tp.Any:
+    """An open (memory-mapped) safetensors file: parsing the header once per file, not once per read."""
+    return safe_open(str(path), framework="np")
+
+
+def read_tokens(doc: Document, start: int, end: int) -> np.ndarray:
+    """Tokens of steps [start, end) as int64 [max(K, 1), end - start]."""
+    if doc.key is None:
+        arr = np.asarray(_npy(doc.path)[..., start:end])
+    else:
+        sl = _safetensors(doc.path).get_slice(doc.key)
+        arr = sl[:, start:end] if doc.streams else sl[start:end]
+    return arr.astype(np.int64).reshape(max(doc.streams, 1), end - start)
+
+
+def _array_document(source: str, path: Path, key: str | None, shape: tuple[int, ...], dtype: str,
+                    skips: SkipLog) -> Document | None:
+    where = f"{path}" + (f" [{key}]" if key is not None else "")
+    if len(shape) not in (1, 2):
+        skips.bad(where, f"expected a [T] or [codebooks, T] token array, got shape {list(shape)}")
+        return None
+    if not dtype.lower().startswith(("i", "u")):  # numpy names (int16) and safetensors names (I16)
+        skips.bad(where, f"token arrays must be integers, got dtype {dtype}")
+        return None
+    if shape[-1] == 0 or (len(shape) == 2 and shape[0] == 0):
+        skips.bad(where, "empty token array")
+        return None
+    return Document(source, path, key, shape[-1], shape[0] if len(shape) == 2 else 0)
+
+
+def _shard_documents(path: Path, skips: SkipLog, sources: dict[str, str] | str) -> list[Document]:
+    """The arrays of a .safetensors / .npy shard as documents.
+
+    sources: tensor name -> source file for the arrays an index lists (tokenized directories), or
+    the name of a generic shard, whose arrays are all documents with the shard as their source.
+    """
+    docs: list[Document] = []
+    try:
+        if path.suffix == ".npy":
+            arr = _npy(path)
+            doc = _array_document(str(sources), path, None, arr.shape, arr.dtype.name, skips)
+            return [doc] if doc else []
+        f = _safetensors(path)
+        available = set(f.keys())
+        keys = sorted(available) if isinstance(sources, str) else list(sources)
+        if not keys:
+            skips.bad(path, "empty shard (no token arrays)")
+        for key in keys:
+            if key not in available:
+                skips.bad(path, f"has no tensor {key!r} (index.json lists it for {sources[key]})")
+                continue
+            sl = f.get_slice(key)
+            doc = _array_document(sources if isinstance(sources, str) else sources[key], path, key,
+                                  tuple(sl.get_shape()), sl.get_dtype(), skips)
+            if doc:
+                docs.append(doc)
+    except BadInputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - unreadable or truncated: name the file whatever the reader raised
+        skips.bad(path, f"cannot read shard ({type(e).__name__}: {e})")
+    return docs
+
+
+def _tokenized_documents(root: Path, skips: SkipLog) -> list[Document]:
+    """The documents of a directory written by `ttt-speech tokenize`, in index order."""
+    index = json.loads((root / INDEX_NAME).read_text())
+    if index.get("format") != TOKENS_FORMAT or index.get("version") != TOKENS_VERSION:
+        raise BadInputError(f"{root / INDEX_NAME}: format/version {index.get('format')!r}/{index.get('version')!r}, "
+                            f"expected {TOKENS_FORMAT!r}/{TOKENS_VERSION}")
+    shards: dict[str, dict[str, str]] = {}
+    for entry in index["documents"]:
+        shards.setdefault(entry["shard"], {})[entry["key"]] = entry["source"]
+    return [d for shard, sources in shards.items() for d in _shard_documents(root / shard, skips, sources)]
+
+
+def find_documents(paths: list[str], skips: SkipLog) -> list[Document]:
+    """All documents under `paths` (tokenized dirs, shard files, folders of shards), in a fixed order.
+
+    A document's source (what the validation split hashes) is named relative to the path given, so
+    the split does not change when the data moves.
+    """
+    docs: list[Document] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise BadInputError(f"{p}: no such file or directory (data path in the config)")
+        if p.is_dir() and (p / INDEX_NAME).exists():
+            docs += _tokenized_documents(p, skips)
+        elif p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.suffix in (".safetensors", ".npy"))
+            if not files:
+                skips.bad(p, "directory holds no index.json, .safetensors or .npy files")
+            for f in files:
+                docs += _shard_documents(f, skips, str(f.relative_to(p)))
+        elif p.suffix in (".safetensors", ".npy"):
+            docs += _shard_documents(p, skips, p.name)
+        else:
+            raise BadInputError(f"{p}: expected a tokenized directory, a folder of shards, .safetensors or .npy")
+    return docs
+
+
+def check_streams(docs: list[Document], streams: int, what: str, skips: SkipLog) -> list[Document]:
+    """Keep the documents shaped as the model reads them (`streams` rows; 0 = flat)."""
+    ok = []
+    for d in docs:
+        if d.streams == streams or (streams == 1 and d.streams == 0):
+            ok.append(d)
+        else:
+            shape = f"[{d.streams}, T]" if d.streams else "[T]"
+            skips.bad(f"{d.path}" + (f" [{d.key}]" if d.key else ""),
+                      f"token array is {shape}; {what} reads {streams} stream(s) per step")
+    return ok
+
+
+def split_by_source(docs: list[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:
+    """Hold out ceil(val_fraction * files) source files, chosen by a hash of their names (stable across runs)."""
+    if val_fraction <= 0:
+        return docs, []
+    sources = sorted({d.source for d in docs}, key=lambda s: hashlib.sha1(s.encode()).hexdigest())
+    if len(sources) < 2:
+        raise BadInputError(f"val_fraction={val_fraction} needs at least 2 source files, found {len(sources)}")
+    held = set(sources[:min(len(sources) - 1, math.ceil(val_fraction * len(sources)))])
+    return [d for d in docs if d.source not in held], [d for d in docs if d.source in held]
+
+
+Piece = tuple[int, int, int]  # (document index, start, end)
+
+
+def make_chunks(docs: list[Document], length: int, pack: bool, min_len: int) -> list[list[Piece]]:
+    """Cut documents into training sequences of `length` steps (shorter tails >= min_len are padded).
+
+    pack=False: every sequence lies within one document. pack=True: documents are concatenated in
+    order first, so short documents fill whole sequences.
+    """
+    chunks: list[list[Piece]] = []
+    if not pack:
+        for i, d in enumerate(docs):
+            for s in range(0, d.length, length):
+                e = min(s + length, d.length)
+                if e - s >= min_len:
+                    chunks.append([(i, s, e)])
+        return chunks
+    current: list[Piece] = []
+    filled = 0
+    for i, d in enumerate(docs):
+        s = 0
+        while s < d.length:
+            e = min(d.length, s + length - filled)
+            current.append((i, s, e))
+            filled += e - s
+            s = e
+            if filled == length:
+                chunks.append(current)
+                current, filled = [], 0
+    if current and filled >= min_len:
+        chunks.append(current)
+    return chunks
+
+
+class TokenData:
+    """Stage-length sequences of one split, in a seeded order that any process can recompute.
+
+    Sample g of a stage (counting over all processes) is chunk perm_e[g mod n] of epoch e = g div n,
+    so a resumed run, or a run on another number of processes with the same global batch, reads
+    exactly the same sequences.
+    """
+
+    def __init__(self, docs: list[Document], streams: int, seed: int, pack: bool, min_chunk: float) -> None:
+        self.docs = docs
+        self.streams = streams
+        self.seed = seed
+        self.pack = pack
+        self.min_chunk = min_chunk
+        self._chunks: dict[int, list[list[Piece]]] = {}
+        self._orders: dict[tuple[int, int, int], np.ndarray] = {}
+
+    def chunks(self, length: int) -> list[list[Piece]]:
+        if length not in self._chunks:
+            self._chunks[length] = make_chunks(self.docs, length, self.pack, max(1, math.ceil(self.min_chunk * length)))
+        return self._chunks[length]
+
+    def _order(self, length: int, stage: int, epoch: int) -> np.ndarray:
+        key = (length, stage, epoch)
+        if key not in self._orders:  # only the current epoch's order is kept
+            self._orders = {key: np.random.default_rng([self.seed, stage, epoch]).permutation(len(self.chunks(length)))}
+        return self._orders[key]
+
+    def num_chunks(self, length: int) -> int:
+        return len(self.chunks(length))
+
+    def load(self, pieces: list[Piece] | None, length: int) -> torch.Tensor:
+        """One sequence [K, length] (PAD after its end; all PAD for None)."""
+        out = np.full((max(self.streams, 1), length), PAD, dtype=np.int64)
+        at = 0
+        for i, s, e in pieces or []:
+            out[:, at:at + e - s] = read_tokens(self.docs[i], s, e)
+            at += e - s
+        return torch.from_numpy(out)
+
+    def check_length(self, length: int, where: str) -> None:
+        """Raise BadInputError unless some sequence of `length` steps can be cut from the documents."""
+        if not self.chunks(length):
+            raise BadInputError(f"{where}: no sequence of {length} steps: every document is shorter than "
+                                f"{self.min_chunk:g} x {length} (data.min_chunk)")
+
+    def sample(self, g: int, length: int, stage: int) -> torch.Tensor:
+        chunks = self.chunks(length)
+        epoch, i = divmod(g, len(chunks))
+        return self.load(chunks[int(self._order(length, stage, epoch)[i])], length)
+
+    def batch(self, first: int, size: int, length: int, stage: int) -> torch.Tensor:
+        """Samples first .. first + size - 1 of a stage, stacked [size, K, length]."""
+        return torch.stack([self.sample(first + j, length, stage) for j in range(size)])
+
+    def eval_batch(self, first: int, size: int, length: int) -> torch.Tensor:
+        """Validation sequences in file order (no shuffling); past the end: all PAD (weight 0)."""
+        chunks = self.chunks(length)
+        return torch.stack([self.load(chunks[j] if j < len(chunks) else None, length)
+                            for j in range(first, first + size)])

@@ -1,0 +1,199 @@
+"""Data: Moshi-style tokenization (tiny Mimi), generic shards, bad input, the split by file, chunks."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file
+
+pytest.importorskip("moshi")
+sphn = pytest.importorskip("sphn")
+
+from ttt_speech.moshi.tiny import TinyCheckpoint, write_tiny_checkpoint  # noqa: E402
+from ttt_speech.train.commands import main as train_main  # noqa: E402
+from ttt_speech.train.data import (  # noqa: E402
+    PAD,
+    BadInputError,
+    Document,
+    SkipLog,
+    TokenData,
+    check_streams,
+    find_documents,
+    make_chunks,
+    split_by_source,
+)
+from ttt_speech.train.tokenize import MoshiTokenizer, Word, text_stream, tokenize  # noqa: E402
+
+SR = 24000
+FRAME = 1920  # Mimi: 24 kHz / 12.5 Hz
+
+
+def test_text_stream_follows_moshis_interleaving() -> None:
+    """One token per frame from the frame a word starts in; a later word cuts pending tokens;
+    the padding frame right before a word becomes end-of-padding (0); padding is 3."""
+    words = [Word((10, 11), 0.0, 0.2), Word((12,), 0.25, 0.3), Word((13, 14, 15), 0.5, 0.55),
+             Word((16,), 0.6, 0.7), Word((17,), 0.9, 0.9)]  # the last has no duration: dropped
+    assert text_stream(words, 12, 12.5, pad=3, end_pad=0).tolist() == [10, 11, 0, 12, 3, 0, 13, 16, 3, 3, 3, 3]
+
+
+# -- tokenization of stereo conversations -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> TinyCheckpoint:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_moshi"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(checkpoint: TinyCheckpoint) -> MoshiTokenizer:
+    return MoshiTokenizer.from_checkpoint(str(checkpoint.root), str(checkpoint.mimi_config))
+
+
+def write_conversation(root: Path, name: str, seconds: float, sr: int = SR, channels: int = 2,
+                       words: list | None = None) -> str:
+    g = np.random.default_rng(abs(hash(name)) % 2**32)
+    wav = (0.1 * g.standard_normal((channels, int(seconds * sr)))).astype(np.float32)
+    path = root / "audio" / f"{name}.wav"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sphn.write_wav(str(path), wav, sr)
+    words = words if words is not None else [["moshi", [0.1, 0.4], "SPEAKER_MAIN"],
+                                             ["hello", [0.3, 0.6], "SPEAKER_OTHER"],
+                                             ["speaks", [0.9, 1.2], "SPEAKER_MAIN"]]
+    path.with_suffix(".json").write_text(json.dumps({"alignments": words}))
+    return f"audio/{name}.wav"
+
+
+def write_manifest(root: Path, rels: list[str]) -> Path:
+    manifest = root / "data.jsonl"
+    manifest.write_text("".join(json.dumps({"path": r, "duration": 1.0}) + "\n" for r in rels))
+    return manifest
+
+
+def test_tokenize_writes_text_and_both_voices_per_frame(tmp_path: Path, tokenizer: MoshiTokenizer) -> None:
+    rels = [write_conversation(tmp_path, n, s) for n, s in (("a", 2.0), ("b", 3.3), ("c", 1.5))]
+    report = tokenize(write_manifest(tmp_path, rels), tmp_path / "tokens", tokenizer, shard_frames=60)
+    assert (report.documents, report.skipped) == (3, [])
+    docs = find_documents([str(tmp_path / "tokens")], SkipLog())
+    assert [d.source for d in docs] == rels
+    assert [d.length for d in docs] == [math.ceil(s * SR / FRAME) for s in (2.0, 3.3, 1.5)] == [25, 42, 19]
+    assert {d.path.name for d in docs} == {"tokens_00000.safetensors", "tokens_00001.safetensors"}
+    assert all(d.streams == 5 for d in docs)  # text + 2 model + 2 user codebooks (tiny Moshi)
+
+    data = TokenData(docs, 5, seed=0, pack=False, min_chunk=1.0)
+    codes = data.load([(1, 0, 42)], 42).numpy()
+    wav, _ = sphn.read(str(tmp_path / rels[1]))
+    with torch.no_grad():
+        audio = tokenizer.mimi.encode(torch.from_numpy(wav)[:, None]).numpy()  # offline, both channels at once
+    assert np.array_equal(codes[1:3], audio[0]) and np.array_equal(codes[3:5], audio[1])  # left = model voice
+    ids = [tokenizer.text.encode(w) for w in ("moshi", "speaks")]
+    expected = text_stream([Word(tuple(ids[0]), 0.1, 0.4), Word(tuple(ids[1]), 0.9, 1.2)], 42, 12.5, 3, 0)
+    assert np.array_equal(codes[0], expected)
+    assert codes[0, 1] == ids[0][0] and codes[0, 0] == 0  # "moshi" starts in frame 1 (0.1 s * 12.5 = 1.25)
+    index = json.loads((tmp_path / "tokens" / "index.json").read_text())
+    assert index["streams"] == 5 and index["frame_rate"] == 12.5
+
+
+def test_tokenize_command(tmp_path: Path, checkpoint: TinyCheckpoint, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = write_manifest(tmp_path, [write_conversation(tmp_path, "a", 2.0), "audio/missing.wav"])
+    args = ["tokenize", str(manifest), "--out", str(tmp_path / "tokens"), "--checkpoint", str(checkpoint.root),
+            "--mimi-config", str(checkpoint.mimi_config)]
+    with pytest.raises(BadInputError, match="missing.wav: missing wav"):
+        train_main(args)
+    assert train_main([*args, "--skip-bad"]) == 0
+    out = capsys.readouterr().out
+    assert "1 conversation(s), 25 frames" in out and "skipped 1 bad file(s)" in out
+
+
+BAD = {
+    "missing": ("missing wav", lambda root: "audio/nowhere.wav"),
+    "rate": ("sample rate 16000 Hz", lambda root: write_conversation(root, "rate", 1.5, sr=16000)),
+    "mono": ("expected stereo", lambda root: write_conversation(root, "mono", 1.5, channels=1)),
+    "late": ("late.json: alignment 0 ('late', 0.50-2.50 s) runs past the audio (1.50 s)",
+             lambda root: write_conversation(root, "late", 1.5, words=[["late", [0.5, 2.5], "SPEAKER_MAIN"]])),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_conversation_is_an_error_naming_the_file(tmp_path: Path, tokenizer: MoshiTokenizer, case: str) -> None:
+    why, make = BAD[case]
+    rel = make(tmp_path)
+    manifest = write_manifest(tmp_path, [write_conversation(tmp_path, "good", 1.5), rel])
+    with pytest.raises(BadInputError) as err:
+        tokenize(manifest, tmp_path / "tokens", tokenizer)
+    assert str(tmp_path / rel) in str(err.value) and why in str(err.value)
+
+
+def test_skip_bad_logs_and_counts_every_bad_file(tmp_path: Path, tokenizer: MoshiTokenizer) -> None:
+    rels = [write_conversation(tmp_path, "good1", 1.5)] + [make(tmp_path) for _, make in BAD.values()]
+    rels.append(write_conversation(tmp_path, "good2", 1.2))
+    manifest = write_manifest(tmp_path, rels)
+    with manifest.open("a") as f:
+        f.write("not json\n")
+    report = tokenize(manifest, tmp_path / "tokens", tokenizer, skip_bad=True)
+    assert report.documents == 2 and len(report.skipped) == 5
+    assert any("data.jsonl:7" in path for path, _ in report.skipped)
+    assert len(json.loads((tmp_path / "tokens" / "index.json").read_text())["skipped"]) == 5
+
+
+# -- generic shards ---------------------------------------------------------------------------------
+def test_generic_shards_and_their_bad_forms(tmp_path: Path) -> None:
+    save_file({"x": np.arange(20, dtype=np.int32).reshape(2, 10), "y": np.ones((2, 7), np.int16)},
+              str(tmp_path / "two.safetensors"))
+    np.save(tmp_path / "flat.npy", np.arange(9, dtype=np.int64))
+    docs = find_documents([str(tmp_path)], SkipLog())
+    assert [(d.path.name, d.key, d.length, d.streams) for d in docs] == [
+        ("flat.npy", None, 9, 0), ("two.safetensors", "x", 10, 2), ("two.safetensors", "y", 7, 2)]
+    assert TokenData(docs, 2, 0, False, 1.0).load([(1, 3, 6)], 4).tolist() == [[3, 4, 5, PAD], [13, 14, 15, PAD]]
+    with pytest.raises(BadInputError, match=r"flat.npy: token array is \[T\]; this model reads 2"):
+        check_streams(docs, 2, "this model", SkipLog())
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    save_file({}, str(bad / "empty.safetensors"))
+    np.save(bad / "zero.npy", np.zeros((2, 0), np.int16))
+    np.save(bad / "float.npy", np.zeros(5, np.float32))
+    (bad / "torn.safetensors").write_bytes(b"\x10\x00\x00")
+    for name, why in (("empty.safetensors", "empty shard"), ("zero.npy", "empty token array"),
+                      ("float.npy", "must be integers"), ("torn.safetensors", "cannot read shard")):
+        with pytest.raises(BadInputError, match=f"{name}.*{why}"):
+            find_documents([str(bad / name)], SkipLog())
+    skips = SkipLog(skip_bad=True)
+    assert find_documents([str(bad), str(tmp_path / "flat.npy")], skips)[0].length == 9
+    assert len(skips.skipped) == 4
+    with pytest.raises(BadInputError, match="no such file"):
+        find_documents([str(tmp_path / "nope")], SkipLog())
+
+
+def docs_of(lengths: list[int], sources: list[str] | None = None) -> list[Document]:
+    return [Document(src, Path(f"{i}.npy"), None, n, 0)
+            for i, (n, src) in enumerate(zip(lengths, sources or [f"f{i}" for i in range(len(lengths))]))]
+
+
+def test_validation_is_held_out_by_file_never_by_chunk() -> None:
+    sources = [f"conv{i // 3}.wav" for i in range(30)]  # 10 files, 3 documents each
+    train, val = split_by_source(docs_of([50] * 30, sources), 0.2)
+    assert len({d.source for d in val}) == 2 and len(val) == 6
+    assert not {d.source for d in train} & {d.source for d in val}
+    assert split_by_source(docs_of([50] * 30, sources), 0.2)[1] == val  # stable
+
+
+def test_chunks_crop_pad_and_pack() -> None:
+    docs = docs_of([10, 25, 3])
+    assert make_chunks(docs, 8, pack=False, min_len=2) == [
+        [(0, 0, 8)], [(0, 8, 10)], [(1, 0, 8)], [(1, 8, 16)], [(1, 16, 24)], [(2, 0, 3)]]  # (1, 24, 25) < min_len
+    packed = make_chunks(docs, 8, pack=True, min_len=2)
+    assert packed[1] == [(0, 8, 10), (1, 0, 6)] and len(packed) == 5 and packed[-1] == [(1, 22, 25), (2, 0, 3)]
+
+
+def test_sample_order_is_a_function_of_the_position_only(tmp_path: Path) -> None:
+    for i in range(6):
+        np.save(tmp_path / f"d{i}.npy", np.full(16, i, np.int64))
+    data = TokenData(find_documents([str(tmp_path)], SkipLog()), 1, seed=3, pack=False, min_chunk=1.0)
+    whole = data.batch(0, 12, 8, stage=0)[:, 0, 0].tolist()  # 12 chunks: one epoch, each document twice
+    assert sorted(whole) == sorted(list(range(6)) * 2)
+    halves = data.batch(0, 6, 8, 0)[:, 0, 0].tolist() + data.batch(6, 6, 8, 0)[:, 0, 0].tolist()
+    assert halves == whole  # two processes reading half each = one reading all
+    assert data.batch(12, 12, 8, 0)[:, 0, 0].tolist() != whole  # the next epoch is reshuffled
