@@ -103,26 +103,34 @@ class MoshiScorer(Scorer):
     @torch.no_grad()
     def score(self, tokens: Tensor, out: Tensor, tick: Tick) -> None:
         from moshi.models.lm_utils import _delay_sequence
+        from moshi.utils.compile import CUDAGraphed
 
         lm = self.model
         B, _, T = tokens.shape
+        S = len(self.streams)
         codes = tokens[:, :lm.num_codebooks].to(lm.device)
         initial = lm._get_initial_token().expand(B, -1, -1)
         # the model's input at step j is column j; its targets are column j + 1 (as LMModel.forward)
         delayed = torch.cat([initial, _delay_sequence(lm.delays, codes, initial)], dim=2)
-        delays = lm.delays[:len(self.streams)]
-        # only the temporal transformer streams: the depformer restarts every frame anyway
+        delays = lm.delays[:S]
+
+        def frame(inputs: Tensor, targets: Tensor) -> Tensor:
+            """[B, S] losses of one frame; only the temporal transformer streams, the depformer restarts anyway."""
+            transformer_out, text_logits = lm.forward_text(inputs)
+            losses = [_cross_entropy(text_logits[:, 0, 0], targets[:, 0, 0])[:, None]]
+            if lm.dep_q:
+                audio = lm.forward_depformer_training(targets, transformer_out)
+                losses.append(_cross_entropy(audio[:, :, 0], targets[:, 1:S, 0]))
+            return torch.cat(losses, dim=1)
+
+        # one CUDA graph per frame, as moshi's LMGen steps: eager, a small model is launch-bound
+        step = CUDAGraphed(frame, disable=lm.device.type != "cuda")
         with lm.transformer.streaming(B):
             for j in range(T):
-                transformer_out, text_logits = lm.forward_text(delayed[:, :, j:j + 1])
-                target = delayed[:, :len(self.streams), j + 1]
-                losses = [_cross_entropy(text_logits[:, 0, 0], target[:, 0])]
-                if lm.dep_q:
-                    audio = lm.forward_depformer_training(delayed[:, :, j + 1:j + 2], transformer_out)
-                    losses += list(_cross_entropy(audio[:, :, 0], target[:, 1:]).unbind(1))
-                for s, (loss, delay) in enumerate(zip(losses, delays)):
+                losses = step(delayed[:, :, j:j + 1], delayed[:, :, j + 1:j + 2]).cpu()
+                for s, delay in enumerate(delays):
                     if j >= delay:  # before that, column j + 1 of a delayed codebook is padding
-                        out[:, s, j - delay] = loss.cpu()
+                        out[:, s, j - delay] = losses[:, s]
                 tick(j + 1)
 
 

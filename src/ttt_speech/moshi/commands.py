@@ -13,6 +13,7 @@ import typing as tp
 from pathlib import Path
 
 import torch
+from moshi.models.lm import LMModel
 from moshi.models.loaders import get_mimi, get_moshi_lm
 
 from ttt_speech.moshi.checkpoint import load_hybrid
@@ -20,6 +21,9 @@ from ttt_speech.moshi.config import lm_kwargs
 from ttt_speech.moshi.convert import convert, default_ttt_config
 from ttt_speech.moshi.generate import FRAME_RATE, WavSink, stream, wav_paths, write_outputs
 from ttt_speech.moshi.tiny import build_tiny_hybrid, build_tiny_mimi, tiny_mimi_config
+from ttt_speech.quantize import MODES as QUANT_MODES
+from ttt_speech.quantize import Mode as QuantMode
+from ttt_speech.quantize import quantize_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -95,13 +99,28 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temp-text", type=float, default=0.7)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
-                   help="default: bfloat16 on CUDA for real weights, float32 otherwise")
+                   help="default: bfloat16 on CUDA for real weights or int4, float32 otherwise")
+    add_quantize_argument(p)
+
+
+def add_quantize_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", choices=QUANT_MODES,
+                   help="weight-only quantization of the linear layers with torchao (int4: CUDA + bfloat16); "
+                        'TTT states stay fp32. Needs pip install -e ".[quant]"')
+
+
+def quantize_or_exit(lm: LMModel, mode: str) -> str:
+    """`quantize_weights` for a command: a missing torchao or an unsupported setup ends it with the reason."""
+    try:
+        return quantize_weights(lm, tp.cast(QuantMode, mode)).summary()
+    except (ImportError, ValueError) as e:
+        raise SystemExit(f"--quantize {mode}: {e}") from None
 
 
 def run_generate(args: argparse.Namespace) -> dict[str, Path]:
     device = torch.device(args.device)
-    real = bool(args.hybrid or args.moshi_weights)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if real and device.type == "cuda" else torch.float32)
+    bf16 = bool(args.hybrid or args.moshi_weights) or args.quantize == "int4"
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if bf16 and device.type == "cuda" else torch.float32)
     if args.hybrid:
         lm, name = load_hybrid(args.hybrid, device=device, dtype=dtype), f"hybrid {args.hybrid}"
     elif args.moshi_weights:
@@ -112,6 +131,9 @@ def run_generate(args: argparse.Namespace) -> dict[str, Path]:
         name = f"vanilla Moshi {args.moshi_weights}"
     else:
         lm, name = build_tiny_hybrid(args.seed, device, dtype), "tiny TTT hybrid (built in code)"
+    if args.quantize:
+        print(quantize_or_exit(lm, args.quantize), file=sys.stderr)
+        name += f", {args.quantize} weights"
     mimi = None
     if args.mimi_weights:
         mimi_cfg = json.loads(Path(args.mimi_config).read_text()) if args.mimi_config else None

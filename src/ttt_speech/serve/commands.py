@@ -23,6 +23,7 @@ from moshi.models.lm import LMModel
 from moshi.models.loaders import get_mimi, get_moshi_lm
 
 from ttt_speech.moshi.checkpoint import CONFIG_NAME, TTT_SECTION, WEIGHTS_NAME, load_hybrid
+from ttt_speech.moshi.commands import add_quantize_argument, quantize_or_exit
 from ttt_speech.moshi.config import lm_kwargs
 from ttt_speech.moshi.tiny import (
     MIMI_CONFIG_NAME,
@@ -64,6 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds without a message after which a session is closed")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+    add_quantize_argument(p)
     p.add_argument("--seed", type=int, default=0, help="weights seed of --model tiny / --mimi tiny")
     p.add_argument("--temp", type=float, default=SamplingConfig.temp)
     p.add_argument("--temp-text", type=float, default=SamplingConfig.temp_text)
@@ -144,6 +146,9 @@ def run(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     lm, model_id, raw = load_model(args.model, device, dtype, args.seed)
+    if args.quantize:
+        log.info("%s", quantize_or_exit(lm, args.quantize))
+        model_id += f"/{args.quantize}"  # kept conversations resume only on the weights that made them
     mimi = load_mimi(args, lm, raw, device)
     sampling = SamplingConfig(args.temp, args.temp_text, args.top_k, args.top_k_text, args.greedy)
     with tempfile.TemporaryDirectory(prefix="ttt-serve-") as work:

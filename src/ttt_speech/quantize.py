@@ -1,0 +1,151 @@
+"""Weight-only INT8 / INT4 quantization of a Moshi LM or TTT hybrid's linear layers, with torchao.
+
+At batch 1 a streaming step reads every weight once per frame, so the bytes of the linear layers
+are what weight memory (and, with a fused kernel, step time) are made of. `quantize_weights`
+replaces the weights of `nn.Linear` layers with torchao's quantized tensors in place; nothing
+else changes type. The TTT fast weights are never quantized: their learned initial values (W1, b1,
+...) are plain parameters copied into every stream's fp32 state, and that state is trained at
+every token, where int8 rounding would be noise added to each update.
+
+torchao is an optional extra: `pip install -e ".[quant]"`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import types
+import typing as tp
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+Mode = tp.Literal["int8", "int4"]
+MODES: tuple[str, ...] = ("int8", "int4")
+INT4_GROUP_SIZE = 128
+INSTALL_HINT = 'pip install -e ".[quant]"  (torchao==0.18.0)'
+
+
+@dataclass(frozen=True)
+class QuantizeReport:
+    """What `quantize_weights` did: which linear layers, and their weight bytes before and after."""
+
+    mode: Mode
+    quantized: tuple[str, ...]  # module names whose weight is now a torchao tensor
+    skipped: tuple[str, ...]  # linear layers left as they were (int4: in_features not a multiple of the group)
+    bytes_before: int
+    bytes_after: int
+
+    def summary(self) -> str:
+        skipped = f", {len(self.skipped)} skipped" if self.skipped else ""
+        return (f"{self.mode}: {len(self.quantized)} linear layers{skipped}, their weights "
+                f"{format_bytes(self.bytes_before)} -> {format_bytes(self.bytes_after)}")
+
+
+def format_bytes(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+@contextlib.contextmanager
+def _quiet(*loggers: str) -> tp.Iterator[None]:
+    """Raise the given loggers to ERROR for the duration (restored after)."""
+    saved = [(log, log.level) for log in map(logging.getLogger, loggers)]
+    for log, _ in saved:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for log, level in saved:
+            log.setLevel(level)
+
+
+def torchao_quantization() -> types.ModuleType:
+    """`torchao.quantization`, or an ImportError that names the extra to install.
+
+    torchao's import warns that its CUDA-only extension libraries do not load on a CPU machine and
+    that it registers an Enum the way torch 2.13 deprecates; neither matters here (the kernels used
+    are torch's own), so those two loggers are quiet during the import.
+    """
+    try:
+        with _quiet("torchao", "torch.utils._pytree"):
+            import torchao.quantization as ao
+    except ImportError as e:
+        raise ImportError(f"weight quantization needs torchao: {INSTALL_HINT}") from e
+    return ao
+
+
+def is_quantized(t: Tensor) -> bool:
+    """A torchao tensor subclass (it flattens into inner tensors; a plain tensor does not)."""
+    return hasattr(t, "__tensor_flatten__")
+
+
+def tensor_bytes(t: Tensor) -> int:
+    """Bytes held by `t`; for a torchao tensor subclass, by its inner tensors (codes, scales, zero points)."""
+    if is_quantized(t):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, name)) for name in names)
+    return t.numel() * t.element_size()
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of all parameters and buffers of `model`, quantized ones at their real size."""
+    return sum(tensor_bytes(t) for t in (*model.parameters(), *model.buffers()))
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    """The `nn.Linear` layers `quantize_weights` may touch: not inside an embedding, not quantized yet."""
+    embeddings = [name for name, m in model.named_modules() if isinstance(m, nn.Embedding)]
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not is_quantized(m.weight)
+            and not any(name.startswith(e + ".") for e in embeddings)}
+
+
+def quantize_weights(model: nn.Module, mode: Mode = "int8", *, group_size: int = INT4_GROUP_SIZE) -> QuantizeReport:
+    """Quantize the weights of `model`'s `nn.Linear` layers in place (torchao, weight-only); for inference.
+
+    For a Moshi LMModel or TTT hybrid these are the temporal transformer's and the depformer's
+    attention and gating projections, the input/output heads, and each TTT branch's q/k/v/o
+    projections. Embeddings, norms and the TTT layers' other parameters (initial fast weights,
+    step-size weights, gate) keep their dtype; TTT states stay fp32. Activations stay in the model's
+    dtype: each matmul dequantizes its weight (int8) or runs a mixed kernel (int4).
+
+    int8: symmetric, one scale per output channel; any device and dtype.
+    int4: asymmetric, one scale and zero point per `group_size` input channels, torchao's tinygemm
+        layout: CUDA and bfloat16 only. Layers whose in_features is not a multiple of `group_size`
+        are skipped (listed in the report).
+    Quantize before streaming: moshi's CUDA graphs capture the weights they were made with.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if getattr(model, "is_streaming", False):
+        raise RuntimeError("quantize the model before entering streaming mode")
+    ao = torchao_quantization()
+    linears = linear_layers(model)
+    if not linears:
+        raise ValueError("no unquantized nn.Linear layer in the model")
+    if mode == "int4":
+        found = {(m.weight.device.type, m.weight.dtype) for m in linears.values()}
+        if found != {("cuda", torch.bfloat16)}:
+            found_text = ", ".join(sorted(f"{d} {str(t).removeprefix('torch.')}" for d, t in found))
+            raise ValueError(f"int4 needs bfloat16 weights on CUDA (torchao's tinygemm kernel), found {found_text}; "
+                             "use int8, or load the model in bfloat16 on a GPU")
+        chosen = {n: m for n, m in linears.items() if m.in_features % group_size == 0}
+        if not chosen:
+            raise ValueError(f"int4: no linear layer has in_features divisible by group_size={group_size}")
+        config = ao.Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d",
+                                         set_inductor_config=False)
+    else:
+        chosen = linears
+        config = ao.Int8WeightOnlyConfig(set_inductor_config=False)  # leave the process's inductor flags alone
+    before = sum(tensor_bytes(m.weight) for m in chosen.values())
+    ids = {id(m) for m in chosen.values()}
+    ao.quantize_(model, config, filter_fn=lambda m, _name: id(m) in ids)
+    missed = [n for n, m in chosen.items() if not is_quantized(m.weight)]
+    if missed:
+        raise RuntimeError(f"torchao left these layers unquantized: {missed}")
+    return QuantizeReport(mode, tuple(chosen), tuple(n for n in linears if n not in chosen), before,
+                          sum(tensor_bytes(m.weight) for m in chosen.values()))

@@ -1,0 +1,135 @@
+"""INT8 weight-only quantization (torchao) of the tiny TTT hybrid: what is quantized, what is not, how far
+the logits move, and that the TTT state and streaming are untouched. INT4 needs CUDA: only its refusal here."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from ttt_speech.quantize import is_quantized, quantize_weights, weight_bytes
+
+needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None,
+                                   reason='torchao not installed: pip install -e ".[quant]"')
+
+# Measured on the tiny fp32 hybrid (seeds 0-3, 2 x 48 frames): relative logit error 1.5-1.7 %, max |delta|
+# 0.06-0.11 (logits up to ~4), argmax agreement 97-99 %. The bounds leave a margin of ~2.5x.
+MAX_REL_ERROR = 0.04
+MAX_ABS_ERROR = 0.25
+MIN_ARGMAX_AGREEMENT = 0.9
+
+
+def test_missing_torchao_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "torchao", None)
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)
+    with pytest.raises(ImportError, match=r"\.\[quant\]"):
+        quantize_weights(nn.Linear(4, 4), "int8")
+
+
+pytest.importorskip("moshi")
+
+from ttt_speech.moshi.commands import add_generate_arguments, run_generate  # noqa: E402
+from ttt_speech.moshi.convert import TTTLMModel  # noqa: E402
+from ttt_speech.moshi.generate import stream  # noqa: E402
+from ttt_speech.moshi.layer import TTTLayerState  # noqa: E402
+from ttt_speech.moshi.tiny import build_tiny_hybrid  # noqa: E402
+
+
+def random_codes(lm: TTTLMModel, B: int, T: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, lm.card, (B, lm.num_codebooks, T), generator=g)
+    codes[:, 0] = torch.randint(0, lm.text_card, (B, T), generator=g)
+    return codes
+
+
+def ttt_state_layout(lm: TTTLMModel) -> list[dict[str, tuple[tuple[int, ...], torch.dtype]]]:
+    with lm.streaming(2):
+        layout = []
+        for layer in lm.ttt_layers():
+            state = layer._streaming_state
+            assert isinstance(state, TTTLayerState) and state.ttt is not None
+            layout.append({name: (tuple(t.shape), t.dtype) for name, t in state.ttt.tensors.items()})
+        return layout
+
+
+@needs_torchao
+def test_int8_logits_stay_close_to_fp32() -> None:
+    lm = build_tiny_hybrid(0)
+    codes = random_codes(lm, 2, 48)
+    with torch.no_grad():
+        ref = lm(codes)
+        quantize_weights(lm, "int8")
+        out = lm(codes)
+    for want, got in ((ref.text_logits, out.text_logits), (ref.logits, out.logits)):
+        valid = want.isfinite()  # LMModel.forward fills the positions a delay makes invalid with NaN
+        assert torch.equal(valid, got.isfinite())
+        delta = (got - want)[valid]
+        assert delta.abs().max() < MAX_ABS_ERROR
+        assert delta.norm() / want[valid].norm() < MAX_REL_ERROR
+        assert (got.argmax(-1) == want.argmax(-1)).float().mean() > MIN_ARGMAX_AGREEMENT
+
+
+@needs_torchao
+def test_only_linear_weights_are_quantized() -> None:
+    lm = build_tiny_hybrid(0)
+    linears = [name for name, m in lm.named_modules() if isinstance(m, nn.Linear)]
+    kept = {name: p for name, p in lm.named_parameters() if not (name.endswith(".weight") and name[:-7] in linears)}
+    before = weight_bytes(lm)
+    report = quantize_weights(lm, "int8")
+    # temporal: 2 layers x (attn in/out, gating in/out, TTT q/k/v/o); depformer: 2 inputs, 1 layer with
+    # weights per codebook (2 x 4), 2 heads; the text head
+    assert len(report.quantized) == len(linears) == 29 and report.skipped == ()
+    for i in range(2):
+        assert {f"transformer.layers.{i}.ttt.{p}_proj" for p in "qkvo"} <= set(report.quantized)
+    assert all(is_quantized(lm.get_submodule(name).weight) for name in report.quantized)
+    params = dict(lm.named_parameters())
+    for name, p in kept.items():  # embeddings, norms, TTT initial fast weights, step sizes, gates: same tensors
+        assert params[name] is p and not is_quantized(p), name
+    for layer in lm.ttt_layers():
+        assert layer.ttt.W1.dtype == layer.ttt.b1.dtype == torch.float32
+    # fp32 -> int8 codes + one fp32 scale per output channel
+    assert report.bytes_after < 0.3 * report.bytes_before
+    assert before - weight_bytes(lm) == report.bytes_before - report.bytes_after
+    with pytest.raises(ValueError, match="no unquantized"):
+        quantize_weights(lm, "int8")
+
+
+@needs_torchao
+def test_ttt_state_is_untouched_and_streaming_runs() -> None:
+    lm = build_tiny_hybrid(0, dtype=torch.bfloat16)
+    layout = ttt_state_layout(lm)
+    assert {dtype for state in layout for _, dtype in state.values()} == {torch.float32, torch.int64}  # + offsets
+    with lm.streaming(1), pytest.raises(RuntimeError, match="streaming"):
+        quantize_weights(lm, "int8")
+    quantize_weights(lm, "int8")
+    assert ttt_state_layout(lm) == layout
+    for layer in lm.ttt_layers():
+        assert layer.ttt.W1.dtype == torch.bfloat16 and not is_quantized(layer.ttt.W1)
+    result = stream(lm.eval(), 40, progress=False)
+    assert result.state_finite and result.state_bytes[0] > 0
+    assert (result.state_bytes == result.state_bytes[0]).all()
+
+
+def generate(*argv: str) -> dict[str, Path]:
+    p = argparse.ArgumentParser()
+    add_generate_arguments(p)
+    return run_generate(p.parse_args([*argv, "--device", "cpu"]))
+
+
+@needs_torchao
+def test_generate_with_int8_weights(tmp_path: Path) -> None:
+    files = generate("--minutes", "0.05", "--quantize", "int8", "--out", str(tmp_path))
+    stats = json.loads(files["stats"].read_text())
+    assert stats["state_finite"] is True and stats["state_bytes_first"] == stats["state_bytes_last"] > 0
+
+
+@needs_torchao
+def test_int4_is_refused_off_cuda(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="--quantize int4: int4 needs bfloat16 weights on CUDA"):
+        generate("--minutes", "0.05", "--quantize", "int4", "--dtype", "bfloat16", "--out", str(tmp_path))
