@@ -20,6 +20,13 @@ def _pyplot() -> tp.Any:
     return plt
 
 
+def _save(fig: tp.Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
 def loss_vs_position(results: list[ModelResult], out_dir: Path) -> list[Path]:
     """One PNG per stream: mean loss per log2 position bucket, a line per model, its attention window dashed."""
     plt = _pyplot()
@@ -41,11 +48,7 @@ def loss_vs_position(results: list[ModelResult], out_dir: Path) -> list[Path]:
         ax.set_ylabel("loss (nats)")
         ax.set_title(f"teacher-forced loss vs position: {stream} (dashed: attention window)")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out_dir / f"loss_vs_position_{stream}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, out_dir / f"loss_vs_position_{stream}.png"))
     return paths
 
 
@@ -67,11 +70,7 @@ def degradation(results: list[ModelResult], out_dir: Path) -> Path:
     ax.set_ylabel("quality / short-context quality")
     ax.set_title("degradation with length (x at 0: out of memory)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out_dir / "degradation.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out_dir / "degradation.png")
 
 
 def free_runs(runs: list[FreeRunResult], out_dir: Path) -> Path:
@@ -99,11 +98,7 @@ def free_runs(runs: list[FreeRunResult], out_dir: Path) -> Path:
     axes[0].legend(fontsize=8)
     axes[0].set_title("free-running generation per minute (dotted: first degraded minute)")
     axes[-1].set_xlabel("minute")
-    fig.tight_layout()
-    path = out_dir / "free_run.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out_dir / "free_run.png")
 
 
 def conversations(results: list[ConversationResult], out_dir: Path) -> Path:
@@ -124,8 +119,4 @@ def conversations(results: list[ConversationResult], out_dir: Path) -> Path:
     ax2.set_xlabel("minute")
     ax1.legend(fontsize=7)
     ax1.set_title("long conversations")
-    fig.tight_layout()
-    path = out_dir / "conversation.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out_dir / "conversation.png")
