@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "eval-long": ("ttt_speech.eval.commands", "add_arguments", "run",
                   "compare models on long held-out sequences: per-position loss, where quality degrades, "
                   "free runs, conversations"),
+    "make-corpus": ("ttt_speech.corpus.commands", "add_arguments", "run",
+                    "build an offline long-form English speech corpus: public-domain texts read by local TTS voices"),
     "tokenize": ("ttt_speech.train.commands", "add_tokenize_arguments", "run_tokenize",
                  "tokenize a moshi-finetune jsonl manifest of stereo wavs into sharded Mimi token files"),
     "train": ("ttt_speech.train.commands", "add_train_arguments", "run_train",

@@ -1,0 +1,196 @@
+"""The corpus builder with a fake engine (a tone per word) and a fake text: layout, stereo, split, repeats, seeds."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ttt_speech.corpus import CorpusConfig, build, commands
+from ttt_speech.corpus import engines as engines_mod
+from ttt_speech.corpus import texts as texts_mod
+from ttt_speech.corpus.engines import Engine, Speech
+from ttt_speech.corpus.plan import Recording, Timing, layout_reading
+from ttt_speech.corpus.texts import TextSource
+from ttt_speech.train.tokenize import read_alignments
+
+RATE = 24000
+LETTER, GAP, EDGE = 0.05, 0.05, 0.1  # fake speech: seconds per letter, between words, before/after a sentence
+VOCAB = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo", "lima"]
+
+
+class Tones(Engine):
+    """A word is a tone whose pitch comes from the voice and the word, LETTER s per letter; 16 kHz."""
+
+    def __init__(self, times: bool) -> None:
+        self.times = times
+
+    def missing(self, voice: str) -> str | None:
+        return None
+
+    def synthesize(self, voice: str, sentences: list[str]) -> list[Speech]:
+        rate, out = 16000, []
+        for s in sentences:
+            parts, words, t = [np.zeros(int(EDGE * rate), np.float32)], [], EDGE
+            for w in s.split():
+                n = int(LETTER * sum(c.isalpha() for c in w) * rate)
+                f = 150 + 20 * (sum(map(ord, voice)) % 7) + 15 * (sum(map(ord, w)) % 11)
+                parts += [0.5 * np.sin(2 * np.pi * f * np.arange(n) / rate).astype(np.float32),
+                          np.zeros(int(GAP * rate), np.float32)]
+                words.append((t, t + n / rate))
+                t += n / rate + GAP
+            parts.append(np.zeros(int(EDGE * rate), np.float32))
+            out.append(Speech(np.concatenate(parts), rate, words if self.times else None))
+        return out
+
+
+def fake_paragraphs() -> list[str]:
+    rng = np.random.default_rng(0)
+    return [" ".join(" ".join(rng.choice(VOCAB, int(rng.integers(4, 9)))).capitalize() + "."
+                     for _ in range(int(rng.integers(2, 6)))) for _ in range(400)]
+
+
+@pytest.fixture
+def fakes(monkeypatch):
+    monkeypatch.setitem(engines_mod.ENGINES, "tones", Tones(times=True))
+    monkeypatch.setitem(engines_mod.ENGINES, "guess", Tones(times=False))
+    monkeypatch.setitem(texts_mod.SOURCES, "fake", TextSource("fake", "Fake text", "none", fake_paragraphs))
+    monkeypatch.setitem(texts_mod.SOURCES, "fake2", TextSource("fake2", "Fake text 2", "none",
+                                                               lambda: fake_paragraphs()[::-1]))
+
+
+CFG = CorpusConfig(recordings=4, dialogues=2, minutes=0.5, voices=("tones:a", "tones:b", "guess:c"),
+                   texts=("fake", "fake2"), repeat_fraction=0.5, repeat_gap_minutes=0.15, repeat_minutes=0.05,
+                   repeat_every_minutes=0.1, val_fraction=0.25, jobs=1, batch=4, progress=False)
+
+
+def read_wav(path: Path) -> np.ndarray:
+    with wave.open(str(path)) as w:
+        assert w.getframerate() == RATE and w.getnchannels() == 2 and w.getsampwidth() == 2
+        return np.frombuffer(w.readframes(w.getnframes()), "<i2").reshape(-1, 2).T.astype(np.float32) / 32768
+
+
+@pytest.fixture
+def corpus(fakes, tmp_path):
+    build(tmp_path / "c", CFG)
+    return tmp_path / "c"
+
+
+def test_recordings_durations_timestamps_and_channels(corpus):
+    meta = json.loads((corpus / "corpus.json").read_text())
+    assert len(meta["recordings"]) == 6
+    for e in meta["recordings"]:
+        audio = read_wav(corpus / e["path"])
+        duration = audio.shape[1] / RATE
+        assert e["duration"] == pytest.approx(duration, abs=1e-3)
+        assert duration >= (CFG.minutes * 60)
+        align = json.loads((corpus / e["path"]).with_suffix(".json").read_text())["alignments"]
+        assert len(align) == e["words"] > 0
+        assert read_alignments((corpus / e["path"]).with_suffix(".json"), duration, 12.5, "SPEAKER_MAIN")
+        starts = [s for _, (s, _), _ in align]
+        assert starts == sorted(starts)
+        for word, (s, t), speaker in align:
+            assert 0 <= s < t <= duration
+            ch, other = (0, 1) if speaker == "SPEAKER_MAIN" else (1, 0)
+            a, b = round(s * RATE), round(t * RATE)
+            assert np.abs(audio[other, a:b]).max() == 0, "the other channel is silent during a word"
+            if e["voices"][speaker].startswith("tones:"):  # engine times: the word's own tone is there
+                mid = audio[ch, a + (b - a) // 4:b - (b - a) // 4]
+                assert np.sqrt((mid ** 2).mean()) > 0.05, (word, s, t)
+        assert not np.any((audio[0] != 0) & (audio[1] != 0)), "nobody talks over anybody"
+        if e["kind"] == "reading":
+            assert not audio[1].any() and len(e["voices"]) == 1
+        else:
+            assert {sp for *_, sp in align} == {"SPEAKER_MAIN", "SPEAKER_OTHER"}
+            assert len(set(e["voices"].values())) == 2
+
+
+def test_estimated_word_times_land_on_the_words(fakes, tmp_path):
+    build(tmp_path / "g", CorpusConfig(recordings=1, dialogues=0, minutes=0.3, voices=("guess:c",),
+                                       texts=("fake",), jobs=1, progress=False))
+    audio = read_wav(tmp_path / "g/readings/reading_000.wav")[0]
+    align = json.loads((tmp_path / "g/readings/reading_000.json").read_text())["alignments"]
+    centres = [round((s + t) / 2 * RATE) for _, (s, t), _ in align]
+    voiced = np.mean([np.abs(audio[c - 48:c + 48]).max() > 0.05 for c in centres])
+    assert voiced > 0.9  # the middle of an estimated word is nearly always inside its tone
+
+
+def test_split_by_recording(corpus):
+    meta = json.loads((corpus / "corpus.json").read_text())
+    lines = {name: [json.loads(x) for x in (corpus / f"{name}.jsonl").read_text().splitlines()]
+             for name in ("train", "val")}
+    train, val = ({x["path"] for x in lines[n]} for n in ("train", "val"))
+    assert train and val and not train & val
+    assert train | val == {e["path"] for e in meta["recordings"]}
+    assert {e["path"] for e in meta["recordings"] if e["split"] == "val"} == val
+    assert {e["kind"] for e in meta["recordings"] if e["path"] in val} == {"reading", "dialogue"}
+    assert any(e["repeats"] for e in meta["recordings"] if e["path"] in val)  # held-out repeats to score
+    for x in lines["train"] + lines["val"]:
+        assert (corpus / x["path"]).exists() and x["duration"] > 0
+
+
+def test_repeats_are_exact_copies_after_the_gap(corpus):
+    meta = json.loads((corpus / "corpus.json").read_text())
+    readings = [e for e in meta["recordings"] if e["kind"] == "reading"]
+    assert sum(bool(e["repeats"]) for e in readings) == 2
+    gap = CFG.repeat_gap_minutes * 60
+    for e in readings:
+        audio = read_wav(corpus / e["path"])[0]
+        align = json.loads((corpus / e["path"]).with_suffix(".json").read_text())["alignments"]
+        for r in e["repeats"]:
+            (f0, f1), (a0, a1) = r["first"], r["again"]
+            assert a0 - f1 >= gap and r["gap"] == pytest.approx(a0 - f1, abs=2e-3)
+            first = [(w, s - f0) for w, (s, _), _ in align if f0 - 1e-3 <= s < f1]
+            again = [(w, s - a0) for w, (s, _), _ in align if a0 - 1e-3 <= s < a1]
+            assert [w for w, _ in first] == [w for w, _ in again] and first
+            assert np.allclose([t for _, t in first], [t for _, t in again], atol=2e-3)
+            n, i, j = round((f1 - f0) * RATE), round(f0 * RATE), round(a0 * RATE)
+            assert any(np.array_equal(audio[i:i + n], audio[j + k:j + k + n]) for k in range(-30, 31))
+
+
+def test_same_seed_same_corpus_other_seed_other_corpus(fakes, corpus, tmp_path):
+    build(tmp_path / "again", CorpusConfig(**{**CFG.__dict__, "batch": 9}))  # batching does not matter
+    build(tmp_path / "other", CorpusConfig(**{**CFG.__dict__, "seed": 1}))
+    files = sorted(p.relative_to(corpus) for p in corpus.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "again") for p in (tmp_path / "again").rglob("*") if p.is_file())
+    for f in files:
+        if f.name != "corpus.json":
+            assert (corpus / f).read_bytes() == (tmp_path / "again" / f).read_bytes(), f
+    def described(d: Path) -> dict:
+        return {**json.loads((d / "corpus.json").read_text()), "settings": None}  # batch is a setting
+
+    assert described(corpus) == described(tmp_path / "again")
+    other = tmp_path / "other/readings/reading_000.wav"
+    assert (corpus / "readings/reading_000.wav").read_bytes() != other.read_bytes()
+
+
+def test_layout_grows_by_prefix():
+    rec = Recording("reading", 0, ("x",), "fake", 0, True, (0, 1, 0))
+    timing = Timing(target=120, repeat_gap=20, repeat=5, repeat_every=10)
+    durations = list(np.random.default_rng(0).uniform(1, 6, 80))
+    paragraphs = [i // 5 for i in range(81)]
+    full = layout_reading(durations, paragraphs, timing, rec)
+    assert full.done and full.repeats and full.end >= 120
+    for n in (5, 12, 20):
+        part = layout_reading(durations[:n], paragraphs[:n + 1], timing, rec)
+        assert not part.done and part.placements == full.placements[:len(part.placements)]
+
+
+def test_cli_builds_and_reports_a_missing_voice(fakes, tmp_path, capsys):
+    p = argparse.ArgumentParser()
+    commands.add_arguments(p)
+    args = p.parse_args(["--out", str(tmp_path / "cli"), "--recordings", "2", "--dialogues", "1",
+                         "--minutes-per-recording", "0.2", "--voices", "tones:a,tones:b", "--texts", "fake",
+                         "--jobs", "1", "--no-progress"])
+    assert commands.run(args) == 0
+    assert "3 recordings" in capsys.readouterr().out
+    assert len((tmp_path / "cli/train.jsonl").read_text().splitlines()) == 2  # 1 reading + 1 dialogue held out
+    assert commands.run(args) == 2  # the directory holds a corpus now
+    assert "already holds a corpus" in capsys.readouterr().err
+    args = p.parse_args(["--out", str(tmp_path / "x"), "--voices", "nosuch:a", "--texts", "fake"])
+    assert commands.run(args) == 2
+    assert "bad voice 'nosuch:a'" in capsys.readouterr().err
