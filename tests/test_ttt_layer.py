@@ -119,7 +119,8 @@ def test_gradcheck_through_layer_with_carried_state(name):
         y, s = torch.func.functional_call(layer, dict(zip(names, ps)), (x, carried))
         return y, s["W1"], s["grad_W1"]
 
-    assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-5)
+    # fast mode checks random projections of the Jacobian: as strict against a wrong gradient, minutes faster
+    assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-5, fast_mode=True)
 
 
 def test_bf16_input_keeps_fp32_state():
