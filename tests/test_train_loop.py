@@ -176,7 +176,7 @@ def test_lr_schedule_warms_up_then_follows_a_cosine_per_stage() -> None:
 
 
 def test_config_files_parse_and_typos_are_errors(tmp_path: Path) -> None:
-    for path in sorted(CONFIGS.glob("*.yaml")):
+    for path in sorted(set(CONFIGS.glob("*.yaml")) - set(CONFIGS.glob("codec_*.yaml"))):  # codec: its own loader
         cfg = load_config(path)
         assert cfg.stages and cfg.total_steps > 0, path
     moshi = load_config(CONFIGS / "moshi_long.yaml", ["train.batch_size=4", "stages=[{seq_len: 100, steps: 2, lr: 1}]"])

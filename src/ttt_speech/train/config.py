@@ -22,6 +22,8 @@ Precision = tp.Literal["bf16", "fp32"]
 FAMILIES: tuple[str, ...] = tp.get_args(Family)
 
 
+T = tp.TypeVar("T")
+
 @dataclass
 class ModelConfig:
     """Where the model comes from and how it is turned into a TTT hybrid.
@@ -201,12 +203,17 @@ def _build(tp_: tp.Any, value: tp.Any, where: str) -> tp.Any:
     return value
 
 
+def build_config(cls: type[T], d: dict[str, tp.Any]) -> T:
+    """A dataclass config (nested dataclasses, lists, literals) from parsed YAML, naming bad keys."""
+    return _build(cls, d, "")
+
+
 def config_from_dict(d: dict[str, tp.Any]) -> Config:
-    return _build(Config, d, "")
+    return build_config(Config, d)
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config; `overrides` are `dotted.key=yaml_value` strings (e.g. `train.batch_size=4`)."""
+def load_yaml_config(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
+    """Read a YAML config into `cls`; `overrides` are `dotted.key=yaml_value` strings (e.g. `train.batch_size=4`)."""
     raw = yaml.safe_load(Path(path).read_text()) or {}
     for item in overrides or []:
         key, sep, text = item.partition("=")
@@ -217,4 +224,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         for p in parents:
             node = node.setdefault(p, {})
         node[last] = yaml.safe_load(text)
-    return config_from_dict(raw)
+    return build_config(cls, raw)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """The trainer's config from YAML plus `--set` overrides."""
+    return load_yaml_config(Config, path, overrides)

@@ -160,7 +160,7 @@ class TokenizeReport:
     skipped: list[tuple[str, str]]
 
 
-def _manifest(path: Path, skips: SkipLog) -> list[str]:
+def read_manifest(path: Path, skips: SkipLog) -> list[str]:
     """Relative wav paths from a jsonl manifest (malformed lines are bad input)."""
     out = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
@@ -199,7 +199,7 @@ def tokenize(manifest: str | Path, out_dir: str | Path, tokenizer: MoshiTokenize
         pending.clear()
         pending_sources.clear()
 
-    for rel in _manifest(manifest, skips):
+    for rel in read_manifest(manifest, skips):
         wav = manifest.parent / rel
         try:
             codes = tokenizer.encode_file(wav)

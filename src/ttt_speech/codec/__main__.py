@@ -1,0 +1,3 @@
+from ttt_speech.codec.commands import main
+
+raise SystemExit(main())

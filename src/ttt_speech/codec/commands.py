@@ -1,0 +1,81 @@
+"""`ttt-speech train-codec CONFIG` and `ttt-speech eval-codec CKPT_DIR --data ...` (cli.py wires them in)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# moshi compiles lazily unless told not to, which costs seconds per first forward on a CPU
+os.environ.setdefault("NO_TORCH_COMPILE", "1")
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="codec training config (YAML); see configs/codec_small.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set data.train=[corpus/train.jsonl] (repeatable)")
+    p.add_argument("--run-dir", help="override run_dir (resumes from its newest checkpoint if it has one)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip unreadable audio files (logged, counted at the end) instead of stopping on the first")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Train or resume; 0 when all stages are done and the codec is exported to RUN_DIR/export."""
+    from ttt_speech.codec.config import load_codec_config
+    from ttt_speech.codec.loop import train_codec
+    from ttt_speech.train.commands import EXIT_INTERRUPTED
+
+    overrides = list(args.overrides)
+    if args.run_dir:
+        overrides.append(f"run_dir={args.run_dir}")
+    if args.skip_bad:
+        overrides.append("data.skip_bad=true")
+    result = train_codec(load_codec_config(args.config, overrides))
+    if result.skipped:
+        print(f"skipped {result.skipped} bad audio file(s); see the log", file=sys.stderr)
+    if not result.finished:
+        raise SystemExit(EXIT_INTERRUPTED)
+    print(f"codec exported to {result.export}")
+    return 0
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="exported codec directory (mimi.safetensors + mimi_config.json) or its run dir")
+    p.add_argument("--data", action="append", required=True,
+                   help="held-out audio: jsonl manifest, wav directory or wav file (repeatable)")
+    p.add_argument("--seconds", type=float, default=20.0, help="the first N seconds of each file and channel")
+    p.add_argument("--max-clips", type=int, default=50, help="evaluate at most this many channels of files")
+    p.add_argument("--codebooks", default=None, help="codebook counts to compare, e.g. 2,4,8 (default: all)")
+    p.add_argument("--no-asr", action="store_true", help="skip pocketsphinx WER even when it is installed")
+    p.add_argument("--out", help="write codec_eval.json (summary + every clip) to this directory")
+    p.add_argument("--device", default=None, help="default: cuda when available")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from ttt_speech.codec.data import find_audio
+    from ttt_speech.codec.evaluate import evaluate_codec, format_table, summarize, write_report
+    from ttt_speech.codec.model import load_codec
+    from ttt_speech.train.data import SkipLog
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    mimi = load_codec(args.checkpoint, device)
+    examples = find_audio(args.data, SkipLog())[: args.max_clips]
+    ks = [int(k) for k in args.codebooks.split(",")] if args.codebooks else None
+    scores = evaluate_codec(mimi, examples, args.seconds, ks, asr=not args.no_asr)
+    print(format_table(summarize(scores)))
+    if args.out:
+        print(f"wrote {write_report(scores, args.out)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ttt_speech.codec [train] CONFIG ...` or `python -m ttt_speech.codec eval CKPT_DIR --data ...`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    evaluating = bool(argv) and argv[0] == "eval"
+    if argv and argv[0] in ("train", "eval"):
+        argv = argv[1:]
+    p = argparse.ArgumentParser(prog="python -m ttt_speech.codec" + (" eval" if evaluating else ""))
+    (add_eval_arguments if evaluating else add_train_arguments)(p)
+    return (run_eval if evaluating else run_train)(p.parse_args(argv))
