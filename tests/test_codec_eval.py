@@ -22,13 +22,7 @@ from ttt_speech.codec.synthetic import write_synthetic_audio  # noqa: E402
 from ttt_speech.train.data import SkipLog  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine intra-op threads make them 50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = MimiSize(n_filters=4, dimension=16, codebooks=4, bins=64, codebook_dim=8, d_model=16, num_heads=2,
                 num_layers=1, dim_feedforward=32, context=25)

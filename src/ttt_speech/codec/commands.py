@@ -23,14 +23,9 @@ def run_train(args: argparse.Namespace) -> int:
     """Train or resume; 0 when all stages are done and the codec is exported to RUN_DIR/export."""
     from ttt_speech.codec.config import load_codec_config
     from ttt_speech.codec.loop import train_codec
-    from ttt_speech.train.commands import EXIT_INTERRUPTED
+    from ttt_speech.train.commands import EXIT_INTERRUPTED, config_overrides
 
-    overrides = list(args.overrides)
-    if args.run_dir:
-        overrides.append(f"run_dir={args.run_dir}")
-    if args.skip_bad:
-        overrides.append("data.skip_bad=true")
-    result = train_codec(load_codec_config(args.config, overrides))
+    result = train_codec(load_codec_config(args.config, config_overrides(args)))
     if result.skipped:
         print(f"skipped {result.skipped} bad audio file(s); see the log", file=sys.stderr)
     if not result.finished:

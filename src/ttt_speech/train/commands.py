@@ -25,17 +25,22 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip unusable data files (logged, counted at the end) instead of stopping on the first")
 
 
-def run_train(args: argparse.Namespace) -> int:
-    """Train or resume; returns 0 when all stages are done, exits with EXIT_INTERRUPTED after a SIGTERM stop."""
-    from ttt_speech.train.config import load_config
-    from ttt_speech.train.loop import train
-
+def config_overrides(args: argparse.Namespace) -> list[str]:
+    """`--set` overrides plus the shortcuts `--run-dir` and `--skip-bad`, as override strings."""
     overrides = list(args.overrides)
     if args.run_dir:
         overrides.append(f"run_dir={args.run_dir}")
     if args.skip_bad:
         overrides.append("data.skip_bad=true")
-    result = train(load_config(args.config, overrides))
+    return overrides
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Train or resume; returns 0 when all stages are done, exits with EXIT_INTERRUPTED after a SIGTERM stop."""
+    from ttt_speech.train.config import load_config
+    from ttt_speech.train.loop import train
+
+    result = train(load_config(args.config, config_overrides(args)))
     if result.skipped:
         print(f"skipped {result.skipped} bad data file(s); see the log", file=sys.stderr)
     if not result.finished:
