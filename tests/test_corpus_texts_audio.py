@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ttt_speech.corpus import texts
-from ttt_speech.corpus.audio import RATE, estimate_word_times, resample, trim
+from ttt_speech.corpus.audio import RATE, estimate_word_times, trim
 from ttt_speech.corpus.texts import MissingTextError, load_sources, split_sentences
 
 
@@ -44,15 +44,6 @@ def test_installed_texts_are_long(name):
         pytest.skip(str(e))
     assert sum(len(s.text.split()) for s in sentences) > 40_000  # > 4 hours of speech each
     assert all(texts._SPEAKABLE.fullmatch(s.text) for s in sentences[::50])
-
-
-@pytest.mark.parametrize("rate", [8000, 16000, 22050, 32000])
-def test_resample_keeps_a_tone_and_the_length(rate):
-    x = np.sin(2 * np.pi * 440 * np.arange(rate) / rate)
-    y = resample(x, rate, RATE)
-    assert len(y) == RATE
-    ref = np.sin(2 * np.pi * 440 * np.arange(RATE) / RATE)
-    assert np.abs(y[300:-300] - ref[300:-300]).max() < 1e-3
 
 
 def test_trim_and_estimated_word_times():

@@ -27,10 +27,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ttt_speech.corpus.audio import RATE, estimate_word_times, level, resample, trim, write_wav
+from ttt_speech.corpus.audio import RATE, estimate_word_times, level, trim, write_wav
 from ttt_speech.corpus.engines import DEFAULT_VOICES, Engine, Speech, available_voices, split_voice
 from ttt_speech.corpus.plan import Layout, Recording, Timing, layout_dialogue, layout_reading, plan, turn_speakers
 from ttt_speech.corpus.texts import SOURCES, Sentence, load_sources
+from ttt_speech.dsp import resample
 
 FORMAT, VERSION = "ttt-speech/corpus", 1
 SPEAKERS = ("SPEAKER_MAIN", "SPEAKER_OTHER")  # left / right channel: what train/tokenize.py reads

@@ -9,12 +9,11 @@ audio by a fraction of a second, so words can cross minute boundaries.
 
 from __future__ import annotations
 
-import math
 import re
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+from ttt_speech.dsp import resample
 
 ASR_RATE = 16000
 
@@ -26,21 +25,6 @@ def asr_available() -> str | None:
     except ImportError:
         return "pocketsphinx is not installed (pip install pocketsphinx, or the 'eval' extra): no ASR/WER"
     return None
-
-
-def resample(x: np.ndarray, rate_in: int, rate_out: int, taps: int = 32) -> np.ndarray:
-    """Windowed-sinc polyphase resampling of mono float audio (24 kHz Mimi -> 16 kHz ASR)."""
-    if rate_in == rate_out:
-        return np.asarray(x, dtype=np.float32)
-    g = math.gcd(rate_in, rate_out)
-    up, down = rate_out // g, rate_in // g
-    cutoff = 0.5 / max(up, down)  # of the upsampled rate
-    n = torch.arange(-taps * max(up, down), taps * max(up, down) + 1, dtype=torch.float64)
-    h = 2 * cutoff * torch.sinc(2 * cutoff * n) * torch.hann_window(len(n), periodic=False, dtype=torch.float64) * up
-    z = torch.zeros(len(x) * up, dtype=torch.float64)
-    z[::up] = torch.as_tensor(np.asarray(x), dtype=torch.float64)
-    y = F.conv1d(z.view(1, 1, -1), h.flip(0).view(1, 1, -1), padding=len(h) // 2)[0, 0]
-    return y[::down].float().numpy()
 
 
 class Recognizer:

@@ -53,7 +53,7 @@ def mfcc(audio: np.ndarray, rate: int = MFCC_RATE, n_mfcc: int = 20, n_mels: int
 
 def mfcc_embedding(audio: np.ndarray, rate: int) -> np.ndarray | None:
     """Mean and std of MFCC 1..19 over frames within 30 dB of the loudest; None without voiced frames."""
-    from ttt_speech.eval.asr import resample
+    from ttt_speech.dsp import resample
 
     coeffs, energy = mfcc(resample(audio, rate, MFCC_RATE))
     if len(energy) == 0:
@@ -88,4 +88,4 @@ def cosine(a: np.ndarray | None, b: np.ndarray | None) -> float | None:
     if a is None or b is None:
         return None
     denom = float(np.linalg.norm(a) * np.linalg.norm(b))
-    return float(np.dot(a, b) / denom) if denom > 0 else None
+    return float(np.clip(np.dot(a, b) / denom, -1.0, 1.0)) if denom > 0 else None  # rounding can pass 1
