@@ -177,8 +177,25 @@ def test_generate_refuses_caches_it_cannot_bound():
     tiny_model("llama")(ids(1, 3), past_key_values=filled)
     with pytest.raises(ValueError, match="already holds tokens"):
         model(ids(1, 1), past_key_values=filled)
-    with pytest.raises(NotImplementedError, match="beam"):
-        model.generate(ids(1, 3), max_new_tokens=2, num_beams=2)
+    with pytest.raises(NotImplementedError, match="crop"):
+        TTTCache(model.config).crop(1)
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "replace"])
+def test_beam_search_scores_equal_a_fresh_pass_over_each_beam(mode):
+    """Each beam's score, built step by step through reordered caches, is the log-probability a fresh
+    forward gives its tokens: a beam that carried another beam's TTT state would score differently."""
+    model = converted("llama", mode)
+    prompt, n = ids(2, 5, seed=3), 6  # 11 tokens: past the window (8) and over two TTT mini-batches
+    out = model.generate(prompt, max_new_tokens=n, min_new_tokens=n, num_beams=3, num_return_sequences=3,
+                         length_penalty=0.0, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    seqs = out.sequences
+    assert seqs.shape == (6, 11)
+    with torch.no_grad():
+        logp = model(seqs, use_cache=False).logits.log_softmax(-1)
+    fresh = logp[:, 4:-1].gather(-1, seqs[:, 5:, None])[..., 0].sum(-1)
+    torch.testing.assert_close(out.sequences_scores, fresh, rtol=1e-4, atol=1e-4)
+    assert len({tuple(s) for s in seqs[:3].tolist()}) == 3  # three different beams per prompt
 
 
 def test_training_forward_uses_no_cache_and_right_padding_is_harmless():

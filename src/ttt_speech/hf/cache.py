@@ -12,6 +12,8 @@ object becomes a `TTTCache`), so `generate` keeps working without any extra argu
 
 from __future__ import annotations
 
+import typing as tp
+
 import torch
 from transformers import Cache, DynamicCache, PreTrainedConfig
 from transformers.cache_utils import DummyLayer, DynamicSlidingWindowLayer
@@ -99,20 +101,25 @@ class TTTCache(DynamicCache):
         super().reset()
         self.ttt_states.clear()
 
-    def _unsupported(self, what: str) -> None:
-        raise NotImplementedError(
-            f"TTTCache does not support {what} (beam search, assisted/contrastive decoding): a TTT state "
-            "cannot be rolled back or re-indexed through transformers' cache API; use greedy or sampling"
-        )
+    def _reindex_states(self, pick: tp.Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply a batch re-indexing (beam reorder, expansion, selection) to every TTT state's streams."""
+        for i, state in self.ttt_states.items():
+            self.ttt_states[i] = state.replace(**{name: pick(state[name]) for name in state})
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._unsupported("reorder_cache")
-
-    def crop(self, tokens_to_remove: int) -> None:
-        self._unsupported("crop")
+        """Beam search: each beam continues from the state of the beam it was chosen from."""
+        super().reorder_cache(beam_idx)
+        self._reindex_states(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self._unsupported("batch_repeat_interleave")
+        super().batch_repeat_interleave(repeats)
+        self._reindex_states(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._unsupported("batch_select_indices")
+        super().batch_select_indices(indices)
+        self._reindex_states(lambda t: t[indices.to(t.device)])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            "TTTCache cannot crop (assisted/speculative decoding): a TTT state has no history to roll back to; "
+            "use greedy, sampling or beam search")
