@@ -4,6 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from layer_checks import assert_splits_equal_one_shot
 
 from ttt_speech import TTTConfig, TTTLayer
 
@@ -30,23 +31,7 @@ def build(name: str, K: int = 4, seed: int = 0, dtype=torch.float32) -> TTTLayer
 @given(T=st.integers(1, 30), cuts=st.lists(st.tuples(st.integers(0, 30), st.booleans()), max_size=6))
 def test_any_mix_of_prefill_and_steps_equals_one_shot(name, T, cuts):
     """Random splits (lengths not multiples of the mini-batch) through forward and step agree."""
-    layer = build(name)
-    x = torch.randn(2, T, 16, generator=torch.Generator().manual_seed(T))
-    y_ref, s_ref = layer(x)
-    bounds = sorted({0, T, *[c for c, _ in cuts if c < T]})
-    as_steps = dict(cuts)
-    state, ys = layer.init_state(2), []
-    for s, e in zip(bounds, bounds[1:]):
-        if as_steps.get(s, False):  # stream this piece token by token, in place
-            for t in range(s, e):
-                y, state = layer.step(x[:, t], state)
-                ys.append(y[:, None])
-        else:
-            y, state = layer(x[:, s:e], state)
-            ys.append(y)
-    torch.testing.assert_close(torch.cat(ys, 1), y_ref, rtol=0, atol=1e-5)
-    for k in s_ref:
-        torch.testing.assert_close(state[k], s_ref[k], rtol=0, atol=1e-5)
+    assert_splits_equal_one_shot(build(name), T, cuts)
 
 
 @pytest.mark.parametrize("name", CONFIGS)

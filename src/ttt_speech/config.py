@@ -1,20 +1,37 @@
-"""`TTTConfig`: every knob of a TTT layer in one dataclass (gpt-fast style)."""
+"""`TTTConfig` and `GatedDeltaNetConfig`: every knob of a memory layer in one dataclass (gpt-fast style)."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 if TYPE_CHECKING:
+    from ttt_speech.layers.gated_deltanet import GatedDeltaNetLayer
     from ttt_speech.layers.ttt import TTTLayer
 
 Inner = Literal["linear", "mlp"]
 Variant = Literal["ttt-lm", "fla"]
+C = TypeVar("C", bound="DictConfig")
+
+
+class DictConfig:
+    """JSON round trip for config dataclasses (state files carry their config), unknown keys refused."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[C], d: dict[str, Any]) -> C:
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
+        return cls(**d)
 
 
 @dataclass
-class TTTConfig:
+class TTTConfig(DictConfig):
     """Configuration of one TTT layer.
 
     `variant="ttt-lm"` follows the official ttt-lm-pytorch/jax semantics (Sun et al. 2024);
@@ -67,13 +84,45 @@ class TTTConfig:
 
         return TTTLayer(self, **projections)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TTTConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown TTTConfig keys: {sorted(unknown)}")
-        return cls(**d)
+@dataclass
+class GatedDeltaNetConfig(DictConfig):
+    """Configuration of one Gated DeltaNet layer (Yang et al. 2024), the linear-memory rival to TTT.
+
+    Follows flash-linear-attention's `GatedDeltaNet` layer with its gate and short convs on; head
+    dims default to dim // num_heads. `gate_init` is the tanh output gate's start (0: a new layer
+    outputs exactly zero, like `TTTConfig.gate_init`).
+    """
+
+    dim: int
+    num_heads: int
+    head_dim_k: int | None = None  # None: dim // num_heads
+    head_dim_v: int | None = None
+    use_short_conv: bool = True
+    conv_kernel: int = 4
+    chunk_size: int = 64
+    gate_init: float = 0.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.dim <= 0 or self.num_heads <= 0:
+            raise ValueError(f"dim ({self.dim}) and num_heads ({self.num_heads}) must be positive")
+        if (self.head_dim_k is None or self.head_dim_v is None) and self.dim % self.num_heads:
+            raise ValueError(f"dim ({self.dim}) must be a multiple of num_heads ({self.num_heads}) "
+                             "unless head_dim_k and head_dim_v are given")
+        if self.head_dim_k is None:
+            self.head_dim_k = self.dim // self.num_heads
+        if self.head_dim_v is None:
+            self.head_dim_v = self.dim // self.num_heads
+        if self.head_dim_k <= 0 or self.head_dim_v <= 0:
+            raise ValueError(f"head dims must be positive, got k {self.head_dim_k}, v {self.head_dim_v}")
+        if self.use_short_conv and self.conv_kernel < 1:
+            raise ValueError(f"conv_kernel must be >= 1, got {self.conv_kernel}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+
+    def build(self) -> "GatedDeltaNetLayer":
+        from ttt_speech.layers.gated_deltanet import GatedDeltaNetLayer
+
+        return GatedDeltaNetLayer(self)

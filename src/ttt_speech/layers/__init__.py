@@ -1,6 +1,7 @@
 """nn.Modules and their explicit streaming state."""
 
-from ttt_speech.layers.state import TTTState
+from ttt_speech.layers.gated_deltanet import GatedDeltaNetLayer, GatedDeltaNetState
+from ttt_speech.layers.state import LayerState, TTTState
 from ttt_speech.layers.ttt import TTTLayer
 
-__all__ = ["TTTLayer", "TTTState"]
+__all__ = ["GatedDeltaNetLayer", "GatedDeltaNetState", "LayerState", "TTTLayer", "TTTState"]

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import functools
 import math
+import typing as tp
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ttt_speech.config import TTTConfig
-from ttt_speech.layers.state import TTTState, check_tensors, inner_shapes, state_spec
+from ttt_speech.layers.state import TTTState, inner_shapes
 from ttt_speech.ops.ttt.fla import fla_available, ttt_linear_fla
 from ttt_speech.ops.ttt.reference import ttt_chunked
 from ttt_speech.ops.ttt.step import ttt_step_
@@ -62,7 +63,41 @@ def causal_depthwise_conv(x: Tensor, tail: Tensor, weight: Tensor, bias: Tensor)
     return y.transpose(1, 2), xx[:, xx.shape[1] - tail.shape[1]:]
 
 
-class TTTLayer(nn.Module):
+def check_input(x: object, dim: int) -> None:
+    """Raise TypeError/ValueError naming what is wrong with a layer input that should be [B, T, dim]."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be floating point, got dtype {x.dtype}")
+    if x.dim() != 3 or x.shape[-1] != dim:
+        raise ValueError(f"x: expected shape [B, T, {dim}], got {list(x.shape)}")
+
+
+class StreamingLayer(nn.Module):
+    """A sequence layer with a fixed-size state: chunked `forward` for training, in-place `step` for streaming."""
+
+    def _step_token(self, x: Tensor, state: tp.Any, exec_mask: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, x: Tensor, state: tp.Any, exec_mask: Tensor | None = None) -> tuple[Tensor, tp.Any]:
+        """Streaming: outputs for x [B, T, dim] (or [B, dim]) at once; `state` is updated in place.
+
+        For one token this is the layer's graph-capturable recurrent step; for longer runs the chunked
+        form's result is copied into `state`. Streams with exec_mask False keep their state unchanged.
+        """
+        squeeze = x.dim() == 2
+        x = x[:, None] if squeeze else x
+        state = self._check(x, state)
+        if x.shape[1] != 1:
+            y, new = self.forward(x, state)
+            state.copy_(new, exec_mask)
+        else:
+            y = self._step_token(x, state, exec_mask)
+        return (y[:, 0] if squeeze else y), state
+
+
+class TTTLayer(StreamingLayer):
     """TTT sequence layer. Projections may be supplied (e.g. an attention's) instead of created."""
 
     def __init__(
@@ -123,34 +158,20 @@ class TTTLayer(nn.Module):
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> TTTState:
         device = self.ttt_norm_weight.device if device is None else device
-        tensors = {
-            name: torch.zeros(shape, dtype=dtype, device=device)
-            for name, (shape, dtype) in state_spec(self.config, batch_size, self.state_dtype).items()
-        }
-        return TTTState(self.config, tensors, self.initial_tensors).reset()
+        return TTTState.zeros(self.config, batch_size, self.state_dtype, device, self.initial_tensors).reset()
 
     def reset_state(self, state: TTTState, mask: Tensor | None = None) -> TTTState:
         state._initial = self.initial_tensors
         return state.reset(mask)
 
     def _check(self, x: Tensor, state: TTTState | None) -> TTTState:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"x must be floating point, got dtype {x.dtype}")
-        if x.dim() != 3 or x.shape[-1] != self.config.dim:
-            raise ValueError(f"x: expected shape [B, T, {self.config.dim}], got {list(x.shape)}")
+        check_input(x, self.config.dim)
         if state is None:  # start from the live initial weights, so they get gradients
             fresh = self.init_state(x.shape[0], x.device)
             B = x.shape[0]
             return fresh.replace(**{n: w.to(self.state_dtype).expand(B, *w.shape)
                                     for n, w in ((n, getattr(self, n)) for n in fresh.weight_names)})
-        if not isinstance(state, TTTState):
-            raise TypeError(f"state must be a TTTState, got {type(state).__name__}")
-        check_tensors(state.tensors, self.config, x.shape[0], "state")
-        if state.config != self.config:
-            raise ValueError(f"state: made for config {state.config}, this layer has {self.config}")
-        return state
+        return TTTState.check_state(state, self.config, x.shape[0])
 
     # -- shared pieces of both forms ---------------------------------------------------------
     def _prepare(self, x: Tensor, state: TTTState) -> tuple[list[Tensor], Tensor, dict[str, Tensor]]:
@@ -252,26 +273,9 @@ class TTTLayer(nn.Module):
             return fused
         return ttt_step_
 
-    @torch.no_grad()
-    def step(self, x: Tensor, state: TTTState, exec_mask: Tensor | None = None) -> tuple[Tensor, TTTState]:
-        """Streaming: outputs for x [B, T, dim] (or [B, dim]) at once; `state` is updated in place.
-
-        For one token this is the graph-capturable primal step; for longer runs the chunked form's
-        result is copied into `state`. Streams with exec_mask False keep their state unchanged.
-        """
-        squeeze = x.dim() == 2
-        x = x[:, None] if squeeze else x
-        state = self._check(x, state)
-        if x.shape[1] != 1:
-            y, new = self.forward(x, state)
-            state.copy_(new, exec_mask)
-        else:
-            (q, k, v, a, c), h, tails = self._prepare(x, state)
-            out = self._step_op(x, state)(q, k, v, a, c, *self._ln(), state.weights(), state.grads(), state.offset,
-                                          exec_mask=exec_mask, **self._inner_args)
-            for name, t in tails.items():
-                old = state[name]
-                keep = None if exec_mask is None else exec_mask.view(-1, 1, 1).to(torch.bool)
-                old.copy_(t if keep is None else torch.where(keep, t.to(old.dtype), old))
-            y = self._finish(out, h, x.dtype)
-        return (y[:, 0] if squeeze else y), state
+    def _step_token(self, x: Tensor, state: TTTState, exec_mask: Tensor | None) -> Tensor:
+        (q, k, v, a, c), h, tails = self._prepare(x, state)
+        out = self._step_op(x, state)(q, k, v, a, c, *self._ln(), state.weights(), state.grads(), state.offset,
+                                      exec_mask=exec_mask, **self._inner_args)
+        state.write_(tails, exec_mask)
+        return self._finish(out, h, x.dtype)
