@@ -130,7 +130,7 @@ class GatedDeltaNetLayer(StreamingLayer):
             return x.new_zeros(x.shape), state.clone()
         (q, k, v, g, beta), tails = self._prepare(x, state)
         o, S = gated_delta_chunked(q, k, v, g, beta, state["S"], chunk_size=self.config.chunk_size, l2_norm=True)
-        return self._finish(o, x), state.replace(S=S, **tails)
+        return self._finish(o, x), state.replace(S=S, **{k: t.to(state.dtype) for k, t in tails.items()})
 
     def _step_token(self, x: Tensor, state: GatedDeltaNetState, exec_mask: Tensor | None) -> Tensor:
         (q, k, v, g, beta), tails = self._prepare(x, state)

@@ -19,10 +19,19 @@ if not torch.cuda.is_available():
 
 from ttt_speech.moshi.checkpoint import load_hybrid, save_moshi_checkpoint  # noqa: E402
 from ttt_speech.moshi.config import infer_moshi_config  # noqa: E402
-from ttt_speech.moshi.convert import HybridSpec, TTTLMModel, convert, default_ttt_config, ttt_parameters  # noqa: E402
+from ttt_speech.moshi.convert import (  # noqa: E402
+    HybridSpec,
+    TTTLMModel,
+    convert,
+    default_branch_config,
+    default_gdn_config,
+    default_ttt_config,
+    ttt_parameters,
+)
 from ttt_speech.moshi.layer import TTTLayerState, TTTTransformerLayer  # noqa: E402
 
 __all__ = [
-    "HybridSpec", "TTTLMModel", "TTTLayerState", "TTTTransformerLayer", "convert", "default_ttt_config",
+    "HybridSpec", "TTTLMModel", "TTTLayerState", "TTTTransformerLayer", "convert", "default_branch_config",
+    "default_gdn_config", "default_ttt_config",
     "infer_moshi_config", "load_hybrid", "save_moshi_checkpoint", "ttt_parameters",
 ]

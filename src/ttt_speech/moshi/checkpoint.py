@@ -4,7 +4,8 @@ A released Moshi checkpoint is config.json (`LMModel` kwargs plus CheckpointInfo
 model.safetensors whose attention weights are stored fused: `...self_attn.in_proj_weight` and
 `...self_attn.out_proj.weight` (moshi's load hook splits them into `in_projs.{i}`). A hybrid
 checkpoint keeps that layout for everything Moshi has, adds `transformer.layers.{i}.ttt.*`
-tensors, and describes them in config.json under "ttt". `get_moshi_lm` loads strictly and cannot
+tensors, and describes them in config.json under "ttt" (its "branch" field, "ttt" or "gdn", says which
+layer they belong to; files written before it existed are TTT). `get_moshi_lm` loads strictly and cannot
 know the TTT layers, so hybrids load through `load_hybrid`.
 """
 
@@ -21,9 +22,9 @@ from moshi.models.loaders import get_moshi_lm
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ttt_speech import TTTConfig
 from ttt_speech.moshi.config import lm_kwargs
-from ttt_speech.moshi.convert import MODES, TTTLMModel, convert
+from ttt_speech.moshi.convert import BRANCHES, MODES, TTTLMModel, convert
+from ttt_speech.moshi.layer import BranchConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -64,25 +65,28 @@ def save_moshi_checkpoint(lm: LMModel, config: dict[str, tp.Any], out_dir: str |
 
 
 def save_hybrid(model: TTTLMModel, out_dir: str | Path) -> Path:
-    """config.json = the Moshi config + {"ttt": {format, version, mode, layers, config}}."""
+    """config.json = the Moshi config + {"ttt": {format, version, branch, mode, layers, config}}."""
     section = {"format": HYBRID_FORMAT, "version": HYBRID_VERSION, **model.ttt_spec.to_dict()}
     return save_moshi_checkpoint(model, model.moshi_config, out_dir, {TTT_SECTION: section})
 
 
-def _parse_section(section: tp.Any, where: Path) -> tuple[str, list[int], TTTConfig]:
+def _parse_section(section: tp.Any, where: Path) -> tuple[str, list[int], BranchConfig]:
     if not isinstance(section, dict):
         raise ValueError(f"{where}: '{TTT_SECTION}' must be an object, got {type(section).__name__}")
     if section.get("format") != HYBRID_FORMAT or section.get("version") != HYBRID_VERSION:
         raise ValueError(f"{where}: '{TTT_SECTION}' has format/version {section.get('format')!r}/"
                          f"{section.get('version')!r}; this library reads {HYBRID_FORMAT!r}/{HYBRID_VERSION}")
     mode, layers, cfg = section.get("mode"), section.get("layers"), section.get("config")
+    branch = section.get("branch", "ttt")  # written before Gated DeltaNet branches existed: TTT
+    if branch not in BRANCHES:
+        raise ValueError(f"{where}: ttt.branch must be one of {tuple(BRANCHES)}, got {branch!r}")
     if mode not in MODES:
         raise ValueError(f"{where}: ttt.mode must be one of {MODES}, got {mode!r}")
     if not isinstance(layers, list) or not all(isinstance(i, int) for i in layers):
         raise ValueError(f"{where}: ttt.layers must be a list of layer indices, got {layers!r}")
     if not isinstance(cfg, dict):
         raise ValueError(f"{where}: ttt.config must be an object, got {cfg!r}")
-    return mode, layers, TTTConfig.from_dict(cfg)
+    return mode, layers, BRANCHES[branch].from_dict(cfg)
 
 
 def _mismatch(where: Path, expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]],

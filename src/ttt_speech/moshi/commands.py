@@ -18,7 +18,7 @@ from moshi.models.loaders import get_mimi, get_moshi_lm
 
 from ttt_speech.moshi.checkpoint import load_hybrid
 from ttt_speech.moshi.config import lm_kwargs
-from ttt_speech.moshi.convert import convert, default_ttt_config
+from ttt_speech.moshi.convert import BRANCHES, convert, default_branch_config
 from ttt_speech.moshi.generate import FRAME_RATE, WavSink, stream, wav_paths, write_outputs
 from ttt_speech.moshi.tiny import build_tiny_hybrid, build_tiny_mimi, tiny_mimi_config
 from ttt_speech.quantize import MODES as QUANT_MODES
@@ -42,10 +42,16 @@ def parse_layers(text: str) -> str | list[int]:
     return out
 
 
+TTT_ONLY_FLAGS = ("inner", "mini_batch", "variant")
+
+
 def _ttt_overrides(args: argparse.Namespace) -> dict[str, tp.Any]:
     over: dict[str, tp.Any] = json.loads(Path(args.ttt_config).read_text()) if args.ttt_config else {}
-    for key in ("inner", "mini_batch", "variant", "gate_init"):
+    branch = getattr(args, "branch", "ttt")
+    for key in (*TTT_ONLY_FLAGS, "gate_init"):
         if getattr(args, key) is not None:
+            if branch != "ttt" and key in TTT_ONLY_FLAGS:
+                raise SystemExit(f"--{key.replace('_', '-')} is a TTT option; it does not apply to --branch {branch}")
             over[key] = getattr(args, key)
     return over
 
@@ -55,7 +61,10 @@ def add_ttt_arguments(p: argparse.ArgumentParser) -> None:
                    help="temporal-transformer layers to convert: all, 24-31, 0,2,5-7 (default: all)")
     p.add_argument("--mode", choices=("hybrid", "replace"), default="hybrid",
                    help="hybrid: attention + gated TTT branch (default); replace: TTT instead of attention")
-    p.add_argument("--ttt-config", help="JSON file of TTTConfig fields (dim/num_heads default to the model's)")
+    p.add_argument("--branch", choices=tuple(BRANCHES), default="ttt",
+                   help="memory branch: ttt (default) or gdn (Gated DeltaNet; --mode hybrid only)")
+    p.add_argument("--ttt-config", help="JSON file of TTTConfig (or, with --branch gdn, GatedDeltaNetConfig) "
+                                        "fields (dim/num_heads default to the model's)")
     p.add_argument("--inner", choices=("linear", "mlp"), help="TTT inner model")
     p.add_argument("--mini-batch", type=int, help="TTT mini-batch size")
     p.add_argument("--variant", choices=("ttt-lm", "fla"), help="TTT update rule")
@@ -74,11 +83,16 @@ def run_convert(args: argparse.Namespace) -> Path:
     """Load a released Moshi, convert it, save the hybrid checkpoint."""
     raw = json.loads(Path(args.config).read_text())
     lm = get_moshi_lm(args.moshi_weights, lm_kwargs=lm_kwargs(raw), dtype=DTYPES[args.dtype])
-    cfg = default_ttt_config(lm, args.mode, **_ttt_overrides(args))
+    branch = getattr(args, "branch", "ttt")
+    try:
+        cfg = default_branch_config(lm, args.mode, branch, **_ttt_overrides(args))
+    except ValueError as e:
+        raise SystemExit(f"convert-moshi: {e}") from None
     hybrid = convert(lm, args.layers, args.mode, cfg, moshi_config=raw)
     out = hybrid.save_pretrained(args.out)
     n = sum(p.numel() for layer in hybrid.ttt_layers() for p in layer.ttt.parameters())
-    print(f"converted layers {list(hybrid.ttt_spec.layers)} ({args.mode}, {n / 1e6:.1f}M TTT parameters) -> {out}")
+    print(f"converted layers {list(hybrid.ttt_spec.layers)} ({args.mode}, {n / 1e6:.1f}M {branch.upper()} "
+          f"parameters) -> {out}")
     return out
 
 

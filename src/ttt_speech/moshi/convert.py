@@ -1,5 +1,8 @@
 """`convert`: turn a pretrained Moshi `LMModel` into a TTT hybrid (or TTT-replaced) model in place.
 
+Given a `GatedDeltaNetConfig` instead of a `TTTConfig`, the hybrid slots get a Gated DeltaNet branch
+(the linear-memory rival), hybrid mode only.
+
 Only the temporal transformer (`lm.transformer`) is touched, never the depformer: the depformer
 restarts every frame, so it has no long context to remember.
 """
@@ -15,14 +18,26 @@ from moshi.models.lm import LMModel
 from moshi.modules.streaming import StreamingModule
 from torch import nn
 
-from ttt_speech import TTTConfig
+from ttt_speech.config import GatedDeltaNetConfig, TTTConfig
 from ttt_speech.moshi.config import infer_moshi_config
-from ttt_speech.moshi.layer import MODES, Mode, TTTTransformerLayer
+from ttt_speech.moshi.layer import MODES, BranchConfig, Mode, TTTTransformerLayer, check_gdn_mode
 
 # tanh(10.0) == 1.0 in fp32: in replace mode the TTT output stands in for attention at full scale.
 REPLACE_GATE_INIT = 10.0
 
 LayerSpec = tp.Union[str, Iterable[int]]
+Branch = tp.Literal["ttt", "gdn"]
+# the "branch" field of a checkpoint's "ttt" section -> its config class; a section without it is TTT
+BRANCHES: dict[str, type] = {"ttt": TTTConfig, "gdn": GatedDeltaNetConfig}
+
+
+def branch_kind(config: BranchConfig) -> Branch:
+    """"ttt" for a TTTConfig, "gdn" for a GatedDeltaNetConfig."""
+    if isinstance(config, TTTConfig):
+        return "ttt"
+    if isinstance(config, GatedDeltaNetConfig):
+        return "gdn"
+    raise TypeError(f"expected a TTTConfig or GatedDeltaNetConfig, got {type(config).__name__}")
 
 
 @dataclass(frozen=True)
@@ -31,10 +46,15 @@ class HybridSpec:
 
     mode: Mode
     layers: tuple[int, ...]
-    config: TTTConfig
+    config: BranchConfig
+
+    @property
+    def branch(self) -> Branch:
+        return branch_kind(self.config)
 
     def to_dict(self) -> dict[str, tp.Any]:
-        return {"mode": self.mode, "layers": list(self.layers), "config": self.config.to_dict()}
+        return {"branch": self.branch, "mode": self.mode, "layers": list(self.layers),
+                "config": self.config.to_dict()}
 
 
 class TTTLMModel(LMModel):
@@ -68,6 +88,24 @@ def default_ttt_config(lm: LMModel, mode: Mode = "hybrid", **overrides: tp.Any) 
     return TTTConfig(**(kw | overrides))
 
 
+def default_gdn_config(lm: LMModel, **overrides: tp.Any) -> GatedDeltaNetConfig:
+    """A Gated DeltaNet config shaped like `lm`'s attention (same heads), gate closed (hybrid)."""
+    attn = lm.transformer.layers[0].self_attn
+    kw: dict[str, tp.Any] = {"dim": lm.dim, "num_heads": attn.num_heads, "gate_init": 0.0}
+    return GatedDeltaNetConfig(**(kw | overrides))
+
+
+def default_branch_config(lm: LMModel, mode: Mode = "hybrid", branch: Branch = "ttt",
+                          **overrides: tp.Any) -> BranchConfig:
+    """`default_ttt_config` or `default_gdn_config` by branch kind ("ttt" / "gdn")."""
+    if branch == "ttt":
+        return default_ttt_config(lm, mode, **overrides)
+    if branch == "gdn":
+        check_gdn_mode(mode, False)
+        return default_gdn_config(lm, **overrides)
+    raise ValueError(f"branch must be one of {tuple(BRANCHES)}, got {branch!r}")
+
+
 def select_layers(layers: LayerSpec, num_layers: int) -> tuple[int, ...]:
     """"all", or indices (negative ones count from the end), as a sorted tuple of unique indices."""
     if isinstance(layers, str):
@@ -86,10 +124,13 @@ def select_layers(layers: LayerSpec, num_layers: int) -> tuple[int, ...]:
 
 
 def convert(
-    lm: LMModel, layers: LayerSpec = "all", mode: Mode = "hybrid", ttt: TTTConfig | None = None, *,
+    lm: LMModel, layers: LayerSpec = "all", mode: Mode = "hybrid", ttt: BranchConfig | None = None, *,
     init_from_attention: bool | None = None, moshi_config: dict[str, tp.Any] | None = None,
 ) -> TTTLMModel:
     """Give the chosen temporal-transformer layers a TTT layer; modifies and returns `lm`.
+
+    ttt: a TTTConfig (default: `default_ttt_config`) or a GatedDeltaNetConfig, which gives the
+        layers a gated Gated DeltaNet branch instead (mode="hybrid" only, never from attention).
 
     mode="hybrid": attention and its ring KV cache stay; a gated TTT branch reads the same normed
         input and is added to the residual. With gate_init=0 the logits equal the original's.
@@ -108,6 +149,10 @@ def convert(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     idx = select_layers(layers, len(lm.transformer.layers))
     cfg = default_ttt_config(lm, mode) if ttt is None else ttt
+    if isinstance(cfg, GatedDeltaNetConfig):
+        check_gdn_mode(mode, bool(init_from_attention))
+    else:
+        branch_kind(cfg)  # a TypeError naming anything else
     if mode == "replace" and cfg.gate_init == 0.0:
         raise ValueError("mode='replace' with gate_init=0 would make each converted layer output nothing; "
                          f"use e.g. gate_init={REPLACE_GATE_INIT} (tanh = 1)")

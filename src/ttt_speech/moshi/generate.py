@@ -25,7 +25,7 @@ from moshi.modules.transformer import RingKVCache
 from torch import Tensor
 from tqdm import tqdm
 
-from ttt_speech import TTTState
+from ttt_speech.layers.state import LayerState
 
 FRAME_RATE = 12.5
 SAMPLE_RATE = 24000
@@ -41,7 +41,7 @@ def streaming_tensors(*modules: StreamingModule) -> list[Tensor]:
                 tensors = [value]
             elif isinstance(value, RingKVCache):
                 tensors = [value.cache, value.end_offset]
-            elif isinstance(value, TTTState):
+            elif isinstance(value, LayerState):
                 tensors = list(value.tensors.values())
             else:
                 continue

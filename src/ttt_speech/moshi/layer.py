@@ -4,6 +4,8 @@ It subclasses moshi's `StreamingTransformerLayer`, so moshi-finetune's FSDP wrap
 that class) and `StreamingTransformer(layer_class=...)` keep working. The TTT state lives in the
 layer's own streaming state, so `with lm_gen.streaming(B)`, `reset_streaming(mask)` and
 `set_exec_mask` reach it through Moshi's machinery; it is updated in place (CUDA-graph safe).
+The branch is a `TTTLayer` or, given a `GatedDeltaNetConfig`, a `GatedDeltaNetLayer` (hybrid mode
+only); either way it is the `.ttt` submodule, so parameter names and checkpoint keys keep one layout.
 """
 
 from __future__ import annotations
@@ -15,18 +17,22 @@ import torch
 from moshi.modules.transformer import StreamingTransformerLayer, _LayerState
 from torch import Tensor, nn
 
-from ttt_speech import TTTConfig, TTTLayer, TTTState
+from ttt_speech.config import GatedDeltaNetConfig, TTTConfig
+from ttt_speech.layers.gated_deltanet import GatedDeltaNetLayer
+from ttt_speech.layers.state import LayerState
+from ttt_speech.layers.ttt import StreamingLayer, TTTLayer
 
+BranchConfig = tp.Union[TTTConfig, GatedDeltaNetConfig]
 Mode = tp.Literal["hybrid", "replace"]
 MODES: tuple[str, ...] = ("hybrid", "replace")
 
 
 @dataclass
 class TTTLayerState(_LayerState):
-    """Moshi's per-layer streaming state plus the TTT memory of this layer."""
+    """Moshi's per-layer streaming state plus the memory of this layer's branch (TTT or Gated DeltaNet)."""
 
-    ttt: TTTState | None = None
-    ttt_layer: TTTLayer | None = None  # resetting needs the layer's learnable initial weights
+    ttt: LayerState | None = None
+    ttt_layer: StreamingLayer | None = None  # resetting needs the layer (TTT: its learnable initial weights)
 
     def reset(self, reset_mask: Tensor) -> None:
         super().reset(reset_mask)
@@ -60,6 +66,19 @@ def attention_projections(attn: nn.Module) -> dict[str, nn.Linear]:
     return out
 
 
+def check_gdn_mode(mode: str, init_from_attention: bool) -> None:
+    """Gated DeltaNet branches exist in hybrid mode only, and start from their own projections."""
+    if mode != "hybrid":
+        raise ValueError(f"mode={mode!r} is not supported with a Gated DeltaNet branch (GatedDeltaNetConfig): "
+                         "replace mode starts the branch from the attention's Q/K/V/O, which Gated DeltaNet "
+                         "cannot take (short convs + SiLU, L2-normalised q/k, its own gate/decay projections); "
+                         "use mode='hybrid'")
+    if init_from_attention:
+        raise ValueError("init_from_attention=True is not supported with a Gated DeltaNet branch: its "
+                         "projections feed short convs, SiLU and L2 norms, not attention; it starts from "
+                         "its own small random projections")
+
+
 class TTTTransformerLayer(StreamingTransformerLayer):
     """A Moshi transformer layer whose attention gains (hybrid) or is replaced by (replace) a TTT layer.
 
@@ -68,16 +87,16 @@ class TTTTransformerLayer(StreamingTransformerLayer):
     replace: x + layer_scale_1(ttt(norm1(x))); no attention, no KV cache.
     """
 
-    ttt: TTTLayer
+    ttt: TTTLayer | GatedDeltaNetLayer
     ttt_mode: Mode
 
-    def __init__(self, *args: tp.Any, ttt: TTTConfig, ttt_mode: Mode = "hybrid",
+    def __init__(self, *args: tp.Any, ttt: BranchConfig, ttt_mode: Mode = "hybrid",
                  init_from_attention: bool = False, **kwargs: tp.Any) -> None:
         super().__init__(*args, **kwargs)
         self._attach_ttt(ttt, ttt_mode, init_from_attention)
 
     @classmethod
-    def from_layer(cls, layer: StreamingTransformerLayer, ttt: TTTConfig, mode: Mode = "hybrid",
+    def from_layer(cls, layer: StreamingTransformerLayer, ttt: BranchConfig, mode: Mode = "hybrid",
                    init_from_attention: bool = False) -> "TTTTransformerLayer":
         """Turn an existing layer into this class in place, keeping its modules (no weight copies)."""
         if type(layer) is not StreamingTransformerLayer:
@@ -87,9 +106,13 @@ class TTTTransformerLayer(StreamingTransformerLayer):
         layer._attach_ttt(ttt, mode, init_from_attention)
         return layer
 
-    def _attach_ttt(self, cfg: TTTConfig, mode: Mode, init_from_attention: bool) -> None:
+    def _attach_ttt(self, cfg: BranchConfig, mode: Mode, init_from_attention: bool) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not isinstance(cfg, (TTTConfig, GatedDeltaNetConfig)):
+            raise TypeError(f"expected a TTTConfig or GatedDeltaNetConfig, got {type(cfg).__name__}")
+        if isinstance(cfg, GatedDeltaNetConfig):
+            check_gdn_mode(mode, init_from_attention)
         if self.skip_self_attn or self.cross_attention is not None:
             raise ValueError("TTT layers need a plain self-attention layer (no skip_self_attn, no cross attention)")
         if cfg.dim != self.self_attn.embed_dim:
@@ -100,14 +123,14 @@ class TTTTransformerLayer(StreamingTransformerLayer):
         ref = next(self.self_attn.parameters())  # not a norm: f32 norms keep fp32 in bf16 models
         projections = attention_projections(self.self_attn) if init_from_attention else {}
         with torch.device(ref.device):
-            ttt = TTTLayer(cfg, **projections)
+            ttt = TTTLayer(cfg, **projections) if isinstance(cfg, TTTConfig) else GatedDeltaNetLayer(cfg)
         self.ttt = ttt.to(dtype=ref.dtype)
         self.ttt_mode = mode
         if mode == "replace":
             del self.self_attn
 
     def _init_streaming_state(self, batch_size: int) -> TTTLayerState:
-        device = self.ttt.ttt_norm_weight.device
+        device = self.ttt.gate_alpha.device
         return TTTLayerState(batch_size, device, offset_cpu=0,
                              ttt=self.ttt.init_state(batch_size, device), ttt_layer=self.ttt)
 

@@ -22,7 +22,7 @@ from moshi.modules.streaming import StreamingModule
 from moshi.modules.transformer import RingKVCache
 from torch import Tensor
 
-from ttt_speech import TTTState
+from ttt_speech.layers.state import LayerState
 from ttt_speech.serve.sampling import SamplingConfig, SeededLMGen
 
 # Streaming-state fields shared by all rows or driven by the server, never saved per stream.
@@ -93,7 +93,7 @@ class BatchedStreams:
                     elif isinstance(value, RingKVCache):  # cache is [2, B, heads, capacity, head_dim]
                         add(name + ".cache", value.cache, 1)
                         add(name + ".end_offset", value.end_offset, 0)
-                    elif isinstance(value, TTTState):
+                    elif isinstance(value, LayerState):  # TTT or Gated DeltaNet branch
                         for key, t in value.tensors.items():
                             add(f"{name}.{key}", t, 0)
         return out
