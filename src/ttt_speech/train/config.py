@@ -17,6 +17,7 @@ import yaml
 
 Family = tp.Literal["moshi", "hf"]
 Trainable = tp.Literal["ttt", "lora", "all"]
+Branch = tp.Literal["ttt", "gdn"]
 Parallel = tp.Literal["auto", "none", "ddp", "fsdp"]
 Precision = tp.Literal["bf16", "fp32"]
 FAMILIES: tuple[str, ...] = tp.get_args(Family)
@@ -41,7 +42,8 @@ class ModelConfig:
     seed: int = 0  # initialisation of tiny models and of new TTT layers
     layers: str | list[int] = "all"
     mode: str = "hybrid"
-    ttt: dict[str, tp.Any] = field(default_factory=dict)  # TTTConfig overrides
+    branch: Branch = "ttt"  # ttt | gdn: a Gated DeltaNet branch instead (the linear-memory rival; Moshi only)
+    ttt: dict[str, tp.Any] = field(default_factory=dict)  # TTTConfig (GatedDeltaNetConfig for gdn) overrides
     dtype: str = "auto"  # auto: bfloat16 for frozen weights on CUDA, float32 on CPU
     mimi_config: str | None = None  # Mimi config JSON when the checkpoint's config.json does not name one
 
@@ -51,6 +53,8 @@ class ModelConfig:
             raise ValueError(f"model: give exactly one of hybrid / pretrained / tiny, got {sources or 'none'}")
         if self.hybrid and (self.layers != "all" or self.ttt):
             raise ValueError("model: a hybrid checkpoint already has its TTT layers; drop layers/ttt")
+        if self.branch == "gdn" and self.family != "moshi":
+            raise ValueError("model.branch: gdn (Gated DeltaNet) is implemented for Moshi models only")
 
 
 @dataclass

@@ -24,14 +24,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ttt_speech.layers.state import TTTState
+from ttt_speech.layers.state import LayerState
 
 
 @dataclass
 class LayerCarry:
     """What one layer hands to the next segment: its TTT state and its last window - 1 keys/values."""
 
-    ttt: TTTState | None = None
+    ttt: LayerState | None = None  # the TTT (or Gated DeltaNet) branch state carried across segments
     kv: tuple[Tensor, Tensor] | None = None
 
     def detach(self) -> LayerCarry:

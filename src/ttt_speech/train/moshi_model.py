@@ -22,7 +22,7 @@ from moshi.models.loaders import MOSHI_NAME, CheckpointInfo
 from moshi.modules.transformer import StreamingMultiheadAttention, create_sin_embedding, expand_repeated_kv
 from torch import Tensor, nn
 
-from ttt_speech.moshi import TTTLMModel, convert, default_ttt_config, load_hybrid
+from ttt_speech.moshi import TTTLMModel, convert, default_branch_config, load_hybrid
 from ttt_speech.moshi.checkpoint import save_moshi_checkpoint
 from ttt_speech.moshi.config import infer_moshi_config
 from ttt_speech.moshi.tiny import build_tiny_lm, tiny_lm_config
@@ -63,7 +63,7 @@ def load_moshi(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> LM
     if cfg.layers == []:
         return lm
     torch.manual_seed(cfg.seed)  # the new TTT layers' initialisation
-    ttt = default_ttt_config(lm, tp.cast(tp.Any, cfg.mode), **cfg.ttt)
+    ttt = default_branch_config(lm, tp.cast(tp.Any, cfg.mode), cfg.branch, **cfg.ttt)
     return convert(lm, cfg.layers, tp.cast(tp.Any, cfg.mode), ttt, moshi_config=config)
 
 
