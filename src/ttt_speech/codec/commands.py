@@ -11,25 +11,20 @@ os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="codec training config (YAML); see configs/codec_small.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set data.train=[corpus/train.jsonl] (repeatable)")
-    p.add_argument("--run-dir", help="override run_dir (resumes from its newest checkpoint if it has one)")
-    p.add_argument("--skip-bad", action="store_true",
-                   help="skip unreadable audio files (logged, counted at the end) instead of stopping on the first")
+    from ttt_speech.train.commands import add_run_arguments
+
+    add_run_arguments(p, "codec training config (YAML); see configs/codec_small.yaml",
+                      "--set data.train=[corpus/train.jsonl]", "unreadable audio files")
 
 
 def run_train(args: argparse.Namespace) -> int:
     """Train or resume; 0 when all stages are done and the codec is exported to RUN_DIR/export."""
     from ttt_speech.codec.config import load_codec_config
     from ttt_speech.codec.loop import train_codec
-    from ttt_speech.train.commands import EXIT_INTERRUPTED, config_overrides
+    from ttt_speech.train.commands import config_overrides, end_run
 
     result = train_codec(load_codec_config(args.config, config_overrides(args)))
-    if result.skipped:
-        print(f"skipped {result.skipped} bad audio file(s); see the log", file=sys.stderr)
-    if not result.finished:
-        raise SystemExit(EXIT_INTERRUPTED)
+    end_run(result, "audio")
     print(f"codec exported to {result.export}")
     return 0
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from ttt_speech.train.config import CheckpointConfig, LogConfig, Precision, Stage, build_config, load_yaml_config
+from ttt_speech.train.config import CheckpointConfig, LogConfig, Precision, Stage, load_yaml_config
 
 SAMPLE_RATE = 24000
 FRAME_RATE = 12.5
@@ -148,10 +148,6 @@ class CodecConfig:
 
     def to_dict(self) -> dict[str, tp.Any]:
         return dataclasses.asdict(self)
-
-
-def codec_config_from_dict(d: dict[str, tp.Any]) -> CodecConfig:
-    return build_config(CodecConfig, d)
 
 
 def load_codec_config(path: str | Path, overrides: list[str] | None = None) -> CodecConfig:

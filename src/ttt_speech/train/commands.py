@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import typing as tp
 
 # moshi compiles lazily unless told not to, which costs seconds per first forward on a CPU
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
@@ -16,13 +17,19 @@ os.environ.setdefault("NO_TORCH_COMPILE", "1")
 EXIT_INTERRUPTED = 143  # 128 + SIGTERM: the run stopped early after writing its checkpoint
 
 
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="training config (YAML); see configs/*.yaml")
+def add_run_arguments(p: argparse.ArgumentParser, config_help: str, set_example: str, bad_files: str) -> None:
+    """The arguments every resumable run takes (LM trainer, codec trainer): config, --set, --run-dir, --skip-bad."""
+    p.add_argument("config", help=config_help)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.batch_size=8 --set run_dir=runs/x (repeatable)")
+                   help=f"override a config value, e.g. {set_example} (repeatable)")
     p.add_argument("--run-dir", help="override run_dir (resumes from its newest checkpoint if it has one)")
     p.add_argument("--skip-bad", action="store_true",
-                   help="skip unusable data files (logged, counted at the end) instead of stopping on the first")
+                   help=f"skip {bad_files} (logged, counted at the end) instead of stopping on the first")
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    add_run_arguments(p, "training config (YAML); see configs/*.yaml",
+                      "--set train.batch_size=8 --set run_dir=runs/x", "unusable data files")
 
 
 def config_overrides(args: argparse.Namespace) -> list[str]:
@@ -40,12 +47,16 @@ def run_train(args: argparse.Namespace) -> int:
     from ttt_speech.train.config import load_config
     from ttt_speech.train.loop import train
 
-    result = train(load_config(args.config, config_overrides(args)))
+    end_run(train(load_config(args.config, config_overrides(args))), "data")
+    return 0
+
+
+def end_run(result: tp.Any, what: str) -> None:
+    """Report skipped files; a run stopped by SIGTERM (checkpoint written) exits with EXIT_INTERRUPTED."""
     if result.skipped:
-        print(f"skipped {result.skipped} bad data file(s); see the log", file=sys.stderr)
+        print(f"skipped {result.skipped} bad {what} file(s); see the log", file=sys.stderr)
     if not result.finished:
         raise SystemExit(EXIT_INTERRUPTED)
-    return 0
 
 
 def add_tokenize_arguments(p: argparse.ArgumentParser) -> None:
