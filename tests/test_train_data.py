@@ -96,6 +96,19 @@ def test_tokenize_writes_text_and_both_voices_per_frame(tmp_path: Path, tokenize
     assert index["streams"] == 5 and index["frame_rate"] == 12.5
 
 
+def test_a_silent_channel_takes_the_cached_codes_of_silence(tokenizer: MoshiTokenizer) -> None:
+    voice = np.random.default_rng(0).normal(0, 0.1, (1, 37 * FRAME)).astype(np.float32)
+    zeros = np.zeros_like(voice)
+    tokenizer._silence = None
+    for wav in (np.concatenate([voice, zeros]), np.concatenate([zeros, voice])):
+        got = tokenizer.encode_audio(wav)
+        with torch.no_grad(), tokenizer.mimi.streaming(2):  # what encoding both channels gives
+            want = tokenizer.mimi.encode(torch.from_numpy(wav)[:, None]).numpy()
+        assert np.array_equal(got, want)
+    short = tokenizer.encode_audio(np.zeros((2, 5 * FRAME), np.float32))  # a prefix of the cached silence
+    assert tokenizer._silence.shape[-1] == 37 and np.array_equal(short[1], tokenizer._silence[:, :5])
+
+
 def test_tokenize_command(tmp_path: Path, checkpoint: TinyCheckpoint, capsys: pytest.CaptureFixture[str]) -> None:
     manifest = write_manifest(tmp_path, [write_conversation(tmp_path, "a", 2.0), "audio/missing.wav"])
     args = ["tokenize", str(manifest), "--out", str(tmp_path / "tokens"), "--checkpoint", str(checkpoint.root),

@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                  "stream N minutes from a TTT hybrid (tiny built-in model by default)"),
     "convert-moshi": ("ttt_speech.moshi.commands", "add_convert_arguments", "run_convert",
                       "convert a Moshi checkpoint into a TTT hybrid"),
+    "init-moshi": ("ttt_speech.moshi.scratch", "add_arguments", "run",
+                   "write a new small Moshi-architecture LM (random weights) with a trained codec and a text tokenizer"),
     "convert-hf": ("ttt_speech.hf.cli", "add_arguments", "run",
                    "convert a local transformers Llama/Qwen2 (or LLaMA-Omni) checkpoint into a TTT hybrid"),
     "serve": ("ttt_speech.serve.commands", "add_arguments", "run",
@@ -23,6 +25,9 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "eval-long": ("ttt_speech.eval.commands", "add_arguments", "run",
                   "compare models on long held-out sequences: per-position loss, where quality degrades, "
                   "free runs, conversations"),
+    "score-free-run": ("ttt_speech.eval.commands", "add_score_arguments", "run_score",
+                       "decode a free run eval-long saved (free_run_<name>.npy) and score its audio per minute: "
+                       "ASR WER, voice similarity"),
     "make-corpus": ("ttt_speech.corpus.commands", "add_arguments", "run",
                     "build an offline long-form English speech corpus: public-domain texts read by local TTS voices"),
     "train-codec": ("ttt_speech.codec.commands", "add_train_arguments", "run_train",

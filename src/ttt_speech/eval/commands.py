@@ -5,27 +5,44 @@
 For each model: the teacher-forced pass (`long_context.py`), a free run of `--minutes` after a
 prompt taken from the first held-out sequence (`free_run.py`), and with `--dialogues` the long
 conversation scores (`conversation.py`). Models are loaded one at a time and freed after their turn.
+A Moshi free run's tokens are saved as free_run_<name>.npy (its words per minute as free_run_<name>.txt),
+so a machine without ASR or codec files can generate and another score the audio later:
+
+    ttt-speech score-free-run report/free_run_NAME.npy --model MOSHI_DIR [--wav]
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import re
 import sys
 import typing as tp
+from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ttt_speech.eval.asr import Recognizer, asr_available
 from ttt_speech.eval.conversation import score_conversation
 from ttt_speech.eval.data import load_sequences
-from ttt_speech.eval.free_run import AudioScoring, free_run_hf, free_run_moshi
+from ttt_speech.eval.free_run import (
+    AudioScoring,
+    FreeRunResult,
+    audio_notes,
+    decode_text,
+    free_run_hf,
+    free_run_moshi,
+    score_saved_run,
+)
 from ttt_speech.eval.gibberish import FRAMES_PER_MINUTE, GibberishThresholds
 from ttt_speech.eval.long_context import OOM_ERRORS, evaluate
-from ttt_speech.eval.models import HFScorer, Loaded, MoshiScorer, load_model
-from ttt_speech.eval.report import Report, write
+from ttt_speech.eval.models import HFScorer, Loaded, MoshiScorer, _moshi_extras, load_model
+from ttt_speech.eval.report import Report, saved_run_md, write
 from ttt_speech.eval.speaker import SpeakerEmbedder
+from ttt_speech.eval.spans import repeat_spans
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_LENGTHS = "4096,8192,16384,32768,65536"
@@ -45,6 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", required=True, metavar="[NAME=]SPEC",
                    help="tiny | tiny-vanilla | Moshi hybrid dir | vanilla Moshi dir | transformers dir (repeatable)")
     p.add_argument("--data", required=True, type=Path, help="held-out token shards ([K, T] .npy/.safetensors)")
+    p.add_argument("--repeats", type=Path, metavar="CORPUS_DIR",
+                   help="make-corpus directory: also score its re-read passages, first time vs again")
     p.add_argument("--dialogues", type=Path, help="held-out two-speaker dialogue shards (Moshi's layout)")
     p.add_argument("--out", type=Path, default=Path("report"), help="output directory")
     p.add_argument("--lengths", type=parse_lengths, default=parse_lengths(DEFAULT_LENGTHS),
@@ -61,12 +80,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames-per-minute", type=int, default=FRAMES_PER_MINUTE,
                    help=argparse.SUPPRESS)  # tests shorten "minutes"
     p.add_argument("--conversation-minutes", type=float, help="score only the first N minutes of each dialogue")
-    p.add_argument("--mimi", help="Mimi weights for decoding audio, or 'tiny' (default: the model dir's, if any)")
-    p.add_argument("--mimi-config", type=Path, help="Mimi config JSON for --mimi (default: the released Mimi's)")
-    p.add_argument("--tokenizer", type=Path, help="SentencePiece model of the text stream (for WER)")
-    p.add_argument("--no-asr", action="store_true", help="skip pocketsphinx even when installed")
-    p.add_argument("--speaker", choices=("auto", "mfcc"), default="auto",
-                   help="voice measure: auto (Resemblyzer if installed, else MFCC statistics) or mfcc")
+    _add_audio_arguments(p)
     p.add_argument("--temp", type=float, default=0.8)
     p.add_argument("--temp-text", type=float, default=0.7)
     p.add_argument("--hf-chunk", type=int, default=256, help="tokens per forward call for HF models")
@@ -76,31 +90,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _audio_scoring(args: argparse.Namespace, loaded: Loaded, device: torch.device, notes: list[str]) -> AudioScoring:
-    """Mimi, tokenizer, ASR and speaker embedder for a Moshi model, each only if available."""
-    lm = loaded.scorer.model
-    n = max(lm.dep_q, lm.n_q - lm.dep_q)
+def _add_audio_arguments(p: argparse.ArgumentParser) -> None:
+    """The audio tools' options, shared by eval-long and score-free-run."""
+    p.add_argument("--mimi", help="Mimi weights for decoding audio, or 'tiny' (default: the model dir's, if any)")
+    p.add_argument("--mimi-config", type=Path, help="Mimi config JSON for --mimi (default: the released Mimi's)")
+    p.add_argument("--tokenizer", type=Path, help="SentencePiece model of the text stream (for WER)")
+    p.add_argument("--no-asr", action="store_true", help="skip pocketsphinx even when installed")
+    p.add_argument("--speaker", choices=("auto", "mfcc"), default="auto",
+                   help="voice measure: auto (Resemblyzer if installed, else MFCC statistics) or mfcc")
+
+
+def _audio_scoring(args: argparse.Namespace, device: torch.device, notes: list[str], *, n_codebooks: int, card: int,
+                   mimi_path: Path | None = None, mimi_config: dict[str, tp.Any] | None = None,
+                   tokenizer_path: Path | None = None) -> AudioScoring:
+    """Mimi, tokenizer, ASR and speaker embedder, each only if available (--mimi, --tokenizer over a model
+    directory's files); ASR and embedder only with a Mimi, as they need its audio."""
+    n = n_codebooks
     mimi = None
     if args.mimi == "tiny":
         from ttt_speech.moshi.tiny import build_tiny_mimi, tiny_mimi_config
 
-        mimi = build_tiny_mimi(args.seed, tiny_mimi_config(n, lm.card), device=device, num_codebooks=n)
-    elif args.mimi or loaded.mimi_path:
-        import json
-
+        mimi = build_tiny_mimi(args.seed, tiny_mimi_config(n, card), device=device, num_codebooks=n)
+    elif args.mimi or mimi_path:
         from moshi.models.loaders import get_mimi
 
-        path = args.mimi or str(loaded.mimi_path)
-        cfg = json.loads(args.mimi_config.read_text()) if args.mimi_config else (None if args.mimi else loaded.mimi_config)
+        path = args.mimi or str(mimi_path)
+        cfg = json.loads(args.mimi_config.read_text()) if args.mimi_config else (None if args.mimi else mimi_config)
         mimi = get_mimi(path, cfg, device=device, num_codebooks=n)
     scoring = AudioScoring(mimi=mimi)
-    if mimi is None:
-        return scoring
-    tokenizer = args.tokenizer or loaded.tokenizer_path
+    tokenizer = args.tokenizer or tokenizer_path
     if tokenizer:
         import sentencepiece
 
         scoring.tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer))
+    if mimi is None:
+        return scoring
     reason = "--no-asr" if args.no_asr else asr_available()
     if reason is None:
         scoring.recognizer = Recognizer()
@@ -108,6 +132,14 @@ def _audio_scoring(args: argparse.Namespace, loaded: Loaded, device: torch.devic
         notes.append(reason)
     scoring.embedder = SpeakerEmbedder(prefer_resemblyzer=args.speaker == "auto")
     return scoring
+
+
+def _model_scoring(args: argparse.Namespace, loaded: Loaded, device: torch.device, notes: list[str]) -> AudioScoring:
+    """`_audio_scoring` for a loaded Moshi model and the files its directory provides."""
+    lm = loaded.scorer.model
+    return _audio_scoring(args, device, notes, n_codebooks=max(lm.dep_q, lm.n_q - lm.dep_q), card=lm.card,
+                          mimi_path=loaded.mimi_path, mimi_config=loaded.mimi_config,
+                          tokenizer_path=loaded.tokenizer_path)
 
 
 def _free(device: torch.device) -> None:
@@ -124,6 +156,9 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     progress = not args.no_progress
     sequences = load_sequences(args.data, args.max_sequences)
     dialogues = load_sequences(args.dialogues) if args.dialogues else []
+    spans = repeat_spans(args.repeats) if args.repeats else None
+    if spans is not None and not any(s.source in spans for s in sequences):
+        raise ValueError(f"{args.repeats}: none of its re-read passages is in {args.data}")
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not callable(v)}
     report = Report(settings | {"device": str(device), "dtype": str(dtype), "sequences": [s.name for s in sequences]})
     report.thresholds = GibberishThresholds()
@@ -133,7 +168,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
         scorer = loaded.scorer
         report.long_context.append(evaluate(
             scorer, sequences, args.lengths, baseline_length=args.baseline_length, threshold=args.threshold,
-            quality_stream=args.quality_stream, batch_size=args.batch_size, progress=progress))
+            quality_stream=args.quality_stream, batch_size=args.batch_size, progress=progress, spans=spans))
         _free(device)
         frames = round(args.minutes * args.frames_per_minute)
         if frames > 0:
@@ -144,7 +179,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
                 report.notes.append(f"{scorer.name}: free run ran out of memory ({type(e).__name__}: {str(e)[:200]})")
             _free(device)
         if dialogues and isinstance(scorer, MoshiScorer):
-            scoring = _audio_scoring(args, loaded, device, report.notes)
+            scoring = _model_scoring(args, loaded, device, report.notes)
             for dialogue in dialogues:
                 report.conversations.append(score_conversation(
                     scorer, dialogue, minutes=args.conversation_minutes, scoring=scoring, seed=args.seed,
@@ -171,10 +206,75 @@ def _free_run(args: argparse.Namespace, loaded: Loaded, first: torch.Tensor, fra
         return free_run_hf(scorer.model, scorer.name, frames, prompt=prompt, cache=scorer.new_cache(),
                            thresholds=report.thresholds, temp=args.temp, seed=args.seed, progress=progress,
                            frames_per_minute=args.frames_per_minute)
-    scoring = _audio_scoring(args, loaded, device, report.notes)
-    return free_run_moshi(scorer.model, scorer.name, frames, prompt=first[:, :P] if P else None, scoring=scoring,
-                          thresholds=report.thresholds, temp=args.temp, temp_text=args.temp_text, seed=args.seed,
-                          progress=progress, frames_per_minute=args.frames_per_minute)
+    scoring = _model_scoring(args, loaded, device, report.notes)
+    result = free_run_moshi(scorer.model, scorer.name, frames, prompt=first[:, :P] if P else None, scoring=scoring,
+                            thresholds=report.thresholds, temp=args.temp, temp_text=args.temp_text, seed=args.seed,
+                            progress=progress, frames_per_minute=args.frames_per_minute)
+    lm = scorer.model
+    _save_free_run(args.out, result, scoring, (lm.text_padding_token_id, lm.end_of_text_padding_id),
+                   args.frames_per_minute)
+    return result
+
+
+def _save_free_run(out: Path, run: FreeRunResult, scoring: AudioScoring, pad_ids: tuple[int, ...],
+                   frames_per_minute: int) -> None:
+    """free_run_<name>.npy (the run's tokens) and, with a tokenizer, free_run_<name>.txt (its words per
+    minute), so the audio can be scored later where ASR and the codec are (`ttt-speech score-free-run`)."""
+    assert run.tokens is not None and run.text is not None
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "free_run_" + re.sub(r"[^\w.-]", "_", run.name)
+    np.save(out / f"{stem}.npy", run.tokens)
+    if scoring.tokenizer is not None:
+        (out / f"{stem}.txt").write_text("".join(
+            f"minute {m + 1}: {decode_text(scoring.tokenizer, run.text[lo:lo + frames_per_minute], pad_ids)}\n"
+            for m, lo in enumerate(range(0, run.frames, frames_per_minute))))
+    run.notes.append(f"tokens saved: {stem}.npy (`ttt-speech score-free-run {out / stem}.npy --model DIR` "
+                     "scores their audio)")
+
+
+def add_score_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("tokens", type=Path, help="free_run_<name>.npy saved by eval-long: [1 + dep_q, frames] tokens")
+    p.add_argument("--model", required=True, type=Path, metavar="DIR",
+                   help="the run's Moshi directory: config.json (pad ids, codebooks) and the Mimi and tokenizer "
+                        "files it names")
+    p.add_argument("--out", type=Path, metavar="DIR", help="output directory (default: the tokens' directory)")
+    p.add_argument("--wav", action="store_true", help="also write the decoded audio as <stem>.wav (24 kHz mono)")
+    p.add_argument("--frames-per-minute", type=int, default=FRAMES_PER_MINUTE,
+                   help=argparse.SUPPRESS)  # as given to eval-long; tests shorten "minutes"
+    _add_audio_arguments(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of --mimi tiny (as given to eval-long)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run_score(args: argparse.Namespace) -> dict[str, Path]:
+    """Decode a saved free run and score its audio per minute: writes <stem>_audio.json, <stem>_audio.md and,
+    with --wav, <stem>.wav; returns the written files."""
+    config = args.model / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{args.model}: no config.json (a Moshi checkpoint directory is needed)")
+    raw = json.loads(config.read_text())
+    tokens = np.load(args.tokens)
+    if tokens.ndim != 2 or tokens.shape[0] != 1 + raw["dep_q"]:
+        raise ValueError(f"{args.tokens}: {tokens.shape} tokens, {args.model} generates [1 + {raw['dep_q']}, frames]")
+    notes: list[str] = []
+    scoring = _audio_scoring(args, torch.device(args.device), notes, card=raw["card"],
+                             n_codebooks=max(raw["dep_q"], raw["n_q"] - raw["dep_q"]), **_moshi_extras(args.model, raw))
+    if scoring.mimi is None:
+        raise FileNotFoundError(f"{args.model}: no Mimi weights ({raw.get('mimi_name', 'mimi.safetensors')}); "
+                                "give --mimi")
+    pad_ids = (raw.get("existing_text_padding_id", 3), raw.get("existing_text_end_padding_id", 0))  # LMModel's defaults
+    out = args.out or args.tokens.parent
+    out.mkdir(parents=True, exist_ok=True)
+    stem = args.tokens.stem
+    files = {"json": out / f"{stem}_audio.json", "md": out / f"{stem}_audio.md"}
+    if args.wav:
+        files["wav"] = out / f"{stem}.wav"
+    minutes = score_saved_run(tokens, scoring, pad_ids, args.frames_per_minute, files.get("wav"))
+    notes += audio_notes(scoring)
+    files["json"].write_text(json.dumps([asdict(m) for m in minutes], indent=1) + "\n")
+    files["md"].write_text(saved_run_md(stem, minutes, scoring.embedder.method if scoring.embedder else None, notes))
+    print(f"{stem}: {len(minutes)} minutes scored -> {files['md']}", file=sys.stderr)
+    return files
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,6 +30,7 @@ class Sequence:
 
     name: str
     tokens: Tensor  # [K, T] int64
+    source: str = ""  # the file it was tokenized from (a token index's "source"), for per-span scores
 
     @property
     def length(self) -> int:
@@ -49,7 +50,7 @@ def load_sequences(path: str | Path, limit: int | None = None) -> list[Sequence]
     for doc in docs:
         name = str(doc.path.relative_to(root)) if doc.path.is_relative_to(root) else str(doc.path)
         name += f"[{doc.key}]" if doc.key not in (None, TOKENS_KEY) else ""
-        out.append(Sequence(name, torch.from_numpy(read_tokens(doc, 0, doc.length))))
+        out.append(Sequence(name, torch.from_numpy(read_tokens(doc, 0, doc.length)), doc.source))
     return out
 
 

@@ -6,8 +6,11 @@ conversation, a held-out dialogue's user codebooks. An optional prompt (the firs
 held-out sequence) is forced into the model's own stream: its audio through LMGen's
 `depformer_replace_tokens`, its text by overwriting the text token LMGen just wrote into its
 token cache (LMGen has no text-forcing argument). Per frame the model's log-probability of its
-own text token (raw logits, temperature 1) is kept for `own_ppl`; with a Mimi, audio is decoded
-frame by frame and kept for one minute at a time (ASR and speaker embedding), so memory stays flat.
+own text token (raw logits, temperature 1) is kept for `own_ppl`. The run keeps the tokens it generated
+(`FreeRunResult.tokens`, undelayed, a few bytes a frame); with a Mimi they are scored after the run by
+`score_saved_run`, which decodes them frame by frame and keeps one minute of audio at a time (ASR and
+speaker embedding), so memory stays flat. The same function scores saved tokens later, on a machine
+that has the ASR and codec files the generating one lacks (`ttt-speech score-free-run`).
 
 An HF model samples token by token with its cache from the first tokens of a held-out sequence;
 its "minutes" are blocks of 750 tokens, with no pad ids and no audio.
@@ -16,8 +19,10 @@ its "minutes" are blocks of 750 tokens, with no pad ids and no audio.
 from __future__ import annotations
 
 import typing as tp
-from contextlib import nullcontext
+import wave
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -61,10 +66,15 @@ class FreeRunResult:
     speaker_method: str | None
     notes: list[str] = field(default_factory=list)
     text: np.ndarray | None = None  # generated text tokens [frames] (not serialised)
+    # Moshi: [1 + dep_q, frames] int16 (int32 past 2**15 ids); column j = the text token and audio codebooks
+    # of generated frame j as LMGen returns them (undelayed). LMGen returns the last max(delays) frames only
+    # after further steps: their columns hold the text token and audio codes 0 (decoded as such). Not serialised.
+    tokens: np.ndarray | None = None
 
     def to_dict(self) -> dict[str, tp.Any]:
         d = asdict(self)
         d.pop("text")
+        d.pop("tokens")
         return d
 
 
@@ -95,8 +105,7 @@ class MinuteAudioScorer:
         self.chunks = []
         res = MinuteAudio(len(self.results))
         if s.tokenizer is not None:
-            ids = [int(t) for t in text if int(t) not in self.pad_ids]
-            res.model_text = s.tokenizer.decode(ids) if ids else ""
+            res.model_text = decode_text(s.tokenizer, text, self.pad_ids)
         if s.recognizer is not None and len(audio):
             res.asr = s.recognizer.transcribe(audio, SAMPLE_RATE)
             if res.model_text is not None:
@@ -107,6 +116,41 @@ class MinuteAudioScorer:
                 self.reference = emb
             res.speaker_similarity = cosine(self.reference, emb)
         self.results.append(res)
+
+
+def decode_text(tokenizer: tp.Any, text: np.ndarray, pad_ids: tuple[int, ...]) -> str:
+    """The words of text tokens, pads dropped."""
+    ids = [int(t) for t in text if int(t) not in pad_ids]
+    return tokenizer.decode(ids) if ids else ""
+
+
+@torch.no_grad()
+def score_saved_run(tokens: np.ndarray, scoring: AudioScoring, pad_ids: tuple[int, ...],
+                    frames_per_minute: int = FRAMES_PER_MINUTE, wav: Path | None = None) -> list[MinuteAudio]:
+    """ASR / voice scores per minute of a run's tokens [1 + dep_q, frames] (`FreeRunResult.tokens`): the
+    audio codebooks decoded frame by frame in one Mimi stream, as a live decoder would, each minute
+    scored with its text. Optionally the audio goes to `wav` too (24 kHz mono 16-bit, streamed)."""
+    mimi = scoring.mimi
+    if mimi is None:
+        raise ValueError("scoring a run's audio needs a Mimi")
+    codes = torch.from_numpy(tokens[1:].astype(np.int64))[None].to(next(mimi.parameters()).device)
+    frames = tokens.shape[1]
+    minute_audio = MinuteAudioScorer(scoring, pad_ids)
+    with ExitStack() as stack:
+        stack.enter_context(mimi.streaming(1))
+        out = None if wav is None else stack.enter_context(wave.open(str(wav), "wb"))
+        if out is not None:
+            out.setnchannels(1)
+            out.setsampwidth(2)
+            out.setframerate(SAMPLE_RATE)
+        for j in range(frames):
+            pcm = mimi.decode(codes[:, :, j:j + 1])[0, 0].float().cpu().numpy()
+            minute_audio.add(pcm)
+            if out is not None:
+                out.writeframes((np.clip(pcm, -1.0, 1.0) * 32767).astype("<i2").tobytes())
+            if (j + 1) % frames_per_minute == 0 or j + 1 == frames:
+                minute_audio.finish_minute(tokens[0, j - j % frames_per_minute:j + 1])
+    return minute_audio.results
 
 
 def _silence(lm: tp.Any, mimi: tp.Any) -> Tensor:
@@ -132,25 +176,28 @@ def free_run_moshi(lm: tp.Any, name: str, frames: int, *, prompt: Tensor | None 
     device, mimi = lm.device, scoring.mimi
     pad_ids = (lm.text_padding_token_id, lm.end_of_text_padding_id)
     P = 0 if prompt is None else prompt.shape[-1]
+    if mimi is not None:
+        mimi.set_num_codebooks(max(lm.dep_q, lm.n_q - lm.dep_q))
     if user is None:
         user = _silence(lm, mimi)[:, None].repeat(1, P + frames)
         if prompt is not None and prompt.shape[0] >= 1 + lm.n_q:
             user[:, :P] = prompt[1 + lm.dep_q:1 + lm.n_q]
     if user.shape[-1] < P + frames:
         raise ValueError(f"the user stream has {user.shape[-1]} frames, the run needs {P + frames}")
-    if mimi is not None:
-        mimi.set_num_codebooks(max(lm.dep_q, lm.n_q - lm.dep_q))
-    steps: list[tuple[Tensor, Tensor]] = []
-    gen = LMGen(lm, use_sampling=True, temp=temp, temp_text=temp_text,
-                on_text_logits_hook=lambda logits: steps.append((logits[:, 0, 0].float().log_softmax(-1),)),
-                on_text_hook=lambda tok: steps.__setitem__(-1, (*steps[-1], tok)))
+    step: list[Tensor] = []  # this frame's text log-probs and token (one frame only: memory stays flat)
+
+    def on_logits(logits: Tensor) -> None:
+        step[:] = [logits[:, 0, 0].float().log_softmax(-1)]
+
+    gen = LMGen(lm, use_sampling=True, temp=temp, temp_text=temp_text, on_text_logits_hook=on_logits,
+                on_text_hook=step.append)
     text = np.zeros(frames, dtype=np.int64)
     logprobs = np.zeros(frames, dtype=np.float64)
-    minute_audio = MinuteAudioScorer(scoring, pad_ids)
+    tokens = np.zeros((1 + lm.dep_q, frames), dtype=np.int16 if max(lm.text_card, lm.card) <= 2**15 else np.int32)
+    lag = P + gen.max_delay  # at step i LMGen returns frame i - max_delay: generated frame i - lag
     delays = torch.tensor(lm.delays[1:1 + lm.dep_q])
     bar = tqdm(total=P + frames, unit="frame", disable=not progress, dynamic_ncols=True, desc=f"{name} free run")
-    audio_ctx = mimi.streaming(1) if mimi is not None else nullcontext()
-    with gen.streaming(1), audio_ctx:
+    with gen.streaming(1):
         for i in range(P + frames):
             forced = None
             if i < P:  # the prompt's audio, in the depformer's delayed coordinates
@@ -158,24 +205,24 @@ def free_run_moshi(lm: tp.Any, name: str, frames: int, *, prompt: Tensor | None 
                 src = (i - delays).clamp(min=0)
                 forced = prompt[1:1 + lm.dep_q].gather(1, src[:, None])[None].to(device)
             out = gen.step(user[:, i].view(1, -1, 1).to(device), depformer_replace_tokens=forced)
-            logp, token = steps[-1]
+            logp, token = step
             if i < P:  # force the prompt's text where LMGen wrote its sample
                 state = gen._streaming_state
                 state.cache[:, 0, state.offsets % state.cache.shape[-1]] = int(prompt[0, i])
             else:
-                j = i - P
-                text[j] = int(token[0])
-                logprobs[j] = float(logp[0, token[0]])
-                if mimi is not None and ((j + 1) % frames_per_minute == 0 or j + 1 == frames):
-                    minute_audio.finish_minute(text[j - j % frames_per_minute:j + 1])
-            if out is not None and mimi is not None:
-                minute_audio.add(mimi.decode(out[:, 1:1 + lm.dep_q])[0, 0].float().cpu().numpy())
+                text[i - P] = int(token[0])
+                logprobs[i - P] = float(logp[0, token[0]])
+            if i >= lag:
+                assert out is not None
+                tokens[:, i - lag] = out[0, :, 0].cpu().numpy()
             bar.update(1)
     bar.close()
+    tail = max(frames - gen.max_delay, 0)
+    tokens[0, tail:] = text[tail:]  # LMGen has not returned these frames yet: their text, audio codes 0
     stats = minute_stats(text, lm.text_card, pad_ids, logprobs, frames_per_minute, thresholds)
-    notes = _audio_notes(scoring)
-    return FreeRunResult(name, frames, P, stats, minute_audio.results, degraded_minute(stats),
-                         scoring.embedder.method if scoring.embedder else None, notes, text)
+    audio = [] if mimi is None else score_saved_run(tokens, scoring, pad_ids, frames_per_minute)
+    return FreeRunResult(name, frames, P, stats, audio, degraded_minute(stats),
+                         scoring.embedder.method if scoring.embedder else None, audio_notes(scoring), text, tokens)
 
 
 @torch.no_grad()
@@ -198,7 +245,7 @@ def free_run_hf(model: tp.Any, name: str, tokens: int, *, prompt: Tensor, cache:
                          [f"HF model: a 'minute' is a block of {frames_per_minute} tokens; no pad ids, no audio"], text)
 
 
-def _audio_notes(scoring: AudioScoring) -> list[str]:
+def audio_notes(scoring: AudioScoring) -> list[str]:
     notes = []
     if scoring.mimi is None:
         notes.append("no Mimi checkpoint: audio not decoded (no WER, no voice consistency)")

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from ttt_speech.eval.data import Sequence
 from ttt_speech.eval.models import Scorer
+from ttt_speech.eval.spans import Span, SpanLosses
 
 OOM_ERRORS: tuple[type[BaseException], ...] = (torch.cuda.OutOfMemoryError, MemoryError)
 
@@ -131,6 +132,7 @@ class ModelResult:
     loss_beyond_window: float | None  # quality streams, positions t >= attention window
     sequences: int = 0
     notes: list[str] = field(default_factory=list)
+    span_loss: dict[str, dict[str, float | None]] = field(default_factory=dict)  # label -> text/audio mean loss
 
     @property
     def window_gap(self) -> float | None:
@@ -186,8 +188,9 @@ def quality_indices(streams: tuple[str, ...], which: str) -> list[int]:
     return picked
 
 
-def batches(sequences: list[Sequence], rows: int, length: int, batch_size: int, pad: int) -> tp.Iterator[Tensor]:
-    """[B, rows, <=length] token batches, each sequence cut at `length`, short ones padded with `pad`."""
+def batches(sequences: list[Sequence], rows: int, length: int, batch_size: int,
+            pad: int) -> tp.Iterator[tuple[list[Sequence], Tensor]]:
+    """(sequences, [B, rows, <=length] tokens) batches, each cut at `length`, short ones padded with `pad`."""
     for i in range(0, len(sequences), batch_size):
         group = sequences[i:i + batch_size]
         for seq in group:
@@ -199,7 +202,7 @@ def batches(sequences: list[Sequence], rows: int, length: int, batch_size: int, 
         for b, seq in enumerate(group):
             n = min(T, seq.length)
             out[b, :, :n] = seq.tokens[:rows, :n]
-        yield out
+        yield group, out
 
 
 def _free_memory(device: torch.device) -> None:
@@ -210,8 +213,11 @@ def _free_memory(device: torch.device) -> None:
 
 def evaluate(scorer: Scorer, sequences: list[Sequence], lengths: list[int], *, baseline_length: int | None = None,
              threshold: float = 0.9, quality_stream: str = "text", batch_size: int = 1,
-             progress: bool = True) -> ModelResult:
-    """Teacher-forced streaming evaluation of one model at `lengths` (positions, i.e. frames or tokens)."""
+             progress: bool = True, spans: dict[str, list[Span]] | None = None) -> ModelResult:
+    """Teacher-forced streaming evaluation of one model at `lengths` (positions, i.e. frames or tokens).
+
+    `spans` (source -> labelled position ranges, e.g. `repeat_spans`) adds the mean loss per label.
+    """
     lengths = sorted(set(lengths))
     if not lengths or lengths[0] < 2:
         raise ValueError(f"lengths must be >= 2, got {lengths}")
@@ -223,7 +229,9 @@ def evaluate(scorer: Scorer, sequences: list[Sequence], lengths: list[int], *, b
     reached, oom_message, notes = longest, None, []
     total = sum(min(longest + scorer.lookahead, s.length) for s in sequences)
     bar = tqdm(total=total, unit="pos", disable=not progress, dynamic_ncols=True, desc=scorer.name)
-    for tokens in batches(sequences, scorer.rows(), longest + scorer.lookahead, batch_size, scorer.pad_value()):
+    span_acc = SpanLosses(S)
+    for group, tokens in batches(sequences, scorer.rows(), longest + scorer.lookahead, batch_size,
+                                 scorer.pad_value()):
         B, _, T = tokens.shape
         out = torch.full((B, S, T), torch.nan)
         meter.start()
@@ -242,6 +250,8 @@ def evaluate(scorer: Scorer, sequences: list[Sequence], lengths: list[int], *, b
             _free_memory(scorer.device)
             break
         acc.add(out[:, :, :longest])
+        for seq, losses in zip(group, out):
+            span_acc.add(losses[:, :longest], (spans or {}).get(seq.source, []))
     bar.close()
 
     q = quality_indices(scorer.streams, quality_stream)
@@ -277,4 +287,5 @@ def evaluate(scorer: Scorer, sequences: list[Sequence], lengths: list[int], *, b
     return ModelResult(
         scorer.name, scorer.kind, list(scorer.streams), [scorer.streams[i] for i in q], W, base, base_loss,
         base_quality, threshold, results, degraded_at, oom_at, oom_message, edges, bucket_loss, bucket_count,
-        inside, beyond, len(sequences), notes)
+        inside, beyond, len(sequences), notes,
+        span_acc.means({"text": [0], "audio": list(range(1, S))} if S > 1 else {"text": [0]}))

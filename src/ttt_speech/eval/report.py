@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ttt_speech.eval import plots
 from ttt_speech.eval.conversation import ConversationResult
-from ttt_speech.eval.free_run import FreeRunResult
+from ttt_speech.eval.free_run import FreeRunResult, MinuteAudio
 from ttt_speech.eval.gibberish import GibberishThresholds
 from ttt_speech.eval.long_context import ModelResult
 
@@ -58,6 +58,7 @@ def _long_context_md(results: list[ModelResult]) -> list[str]:
                      _f(r.loss_inside_window), _f(r.loss_beyond_window), _f(r.window_gap, "+.3f"), verdict])
     lines += _table(["model", "kind", "attention window", "baseline length", "baseline loss", "loss inside window",
                      "loss beyond window", "beyond - inside", "verdict"], rows)
+    lines += _span_md(results)
     for r in results:
         lines += ["", f"### {r.name}: per length ({', '.join(r.quality_streams)} stream(s); {r.sequences} sequences)", ""]
         lines += _table(["length", "status", "loss", "quality", "ratio to baseline", "ms / position", "peak MiB"], [
@@ -70,6 +71,28 @@ def _long_context_md(results: list[ModelResult]) -> list[str]:
         header = ["stream", *(f"[{lo},{hi})" for lo, hi in zip(r.bucket_edges[:-1], r.bucket_edges[1:]))]
         lines += _table(header, [[s, *(_f(m, ".2f") for m in r.bucket_loss[s])] for s in r.streams])
     return lines
+
+
+def _span_md(results: list[ModelResult]) -> list[str]:
+    """Re-read passages: loss the first time vs again (far beyond the window), and against the first model."""
+    scored = [r for r in results if "again" in r.span_loss]
+    if not scored:
+        return []
+    ref = scored[0]
+    lines = ["", "### Re-read passages (content repeated from >= 10 minutes earlier)", "",
+             f"Mean loss (nats) on the passages' first reading and on their re-reading; the last columns "
+             f"compare the re-reading with {ref.name}'s (negative: lower loss).", ""]
+    rows = []
+    for r in scored:
+        row = [r.name]
+        for group in ("text", "audio"):
+            first, again = r.span_loss["first"].get(group), r.span_loss["again"].get(group)
+            base = ref.span_loss["again"].get(group)
+            row += [_f(first), _f(again), _f(None if first is None or again is None else again / first - 1, "+.1%"),
+                    _f(None if again is None or not base else again / base - 1, "+.1%")]
+        rows.append(row)
+    return lines + _table(["model", *(f"{g} {c}" for g in ("text", "audio") for c in (
+        "first", "again", "again vs first", f"again vs {ref.name}"))], rows)
 
 
 def _free_runs_md(runs: list[FreeRunResult], th: GibberishThresholds) -> list[str]:
@@ -105,6 +128,27 @@ def _conversations_md(results: list[ConversationResult]) -> list[str]:
                      "voice measure"], rows)
     lines += [f"- {r.name} / {r.dialogue}: {n}" for r in results for n in r.notes]
     return lines
+
+
+def _clip(text: str | None, width: int = 60) -> str:
+    """One table cell of free text: one line, no column breaks, at most `width` characters."""
+    if text is None:
+        return "–"
+    text = " ".join(text.split()).replace("|", "\\|")
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def saved_run_md(name: str, minutes: list[MinuteAudio], speaker_method: str | None, notes: list[str]) -> str:
+    """`score-free-run`'s table: per minute the WER of the model's words against the ASR transcript of its
+    audio, the voice similarity to the first minute, and both texts (truncated; in full in the JSON)."""
+    rows = [[str(a.minute + 1), _f(a.wer, ".2f"), _f(a.speaker_similarity, ".2f"), _clip(a.asr), _clip(a.model_text)]
+            for a in minutes]
+    lines = [f"# {name}: audio per minute", "",
+             *_table(["minute", "WER", "voice sim.", "ASR text", "model text"], rows)]
+    if speaker_method:
+        lines.append(f"\nVoice similarity: {speaker_method} (see `ttt_speech/eval/speaker.py` for its limits).")
+    lines += [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
 
 
 RULES = """## How to read this

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import typing as tp
 from pathlib import Path
 
@@ -62,6 +63,22 @@ def save_moshi_checkpoint(lm: LMModel, config: dict[str, tp.Any], out_dir: str |
     config = {k: v for k, v in config.items() if k != "moshi_name"} | (extra_config or {})
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return out
+
+
+COMPANION_KEYS = ("mimi_name", "mimi_config_name", "tokenizer_name")
+
+
+def copy_companions(source_dir: str | Path, out_dir: str | Path) -> list[str]:
+    """Copy the codec and tokenizer files a Moshi directory's config.json names into `out_dir`, and name
+    them in its config.json, so a model trained from a local checkpoint stays self-contained."""
+    src, out = Path(source_dir), Path(out_dir)
+    config = json.loads((src / CONFIG_NAME).read_text())
+    names = {k: config[k] for k in COMPANION_KEYS if k in config}
+    for name in names.values():
+        shutil.copyfile(src / name, out / name)
+    target = json.loads((out / CONFIG_NAME).read_text()) | names
+    (out / CONFIG_NAME).write_text(json.dumps(target, indent=2) + "\n")
+    return list(names.values())
 
 
 def save_hybrid(model: TTTLMModel, out_dir: str | Path) -> Path:

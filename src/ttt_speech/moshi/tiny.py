@@ -82,22 +82,13 @@ def build_tiny_mimi(seed: int = 0, config: dict[str, tp.Any] | None = None,
 
 
 def write_tiny_tokenizer(path: str | Path, vocab_size: int) -> Path:
-    """Train a SentencePiece model on a few built-in sentences (ids 0-3 as Moshi uses them)."""
-    import io
-
-    import sentencepiece as spm
+    """A SentencePiece model trained on a few built-in sentences (ids 0-3 as Moshi uses them)."""
+    from ttt_speech.moshi.scratch import train_text_tokenizer
 
     words = ("the a moshi speaks and listens at twelve frames per second while memory grows "
              "test time training keeps a fixed size state for hours of audio").split()
     lines = [" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) for i in range(200)]
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="bpe",
-        character_coverage=1.0, unk_id=1, bos_id=-1, eos_id=2, pad_id=3, minloglevel=2,
-        hard_vocab_limit=False, user_defined_symbols=["<end_pad>"])
-    out = Path(path)
-    out.write_bytes(model.getvalue())
-    return out
+    return train_text_tokenizer(lines, vocab_size, path)
 
 
 @dataclass(frozen=True)

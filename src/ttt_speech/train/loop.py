@@ -325,6 +325,11 @@ def export_checkpoint(cfg: Config, checkpoint: Path, out_dir: Path, dtype: torch
     merge_lora(seg.model)
     out_dir.mkdir(parents=True, exist_ok=True)
     seg.export(str(out_dir))
+    source = cfg.model.hybrid or cfg.model.pretrained
+    if cfg.model.family == "moshi" and source and Path(source).is_dir():
+        from ttt_speech.moshi.checkpoint import copy_companions
+
+        copy_companions(source, out_dir)
     log.info("exported %s -> %s", checkpoint, out_dir)
     return out_dir
 

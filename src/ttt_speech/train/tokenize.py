@@ -96,6 +96,7 @@ class MoshiTokenizer:
         self.pad, self.end_pad = text_padding_id, end_of_text_padding_id
         self.main_speaker = main_speaker
         self.chunk_frames = max(1, round(chunk_seconds * mimi.frame_rate))
+        self._silence: np.ndarray | None = None  # codes of silence, [K, T], grown on demand
 
     @classmethod
     def from_checkpoint(cls, path: str, mimi_config: str | None = None, device: str = "cpu",
@@ -114,14 +115,30 @@ class MoshiTokenizer:
 
     @torch.no_grad()
     def encode_audio(self, wav: np.ndarray) -> np.ndarray:
-        """Stereo float audio [2, S] -> codes [2, K, ceil(S / frame_size)], streamed a chunk at a time."""
+        """Float audio [C, S] -> codes [C, K, ceil(S / frame_size)], streamed a chunk at a time.
+
+        An all-zero channel (a reading's silent user side) takes a prefix of one cached encoding of
+        silence: the codec is causal, so that prefix is what encoding it would give, at no cost.
+        """
+        frames = math.ceil(wav.shape[-1] / self.mimi.frame_size)
+        silent = [c for c in range(wav.shape[0]) if not wav[c].any()]
+        live = [c for c in range(wav.shape[0]) if c not in silent]
+        out = np.empty((wav.shape[0], self.mimi.num_codebooks, frames), dtype=np.int64)
+        if live:
+            out[live] = self._encode(wav[live], frames)
+        if silent:
+            if self._silence is None or self._silence.shape[-1] < frames:
+                self._silence = self._encode(np.zeros((1, frames * self.mimi.frame_size), np.float32), frames)[0]
+            out[silent] = self._silence[:, :frames]
+        return out
+
+    def _encode(self, wav: np.ndarray, frames: int) -> np.ndarray:
         fs = self.mimi.frame_size
-        frames = math.ceil(wav.shape[-1] / fs)
         device = next(self.mimi.parameters()).device
         x = torch.nn.functional.pad(torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))[:, None],
                                     (0, frames * fs - wav.shape[-1]))
         step = self.chunk_frames * fs
-        with self.mimi.streaming(2):
+        with self.mimi.streaming(x.shape[0]):
             codes = [self.mimi.encode(x[..., s:s + step].to(device)).cpu() for s in range(0, frames * fs, step)]
         return torch.cat(codes, dim=-1)[..., :frames].numpy()
 

@@ -1,0 +1,87 @@
+"""A new Moshi-architecture LM, from scratch: a small config, a trained codec and a text tokenizer
+laid out as a released checkpoint directory.
+
+Laid out that way, the from-scratch model goes through the same roads as a real Moshi: `tokenize`,
+`train` (`model.pretrained: <dir>`), `convert-moshi`, `eval-long`, `generate` and `serve`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shutil
+import typing as tp
+from collections.abc import Iterable
+from pathlib import Path
+
+from ttt_speech.codec.model import load_codec
+from ttt_speech.moshi.checkpoint import save_moshi_checkpoint
+from ttt_speech.moshi.tiny import (MIMI_CONFIG_NAME, MIMI_WEIGHTS_NAME, TOKENIZER_NAME, TinyCheckpoint,
+                                   build_tiny_lm, tiny_lm_config)
+
+# Moshi's layout (text + 8 generated + 8 user codebooks, acoustic delay 1, RMSNorm, SiLU gating, RoPE,
+# a depformer over the 8 generated codebooks with weights per step: moshi streams only that kind) at
+# 6.97M parameters; with TTT in all 5 layers 7.78M, so 15.6 MB in fp16 beside the 9.2 MB small codec
+# (configs/codec_small.yaml): 24.7 MB. Context 250 frames = 20 s.
+SMALL_LM: dict[str, tp.Any] = {
+    "dim": 192, "num_heads": 3, "num_layers": 5, "hidden_scale": 3.5, "context": 250, "text_card": 1000,
+    "n_q": 16, "dep_q": 8, "card": 1024, "depformer_dim": 64, "depformer_dim_feedforward": 128,
+    "depformer_num_heads": 2, "depformer_num_layers": 1, "depformer_weights_per_step": True,
+    "delays": [0] + ([0] + [1] * 7) * 2,
+}
+
+
+def train_text_tokenizer(lines: Iterable[str], vocab_size: int, path: str | Path) -> Path:
+    """A SentencePiece BPE model with Moshi's special ids: 0 end-of-padding, 1 unk, 2 eos, 3 padding."""
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        character_coverage=1.0, unk_id=1, bos_id=-1, eos_id=2, pad_id=3, minloglevel=2,
+        hard_vocab_limit=False, user_defined_symbols=["<end_pad>"])
+    out = Path(path)
+    out.write_bytes(model.getvalue())
+    return out
+
+
+def write_scratch_checkpoint(out_dir: str | Path, codec_dir: str | Path, text_lines: Iterable[str],
+                             lm_config: dict[str, tp.Any] | None = None, seed: int = 0) -> TinyCheckpoint:
+    """A randomly initialised Moshi LM + the exported codec + a tokenizer trained on `text_lines`."""
+    codec = Path(codec_dir)
+    codec = codec / "export" if (codec / "export" / MIMI_CONFIG_NAME).exists() else codec
+    mimi = load_codec(codec)
+    config = tiny_lm_config(**SMALL_LM) | (lm_config or {})
+    n_codebooks = mimi.num_codebooks
+    if config["dep_q"] > n_codebooks or config["card"] != mimi.cardinality:
+        raise ValueError(f"{codec}: {n_codebooks} codebooks of {mimi.cardinality}, the LM wants "
+                         f"{config['dep_q']} of {config['card']}")
+    ckpt = TinyCheckpoint(Path(out_dir))
+    ckpt.root.mkdir(parents=True, exist_ok=True)
+    for name in (MIMI_WEIGHTS_NAME, MIMI_CONFIG_NAME):
+        shutil.copyfile(codec / name, ckpt.root / name)
+    train_text_tokenizer(text_lines, config["text_card"], ckpt.tokenizer)
+    save_moshi_checkpoint(build_tiny_lm(seed, config), config, ckpt.root, {
+        "model_type": "moshi", "mimi_name": MIMI_WEIGHTS_NAME, "mimi_config_name": MIMI_CONFIG_NAME,
+        "tokenizer_name": TOKENIZER_NAME})
+    return ckpt
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--codec", required=True, help="exported codec directory (train-codec's run dir or export/)")
+    p.add_argument("--corpus", required=True, help="a make-corpus directory: its texts train the text tokenizer")
+    p.add_argument("--out", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                   help="override an LM config key, e.g. --set num_layers=6 (repeatable)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> None:
+    from ttt_speech.corpus.texts import load_sources
+
+    names = list(json.loads((Path(args.corpus) / "corpus.json").read_text())["texts"])
+    lines = [s.text for sentences in load_sources(names).values() for s in sentences]
+    overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
+    ckpt = write_scratch_checkpoint(args.out, args.codec, lines, overrides, args.seed)
+    print(f"wrote {ckpt.root} (texts: {', '.join(names)}; {len(lines)} sentences)")
