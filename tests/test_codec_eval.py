@@ -10,12 +10,12 @@ import pytest
 import torch
 
 pytest.importorskip("moshi")
-pytest.importorskip("sphn")
+sphn = pytest.importorskip("sphn")
 
 from ttt_speech.codec.commands import add_eval_arguments, run_eval  # noqa: E402
 from ttt_speech.codec.config import MimiSize  # noqa: E402
 from ttt_speech.codec.data import Crops, find_audio, read_audio  # noqa: E402
-from ttt_speech.codec.evaluate import evaluate_codec, summarize  # noqa: E402
+from ttt_speech.codec.evaluate import evaluate_codec, summarize, transcript_text  # noqa: E402
 from ttt_speech.codec.losses import ReconstructionLoss, si_snr  # noqa: E402
 from ttt_speech.codec.model import build_codec, export_codec  # noqa: E402
 from ttt_speech.codec.synthetic import write_synthetic_audio  # noqa: E402
@@ -66,3 +66,18 @@ def test_eval_codec_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert len(report["clips"]) == 4 and [r["codebooks"] for r in report["summary"]] == [2, 4]
     if report["clips"][0]["asr_original"] is not None:  # pocketsphinx installed: the transcript is used too
         assert report["clips"][0]["wer_original"] is not None
+
+
+def test_clips_are_spread_over_each_file_and_silent_ones_skipped(tmp_path: Path) -> None:
+    manifest = write_synthetic_audio(tmp_path / "audio", files=1, seconds=4.0)
+    wav = tmp_path / "audio" / "synth_0000.wav"
+    pcm, sr = sphn.read(str(wav))
+    pcm[1] = 0.0  # an empty user channel, as in a single-voice reading
+    sphn.write_wav(str(wav), pcm, sr)
+    scores = evaluate_codec(build_codec(TINY, 0), find_audio([str(manifest)], SkipLog()), seconds=1.0,
+                            codebooks=[2], asr=False, clips=3)
+    assert [(s.channel, s.start) for s in scores] == [(0, 0.0), (0, 1.5), (0, 3.0)]
+    (tmp_path / "audio" / "synth_0000.json").write_text(json.dumps(
+        {"alignments": [["early", [0.2, 0.4], "SPEAKER_MAIN"], ["late", [3.2, 3.5], "SPEAKER_MAIN"]]}))
+    assert transcript_text(wav, 0, 2, 1.0, start=3.0) == "late"
+    assert transcript_text(wav, 0, 2, 1.0) == "early"

@@ -1,4 +1,5 @@
-"""The `generate` job on its embedded default (a tiny hybrid built in code) and on a saved hybrid."""
+"""The `generate` job on its embedded default (the shipped small hybrid), a tiny hybrid built in code
+and a saved hybrid."""
 
 from __future__ import annotations
 
@@ -28,8 +29,21 @@ def generate(*argv: str) -> dict[str, Path]:
     return run_generate(parser.parse_args(list(argv)))
 
 
-def test_generate_on_the_embedded_default(tmp_path: Path) -> None:
-    files = generate("--minutes", "0.2", "--tiny-mimi", "--out", str(tmp_path), "--device", "cpu")
+def test_generate_on_the_embedded_default_speaks_with_its_own_codec(tmp_path: Path) -> None:
+    files = generate("--minutes", "0.05", "--out", str(tmp_path), "--device", "cpu")
+    frames = 38
+    tokens = np.load(files["tokens"])
+    assert tokens.shape == (1, 9, frames - 1)  # text + 8 codebooks of 1024, as Moshi
+    assert tokens[:, 1:].max() < 1024 and tokens[:, 0].max() < 1000
+    with wave.open(str(files["audio"])) as w:
+        assert w.getframerate() == 24000 and w.getnframes() == (frames - 1) * 1920
+        pcm = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)
+    assert np.abs(pcm).max() > 0  # the shipped codec decodes to sound, not silence
+    assert json.loads(files["stats"].read_text())["state_finite"] is True
+
+
+def test_generate_on_the_tiny_model(tmp_path: Path) -> None:
+    files = generate("--minutes", "0.2", "--tiny", "--tiny-mimi", "--out", str(tmp_path), "--device", "cpu")
     frames = 150  # 0.2 min at 12.5 Hz
     tokens = np.load(files["tokens"])
     assert tokens.shape == (1, 3, frames - 1)  # text + 2 codebooks; the acoustic delay costs one frame
@@ -44,8 +58,8 @@ def test_generate_on_the_embedded_default(tmp_path: Path) -> None:
 
 
 def test_generate_is_deterministic_and_loads_real_weights(tmp_path: Path) -> None:
-    a = generate("--minutes", "0.05", "--out", str(tmp_path / "a"), "--device", "cpu")
-    b = generate("--minutes", "0.05", "--out", str(tmp_path / "b"), "--device", "cpu")
+    a = generate("--minutes", "0.05", "--tiny", "--out", str(tmp_path / "a"), "--device", "cpu")
+    b = generate("--minutes", "0.05", "--tiny", "--out", str(tmp_path / "b"), "--device", "cpu")
     assert np.array_equal(np.load(a["tokens"]), np.load(b["tokens"]))
     saved = build_tiny_hybrid(0).save_pretrained(tmp_path / "hybrid")
     c = generate("--minutes", "0.05", "--hybrid", str(saved), "--dtype", "float32", "--out", str(tmp_path / "c"),

@@ -48,3 +48,9 @@ def test_model_mimi_and_tokenizer_are_found_for_each_kind_of_model(tmp_path: Pat
         load(parse("--model", str(vanilla_dir)), tmp_path)
     _, _, mimi, _ = load(parse("--model", str(vanilla_dir), "--mimi", "tiny"), tmp_path)
     assert mimi.cardinality == lm.card
+
+
+def test_the_default_model_is_the_shipped_small_hybrid_with_its_codec(tmp_path: Path) -> None:
+    lm, _, mimi, tok = load(parse(), tmp_path)
+    assert isinstance(lm, TTTLMModel) and (lm.n_q, lm.dep_q, lm.card) == (16, 8, 1024)
+    assert mimi.num_codebooks == 8 and mimi.cardinality == 1024 and tok.vocab_size() <= lm.text_card

@@ -33,7 +33,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="exported codec directory (mimi.safetensors + mimi_config.json) or its run dir")
     p.add_argument("--data", action="append", required=True,
                    help="held-out audio: jsonl manifest, wav directory or wav file (repeatable)")
-    p.add_argument("--seconds", type=float, default=20.0, help="the first N seconds of each file and channel")
+    p.add_argument("--seconds", type=float, default=20.0, help="seconds per clip")
+    p.add_argument("--clips", type=int, default=1,
+                   help="clips per file and channel, evenly spaced from start to end (default: 1, the start)")
     p.add_argument("--max-clips", type=int, default=50, help="evaluate at most this many channels of files")
     p.add_argument("--codebooks", default=None, help="codebook counts to compare, e.g. 2,4,8 (default: all)")
     p.add_argument("--no-asr", action="store_true", help="skip pocketsphinx WER even when it is installed")
@@ -53,7 +55,7 @@ def run_eval(args: argparse.Namespace) -> int:
     mimi = load_codec(args.checkpoint, device)
     examples = find_audio(args.data, SkipLog())[: args.max_clips]
     ks = [int(k) for k in args.codebooks.split(",")] if args.codebooks else None
-    scores = evaluate_codec(mimi, examples, args.seconds, ks, asr=not args.no_asr)
+    scores = evaluate_codec(mimi, examples, args.seconds, ks, asr=not args.no_asr, clips=args.clips)
     print(format_table(summarize(scores)))
     if args.out:
         print(f"wrote {write_report(scores, args.out)}")

@@ -40,11 +40,12 @@ class ClipScore:
     wer_reconstructed_vs_original: float | None = None
     wer_original: float | None = None  # against the transcript beside the wav
     wer_reconstructed: float | None = None
+    start: float = 0.0  # seconds into the file
 
 
-def transcript_text(wav: Path, channel: int, channels: int, seconds: float) -> str | None:
-    """Words within the first `seconds` of a transcript beside `wav`: the main speaker's on the left channel of a
-    stereo file, everyone else's on the right, all words for mono; None without a transcript."""
+def transcript_text(wav: Path, channel: int, channels: int, seconds: float, start: float = 0.0) -> str | None:
+    """Words starting within [start, start + seconds) of a transcript beside `wav`: the main speaker's on the left
+    channel of a stereo file, everyone else's on the right, all words for mono; None without a transcript."""
     path = wav.with_suffix(".json")
     if not path.exists():
         return None
@@ -54,7 +55,8 @@ def transcript_text(wav: Path, channel: int, channels: int, seconds: float) -> s
     except (json.JSONDecodeError, KeyError, TypeError, ValueError):
         log.warning("%s: not a transcript ({\"alignments\": [[word, [start, end], speaker], ...]}); ignored", path)
         return None
-    keep = [w for w, s, spk in words if s < seconds and (channels != 2 or (spk == MAIN_SPEAKER) == (channel == 0))]
+    keep = [w for w, s, spk in words
+            if start <= s < start + seconds and (channels != 2 or (spk == MAIN_SPEAKER) == (channel == 0))]
     return " ".join(keep)
 
 
@@ -71,8 +73,12 @@ def reconstruct(mimi: MimiModel, audio: torch.Tensor, codebooks: int) -> torch.T
 
 
 def evaluate_codec(mimi: MimiModel, examples: list[AudioExample], seconds: float = 20.0,
-                   codebooks: list[int] | None = None, asr: bool = True) -> list[ClipScore]:
-    """Scores per clip and codebook count (default: all codebooks); ASR only when asked and installed."""
+                   codebooks: list[int] | None = None, asr: bool = True, clips: int = 1) -> list[ClipScore]:
+    """Scores per clip and codebook count (default: all codebooks); ASR only when asked and installed.
+
+    `clips` clips of `seconds` per file and channel, evenly spaced from its start to its end; silent clips
+    (a reading's empty user channel) are skipped: there is nothing to reconstruct or recognise.
+    """
     mimi.eval()
     ks = codebooks or [mimi.total_codebooks]
     losses = ReconstructionLoss([64, 128, 256, 512, 1024, 2048], 64, SAMPLE_RATE)
@@ -84,15 +90,19 @@ def evaluate_codec(mimi: MimiModel, examples: list[AudioExample], seconds: float
         else:
             recognizer = Recognizer()
     scores = []
-    for ex in examples:
+    for ex, start in ((ex, i * max(0.0, ex.duration - seconds) / max(1, clips - 1))
+                      for ex in examples for i in range(clips)):
         n = round(min(seconds, ex.duration) * SAMPLE_RATE)
-        audio = torch.from_numpy(read_audio(ex, 0.0, n))
+        audio = torch.from_numpy(read_audio(ex, start, n))
+        if not audio.any():
+            continue
         heard = recognizer.transcribe(audio.numpy(), SAMPLE_RATE) if recognizer else None
-        reference = transcript_text(ex.path, ex.channel, ex.channels, n / SAMPLE_RATE) if recognizer else None
+        reference = transcript_text(ex.path, ex.channel, ex.channels, n / SAMPLE_RATE, start) if recognizer else None
         for k in ks:
             out = reconstruct(mimi, audio, k)
             score = ClipScore(str(ex.path), ex.channel, n / SAMPLE_RATE, k,
-                              float(losses(audio[None], out[None])["mel_l1"]), float(si_snr(audio[None], out[None])))
+                              float(losses(audio[None], out[None])["mel_l1"]), float(si_snr(audio[None], out[None])),
+                              start=start)
             if recognizer is not None:
                 score.asr_original = heard
                 score.asr_reconstructed = recognizer.transcribe(out.numpy(), SAMPLE_RATE)

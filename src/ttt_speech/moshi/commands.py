@@ -20,7 +20,9 @@ from ttt_speech.moshi.checkpoint import load_hybrid
 from ttt_speech.moshi.config import lm_kwargs
 from ttt_speech.moshi.convert import BRANCHES, convert, default_branch_config
 from ttt_speech.moshi.generate import FRAME_RATE, WavSink, stream, wav_paths, write_outputs
-from ttt_speech.moshi.tiny import build_tiny_hybrid, build_tiny_mimi, tiny_mimi_config
+from ttt_speech.moshi.scratch import SHIPPED_DIR
+from ttt_speech.moshi.tiny import (MIMI_CONFIG_NAME, MIMI_WEIGHTS_NAME, build_tiny_hybrid, build_tiny_mimi,
+                                   tiny_mimi_config)
 from ttt_speech.quantize import MODES as QUANT_MODES
 from ttt_speech.quantize import Mode as QuantMode
 from ttt_speech.quantize import quantize_weights
@@ -97,8 +99,9 @@ def run_convert(args: argparse.Namespace) -> Path:
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
-    src = p.add_argument_group("model (default: a tiny TTT hybrid built in code)")
+    src = p.add_argument_group("model (default: the small TTT hybrid + codec shipped in the package)")
     src.add_argument("--hybrid", help="directory written by convert-moshi / save_pretrained")
+    src.add_argument("--tiny", action="store_true", help="a tiny random TTT hybrid built in code (tests, speed)")
     src.add_argument("--moshi-weights", help="vanilla Moshi model.safetensors (needs --config)")
     src.add_argument("--config", help="Moshi config.json for --moshi-weights")
     src.add_argument("--mimi-weights", help="Mimi checkpoint: decode the generated audio to a wav")
@@ -143,8 +146,12 @@ def run_generate(args: argparse.Namespace) -> dict[str, Path]:
         raw = json.loads(Path(args.config).read_text())
         lm = get_moshi_lm(args.moshi_weights, lm_kwargs=lm_kwargs(raw), device=device, dtype=dtype)
         name = f"vanilla Moshi {args.moshi_weights}"
-    else:
+    elif args.tiny:
         lm, name = build_tiny_hybrid(args.seed, device, dtype), "tiny TTT hybrid (built in code)"
+    else:
+        lm, name = load_hybrid(SHIPPED_DIR, device=device, dtype=dtype), f"small TTT hybrid ({SHIPPED_DIR})"
+        if not (args.mimi_weights or args.tiny_mimi):
+            args.mimi_weights, args.mimi_config = SHIPPED_DIR / MIMI_WEIGHTS_NAME, SHIPPED_DIR / MIMI_CONFIG_NAME
     if args.quantize:
         print(quantize_or_exit(lm, args.quantize), file=sys.stderr)
         name += f", {args.quantize} weights"

@@ -32,6 +32,11 @@ SMALL_LM: dict[str, tp.Any] = {
 }
 
 
+# The small TTT hybrid and codec trained here (issue 7, docs/results.md), fp16: the embedded default of
+# `generate` and `serve`. Shipped inside the package so a fresh install has real (small-model) speech.
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "assets" / "small_moshi"
+
+
 def train_text_tokenizer(lines: Iterable[str], vocab_size: int, path: str | Path) -> Path:
     """A SentencePiece BPE model with Moshi's special ids: 0 end-of-padding, 1 unk, 2 eos, 3 padding."""
     import sentencepiece as spm

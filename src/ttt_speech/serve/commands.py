@@ -25,6 +25,7 @@ from moshi.models.loaders import get_mimi, get_moshi_lm
 from ttt_speech.moshi.checkpoint import CONFIG_NAME, TTT_SECTION, WEIGHTS_NAME, load_hybrid
 from ttt_speech.moshi.commands import add_quantize_argument, quantize_or_exit
 from ttt_speech.moshi.config import lm_kwargs
+from ttt_speech.moshi.scratch import SHIPPED_DIR
 from ttt_speech.moshi.tiny import (
     MIMI_CONFIG_NAME,
     MIMI_WEIGHTS_NAME,
@@ -45,8 +46,9 @@ log = logging.getLogger("ttt_speech.serve")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
-                   help="'tiny' (a tiny random TTT hybrid built in code), or a checkpoint directory: a hybrid "
+    p.add_argument("--model", default=str(SHIPPED_DIR),
+                   help="default: the small TTT hybrid + codec shipped in the package; "
+                        "'tiny' (a tiny random TTT hybrid built in code), or a checkpoint directory: a hybrid "
                         "(convert-moshi / save_pretrained) or a vanilla Moshi config.json + weights")
     p.add_argument("--mimi", help="Mimi weights (.safetensors) or 'tiny' (default: the model directory's "
                                   f"mimi_name / {MIMI_WEIGHTS_NAME}; tiny with --model tiny)")
