@@ -114,12 +114,18 @@ def export_codec(mimi: MimiModel, size: MimiSize, out_dir: str | Path) -> Path:
     return out
 
 
+def export_dir(path: str | Path) -> Path:
+    """An exported codec's directory: `path` itself, or the `export/` of a train-codec run directory."""
+    root = Path(path)
+    if not (root / MIMI_CONFIG_NAME).exists() and (root / "export" / MIMI_CONFIG_NAME).exists():
+        return root / "export"
+    return root
+
+
 def load_codec(path: str | Path, device: torch.device | str = "cpu") -> MimiModel:
     """An exported codec (a directory with mimi.safetensors + mimi_config.json, or a run directory holding
     `export/`) through moshi's `get_mimi`, all codebooks active, in eval mode."""
-    root = Path(path)
-    if not (root / MIMI_CONFIG_NAME).exists() and (root / "export" / MIMI_CONFIG_NAME).exists():
-        root = root / "export"
+    root = export_dir(path)
     for name in (MIMI_WEIGHTS_NAME, MIMI_CONFIG_NAME):
         if not (root / name).exists():
             raise FileNotFoundError(f"{root}: no {name} (expected an exported codec directory)")

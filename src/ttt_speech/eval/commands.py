@@ -39,7 +39,7 @@ from ttt_speech.eval.free_run import (
 )
 from ttt_speech.eval.gibberish import FRAMES_PER_MINUTE, GibberishThresholds
 from ttt_speech.eval.long_context import OOM_ERRORS, evaluate
-from ttt_speech.eval.models import HFScorer, Loaded, MoshiScorer, _moshi_extras, load_model
+from ttt_speech.eval.models import HFScorer, Loaded, MoshiScorer, moshi_extras, load_model
 from ttt_speech.eval.report import Report, saved_run_md, write
 from ttt_speech.eval.speaker import SpeakerEmbedder
 from ttt_speech.eval.spans import repeat_spans
@@ -258,7 +258,7 @@ def run_score(args: argparse.Namespace) -> dict[str, Path]:
         raise ValueError(f"{args.tokens}: {tokens.shape} tokens, {args.model} generates [1 + {raw['dep_q']}, frames]")
     notes: list[str] = []
     scoring = _audio_scoring(args, torch.device(args.device), notes, card=raw["card"],
-                             n_codebooks=max(raw["dep_q"], raw["n_q"] - raw["dep_q"]), **_moshi_extras(args.model, raw))
+                             n_codebooks=max(raw["dep_q"], raw["n_q"] - raw["dep_q"]), **moshi_extras(args.model, raw))
     if scoring.mimi is None:
         raise FileNotFoundError(f"{args.model}: no Mimi weights ({raw.get('mimi_name', 'mimi.safetensors')}); "
                                 "give --mimi")

@@ -19,7 +19,6 @@ its "minutes" are blocks of 750 tokens, with no pad ids and no audio.
 from __future__ import annotations
 
 import typing as tp
-import wave
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -138,16 +137,17 @@ def score_saved_run(tokens: np.ndarray, scoring: AudioScoring, pad_ids: tuple[in
     minute_audio = MinuteAudioScorer(scoring, pad_ids)
     with ExitStack() as stack:
         stack.enter_context(mimi.streaming(1))
-        out = None if wav is None else stack.enter_context(wave.open(str(wav), "wb"))
-        if out is not None:
-            out.setnchannels(1)
-            out.setsampwidth(2)
-            out.setframerate(SAMPLE_RATE)
+        sink = None
+        if wav is not None:
+            from ttt_speech.moshi.generate import WavSink
+
+            sink = WavSink([wav], SAMPLE_RATE)
+            stack.callback(sink.close)
         for j in range(frames):
             pcm = mimi.decode(codes[:, :, j:j + 1])[0, 0].float().cpu().numpy()
             minute_audio.add(pcm)
-            if out is not None:
-                out.writeframes((np.clip(pcm, -1.0, 1.0) * 32767).astype("<i2").tobytes())
+            if sink is not None:
+                sink(pcm[None])
             if (j + 1) % frames_per_minute == 0 or j + 1 == frames:
                 minute_audio.finish_minute(tokens[0, j - j % frames_per_minute:j + 1])
     return minute_audio.results

@@ -200,7 +200,7 @@ def split_spec(spec: str) -> tuple[str, str]:
     return (Path(spec).name or spec), spec
 
 
-def _moshi_extras(root: Path, raw: dict[str, tp.Any]) -> dict[str, tp.Any]:
+def moshi_extras(root: Path, raw: dict[str, tp.Any]) -> dict[str, tp.Any]:
     """The Mimi and tokenizer files a Moshi directory names (as write_tiny_checkpoint lays them out)."""
     extras: dict[str, tp.Any] = {}
     mimi = root / str(raw.get("mimi_name", "mimi.safetensors"))
@@ -240,7 +240,7 @@ def load_model(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype
             from moshi.models.loaders import get_moshi_lm
 
             lm = get_moshi_lm(str(root / "model.safetensors"), lm_kwargs=lm_kwargs(raw), device=device, dtype=dtype)
-        return Loaded(MoshiScorer(lm, name), **_moshi_extras(root, raw))
+        return Loaded(MoshiScorer(lm, name), **moshi_extras(root, raw))
     from ttt_speech.hf import convert, load_llm
 
     model = convert.load(root, dtype=dtype) if section is not None else load_llm(root, dtype=dtype)[0]

@@ -138,6 +138,7 @@ def run_generate(args: argparse.Namespace) -> dict[str, Path]:
     device = torch.device(args.device)
     bf16 = bool(args.hybrid or args.moshi_weights) or args.quantize == "int4"
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if bf16 and device.type == "cuda" else torch.float32)
+    mimi_weights, mimi_config = args.mimi_weights, args.mimi_config
     if args.hybrid:
         lm, name = load_hybrid(args.hybrid, device=device, dtype=dtype), f"hybrid {args.hybrid}"
     elif args.moshi_weights:
@@ -150,15 +151,15 @@ def run_generate(args: argparse.Namespace) -> dict[str, Path]:
         lm, name = build_tiny_hybrid(args.seed, device, dtype), "tiny TTT hybrid (built in code)"
     else:
         lm, name = load_hybrid(SHIPPED_DIR, device=device, dtype=dtype), f"small TTT hybrid ({SHIPPED_DIR})"
-        if not (args.mimi_weights or args.tiny_mimi):
-            args.mimi_weights, args.mimi_config = SHIPPED_DIR / MIMI_WEIGHTS_NAME, SHIPPED_DIR / MIMI_CONFIG_NAME
+        if not (mimi_weights or args.tiny_mimi):  # the shipped model decodes with its own codec
+            mimi_weights, mimi_config = SHIPPED_DIR / MIMI_WEIGHTS_NAME, SHIPPED_DIR / MIMI_CONFIG_NAME
     if args.quantize:
         print(quantize_or_exit(lm, args.quantize), file=sys.stderr)
         name += f", {args.quantize} weights"
     mimi = None
-    if args.mimi_weights:
-        mimi_cfg = json.loads(Path(args.mimi_config).read_text()) if args.mimi_config else None
-        mimi = get_mimi(args.mimi_weights, mimi_cfg, device=device, num_codebooks=max(lm.dep_q, lm.n_q - lm.dep_q))
+    if mimi_weights:
+        mimi_cfg = json.loads(Path(mimi_config).read_text()) if mimi_config else None
+        mimi = get_mimi(mimi_weights, mimi_cfg, device=device, num_codebooks=max(lm.dep_q, lm.n_q - lm.dep_q))
     elif args.tiny_mimi:
         n = max(lm.dep_q, lm.n_q - lm.dep_q)
         mimi = build_tiny_mimi(args.seed, tiny_mimi_config(n, lm.card), device=device, num_codebooks=n)

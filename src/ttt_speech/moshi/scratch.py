@@ -15,10 +15,10 @@ import typing as tp
 from collections.abc import Iterable
 from pathlib import Path
 
-from ttt_speech.codec.model import load_codec
+from ttt_speech.codec.model import export_dir, load_codec
 from ttt_speech.moshi.checkpoint import save_moshi_checkpoint
-from ttt_speech.moshi.tiny import (MIMI_CONFIG_NAME, MIMI_WEIGHTS_NAME, TOKENIZER_NAME, TinyCheckpoint,
-                                   build_tiny_lm, tiny_lm_config)
+from ttt_speech.moshi.tiny import (FILE_NAMES, MIMI_CONFIG_NAME, MIMI_WEIGHTS_NAME, TinyCheckpoint, build_tiny_lm,
+                                   tiny_lm_config)
 
 # Moshi's layout (text + 8 generated + 8 user codebooks, acoustic delay 1, RMSNorm, SiLU gating, RoPE,
 # a depformer over the 8 generated codebooks with weights per step: moshi streams only that kind) at
@@ -54,8 +54,7 @@ def train_text_tokenizer(lines: Iterable[str], vocab_size: int, path: str | Path
 def write_scratch_checkpoint(out_dir: str | Path, codec_dir: str | Path, text_lines: Iterable[str],
                              lm_config: dict[str, tp.Any] | None = None, seed: int = 0) -> TinyCheckpoint:
     """A randomly initialised Moshi LM + the exported codec + a tokenizer trained on `text_lines`."""
-    codec = Path(codec_dir)
-    codec = codec / "export" if (codec / "export" / MIMI_CONFIG_NAME).exists() else codec
+    codec = export_dir(codec_dir)
     mimi = load_codec(codec)
     config = tiny_lm_config(**SMALL_LM) | (lm_config or {})
     n_codebooks = mimi.num_codebooks
@@ -67,9 +66,7 @@ def write_scratch_checkpoint(out_dir: str | Path, codec_dir: str | Path, text_li
     for name in (MIMI_WEIGHTS_NAME, MIMI_CONFIG_NAME):
         shutil.copyfile(codec / name, ckpt.root / name)
     train_text_tokenizer(text_lines, config["text_card"], ckpt.tokenizer)
-    save_moshi_checkpoint(build_tiny_lm(seed, config), config, ckpt.root, {
-        "model_type": "moshi", "mimi_name": MIMI_WEIGHTS_NAME, "mimi_config_name": MIMI_CONFIG_NAME,
-        "tokenizer_name": TOKENIZER_NAME})
+    save_moshi_checkpoint(build_tiny_lm(seed, config), config, ckpt.root, FILE_NAMES)
     return ckpt
 
 

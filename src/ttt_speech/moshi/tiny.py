@@ -28,6 +28,9 @@ from ttt_speech.moshi.convert import LayerSpec, TTTLMModel, convert
 MIMI_WEIGHTS_NAME = "mimi.safetensors"
 MIMI_CONFIG_NAME = "mimi_config.json"
 TOKENIZER_NAME = "tokenizer.model"
+# config.json keys naming a checkpoint directory's codec and tokenizer, as the released repositories do
+FILE_NAMES = {"model_type": "moshi", "mimi_name": MIMI_WEIGHTS_NAME, "mimi_config_name": MIMI_CONFIG_NAME,
+              "tokenizer_name": TOKENIZER_NAME}
 
 # The released moshiko config's keys and layout, at ~40k parameters. 2 generated + 2 user audio
 # codebooks (Moshi: 8 + 8), delays as in Moshi (text and the first codebook of each side undelayed).
@@ -130,9 +133,7 @@ def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0, lm_config: dict[st
     ckpt = TinyCheckpoint(Path(out_dir))
     config = lm_config or tiny_lm_config()
     lm = build_tiny_lm(seed, config)
-    save_moshi_checkpoint(lm, config, ckpt.root, {
-        "model_type": "moshi", "mimi_name": MIMI_WEIGHTS_NAME, "mimi_config_name": MIMI_CONFIG_NAME,
-        "tokenizer_name": TOKENIZER_NAME})
+    save_moshi_checkpoint(lm, config, ckpt.root, FILE_NAMES)
     n_mimi = max(config["dep_q"], config["n_q"] - config["dep_q"])
     mimi_cfg = tiny_mimi_config(n_mimi, config["card"])
     mimi = build_tiny_mimi(seed, mimi_cfg, num_codebooks=n_mimi)
