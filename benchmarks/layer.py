@@ -1,4 +1,4 @@
-"""TTT layer throughput: reference vs FLA vs SDPA (flash) attention, and per-token step latency.
+"""TTT layer throughput: reference vs FLA vs SDPA (flash) attention, and per-token layer-step latency.
 
     python benchmarks/layer.py                 # H=32, D=128, bf16, T = 4k/16k/64k (CUDA)
     python benchmarks/layer.py --T 1024 --H 4  # smaller, also runs on CPU
@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from ttt_speech.ops.ttt.fla import fla_chunk_ttt_linear
 from ttt_speech.ops.ttt.reference import ttt_chunked
-from ttt_speech.ops.ttt.step import ttt_step_
 
 
 def timeit(fn, warmup: int = 2, iters: int = 5) -> float:
@@ -77,30 +76,38 @@ def bench_throughput(name, fn, B, H, T, D, K, device, dtype, backward: bool) -> 
     return B * T / timeit(once, warmup=1, iters=iters)
 
 
-def bench_step(B: int, H: int, D: int, device: str, graphed: bool, op=ttt_step_) -> float:
-    """Milliseconds for one TTT-Linear token step of one layer (inner math only)."""
-    z = lambda *s: torch.zeros(*s, device=device)
-    q, k, v = (torch.randn(B, H, 1, D, device=device) for _ in range(3))
-    a, c = torch.full((B, H, 1), 1 / 16, device=device), torch.full((B, H, 1), 0.01, device=device)
-    lw, lb = torch.ones(H, D, device=device), z(H, D)
-    weights, grads = [z(B, H, D, D), z(B, H, 1, D)], [z(B, H, D, D), z(B, H, 1, D)]
-    offset = torch.zeros(B, dtype=torch.long, device=device)
-    fn = lambda: op(q, k, v, a, c, lw, lb, weights, grads, offset, 16)
-    if graphed:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
+def bench_step(B: int, H: int, D: int, device: str, graphed: bool, shared: bool, fused: bool) -> float:
+    """Milliseconds for one token through one TTT-Linear layer's `step` (bf16 weights on CUDA, fp32 state):
+    its own Q/K/V/O projections, or a shared_qkv layer given the host attention's qkv and heads."""
+    import ttt_speech.layers.ttt as ttt_module
+    from ttt_speech import TTTConfig
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    layer = TTTConfig(dim=H * D, num_heads=H, gate_init=0.1, shared_qkv=shared).build().to(device, dtype)
+    state = layer.init_state(B, device)
+    x = torch.randn(B, 1, H * D, device=device, dtype=dtype)
+    host = {"qkv": torch.randn(B, 1, 3 * H * D, device=device, dtype=dtype), "heads": x} if shared else {}
+    chosen = ttt_module._fused_linear_step if fused else (lambda: None)
+    keep, ttt_module._fused_linear_step = ttt_module._fused_linear_step, chosen
+    try:
+        fn = lambda: layer.step(x, state, **host)
+        if graphed:
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(3):
+                    fn()
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
                 fn()
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        run = graph.replay
-    else:
-        run = fn
-    n = 200
-    return timeit(lambda: [run() for _ in range(n)], warmup=1, iters=5) / n * 1e3
+            run = graph.replay
+        else:
+            run = fn
+        n = 200
+        return timeit(lambda: [run() for _ in range(n)], warmup=1, iters=5) / n * 1e3
+    finally:
+        ttt_module._fused_linear_step = keep
 
 
 def main() -> None:
@@ -127,18 +134,14 @@ def main() -> None:
             print(f"| {T} | {name} | {f / 1e6:.3f} | {fb / 1e6:.3f} |", flush=True)
             if device == "cuda":
                 torch.cuda.empty_cache()
-    print("\n| step (one layer, one token) | B | ms |\n|---|---|---|")
-    steps = {"torch": ttt_step_}
-    if device == "cuda":
-        from ttt_speech.ops.ttt.triton_step import ttt_linear_step_triton_
-
-        steps["fused Triton"] = ttt_linear_step_triton_
+    print("\n| layer step (one token) | projections | B | ms |\n|---|---|---|---|")
     for B in (1, 16):
-        for name, op in steps.items():
-            for graphed in (False, True) if device == "cuda" else (False,):
-                ms = bench_step(B, args.H, args.D, device, graphed, op)
-                print(f"| {name}, {'CUDA graph' if graphed else 'eager'} | {B} | {ms:.4f} |", flush=True)
-
+        for shared in (False, True):
+            for fused in (False, True) if device == "cuda" else (False,):
+                for graphed in (False, True) if device == "cuda" else (False,):
+                    ms = bench_step(B, args.H, args.D, device, graphed, shared, fused)
+                    print(f"| {'fused Triton' if fused else 'torch'}, {'CUDA graph' if graphed else 'eager'} | "
+                          f"{'shared (attention)' if shared else 'own Q/K/V/O'} | {B} | {ms:.4f} |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -4,12 +4,19 @@ import pytest
 import torch
 
 from ttt_speech.eval.models import MoshiScorer
+from ttt_speech.moshi import convert, default_ttt_config
 from ttt_speech.moshi.tiny import build_tiny_hybrid, build_tiny_lm
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-@pytest.mark.parametrize("build", [build_tiny_lm, build_tiny_hybrid])
+def build_tiny_shared(seed: int, device: str):
+    """TTT reading the attention's q/k/v in both layers: the fused kernel's mix under moshi's graphs."""
+    lm = build_tiny_lm(seed, device=device)
+    return convert(lm, "all", "hybrid", default_ttt_config(lm, gate_init=0.5, mini_batch=4, shared_qkv=True))
+
+
+@pytest.mark.parametrize("build", [build_tiny_lm, build_tiny_hybrid, build_tiny_shared])
 def test_graphed_frames_equal_eager(build):
     from moshi.utils.compile import no_cuda_graph
 

@@ -5,6 +5,7 @@ The builders here are shared by the other tests/test_hf_*.py files.
 """
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -154,6 +155,8 @@ def test_convert_rejects_what_it_cannot_do():
         convert(tiny_model(), layers=[0], mode="replace", ttt=TTTConfig(dim=HIDDEN, num_heads=2))
     with pytest.raises(ValueError, match="at least one attention layer"):
         convert(tiny_model(), layers=[0, 1, 2], mode="replace", ttt=ttt_config())
+    with pytest.raises(ValueError, match="shared_qkv .* Moshi hybrids only"):
+        convert(tiny_model(), layers=[0], ttt=dataclasses.replace(ttt_config(), shared_qkv=True))
     model = tiny_model()
     model.config._attn_implementation = "flex_attention"
     with pytest.raises(NotImplementedError, match="flex_attention"):

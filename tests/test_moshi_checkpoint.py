@@ -48,10 +48,11 @@ def sample(lm: LMModel, steps: int = 30, seed: int = 0) -> tuple[torch.Tensor, t
     return torch.cat(outs, -1), torch.cat(logits, 2)
 
 
-def hybrid_from(ckpt: TinyCheckpoint) -> TTTLMModel:
+def hybrid_from(ckpt: TinyCheckpoint, shared_qkv: bool = False) -> TTTLMModel:
     info = ckpt.checkpoint_info()
     lm = info.get_moshi(dtype=torch.float32)
-    model = convert(lm, layers="all", ttt=TTTConfig(dim=32, num_heads=4, mini_batch=4, gate_init=0.5),
+    model = convert(lm, layers="all", ttt=TTTConfig(dim=32, num_heads=4, mini_batch=4, gate_init=0.5,
+                                                    shared_qkv=shared_qkv),
                     moshi_config=info.raw_config)
     with torch.no_grad():  # make every TTT tensor distinct from a fresh init, so a lost tensor shows
         for _, p in model.named_parameters():
@@ -79,8 +80,10 @@ def test_tiny_checkpoint_has_the_released_layout_and_loads_with_checkpoint_info(
     assert ids and max(ids) < lm.text_card
 
 
-def test_save_pretrained_then_load_hybrid_generates_identically(tiny_ckpt: TinyCheckpoint, tmp_path: Path) -> None:
-    model = hybrid_from(tiny_ckpt)
+@pytest.mark.parametrize("shared_qkv", [False, True])
+def test_save_pretrained_then_load_hybrid_generates_identically(tiny_ckpt: TinyCheckpoint, tmp_path: Path,
+                                                                shared_qkv: bool) -> None:
+    model = hybrid_from(tiny_ckpt, shared_qkv)
     out = model.save_pretrained(tmp_path / "hybrid")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     raw = json.loads((out / "config.json").read_text())
@@ -154,6 +157,11 @@ def test_convert_moshi_command(tiny_ckpt: TinyCheckpoint, tmp_path: Path) -> Non
     assert lm.ttt_spec.config.mini_batch == 8 and lm.ttt_spec.config.num_heads == 4
     assert not hasattr(lm.transformer.layers[1], "self_attn")
     assert json.loads((out / "config.json").read_text())["mimi_name"] == "mimi.safetensors"
+    args = parser.parse_args(["--moshi-weights", str(tiny_ckpt.moshi_weights), "--config", str(tiny_ckpt.config),
+                              "--out", str(tmp_path / "shared"), "--shared-qkv", "--dtype", "float32"])
+    shared = load_hybrid(run_convert(args), dtype=torch.float32)
+    assert shared.ttt_spec.config.shared_qkv and shared.transformer.layers[0].ttt.q_proj is None
+    assert not any(".ttt.q_proj" in k for k in shared.state_dict())
     assert parse_layers("all") == "all" and parse_layers("24-27,3") == [24, 25, 26, 27, 3]
     with pytest.raises(argparse.ArgumentTypeError):
         parse_layers("x-y")

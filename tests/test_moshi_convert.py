@@ -4,6 +4,7 @@ windowed attention) equals one-step-per-call streaming; replace mode drops atten
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 
 import pytest
@@ -88,10 +89,12 @@ def test_infer_moshi_config_recovers_the_config() -> None:
     assert inferred["depformer_gating"] == "gelu" and inferred["depformer_kv_repeat"] == 2  # leaked from main
 
 
-def test_hybrid_with_closed_gate_is_the_original_exactly() -> None:
+@pytest.mark.parametrize("shared_qkv", [False, True])
+def test_hybrid_with_closed_gate_is_the_original_exactly(shared_qkv: bool) -> None:
     lm = build_tiny_lm(0)
     ref = copy.deepcopy(lm)
-    hybrid = convert(lm, layers="all", mode="hybrid", ttt=TTTConfig(dim=32, num_heads=4, mini_batch=4))
+    hybrid = convert(lm, layers="all", mode="hybrid",
+                     ttt=TTTConfig(dim=32, num_heads=4, mini_batch=4, shared_qkv=shared_qkv))
     assert hybrid is lm and all(isinstance(layer, TTTTransformerLayer) for layer in hybrid.transformer.layers)
     assert not any(isinstance(layer, TTTTransformerLayer) for layer in hybrid.depformer.layers)
     codes = random_codes(ref, 2, 4 * CONTEXT)
@@ -108,11 +111,12 @@ def test_hybrid_with_closed_gate_is_the_original_exactly() -> None:
     assert not torch.equal(greedy_generate(hybrid, 4 * CONTEXT)[1], logits_ref)
 
 
-@pytest.mark.parametrize("mode,layers", [("hybrid", "all"), ("hybrid", [1]), ("replace", range(0, 2))])
-def test_training_path_equals_step_by_step_streaming(mode: str, layers) -> None:
+@pytest.mark.parametrize("mode,layers,shared_qkv", [("hybrid", "all", False), ("hybrid", [1], False),
+                                                    ("hybrid", "all", True), ("replace", range(0, 2), False)])
+def test_training_path_equals_step_by_step_streaming(mode: str, layers, shared_qkv: bool) -> None:
     lm = build_tiny_lm(0)
     ref_logits = lm(random_codes(lm, 2, 5 * CONTEXT)).logits.detach()
-    model = convert(lm, layers=layers, mode=mode, ttt=default_ttt_config(lm, mode, mini_batch=4))
+    model = convert(lm, layers=layers, mode=mode, ttt=default_ttt_config(lm, mode, mini_batch=4, shared_qkv=shared_qkv))
     open_gates(model)
     codes = random_codes(model, 2, 5 * CONTEXT)  # 40 frames: 5x the attention context, 10 TTT mini-batches
     with torch.no_grad():
@@ -125,15 +129,18 @@ def test_training_path_equals_step_by_step_streaming(mode: str, layers) -> None:
     assert (train.logits - ref_logits).nan_to_num().abs().max() > 1e-2  # TTT changed the model
 
 
-def test_training_path_backpropagates_into_ttt() -> None:
-    model = convert(build_tiny_lm(0), layers=[0], ttt=TTTConfig(dim=32, num_heads=4, mini_batch=4, gate_init=0.3))
+@pytest.mark.parametrize("shared_qkv", [False, True])
+def test_training_path_backpropagates_into_ttt(shared_qkv: bool) -> None:
+    model = convert(build_tiny_lm(0), layers=[0], ttt=TTTConfig(dim=32, num_heads=4, mini_batch=4, gate_init=0.3,
+                                                                shared_qkv=shared_qkv))
     model.train()
     out = model(random_codes(model, 2, 3 * CONTEXT))
     loss = out.logits[out.mask].logsumexp(-1).mean() + out.text_logits[out.text_mask].logsumexp(-1).mean()
     loss.backward()
     names = dict(ttt_parameters(model))
     assert names and all(n.startswith("transformer.layers.0.ttt.") for n in names)
-    for name in ("q_proj.weight", "v_proj.weight", "o_proj.weight", "gate_alpha", "lr_weight", "ttt_norm_weight"):
+    own = () if shared_qkv else ("q_proj.weight", "v_proj.weight", "o_proj.weight")
+    for name in (*own, "gate_alpha", "lr_weight", "ttt_norm_weight", "W1"):
         grad = names[f"transformer.layers.0.ttt.{name}"].grad
         assert grad is not None and grad.abs().max() > 0, name
 
@@ -173,6 +180,13 @@ def test_layer_selection_and_errors() -> None:
     model = convert(build_tiny_lm(0))
     with pytest.raises(TypeError):
         convert(model)
+    shared = TTTConfig(dim=32, num_heads=4, shared_qkv=True)
+    with pytest.raises(ValueError, match="shared_qkv is a hybrid-mode branch"):
+        convert(build_tiny_lm(0), mode="replace", ttt=dataclasses.replace(shared, gate_init=10.0))
+    with pytest.raises(ValueError, match="shared_qkv is a hybrid-mode branch"):
+        convert(build_tiny_lm(0), ttt=shared, init_from_attention=True)
+    with pytest.raises(ValueError, match="TTTConfig.num_heads must be 4, got 2"):
+        convert(build_tiny_lm(0), ttt=TTTConfig(dim=32, num_heads=2, shared_qkv=True))
 
 
 def test_layer_class_hook_of_streaming_transformer() -> None:

@@ -18,9 +18,10 @@ from ttt_speech.moshi.tiny import build_tiny_lm, tiny_lm_config  # noqa: E402
 CONTEXT = tiny_lm_config()["context"]
 
 
-def tiny_hybrid(layers="all") -> TTTLMModel:
+def tiny_hybrid(layers="all", shared_qkv: bool = False) -> TTTLMModel:
     """Gates open, so a TTT state that is wrong shows in the logits."""
-    return convert(build_tiny_lm(0), layers=layers, ttt=TTTConfig(dim=32, num_heads=4, mini_batch=4, gate_init=0.7))
+    return convert(build_tiny_lm(0), layers=layers, ttt=TTTConfig(dim=32, num_heads=4, mini_batch=4, gate_init=0.7,
+                                                                  shared_qkv=shared_qkv))
 
 
 def user_stream(lm: LMModel, B: int, T: int, seed: int = 3) -> torch.Tensor:
@@ -59,9 +60,10 @@ class Session:
         return torch.stack(self.logits[n:], dim=1)
 
 
+@pytest.mark.parametrize("shared_qkv", [False, True])
 @torch.no_grad()
-def test_reset_streaming_mask_restarts_only_the_masked_streams() -> None:
-    lm = tiny_hybrid()
+def test_reset_streaming_mask_restarts_only_the_masked_streams(shared_qkv: bool) -> None:
+    lm = tiny_hybrid(shared_qkv=shared_qkv)
     k, m = 13, 3 * CONTEXT  # reset mid TTT mini-batch (13 % 4 != 0) and after the ring cache wrapped
     user = user_stream(lm, 2, k + m)
     with Session(lm, 1) as fresh:
@@ -85,9 +87,10 @@ def test_reset_streaming_mask_restarts_only_the_masked_streams() -> None:
     assert (got[1] - expect0[0]).abs().max() > 1e-3  # the two streams do differ
 
 
+@pytest.mark.parametrize("shared_qkv", [False, True])
 @torch.no_grad()
-def test_exec_mask_freezes_the_masked_streams() -> None:
-    lm = tiny_hybrid()
+def test_exec_mask_freezes_the_masked_streams(shared_qkv: bool) -> None:
+    lm = tiny_hybrid(shared_qkv=shared_qkv)
     T = 4 * CONTEXT
     user = user_stream(lm, 2, T)
     skipped = {5, 6, 7, 8, 9, 17}  # includes a TTT mini-batch boundary (offset 3 -> 0 at step 7)

@@ -34,6 +34,8 @@ def tiny(mode: str | None, seed: int = 0) -> LMModel:
     torch.manual_seed(seed)
     if mode == "gdn":  # the Gated DeltaNet branch in every layer, chunks not aligned to the cuts
         return convert(lm, "all", "hybrid", default_gdn_config(lm, gate_init=0.6, chunk_size=4))
+    if mode == "shared":  # TTT reading the attention's q/k/v, mixed into its heads
+        return convert(lm, "all", "hybrid", default_ttt_config(lm, gate_init=0.6, mini_batch=4, shared_qkv=True))
     layers = "all" if mode == "hybrid" else [1]
     return convert(lm, layers, mode, default_ttt_config(lm, mode, gate_init=0.6 if mode == "hybrid" else 10.0,
                                                          mini_batch=4))
@@ -91,7 +93,7 @@ def finetune_losses(out: LMOutput, codes: torch.Tensor, lm: LMModel, pad_w: floa
     return torch.stack([masked_ce(out.text_logits, text_t, text_w), masked_ce(out.logits, audio_t, audio_w)])
 
 
-@pytest.mark.parametrize("mode", ["hybrid", "replace", "gdn", None])
+@pytest.mark.parametrize("mode", ["hybrid", "shared", "replace", "gdn", None])
 def test_moshi_segments_equal_lmmodel_forward(mode: str | None) -> None:
     lm = tiny(mode)
     codes = random_codes(lm)

@@ -1,4 +1,8 @@
-"""The fused Triton step equals the plain-torch step (on CUDA, or in Triton's CPU interpreter)."""
+"""The fused Triton step equals the layer's plain-torch step (on CUDA, or in Triton's CPU interpreter).
+
+Compared through `TTTLayer.step`, so the kernel's RoPE, step sizes, token weights, state update,
+offset advance and gated mix into a host attention's heads are all held to the torch path.
+"""
 
 import os
 import subprocess
@@ -10,37 +14,53 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+CONFIGS = {
+    "ttt-lm": dict(),
+    "fla": dict(variant="fla"),
+    "no-rope": dict(use_rope=False),
+    "mamba-block": dict(pre_conv=True, share_qk=True, output_gate=True),
+    "shared ttt-lm": dict(shared_qkv=True),
+    "shared fla": dict(shared_qkv=True, variant="fla"),
+}
 
-def compare(device: str) -> None:
-    from ttt_speech.ops.ttt.step import ttt_step_
-    from ttt_speech.ops.ttt.triton_step import ttt_linear_step_triton_
 
-    torch.manual_seed(0)
-    B, H, D, K = 3, 2, 32, 4
-    g = lambda *s, sc=1.0: torch.randn(*s, device=device) * sc
-    for residual in ("q", "z"):
-        weights = [g(B, H, D, D, sc=0.1), g(B, H, 1, D, sc=0.1)]
-        grads = [g(B, H, D, D, sc=0.01), g(B, H, 1, D, sc=0.01)]
-        offset = torch.tensor([0, 2, 3], device=device)
-        ln_w, ln_b = 1 + g(H, D, sc=0.1), g(H, D, sc=0.1)
-        mine = ([w.clone() for w in weights], [x.clone() for x in grads], offset.clone())
-        ref = ([w.clone() for w in weights], [x.clone() for x in grads], offset.clone())
+def compare(device: str, dtype: torch.dtype, atol: float) -> None:
+    import ttt_speech.layers.ttt as ttt_module
+    from ttt_speech import TTTConfig
+
+    fused_step = ttt_module._fused_linear_step
+    B, C, K = 3, 64, 4
+    for name, kw in CONFIGS.items():
+        torch.manual_seed(0)
+        layer = TTTConfig(dim=C, num_heads=2, mini_batch=K, gate_init=0.5, **kw).build().to(device, dtype)
+        with torch.no_grad():  # nothing hides behind zeros/ones
+            for n, p in layer.named_parameters():
+                if n in ("ttt_norm_weight", "ttt_norm_bias", "token_idx", "lr_bias", "b1", "gate_alpha"):
+                    p.add_(torch.randn_like(p) * 0.3)
+        assert layer._fused_params(torch.zeros(1, device=device), layer.init_state(1, device)) is not None
+        states = [layer.init_state(B, device) for _ in range(2)]
         exec_mask = torch.tensor([True, False, True], device=device)
-        for t in range(6):  # crosses mini-batch boundaries for every stream
-            q, k, v = g(B, H, 1, D), g(B, H, 1, D), g(B, H, 1, D)
-            a, c = torch.rand(B, H, 1, device=device), torch.rand(B, H, 1, device=device) * 0.5
+        for t in range(9):  # crosses mini-batch boundaries; masked steps put streams at different offsets
+            x = torch.randn(B, C, device=device).to(dtype)
+            host = {"qkv": torch.randn(B, 3 * C, device=device).to(dtype),
+                    "heads": torch.randn(B, C, device=device).to(dtype)} if kw.get("shared_qkv") else {}
             m = exec_mask if t % 2 else None
-            y1 = ttt_linear_step_triton_(q, k, v, a, c, ln_w, ln_b, *mine, K, residual=residual, exec_mask=m)
-            y2 = ttt_step_(q, k, v, a, c, ln_w, ln_b, *ref, K, residual=residual, exec_mask=m)
-            torch.testing.assert_close(y1, y2, rtol=0, atol=2e-5)
-        for x, y in zip(mine[0] + mine[1], ref[0] + ref[1]):
-            torch.testing.assert_close(x, y, rtol=0, atol=2e-5)
-        assert torch.equal(mine[2], ref[2])
+            ys = []
+            for s, fused in zip(states, (fused_step, lambda: None)):
+                ttt_module._fused_linear_step = fused
+                try:
+                    ys.append(layer.step(x, s, m, **host)[0])
+                finally:
+                    ttt_module._fused_linear_step = fused_step
+            torch.testing.assert_close(ys[0], ys[1], rtol=0, atol=atol, msg=lambda e, w=f"{name}, token {t}": f"{w}: {e}")
+        for k in states[0]:
+            torch.testing.assert_close(states[0][k], states[1][k], rtol=0, atol=atol, msg=lambda e, w=f"{name} {k}": f"{w}: {e}")
 
 
 def test_fused_step_equals_torch_step():
     if torch.cuda.is_available():
-        compare("cuda")
+        compare("cuda", torch.float32, 2e-5)
+        compare("cuda", torch.bfloat16, 2e-2)
         return
     # Triton's interpreter is chosen when kernels are defined, so it needs a fresh process
     src = str(Path(__file__).resolve().parents[1] / "src")
@@ -50,4 +70,4 @@ def test_fused_step_equals_torch_step():
 
 
 if __name__ == "__main__":
-    compare("cpu")
+    compare("cpu", torch.float32, 2e-5)

@@ -52,6 +52,9 @@ class TTTConfig(DictConfig):
     share_qk: bool = False
     conv_kernel: int = 4
     output_gate: bool = False
+    # q, k, v come from the host attention's input projection and the output joins its heads before
+    # the attention's output projection: no projections of its own (hybrid mode; see docs/ttt.md)
+    shared_qkv: bool = False
     gate_init: float = 0.0
     mlp_expansion: int = 4
     eps: float = 1e-6
@@ -72,6 +75,9 @@ class TTTConfig(DictConfig):
             raise ValueError(f"mini_batch must be >= 1, got {self.mini_batch}")
         if (self.pre_conv or self.share_qk) and self.conv_kernel < 1:
             raise ValueError(f"conv_kernel must be >= 1, got {self.conv_kernel}")
+        if self.shared_qkv and (self.pre_conv or self.share_qk or self.output_gate):
+            raise ValueError("shared_qkv takes q, k, v from the attention beside it; pre_conv, share_qk and "
+                             "output_gate need projections of the layer's own (turn them off)")
         if self.base_lr is None:
             self.base_lr = 1.0 if self.inner == "linear" else 0.1
 

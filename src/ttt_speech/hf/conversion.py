@@ -175,6 +175,9 @@ class Converter:
         cfg = ttt or TTTConfig(dim=config.hidden_size, num_heads=config.num_attention_heads)
         if cfg.dim != config.hidden_size:
             raise ValueError(f"TTTConfig.dim ({cfg.dim}) must equal the model's hidden_size ({config.hidden_size})")
+        if cfg.shared_qkv:
+            raise ValueError("shared_qkv (TTT reading the attention's own q/k/v) exists for Moshi hybrids only; "
+                             "Hugging Face hybrids give the TTT layer its own projections")
 
         for i in idx:
             attn = base.layers[i].self_attn

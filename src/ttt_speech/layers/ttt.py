@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import typing as tp
 
 import torch
@@ -22,6 +23,9 @@ from ttt_speech.layers.state import TTTState, inner_shapes
 from ttt_speech.ops.ttt.fla import fla_available, ttt_linear_fla
 from ttt_speech.ops.ttt.reference import ttt_chunked
 from ttt_speech.ops.ttt.step import ttt_step_
+
+if tp.TYPE_CHECKING:
+    from ttt_speech.ops.ttt.triton_step import StepParams
 
 
 @functools.cache
@@ -45,12 +49,23 @@ def rope_interleaved(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 @functools.cache
 def _fused_linear_step():
-    """The Triton step for TTT-Linear on CUDA, or None where Triton is missing."""
+    """The fused Triton step for TTT-Linear, or None where Triton is missing."""
     try:
-        from ttt_speech.ops.ttt.triton_step import ttt_linear_step_triton_
+        from ttt_speech.ops.ttt.triton_step import ttt_linear_step_fused_
     except ImportError:
         return None
-    return ttt_linear_step_triton_
+    return ttt_linear_step_fused_
+
+
+def triton_runs_on(x: Tensor) -> bool:
+    """CUDA tensors, or any tensor under Triton's CPU interpreter (how CPU tests run the kernels)."""
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def heads_to_channels(out: Tensor) -> Tensor:
+    """[B, H, T, D] -> [B, T, H*D], head-major like attention's output before its projection."""
+    B, H, T, D = out.shape
+    return out.transpose(1, 2).reshape(B, T, H * D)
 
 
 def causal_depthwise_conv(x: Tensor, tail: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
@@ -76,29 +91,39 @@ def check_input(x: object, dim: int) -> None:
 class StreamingLayer(nn.Module):
     """A sequence layer with a fixed-size state: chunked `forward` for training, in-place `step` for streaming."""
 
-    def _step_token(self, x: Tensor, state: tp.Any, exec_mask: Tensor | None) -> Tensor:
+    def _step_token(self, x: Tensor, state: tp.Any, exec_mask: Tensor | None, **host: Tensor) -> Tensor:
         raise NotImplementedError
 
     @torch.no_grad()
-    def step(self, x: Tensor, state: tp.Any, exec_mask: Tensor | None = None) -> tuple[Tensor, tp.Any]:
+    def step(self, x: Tensor, state: tp.Any, exec_mask: Tensor | None = None,
+             **host: Tensor) -> tuple[Tensor, tp.Any]:
         """Streaming: outputs for x [B, T, dim] (or [B, dim]) at once; `state` is updated in place.
 
         For one token this is the layer's graph-capturable recurrent step; for longer runs the chunked
         form's result is copied into `state`. Streams with exec_mask False keep their state unchanged.
+        `host`: what a layer that shares its host attention's projections reads from it (TTT's
+        `shared_qkv`: qkv and heads, shaped like x).
         """
         squeeze = x.dim() == 2
-        x = x[:, None] if squeeze else x
-        state = self._check(x, state)
+        if squeeze:
+            x, host = x[:, None], {k: t[:, None] for k, t in host.items()}
+        state = self._check(x, state, **host)
         if x.shape[1] != 1:
-            y, new = self.forward(x, state)
+            y, new = self.forward(x, state, **host)
             state.copy_(new, exec_mask)
         else:
-            y = self._step_token(x, state, exec_mask)
+            y = self._step_token(x, state, exec_mask, **host)
         return (y[:, 0] if squeeze else y), state
 
 
 class TTTLayer(StreamingLayer):
-    """TTT sequence layer. Projections may be supplied (e.g. an attention's) instead of created."""
+    """TTT sequence layer. Projections may be supplied (e.g. an attention's) instead of created.
+
+    With `shared_qkv` the layer has no projections at all: its caller passes the host attention's
+    fused q/k/v projection `qkv` [B, T, 3*dim] and that attention's per-head output `heads`
+    [B, T, dim] (before its output projection), and gets back heads + tanh(alpha) * TTT output, for
+    the host's output projection. x is then the attention's input (it sets the step sizes).
+    """
 
     def __init__(
         self, config: TTTConfig, q_proj: nn.Module | None = None, k_proj: nn.Module | None = None,
@@ -119,10 +144,13 @@ class TTTLayer(StreamingLayer):
             nn.init.normal_(lin.weight, std=cfg.init_std)
             return lin
 
-        self.q_proj = linear(q_proj, "q_proj")
-        self.k_proj = None if cfg.share_qk else linear(k_proj, "k_proj")
-        self.v_proj = linear(v_proj, "v_proj")
-        self.o_proj = linear(o_proj, "o_proj")
+        if cfg.shared_qkv and any(p is not None for p in (q_proj, k_proj, v_proj, o_proj)):
+            raise ValueError("a shared_qkv TTT layer reads its host attention's projections; it takes none of its own")
+        own = not cfg.shared_qkv
+        self.q_proj = linear(q_proj, "q_proj") if own else None
+        self.k_proj = linear(k_proj, "k_proj") if own and not cfg.share_qk else None
+        self.v_proj = linear(v_proj, "v_proj") if own else None
+        self.o_proj = linear(o_proj, "o_proj") if own else None
         if cfg.share_qk:  # one projection, two short convs make q and k differ (the paper's Mamba block)
             self.conv_q_weight = nn.Parameter(torch.randn(C, cfg.conv_kernel) / math.sqrt(cfg.conv_kernel))
             self.conv_q_bias = nn.Parameter(torch.zeros(C))
@@ -142,7 +170,8 @@ class TTTLayer(StreamingLayer):
         for name, shape in inner_shapes(cfg).items():  # the weights every stream starts from
             init = torch.randn(shape) * cfg.init_std if name.startswith("W") else torch.zeros(shape)
             self.register_parameter(name, nn.Parameter(init))
-        self.post_norm = nn.LayerNorm(C, eps=1e-6)
+        if own:  # shared: the heads join the attention's before its output projection, unnormalised like them
+            self.post_norm = nn.LayerNorm(C, eps=1e-6)
         if cfg.output_gate:
             self.g_proj = linear(None)
         self.gate_alpha = nn.Parameter(torch.full((C,), float(cfg.gate_init)))
@@ -164,8 +193,15 @@ class TTTLayer(StreamingLayer):
         state._initial = self.initial_tensors
         return state.reset(mask)
 
-    def _check(self, x: Tensor, state: TTTState | None) -> TTTState:
+    def _check(self, x: Tensor, state: TTTState | None, **host: Tensor) -> TTTState:
         check_input(x, self.config.dim)
+        if host or self.config.shared_qkv:
+            C = self.config.dim
+            want = {"qkv": [*x.shape[:2], 3 * C], "heads": [*x.shape[:2], C]} if self.config.shared_qkv else {}
+            got = {k: list(t.shape) for k, t in host.items()}
+            if got != want:
+                raise ValueError(f"shared_qkv={self.config.shared_qkv}: expected host inputs {want or 'none'} "
+                                 f"for x of shape {list(x.shape)}, got {got or 'none'}")
         if state is None:  # start from the live initial weights, so they get gradients
             fresh = self.init_state(x.shape[0], x.device)
             B = x.shape[0]
@@ -174,12 +210,12 @@ class TTTLayer(StreamingLayer):
         return TTTState.check_state(state, self.config, x.shape[0])
 
     # -- shared pieces of both forms ---------------------------------------------------------
-    def _prepare(self, x: Tensor, state: TTTState) -> tuple[list[Tensor], Tensor, dict[str, Tensor]]:
-        """Projections, convs, RoPE and step sizes: ([q, k, v, a, c] in fp32, branch input h, conv tails)."""
+    def _project(self, x: Tensor, state: TTTState, qkv: Tensor | None) -> tuple[list[Tensor], Tensor, dict[str, Tensor]]:
+        """Projections and convs: ([q, k, v] [B, T, dim] as projected, branch input h, conv tails)."""
         cfg = self.config
-        B, T, _ = x.shape
-        H, D = cfg.num_heads, cfg.head_dim
         tails: dict[str, Tensor] = {}
+        if qkv is not None:
+            return list(qkv.split(cfg.dim, dim=-1)), x, tails
         h = x
         if cfg.pre_conv:
             y, tails["conv_pre"] = causal_depthwise_conv(
@@ -192,34 +228,42 @@ class TTTLayer(StreamingLayer):
             tails["conv_qk"] = tail
         else:
             q, k = self.q_proj(h), self.k_proj(h)
-        v = self.v_proj(h)
+        return [q, k, self.v_proj(h)], h, tails
+
+    def _inner_inputs(self, q: Tensor, k: Tensor, v: Tensor, h: Tensor, state: TTTState) -> list[Tensor]:
+        """RoPE and step sizes: [q, k, v, a, c] per head in the state's dtype (fp32)."""
+        cfg = self.config
+        B, T, _ = h.shape
+        H, D = cfg.num_heads, cfg.head_dim
         cd = state.dtype  # compute dtype of the TTT math: the state's
         q, k, v = (t.to(cd).view(B, T, H, D).transpose(1, 2) for t in (q, k, v))
-        pos = (state.offset[:, None] + torch.arange(T, device=x.device)) % cfg.mini_batch  # [B, T]
+        pos = (state.offset[:, None] + torch.arange(T, device=h.device)) % cfg.mini_batch  # [B, T]
         if cfg.use_rope:
-            cos, sin = (t.to(cd)[pos][:, None] for t in rope_table(cfg.mini_batch, D, cfg.rope_theta, x.device))
+            cos, sin = (t.to(cd)[pos][:, None] for t in rope_table(cfg.mini_batch, D, cfg.rope_theta, h.device))
             q, k = rope_interleaved(q, cos, sin), rope_interleaved(k, cos, sin)
         lr = torch.sigmoid(torch.einsum("btc,hc->bht", h.to(cd), self.lr_weight.to(cd))
                            + self.lr_bias.to(cd)[:, None]) * (cfg.base_lr / D)
         if cfg.variant == "ttt-lm":  # eta[i, j] = token_eta(i) * lr(j)
-            base = 1.0 / torch.arange(1, cfg.mini_batch + 1, device=x.device, dtype=cd)
+            base = 1.0 / torch.arange(1, cfg.mini_batch + 1, device=h.device, dtype=cd)
             tok = (base + self.token_idx.to(cd)).clamp_min(0.0)[pos]
             a, c = tok[:, None, :].expand(B, H, T), lr
         else:  # fla: eta[i, j] = lr(i), q scaled like FLA's default 1/sqrt(D)
             q = q * D**-0.5
             a, c = lr, torch.ones_like(lr)
-        return [q, k, v, a, c], h, tails
+        return [q, k, v, a, c]
 
-    def _finish(self, out: Tensor, h: Tensor, dtype: torch.dtype) -> Tensor:
-        B, H, T, D = out.shape
-        o = out.transpose(1, 2).reshape(B, T, H * D)
-        cd = out.dtype
-        o = F.layer_norm(o, (H * D,), self.post_norm.weight.to(cd), self.post_norm.bias.to(cd), 1e-6)
+    def _finish(self, o: Tensor, h: Tensor, dtype: torch.dtype, heads: Tensor | None) -> Tensor:
+        """o [B, T, dim] per-head outputs -> the layer output (shared_qkv: mixed into the host's heads)."""
+        cd = o.dtype
+        gate = torch.tanh(self.gate_alpha.to(cd))
+        if heads is not None:
+            return (heads.to(cd) + gate * o).to(heads.dtype)
+        C = o.shape[-1]
+        o = F.layer_norm(o, (C,), self.post_norm.weight.to(cd), self.post_norm.bias.to(cd), 1e-6)
         if self.config.output_gate:
             o = F.gelu(self.g_proj(h).to(cd), approximate="tanh") * o
         proj_dtype = next((p.dtype for p in self.o_proj.parameters()), dtype)
-        y = self.o_proj(o.to(proj_dtype)).to(cd) * torch.tanh(self.gate_alpha.to(cd))
-        return y.to(dtype)
+        return (self.o_proj(o.to(proj_dtype)).to(cd) * gate).to(dtype)
 
     @property
     def _inner_args(self) -> dict:
@@ -230,12 +274,17 @@ class TTTLayer(StreamingLayer):
         return self.ttt_norm_weight.to(self.state_dtype), self.ttt_norm_bias.to(self.state_dtype)
 
     # -- the two forms -----------------------------------------------------------------------
-    def forward(self, x: Tensor, state: TTTState | None = None) -> tuple[Tensor, TTTState]:
-        """Chunked form over any T; returns y and a *new* state (the input state is not touched)."""
-        state = self._check(x, state)
+    def forward(self, x: Tensor, state: TTTState | None = None, qkv: Tensor | None = None,
+                heads: Tensor | None = None) -> tuple[Tensor, TTTState]:
+        """Chunked form over any T; returns y and a *new* state (the input state is not touched).
+
+        qkv, heads: the host attention's, for a `shared_qkv` layer (see the class docstring).
+        """
+        state = self._check(x, state, **({} if qkv is None and heads is None else {"qkv": qkv, "heads": heads}))
         if x.shape[1] == 0:
-            return x.new_zeros(x.shape), state.clone()
-        (q, k, v, a, c), h, tails = self._prepare(x, state)
+            return (x.new_zeros(x.shape) if heads is None else heads.clone()), state.clone()
+        projected, h, tails = self._project(x, state, qkv)
+        q, k, v, a, c = self._inner_inputs(*projected, h, state)
         weights, grads, offset = state.weights(), state.grads(), state.offset
         outs = []
         if self._use_fla(x, state):
@@ -251,7 +300,7 @@ class TTTLayer(StreamingLayer):
             outs.append(o)
         else:
             offset = offset.clone()
-        y = self._finish(torch.cat(outs, dim=2), h, x.dtype)
+        y = self._finish(heads_to_channels(torch.cat(outs, dim=2)), h, x.dtype, heads)
         names = state.weight_names
         new = dict(zip(names, weights)) | {"grad_" + n: g for n, g in zip(names, grads)}
         return y, state.replace(**new, offset=offset, **{k: t.to(state.dtype) for k, t in tails.items()})
@@ -265,17 +314,35 @@ class TTTLayer(StreamingLayer):
         fresh = (state.offset == 0).all() & torch.stack([g.abs().amax() == 0 for g in state.grads()]).all()
         return bool(fresh)
 
-    def _step_op(self, x: Tensor, state: TTTState):
-        """Fused Triton step where it applies (CUDA, TTT-Linear, power-of-two head_dim, fp32 state)."""
-        D = self.config.head_dim
-        fused = _fused_linear_step() if x.is_cuda else None
-        if fused is not None and self.config.inner == "linear" and not D & (D - 1) and state.dtype == torch.float32:
-            return fused
-        return ttt_step_
+    def _fused_params(self, x: Tensor, state: TTTState) -> StepParams | None:
+        """What the fused Triton step reads, where it applies (Triton, TTT-Linear, power-of-two head_dim,
+        fp32 state); None: step in plain torch."""
+        cfg = self.config
+        D = cfg.head_dim
+        if (_fused_linear_step() is None or not triton_runs_on(x) or cfg.inner != "linear" or D & (D - 1)
+                or state.dtype != torch.float32):
+            return None
+        from ttt_speech.ops.ttt.triton_step import StepParams
 
-    def _step_token(self, x: Tensor, state: TTTState, exec_mask: Tensor | None) -> Tensor:
-        (q, k, v, a, c), h, tails = self._prepare(x, state)
-        out = self._step_op(x, state)(q, k, v, a, c, *self._ln(), state.weights(), state.grads(), state.offset,
-                                      exec_mask=exec_mask, **self._inner_args)
+        return StepParams(
+            lr_weight=self.lr_weight, lr_bias=self.lr_bias,
+            rope=rope_table(cfg.mini_batch, D, cfg.rope_theta, x.device) if cfg.use_rope else None,
+            token_idx=self.token_idx if cfg.variant == "ttt-lm" else None,
+            ln_w=self.ttt_norm_weight, ln_b=self.ttt_norm_bias, gate_alpha=self.gate_alpha,
+            mini_batch=cfg.mini_batch, lr_scale=cfg.base_lr / D, q_scale=1.0 if cfg.variant == "ttt-lm" else D**-0.5,
+            eps=cfg.eps)
+
+    def _step_token(self, x: Tensor, state: TTTState, exec_mask: Tensor | None, qkv: Tensor | None = None,
+                    heads: Tensor | None = None) -> Tensor:
+        projected, h, tails = self._project(x, state, qkv)
+        params = self._fused_params(x, state)
+        if params is not None:  # one kernel from the raw projections (and into the host's heads)
+            fused = _fused_linear_step()
+            out = fused(*projected, h, params, state.weights(), state.grads(), state.offset, exec_mask, heads)
+            state.write_(tails, exec_mask)
+            return out if heads is not None else self._finish(out, h, x.dtype, None)
+        q, k, v, a, c = self._inner_inputs(*projected, h, state)
+        out = ttt_step_(q, k, v, a, c, *self._ln(), state.weights(), state.grads(), state.offset,
+                        exec_mask=exec_mask, **self._inner_args)
         state.write_(tails, exec_mask)
-        return self._finish(out, h, x.dtype)
+        return self._finish(heads_to_channels(out), h, x.dtype, heads)

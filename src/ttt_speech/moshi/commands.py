@@ -44,7 +44,7 @@ def parse_layers(text: str) -> str | list[int]:
     return out
 
 
-TTT_ONLY_FLAGS = ("inner", "mini_batch", "variant")
+TTT_ONLY_FLAGS = ("inner", "mini_batch", "variant", "shared_qkv")
 
 
 def _ttt_overrides(args: argparse.Namespace) -> dict[str, tp.Any]:
@@ -71,6 +71,9 @@ def add_ttt_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mini-batch", type=int, help="TTT mini-batch size")
     p.add_argument("--variant", choices=("ttt-lm", "fla"), help="TTT update rule")
     p.add_argument("--gate-init", type=float, help="initial gate alpha (hybrid: 0 keeps the logits unchanged)")
+    p.add_argument("--shared-qkv", action="store_true", default=None,
+                   help="TTT reads the attention's own q/k/v projection and joins its heads before the output "
+                        "projection: no extra weights per layer, the fast hybrid (hybrid mode, TTT only)")
 
 
 def add_convert_arguments(p: argparse.ArgumentParser) -> None:

@@ -79,11 +79,26 @@ def check_gdn_mode(mode: str, init_from_attention: bool) -> None:
                          "its own small random projections")
 
 
+def check_shared_qkv(attn: nn.Module, cfg: TTTConfig, mode: str, init_from_attention: bool) -> None:
+    """A shared_qkv branch reads the attention's fused projection head by head: same heads, plain layout."""
+    if mode != "hybrid" or init_from_attention:
+        raise ValueError("shared_qkv is a hybrid-mode branch that reads the attention's own projections: use "
+                         "mode='hybrid' without init_from_attention")
+    if attn.weights_per_step or attn.kv_repeat != 1 or len(attn.in_projs) != 1:
+        raise ValueError("shared_qkv needs plain self-attention (no weights_per_step, kv_repeat == 1)")
+    if cfg.num_heads != attn.num_heads:
+        raise ValueError(f"shared_qkv reads the attention's heads: TTTConfig.num_heads must be {attn.num_heads}, "
+                         f"got {cfg.num_heads}")
+
+
 class TTTTransformerLayer(StreamingTransformerLayer):
     """A Moshi transformer layer whose attention gains (hybrid) or is replaced by (replace) a TTT layer.
 
     hybrid:  x + layer_scale_1(attn(norm1(x))) + ttt(norm1(x)); the TTT output carries its own
              gate tanh(alpha), so with alpha = 0 the layer equals the original bit for bit.
+             With `TTTConfig.shared_qkv` the branch has no projections: it reads the attention's
+             q/k/v projection and adds tanh(alpha) * its heads to the attention's heads before the
+             attention's output projection (no extra weights to read per frame: the fast hybrid).
     replace: x + layer_scale_1(ttt(norm1(x))); no attention, no KV cache.
     """
 
@@ -117,6 +132,8 @@ class TTTTransformerLayer(StreamingTransformerLayer):
             raise ValueError("TTT layers need a plain self-attention layer (no skip_self_attn, no cross attention)")
         if cfg.dim != self.self_attn.embed_dim:
             raise ValueError(f"TTTConfig.dim={cfg.dim} but the Moshi layer has d_model={self.self_attn.embed_dim}")
+        if isinstance(cfg, TTTConfig) and cfg.shared_qkv:
+            check_shared_qkv(self.self_attn, cfg, mode, init_from_attention)
         if init_from_attention and cfg.num_heads != self.self_attn.num_heads:
             raise ValueError(f"initialising from attention needs TTTConfig.num_heads == the attention's "
                              f"{self.self_attn.num_heads}, got {cfg.num_heads}")
@@ -134,20 +151,46 @@ class TTTTransformerLayer(StreamingTransformerLayer):
         return TTTLayerState(batch_size, device, offset_cpu=0,
                              ttt=self.ttt.init_state(batch_size, device), ttt_layer=self.ttt)
 
-    def _ttt_branch(self, h: Tensor) -> Tensor:
+    @property
+    def shares_attention_projections(self) -> bool:
+        return bool(getattr(self.ttt.config, "shared_qkv", False))
+
+    def _ttt_branch(self, h: Tensor, **host: Tensor) -> Tensor:
         """Chunked (differentiable) form on whole sequences; in-place streaming step otherwise."""
         state = self._streaming_state
         if state is None:
-            y, _ = self.ttt(h)
+            y, _ = self.ttt(h, **host)
             return y
         assert isinstance(state, TTTLayerState) and state.ttt is not None
-        y, _ = self.ttt.step(h, state.ttt, exec_mask=state.exec_mask)
+        y, _ = self.ttt.step(h, state.ttt, exec_mask=state.exec_mask, **host)
         return y
+
+    def _attention_with_shared_branch(self, h: Tensor) -> Tensor:
+        """Moshi's own attention forward, tapped: the q/k/v projection's output also feeds the branch,
+        and the branch's gated heads join the attention's on their way into the output projection."""
+        attn = self.self_attn
+        taps: dict[str, Tensor] = {}
+
+        def keep(_module: nn.Module, _args: tuple, qkv: Tensor) -> None:
+            taps["qkv"] = qkv
+
+        def mix(_module: nn.Module, args: tuple) -> tuple:
+            return (self._ttt_branch(h, qkv=taps.pop("qkv"), heads=args[0]), *args[1:])
+
+        handles = [attn.in_projs[0].register_forward_hook(keep), attn.out_projs[0].register_forward_pre_hook(mix)]
+        try:
+            return attn(h, h, h)
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _sa_block(self, x: Tensor) -> Tensor:
         h = self.norm1(x)
         if self.ttt_mode == "replace":
             update = self._ttt_branch(h)
+            return x.to(update) + self.layer_scale_1(update)
+        if self.shares_attention_projections:
+            update = self._attention_with_shared_branch(h)
             return x.to(update) + self.layer_scale_1(update)
         update = self.self_attn(h, h, h)
         out = x.to(update) + self.layer_scale_1(update)

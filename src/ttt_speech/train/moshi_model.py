@@ -140,7 +140,10 @@ class MoshiSegmentLM(SegmentLM):
         return x
 
     def _attention(self, attn: StreamingMultiheadAttention, h: Tensor, past: tuple[Tensor, Tensor] | None,
-                   pos: int) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+                   pos: int, mix: tp.Callable[[Tensor, Tensor], Tensor] | None = None,
+                   ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Windowed attention; `mix(qkv, heads)` (a shared_qkv TTT branch) may change the heads that
+        enter the output projection."""
         B, T, C = h.shape
         H = attn.num_heads
         D = C // H
@@ -152,17 +155,24 @@ class MoshiSegmentLM(SegmentLM):
         if attn.kv_repeat > 1:
             k, v = expand_repeated_kv(k, attn.kv_repeat), expand_repeated_kv(v, attn.kv_repeat)
         out, kv = windowed_attention(q, k, v, self.window, past, self.chunk)
-        return attn.out_projs[0](out.transpose(1, 2).reshape(B, T, C)), kv
+        heads = out.transpose(1, 2).reshape(B, T, C)
+        return attn.out_projs[0](heads if mix is None else mix(projected, heads)), kv
 
     def layer_forward(self, layer: nn.Module, x: Tensor, carry: LayerCarry, pos: int) -> tuple[Tensor, LayerCarry]:
         """StreamingTransformerLayer / TTTTransformerLayer: the same residual composition as their forward."""
         h = layer.norm1(x)
         mode = getattr(layer, "ttt_mode", None)
+        shared = mode is not None and layer.shares_attention_projections
         new = LayerCarry()
+
+        def mix(qkv: Tensor, heads: Tensor) -> Tensor:
+            y, new.ttt = layer.ttt(h, carry.ttt, qkv=qkv, heads=heads)
+            return y
+
         if mode != "replace":
-            update, new.kv = self._attention(layer.self_attn, h, carry.kv, pos)
+            update, new.kv = self._attention(layer.self_attn, h, carry.kv, pos, mix if shared else None)
             out = x.to(update) + layer.layer_scale_1(update)
-        if mode is not None:
+        if mode is not None and not shared:
             y, new.ttt = layer.ttt(h, carry.ttt)
             out = x.to(y) + layer.layer_scale_1(y) if mode == "replace" else out + y.to(out)
         return layer._ff_block(out), new
