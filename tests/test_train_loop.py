@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +149,18 @@ def test_a_stage_no_longer_than_the_window_warns(tmp_path: Path) -> None:
     cfg = config_from_dict(tiny_config(tmp_path, stages=[{"seq_len": 8, "steps": 1, "lr": 1e-3}]))
     with pytest.warns(UserWarning, match=r"sequences of 8 steps are no longer than the attention window \(8\)"):
         Trainer(cfg).run()
+
+
+def test_segments_off_the_fla_mini_batch_grid_warn(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, stages=[{"seq_len": 24, "steps": 1, "lr": 1e-3}])
+    cfg["model"]["ttt"]["variant"] = "fla"
+    cfg["train"]["segment_len"] = 6
+    with pytest.warns(UserWarning, match=r"segments of 6 steps are not a multiple of the TTT mini-batch \(4\)"):
+        Trainer(config_from_dict(cfg)).run()
+    cfg["train"]["segment_len"] = 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Trainer(config_from_dict(cfg | {"run_dir": str(tmp_path / "aligned")})).run()
 
 
 def test_empty_shard_stops_the_run_naming_it_or_is_skipped_and_counted(tmp_path: Path) -> None:
