@@ -79,17 +79,15 @@ def bench_throughput(name, fn, B, H, T, D, K, device, dtype, backward: bool) -> 
 def bench_step(B: int, H: int, D: int, device: str, graphed: bool, shared: bool, fused: bool) -> float:
     """Milliseconds for one token through one TTT-Linear layer's `step` (bf16 weights on CUDA, fp32 state):
     its own Q/K/V/O projections, or a shared_qkv layer given the host attention's qkv and heads."""
-    import ttt_speech.layers.ttt as ttt_module
     from ttt_speech import TTTConfig
+    from ttt_speech.layers.ttt import use_fused_step
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     layer = TTTConfig(dim=H * D, num_heads=H, gate_init=0.1, shared_qkv=shared).build().to(device, dtype)
     state = layer.init_state(B, device)
     x = torch.randn(B, 1, H * D, device=device, dtype=dtype)
     host = {"qkv": torch.randn(B, 1, 3 * H * D, device=device, dtype=dtype), "heads": x} if shared else {}
-    chosen = ttt_module._fused_linear_step if fused else (lambda: None)
-    keep, ttt_module._fused_linear_step = ttt_module._fused_linear_step, chosen
-    try:
+    with use_fused_step(fused):
         fn = lambda: layer.step(x, state, **host)
         if graphed:
             s = torch.cuda.Stream()
@@ -106,8 +104,6 @@ def bench_step(B: int, H: int, D: int, device: str, graphed: bool, shared: bool,
             run = fn
         n = 200
         return timeit(lambda: [run() for _ in range(n)], warmup=1, iters=5) / n * 1e3
-    finally:
-        ttt_module._fused_linear_step = keep
 
 
 def main() -> None:

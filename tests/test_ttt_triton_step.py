@@ -25,10 +25,9 @@ CONFIGS = {
 
 
 def compare(device: str, dtype: torch.dtype, atol: float) -> None:
-    import ttt_speech.layers.ttt as ttt_module
     from ttt_speech import TTTConfig
+    from ttt_speech.layers.ttt import use_fused_step
 
-    fused_step = ttt_module._fused_linear_step
     B, C, K = 3, 64, 4
     for name, kw in CONFIGS.items():
         torch.manual_seed(0)
@@ -46,12 +45,9 @@ def compare(device: str, dtype: torch.dtype, atol: float) -> None:
                     "heads": torch.randn(B, C, device=device).to(dtype)} if kw.get("shared_qkv") else {}
             m = exec_mask if t % 2 else None
             ys = []
-            for s, fused in zip(states, (fused_step, lambda: None)):
-                ttt_module._fused_linear_step = fused
-                try:
+            for s, fused in zip(states, (True, False)):
+                with use_fused_step(fused):
                     ys.append(layer.step(x, s, m, **host)[0])
-                finally:
-                    ttt_module._fused_linear_step = fused_step
             torch.testing.assert_close(ys[0], ys[1], rtol=0, atol=atol, msg=lambda e, w=f"{name}, token {t}": f"{w}: {e}")
         for k in states[0]:
             torch.testing.assert_close(states[0][k], states[1][k], rtol=0, atol=atol, msg=lambda e, w=f"{name} {k}": f"{w}: {e}")

@@ -9,6 +9,7 @@ it into a pretrained model changes nothing until it is trained).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -57,9 +58,26 @@ def _fused_linear_step():
     return ttt_linear_step_fused_
 
 
+# Triton reads this when kernels are defined, so reading it once at import agrees with Triton
+_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_fused_step_enabled = True
+
+
+@contextlib.contextmanager
+def use_fused_step(enabled: bool) -> tp.Iterator[None]:
+    """Within the block, TTT-Linear steps take the fused Triton kernel (where it applies) or, with
+    False, the plain-torch step it is tested against: for comparing the two and for debugging."""
+    global _fused_step_enabled
+    before, _fused_step_enabled = _fused_step_enabled, enabled
+    try:
+        yield
+    finally:
+        _fused_step_enabled = before
+
+
 def triton_runs_on(x: Tensor) -> bool:
     """CUDA tensors, or any tensor under Triton's CPU interpreter (how CPU tests run the kernels)."""
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return x.is_cuda or _TRITON_INTERPRET
 
 
 def heads_to_channels(out: Tensor) -> Tensor:
@@ -193,8 +211,10 @@ class TTTLayer(StreamingLayer):
         state._initial = self.initial_tensors
         return state.reset(mask)
 
-    def _check(self, x: Tensor, state: TTTState | None, **host: Tensor) -> TTTState:
+    def _check(self, x: Tensor, state: TTTState | None, qkv: Tensor | None = None,
+               heads: Tensor | None = None) -> TTTState:
         check_input(x, self.config.dim)
+        host = {k: t for k, t in (("qkv", qkv), ("heads", heads)) if t is not None}
         if host or self.config.shared_qkv:
             C = self.config.dim
             want = {"qkv": [*x.shape[:2], 3 * C], "heads": [*x.shape[:2], C]} if self.config.shared_qkv else {}
@@ -280,7 +300,7 @@ class TTTLayer(StreamingLayer):
 
         qkv, heads: the host attention's, for a `shared_qkv` layer (see the class docstring).
         """
-        state = self._check(x, state, **({} if qkv is None and heads is None else {"qkv": qkv, "heads": heads}))
+        state = self._check(x, state, qkv, heads)
         if x.shape[1] == 0:
             return (x.new_zeros(x.shape) if heads is None else heads.clone()), state.clone()
         projected, h, tails = self._project(x, state, qkv)
@@ -319,8 +339,8 @@ class TTTLayer(StreamingLayer):
         fp32 state); None: step in plain torch."""
         cfg = self.config
         D = cfg.head_dim
-        if (_fused_linear_step() is None or not triton_runs_on(x) or cfg.inner != "linear" or D & (D - 1)
-                or state.dtype != torch.float32):
+        if (not _fused_step_enabled or _fused_linear_step() is None or not triton_runs_on(x)
+                or cfg.inner != "linear" or D & (D - 1) or state.dtype != torch.float32):
             return None
         from ttt_speech.ops.ttt.triton_step import StepParams
 
