@@ -5,8 +5,8 @@
 #   2. A 0.2B-parameter Moshi-shaped model (written here with random weights, released checkpoint
 #      format) through the four context-extension stages 8k -> 65k frames on 2 GPUs with FSDP2:
 #      peak memory and tokens/s per stage show that training memory stays linear in length.
-#      TTT uses variant "fla" here: FLA's chunk kernel trains it; the default "ttt-lm" variant has no
-#      GPU training kernel yet and runs its PyTorch chunked form (~600 tokens/s at this shape).
+#      TTT uses variant "fla" here: FLA's chunk kernel trains it; the default "ttt-lm" variant trains
+#      through our Triton kernel (ops/ttt/triton_chunk.py; before it: ~600 tokens/s at this shape).
 # Usage: bash benchmarks/train_gpu.sh [OUT_DIR] [all|recall|long]   (results: OUT_DIR/*.jsonl)
 set -euo pipefail
 OUT=${1:-runs/bench/out}

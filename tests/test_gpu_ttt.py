@@ -10,30 +10,38 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 pytestmark = [pytest.mark.gpu, cuda]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or not fla_available(), reason="needs CUDA + FLA")
+@pytest.mark.parametrize("variant", ["fla", "ttt-lm"])
 @pytest.mark.parametrize("T", [256, 1000])
-def test_fla_path_equals_reference(T, monkeypatch):
-    """bf16 FLA kernel vs the fp32 reference on the same layer: documented tolerance 2e-2 abs on
-    outputs of unit scale and 1e-2 relative on the final fast weights."""
+def test_kernel_path_equals_reference(T, variant, monkeypatch):
+    """bf16 kernel (FLA's for variant fla, ours for ttt-lm) vs the fp32 reference on the same layer:
+    documented tolerance 2e-2 abs on outputs of unit scale and 1e-2 relative on the final fast weights."""
+    if variant == "fla" and not fla_available():
+        pytest.skip("needs FLA")
     torch.manual_seed(0)
-    layer = TTTConfig(dim=512, num_heads=4, variant="fla", gate_init=1.0).build().cuda().bfloat16()
+    layer = TTTConfig(dim=512, num_heads=4, variant=variant, gate_init=1.0).build().cuda().bfloat16()
+    with torch.no_grad():  # nothing hides behind zeros/ones
+        for n in ("ttt_norm_bias", "lr_bias", "b1"):
+            getattr(layer, n).add_(torch.randn_like(getattr(layer, n)) * 0.3)
     x = torch.randn(2, T, 512, device="cuda")
-    y_fla, s_fla = layer(x.bfloat16())  # FLA on the aligned prefix, reference on the tail
-    monkeypatch.setattr(type(layer), "_use_fla", lambda *a: False)
+    assert layer._chunk_kernel(x.bfloat16(), layer.init_state(2)) is not None
+    y_fla, s_fla = layer(x.bfloat16())  # the kernel on the aligned prefix, reference on the tail
+    monkeypatch.setattr(type(layer), "_chunk_kernel", lambda *a: None)
     y_ref, s_ref = layer(x.bfloat16())
     err = (y_fla.float() - y_ref.float()).abs().max().item()
     scale = y_ref.float().abs().max().item()
     print(f"T={T}: max|y_fla - y_ref| = {err:.3e} (max|y| = {scale:.3f})")
     assert err <= 2e-2 * max(1.0, scale)
     w_err = ((s_fla["W1"] - s_ref["W1"]).norm() / s_ref["W1"].norm()).item()
-    print(f"T={T}: relative error of final W = {w_err:.3e}")
+    print(f"T={T}: {variant} relative error of final W = {w_err:.3e}")
     assert w_err <= 1e-2
-    params = [layer.q_proj.weight, layer.v_proj.weight, layer.lr_weight, layer.ttt_norm_weight]
+    names = ["q_proj.weight", "k_proj.weight", "v_proj.weight", "lr_weight", "ttt_norm_weight", "ttt_norm_bias", "W1", "b1"]
+    names += ["token_idx"] if variant == "ttt-lm" else []
+    params = [layer.get_parameter(n) for n in names]
     g_fla = torch.autograd.grad(y_fla.float().square().sum(), params)
     g_ref = torch.autograd.grad(y_ref.float().square().sum(), params)
-    for p, a, b in zip(["q_proj", "v_proj", "lr_weight", "ttt_norm_weight"], g_fla, g_ref):
+    for p, a, b in zip(names, g_fla, g_ref):
         rel = ((a.float() - b.float()).norm() / b.float().norm()).item()
-        print(f"T={T}: relative gradient error {p} = {rel:.3e}")
+        print(f"T={T}: {variant} relative gradient error {p} = {rel:.3e}")
         assert rel <= 5e-2
 
 

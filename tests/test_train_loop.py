@@ -151,9 +151,10 @@ def test_a_stage_no_longer_than_the_window_warns(tmp_path: Path) -> None:
         Trainer(cfg).run()
 
 
-def test_segments_off_the_fla_mini_batch_grid_warn(tmp_path: Path) -> None:
+@pytest.mark.parametrize("variant", ["fla", "ttt-lm"])
+def test_segments_off_the_kernel_mini_batch_grid_warn(tmp_path: Path, variant: str) -> None:
     cfg = tiny_config(tmp_path, stages=[{"seq_len": 24, "steps": 1, "lr": 1e-3}])
-    cfg["model"]["ttt"]["variant"] = "fla"
+    cfg["model"]["ttt"]["variant"] = variant
     cfg["train"]["segment_len"] = 6
     with pytest.warns(UserWarning, match=r"segments of 6 steps are not a multiple of the TTT mini-batch \(4\)"):
         Trainer(config_from_dict(cfg)).run()

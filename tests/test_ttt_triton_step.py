@@ -26,7 +26,7 @@ CONFIGS = {
 
 def compare(device: str, dtype: torch.dtype, atol: float) -> None:
     from ttt_speech import TTTConfig
-    from ttt_speech.layers.ttt import use_fused_step
+    from ttt_speech.layers.ttt import use_triton
 
     B, C, K = 3, 64, 4
     for name, kw in CONFIGS.items():
@@ -46,7 +46,7 @@ def compare(device: str, dtype: torch.dtype, atol: float) -> None:
             m = exec_mask if t % 2 else None
             ys = []
             for s, fused in zip(states, (True, False)):
-                with use_fused_step(fused):
+                with use_triton(fused):
                     ys.append(layer.step(x, s, m, **host)[0])
             torch.testing.assert_close(ys[0], ys[1], rtol=0, atol=atol, msg=lambda e, w=f"{name}, token {t}": f"{w}: {e}")
         for k in states[0]:

@@ -1,8 +1,8 @@
 """`TTTLayer`: a TTT-Linear / TTT-MLP sequence layer that trains chunked and streams token by token.
 
 The layer maps x [B, T, dim] to y [B, T, dim]; its memory is an explicit `TTTState`. Three forms,
-one semantics: `forward` (chunked dual form, differentiable; FLA's kernel for variant="fla" on
-CUDA), and `step` (streaming, in place, graph-capturable for one token). The output is scaled by a
+one semantics: `forward` (chunked dual form, differentiable; on CUDA whole mini-batches go through
+FLA's kernel for variant="fla" and our Triton kernel otherwise), and `step` (streaming, in place, graph-capturable for one token). The output is scaled by a
 per-channel gate tanh(alpha), alpha = `gate_init` (0: a new layer outputs exactly zero, so inserting
 it into a pretrained model changes nothing until it is trained).
 """
@@ -58,21 +58,32 @@ def _fused_linear_step():
     return ttt_linear_step_fused_
 
 
+@functools.cache
+def _triton_chunk():
+    """The Triton TTT-Linear training kernel module, or None where Triton is missing."""
+    try:
+        from ttt_speech.ops.ttt import triton_chunk
+    except ImportError:
+        return None
+    return triton_chunk
+
+
 # Triton reads this when kernels are defined, so reading it once at import agrees with Triton
 _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_fused_step_enabled = True
+_triton_enabled = True
 
 
 @contextlib.contextmanager
-def use_fused_step(enabled: bool) -> tp.Iterator[None]:
-    """Within the block, TTT-Linear steps take the fused Triton kernel (where it applies) or, with
-    False, the plain-torch step it is tested against: for comparing the two and for debugging."""
-    global _fused_step_enabled
-    before, _fused_step_enabled = _fused_step_enabled, enabled
+def use_triton(enabled: bool) -> tp.Iterator[None]:
+    """Within the block, TTT-Linear layers take our Triton kernels where they apply (the fused step,
+    the chunked training kernel) or, with False, the plain-torch paths they are tested against: for
+    comparing the two and for debugging."""
+    global _triton_enabled
+    before, _triton_enabled = _triton_enabled, enabled
     try:
         yield
     finally:
-        _fused_step_enabled = before
+        _triton_enabled = before
 
 
 def triton_runs_on(x: Tensor) -> bool:
@@ -307,10 +318,10 @@ class TTTLayer(StreamingLayer):
         q, k, v, a, c = self._inner_inputs(*projected, h, state)
         weights, grads, offset = state.weights(), state.grads(), state.offset
         outs = []
-        if self._use_fla(x, state):
+        kernel = self._chunk_kernel(x, state)
+        if kernel is not None:  # whole mini-batches through a kernel, the tail through the reference
             T0 = x.shape[1] // self.config.mini_batch * self.config.mini_batch
-            o, W, b = ttt_linear_fla(q[:, :, :T0].to(x.dtype), k[:, :, :T0].to(x.dtype), v[:, :, :T0].to(x.dtype),
-                                     a[:, :, :T0], *self._ln(), *weights, self.config.mini_batch, self.config.eps)
+            o, W, b = kernel(*(t[:, :, :T0] for t in (q, k, v, a, c)), *weights)
             outs.append(o)
             weights = [W, b]
             q, k, v, a, c = (t[:, :, T0:] for t in (q, k, v, a, c))
@@ -325,21 +336,36 @@ class TTTLayer(StreamingLayer):
         new = dict(zip(names, weights)) | {"grad_" + n: g for n, g in zip(names, grads)}
         return y, state.replace(**new, offset=offset, **{k: t.to(state.dtype) for k, t in tails.items()})
 
-    def _use_fla(self, x: Tensor, state: TTTState) -> bool:
-        """FLA's kernel needs a fresh mini-batch start and at least one whole mini-batch."""
-        if self.config.variant != "fla" or not x.is_cuda or x.shape[1] < self.config.mini_batch:
-            return False
-        if not fla_available():
-            return False
+    def _chunk_kernel(self, x: Tensor, state: TTTState) -> tp.Callable[..., tuple[Tensor, Tensor, Tensor]] | None:
+        """The kernel for this run's whole mini-batches, or None (reference). Both kernels need
+        TTT-Linear, a fresh mini-batch start, at least one whole mini-batch, and a mini-batch of 16, 32
+        or 64 (tl.dot's smallest tile is 16): FLA's for variant="fla" (c = 1), ours for either variant, with bf16 products for bf16/fp16 models and fp32 ones (tf32
+        as torch.backends.cuda.matmul.allow_tf32 says) for fp32 models."""
+        cfg = self.config
+        if (cfg.inner != "linear" or x.shape[1] < cfg.mini_batch or state.dtype != torch.float32
+                or not triton_runs_on(x)):
+            return None
+        ln, eps, dt = self._ln(), cfg.eps, x.dtype
+        if cfg.variant == "fla" and x.is_cuda and cfg.mini_batch in (16, 32, 64) and fla_available():
+            def run(q, k, v, a, c, W, b):
+                return ttt_linear_fla(q.to(dt), k.to(dt), v.to(dt), a, *ln, W, b, cfg.mini_batch, eps)
+        elif _triton_enabled and _triton_chunk() is not None and _triton_chunk().supported(cfg.head_dim, cfg.mini_batch):
+            precision = "bf16" if dt != torch.float32 else "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+            def run(q, k, v, a, c, W, b):
+                return _triton_chunk().ttt_linear_chunked_triton(q, k, v, a, c, *ln, W, b, **self._inner_args,
+                                                                precision=precision)
+        else:
+            return None
         fresh = (state.offset == 0).all() & torch.stack([g.abs().amax() == 0 for g in state.grads()]).all()
-        return bool(fresh)
+        return run if bool(fresh) else None
 
     def _fused_params(self, x: Tensor, state: TTTState) -> StepParams | None:
         """What the fused Triton step reads, where it applies (Triton, TTT-Linear, power-of-two head_dim,
         fp32 state); None: step in plain torch."""
         cfg = self.config
         D = cfg.head_dim
-        if (not _fused_step_enabled or _fused_linear_step() is None or not triton_runs_on(x)
+        if (not _triton_enabled or _fused_linear_step() is None or not triton_runs_on(x)
                 or cfg.inner != "linear" or D & (D - 1) or state.dtype != torch.float32):
             return None
         from ttt_speech.ops.ttt.triton_step import StepParams

@@ -89,9 +89,9 @@ def segment_bounds(length: int, segment: int | None) -> list[tuple[int, int]]:
 
 
 # -- the trainer ----------------------------------------------------------------------------------
-def fla_mini_batches(model: nn.Module) -> set[int]:
-    """Mini-batch sizes of the model's TTT layers that train through FLA's kernel (variant "fla")."""
-    return {m.config.mini_batch for m in model.modules() if isinstance(m, TTTLayer) and m.config.variant == "fla"}
+def kernel_mini_batches(model: nn.Module) -> set[int]:
+    """Mini-batch sizes of the model's TTT-Linear layers, which train through a kernel on CUDA (FLA's or ours)."""
+    return {m.config.mini_batch for m in model.modules() if isinstance(m, TTTLayer) and m.config.inner == "linear"}
 
 
 @dataclass
@@ -258,12 +258,12 @@ class Trainer:
                                   f"attention window ({self.seg.window}): attention sees everything, so TTT is never "
                                   f"needed and learns nothing about memory; lengthen the stage or set "
                                   f"train.attention_window below {stage.seq_len}", stacklevel=1)
-                misaligned = sorted(k for k in fla_mini_batches(self.model) if segment and segment % k)
+                misaligned = sorted(k for k in kernel_mini_batches(self.model) if segment and segment % k)
                 if misaligned:
                     warnings.warn(f"stage {state.stage}: segments of {segment} steps are not a multiple of the TTT "
                                   f"mini-batch ({misaligned[0]}): every segment after the first starts mid-mini-batch, "
-                                  f"where FLA's kernel cannot start, so they run the PyTorch reference (~6x slower "
-                                  f"on an H100); use a multiple of {misaligned[0]}", stacklevel=1)
+                                  f"where the TTT kernels cannot start, so on CUDA they run the PyTorch reference "
+                                  f"(6x to 100x slower on an H100); use a multiple of {misaligned[0]}", stacklevel=1)
                 while not stopped and state.stage_step < stage.steps:
                     t0 = time.perf_counter()
                     codes = self.train_data.batch(state.samples + p.rank * self.local_batch, self.local_batch,

@@ -21,8 +21,8 @@ def fla_chunk_ttt_linear():
         from fla.ops.ttt import chunk_ttt_linear
     except ImportError as e:
         warnings.warn(
-            f"flash-linear-attention is not importable ({e}); variant='fla' falls back to the PyTorch "
-            "reference on CUDA. Install the kernel with `pip install 'ttt-speech[gpu]'`.",
+            f"flash-linear-attention is not importable ({e}); variant='fla' trains through ttt-speech's "
+            "own Triton kernel on CUDA instead (slower at head_dim 128). Install FLA with `pip install 'ttt-speech[gpu]'`.",
             stacklevel=3,
         )
         return None
