@@ -14,9 +14,11 @@ fresh mini-batch start), in two sequential launches with one program per (stream
   term through the LayerNorm-gradient is written out in closed form.
 
 FLA's `chunk_ttt_linear` stores W per chunk ([T / K, D, D]: 8x the bytes of q) and recomputes
-the forward recurrence in its backward; dropping both is where the speed comes from. The price is
-that the sequential loop is the only parallelism (B x H programs). `precision` picks the operand
-type of the D x D products: "bf16" (fast; FLA's choice), "tf32", or "ieee" fp32 (for tests).
+the forward recurrence in its backward; dropping both halves the peak memory of a forward+backward.
+The price is that the sequential loop is the only parallelism (B x H programs), so with few of them
+it is latency-bound: at B=1, H=32, D=128 it runs 0.70x FLA, at head_dim 64 on par (numbers in
+docs/benchmarks.md). `precision` picks the operand type of the D x D products: "bf16" (fast; FLA's
+choice), "tf32", or "ieee" fp32 (for tests).
 """
 
 from __future__ import annotations
