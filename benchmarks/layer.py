@@ -46,28 +46,28 @@ def inputs(B: int, H: int, T: int, D: int, device: str, dtype: torch.dtype, grad
     return q, k, v, eta, w, b
 
 
-def run_reference(q, k, v, eta, w, b, K: int):
+def heads_first(q, k, v, eta):
+    """FLA's [B, T, H, *] problem in our layout: q, k, v [B, H, T, D], a = eta, c = 1, zero initial W, b."""
     B, T, H, D = q.shape
-    tr = lambda t: t.transpose(1, 2).float()
     a = eta[..., 0].transpose(1, 2).float()
-    W0 = torch.zeros(B, H, D, D, device=q.device)
-    b0 = torch.zeros(B, H, 1, D, device=q.device)
-    out, *_ = ttt_chunked(tr(q), tr(k), tr(v), a, torch.ones_like(a), w.float(), b.float(), [W0, b0],
-                          [torch.zeros_like(W0), torch.zeros_like(b0)], torch.zeros(B, dtype=torch.long, device=q.device),
-                          K, residual="z")
+    W0, b0 = torch.zeros(B, H, D, D, device=q.device), torch.zeros(B, H, 1, D, device=q.device)
+    return [t.transpose(1, 2) for t in (q, k, v)], a, torch.ones_like(a), W0, b0
+
+
+def run_reference(q, k, v, eta, w, b, K: int):
+    qkv, a, c, W0, b0 = heads_first(q, k, v, eta)
+    out, *_ = ttt_chunked(*(t.float() for t in qkv), a, c, w.float(), b.float(), [W0, b0],
+                          [torch.zeros_like(W0), torch.zeros_like(b0)],
+                          torch.zeros(q.shape[0], dtype=torch.long, device=q.device), K, residual="z")
     return out
 
 
 def run_triton(q, k, v, eta, w, b, K: int):
-    """Our kernel on FLA's problem: same layout, step size per query (c = 1), residual z + LN(z)."""
+    """Our kernel on FLA's problem: same inputs, step size per query (c = 1), residual z + LN(z)."""
     from ttt_speech.ops.ttt.triton_chunk import ttt_linear_chunked_triton
 
-    B, T, H, D = q.shape
-    tr = lambda t: t.transpose(1, 2)
-    a = eta[..., 0].transpose(1, 2).float()
-    W0 = torch.zeros(B, H, D, D, device=q.device)
-    b0 = torch.zeros(B, H, 1, D, device=q.device)
-    return ttt_linear_chunked_triton(tr(q), tr(k), tr(v), a, torch.ones_like(a), w, b, W0, b0, K, residual="z")[0]
+    qkv, a, c, W0, b0 = heads_first(q, k, v, eta)
+    return ttt_linear_chunked_triton(*qkv, a, c, w, b, W0, b0, K, residual="z")[0]
 
 
 def run_fla(q, k, v, eta, w, b, K: int):

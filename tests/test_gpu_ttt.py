@@ -24,22 +24,23 @@ def test_kernel_path_equals_reference(T, variant, monkeypatch):
             getattr(layer, n).add_(torch.randn_like(getattr(layer, n)) * 0.3)
     x = torch.randn(2, T, 512, device="cuda")
     assert layer._chunk_kernel(x.bfloat16(), layer.init_state(2)) is not None
-    y_fla, s_fla = layer(x.bfloat16())  # the kernel on the aligned prefix, reference on the tail
+    y_kernel, s_kernel = layer(x.bfloat16())  # the kernel on the aligned prefix, reference on the tail
     monkeypatch.setattr(type(layer), "_chunk_kernel", lambda *a: None)
     y_ref, s_ref = layer(x.bfloat16())
-    err = (y_fla.float() - y_ref.float()).abs().max().item()
+    err = (y_kernel.float() - y_ref.float()).abs().max().item()
     scale = y_ref.float().abs().max().item()
-    print(f"T={T}: max|y_fla - y_ref| = {err:.3e} (max|y| = {scale:.3f})")
+    print(f"T={T}: max|y_kernel - y_ref| = {err:.3e} (max|y| = {scale:.3f})")
     assert err <= 2e-2 * max(1.0, scale)
-    w_err = ((s_fla["W1"] - s_ref["W1"]).norm() / s_ref["W1"].norm()).item()
+    w_err = ((s_kernel["W1"] - s_ref["W1"]).norm() / s_ref["W1"].norm()).item()
     print(f"T={T}: {variant} relative error of final W = {w_err:.3e}")
     assert w_err <= 1e-2
-    names = ["q_proj.weight", "k_proj.weight", "v_proj.weight", "lr_weight", "ttt_norm_weight", "ttt_norm_bias", "W1", "b1"]
+    names = ["q_proj.weight", "k_proj.weight", "v_proj.weight", "lr_weight", "ttt_norm_weight", "ttt_norm_bias",
+             "W1", "b1"]
     names += ["token_idx"] if variant == "ttt-lm" else []
     params = [layer.get_parameter(n) for n in names]
-    g_fla = torch.autograd.grad(y_fla.float().square().sum(), params)
+    g_kernel = torch.autograd.grad(y_kernel.float().square().sum(), params)
     g_ref = torch.autograd.grad(y_ref.float().square().sum(), params)
-    for p, a, b in zip(names, g_fla, g_ref):
+    for p, a, b in zip(names, g_kernel, g_ref):
         rel = ((a.float() - b.float()).norm() / b.float().norm()).item()
         print(f"T={T}: {variant} relative gradient error {p} = {rel:.3e}")
         assert rel <= 5e-2

@@ -2,9 +2,10 @@
 
 The layer maps x [B, T, dim] to y [B, T, dim]; its memory is an explicit `TTTState`. Three forms,
 one semantics: `forward` (chunked dual form, differentiable; on CUDA whole mini-batches go through
-FLA's kernel for variant="fla" and our Triton kernel otherwise), and `step` (streaming, in place, graph-capturable for one token). The output is scaled by a
-per-channel gate tanh(alpha), alpha = `gate_init` (0: a new layer outputs exactly zero, so inserting
-it into a pretrained model changes nothing until it is trained).
+FLA's kernel for variant="fla" and our Triton kernel otherwise), and `step` (streaming, in place,
+graph-capturable for one token). The output is scaled by a per-channel gate tanh(alpha), alpha =
+`gate_init` (0: a new layer outputs exactly zero, so inserting it into a pretrained model changes
+nothing until it is trained).
 """
 
 from __future__ import annotations
@@ -339,8 +340,9 @@ class TTTLayer(StreamingLayer):
     def _chunk_kernel(self, x: Tensor, state: TTTState) -> tp.Callable[..., tuple[Tensor, Tensor, Tensor]] | None:
         """The kernel for this run's whole mini-batches, or None (reference). Both kernels need
         TTT-Linear, a fresh mini-batch start, at least one whole mini-batch, and a mini-batch of 16, 32
-        or 64 (tl.dot's smallest tile is 16): FLA's for variant="fla" (c = 1), ours for either variant, with bf16 products for bf16/fp16 models and fp32 ones (tf32
-        as torch.backends.cuda.matmul.allow_tf32 says) for fp32 models."""
+        or 64 (tl.dot's smallest tile is 16): FLA's for variant="fla" (c = 1), ours for either variant,
+        with bf16 products for bf16/fp16 models and fp32 ones for fp32 models (tf32 where
+        torch.backends.cuda.matmul.allow_tf32 says so)."""
         cfg = self.config
         if (cfg.inner != "linear" or x.shape[1] < cfg.mini_batch or state.dtype != torch.float32
                 or not triton_runs_on(x)):

@@ -22,7 +22,8 @@ def fla_chunk_ttt_linear():
     except ImportError as e:
         warnings.warn(
             f"flash-linear-attention is not importable ({e}); variant='fla' trains through ttt-speech's "
-            "own Triton kernel on CUDA instead (slower at head_dim 128). Install FLA with `pip install 'ttt-speech[gpu]'`.",
+            "own Triton kernel on CUDA instead (slower at head_dim 128). Install FLA with "
+            "`pip install 'ttt-speech[gpu]'`.",
             stacklevel=3,
         )
         return None

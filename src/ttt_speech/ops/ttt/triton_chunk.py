@@ -161,7 +161,8 @@ def _ttt_linear_bwd_kernel(
         t0 = (NT - 1 - i) * K
         chunk = obase + (t0 + rk)[:, None] * D + rd[None, :]
         t1 = tl.maximum(t0 - K, 0)  # prefetch the previous mini-batch (the walk goes backwards)
-        q1, k1, v1, kT1, a1, c1, a_last1 = _load_chunk(q_ptr, k_ptr, v_ptr, a_ptr, c_ptr, base, abase, t1, s_t, s_at, K, D)
+        q1, k1, v1, kT1, a1, c1, a_last1 = _load_chunk(q_ptr, k_ptr, v_ptr, a_ptr, c_ptr, base, abase,
+                                                        t1, s_t, s_at, K, D)
         cg1 = tl.load(cg_ptr + obase + (t1 + rk)[:, None] * D + rd[None, :])
         do1 = tl.load(do_ptr + obase + (t1 + rk)[:, None] * D + rd[None, :])
         W += a_last * _mm(kT, cg, PREC)  # undo this mini-batch's update: W, b are its boundary weights
@@ -284,6 +285,7 @@ def ttt_linear_chunked_triton(
         raise ValueError(f"precision must be 'bf16', 'tf32' or 'ieee', got {precision!r}")
     if q.stride() != k.stride() or q.stride() != v.stride() or q.stride(-1) != 1:
         q, k, v = (t.contiguous() for t in (q, k, v))
-    out, W, b = _TTTLinearChunk.apply(q, k, v, a.float().contiguous(), c.float().contiguous(), ln_w, ln_b, W.reshape(B, H, D, D),
+    out, W, b = _TTTLinearChunk.apply(q, k, v, a.float().contiguous(), c.float().contiguous(), ln_w, ln_b,
+                                      W.reshape(B, H, D, D),
                                       b.reshape(B, H, D), mini_batch, residual, eps, precision)
     return out, W, b.view(B, H, 1, D)
