@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.numpy import save_file
 
 pytest.importorskip("moshi")
@@ -16,6 +17,7 @@ sphn = pytest.importorskip("sphn")
 
 from ttt_speech.moshi.tiny import TinyCheckpoint, write_tiny_checkpoint  # noqa: E402
 from ttt_speech.train.commands import main as train_main  # noqa: E402
+from ttt_speech.train.config import RepeatConfig, config_from_dict, load_config  # noqa: E402
 from ttt_speech.train.data import (  # noqa: E402
     PAD,
     BadInputError,
@@ -23,6 +25,7 @@ from ttt_speech.train.data import (  # noqa: E402
     SkipLog,
     TokenData,
     check_streams,
+    copy_span,
     find_documents,
     make_chunks,
     split_by_source,
@@ -31,6 +34,7 @@ from ttt_speech.train.tokenize import MoshiTokenizer, Word, text_stream, tokeniz
 
 SR = 24000
 FRAME = 1920  # Mimi: 24 kHz / 12.5 Hz
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_text_stream_follows_moshis_interleaving() -> None:
@@ -210,3 +214,116 @@ def test_sample_order_is_a_function_of_the_position_only(tmp_path: Path) -> None
     halves = data.batch(0, 6, 8, 0)[:, 0, 0].tolist() + data.batch(6, 6, 8, 0)[:, 0, 0].tolist()
     assert halves == whole  # two processes reading half each = one reading all
     assert data.batch(12, 12, 8, 0)[:, 0, 0].tolist() != whole  # the next epoch is reshuffled
+
+
+# -- memory-targeted data: spans copied beyond the attention window ---------------------------------
+def random_tokens(g: np.random.Generator, length: int, real: int, streams: int = 3) -> np.ndarray:
+    """[streams, length] of distinct-looking tokens (a large vocabulary: no accidental repeats), PAD after `real`."""
+    tokens = g.integers(0, 2**40, (streams, length))
+    tokens[:, real:] = PAD
+    return tokens
+
+
+def copied_span(before: np.ndarray, after: np.ndarray) -> tuple[int, int, int] | None:
+    """(source start, copy start, length) of the one span copied from `before` into `after`; None if unchanged."""
+    changed = np.flatnonzero((before != after).any(axis=0))
+    if not changed.size:
+        return None
+    dst, n = int(changed[0]), int(changed[-1] - changed[0] + 1)
+    sources = [s for s in range(before.shape[1] - n + 1) if np.array_equal(before[:, s:s + n], after[:, dst:dst + n])]
+    assert len(sources) == 1, f"copy [{dst}, {dst + n}) is not one earlier span of all streams: sources {sources}"
+    return sources[0], dst, n
+
+
+@pytest.mark.parametrize("cfg", [RepeatConfig(1.0, 30, 5, 40), RepeatConfig(1.0, 2, 10, 60)], ids=["gap>len", "gap<len"])
+def test_a_copied_span_repeats_all_streams_at_least_min_gap_later_without_overlap(cfg: RepeatConfig) -> None:
+    for seed in range(300):
+        g = np.random.default_rng(seed)
+        length = int(g.integers(20, 130))
+        real = length if seed % 3 else int(g.integers(1, length + 1))  # a third end in padding
+        before = random_tokens(g, length, real)
+        after = copy_span(before, np.random.default_rng([seed, 1]), cfg)
+        span = copied_span(before, after)
+        if real < max(cfg.min_gap, cfg.min_len) + cfg.min_len:  # no room for a span after its source
+            assert span is None, (seed, real)
+            continue
+        assert span is not None, (seed, real)  # prob 1: every sequence with room gets one
+        src, dst, n = span
+        assert cfg.min_len <= n <= cfg.max_len, (seed, span)
+        assert dst - src >= cfg.min_gap and src + n <= dst and dst + n <= real, (seed, span, real)
+        assert np.array_equal(after[:, dst:dst + n], before[:, src:src + n])
+
+
+def test_too_short_sequences_and_their_padding_are_left_unchanged() -> None:
+    cfg = RepeatConfig(1.0, min_gap=12, min_len=4, max_len=8)
+    g = np.random.default_rng(0)
+    for length, real, copied in ((15, 15, False), (16, 16, True), (40, 15, False), (40, 16, True)):
+        before = random_tokens(g, length, real)
+        span = copied_span(before, copy_span(before, np.random.default_rng(length + real), cfg))
+        assert (span is not None) == copied, (length, real)
+        if span:
+            assert span == (0, 12, 4)  # the only place: the copy ends at the real end
+    before = random_tokens(g, 7, 7)  # min_gap < min_len: two non-overlapping spans need 2 x min_len
+    assert copy_span(before, np.random.default_rng(0), RepeatConfig(1.0, 1, 4, 4)) is before
+    before = random_tokens(g, 8, 8)
+    assert copied_span(before, copy_span(before, np.random.default_rng(0), RepeatConfig(1.0, 1, 4, 4))) == (0, 4, 4)
+
+
+def random_token_data(tmp_path: Path, repeat: RepeatConfig | None, docs: int = 6, length: int = 64) -> TokenData:
+    g = np.random.default_rng(0)
+    for i in range(docs):
+        np.save(tmp_path / f"d{i}.npy", g.integers(0, 2**40, (3, length)))
+    return TokenData(find_documents([str(tmp_path)], SkipLog()), 3, seed=3, pack=False, min_chunk=1.0, repeat=repeat)
+
+
+def test_no_repeat_or_prob_zero_reads_the_sequences_as_before(tmp_path: Path) -> None:
+    plain = random_token_data(tmp_path, None).batch(0, 24, 32, stage=1)
+    assert torch.equal(random_token_data(tmp_path, RepeatConfig(0.0, 8, 2, 8)).batch(0, 24, 32, 1), plain)
+    assert not torch.equal(random_token_data(tmp_path, RepeatConfig(1.0, 8, 2, 8)).batch(0, 24, 32, 1), plain)
+
+
+def test_copied_spans_are_a_function_of_the_position_only(tmp_path: Path) -> None:
+    cfg = RepeatConfig(0.5, min_gap=8, min_len=2, max_len=8)
+    data = random_token_data(tmp_path, cfg)
+    whole = data.batch(0, 24, 32, stage=1)  # two epochs
+    assert torch.equal(data.sample(5, 32, 1), data.sample(5, 32, 1)) and torch.equal(data.sample(5, 32, 1), whole[5])
+    assert torch.equal(torch.cat([data.batch(0, 8, 32, 1), data.batch(8, 16, 32, 1)]), whole)  # processes split
+    assert torch.equal(random_token_data(tmp_path, cfg).batch(16, 8, 32, 1), whole[16:])  # a fresh (resumed) run
+    plain = random_token_data(tmp_path, None).batch(0, 24, 32, 1)
+    copied = [not torch.equal(a, b) for a, b in zip(whole, plain)]
+    assert 0 < sum(copied) < 24  # prob 0.5: some sequences get a span, some do not
+
+
+def test_eval_batches_never_get_copied_spans(tmp_path: Path) -> None:
+    data = random_token_data(tmp_path, RepeatConfig(1.0, 8, 2, 8))
+    plain = random_token_data(tmp_path, None)
+    assert torch.equal(data.eval_batch(0, 12, 32), plain.eval_batch(0, 12, 32))
+    assert not torch.equal(data.batch(0, 12, 32, 0), plain.batch(0, 12, 32, 0))
+
+
+@pytest.mark.parametrize(("values", "why"), [
+    ((-0.1, 300, 100, 400), r"data.repeat.prob must be in \[0, 1\], got -0.1"),
+    ((1.5, 300, 100, 400), r"data.repeat.prob must be in \[0, 1\], got 1.5"),
+    ((0.5, 0, 100, 400), "data.repeat.min_gap must be >= 1, got 0"),
+    ((0.5, 300, 0, 400), "data.repeat.min_len must be >= 1, got 0"),
+    ((0.5, 300, 100, 99), r"data.repeat.max_len must be >= min_len \(100\), got 99"),
+])
+def test_repeat_config_rejects_bad_values_naming_the_field(values: tuple, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        RepeatConfig(*values)
+
+
+def test_repeat_config_loads_from_yaml_and_set_and_round_trips() -> None:
+    assert load_config(CONFIGS / "small_moshi.yaml").data.repeat is None
+    cfg = load_config(CONFIGS / "small_moshi.yaml",
+                      ["data.repeat={prob: 0.5, min_gap: 300, min_len: 100, max_len: 400}"])
+    assert cfg.data.repeat == RepeatConfig(prob=0.5, min_gap=300, min_len=100, max_len=400)
+    assert config_from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg  # the run dir's config.yaml
+    assert load_config(CONFIGS / "small_moshi.yaml", ["data.repeat={prob: 1, min_gap: 1, min_len: 1, max_len: 1}"]
+                       ).data.repeat.prob == 1.0
+    with pytest.raises(ValueError, match=r"data.repeat: unknown keys \['gap'\]"):
+        load_config(CONFIGS / "small_moshi.yaml", ["data.repeat={prob: 0.5, gap: 300, min_len: 100, max_len: 400}"])
+    with pytest.raises(ValueError, match="data.repeat: .*missing 1 required positional argument: 'max_len'"):
+        load_config(CONFIGS / "small_moshi.yaml", ["data.repeat={prob: 0.5, min_gap: 300, min_len: 100}"])
+    with pytest.raises(ValueError, match="data.repeat.prob must be in"):
+        load_config(CONFIGS / "small_moshi.yaml", ["data.repeat={prob: 2, min_gap: 300, min_len: 100, max_len: 400}"])

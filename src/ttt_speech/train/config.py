@@ -58,6 +58,31 @@ class ModelConfig:
 
 
 @dataclass
+class RepeatConfig:
+    """Memory-targeted training data (issue 7): verbatim repeats from beyond the attention window.
+
+    With probability `prob` a training sequence gets one span of `min_len`..`max_len` frames (all
+    streams) copied over a later stretch starting at least `min_gap` frames after the span's start;
+    with `min_gap` above the attention window, only a memory can predict the copy.
+    """
+
+    prob: float
+    min_gap: int
+    min_len: int
+    max_len: int
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.prob <= 1.0:
+            raise ValueError(f"data.repeat.prob must be in [0, 1], got {self.prob}")
+        if self.min_gap < 1:
+            raise ValueError(f"data.repeat.min_gap must be >= 1, got {self.min_gap}")
+        if self.min_len < 1:
+            raise ValueError(f"data.repeat.min_len must be >= 1, got {self.min_len}")
+        if self.max_len < self.min_len:
+            raise ValueError(f"data.repeat.max_len must be >= min_len ({self.min_len}), got {self.max_len}")
+
+
+@dataclass
 class DataConfig:
     """Token data: tokenized directories (`ttt-speech tokenize`), .safetensors / .npy shards or folders of them."""
 
@@ -67,6 +92,7 @@ class DataConfig:
     skip_bad: bool = False
     pack: bool = False  # concatenate documents before cutting (default: each chunk within one document)
     min_chunk: float = 0.25  # a document's tail shorter than this fraction of the stage length is dropped
+    repeat: RepeatConfig | None = None  # copy spans beyond the attention window into training sequences
 
     def __post_init__(self) -> None:
         if not self.train:

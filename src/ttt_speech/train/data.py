@@ -26,12 +26,15 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from ttt_speech.train.config import RepeatConfig
+
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
 TOKENS_FORMAT = "ttt-speech/tokens"
 TOKENS_VERSION = 1
 PAD = -1  # "nothing here": no input, no loss (moshi's zero token)
+REPEAT_TAG = 0x72657074  # "rept": seeds the generator of copied spans apart from the shuffle's
 
 
 class BadInputError(ValueError):
@@ -230,20 +233,52 @@ def make_chunks(docs: list[Document], length: int, pack: bool, min_len: int) -> 
     return chunks
 
 
+def real_length(tokens: np.ndarray) -> int:
+    """Steps before the trailing PAD (the padding after a sequence's last document)."""
+    filled = np.flatnonzero((tokens != PAD).any(axis=0))
+    return int(filled[-1]) + 1 if filled.size else 0
+
+
+def copy_span(tokens: np.ndarray, rng: np.random.Generator, cfg: RepeatConfig) -> np.ndarray:
+    """With probability cfg.prob, `tokens` [K, T] with an earlier span copied over a later stretch.
+
+    A verbatim repeat >= cfg.min_gap steps after its source teaches a memory to recall what the
+    attention window no longer holds (issue 7). The copy lies after the source (never overlapping it)
+    and inside the real, non-PAD part; a sequence too short for that is returned unchanged, as is
+    `tokens` itself when no span is drawn.
+    """
+    if rng.random() >= cfg.prob:
+        return tokens
+    length = real_length(tokens)
+    longest = min(length - cfg.min_gap, length // 2)  # src + max(min_gap, n) + n <= length, src >= 0
+    if longest < cfg.min_len:
+        return tokens
+    n = int(rng.integers(cfg.min_len, min(cfg.max_len, longest) + 1))
+    gap = max(cfg.min_gap, n)
+    src = int(rng.integers(0, length - n - gap + 1))
+    dst = int(rng.integers(src + gap, length - n + 1))
+    out = tokens.copy()
+    out[:, dst:dst + n] = tokens[:, src:src + n]
+    return out
+
+
 class TokenData:
     """Stage-length sequences of one split, in a seeded order that any process can recompute.
 
     Sample g of a stage (counting over all processes) is chunk perm_e[g mod n] of epoch e = g div n,
     so a resumed run, or a run on another number of processes with the same global batch, reads
-    exactly the same sequences.
+    exactly the same sequences. A copied span (`repeat`, training samples only) is drawn from a
+    generator seeded by (seed, stage, g), so it too depends on the position alone.
     """
 
-    def __init__(self, docs: list[Document], streams: int, seed: int, pack: bool, min_chunk: float) -> None:
+    def __init__(self, docs: list[Document], streams: int, seed: int, pack: bool, min_chunk: float,
+                 repeat: RepeatConfig | None = None) -> None:
         self.docs = docs
         self.streams = streams
         self.seed = seed
         self.pack = pack
         self.min_chunk = min_chunk
+        self.repeat = repeat
         self._chunks: dict[int, list[list[Piece]]] = {}
         self._orders: dict[tuple[int, int, int], np.ndarray] = {}
 
@@ -279,7 +314,11 @@ class TokenData:
     def sample(self, g: int, length: int, stage: int) -> torch.Tensor:
         chunks = self.chunks(length)
         epoch, i = divmod(g, len(chunks))
-        return self.load(chunks[int(self._order(length, stage, epoch)[i])], length)
+        tokens = self.load(chunks[int(self._order(length, stage, epoch)[i])], length)
+        if self.repeat is None:
+            return tokens
+        rng = np.random.default_rng([self.seed, stage, g, REPEAT_TAG])
+        return torch.from_numpy(copy_span(tokens.numpy(), rng, self.repeat))
 
     def batch(self, first: int, size: int, length: int, stage: int) -> torch.Tensor:
         """Samples first .. first + size - 1 of a stage, stacked [size, K, length]."""

@@ -130,7 +130,8 @@ class Trainer:
             train_docs, val_docs = split_by_source(train_docs, cfg.data.val_fraction)
         if not train_docs:
             raise BadInputError(f"no usable training documents in {cfg.data.train}")
-        self.train_data = TokenData(train_docs, self.seg.streams, cfg.seed, cfg.data.pack, cfg.data.min_chunk)
+        self.train_data = TokenData(train_docs, self.seg.streams, cfg.seed, cfg.data.pack, cfg.data.min_chunk,
+                                    cfg.data.repeat)
         self.val_data = TokenData(val_docs, self.seg.streams, cfg.seed, cfg.data.pack, cfg.data.min_chunk) \
             if val_docs else None
         for i, stage in enumerate(cfg.stages):  # before step 1, not when the stage comes
