@@ -34,7 +34,7 @@ def rel(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def compare(device: str, shape: tuple[int, int, int, int], mini_batch: int, precision: str,
-            atol_out: float, rtol_w: float, rtol_grad: float) -> None:
+            atol_out: float, rtol_w: float, rtol_grad: float, every: int = 16) -> None:
     from ttt_speech.ops.ttt.reference import ttt_chunked
     from ttt_speech.ops.ttt.triton_chunk import ttt_linear_chunked_triton
 
@@ -49,12 +49,12 @@ def compare(device: str, shape: tuple[int, int, int, int], mini_batch: int, prec
         low = precision == "bf16"
         qkv = [t.bfloat16() if low else t for t in (q, k, v)]
         out, W, b = ttt_linear_chunked_triton(*qkv, a, c, ln_w, ln_b, W0, b0, mini_batch, residual,
-                                              precision=precision)
+                                              precision=precision, checkpoint_every=every)
         g = torch.Generator().manual_seed(1)
         dout, dW, db = (torch.randn(x.shape, generator=g).to(device) for x in (ref, W_ref, b_ref))
         want = torch.autograd.grad((ref * dout).sum() + (W_ref * dW).sum() + (b_ref * db).sum(), inputs)
         got = torch.autograd.grad((out * dout).sum() + (W * dW).sum() + (b * db).sum(), inputs)
-        where = f"{residual=} {shape=} {mini_batch=} {precision}"
+        where = f"{residual=} {shape=} {mini_batch=} {precision} {every=}"
         assert (out - ref).abs().max() <= atol_out * max(1.0, float(ref.detach().abs().max())), where
         assert rel(W, W_ref) <= rtol_w and rel(b, b_ref) <= rtol_w, where
         for name, x, y in zip(("q", "k", "v", "a", "c", "ln_w", "ln_b", "W0", "b0"), got, want):
@@ -92,8 +92,8 @@ def compare_layer() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("precision,tols", [("ieee", (1e-4, 1e-4, 1e-4)), ("bf16", (2e-2, 1e-2, 5e-2))])
 def test_kernel_equals_reference_cuda(precision, tols):
-    compare("cuda", (2, 4, 1024, 128), 16, precision, *tols)
-    compare("cuda", (1, 2, 256, 64), 32, precision, *tols)
+    compare("cuda", (2, 4, 1024, 128), 16, precision, *tols)  # 4 blocks of 16 mini-batches
+    compare("cuda", (1, 2, 256 + 64, 64), 32, precision, *tols, every=3)  # blocks of 3, 3, 3, 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the tests above run the compiled kernel")
@@ -106,6 +106,7 @@ def test_kernel_equals_reference_interpreter():
 
 
 if __name__ == "__main__":
-    compare("cpu", (2, 2, 64, 16), 16, "ieee", 1e-5, 1e-5, 1e-5)
-    compare("cpu", (1, 3, 64, 32), 32, "ieee", 1e-5, 1e-5, 1e-5)
+    compare("cpu", (2, 2, 64, 16), 16, "ieee", 1e-5, 1e-5, 1e-5, every=3)  # blocks of 3 + 1 mini-batches
+    compare("cpu", (1, 3, 64, 32), 32, "ieee", 1e-5, 1e-5, 1e-5, every=1)
+    compare("cpu", (1, 2, 64, 16), 16, "ieee", 1e-5, 1e-5, 1e-5)  # one block
     compare_layer()

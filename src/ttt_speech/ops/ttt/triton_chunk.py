@@ -1,24 +1,24 @@
 """TTT-Linear over whole mini-batches in Triton, forward and backward: the training/prefill kernel.
 
 Same math as `reference.ttt_chunked` (TTT-Linear, eta[i, j] = a_i * c_j, residual "q" or "z", a
-fresh mini-batch start), in two sequential launches with one program per (stream, head):
+fresh mini-batch start). The recurrence over mini-batches is inherently sequential, so each pass is
+split into a *sequential* kernel (one program per (stream, head), state in registers) that does only
+what the next mini-batch needs, and *parallel* kernels (one program per block of `checkpoint_every`
+mini-batches) that do everything else, starting from boundary weights the sequential kernel saved
+at each block start:
 
-- forward: the fast weights W, b live in registers for the whole sequence. Per mini-batch it takes
-  the inner gradients at the boundary weights, the dual-form outputs with their LayerNorm and
-  residual, and the update. Nothing of size D x D goes to memory but the final state; it keeps
-  only the scaled gradients c * dl/dz ([T, D], like one more activation) for the backward.
-- backward: walks the mini-batches in reverse, *reconstructing* each boundary W_n from W_{n+1}
-  (W_n = W_{n+1} + a_last k^T Cg, the update undone with the same operands) instead of reading
-  per-chunk states, and carries dL/dW in registers beside it. Every gradient — q, k, v, both step
-  sizes, the inner LayerNorm, the initial weights — comes out of that one pass; the second-order
-  term through the LayerNorm-gradient is written out in closed form.
+- forward: the chain takes the inner gradient at the boundary weights and the update (2 products
+  per mini-batch) and saves c * dl/dz, the inner LayerNorm's normalized input and rstd; the output
+  kernel walks each block from its saved weights for the dual-form outputs.
+- backward: a parallel pass through the outputs (dq, and dL/dz, dL/dcg for the chain); the chain
+  carries dL/dW back through each update and inner gradient (second-order LayerNorm term in closed
+  form) and needs no W at all; parallel passes finish dv, dc, the LayerNorm's, dk (walking W^T and
+  (dL/dW)^T from the saved blocks).
 
-FLA's `chunk_ttt_linear` stores W per chunk ([T / K, D, D]: 8x the bytes of q) and recomputes
-the forward recurrence in its backward; dropping both halves the peak memory of a forward+backward.
-The price is that the sequential loop is the only parallelism (B x H programs), so with few of them
-it is latency-bound: at B=1, H=32, D=128 it runs 0.70x FLA, at head_dim 64 on par (numbers in
-docs/benchmarks.md). `precision` picks the operand type of the D x D products: "bf16" (fast; FLA's
-choice), "tf32", or "ieee" fp32 (for tests).
+Saved per sequence: two [T, D] tensors, rstd and one D x D per block; FLA's `chunk_ttt_linear`
+keeps W per chunk ([T / K, D, D]). Per-token tensors handed between passes are bf16 when the
+products round to bf16 anyway (`precision="bf16"`, FLA's choice); "tf32" and "ieee" (fp32, for
+tests) keep them fp32. Numbers: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -39,16 +39,16 @@ def _mm(x, y, PREC: tl.constexpr):
     if PREC == "bf16":
         return tl.dot(x.to(tl.bfloat16), y.to(tl.bfloat16))
     else:
-        return tl.dot(x, y, input_precision=PREC)
+        return tl.dot(x.to(tl.float32), y.to(tl.float32), input_precision=PREC)
 
 
 @triton.jit
 def _small(x, y, PREC: tl.constexpr):
     """The in-mini-batch products ([K, D] x [D, K], [K, K] x [K, D]): fp32 operands, tf32 unless "ieee"."""
     if PREC == "ieee":
-        return tl.dot(x, y, input_precision="ieee")
+        return tl.dot(x.to(tl.float32), y.to(tl.float32), input_precision="ieee")
     else:
-        return tl.dot(x, y, input_precision="tf32")
+        return tl.dot(x.to(tl.float32), y.to(tl.float32), input_precision="tf32")
 
 
 @triton.jit
@@ -76,105 +76,145 @@ def _program(H, s_b, s_h, s_ab, s_ah):
 
 
 @triton.jit
-def _load_chunk(q_ptr, k_ptr, v_ptr, a_ptr, c_ptr, base, abase, t0, s_t, s_at,
-                K: tl.constexpr, D: tl.constexpr):
-    rk = tl.arange(0, K)
-    rd = tl.arange(0, D)
-    rows = base + (t0 + rk)[:, None] * s_t + rd[None, :]
-    q = tl.load(q_ptr + rows).to(tl.float32)
-    k = tl.load(k_ptr + rows).to(tl.float32)
-    v = tl.load(v_ptr + rows).to(tl.float32)
-    kT = tl.load(k_ptr + base + (t0 + rk)[None, :] * s_t + rd[:, None]).to(tl.float32)
-    a = tl.load(a_ptr + abase + (t0 + rk) * s_at)
-    c = tl.load(c_ptr + abase + (t0 + rk) * s_at)
-    a_last = tl.load(a_ptr + abase + (t0 + K - 1) * s_at)
-    return q, k, v, kT, a, c, a_last
+def _rows(ptr, base, t0, s_t, K: tl.constexpr, D: tl.constexpr):
+    """Rows t0 .. t0 + K - 1 of a [T, D] tile, [K, D], in the stored dtype (bf16 halves the registers)."""
+    return tl.load(ptr + base + (t0 + tl.arange(0, K))[:, None] * s_t + tl.arange(0, D)[None, :])
 
 
 @triton.jit
-def _ttt_linear_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, a_ptr, c_ptr, lnw_ptr, lnb_ptr, W_ptr, b_ptr,
-    out_ptr, cg_ptr, NT, H, s_b, s_h, s_t, s_ab, s_ah, s_at, eps,
-    K: tl.constexpr, D: tl.constexpr, RES_Q: tl.constexpr, PREC: tl.constexpr,
+def _cols(ptr, base, t0, s_t, K: tl.constexpr, D: tl.constexpr):
+    """The same rows transposed, [D, K] (loaded that way: cheaper than a register transpose)."""
+    return tl.load(ptr + base + (t0 + tl.arange(0, K))[None, :] * s_t + tl.arange(0, D)[:, None])
+
+
+@triton.jit
+def _ckpt(ptr, pid, j, NC, D: tl.constexpr):
+    """Offsets of saved weights j of program pid, [D, D]."""
+    rd = tl.arange(0, D)
+    return ptr + (pid * NC + j) * D * D + rd[:, None] * D + rd[None, :]
+
+
+@triton.jit
+def _ckpt_t(ptr, pid, j, NC, D: tl.constexpr):
+    """The same weights, transposed (read that way from memory: free)."""
+    rd = tl.arange(0, D)
+    return ptr + (pid * NC + j) * D * D + rd[None, :] * D + rd[:, None]
+
+
+@triton.jit
+def _inner_grad(k, v, xh, rstd, w, beta, D: tl.constexpr):
+    """The LayerNorm-l2 gradient g = dl/dz at z_k = k W + b (target v - k), and e = LN(z_k) - target."""
+    e = w * xh + beta - (v.to(tl.float32) - k.to(tl.float32))
+    return _project_out(e * w, xh, rstd, D), e
+
+
+@triton.jit
+def _ttt_fwd_chain_kernel(
+    k_ptr, v_ptr, a_ptr, c_ptr, lnw_ptr, lnb_ptr, W_ptr, b_ptr, Wc_ptr, bc_ptr, cg_ptr, xh_ptr, rstd_ptr,
+    NT, NC, S, H, s_b, s_h, s_t, s_ab, s_ah, s_at, eps,
+    K: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
 ):
+    """The sequential part of the forward: per mini-batch only what the next one needs."""
     pid, hh, base, abase = _program(H, s_b, s_h, s_ab, s_ah)
     rk = tl.arange(0, K)
     rd = tl.arange(0, D)
-    obase = pid * NT * K * D  # out and cg are contiguous [B, H, T, D]
+    obase = pid * NT * K * D  # cg and xh are contiguous [B, H, T, D], rstd [B, H, T]
     W = tl.load(W_ptr + pid * D * D + rd[:, None] * D + rd[None, :])
     b = tl.load(b_ptr + pid * D + rd)[None, :]
     w = tl.load(lnw_ptr + hh * D + rd)[None, :]
     beta = tl.load(lnb_ptr + hh * D + rd)[None, :]
-    causal = rk[:, None] >= rk[None, :]
-    q, k, v, kT, a, c, a_last = _load_chunk(q_ptr, k_ptr, v_ptr, a_ptr, c_ptr, base, abase, 0, s_t, s_at, K, D)
+    k, kT, v = _rows(k_ptr, base, 0, s_t, K, D), _cols(k_ptr, base, 0, s_t, K, D), _rows(v_ptr, base, 0, s_t, K, D)
+    c = tl.load(c_ptr + abase + rk * s_at)
+    a_last = tl.load(a_ptr + abase + (K - 1) * s_at)
     for n in range(NT):
         t0 = n * K
-        # issue the next mini-batch's loads now: their latency hides behind this one's math
-        q1, k1, v1, kT1, a1, c1, a_last1 = _load_chunk(q_ptr, k_ptr, v_ptr, a_ptr, c_ptr, base, abase,
-                                                        tl.minimum(t0 + K, (NT - 1) * K), s_t, s_at, K, D)
-        # inner gradients at the boundary weights: d/dz 1/2 ||LN(kW + b) - (v - k)||^2, scaled by c
+        if n % S == 0:
+            tl.store(_ckpt(Wc_ptr, pid, n // S, NC, D), W)
+            tl.store(bc_ptr + (pid * NC + n // S) * D + rd[None, :], b)
+        t1 = tl.minimum(t0 + K, (NT - 1) * K)  # issue the next loads now: they land behind this math
+        k1, kT1, v1 = _rows(k_ptr, base, t1, s_t, K, D), _cols(k_ptr, base, t1, s_t, K, D), _rows(v_ptr, base, t1, s_t, K, D)
+        c1 = tl.load(c_ptr + abase + (t1 + rk) * s_at)
+        a_last1 = tl.load(a_ptr + abase + (t1 + K - 1) * s_at)
         xh, rstd = _normalize(_mm(k, W, PREC) + b, eps, D)
-        cg = c[:, None] * _project_out((w * xh + beta - (v - k)) * w, xh, rstd, D)
-        # dual form: z_i = q_i W + b - a_i sum_{j <= i} (q_i . k_j + 1) cg_j
-        s = tl.where(causal, _small(q, kT, PREC) + 1.0, 0.0)
-        z = _mm(q, W, PREC) + b - a[:, None] * _small(s, cg, PREC)
-        zh, _ = _normalize(z, eps, D)
-        out = w * zh + beta + (q if RES_Q else z)
-        chunk = obase + (t0 + rk)[:, None] * D + rd[None, :]
-        tl.store(out_ptr + chunk, out)
-        tl.store(cg_ptr + chunk, cg)
+        g, _ = _inner_grad(k, v, xh, rstd, w, beta, D)
+        cg = c[:, None] * g
         W -= a_last * _mm(kT, cg, PREC)
         b -= a_last * tl.sum(cg, axis=0)[None, :]
-        q, k, v, kT, a, c, a_last = q1, k1, v1, kT1, a1, c1, a_last1
+        chunk = obase + (t0 + rk)[:, None] * D + rd[None, :]
+        tl.store(cg_ptr + chunk, cg)
+        tl.store(xh_ptr + chunk, xh)
+        tl.store(rstd_ptr + pid * NT * K + t0 + rk[:, None], rstd)
+        k, kT, v, c, a_last = k1, kT1, v1, c1, a_last1
     tl.store(W_ptr + pid * D * D + rd[:, None] * D + rd[None, :], W)
     tl.store(b_ptr + pid * D + rd[None, :], b)
 
 
 @triton.jit
-def _ttt_linear_bwd_kernel(
-    q_ptr, k_ptr, v_ptr, a_ptr, c_ptr, lnw_ptr, lnb_ptr, W_ptr, b_ptr, cg_ptr, do_ptr, dW_ptr, db_ptr,
-    dq_ptr, dk_ptr, dv_ptr, da_ptr, dc_ptr, dlnw_ptr, dlnb_ptr,
-    NT, H, s_b, s_h, s_t, s_ab, s_ah, s_at, eps,
+def _ttt_fwd_out_kernel(
+    q_ptr, k_ptr, a_ptr, lnw_ptr, lnb_ptr, Wc_ptr, bc_ptr, cg_ptr, out_ptr,
+    NT, NC, S, H, s_b, s_h, s_t, s_ab, s_ah, s_at, eps,
     K: tl.constexpr, D: tl.constexpr, RES_Q: tl.constexpr, PREC: tl.constexpr,
 ):
+    """The outputs, in parallel over blocks of S mini-batches, each from its saved boundary weights."""
     pid, hh, base, abase = _program(H, s_b, s_h, s_ab, s_ah)
+    j = tl.program_id(1)
     rk = tl.arange(0, K)
     rd = tl.arange(0, D)
-    obase = pid * NT * K * D  # cg, do and the outputs dq, dk, dv are contiguous [B, H, T, D]
-    tbase = pid * NT * K  # da, dc: contiguous [B, H, T]
-    square = pid * D * D + rd[:, None] * D + rd[None, :]
-    W = tl.load(W_ptr + square)  # the final weights; walked back to each boundary below
-    b = tl.load(b_ptr + pid * D + rd)[None, :]
-    dW = tl.load(dW_ptr + square)  # dL/d(weights after the current mini-batch)
-    db = tl.load(db_ptr + pid * D + rd)[None, :]
+    obase = pid * NT * K * D
+    W = tl.load(_ckpt(Wc_ptr, pid, j, NC, D))
+    b = tl.load(bc_ptr + (pid * NC + j) * D + rd)[None, :]
     w = tl.load(lnw_ptr + hh * D + rd)[None, :]
     beta = tl.load(lnb_ptr + hh * D + rd)[None, :]
+    causal = rk[:, None] >= rk[None, :]
+    for n in range(j * S, tl.minimum(NT, j * S + S)):
+        t0 = n * K
+        chunk = obase + (t0 + rk)[:, None] * D + rd[None, :]
+        q, kT, cg = _rows(q_ptr, base, t0, s_t, K, D), _cols(k_ptr, base, t0, s_t, K, D), tl.load(cg_ptr + chunk).to(tl.float32)
+        a = tl.load(a_ptr + abase + (t0 + rk) * s_at)
+        a_last = tl.load(a_ptr + abase + (t0 + K - 1) * s_at)
+        # dual form: z_i = q_i W + b - a_i sum_{j <= i} (q_i . k_j + 1) cg_j
+        s = tl.where(causal, _small(q, kT, PREC) + 1.0, 0.0)
+        z = _mm(q, W, PREC) + b - a[:, None] * _small(s, cg, PREC)
+        zh, _ = _normalize(z, eps, D)
+        tl.store(out_ptr + chunk, w * zh + beta + (q.to(tl.float32) if RES_Q else z))
+        W -= a_last * _mm(kT, cg, PREC)
+        b -= a_last * tl.sum(cg, axis=0)[None, :]
+
+
+@triton.jit
+def _ttt_bwd_out_kernel(
+    q_ptr, k_ptr, a_ptr, lnw_ptr, Wc_ptr, bc_ptr, cg_ptr, do_ptr, dq_ptr, dz_ptr, dcg_ptr, da_ptr,
+    dlnw_ptr, dlnb_ptr, NT, NC, S, H, s_b, s_h, s_t, s_ab, s_ah, s_at, eps,
+    K: tl.constexpr, D: tl.constexpr, RES_Q: tl.constexpr, PREC: tl.constexpr,
+):
+    """Backward through the outputs, in parallel over blocks: everything that does not need dL/dW.
+
+    Writes dq (final), da (but the update's term), dz = dL/dz of the dual form and dcg = dL/dcg
+    through the outputs (both for the sequential pass). Carries W^T: every product then takes its
+    operands as they lie (a D x D register transpose per mini-batch costs more than the math).
+    """
+    pid, hh, base, abase = _program(H, s_b, s_h, s_ab, s_ah)
+    j = tl.program_id(1)
+    rk = tl.arange(0, K)
+    rd = tl.arange(0, D)
+    obase = pid * NT * K * D
+    Wt = tl.load(_ckpt_t(Wc_ptr, pid, j, NC, D))
+    b = tl.load(bc_ptr + (pid * NC + j) * D + rd)[None, :]
+    w = tl.load(lnw_ptr + hh * D + rd)[None, :]
     dlnw = tl.zeros([D], dtype=tl.float32)
     dlnb = tl.zeros([D], dtype=tl.float32)
     causal = rk[:, None] >= rk[None, :]
-    t0 = (NT - 1) * K
-    q, k, v, kT, a, c, a_last = _load_chunk(q_ptr, k_ptr, v_ptr, a_ptr, c_ptr, base, abase, t0, s_t, s_at, K, D)
-    chunk = obase + (t0 + rk)[:, None] * D + rd[None, :]
-    cg = tl.load(cg_ptr + chunk)
-    do = tl.load(do_ptr + chunk)
-    for i in range(NT):
-        t0 = (NT - 1 - i) * K
+    for n in range(j * S, tl.minimum(NT, j * S + S)):
+        t0 = n * K
         chunk = obase + (t0 + rk)[:, None] * D + rd[None, :]
-        t1 = tl.maximum(t0 - K, 0)  # prefetch the previous mini-batch (the walk goes backwards)
-        q1, k1, v1, kT1, a1, c1, a_last1 = _load_chunk(q_ptr, k_ptr, v_ptr, a_ptr, c_ptr, base, abase,
-                                                        t1, s_t, s_at, K, D)
-        cg1 = tl.load(cg_ptr + obase + (t1 + rk)[:, None] * D + rd[None, :])
-        do1 = tl.load(do_ptr + obase + (t1 + rk)[:, None] * D + rd[None, :])
-        W += a_last * _mm(kT, cg, PREC)  # undo this mini-batch's update: W, b are its boundary weights
-        b += a_last * tl.sum(cg, axis=0)[None, :]
-        # recompute the forward of this mini-batch
-        xh, rstd = _normalize(_mm(k, W, PREC) + b, eps, D)
-        e = w * xh + beta - (v - k)
-        u = e * w
-        g = _project_out(u, xh, rstd, D)  # cg / c
+        q, qT = _rows(q_ptr, base, t0, s_t, K, D), _cols(q_ptr, base, t0, s_t, K, D)
+        k, kT = _rows(k_ptr, base, t0, s_t, K, D), _cols(k_ptr, base, t0, s_t, K, D)
+        cg, cgT, do = tl.load(cg_ptr + chunk).to(tl.float32), _cols(cg_ptr, obase, t0, D, K, D), tl.load(do_ptr + chunk)
+        a = tl.load(a_ptr + abase + (t0 + rk) * s_at)
+        a_last = tl.load(a_ptr + abase + (t0 + K - 1) * s_at)
         s = tl.where(causal, _small(q, kT, PREC) + 1.0, 0.0)
         scg = _small(s, cg, PREC)
-        zh, zrstd = _normalize(_mm(q, W, PREC) + b - a[:, None] * scg, eps, D)
+        zh, zrstd = _normalize(tl.trans(_mm(Wt, qT, PREC)) + b - a[:, None] * scg, eps, D)
         # output LayerNorm (+ residual)
         dlnw += tl.sum(do * zh, axis=0)
         dlnb += tl.sum(do, axis=0)
@@ -182,48 +222,165 @@ def _ttt_linear_bwd_kernel(
         if not RES_Q:
             dz += do
         # z = q W + b - a * (s @ cg)
-        dq = _mm(dz, tl.trans(W), PREC)
+        dq = _mm(dz, Wt, PREC)
         if RES_Q:
             dq += do
-        p = a[:, None] * dz
-        da = -tl.sum(dz * scg, axis=1)
-        ds = tl.where(causal, -_small(p, tl.trans(cg), PREC), 0.0)
-        dcg = -_small(tl.trans(s), p, PREC)
-        dq += _small(ds, k, PREC)
-        dk = _small(tl.trans(ds), q, PREC)
+        ds = tl.where(causal, -_small(a[:, None] * dz, cgT, PREC), 0.0)
+        tl.store(dq_ptr + chunk, dq + _small(ds, k, PREC))
+        tl.store(dz_ptr + chunk, dz)
+        tl.store(dcg_ptr + chunk, -_small(tl.trans(s), a[:, None] * dz, PREC))
+        tl.store(da_ptr + pid * NT * K + t0 + rk, -tl.sum(dz * scg, axis=1))
+        Wt -= a_last * _mm(cgT, k, PREC)
+        b -= a_last * tl.sum(cg, axis=0)[None, :]
+    tl.store(dlnw_ptr + (pid * NC + j) * D + rd, dlnw)
+    tl.store(dlnb_ptr + (pid * NC + j) * D + rd, dlnb)
+
+
+@triton.jit
+def _ttt_bwd_chain_kernel(
+    q_ptr, k_ptr, v_ptr, a_ptr, c_ptr, lnw_ptr, lnb_ptr, xh_ptr, rstd_ptr, dW_ptr, db_ptr, dWc_ptr,
+    dz_ptr, dcg_ptr, dcg_out_ptr, da_last_ptr, NT, NC, S, H, s_b, s_h, s_t, s_ab, s_ah, s_at,
+    K: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
+):
+    """The sequential part of the backward: dL/dW carried back through each update and inner gradient.
+
+    Only what the previous mini-batch needs: no W (the forward saved the inner LayerNorm's
+    normalized input and rstd), no per-token gradients but dzk = dL/d(k W + b) (over dcg, in place),
+    the full dL/dcg (to `dcg_out`) and the update's da term; dL/dW after every S-th mini-batch's
+    start is saved for the dk pass. Loads stay in their stored dtype until used (registers).
+    """
+    pid, hh, base, abase = _program(H, s_b, s_h, s_ab, s_ah)
+    rk = tl.arange(0, K)
+    rd = tl.arange(0, D)
+    obase = pid * NT * K * D
+    tbase = pid * NT * K
+    square = pid * D * D + rd[:, None] * D + rd[None, :]
+    dW = tl.load(dW_ptr + square)  # dL/d(weights after the current mini-batch)
+    db = tl.load(db_ptr + pid * D + rd)[None, :]
+    w = tl.load(lnw_ptr + hh * D + rd)[None, :]
+    beta = tl.load(lnb_ptr + hh * D + rd)[None, :]
+    t0 = (NT - 1) * K
+    chunk = obase + (t0 + rk)[:, None] * D + rd[None, :]
+    qT, k, kT, v = (_cols(q_ptr, base, t0, s_t, K, D), _rows(k_ptr, base, t0, s_t, K, D),
+                    _cols(k_ptr, base, t0, s_t, K, D), _rows(v_ptr, base, t0, s_t, K, D))
+    xh, dz, dcg_o = tl.load(xh_ptr + chunk), tl.load(dz_ptr + chunk), tl.load(dcg_ptr + chunk)
+    rstd = tl.load(rstd_ptr + tbase + t0 + rk[:, None])
+    c = tl.load(c_ptr + abase + (t0 + rk) * s_at)
+    a_last = tl.load(a_ptr + abase + (t0 + K - 1) * s_at)
+    for i in range(NT):
+        n = NT - 1 - i
+        t0 = n * K
+        chunk = obase + (t0 + rk)[:, None] * D + rd[None, :]
+        if n % S == 0:
+            tl.store(_ckpt(dWc_ptr, pid, n // S, NC, D), dW)
+        t1 = tl.maximum(t0 - K, 0)  # prefetch the previous mini-batch (the walk goes backwards)
+        prev = obase + (t1 + rk)[:, None] * D + rd[None, :]
+        qT1, k1, kT1, v1 = (_cols(q_ptr, base, t1, s_t, K, D), _rows(k_ptr, base, t1, s_t, K, D),
+                            _cols(k_ptr, base, t1, s_t, K, D), _rows(v_ptr, base, t1, s_t, K, D))
+        xh1, dz1, dcg_o1 = tl.load(xh_ptr + prev), tl.load(dz_ptr + prev), tl.load(dcg_ptr + prev)
+        rstd1 = tl.load(rstd_ptr + tbase + t1 + rk[:, None])
+        c1 = tl.load(c_ptr + abase + (t1 + rk) * s_at)
+        a_last1 = tl.load(a_ptr + abase + (t1 + K - 1) * s_at)
+        x = xh.to(tl.float32)
+        g, e = _inner_grad(k, v, x, rstd, w, beta, D)
+        u = e * w
         # the update W' = W - a_last k^T cg, b' = b - a_last sum(cg)
         ev = _mm(k, dW, PREC) + db
-        dcg -= a_last * ev
-        dk -= a_last * _mm(cg, tl.trans(dW), PREC)
-        da += tl.where(rk == K - 1, -tl.sum(cg * ev), 0.0)
+        dcg = dcg_o.to(tl.float32) - a_last * ev
+        tl.store(da_last_ptr + pid * NT + n, -tl.sum(c[:, None] * g * ev))
         # cg = c * g, g = the LayerNorm-l2 gradient at z_k = k W + b with target v - k
         gam = c[:, None] * dcg
-        dc = tl.sum(g * dcg, axis=1)
-        du = _project_out(gam, xh, rstd, D)
-        dxh = du * w * w - rstd * (tl.sum(u * xh, axis=1)[:, None] / D * gam
-                                   + u * (tl.sum(gam * xh, axis=1)[:, None] / D))
-        dt = -du * w
-        dlnw += tl.sum(du * (e + w * xh), axis=0)
-        dlnb += tl.sum(du * w, axis=0)
-        dzk = _project_out(dxh, xh, rstd, D) - rstd / D * xh * tl.sum(gam * g, axis=1)[:, None]
-        dk += _mm(dzk, tl.trans(W), PREC) - dt
-        dW += _mm(tl.trans(q), dz, PREC) + _mm(kT, dzk, PREC)
-        db += tl.sum(dz, axis=0)[None, :] + tl.sum(dzk, axis=0)[None, :]
-        tl.store(dq_ptr + chunk, dq)
-        tl.store(dk_ptr + chunk, dk)
-        tl.store(dv_ptr + chunk, dt)
-        tl.store(da_ptr + tbase + t0 + rk, da)
-        tl.store(dc_ptr + tbase + t0 + rk, dc)
-        q, k, v, kT, a, c, a_last, cg, do = q1, k1, v1, kT1, a1, c1, a_last1, cg1, do1
+        du = _project_out(gam, x, rstd, D)
+        dxh = du * w * w - rstd * (tl.sum(u * x, axis=1)[:, None] / D * gam
+                                   + u * (tl.sum(gam * x, axis=1)[:, None] / D))
+        dzk = _project_out(dxh, x, rstd, D) - rstd / D * x * tl.sum(gam * g, axis=1)[:, None]
+        dW += _mm(qT, dz, PREC) + _mm(kT, dzk, PREC)
+        db += tl.sum(dz.to(tl.float32), axis=0)[None, :] + tl.sum(dzk, axis=0)[None, :]
+        tl.store(dcg_ptr + chunk, dzk)
+        tl.store(dcg_out_ptr + chunk, dcg)
+        qT, k, kT, v, xh, dz, dcg_o, rstd, c, a_last = qT1, k1, kT1, v1, xh1, dz1, dcg_o1, rstd1, c1, a_last1
     tl.store(dW_ptr + square, dW)
     tl.store(db_ptr + pid * D + rd[None, :], db)
-    tl.store(dlnw_ptr + pid * D + rd, dlnw)
-    tl.store(dlnb_ptr + pid * D + rd, dlnb)
+
+
+@triton.jit
+def _ttt_bwd_dk_dw_kernel(
+    q_ptr, k_ptr, v_ptr, a_ptr, c_ptr, lnw_ptr, lnb_ptr, xh_ptr, rstd_ptr, dWc_ptr, cg_ptr, dz_ptr, dzk_ptr,
+    dv_ptr, dc_ptr, dlnw_ptr, dlnb_ptr, NT, NC, S, H, s_b, s_h, s_t, s_ab, s_ah, s_at,
+    K: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
+):
+    """In parallel over blocks, everything per token that needs dL/dW or dL/dcg: dv, dc, the inner
+    LayerNorm's gradients and dk's terms through the dual form, the update and the target.
+
+    `dv` holds dL/dcg on entry. Walks (dL/dW)^T forward from the sequential pass's saved values,
+    undoing one mini-batch's terms per step; writes dk's sum over dz (in place: each block reads only
+    its own mini-batches).
+    """
+    pid, hh, base, abase = _program(H, s_b, s_h, s_ab, s_ah)
+    j = tl.program_id(1)
+    rk = tl.arange(0, K)
+    rd = tl.arange(0, D)
+    obase = pid * NT * K * D
+    tbase = pid * NT * K
+    causal = rk[:, None] >= rk[None, :]
+    w = tl.load(lnw_ptr + hh * D + rd)[None, :]
+    beta = tl.load(lnb_ptr + hh * D + rd)[None, :]
+    dlnw = tl.zeros([D], dtype=tl.float32)
+    dlnb = tl.zeros([D], dtype=tl.float32)
+    dWt = tl.load(_ckpt_t(dWc_ptr, pid, j, NC, D))  # dL/dW after the block's first mini-batch
+    for n in range(j * S, tl.minimum(NT, j * S + S)):
+        t0 = n * K
+        chunk = obase + (t0 + rk)[:, None] * D + rd[None, :]
+        q, k, v = _rows(q_ptr, base, t0, s_t, K, D), _rows(k_ptr, base, t0, s_t, K, D), _rows(v_ptr, base, t0, s_t, K, D)
+        cg, cgT, dz = tl.load(cg_ptr + chunk).to(tl.float32), _cols(cg_ptr, obase, t0, D, K, D), tl.load(dz_ptr + chunk)
+        xh, rstd = tl.load(xh_ptr + chunk).to(tl.float32), tl.load(rstd_ptr + tbase + t0 + rk[:, None])
+        dcg = tl.load(dv_ptr + chunk).to(tl.float32)
+        a = tl.load(a_ptr + abase + (t0 + rk) * s_at)
+        c = tl.load(c_ptr + abase + (t0 + rk) * s_at)
+        a_last = tl.load(a_ptr + abase + (t0 + K - 1) * s_at)
+        g, e = _inner_grad(k, v, xh, rstd, w, beta, D)
+        du = _project_out(c[:, None] * dcg, xh, rstd, D)
+        dlnw += tl.sum(du * (e + w * xh), axis=0)
+        dlnb += tl.sum(du * w, axis=0)
+        tl.store(dc_ptr + tbase + t0 + rk, tl.sum(g * dcg, axis=1))
+        tl.store(dv_ptr + chunk, -du * w)
+        if n > j * S:  # dL/dW_{n+1} = dL/dW_n - q_n^T dz_n - k_n^T dzk_n
+            dWt -= _mm(_cols(dz_ptr, obase, t0, D, K, D), q, PREC) + _mm(_cols(dzk_ptr, obase, t0, D, K, D), k, PREC)
+        ds = tl.where(causal, -_small(a[:, None] * dz, cgT, PREC), 0.0)
+        tl.store(dz_ptr + chunk, _small(tl.trans(ds), q, PREC) - a_last * _mm(cg, dWt, PREC) + du * w)
+    tl.store(dlnw_ptr + (pid * NC + j) * D + rd, dlnw)
+    tl.store(dlnb_ptr + (pid * NC + j) * D + rd, dlnb)
+
+
+@triton.jit
+def _ttt_bwd_dk_kernel(
+    k_ptr, a_ptr, Wc_ptr, cg_ptr, dzk_ptr, dk_part_ptr, dk_ptr, NT, NC, S, H, s_b, s_h, s_t, s_ab, s_ah, s_at,
+    K: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
+):
+    """dk = its other terms + dzk W^T, in parallel over blocks, walking W^T from the saved boundary weights."""
+    pid, hh, base, abase = _program(H, s_b, s_h, s_ab, s_ah)
+    j = tl.program_id(1)
+    rk = tl.arange(0, K)
+    rd = tl.arange(0, D)
+    obase = pid * NT * K * D
+    Wt = tl.load(_ckpt_t(Wc_ptr, pid, j, NC, D))
+    for n in range(j * S, tl.minimum(NT, j * S + S)):
+        t0 = n * K
+        chunk = obase + (t0 + rk)[:, None] * D + rd[None, :]
+        k, cgT = _rows(k_ptr, base, t0, s_t, K, D), _cols(cg_ptr, obase, t0, D, K, D)
+        a_last = tl.load(a_ptr + abase + (t0 + K - 1) * s_at)
+        tl.store(dk_ptr + chunk, tl.load(dk_part_ptr + chunk).to(tl.float32) + _mm(tl.load(dzk_ptr + chunk), Wt, PREC))
+        Wt -= a_last * _mm(cgT, k, PREC)
 
 
 def supported(head_dim: int, mini_batch: int) -> bool:
     """Power-of-two head_dim >= 16 and mini-batch 16..64 (tl.dot's smallest tile is 16)."""
     return head_dim >= 16 and head_dim & (head_dim - 1) == 0 and mini_batch in (16, 32, 64)
+
+
+def _scratch_dtype(precision: str) -> torch.dtype:
+    """What the passes hand each other per token: bf16 where the products round to it anyway."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def _num_warps(head_dim: int) -> int:
@@ -233,47 +390,69 @@ def _num_warps(head_dim: int) -> int:
 class _TTTLinearChunk(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, a, c, ln_w, ln_b, W0, b0, mini_batch: int, residual: str, eps: float,
-                precision: str):
+                precision: str, every: int):
         B, H, T, D = q.shape
+        NT = T // mini_batch
+        NC = -(-NT // every)
+        f32 = dict(device=q.device, dtype=torch.float32)
         W = W0.detach().float().contiguous().clone()
         b = b0.detach().float().contiguous().clone()
-        out = torch.empty(B, H, T, D, device=q.device, dtype=torch.float32)
-        cg = torch.empty_like(out)
+        Wc, bc = torch.empty(B * H, NC, D, D, **f32), torch.empty(B * H, NC, D, **f32)
+        out = torch.empty(B, H, T, D, **f32)
+        cg, xh = (torch.empty(B, H, T, D, device=q.device, dtype=_scratch_dtype(precision)) for _ in range(2))
+        rstd = torch.empty(B, H, T, **f32)
         ln_w, ln_b = ln_w.detach().float().contiguous(), ln_b.detach().float().contiguous()
-        _ttt_linear_fwd_kernel[(B * H,)](
-            q, k, v, a, c, ln_w, ln_b, W, b, out, cg, T // mini_batch, H, *q.stride()[:3], *a.stride(), eps,
-            K=mini_batch, D=D, RES_Q=residual == "q", PREC=precision, num_warps=_num_warps(D))
-        ctx.save_for_backward(q, k, v, a, c, ln_w, ln_b, W, b, cg)
-        ctx.args = (mini_batch, residual, eps, precision)
-        return out, W.clone(), b.clone()
+        shape = dict(NT=NT, NC=NC, S=every, H=H)
+        strides = (*q.stride()[:3], *a.stride())
+        const = dict(K=mini_batch, D=D, PREC=precision, num_warps=_num_warps(D))
+        _ttt_fwd_chain_kernel[(B * H,)](k, v, a, c, ln_w, ln_b, W, b, Wc, bc, cg, xh, rstd, *shape.values(),
+                                        *strides, eps, **const)
+        _ttt_fwd_out_kernel[(B * H, NC)](q, k, a, ln_w, ln_b, Wc, bc, cg, out, *shape.values(), *strides, eps,
+                                         RES_Q=residual == "q", **const)
+        ctx.save_for_backward(q, k, v, a, c, ln_w, ln_b, Wc, bc, cg, xh, rstd)
+        ctx.args = (mini_batch, residual, eps, precision, every)
+        return out, W, b
 
     @staticmethod
     def backward(ctx, dout, dW, db):
-        q, k, v, a, c, ln_w, ln_b, W, b, cg = ctx.saved_tensors
-        mini_batch, residual, eps, precision = ctx.args
+        q, k, v, a, c, ln_w, ln_b, Wc, bc, cg, xh, rstd = ctx.saved_tensors
+        mini_batch, residual, eps, precision, every = ctx.args
         B, H, T, D = q.shape
+        NT, NC = T // mini_batch, Wc.shape[1]
         f32 = dict(device=q.device, dtype=torch.float32)
         dout = torch.zeros(B, H, T, D, **f32) if dout is None else dout.float().contiguous()
-        dW = torch.zeros_like(W) if dW is None else dW.float().contiguous().clone()
-        db = torch.zeros_like(b) if db is None else db.float().contiguous().clone()
-        dq, dk, dv = (torch.empty(B, H, T, D, **f32) for _ in range(3))
+        dW = torch.zeros(B * H, D, D, **f32) if dW is None else dW.float().contiguous().clone()
+        db = torch.zeros(B * H, D, **f32) if db is None else db.float().contiguous().clone()
+        dq, dk, dv = (torch.empty(B, H, T, D, device=q.device, dtype=x.dtype) for x in (q, k, v))
+        dz, dcg = (torch.empty_like(xh) for _ in range(2))  # then dk's other terms, dzk
         da, dc = (torch.empty(B, H, T, **f32) for _ in range(2))
-        dlnw, dlnb = (torch.empty(B, H, D, **f32) for _ in range(2))
-        _ttt_linear_bwd_kernel[(B * H,)](
-            q, k, v, a, c, ln_w, ln_b, W, b, cg, dout, dW, db,
-            dq, dk, dv, da, dc, dlnw, dlnb, T // mini_batch, H, *q.stride()[:3], *a.stride(), eps,
-            K=mini_batch, D=D, RES_Q=residual == "q", PREC=precision, num_warps=_num_warps(D))
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), da.to(a.dtype), dc.to(c.dtype),
-                dlnw.sum(0), dlnb.sum(0), dW, db, None, None, None, None)
+        da_last = torch.empty(B, H, NT, **f32)
+        dWc = torch.empty_like(Wc)
+        dlnw, dlnb = (torch.empty(2 * B * H * NC, D, **f32) for _ in range(2))  # per block, two passes
+        tail = B * H * NC
+        shape = (NT, NC, every, H, *q.stride()[:3], *a.stride())
+        const = dict(K=mini_batch, D=D, PREC=precision, num_warps=_num_warps(D))
+        _ttt_bwd_out_kernel[(B * H, NC)](q, k, a, ln_w, Wc, bc, cg, dout, dq, dz, dcg, da, dlnw, dlnb, *shape, eps,
+                                         RES_Q=residual == "q", **const)
+        _ttt_bwd_chain_kernel[(B * H,)](q, k, v, a, c, ln_w, ln_b, xh, rstd, dW, db, dWc, dz, dcg, dv, da_last,
+                                        *shape, **const)  # dv: dL/dcg for now
+        _ttt_bwd_dk_dw_kernel[(B * H, NC)](q, k, v, a, c, ln_w, ln_b, xh, rstd, dWc, cg, dz, dcg, dv, dc,
+                                           dlnw[tail:], dlnb[tail:], *shape, **const)
+        _ttt_bwd_dk_kernel[(B * H, NC)](k, a, Wc, cg, dcg, dz, dk, *shape, **const)
+        da.view(B, H, NT, mini_batch)[..., -1] += da_last
+        per_head = [x.view(2, B, H, NC, D).sum((0, 1, 3)) for x in (dlnw, dlnb)]
+        return (dq, dk, dv, da.to(a.dtype), dc.to(c.dtype), *per_head, dW.view(B, H, D, D), db.view(B, H, D),
+                None, None, None, None, None)
 
 
 def ttt_linear_chunked_triton(
     q: Tensor, k: Tensor, v: Tensor, a: Tensor, c: Tensor, ln_w: Tensor, ln_b: Tensor,
     W: Tensor, b: Tensor, mini_batch: int, residual: str = "q", eps: float = 1e-6,
-    precision: Precision = "bf16",
+    precision: Precision = "bf16", checkpoint_every: int = 16,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """q, k, v: [B, H, T, D] (fp32 or bf16), T a multiple of `mini_batch`; a, c: [B, H, T]; ln_w, ln_b:
     [H, D]; W: [B, H, D, D], b: [B, H, 1, D] boundary weights at a fresh mini-batch start.
+    `checkpoint_every`: mini-batches between the saved boundary weights (the parallel passes' blocks).
 
     Returns out [B, H, T, D] fp32 and the weights after the run, all differentiable.
     """
@@ -283,9 +462,11 @@ def ttt_linear_chunked_triton(
                          f"and T a multiple of it; got head_dim {D}, mini_batch {mini_batch}, T {T}")
     if precision not in ("bf16", "tf32", "ieee"):
         raise ValueError(f"precision must be 'bf16', 'tf32' or 'ieee', got {precision!r}")
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     if q.stride() != k.stride() or q.stride() != v.stride() or q.stride(-1) != 1:
         q, k, v = (t.contiguous() for t in (q, k, v))
     out, W, b = _TTTLinearChunk.apply(q, k, v, a.float().contiguous(), c.float().contiguous(), ln_w, ln_b,
-                                      W.reshape(B, H, D, D),
-                                      b.reshape(B, H, D), mini_batch, residual, eps, precision)
+                                      W.reshape(B, H, D, D), b.reshape(B, H, D), mini_batch, residual, eps,
+                                      precision, checkpoint_every)
     return out, W, b.view(B, H, 1, D)
