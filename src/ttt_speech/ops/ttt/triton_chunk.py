@@ -76,6 +76,14 @@ def _program(H, s_b, s_h, s_ab, s_ah):
 
 
 @triton.jit
+def _block(H, NT, s_b, s_h, s_ab, s_ah, K: tl.constexpr, D: tl.constexpr):
+    """A parallel pass's program: _program's four, its block of mini-batches, its offset into the
+    contiguous [B, H, T, D] tensors the passes hand each other."""
+    pid, hh, base, abase = _program(H, s_b, s_h, s_ab, s_ah)
+    return pid, hh, base, abase, tl.program_id(1), pid * NT * K * D
+
+
+@triton.jit
 def _rows(ptr, base, t0, s_t, K: tl.constexpr, D: tl.constexpr):
     """Rows t0 .. t0 + K - 1 of a [T, D] tile, [K, D], in the stored dtype (bf16 halves the registers)."""
     return tl.load(ptr + base + (t0 + tl.arange(0, K))[:, None] * s_t + tl.arange(0, D)[None, :])
@@ -109,6 +117,26 @@ def _inner_grad(k, v, xh, rstd, w, beta, D: tl.constexpr):
 
 
 @triton.jit
+def _fwd_chain_loads(k_ptr, v_ptr, a_ptr, c_ptr, base, abase, t0, s_t, s_at, K: tl.constexpr, D: tl.constexpr):
+    """What the forward's sequential pass reads for the mini-batch at t0: k, k^T, v, c, a_last."""
+    return (_rows(k_ptr, base, t0, s_t, K, D), _cols(k_ptr, base, t0, s_t, K, D), _rows(v_ptr, base, t0, s_t, K, D),
+            tl.load(c_ptr + abase + (t0 + tl.arange(0, K)) * s_at), tl.load(a_ptr + abase + (t0 + K - 1) * s_at))
+
+
+@triton.jit
+def _bwd_chain_loads(q_ptr, k_ptr, v_ptr, a_ptr, c_ptr, xh_ptr, rstd_ptr, dz_ptr, dcg_ptr, base, abase, obase,
+                     tbase, t0, s_t, s_at, K: tl.constexpr, D: tl.constexpr):
+    """What the backward's sequential pass reads for the mini-batch at t0, in the stored dtypes:
+    q^T, k, k^T, v, xh, dz, dcg, rstd, c, a_last."""
+    rk = tl.arange(0, K)
+    chunk = obase + (t0 + rk)[:, None] * D + tl.arange(0, D)[None, :]
+    return (_cols(q_ptr, base, t0, s_t, K, D), _rows(k_ptr, base, t0, s_t, K, D), _cols(k_ptr, base, t0, s_t, K, D),
+            _rows(v_ptr, base, t0, s_t, K, D), tl.load(xh_ptr + chunk), tl.load(dz_ptr + chunk),
+            tl.load(dcg_ptr + chunk), tl.load(rstd_ptr + tbase + t0 + rk[:, None]),
+            tl.load(c_ptr + abase + (t0 + rk) * s_at), tl.load(a_ptr + abase + (t0 + K - 1) * s_at))
+
+
+@triton.jit
 def _ttt_fwd_chain_kernel(
     k_ptr, v_ptr, a_ptr, c_ptr, lnw_ptr, lnb_ptr, W_ptr, b_ptr, Wc_ptr, bc_ptr, cg_ptr, xh_ptr, rstd_ptr,
     NT, NC, S, H, s_b, s_h, s_t, s_ab, s_ah, s_at, eps,
@@ -123,18 +151,14 @@ def _ttt_fwd_chain_kernel(
     b = tl.load(b_ptr + pid * D + rd)[None, :]
     w = tl.load(lnw_ptr + hh * D + rd)[None, :]
     beta = tl.load(lnb_ptr + hh * D + rd)[None, :]
-    k, kT, v = _rows(k_ptr, base, 0, s_t, K, D), _cols(k_ptr, base, 0, s_t, K, D), _rows(v_ptr, base, 0, s_t, K, D)
-    c = tl.load(c_ptr + abase + rk * s_at)
-    a_last = tl.load(a_ptr + abase + (K - 1) * s_at)
+    k, kT, v, c, a_last = _fwd_chain_loads(k_ptr, v_ptr, a_ptr, c_ptr, base, abase, 0, s_t, s_at, K, D)
     for n in range(NT):
         t0 = n * K
         if n % S == 0:
             tl.store(_ckpt(Wc_ptr, pid, n // S, NC, D), W)
             tl.store(bc_ptr + (pid * NC + n // S) * D + rd[None, :], b)
         t1 = tl.minimum(t0 + K, (NT - 1) * K)  # issue the next loads now: they land behind this math
-        k1, kT1, v1 = _rows(k_ptr, base, t1, s_t, K, D), _cols(k_ptr, base, t1, s_t, K, D), _rows(v_ptr, base, t1, s_t, K, D)
-        c1 = tl.load(c_ptr + abase + (t1 + rk) * s_at)
-        a_last1 = tl.load(a_ptr + abase + (t1 + K - 1) * s_at)
+        k1, kT1, v1, c1, a_last1 = _fwd_chain_loads(k_ptr, v_ptr, a_ptr, c_ptr, base, abase, t1, s_t, s_at, K, D)
         xh, rstd = _normalize(_mm(k, W, PREC) + b, eps, D)
         g, _ = _inner_grad(k, v, xh, rstd, w, beta, D)
         cg = c[:, None] * g
@@ -156,11 +180,9 @@ def _ttt_fwd_out_kernel(
     K: tl.constexpr, D: tl.constexpr, RES_Q: tl.constexpr, PREC: tl.constexpr,
 ):
     """The outputs, in parallel over blocks of S mini-batches, each from its saved boundary weights."""
-    pid, hh, base, abase = _program(H, s_b, s_h, s_ab, s_ah)
-    j = tl.program_id(1)
+    pid, hh, base, abase, j, obase = _block(H, NT, s_b, s_h, s_ab, s_ah, K, D)
     rk = tl.arange(0, K)
     rd = tl.arange(0, D)
-    obase = pid * NT * K * D
     W = tl.load(_ckpt(Wc_ptr, pid, j, NC, D))
     b = tl.load(bc_ptr + (pid * NC + j) * D + rd)[None, :]
     w = tl.load(lnw_ptr + hh * D + rd)[None, :]
@@ -193,11 +215,9 @@ def _ttt_bwd_out_kernel(
     through the outputs (both for the sequential pass). Carries W^T: every product then takes its
     operands as they lie (a D x D register transpose per mini-batch costs more than the math).
     """
-    pid, hh, base, abase = _program(H, s_b, s_h, s_ab, s_ah)
-    j = tl.program_id(1)
+    pid, hh, base, abase, j, obase = _block(H, NT, s_b, s_h, s_ab, s_ah, K, D)
     rk = tl.arange(0, K)
     rd = tl.arange(0, D)
-    obase = pid * NT * K * D
     Wt = tl.load(_ckpt_t(Wc_ptr, pid, j, NC, D))
     b = tl.load(bc_ptr + (pid * NC + j) * D + rd)[None, :]
     w = tl.load(lnw_ptr + hh * D + rd)[None, :]
@@ -259,14 +279,9 @@ def _ttt_bwd_chain_kernel(
     db = tl.load(db_ptr + pid * D + rd)[None, :]
     w = tl.load(lnw_ptr + hh * D + rd)[None, :]
     beta = tl.load(lnb_ptr + hh * D + rd)[None, :]
-    t0 = (NT - 1) * K
-    chunk = obase + (t0 + rk)[:, None] * D + rd[None, :]
-    qT, k, kT, v = (_cols(q_ptr, base, t0, s_t, K, D), _rows(k_ptr, base, t0, s_t, K, D),
-                    _cols(k_ptr, base, t0, s_t, K, D), _rows(v_ptr, base, t0, s_t, K, D))
-    xh, dz, dcg_o = tl.load(xh_ptr + chunk), tl.load(dz_ptr + chunk), tl.load(dcg_ptr + chunk)
-    rstd = tl.load(rstd_ptr + tbase + t0 + rk[:, None])
-    c = tl.load(c_ptr + abase + (t0 + rk) * s_at)
-    a_last = tl.load(a_ptr + abase + (t0 + K - 1) * s_at)
+    qT, k, kT, v, xh, dz, dcg_o, rstd, c, a_last = _bwd_chain_loads(
+        q_ptr, k_ptr, v_ptr, a_ptr, c_ptr, xh_ptr, rstd_ptr, dz_ptr, dcg_ptr, base, abase, obase, tbase,
+        (NT - 1) * K, s_t, s_at, K, D)
     for i in range(NT):
         n = NT - 1 - i
         t0 = n * K
@@ -274,13 +289,9 @@ def _ttt_bwd_chain_kernel(
         if n % S == 0:
             tl.store(_ckpt(dWc_ptr, pid, n // S, NC, D), dW)
         t1 = tl.maximum(t0 - K, 0)  # prefetch the previous mini-batch (the walk goes backwards)
-        prev = obase + (t1 + rk)[:, None] * D + rd[None, :]
-        qT1, k1, kT1, v1 = (_cols(q_ptr, base, t1, s_t, K, D), _rows(k_ptr, base, t1, s_t, K, D),
-                            _cols(k_ptr, base, t1, s_t, K, D), _rows(v_ptr, base, t1, s_t, K, D))
-        xh1, dz1, dcg_o1 = tl.load(xh_ptr + prev), tl.load(dz_ptr + prev), tl.load(dcg_ptr + prev)
-        rstd1 = tl.load(rstd_ptr + tbase + t1 + rk[:, None])
-        c1 = tl.load(c_ptr + abase + (t1 + rk) * s_at)
-        a_last1 = tl.load(a_ptr + abase + (t1 + K - 1) * s_at)
+        qT1, k1, kT1, v1, xh1, dz1, dcg_o1, rstd1, c1, a_last1 = _bwd_chain_loads(
+            q_ptr, k_ptr, v_ptr, a_ptr, c_ptr, xh_ptr, rstd_ptr, dz_ptr, dcg_ptr, base, abase, obase, tbase,
+            t1, s_t, s_at, K, D)
         x = xh.to(tl.float32)
         g, e = _inner_grad(k, v, x, rstd, w, beta, D)
         u = e * w
@@ -316,11 +327,9 @@ def _ttt_bwd_dk_dw_kernel(
     undoing one mini-batch's terms per step; writes dk's sum over dz (in place: each block reads only
     its own mini-batches).
     """
-    pid, hh, base, abase = _program(H, s_b, s_h, s_ab, s_ah)
-    j = tl.program_id(1)
+    pid, hh, base, abase, j, obase = _block(H, NT, s_b, s_h, s_ab, s_ah, K, D)
     rk = tl.arange(0, K)
     rd = tl.arange(0, D)
-    obase = pid * NT * K * D
     tbase = pid * NT * K
     causal = rk[:, None] >= rk[None, :]
     w = tl.load(lnw_ptr + hh * D + rd)[None, :]
@@ -358,11 +367,9 @@ def _ttt_bwd_dk_kernel(
     K: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
 ):
     """dk = its other terms + dzk W^T, in parallel over blocks, walking W^T from the saved boundary weights."""
-    pid, hh, base, abase = _program(H, s_b, s_h, s_ab, s_ah)
-    j = tl.program_id(1)
+    pid, hh, base, abase, j, obase = _block(H, NT, s_b, s_h, s_ab, s_ah, K, D)
     rk = tl.arange(0, K)
     rd = tl.arange(0, D)
-    obase = pid * NT * K * D
     Wt = tl.load(_ckpt_t(Wc_ptr, pid, j, NC, D))
     for n in range(j * S, tl.minimum(NT, j * S + S)):
         t0 = n * K
@@ -402,12 +409,10 @@ class _TTTLinearChunk(torch.autograd.Function):
         cg, xh = (torch.empty(B, H, T, D, device=q.device, dtype=_scratch_dtype(precision)) for _ in range(2))
         rstd = torch.empty(B, H, T, **f32)
         ln_w, ln_b = ln_w.detach().float().contiguous(), ln_b.detach().float().contiguous()
-        shape = dict(NT=NT, NC=NC, S=every, H=H)
-        strides = (*q.stride()[:3], *a.stride())
+        shape = (NT, NC, every, H, *q.stride()[:3], *a.stride())
         const = dict(K=mini_batch, D=D, PREC=precision, num_warps=_num_warps(D))
-        _ttt_fwd_chain_kernel[(B * H,)](k, v, a, c, ln_w, ln_b, W, b, Wc, bc, cg, xh, rstd, *shape.values(),
-                                        *strides, eps, **const)
-        _ttt_fwd_out_kernel[(B * H, NC)](q, k, a, ln_w, ln_b, Wc, bc, cg, out, *shape.values(), *strides, eps,
+        _ttt_fwd_chain_kernel[(B * H,)](k, v, a, c, ln_w, ln_b, W, b, Wc, bc, cg, xh, rstd, *shape, eps, **const)
+        _ttt_fwd_out_kernel[(B * H, NC)](q, k, a, ln_w, ln_b, Wc, bc, cg, out, *shape, eps,
                                          RES_Q=residual == "q", **const)
         ctx.save_for_backward(q, k, v, a, c, ln_w, ln_b, Wc, bc, cg, xh, rstd)
         ctx.args = (mini_batch, residual, eps, precision, every)
