@@ -12,8 +12,10 @@ at each block start:
   kernel walks each block from its saved weights for the dual-form outputs.
 - backward: a parallel pass through the outputs (dq, and dL/dz, dL/dcg for the chain); the chain
   carries dL/dW back through each update and inner gradient (second-order LayerNorm term in closed
-  form) and needs no W at all; parallel passes finish dv, dc, the LayerNorm's, dk (walking W^T and
-  (dL/dW)^T from the saved blocks).
+  form) and needs no W at all; a pass with one program per mini-batch does the per-token gradients
+  that need no weights (dv, dc, the LayerNorm's, most of dk), and two walks over the blocks add dk's
+  terms through (dL/dW)^T and W^T. Per-token work and a D x D state never share a kernel: together
+  they spill registers.
 
 Saved per sequence: two [T, D] tensors, rstd and one D x D per block; FLA's `chunk_ttt_linear`
 keeps W per chunk ([T / K, D, D]). Per-token tensors handed between passes are bf16 when the
@@ -315,58 +317,66 @@ def _ttt_bwd_chain_kernel(
 
 
 @triton.jit
-def _ttt_bwd_dk_dw_kernel(
-    q_ptr, k_ptr, v_ptr, a_ptr, c_ptr, lnw_ptr, lnb_ptr, xh_ptr, rstd_ptr, dWc_ptr, cg_ptr, dz_ptr, dzk_ptr,
-    dv_ptr, dc_ptr, dlnw_ptr, dlnb_ptr, NT, NC, S, H, s_b, s_h, s_t, s_ab, s_ah, s_at,
+def _ttt_bwd_token_kernel(
+    q_ptr, k_ptr, v_ptr, a_ptr, c_ptr, lnw_ptr, lnb_ptr, xh_ptr, rstd_ptr, cg_ptr, dz_ptr,
+    dv_ptr, dk_ptr, dc_ptr, dlnw_ptr, dlnb_ptr, NT, H, s_b, s_h, s_t, s_ab, s_ah, s_at,
     K: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
 ):
-    """In parallel over blocks, everything per token that needs dL/dW or dL/dcg: dv, dc, the inner
-    LayerNorm's gradients and dk's terms through the dual form, the update and the target.
-
-    `dv` holds dL/dcg on entry. Walks (dL/dW)^T forward from the sequential pass's saved values,
-    undoing one mini-batch's terms per step; writes dk's sum over dz (in place: each block reads only
-    its own mini-batches).
+    """One program per mini-batch: the gradients that need dL/dcg but no D x D state — dv, dc, the
+    inner LayerNorm's and dk's terms through the dual form and the target (`dv` holds dL/dcg on
+    entry). Kept apart from the walks below so that none of them holds per-token work beside its state.
     """
+    pid, hh, base, abase, n, obase = _block(H, NT, s_b, s_h, s_ab, s_ah, K, D)
+    rk = tl.arange(0, K)
+    rd = tl.arange(0, D)
+    t0 = n * K
+    chunk = obase + (t0 + rk)[:, None] * D + rd[None, :]
+    tt = pid * NT * K + t0 + rk
+    w = tl.load(lnw_ptr + hh * D + rd)[None, :]
+    beta = tl.load(lnb_ptr + hh * D + rd)[None, :]
+    q, k, v = _rows(q_ptr, base, t0, s_t, K, D), _rows(k_ptr, base, t0, s_t, K, D), _rows(v_ptr, base, t0, s_t, K, D)
+    cgT, dz = _cols(cg_ptr, obase, t0, D, K, D), tl.load(dz_ptr + chunk)
+    xh, rstd = tl.load(xh_ptr + chunk).to(tl.float32), tl.load(rstd_ptr + tt[:, None])
+    dcg = tl.load(dv_ptr + chunk).to(tl.float32)
+    a = tl.load(a_ptr + abase + (t0 + rk) * s_at)
+    c = tl.load(c_ptr + abase + (t0 + rk) * s_at)
+    g, e = _inner_grad(k, v, xh, rstd, w, beta, D)
+    du = _project_out(c[:, None] * dcg, xh, rstd, D)
+    tl.store(dlnw_ptr + (pid * NT + n) * D + rd, tl.sum(du * (e + w * xh), axis=0))
+    tl.store(dlnb_ptr + (pid * NT + n) * D + rd, tl.sum(du * w, axis=0))
+    tl.store(dc_ptr + tt, tl.sum(g * dcg, axis=1))
+    tl.store(dv_ptr + chunk, -du * w)
+    ds = tl.where(rk[:, None] >= rk[None, :], -_small(a[:, None] * dz, cgT, PREC), 0.0)
+    tl.store(dk_ptr + chunk, _small(tl.trans(ds), q, PREC) + du * w)
+
+
+@triton.jit
+def _ttt_bwd_dk_dw_kernel(
+    q_ptr, k_ptr, a_ptr, dWc_ptr, cg_ptr, dz_ptr, dzk_ptr, dk_ptr, NT, NC, S, H, s_b, s_h, s_t, s_ab, s_ah, s_at,
+    K: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
+):
+    """dk's term through the update, -a_last cg (dL/dW')^T, added to dk in parallel over blocks: walks
+    (dL/dW)^T forward from the sequential pass's saved values, undoing one mini-batch's terms per step."""
     pid, hh, base, abase, j, obase = _block(H, NT, s_b, s_h, s_ab, s_ah, K, D)
     rk = tl.arange(0, K)
     rd = tl.arange(0, D)
-    tbase = pid * NT * K
-    causal = rk[:, None] >= rk[None, :]
-    w = tl.load(lnw_ptr + hh * D + rd)[None, :]
-    beta = tl.load(lnb_ptr + hh * D + rd)[None, :]
-    dlnw = tl.zeros([D], dtype=tl.float32)
-    dlnb = tl.zeros([D], dtype=tl.float32)
     dWt = tl.load(_ckpt_t(dWc_ptr, pid, j, NC, D))  # dL/dW after the block's first mini-batch
     for n in range(j * S, tl.minimum(NT, j * S + S)):
         t0 = n * K
         chunk = obase + (t0 + rk)[:, None] * D + rd[None, :]
-        q, k, v = _rows(q_ptr, base, t0, s_t, K, D), _rows(k_ptr, base, t0, s_t, K, D), _rows(v_ptr, base, t0, s_t, K, D)
-        cg, cgT, dz = tl.load(cg_ptr + chunk).to(tl.float32), _cols(cg_ptr, obase, t0, D, K, D), tl.load(dz_ptr + chunk)
-        xh, rstd = tl.load(xh_ptr + chunk).to(tl.float32), tl.load(rstd_ptr + tbase + t0 + rk[:, None])
-        dcg = tl.load(dv_ptr + chunk).to(tl.float32)
-        a = tl.load(a_ptr + abase + (t0 + rk) * s_at)
-        c = tl.load(c_ptr + abase + (t0 + rk) * s_at)
-        a_last = tl.load(a_ptr + abase + (t0 + K - 1) * s_at)
-        g, e = _inner_grad(k, v, xh, rstd, w, beta, D)
-        du = _project_out(c[:, None] * dcg, xh, rstd, D)
-        dlnw += tl.sum(du * (e + w * xh), axis=0)
-        dlnb += tl.sum(du * w, axis=0)
-        tl.store(dc_ptr + tbase + t0 + rk, tl.sum(g * dcg, axis=1))
-        tl.store(dv_ptr + chunk, -du * w)
         if n > j * S:  # dL/dW_{n+1} = dL/dW_n - q_n^T dz_n - k_n^T dzk_n
+            q, k = _rows(q_ptr, base, t0, s_t, K, D), _rows(k_ptr, base, t0, s_t, K, D)
             dWt -= _mm(_cols(dz_ptr, obase, t0, D, K, D), q, PREC) + _mm(_cols(dzk_ptr, obase, t0, D, K, D), k, PREC)
-        ds = tl.where(causal, -_small(a[:, None] * dz, cgT, PREC), 0.0)
-        tl.store(dz_ptr + chunk, _small(tl.trans(ds), q, PREC) - a_last * _mm(cg, dWt, PREC) + du * w)
-    tl.store(dlnw_ptr + (pid * NC + j) * D + rd, dlnw)
-    tl.store(dlnb_ptr + (pid * NC + j) * D + rd, dlnb)
+        a_last = tl.load(a_ptr + abase + (t0 + K - 1) * s_at)
+        tl.store(dk_ptr + chunk, tl.load(dk_ptr + chunk).to(tl.float32) - a_last * _mm(tl.load(cg_ptr + chunk), dWt, PREC))
 
 
 @triton.jit
 def _ttt_bwd_dk_kernel(
-    k_ptr, a_ptr, Wc_ptr, cg_ptr, dzk_ptr, dk_part_ptr, dk_ptr, NT, NC, S, H, s_b, s_h, s_t, s_ab, s_ah, s_at,
+    k_ptr, a_ptr, Wc_ptr, cg_ptr, dzk_ptr, dk_ptr, NT, NC, S, H, s_b, s_h, s_t, s_ab, s_ah, s_at,
     K: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
 ):
-    """dk = its other terms + dzk W^T, in parallel over blocks, walking W^T from the saved boundary weights."""
+    """dk += dzk W^T (its last term), in parallel over blocks, walking W^T from the saved boundary weights."""
     pid, hh, base, abase, j, obase = _block(H, NT, s_b, s_h, s_ab, s_ah, K, D)
     rk = tl.arange(0, K)
     rd = tl.arange(0, D)
@@ -376,7 +386,7 @@ def _ttt_bwd_dk_kernel(
         chunk = obase + (t0 + rk)[:, None] * D + rd[None, :]
         k, cgT = _rows(k_ptr, base, t0, s_t, K, D), _cols(cg_ptr, obase, t0, D, K, D)
         a_last = tl.load(a_ptr + abase + (t0 + K - 1) * s_at)
-        tl.store(dk_ptr + chunk, tl.load(dk_part_ptr + chunk).to(tl.float32) + _mm(tl.load(dzk_ptr + chunk), Wt, PREC))
+        tl.store(dk_ptr + chunk, tl.load(dk_ptr + chunk).to(tl.float32) + _mm(tl.load(dzk_ptr + chunk), Wt, PREC))
         Wt -= a_last * _mm(cgT, k, PREC)
 
 
@@ -429,11 +439,11 @@ class _TTTLinearChunk(torch.autograd.Function):
         dW = torch.zeros(B * H, D, D, **f32) if dW is None else dW.float().contiguous().clone()
         db = torch.zeros(B * H, D, **f32) if db is None else db.float().contiguous().clone()
         dq, dk, dv = (torch.empty(B, H, T, D, device=q.device, dtype=x.dtype) for x in (q, k, v))
-        dz, dcg = (torch.empty_like(xh) for _ in range(2))  # then dk's other terms, dzk
+        dz, dcg = (torch.empty_like(xh) for _ in range(2))  # dcg: then dzk
         da, dc = (torch.empty(B, H, T, **f32) for _ in range(2))
         da_last = torch.empty(B, H, NT, **f32)
         dWc = torch.empty_like(Wc)
-        dlnw, dlnb = (torch.empty(2 * B * H * NC, D, **f32) for _ in range(2))  # per block, two passes
+        dlnw, dlnb = (torch.empty(B * H * (NC + NT), D, **f32) for _ in range(2))  # per block, per mini-batch
         tail = B * H * NC
         shape = (NT, NC, every, H, *q.stride()[:3], *a.stride())
         const = dict(K=mini_batch, D=D, PREC=precision, num_warps=_num_warps(D))
@@ -441,11 +451,14 @@ class _TTTLinearChunk(torch.autograd.Function):
                                          RES_Q=residual == "q", **const)
         _ttt_bwd_chain_kernel[(B * H,)](q, k, v, a, c, ln_w, ln_b, xh, rstd, dW, db, dWc, dz, dcg, dv, da_last,
                                         *shape, **const)  # dv: dL/dcg for now
-        _ttt_bwd_dk_dw_kernel[(B * H, NC)](q, k, v, a, c, ln_w, ln_b, xh, rstd, dWc, cg, dz, dcg, dv, dc,
-                                           dlnw[tail:], dlnb[tail:], *shape, **const)
-        _ttt_bwd_dk_kernel[(B * H, NC)](k, a, Wc, cg, dcg, dz, dk, *shape, **const)
+        # dk is accumulated in place: its dual-form and target terms, the update's, then dzk W^T
+        _ttt_bwd_token_kernel[(B * H, NT)](q, k, v, a, c, ln_w, ln_b, xh, rstd, cg, dz, dv, dk, dc,
+                                           dlnw[tail:], dlnb[tail:], NT, *shape[3:], **const)
+        _ttt_bwd_dk_dw_kernel[(B * H, NC)](q, k, a, dWc, cg, dz, dcg, dk, *shape, **const)
+        _ttt_bwd_dk_kernel[(B * H, NC)](k, a, Wc, cg, dcg, dk, *shape, **const)
         da.view(B, H, NT, mini_batch)[..., -1] += da_last
-        per_head = [x.view(2, B, H, NC, D).sum((0, 1, 3)) for x in (dlnw, dlnb)]
+        per_head = [x[:tail].view(B, H, NC, D).sum((0, 2)) + x[tail:].view(B, H, NT, D).sum((0, 2))
+                    for x in (dlnw, dlnb)]
         return (dq, dk, dv, da.to(a.dtype), dc.to(c.dtype), *per_head, dW.view(B, H, D, D), db.view(B, H, D),
                 None, None, None, None, None)
 
