@@ -1,4 +1,5 @@
-"""Per-span losses (re-read passages): token means over exactly their positions, from corpus.json."""
+"""Per-span losses (re-read passages): token means over exactly their positions, from corpus.json; copy
+probes (spans copied G frames later) and their recall-at-distance scores."""
 
 from __future__ import annotations
 
@@ -6,14 +7,16 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("moshi")
 
 from ttt_speech.eval.data import Sequence  # noqa: E402
-from ttt_speech.eval.long_context import evaluate  # noqa: E402
+from ttt_speech.eval.long_context import evaluate, evaluate_copies  # noqa: E402
 from ttt_speech.eval.models import MoshiScorer  # noqa: E402
 from ttt_speech.eval.report import Report, write  # noqa: E402
-from ttt_speech.eval.spans import Span, repeat_spans  # noqa: E402
+from ttt_speech.eval.spans import Span, copy_probes, repeat_spans  # noqa: E402
 from ttt_speech.moshi.tiny import build_tiny_hybrid  # noqa: E402
 
 
@@ -66,3 +69,58 @@ def test_repeat_spans_read_corpus_json_in_frames(tmp_path) -> None:
     assert repeat_spans(tmp_path) == {"readings/r0.wav": [Span("first", 125, 250), Span("again", 8750, 8876)]}
     with pytest.raises(FileNotFoundError, match="make-corpus"):
         repeat_spans(tmp_path / "nowhere")
+
+
+@settings(max_examples=40, deadline=None)
+@given(lengths=st.lists(st.integers(1, 120), min_size=1, max_size=3), gaps=st.sets(st.integers(1, 40), min_size=1),
+       span=st.integers(1, 10), context=st.integers(0, 12), per=st.integers(1, 3))
+def test_copy_probes_copy_each_frame_exactly_gap_later(lengths, gaps, span, context, per) -> None:
+    seqs = [Sequence(f"s{i}", torch.arange(2 * n).view(2, n) + 1000 * i) for i, n in enumerate(lengths)]
+    gaps = sorted(gaps)
+    if gaps[0] < span or max(lengths) < context + gaps[-1] + span:
+        with pytest.raises(ValueError, match="overlap|needs"):
+            copy_probes(seqs, gaps, span, context, per)
+        return
+    probes, spans = copy_probes(seqs, gaps, span, context, per)
+    want = [(g, i, k) for g in gaps for i, n in enumerate(lengths) for k in range(min(per, n // (context + g + span)))]
+    assert len(probes) == len(want)
+    for probe, (g, i, k) in zip(probes, want):
+        L = context + g + span
+        first, again = spans[probe.source]
+        assert (first, again) == (Span(f"first@{g}", context, context + span), Span(f"again@{g}", context + g, L))
+        original = seqs[i].tokens[:, k * L:(k + 1) * L]  # a fresh excerpt: frames are distinct and increasing
+        assert torch.equal(probe.tokens[:, again.start:again.end], original[:, first.start:first.end])
+        assert torch.equal(probe.tokens[:, :again.start], original[:, :again.start])
+    assert torch.equal(seqs[0].tokens, torch.arange(2 * lengths[0]).view(2, -1))  # the sources are untouched
+
+
+class _PerfectMemory(MoshiScorer):
+    """Loss 0 where the frame (every row) already occurred more than `attention_window` positions back, else 1:
+    an ideal memory beyond the window, to check what the copy scores measure."""
+
+    def score(self, tokens: torch.Tensor, out: torch.Tensor, tick) -> None:
+        W = self.attention_window
+        for t in range(tokens.shape[-1]):
+            seen = (tokens[:, :, :max(t - W, 0)] == tokens[:, :, t:t + 1]).all(1).any(-1)
+            out[:, :, t] = (~seen).float()[:, None]
+            tick(t + 1)
+
+
+def test_copy_scores_show_recall_only_beyond_the_window(tmp_path) -> None:
+    lm = build_tiny_hybrid(0)  # attention window 8
+    seqs = [Sequence(f"s{i}", c) for i, c in enumerate(_codes(lm, 2, 120))]
+    probes, spans = copy_probes(seqs, [6, 12, 30], span=6, context=4, per_sequence=2)
+    memory = evaluate_copies(_PerfectMemory(lm, "memory"), probes, spans, batch_size=3, progress=False)
+    plain = evaluate_copies(MoshiScorer(lm, "tiny"), probes, spans, batch_size=3, progress=False)
+    assert sorted(memory) == [6, 12, 30]
+    assert memory[6]["again"] == {"text": 1.0, "audio": 1.0}  # the source is inside the window: not memory
+    for gap in (12, 30):
+        assert memory[gap] == {"first": {"text": 1.0, "audio": 1.0}, "again": {"text": 0.0, "audio": 0.0}}
+    res = evaluate(MoshiScorer(lm, "tiny"), seqs, [16, 32], progress=False)
+    res.copy_loss = plain
+    ideal = evaluate(MoshiScorer(lm, "memory"), seqs, [16, 32], progress=False)
+    ideal.copy_loss = memory
+    files = write(Report({"test": True}, long_context=[res, ideal]), tmp_path)
+    md = files["report"].read_text()
+    assert "Recall at distance" in md and "| gap 6 | gap 12 | gap 30 |" in md
+    assert "0.000 (-100.0% / " in md and files["recall_vs_gap"].stat().st_size > 1000

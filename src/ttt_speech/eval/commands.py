@@ -2,7 +2,8 @@
 
     ttt-speech eval-long --model A --model B --data held_out/ --lengths 4096,8192,16384,32768,65536 --out report/
 
-For each model: the teacher-forced pass (`long_context.py`), a free run of `--minutes` after a
+For each model: the teacher-forced pass (`long_context.py`; with `--copy-gaps`, also recall of
+spans copied verbatim G frames later, `spans.copy_probes`), a free run of `--minutes` after a
 prompt taken from the first held-out sequence (`free_run.py`), and with `--dialogues` the long
 conversation scores (`conversation.py`). Models are loaded one at a time and freed after their turn.
 A Moshi free run's tokens are saved as free_run_<name>.npy (its words per minute as free_run_<name>.txt),
@@ -38,11 +39,11 @@ from ttt_speech.eval.free_run import (
     score_saved_run,
 )
 from ttt_speech.eval.gibberish import FRAMES_PER_MINUTE, GibberishThresholds
-from ttt_speech.eval.long_context import OOM_ERRORS, evaluate
+from ttt_speech.eval.long_context import OOM_ERRORS, evaluate, evaluate_copies
 from ttt_speech.eval.models import HFScorer, Loaded, MoshiScorer, moshi_extras, load_model
 from ttt_speech.eval.report import Report, saved_run_md, write
 from ttt_speech.eval.speaker import SpeakerEmbedder
-from ttt_speech.eval.spans import repeat_spans
+from ttt_speech.eval.spans import copy_probes, repeat_spans
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_LENGTHS = "4096,8192,16384,32768,65536"
@@ -64,6 +65,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, type=Path, help="held-out token shards ([K, T] .npy/.safetensors)")
     p.add_argument("--repeats", type=Path, metavar="CORPUS_DIR",
                    help="make-corpus directory: also score its re-read passages, first time vs again")
+    p.add_argument("--copy-gaps", type=parse_lengths, metavar="G1,G2,...",
+                   help="also score spans copied verbatim G frames after their source in held-out excerpts "
+                        "(recall vs distance; e.g. 300,1000,3000,7500)")
+    p.add_argument("--copy-span", type=int, default=200, help="frames per copied span (default 200)")
+    p.add_argument("--copy-context", type=int, default=250, help="frames before each source span (default 250)")
+    p.add_argument("--copy-probes", type=int, default=4, help="excerpts per held-out sequence and gap (default 4)")
     p.add_argument("--dialogues", type=Path, help="held-out two-speaker dialogue shards (Moshi's layout)")
     p.add_argument("--out", type=Path, default=Path("report"), help="output directory")
     p.add_argument("--lengths", type=parse_lengths, default=parse_lengths(DEFAULT_LENGTHS),
@@ -159,6 +166,8 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     spans = repeat_spans(args.repeats) if args.repeats else None
     if spans is not None and not any(s.source in spans for s in sequences):
         raise ValueError(f"{args.repeats}: none of its re-read passages is in {args.data}")
+    probes, probe_spans = (copy_probes(sequences, args.copy_gaps, args.copy_span, args.copy_context, args.copy_probes)
+                           if args.copy_gaps else ([], {}))
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not callable(v)}
     report = Report(settings | {"device": str(device), "dtype": str(dtype), "sequences": [s.name for s in sequences]})
     report.thresholds = GibberishThresholds()
@@ -169,6 +178,9 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
         report.long_context.append(evaluate(
             scorer, sequences, args.lengths, baseline_length=args.baseline_length, threshold=args.threshold,
             quality_stream=args.quality_stream, batch_size=args.batch_size, progress=progress, spans=spans))
+        if probes:
+            report.long_context[-1].copy_loss = evaluate_copies(scorer, probes, probe_spans,
+                                                                batch_size=args.batch_size, progress=progress)
         _free(device)
         frames = round(args.minutes * args.frames_per_minute)
         if frames > 0:

@@ -133,6 +133,7 @@ class ModelResult:
     sequences: int = 0
     notes: list[str] = field(default_factory=list)
     span_loss: dict[str, dict[str, float | None]] = field(default_factory=dict)  # label -> text/audio mean loss
+    copy_loss: dict[int, dict[str, dict[str, float | None]]] = field(default_factory=dict)  # gap -> first/again -> ...
 
     @property
     def window_gap(self) -> float | None:
@@ -289,3 +290,12 @@ def evaluate(scorer: Scorer, sequences: list[Sequence], lengths: list[int], *, b
         base_quality, threshold, results, degraded_at, oom_at, oom_message, edges, bucket_loss, bucket_count,
         inside, beyond, len(sequences), notes,
         span_acc.means({"text": [0], "audio": list(range(1, S))} if S > 1 else {"text": [0]}))
+
+
+def evaluate_copies(scorer: Scorer, probes: list[Sequence], spans: dict[str, list[Span]], *, batch_size: int = 1,
+                    progress: bool = True) -> dict[int, dict[str, dict[str, float | None]]]:
+    """Loss on `copy_probes` spans: gap -> {"first", "again"} -> text/audio mean loss."""
+    longest = max(p.length for p in probes)
+    labels = evaluate(scorer, probes, [longest], batch_size=batch_size, progress=progress, spans=spans).span_loss
+    gaps = sorted({int(label.split("@")[1]) for label in labels})
+    return {gap: {kind: labels[f"{kind}@{gap}"] for kind in ("first", "again")} for gap in gaps}

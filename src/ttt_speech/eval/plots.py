@@ -52,6 +52,29 @@ def loss_vs_position(results: list[ModelResult], out_dir: Path) -> list[Path]:
     return paths
 
 
+def recall_vs_gap(results: list[ModelResult], out_dir: Path) -> Path:
+    """Loss on a copied span relative to its first occurrence, against the copy's distance (one panel per
+    stream group); below 0 the model recalls content, at 0 it predicts the copy as if new."""
+    plt = _pyplot()
+    groups = list(dict.fromkeys(grp for r in results for d in r.copy_loss.values() for grp in d["again"]))
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+    for ax, group in zip(axes[0], groups):
+        for i, r in enumerate(results):
+            pts = [(g, 100 * (d["again"][group] / d["first"][group] - 1)) for g, d in sorted(r.copy_loss.items())
+                   if d["again"].get(group) is not None and d["first"].get(group)]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", color=f"C{i}", label=r.name)
+            if r.attention_window:
+                ax.axvline(r.attention_window, color=f"C{i}", ls="--", lw=0.8)
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set_xscale("log")
+        ax.set_xlabel("distance of the copy from its source (positions)")
+        ax.set_ylabel("loss on copy vs first occurrence (%)")
+        ax.set_title(f"recall at distance: {group} (dashed: attention window)")
+        ax.legend(fontsize=8)
+    return _save(fig, out_dir / "recall_vs_gap.png")
+
+
 def degradation(results: list[ModelResult], out_dir: Path) -> Path:
     """Quality / baseline quality per requested length, with the 0.9 threshold and OOM marks."""
     plt = _pyplot()

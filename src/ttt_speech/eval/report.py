@@ -59,6 +59,7 @@ def _long_context_md(results: list[ModelResult]) -> list[str]:
     lines += _table(["model", "kind", "attention window", "baseline length", "baseline loss", "loss inside window",
                      "loss beyond window", "beyond - inside", "verdict"], rows)
     lines += _span_md(results)
+    lines += _copy_md(results)
     for r in results:
         lines += ["", f"### {r.name}: per length ({', '.join(r.quality_streams)} stream(s); {r.sequences} sequences)", ""]
         lines += _table(["length", "status", "loss", "quality", "ratio to baseline", "ms / position", "peak MiB"], [
@@ -93,6 +94,31 @@ def _span_md(results: list[ModelResult]) -> list[str]:
         rows.append(row)
     return lines + _table(["model", *(f"{g} {c}" for g in ("text", "audio") for c in (
         "first", "again", "again vs first", f"again vs {ref.name}"))], rows)
+
+
+def _copy_md(results: list[ModelResult]) -> list[str]:
+    """Copied spans per gap: loss on the copy vs its source's (first time), and vs the first model's copy."""
+    scored = [r for r in results if r.copy_loss]
+    if not scored:
+        return []
+    ref = scored[0]
+    gaps = sorted({g for r in scored for g in r.copy_loss})
+    lines = ["", "### Recall at distance (spans copied verbatim G frames later)", "",
+             f"Change of the loss on the copy against the same span's first occurrence, and (after /) against "
+             f"{ref.name}'s loss on the copy; negative: lower loss, i.e. recalled. Attention windows: "
+             + ", ".join(f"{r.name} {r.attention_window}" for r in scored) + ". Figure: `recall_vs_gap.png`.", ""]
+    for group in ("text", "audio"):
+        rows = []
+        for r in scored:
+            row = [r.name]
+            for g in gaps:
+                first, again = (r.copy_loss.get(g, {}).get(k, {}).get(group) for k in ("first", "again"))
+                base = ref.copy_loss.get(g, {}).get("again", {}).get(group)
+                row.append("–" if first is None or again is None else
+                           f"{again:.3f} ({again / first - 1:+.1%} / {_f(again / base - 1 if base else None, '+.1%')})")
+            rows.append(row)
+        lines += ["", *_table([f"{group}: model", *(f"gap {g}" for g in gaps)], rows)]
+    return lines
 
 
 def _free_runs_md(runs: list[FreeRunResult], th: GibberishThresholds) -> list[str]:
@@ -178,6 +204,8 @@ def write(report: Report, out_dir: str | Path) -> dict[str, Path]:
         for p in plots.loss_vs_position(report.long_context, out):
             files[p.stem] = p
         files["degradation"] = plots.degradation(report.long_context, out)
+        if any(r.copy_loss for r in report.long_context):
+            files["recall_vs_gap"] = plots.recall_vs_gap(report.long_context, out)
         lines += ["", *_long_context_md(report.long_context), "", "![degradation](degradation.png)"]
     if report.free_runs:
         files["free_run"] = plots.free_runs(report.free_runs, out)

@@ -4,6 +4,9 @@ A corpus reading that re-reads a passage from >= 10 minutes earlier (`make-corpu
 two spans per passage: "first" (the passage the first time, only its own short past to go on) and
 "again" (the same words, far beyond any attention window). A model with memory predicts "again"
 better than "first"; a sliding-window model cannot tell them apart.
+
+`copy_probes` makes the same test at chosen distances: held-out excerpts with a span copied verbatim
+`gap` frames after its source, so recall can be plotted against how far back the content lies.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from ttt_speech.eval.data import Sequence
 
 FRAME_RATE = 12.5  # Mimi frames per second
 
@@ -38,6 +43,40 @@ def repeat_spans(corpus_dir: str | Path, frame_rate: float = FRAME_RATE) -> dict
         if spans:
             out[rec["path"]] = spans
     return out
+
+
+def copy_probes(sequences: list[Sequence], gaps: list[int], span: int, context: int,
+                per_sequence: int) -> tuple[list[Sequence], dict[str, list[Span]]]:
+    """Excerpts of `sequences` with a span copied `gap` frames after its source, and their spans.
+
+    Each probe is `context` frames, the source span (label "first"), then more of the sequence with
+    the copy ("again") starting `gap` frames after the source's start: every copied frame lies exactly
+    `gap` frames after its original, so with gap > attention window only a memory can recall it. Up to
+    `per_sequence` non-overlapping excerpts per sequence and gap, probes of one gap listed together
+    (they have one length, so they batch without padding).
+    """
+    if span < 1 or context < 0 or per_sequence < 1:
+        raise ValueError(f"copy probes: span {span} >= 1, context {context} >= 0, per sequence {per_sequence} >= 1")
+    probes, spans = [], {}
+    for gap in sorted(gaps):
+        if gap < span:
+            raise ValueError(f"copy gap {gap} < copied span {span}: the copy would overlap its source")
+        length = context + gap + span
+        made = 0
+        for seq in sequences:
+            for k in range(min(per_sequence, seq.length // length)):
+                lo = k * length
+                tokens = seq.tokens[:, lo:lo + length].clone()
+                src = context
+                tokens[:, src + gap:src + gap + span] = tokens[:, src:src + span]
+                name = f"{seq.name}@{lo}+copy{gap}"
+                probes.append(Sequence(name, tokens, name))
+                spans[name] = [Span(f"first@{gap}", src, src + span), Span(f"again@{gap}", src + gap, src + gap + span)]
+                made += 1
+        if not made:
+            raise ValueError(f"copy gap {gap}: no held-out sequence has the {length} frames a probe needs "
+                             f"(context {context} + gap + span {span})")
+    return probes, spans
 
 
 class SpanLosses:
