@@ -58,3 +58,35 @@ ttt-speech eval-long --data runs/tokens_lm/val --repeats runs/corpus_lm \
     --model converted=runs/lm_converted/export --model gdn=runs/lm_gdn/export \
     --lengths 250,500,1000,2500,5000,12800 --baseline-length 250 --batch-size 4 --minutes 60 \
     --out runs/eval_lm
+
+# 6. (f) memory-targeted fine-tuning, CPU-sized (docs/results.md): the TTT hybrid and the same network
+#    without its TTT branches, 100 steps of 8 x 1600 frames, every sequence with a span copied >= 300
+#    frames later (~32 min on one CPU core each); then recall against distance and the TTT state probe.
+python - <<'PY'
+import json, shutil
+from pathlib import Path
+from safetensors.torch import load_file, save_file
+src, dst = Path("runs/lm_ttt/export"), Path("runs/vanilla_from_b")
+dst.mkdir(parents=True, exist_ok=True)
+for f in src.iterdir():
+    if f.name not in ("config.json", "model.safetensors"):
+        shutil.copy(f, dst / f.name)
+config = json.loads((src / "config.json").read_text())
+config.pop("ttt")
+(dst / "config.json").write_text(json.dumps(config, indent=2))
+save_file({k: v for k, v in load_file(src / "model.safetensors").items() if ".ttt." not in k},
+          dst / "model.safetensors")
+PY
+COPIES=(--set train.precision=fp32 --set train.batch_size=8 --set train.device=cpu
+  --set 'data.repeat={prob: 1.0, min_gap: 300, min_len: 150, max_len: 500}'
+  --set 'stages=[{seq_len: 1600, steps: 100, lr: 5.0e-4, warmup: 0.1, min_lr_ratio: 0.1}]')
+python -m ttt_speech.train configs/small_moshi.yaml --run-dir runs/cpu7/ttt "${COPIES[@]}" \
+    --set model.pretrained=null --set model.hybrid=runs/lm_ttt/export --set model.layers=all
+python -m ttt_speech.train configs/small_moshi.yaml --run-dir runs/cpu7/vanilla "${COPIES[@]}" \
+    --set model.pretrained=runs/vanilla_from_b
+ttt-speech eval-long --data runs/tokens_lm/val --model vanilla_ft=runs/cpu7/vanilla/export \
+    --model ttt_ft=runs/cpu7/ttt/export --model ttt_b=runs/lm_ttt/export --model vanilla_from_b=runs/vanilla_from_b \
+    --lengths 500 --baseline-length 250 --minutes 0 --copy-gaps 300,1000,3000,7500 --copy-span 200 \
+    --batch-size 16 --out runs/cpu7/eval_ft
+ttt-speech probe-memory --data runs/tokens_lm/val ttt_ft=runs/cpu7/ttt/export ttt_b=runs/lm_ttt/export
+ttt-speech probe-memory --data runs/tokens_lm/val --gaps 48,160 --span 48 ttt_ft=runs/cpu7/ttt/export

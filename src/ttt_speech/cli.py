@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "score-free-run": ("ttt_speech.eval.commands", "add_score_arguments", "run_score",
                        "decode a free run eval-long saved (free_run_<name>.npy) and score its audio per minute: "
                        "ASR WER, voice similarity"),
+    "probe-memory": ("ttt_speech.eval.memory_probe", "add_arguments", "run",
+                     "does a TTT hybrid's state store a span it has seen? inner loss on copies vs never-seen controls"),
     "make-corpus": ("ttt_speech.corpus.commands", "add_arguments", "run",
                     "build an offline long-form English speech corpus: public-domain texts read by local TTS voices"),
     "train-codec": ("ttt_speech.codec.commands", "add_train_arguments", "run_train",

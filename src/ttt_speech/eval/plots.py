@@ -68,6 +68,9 @@ def recall_vs_gap(results: list[ModelResult], out_dir: Path) -> Path:
                 ax.axvline(r.attention_window, color=f"C{i}", ls="--", lw=0.8)
         ax.axhline(0, color="k", lw=0.6)
         ax.set_xscale("log")
+        gaps = sorted({g for r in results for g in r.copy_loss})
+        ax.set_xticks(gaps, [str(g) for g in gaps])  # the measured gaps, not log-scale minor labels
+        ax.minorticks_off()
         ax.set_xlabel("distance of the copy from its source (positions)")
         ax.set_ylabel("loss on copy vs first occurrence (%)")
         ax.set_title(f"recall at distance: {group} (dashed: attention window)")

@@ -1,0 +1,177 @@
+"""`ttt-speech probe-memory`: does a TTT hybrid's inner model *store* a span it has seen?
+
+`eval-long --copy-gaps` asks whether the whole model predicts a copied span better. This asks one
+step earlier whether the TTT state holds the span at all. For each TTT layer it replays the inner
+model's updates on the k, v and step sizes that the layer computed while the model streamed a
+held-out excerpt. It takes every token's inner loss 1/2 ||LN(k W + b) - (v - k)||^2 at the weights
+that token met (its mini-batch's start), in two cases:
+
+- on a span copied G frames after its source (the source seen G frames earlier);
+- on the same span at the same place, with its source replaced by the frames that follow the
+  excerpt (the control: same content, same amount of learning, never seen).
+
+"copy vs never seen" < 0 means the state kept something of the span. There are two excerpts per
+held-out sequence and gap, each rounded up to whole mini-batches (only those are replayed); the
+first mini-batch of each span is left out (it holds the splice).
+Linear inner models only. The model streams on the CPU: the reference step path computes the
+inputs this records (CUDA's fused step kernel does not pass through it).
+
+    ttt-speech probe-memory --data held_out/ HYBRID_DIR [NAME=DIR ...] [--gaps 300,1000,3000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import typing as tp
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ttt_speech.eval.data import Sequence, load_sequences
+from ttt_speech.eval.models import load_model
+from ttt_speech.layers.ttt import TTTLayer
+from ttt_speech.ops.ttt.reference import layer_norm
+
+Calls = dict[int, list[list[Tensor]]]  # id(layer) -> per call [k, v, a, c], each [B, H, t, D] / [B, H, t]
+
+
+@contextlib.contextmanager
+def record_inner_inputs() -> tp.Iterator[Calls]:
+    """Record what every TTTLayer's `_inner_inputs` returns (k, v and both step sizes) while inside."""
+    calls: Calls = {}
+    original = TTTLayer._inner_inputs
+
+    def spy(layer: TTTLayer, *args: Tensor) -> list[Tensor]:
+        out = original(layer, *args)
+        calls.setdefault(id(layer), []).append([t.clone() for t in out[1:]])
+        return out
+
+    TTTLayer._inner_inputs = spy  # type: ignore[method-assign]
+    try:
+        yield calls
+    finally:
+        TTTLayer._inner_inputs = original  # type: ignore[method-assign]
+
+
+def replay_inner_losses(layer: TTTLayer, calls: Calls) -> tuple[Tensor, Tensor, Tensor]:
+    """Each token's inner loss at its mini-batch's boundary weights [B, H, T] (NaN after the last whole
+    mini-batch), and the weights after it, replaying the linear inner model's updates W -= a_last k^T (c dl/dz)."""
+    if layer.config.inner != "linear":
+        raise ValueError("probe-memory replays linear inner models only")
+    if id(layer) not in calls:
+        raise RuntimeError("no TTT inputs were recorded (the fused CUDA step bypasses them: stream on the CPU)")
+    k, v, a, c = (torch.cat([call[i] for call in calls[id(layer)]], dim=2) for i in range(4))
+    ln_w, ln_b = (t.float()[:, None, :] for t in layer._ln())
+    B, H, T, D = k.shape
+    K = layer.config.mini_batch
+    W, b = layer.W1.float().expand(B, H, D, D).clone(), layer.b1.float().expand(B, H, 1, D).clone()
+    loss = torch.full((B, H, T), torch.nan)
+    for n in range(T // K):
+        s = slice(n * K, (n + 1) * K)
+        kk, vv = k[:, :, s], v[:, :, s]
+        with torch.enable_grad():
+            z = (kk @ W + b).requires_grad_(True)
+            per_token = 0.5 * ((layer_norm(z, ln_w, ln_b, layer.config.eps) - (vv - kk)) ** 2).sum(-1)
+            (g,) = torch.autograd.grad(per_token.sum(), z)
+        loss[:, :, s] = per_token.detach()
+        cg = c[:, :, s, None] * g
+        a_last = a[:, :, n * K + K - 1, None, None]
+        W, b = W - a_last * kk.transpose(-1, -2) @ cg, b - a_last * cg.sum(-2, keepdim=True)
+    return loss, W, b
+
+
+def copy_and_control(sequences: list[Sequence], gap: int, span: int, context: int,
+                     mini_batch: int = 1) -> tuple[Tensor, Tensor]:
+    """([N, rows, L] excerpts with the span at `context` copied `gap` later; the same with that source
+    replaced by the `span` frames after the excerpt), two excerpts per sequence. L is context + gap +
+    span rounded up to whole mini-batches (only those are replayed), the copy followed by the original."""
+    if gap < span:
+        raise ValueError(f"gap {gap} < span {span}: the copy would overlap its source")
+    L = -(-(context + gap + span) // mini_batch) * mini_batch
+    src, dst = context, context + gap
+    copied, control = [], []
+    for seq in sequences:
+        if seq.length < 2 * L + span:
+            raise ValueError(f"{seq.name}: {seq.length} frames; gap {gap} needs {2 * L + span} "
+                             f"(two excerpts of context {context} + gap + span {span}, and a stand-in span)")
+        for lo in (0, L):
+            x = seq.tokens[:, lo:lo + L].clone()
+            x[:, dst:dst + span] = x[:, src:src + span]
+            y = x.clone()
+            y[:, src:src + span] = seq.tokens[:, lo + L:lo + L + span]
+            copied += [x]
+            control += [y]
+    return torch.stack(copied), torch.stack(control)
+
+
+@dataclasses.dataclass
+class ProbeRow:
+    gap: int
+    layer: int  # index among the model's TTT layers
+    source: float  # mean inner loss on the span the first time
+    copy: float  # ... on its copy
+    never_seen: float  # ... on the copy when the source was replaced
+
+    @property
+    def change(self) -> float:
+        return self.copy / self.never_seen - 1
+
+
+def probe(scorer: tp.Any, sequences: list[Sequence], gaps: list[int], span: int = 200,
+          context: int = 250) -> list[ProbeRow]:
+    """ProbeRows per gap and TTT layer of a Moshi scorer's model (see the module docstring)."""
+    layers = [m for m in scorer.model.modules() if isinstance(m, TTTLayer)]
+    if not layers:
+        raise ValueError(f"{scorer.name}: no TTT layers")
+    K = layers[0].config.mini_batch
+    rows = []
+    for gap in gaps:
+        losses = []
+        for tokens in copy_and_control(sequences, gap, span, context, K):
+            with record_inner_inputs() as calls, torch.no_grad():
+                scorer.score(tokens, torch.full((tokens.shape[0], len(scorer.streams), tokens.shape[-1]), torch.nan),
+                             lambda step: None)
+            losses.append([replay_inner_losses(layer, calls)[0] for layer in layers])
+        for i, (loss, ctrl) in enumerate(zip(*losses)):
+            first = slice(context + K, context + span)
+            again = slice(context + gap + K, context + gap + span)
+            rows.append(ProbeRow(gap, i, *(x.nanmean().item() for x in (loss[..., first], loss[..., again],
+                                                                            ctrl[..., again]))))
+    return rows
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("models", nargs="+", metavar="[NAME=]DIR", help="TTT hybrid directories (or 'tiny')")
+    p.add_argument("--data", required=True, type=Path, help="held-out token shards")
+    p.add_argument("--gaps", default="300,1000,3000", help="frames between a span and its copy")
+    p.add_argument("--span", type=int, default=200, help="frames per copied span")
+    p.add_argument("--context", type=int, default=250, help="frames before each span")
+    p.add_argument("--inner-lr-scale", type=float, default=1.0,
+                   help="multiply the layers' inner learning rate (the model was not trained for it)")
+    p.add_argument("--out", type=Path, help="also write the rows as JSON here")
+
+
+def run(args: argparse.Namespace) -> list[ProbeRow]:
+    """Print a markdown table per model; returns every row."""
+    sequences = load_sequences(args.data)
+    gaps = [int(g) for g in args.gaps.split(",")]
+    everything: dict[str, list[ProbeRow]] = {}
+    for spec in args.models:
+        scorer = load_model(spec).scorer
+        for m in scorer.model.modules():
+            if isinstance(m, TTTLayer):
+                m.config = dataclasses.replace(m.config, base_lr=m.config.base_lr * args.inner_lr_scale)
+        rows = everything[scorer.name] = probe(scorer, sequences, gaps, args.span, args.context)
+        print(f"\n## {scorer.name}, inner lr x{args.inner_lr_scale:g}\n\n| gap | TTT layer | source | copy | "
+              "copy, source never seen | copy vs never seen |\n|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r.gap} | {r.layer} | {r.source:.3f} | {r.copy:.3f} | {r.never_seen:.3f} | {r.change:+.1%} |",
+                  flush=True)
+    if args.out:
+        args.out.write_text(json.dumps({name: [dataclasses.asdict(r) | {"change": r.change} for r in rows]
+                                        for name, rows in everything.items()}, indent=1) + "\n")
+    return [r for rows in everything.values() for r in rows]

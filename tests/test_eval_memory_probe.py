@@ -1,0 +1,75 @@
+"""probe-memory: the replayed inner model is the layer's own (weights after streaming, first losses at W0),
+the copy/control excerpts differ only where they should, and the command runs end to end."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("moshi")
+
+from ttt_speech.config import TTTConfig  # noqa: E402
+from ttt_speech.eval import memory_probe  # noqa: E402
+from ttt_speech.eval.data import Sequence, save_sequence  # noqa: E402
+from ttt_speech.layers.ttt import TTTLayer  # noqa: E402
+from ttt_speech.ops.ttt.reference import layer_norm  # noqa: E402
+
+
+@pytest.mark.parametrize("variant", ["ttt-lm", "fla"])
+def test_replay_reaches_the_layers_own_weights(variant: str) -> None:
+    torch.manual_seed(0)
+    layer = TTTLayer(TTTConfig(dim=32, num_heads=2, mini_batch=16, variant=variant, base_lr=5.0))
+    x = torch.randn(2, 48, 32)
+    with memory_probe.record_inner_inputs() as calls, torch.no_grad():
+        _, state = layer(x, layer.init_state(2))
+    loss, W, b = memory_probe.replay_inner_losses(layer, calls)
+    torch.testing.assert_close(W, state["W1"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b, state["b1"], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(W, layer.W1.expand_as(W))  # three updates happened
+    k, v = (t[:, :, :16] for t in calls[id(layer)][0][:2])
+    ln_w, ln_b = (t[:, None, :] for t in layer._ln())
+    at_w0 = 0.5 * ((layer_norm(k @ layer.W1 + layer.b1, ln_w, ln_b, layer.config.eps) - (v - k)) ** 2).sum(-1)
+    torch.testing.assert_close(loss[:, :, :16], at_w0.detach(), rtol=1e-5, atol=1e-5)
+    assert memory_probe.TTTLayer._inner_inputs is TTTLayer._inner_inputs  # the spy is gone
+
+
+def test_copy_and_control_differ_only_at_the_source() -> None:
+    seqs = [Sequence("a", torch.arange(3 * 80).view(3, 80))]
+    copied, control = memory_probe.copy_and_control(seqs, gap=10, span=6, context=4)
+    L = 4 + 10 + 6
+    assert copied.shape == control.shape == (2, 3, L)
+    assert memory_probe.copy_and_control(seqs, gap=10, span=6, context=4, mini_batch=16)[0].shape == (2, 3, 32)
+    for i, lo in enumerate((0, L)):
+        original = seqs[0].tokens[:, lo:lo + L]
+        assert torch.equal(copied[i, :, 14:20], original[:, 4:10]) and torch.equal(copied[i, :, :14], original[:, :14])
+        assert torch.equal(copied[i, :, 20:], original[:, 20:])
+        assert torch.equal(control[i, :, 4:10], seqs[0].tokens[:, lo + L:lo + L + 6])  # never seen before
+        assert torch.equal(control[i, :, 10:], copied[i, :, 10:]) and torch.equal(control[i, :, :4], copied[i, :, :4])
+    with pytest.raises(ValueError, match="needs"):
+        memory_probe.copy_and_control(seqs, gap=30, span=6, context=4)
+    with pytest.raises(ValueError, match="overlap"):
+        memory_probe.copy_and_control(seqs, gap=4, span=6, context=4)
+
+
+def test_probe_memory_command(tmp_path, capsys) -> None:
+    from ttt_speech.moshi.tiny import build_tiny_hybrid
+
+    lm = build_tiny_hybrid(0)
+    g = torch.Generator().manual_seed(1)
+    for i in range(2):
+        codes = torch.cat([torch.randint(0, lm.text_card, (1, 160), generator=g),
+                           torch.randint(0, lm.card, (lm.num_audio_codebooks, 160), generator=g)])
+        save_sequence(tmp_path / "held_out" / f"s{i}.npy", codes)
+    parser = argparse.ArgumentParser()
+    memory_probe.add_arguments(parser)
+    args = parser.parse_args(["tiny", "--data", str(tmp_path / "held_out"), "--gaps", "24,28", "--span", "24",
+                              "--context", "4", "--out", str(tmp_path / "rows.json")])
+    rows = memory_probe.run(args)
+    n_layers = sum(isinstance(m, TTTLayer) for m in lm.modules())
+    assert [(r.gap, r.layer) for r in rows] == [(g, i) for g in (24, 28) for i in range(n_layers)]
+    assert all(r.source > 0 and r.copy > 0 and r.never_seen > 0 for r in rows)  # no NaN: scored tokens only
+    assert json.loads((tmp_path / "rows.json").read_text())["tiny"][0]["gap"] == 24
+    assert "| 24 | 0 |" in capsys.readouterr().out
