@@ -73,3 +73,26 @@ def test_probe_memory_command(tmp_path, capsys) -> None:
     assert all(r.source > 0 and r.copy > 0 and r.never_seen > 0 for r in rows)  # no NaN: scored tokens only
     assert json.loads((tmp_path / "rows.json").read_text())["tiny"][0]["gap"] == 24
     assert "| 24 | 0 |" in capsys.readouterr().out
+
+
+def test_replayed_losses_show_storage_where_a_layer_stores() -> None:
+    """Positive control: a layer with unit-scale projections and a moderate step size predicts a span
+    copied 64 tokens later clearly better than the same span whose source it never saw."""
+    torch.manual_seed(0)
+    layer = TTTLayer(TTTConfig(dim=32, num_heads=1, mini_batch=16, variant="ttt-lm", base_lr=0.3))
+    with torch.no_grad():
+        layer.lr_weight.zero_()
+        layer.lr_bias.fill_(4.0)
+        for proj in (layer.q_proj, layer.k_proj, layer.v_proj):
+            torch.nn.init.orthogonal_(proj.weight)
+    g = torch.Generator().manual_seed(1)
+    copied = torch.randn(4, 160, 32, generator=g)
+    copied[:, 80:112] = copied[:, 16:48]
+    never_seen = copied.clone()
+    never_seen[:, 16:48] = torch.randn(4, 32, 32, generator=g)
+    losses = []
+    for x in (copied, never_seen):
+        with memory_probe.record_inner_inputs() as calls, torch.no_grad():
+            layer(x, layer.init_state(4))
+        losses.append(memory_probe.replay_inner_losses(layer, calls)[0][..., 96:112].mean().item())
+    assert losses[0] < 0.85 * losses[1]  # measured: 9.73 vs 13.18 (-26 %)
