@@ -90,3 +90,8 @@ ttt-speech eval-long --data runs/tokens_lm/val --model vanilla_ft=runs/cpu7/vani
     --batch-size 16 --out runs/cpu7/eval_ft
 ttt-speech probe-memory --data runs/tokens_lm/val ttt_ft=runs/cpu7/ttt/export ttt_b=runs/lm_ttt/export
 ttt-speech probe-memory --data runs/tokens_lm/val --gaps 48,160 --span 48 ttt_ft=runs/cpu7/ttt/export
+#    the same with the ttt-lm variant's step sizes: vanilla_ft converted, 60 steps on copies
+python -m ttt_speech.train configs/small_moshi.yaml --run-dir runs/cpu7/ttt_lm_conv "${COPIES[@]}" \
+    --set 'stages=[{seq_len: 1600, steps: 60, lr: 1.0e-3, warmup: 0.1, min_lr_ratio: 0.1}]' \
+    --set model.pretrained=runs/cpu7/vanilla/export --set model.layers=all --set 'model.ttt={variant: ttt-lm, gate_init: 0.1}'
+ttt-speech probe-memory --data runs/tokens_lm/val --gaps 300,1000 ttt_lm_conv=runs/cpu7/ttt_lm_conv/export
