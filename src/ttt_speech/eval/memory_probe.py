@@ -128,8 +128,10 @@ def probe(scorer: tp.Any, sequences: list[Sequence], gaps: list[int], span: int 
     if not layers:
         raise ValueError(f"{scorer.name}: no TTT layers")
     K = layers[0].config.mini_batch
+    first = slice(context + K, context + span)  # the source span, past its first mini-batch
     rows = []
     for gap in gaps:
+        again = slice(first.start + gap, first.stop + gap)
         losses = []
         for tokens in copy_and_control(sequences, gap, span, context, K):
             with record_inner_inputs() as calls, torch.no_grad():
@@ -137,8 +139,6 @@ def probe(scorer: tp.Any, sequences: list[Sequence], gaps: list[int], span: int 
                              lambda step: None)
             losses.append([replay_inner_losses(layer, calls)[0] for layer in layers])
         for i, (loss, ctrl) in enumerate(zip(*losses)):
-            first = slice(context + K, context + span)
-            again = slice(context + gap + K, context + gap + span)
             rows.append(ProbeRow(gap, i, *(x.nanmean().item() for x in (loss[..., first], loss[..., again],
                                                                             ctrl[..., again]))))
     return rows

@@ -57,6 +57,7 @@ def recall_vs_gap(results: list[ModelResult], out_dir: Path) -> Path:
     stream group); below 0 the model recalls content, at 0 it predicts the copy as if new."""
     plt = _pyplot()
     groups = list(dict.fromkeys(grp for r in results for d in r.copy_loss.values() for grp in d["again"]))
+    gaps = sorted({g for r in results for g in r.copy_loss})
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
     for ax, group in zip(axes[0], groups):
         for i, r in enumerate(results):
@@ -68,7 +69,6 @@ def recall_vs_gap(results: list[ModelResult], out_dir: Path) -> Path:
                 ax.axvline(r.attention_window, color=f"C{i}", ls="--", lw=0.8)
         ax.axhline(0, color="k", lw=0.6)
         ax.set_xscale("log")
-        gaps = sorted({g for r in results for g in r.copy_loss})
         ax.set_xticks(gaps, [str(g) for g in gaps])  # the measured gaps, not log-scale minor labels
         ax.minorticks_off()
         ax.set_xlabel("distance of the copy from its source (positions)")
