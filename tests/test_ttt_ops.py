@@ -88,9 +88,13 @@ def test_step_exec_mask_freezes_streams():
     off=st.integers(0, 15),
 )
 def test_any_split_equals_one_shot(T, K, cuts, depth, off):
-    """Any split of a stream into chunks gives the same outputs and state as one chunk."""
+    """Any split of a stream into chunks gives the same outputs and state as one chunk.
+
+    In float64: the property is exact, while fp32 rounding alone (a split changes the summation
+    order) reached 2.4e-5 at T=31, K=3, cuts=[1], depth 2 (6e-15 in float64).
+    """
     offset = torch.tensor([off % K, 0])
-    args, weights, grads, offset = make_inputs(T=T, depth=depth, dtype=torch.float32, D=4, H=2, offset=offset)
+    args, weights, grads, offset = make_inputs(T=T, depth=depth, dtype=torch.float64, D=4, H=2, offset=offset)
     out, w, g, o = ttt_chunked(*args, weights, grads, offset, K)
     bounds = sorted({0, T, *[x for x in cuts if x < T]})
     outs, ws, gs, os_ = [], weights, grads, offset
