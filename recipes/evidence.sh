@@ -95,3 +95,26 @@ python -m ttt_speech.train configs/small_moshi.yaml --run-dir runs/cpu7/ttt_lm_c
     --set 'stages=[{seq_len: 1600, steps: 60, lr: 1.0e-3, warmup: 0.1, min_lr_ratio: 0.1}]' \
     --set model.pretrained=runs/cpu7/vanilla/export --set model.layers=all --set 'model.ttt={variant: ttt-lm, gate_init: 0.1}'
 ttt-speech probe-memory --data runs/tokens_lm/val --gaps 300,1000 ttt_lm_conv=runs/cpu7/ttt_lm_conv/export
+
+# 7. (g) memory-targeted training from scratch at full budget (GPU: the four at once, ~4 min on one
+#    H100), every sequence with a 200-800-frame span copied >= 300 frames later; then the control:
+#    vanilla with every copy 100-200 frames later, inside its own window.
+REP='data.repeat={prob: 1.0, min_gap: 300, min_len: 200, max_len: 800}'
+python -m ttt_speech.train configs/small_moshi.yaml --run-dir runs/lm_vanilla_rep --set "$REP"
+python -m ttt_speech.train configs/small_moshi.yaml --run-dir runs/lm_ttt_rep --set "$REP" \
+    --set model.layers=all --set 'model.ttt={variant: fla, gate_init: 0.1}'
+python -m ttt_speech.train configs/small_moshi.yaml --run-dir runs/lm_ttt_lm_rep --set "$REP" \
+    --set model.layers=all --set 'model.ttt={variant: ttt-lm, gate_init: 0.1}'
+python -m ttt_speech.train configs/small_moshi.yaml --run-dir runs/lm_gdn_rep --set "$REP" \
+    --set model.layers=all --set model.branch=gdn --set 'model.ttt={gate_init: 0.1}'
+python -m ttt_speech.train configs/small_moshi.yaml --run-dir runs/lm_vanilla_in \
+    --set 'data.repeat={prob: 1.0, min_gap: 100, max_gap: 200, min_len: 50, max_len: 100}'
+for m in vanilla_rep ttt_rep ttt_lm_rep gdn_rep; do
+  ttt-speech eval-long --data runs/tokens_lm/val --repeats runs/corpus_lm --model $m=runs/lm_$m/export \
+      --lengths 250,2500,12800 --baseline-length 250 --batch-size 4 --minutes 0 \
+      --copy-gaps 300,1000,3000,7500 --copy-probes 2 --out runs/eval_$m
+done
+ttt-speech probe-memory --data runs/tokens_lm/val ttt_rep=runs/lm_ttt_rep/export ttt_lm_rep=runs/lm_ttt_lm_rep/export
+ttt-speech eval-long --data runs/tokens_lm/val --model vanilla_rep=runs/lm_vanilla_rep/export \
+    --model vanilla_in=runs/lm_vanilla_in/export --lengths 250 --baseline-length 250 --batch-size 4 \
+    --minutes 0 --copy-span 100 --copy-gaps 100,200,300,1000 --copy-probes 2 --dtype float32 --out runs/eval_inwindow

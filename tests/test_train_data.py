@@ -235,8 +235,9 @@ def copied_span(before: np.ndarray, after: np.ndarray) -> tuple[int, int, int] |
     return sources[0], dst, n
 
 
-@pytest.mark.parametrize("cfg", [RepeatConfig(1.0, 30, 5, 40), RepeatConfig(1.0, 2, 10, 60)], ids=["gap>len", "gap<len"])
-def test_a_copied_span_repeats_all_streams_at_least_min_gap_later_without_overlap(cfg: RepeatConfig) -> None:
+@pytest.mark.parametrize("cfg", [RepeatConfig(1.0, 30, 5, 40), RepeatConfig(1.0, 2, 10, 60), RepeatConfig(1.0, 10, 5, 12, 20)],
+                         ids=["gap>len", "gap<len", "max_gap"])
+def test_a_copied_span_repeats_all_streams_between_min_and_max_gap_later_without_overlap(cfg: RepeatConfig) -> None:
     for seed in range(300):
         g = np.random.default_rng(seed)
         length = int(g.integers(20, 130))
@@ -251,6 +252,7 @@ def test_a_copied_span_repeats_all_streams_at_least_min_gap_later_without_overla
         src, dst, n = span
         assert cfg.min_len <= n <= cfg.max_len, (seed, span)
         assert dst - src >= cfg.min_gap and src + n <= dst and dst + n <= real, (seed, span, real)
+        assert cfg.max_gap is None or dst - src <= cfg.max_gap, (seed, span)
         assert np.array_equal(after[:, dst:dst + n], before[:, src:src + n])
 
 
@@ -307,6 +309,7 @@ def test_eval_batches_never_get_copied_spans(tmp_path: Path) -> None:
     ((0.5, 0, 100, 400), "data.repeat.min_gap must be >= 1, got 0"),
     ((0.5, 300, 0, 400), "data.repeat.min_len must be >= 1, got 0"),
     ((0.5, 300, 100, 99), r"data.repeat.max_len must be >= min_len \(100\), got 99"),
+    ((0.5, 100, 50, 150, 120), "data.repeat.max_gap must be >= min_gap and max_len .* got 120"),
 ])
 def test_repeat_config_rejects_bad_values_naming_the_field(values: tuple, why: str) -> None:
     with pytest.raises(ValueError, match=why):

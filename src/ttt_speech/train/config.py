@@ -63,13 +63,16 @@ class RepeatConfig:
 
     With probability `prob` a training sequence gets one span of `min_len`..`max_len` frames (all
     streams) copied over a later stretch starting at least `min_gap` frames after the span's start;
-    with `min_gap` above the attention window, only a memory can predict the copy.
+    with `min_gap` above the attention window, only a memory can predict the copy. `max_gap` (if set)
+    bounds the distance too: copies inside the window are the control that tells whether a model can
+    learn to copy at all when its attention sees the source.
     """
 
     prob: float
     min_gap: int
     min_len: int
     max_len: int
+    max_gap: int | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.prob <= 1.0:
@@ -80,6 +83,9 @@ class RepeatConfig:
             raise ValueError(f"data.repeat.min_len must be >= 1, got {self.min_len}")
         if self.max_len < self.min_len:
             raise ValueError(f"data.repeat.max_len must be >= min_len ({self.min_len}), got {self.max_len}")
+        if self.max_gap is not None and self.max_gap < max(self.min_gap, self.max_len):
+            raise ValueError(f"data.repeat.max_gap must be >= min_gap and max_len (a copy never overlaps its "
+                             f"source), got {self.max_gap}")
 
 
 @dataclass

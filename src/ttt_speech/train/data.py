@@ -242,7 +242,7 @@ def real_length(tokens: np.ndarray) -> int:
 def copy_span(tokens: np.ndarray, rng: np.random.Generator, cfg: RepeatConfig) -> np.ndarray:
     """With probability cfg.prob, `tokens` [K, T] with an earlier span copied over a later stretch.
 
-    A verbatim repeat >= cfg.min_gap steps after its source teaches a memory to recall what the
+    A verbatim repeat >= cfg.min_gap (and <= cfg.max_gap, if set) steps after its source teaches a memory to recall what the
     attention window no longer holds (issue 7). The copy lies after the source (never overlapping it)
     and inside the real, non-PAD part; a sequence too short for that is returned unchanged, as is
     `tokens` itself when no span is drawn.
@@ -256,7 +256,8 @@ def copy_span(tokens: np.ndarray, rng: np.random.Generator, cfg: RepeatConfig) -
     n = int(rng.integers(cfg.min_len, min(cfg.max_len, longest) + 1))
     gap = max(cfg.min_gap, n)
     src = int(rng.integers(0, length - n - gap + 1))
-    dst = int(rng.integers(src + gap, length - n + 1))
+    last = length - n if cfg.max_gap is None else min(length - n, src + cfg.max_gap)
+    dst = int(rng.integers(src + gap, last + 1))
     out = tokens.copy()
     out[:, dst:dst + n] = tokens[:, src:src + n]
     return out
