@@ -10,7 +10,7 @@ import pytest
 import torch
 
 pytest.importorskip("moshi")
-pytest.importorskip("transformers")
+pytest.importorskip("transformers", minversion="5.23")  # pyproject's hf extra
 
 from test_eval_long_context import (  # noqa: F401
     ANSWER_SHIFT,

@@ -8,12 +8,15 @@ import pytest
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from test_hf_convert import HIDDEN, VOCAB, perturb_ttt, tiny_config, tiny_model, ttt_config, ttt_modules
-from ttt_speech.hf import convert
-from ttt_speech.cli import main as cli_main
-from ttt_speech.hf.cli import LEFT_ALONE_FILE, parse_layers
+pytest.importorskip("transformers", minversion="5.23")  # pyproject's hf extra
+
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from test_hf_convert import HIDDEN, VOCAB, perturb_ttt, tiny_config, tiny_model, ttt_config, ttt_modules  # noqa: E402
+from ttt_speech.hf import convert  # noqa: E402
+from ttt_speech.cli import main as cli_main  # noqa: E402
+from ttt_speech.hf.cli import LEFT_ALONE_FILE, parse_layers  # noqa: E402
 
 SPEECH_CONFIG = dict(
     speech_encoder="models/speech_encoder/large-v3.pt", speech_encoder_type="whisper", speech_encoder_ds_rate=5,

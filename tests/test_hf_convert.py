@@ -10,12 +10,15 @@ import dataclasses
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-from transformers.models.llama.modeling_llama import repeat_kv
 
-from ttt_speech import TTTConfig
-from ttt_speech.hf import convert
-from ttt_speech.hf.modules import TTTAttention, expand_kv_heads
+pytest.importorskip("transformers", minversion="5.23")  # pyproject's hf extra
+
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from transformers.models.llama.modeling_llama import repeat_kv  # noqa: E402
+
+from ttt_speech import TTTConfig  # noqa: E402
+from ttt_speech.hf import convert  # noqa: E402
+from ttt_speech.hf.modules import TTTAttention, expand_kv_heads  # noqa: E402
 
 VOCAB, HIDDEN, HEADS, KV_HEADS = 97, 64, 4, 2
 FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}

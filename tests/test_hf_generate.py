@@ -9,10 +9,13 @@ import itertools
 
 import pytest
 import torch
-from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
-from test_hf_convert import FAMILIES, HEADS, HIDDEN, KV_HEADS, VOCAB, perturb_ttt, tiny_model, ttt_config
-from ttt_speech.hf import TTTCache, convert
+pytest.importorskip("transformers", minversion="5.23")  # pyproject's hf extra
+
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList  # noqa: E402
+
+from test_hf_convert import FAMILIES, HEADS, HIDDEN, KV_HEADS, VOCAB, perturb_ttt, tiny_model, ttt_config  # noqa: E402
+from ttt_speech.hf import TTTCache, convert  # noqa: E402
 
 W, K = 8, 4  # attention window, TTT mini-batch
 

@@ -161,7 +161,7 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
 
 @pytest.mark.parametrize("mode,layers", [("hybrid", [0, 1]), ("replace", [1])])
 def test_hf_segments_equal_converted_model_forward(mode: str, layers: list[int]) -> None:
-    pytest.importorskip("transformers")
+    pytest.importorskip("transformers", minversion="5.23")  # pyproject's hf extra
     from ttt_speech import TTTConfig
     from ttt_speech.hf import convert as hf_convert
     from ttt_speech.train.hf_model import HFSegmentLM, tiny_llama
