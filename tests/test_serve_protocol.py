@@ -4,8 +4,10 @@ and refused when they belong to another model or are damaged."""
 
 from __future__ import annotations
 
+import os
 import secrets
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -71,6 +73,23 @@ def test_store_saves_private_single_use_files_named_by_token(tmp_path: Path) -> 
     assert not list((tmp_path / "kept").iterdir())
     assert slug(store.take, token) == "unknown_token"  # used up
     assert slug(store.take, secrets.token_urlsafe(32)) == "unknown_token"
+
+
+def test_store_expires_what_no_client_came_back_for(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "kept", "fp-1", max_files=2, max_age_s=3600)
+    old, fresh = store.save(tensors(), {"frames": "1"}), store.save(tensors(), {"frames": "2"})
+    crashed = tmp_path / "kept" / f"{secrets.token_urlsafe(32)}.tmp"  # a save a crash cut short
+    crashed.write_bytes(b"half")
+    (tmp_path / "kept" / "notes.txt").write_text("not the store's")
+    hour_ago = time.time() - 3601
+    for path in (tmp_path / "kept" / f"{old}.safetensors", crashed, tmp_path / "kept" / "notes.txt"):
+        os.utime(path, (hour_ago, hour_ago))
+    third = store.save(tensors(), {"frames": "3"})  # the store was full; the expired one made room
+    assert slug(store.take, old) == "unknown_token"
+    assert not crashed.exists() and (tmp_path / "kept" / "notes.txt").exists()
+    assert store.take(fresh)[1]["frames"] == "2" and store.take(third)[1]["frames"] == "3"
+    with pytest.raises(ValueError, match="keeps >= 1 file for > 0 s"):
+        StateStore(tmp_path / "kept", "fp-1", max_age_s=0)
 
 
 def test_store_never_reads_outside_its_directory_or_foreign_files(tmp_path: Path) -> None:

@@ -61,6 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-sessions", type=int, default=4, help="concurrent sessions = the batch of one LMGen step")
     p.add_argument("--state-dir", default="serve_states", help="directory of kept (suspended) conversations")
     p.add_argument("--max-kept", type=int, default=100, help="most kept conversations on disk at once")
+    p.add_argument("--keep-hours", type=float, default=24.0, help="a kept conversation not resumed by then is deleted")
     p.add_argument("--max-message-bytes", type=int, default=Limits.max_message_bytes,
                    help="larger websocket messages end the session (1009)")
     p.add_argument("--idle-timeout", type=float, default=Limits.idle_timeout_s,
@@ -157,7 +158,8 @@ def run(args: argparse.Namespace) -> None:
         tokenizer = load_tokenizer(args, lm, raw, Path(work))
         streams = BatchedStreams(lm.eval(), mimi.eval(), args.max_sessions, sampling)
         streams.warmup()
-        store = StateStore(args.state_dir, fingerprint(model_id, streams.layout), args.max_kept)
+        store = StateStore(args.state_dir, fingerprint(model_id, streams.layout), args.max_kept,
+                           args.keep_hours * 3600)
         manager = SessionManager(streams, store, tokenizer, Limits(max_message_bytes=args.max_message_bytes,
                                                                      idle_timeout_s=args.idle_timeout))
         log.info("%s on %s: %d sessions, %.1f KiB of streaming state each", model_id, device,

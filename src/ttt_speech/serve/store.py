@@ -3,7 +3,9 @@
 A token is `secrets.token_urlsafe(32)` (256 random bits); the file name is made from the token
 only after it matched the token pattern, so nothing a client sends ever becomes a path. Files are
 single-use: taking one renames it first (two connections cannot resume the same conversation) and
-then deletes it. The metadata carries a fingerprint of the model and of the state layout, so a
+then deletes it. A kept conversation expires after `max_age_s` (and so do files a crash left half
+written or half taken): a client that never comes back must not hold a place in a bounded store
+forever. The metadata carries a fingerprint of the model and of the state layout, so a
 state is never poured into a model it was not made by.
 """
 
@@ -13,6 +15,7 @@ import hashlib
 import json
 import os
 import secrets
+import time
 from pathlib import Path
 
 from safetensors import safe_open
@@ -25,6 +28,7 @@ from ttt_speech.serve.streams import Layout
 STATE_FORMAT = "ttt-speech/session"
 STATE_VERSION = "1"
 SUFFIX = ".safetensors"
+_OWN_SUFFIXES = (SUFFIX, ".tmp", ".claimed")  # what save/take write; nothing else in the directory is touched
 
 
 def fingerprint(model_id: str, layout: Layout) -> str:
@@ -34,13 +38,30 @@ def fingerprint(model_id: str, layout: Layout) -> str:
 
 
 class StateStore:
-    """Save and take kept conversations; at most `max_files` are kept at once."""
+    """Save and take kept conversations; at most `max_files` at once, each for at most `max_age_s`."""
 
-    def __init__(self, root: str | Path, fingerprint: str, max_files: int = 100) -> None:
+    def __init__(self, root: str | Path, fingerprint: str, max_files: int = 100, max_age_s: float = 24 * 3600) -> None:
+        if max_files < 1 or max_age_s <= 0:
+            raise ValueError(f"a state store keeps >= 1 file for > 0 s, got {max_files} files, {max_age_s} s")
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.fingerprint = fingerprint
         self.max_files = max_files
+        self.max_age_s = max_age_s
+
+    def expire(self) -> int:
+        """Delete this store's files older than `max_age_s`; returns how many went."""
+        cutoff, gone = time.time() - self.max_age_s, 0
+        for path in self.root.iterdir():
+            if path.suffix not in _OWN_SUFFIXES:
+                continue
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    gone += 1
+            except FileNotFoundError:  # taken or expired by another call meanwhile
+                continue
+        return gone
 
     def _path(self, token: str, suffix: str = SUFFIX) -> Path:
         return self.root / f"{check_token(token)}{suffix}"
@@ -50,6 +71,7 @@ class StateStore:
 
     def save(self, tensors: dict[str, Tensor], meta: dict[str, str]) -> str:
         """Write the tensors under a new token (atomically, owner-only) and return the token."""
+        self.expire()
         if self.count() >= self.max_files:
             raise ProtocolError(Close.TRY_AGAIN_LATER, "store_full",
                                 f"the server keeps at most {self.max_files} conversations; try again later")
@@ -62,13 +84,14 @@ class StateStore:
         return token
 
     def take(self, token: str) -> tuple[dict[str, Tensor], dict[str, str]]:
-        """Load the conversation kept under `token` and delete it; ProtocolError if unknown or foreign."""
+        """Load the conversation kept under `token` and delete it; ProtocolError if unknown, expired or foreign."""
         path, claimed = self._path(token), self._path(token, ".claimed")
+        self.expire()
         try:
             os.replace(path, claimed)
         except FileNotFoundError:
             raise ProtocolError(Close.POLICY_VIOLATION, "unknown_token",
-                                "unknown or already used resume token") from None
+                                "unknown, expired or already used resume token") from None
         try:
             with safe_open(str(claimed), framework="pt", device="cpu") as f:
                 meta = dict(f.metadata() or {})
