@@ -109,9 +109,10 @@ class _PerfectMemory(MoshiScorer):
 def test_copy_scores_show_recall_only_beyond_the_window(tmp_path) -> None:
     lm = build_tiny_hybrid(0)  # attention window 8
     seqs = [Sequence(f"s{i}", c) for i, c in enumerate(_codes(lm, 2, 120))]
-    probes, spans = copy_probes(seqs, [6, 12, 30], span=6, context=4, per_sequence=2)
-    memory = evaluate_copies(_PerfectMemory(lm, "memory"), probes, spans, batch_size=3, progress=False)
-    plain = evaluate_copies(MoshiScorer(lm, "tiny"), probes, spans, batch_size=3, progress=False)
+    gaps = [6, 12, 30]
+    probes, spans = copy_probes(seqs, gaps, span=6, context=4, per_sequence=2)
+    memory = evaluate_copies(_PerfectMemory(lm, "memory"), probes, spans, gaps, batch_size=3, progress=False)
+    plain = evaluate_copies(MoshiScorer(lm, "tiny"), probes, spans, gaps, batch_size=3, progress=False)
     assert sorted(memory) == [6, 12, 30]
     assert memory[6]["again"] == {"text": 1.0, "audio": 1.0}  # the source is inside the window: not memory
     for gap in (12, 30):

@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
             scorer, sequences, args.lengths, baseline_length=args.baseline_length, threshold=args.threshold,
             quality_stream=args.quality_stream, batch_size=args.batch_size, progress=progress, spans=spans))
         if probes:
-            report.long_context[-1].copy_loss = evaluate_copies(scorer, probes, probe_spans,
+            report.long_context[-1].copy_loss = evaluate_copies(scorer, probes, probe_spans, args.copy_gaps,
                                                                 batch_size=args.batch_size, progress=progress)
         _free(device)
         frames = round(args.minutes * args.frames_per_minute)

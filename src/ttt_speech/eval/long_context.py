@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from ttt_speech.eval.data import Sequence
 from ttt_speech.eval.models import Scorer
-from ttt_speech.eval.spans import Span, SpanLosses
+from ttt_speech.eval.spans import Span, SpanLosses, copy_label
 
 OOM_ERRORS: tuple[type[BaseException], ...] = (torch.cuda.OutOfMemoryError, MemoryError)
 
@@ -292,10 +292,9 @@ def evaluate(scorer: Scorer, sequences: list[Sequence], lengths: list[int], *, b
         span_acc.means({"text": [0], "audio": list(range(1, S))} if S > 1 else {"text": [0]}))
 
 
-def evaluate_copies(scorer: Scorer, probes: list[Sequence], spans: dict[str, list[Span]], *, batch_size: int = 1,
-                    progress: bool = True) -> dict[int, dict[str, dict[str, float | None]]]:
-    """Loss on `copy_probes` spans: gap -> {"first", "again"} -> text/audio mean loss."""
+def evaluate_copies(scorer: Scorer, probes: list[Sequence], spans: dict[str, list[Span]], gaps: list[int], *,
+                    batch_size: int = 1, progress: bool = True) -> dict[int, dict[str, dict[str, float | None]]]:
+    """Loss on `copy_probes(..., gaps, ...)` spans: gap -> {"first", "again"} -> text/audio mean loss."""
     longest = max(p.length for p in probes)
     labels = evaluate(scorer, probes, [longest], batch_size=batch_size, progress=progress, spans=spans).span_loss
-    gaps = sorted({int(label.split("@")[1]) for label in labels})
-    return {gap: {kind: labels[f"{kind}@{gap}"] for kind in ("first", "again")} for gap in gaps}
+    return {gap: {kind: labels[copy_label(kind, gap)] for kind in ("first", "again")} for gap in sorted(set(gaps))}

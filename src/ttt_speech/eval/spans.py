@@ -45,6 +45,11 @@ def repeat_spans(corpus_dir: str | Path, frame_rate: float = FRAME_RATE) -> dict
     return out
 
 
+def copy_label(kind: str, gap: int) -> str:
+    """The span label of a copy probe's source ("first") or copy ("again") at distance `gap`."""
+    return f"{kind}@{gap}"
+
+
 def copy_probes(sequences: list[Sequence], gaps: list[int], span: int, context: int,
                 per_sequence: int) -> tuple[list[Sequence], dict[str, list[Span]]]:
     """Excerpts of `sequences` with a span copied `gap` frames after its source, and their spans.
@@ -71,7 +76,8 @@ def copy_probes(sequences: list[Sequence], gaps: list[int], span: int, context: 
                 tokens[:, src + gap:src + gap + span] = tokens[:, src:src + span]
                 name = f"{seq.name}@{lo}+copy{gap}"
                 probes.append(Sequence(name, tokens, name))
-                spans[name] = [Span(f"first@{gap}", src, src + span), Span(f"again@{gap}", src + gap, src + gap + span)]
+                spans[name] = [Span(copy_label("first", gap), src, src + span),
+                               Span(copy_label("again", gap), src + gap, src + gap + span)]
                 made += 1
         if not made:
             raise ValueError(f"copy gap {gap}: no held-out sequence has the {length} frames a probe needs "

@@ -79,8 +79,9 @@ def _program(H, s_b, s_h, s_ab, s_ah):
 
 @triton.jit
 def _block(H, NT, s_b, s_h, s_ab, s_ah, K: tl.constexpr, D: tl.constexpr):
-    """A parallel pass's program: _program's four, its block of mini-batches, its offset into the
-    contiguous [B, H, T, D] tensors the passes hand each other."""
+    """A parallel pass's program: _program's four, its index along grid axis 1 (a block of mini-batches,
+    or one mini-batch in the per-token pass), its offset into the contiguous [B, H, T, D] tensors the
+    passes hand each other."""
     pid, hh, base, abase = _program(H, s_b, s_h, s_ab, s_ah)
     return pid, hh, base, abase, tl.program_id(1), pid * NT * K * D
 
