@@ -242,10 +242,10 @@ def real_length(tokens: np.ndarray) -> int:
 def copy_span(tokens: np.ndarray, rng: np.random.Generator, cfg: RepeatConfig) -> np.ndarray:
     """With probability cfg.prob, `tokens` [K, T] with an earlier span copied over a later stretch.
 
-    A verbatim repeat >= cfg.min_gap (and <= cfg.max_gap, if set) steps after its source teaches a memory to recall what the
-    attention window no longer holds (issue 7). The copy lies after the source (never overlapping it)
-    and inside the real, non-PAD part; a sequence too short for that is returned unchanged, as is
-    `tokens` itself when no span is drawn.
+    A verbatim repeat >= cfg.min_gap (and <= cfg.max_gap, if set) steps after its source teaches a
+    memory to recall what the attention window no longer holds (issue 7). The copy lies after the
+    source (never overlapping it) and inside the real, non-PAD part; a sequence too short for that is
+    returned unchanged, as is `tokens` itself when no span is drawn.
     """
     if rng.random() >= cfg.prob:
         return tokens
