@@ -22,6 +22,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from ttt_speech import TTTConfig
 from ttt_speech.hf import TTTCache, convert
 from ttt_speech.hf.cli import parse_layers
+from ttt_speech.hf.compat import cache_kwargs
 
 LLAMA_31_8B = dict(
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -71,16 +72,16 @@ def run(model, cache, context: int, chunk: int, steps: int, device: torch.device
     sync(device)
     t0 = time.perf_counter()
     for s in range(0, context, chunk):
-        model(ids[:, s : s + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(ids[:, s : s + chunk], use_cache=True, **cache_kwargs(cache), logits_to_keep=1)
     sync(device)
     prefill_s = time.perf_counter() - t0
     tok = torch.randint(vocab, (1, 1), device=device)
     for _ in range(2):  # warm-up
-        model(tok, past_key_values=cache, use_cache=True)
+        model(tok, use_cache=True, **cache_kwargs(cache))
     sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
-        model(tok, past_key_values=cache, use_cache=True)
+        model(tok, use_cache=True, **cache_kwargs(cache))
     sync(device)
     decode_ms = (time.perf_counter() - t0) / steps * 1e3
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else float("nan")

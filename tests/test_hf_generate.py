@@ -16,6 +16,7 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList  # n
 
 from test_hf_convert import FAMILIES, HEADS, HIDDEN, KV_HEADS, VOCAB, perturb_ttt, tiny_model, ttt_config  # noqa: E402
 from ttt_speech.hf import TTTCache, convert  # noqa: E402
+from ttt_speech.hf.compat import cache_kwargs, output_cache  # noqa: E402
 
 W, K = 8, 4  # attention window, TTT mini-batch
 
@@ -39,7 +40,7 @@ def feed(model, tokens: torch.Tensor, cache, mask: torch.Tensor | None = None, c
     logits = []
     for s, e in itertools.pairwise(bounds):
         m = None if mask is None else mask[:, :e]
-        logits.append(model(tokens[:, s:e], attention_mask=m, past_key_values=cache, use_cache=True).logits)
+        logits.append(model(tokens[:, s:e], attention_mask=m, use_cache=True, **cache_kwargs(cache)).logits)
     return torch.cat(logits, dim=1)
 
 
@@ -74,12 +75,12 @@ def test_greedy_generate_equals_a_manual_forward_loop(family):
     model = converted(family)
     prompt = ids(2, 5)
     out = generate(model, prompt, 3 * W, do_sample=False)
-    assert isinstance(out.past_key_values, TTTCache)  # generate's own DynamicCache, adopted
-    assert sorted(out.past_key_values.ttt_states) == [1, 2]
+    assert isinstance(output_cache(out), TTTCache)  # generate's own DynamicCache, adopted
+    assert sorted(output_cache(out).ttt_states) == [1, 2]
     cache, tokens, logits = TTTCache(model.config), prompt, []
     eos = torch.tensor([model.generation_config.eos_token_id])
     with torch.no_grad():
-        step = model(prompt, past_key_values=cache).logits[:, -1]
+        step = model(prompt, past_key_values=cache).logits[:, -1]  # the pre-5.24 spelling works on every release
         for _ in range(3 * W):
             logits.append(step)
             nxt = step.index_fill(-1, eos, float("-inf")).argmax(-1, keepdim=True)  # as min_new_tokens does
@@ -208,7 +209,7 @@ def test_training_forward_uses_no_cache_and_right_padding_is_harmless():
     mask = torch.ones_like(x)
     mask[1, 9:] = 0
     out = model(x, attention_mask=mask, labels=x)
-    assert not isinstance(out.past_key_values, TTTCache)
+    assert not isinstance(output_cache(out), TTTCache)
     with torch.no_grad():
         alone = model(x[1:, :9], use_cache=False).logits
     assert (out.logits[1, :9] - alone[0]).abs().max().item() <= 1e-5

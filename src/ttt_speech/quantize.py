@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ttt_speech.deps import require
+
 Mode = tp.Literal["int8", "int4"]
 MODES: tuple[str, ...] = ("int8", "int4")
 INT4_GROUP_SIZE = 128
@@ -75,6 +77,7 @@ def torchao_quantization() -> types.ModuleType:
             import torchao.quantization as ao
     except ImportError as e:
         raise ImportError(f"weight quantization needs torchao: {INSTALL_HINT}") from e
+    require("torchao")  # its tensor subclasses' layouts change between releases
     return ao
 
 

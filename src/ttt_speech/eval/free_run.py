@@ -230,16 +230,19 @@ def free_run_hf(model: tp.Any, name: str, tokens: int, *, prompt: Tensor, cache:
                 thresholds: GibberishThresholds | None = None, temp: float = 0.8, seed: int = 0,
                 progress: bool = True, frames_per_minute: int = FRAMES_PER_MINUTE) -> FreeRunResult:
     """Sample `tokens` tokens after `prompt` [P] with the model's cache; blocks of 750 tokens as minutes."""
+    from ttt_speech.hf.compat import cache_kwargs
+
     g = torch.Generator(device="cpu").manual_seed(seed)
     device = next(model.parameters()).device
-    logits = model(prompt[None].to(device), past_key_values=cache, use_cache=True).logits[:, -1]
+    carry = cache_kwargs(cache)
+    logits = model(prompt[None].to(device), use_cache=True, **carry).logits[:, -1]
     text = np.zeros(tokens, dtype=np.int64)
     logprobs = np.zeros(tokens, dtype=np.float64)
     for j in tqdm(range(tokens), unit="tok", disable=not progress, dynamic_ncols=True, desc=f"{name} free run"):
         logp = logits.float().log_softmax(-1)[0].cpu()
         token = int(torch.multinomial((logp / temp).softmax(-1), 1, generator=g))
         text[j], logprobs[j] = token, float(logp[token])
-        logits = model(torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(torch.tensor([[token]], device=device), use_cache=True, **carry).logits[:, -1]
     stats = minute_stats(text, model.config.vocab_size, (), logprobs, frames_per_minute, thresholds)
     return FreeRunResult(name, tokens, len(prompt), stats, [], degraded_minute(stats), None,
                          [f"HF model: a 'minute' is a block of {frames_per_minute} tokens; no pad ids, no audio"], text)

@@ -171,10 +171,12 @@ class HFScorer(Scorer):
     def score(self, tokens: Tensor, out: Tensor, tick: Tick) -> None:
         ids = tokens[:, 0].to(self.device)
         T = ids.shape[-1]
-        cache = self.new_cache()
+        from ttt_speech.hf.compat import cache_kwargs
+
+        carry = cache_kwargs(self.new_cache())
         for s in range(0, T, self.chunk):
             e = min(T, s + self.chunk)
-            logits = self.model(ids[:, s:e].clamp(min=0), past_key_values=cache, use_cache=True).logits
+            logits = self.model(ids[:, s:e].clamp(min=0), use_cache=True, **carry).logits
             # logits at position t predict token t + 1; token 0 has no prediction
             n = min(e + 1, T) - (s + 1)
             if n > 0:

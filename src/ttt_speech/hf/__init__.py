@@ -11,6 +11,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("ttt_speech.hf needs transformers: pip install 'ttt-speech[hf]'") from e
 
+from ttt_speech.hf import compat  # noqa: F401  (first: refuses an untested transformers release)
 from ttt_speech.hf.cache import TTTCache
 from ttt_speech.hf.checkpoint import LoadReport, load_llm
 from ttt_speech.hf.conversion import Converter, convert

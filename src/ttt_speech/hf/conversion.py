@@ -27,6 +27,7 @@ from transformers.masking_utils import create_sliding_window_causal_mask
 
 from ttt_speech.config import TTTConfig
 from ttt_speech.hf.cache import TTTCache
+from ttt_speech.hf.compat import CACHE_KWARG, cache_kwargs, pop_cache
 from ttt_speech.hf.checkpoint import (
     LoadReport, checkpoint_keys, load_llm, log_report, read_config, read_tensors, satisfied,
 )
@@ -87,13 +88,15 @@ def _prepare_forward(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> 
         return None  # the model itself reports the missing input
     B, T = ref.shape[:2]
 
-    cache = kwargs.get("past_key_values")
+    cache = pop_cache(kwargs)  # whichever name the caller used; handed on under the installed release's
     use_cache = kwargs.get("use_cache")
     use_cache = config.use_cache if use_cache is None else use_cache
     if cache is None and use_cache and not module.training:  # training forwards carry no TTT state
-        cache = kwargs["past_key_values"] = TTTCache(config)
+        cache = TTTCache(config)
     elif cache is not None:
         cache = TTTCache.adopt(cache, config)
+    if cache is not None:
+        kwargs[CACHE_KWARG] = cache
 
     mask = kwargs.get("attention_mask")
     if mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2):
@@ -105,8 +108,8 @@ def _prepare_forward(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> 
             config=config,
             inputs_embeds=torch.empty((B, T, 0), dtype=module.dtype, device=ref.device),
             attention_mask=mask,
-            past_key_values=cache,
             position_ids=kwargs.get("position_ids"),
+            **cache_kwargs(cache),
         )
         if windowed is not None:  # None: plain causal attention is already exact (sdpa's is_causal path)
             kwargs["attention_mask"] = windowed

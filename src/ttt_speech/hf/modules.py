@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ttt_speech.hf.cache import TTTCache
+from ttt_speech.hf.compat import get_cache
 from ttt_speech.layers.state import TTTState
 from ttt_speech.layers.ttt import TTTLayer
 
@@ -93,7 +94,7 @@ class HybridAttentionMixin:
         token_mask = kwargs.pop(TOKEN_MASK_KWARG, None)
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         out, weights = super().forward(*args, **kwargs)  # type: ignore[misc]
-        y = ttt_branch(self.ttt, hidden, kwargs.get("past_key_values"), self.layer_idx, token_mask)
+        y = ttt_branch(self.ttt, hidden, get_cache(kwargs), self.layer_idx, token_mask)
         return out + y.to(out.dtype), weights
 
 
@@ -117,7 +118,7 @@ class TTTAttention(nn.Module):
 
     def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, None]:
         token_mask = kwargs.get(TOKEN_MASK_KWARG)
-        y = ttt_branch(self.ttt, hidden_states, kwargs.get("past_key_values"), self.layer_idx, token_mask)
+        y = ttt_branch(self.ttt, hidden_states, get_cache(kwargs), self.layer_idx, token_mask)
         return y.to(hidden_states.dtype), None
 
 

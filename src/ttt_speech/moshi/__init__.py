@@ -12,6 +12,10 @@ import os
 
 import torch
 
+from ttt_speech.deps import require
+
+require("moshi")  # installed with --no-deps, so pip never checked it: we subclass and patch its internals
+
 if not torch.cuda.is_available():
     # moshi torch.compiles a few kernels lazily unless NO_TORCH_COMPILE is set: on a CPU that costs
     # 4-18 s on the first forward and buys nothing. Must happen before moshi is imported.

@@ -13,6 +13,8 @@ import warnings
 import torch
 from torch import Tensor
 
+from ttt_speech.deps import require
+
 
 @functools.cache
 def fla_chunk_ttt_linear():
@@ -27,6 +29,7 @@ def fla_chunk_ttt_linear():
             stacklevel=3,
         )
         return None
+    require("flash-linear-attention")  # its kernel's signature and semantics change between releases
     return chunk_ttt_linear
 
 
