@@ -1,4 +1,4 @@
-"""`TTTConfig` and `GatedDeltaNetConfig`: every knob of a memory layer in one dataclass (gpt-fast style)."""
+"""`TTTConfig`, `GatedDeltaNetConfig`, `InPlaceConfig`: every knob of a memory layer in one dataclass (gpt-fast style)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 if TYPE_CHECKING:
     from ttt_speech.layers.gated_deltanet import GatedDeltaNetLayer
+    from ttt_speech.layers.inplace import InPlaceLayer
     from ttt_speech.layers.ttt import TTTLayer
 
 Inner = Literal["linear", "mlp"]
@@ -132,3 +133,36 @@ class GatedDeltaNetConfig(DictConfig):
         from ttt_speech.layers.gated_deltanet import GatedDeltaNetLayer
 
         return GatedDeltaNetLayer(self)
+
+
+@dataclass
+class InPlaceConfig(DictConfig):
+    """Configuration of one in-place fast-weight layer: a gated MLP whose W_down [dim, hidden] learns per stream.
+
+    The delta on W_down is written once per `chunk` frames from pairs (MLP hidden of frame t-1, a
+    value built from the source of frame t through a causal depthwise conv of `conv_kernel` taps and
+    a projection); the write strength is base_lr * sigmoid(theta . source_t + b) / hidden. With
+    `target_init_std = 0` the projection starts at zero: every write is zero, so a converted
+    pretrained model is unchanged until trained (see docs/ttt.md).
+    """
+
+    dim: int
+    hidden: int
+    chunk: int = 64
+    conv_kernel: int = 2
+    base_lr: float = 1.0
+    target_init_std: float = 0.0
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.dim <= 0 or self.hidden <= 0:
+            raise ValueError(f"dim ({self.dim}) and hidden ({self.hidden}) must be positive")
+        if self.chunk < 1:
+            raise ValueError(f"chunk must be >= 1 frame, got {self.chunk}")
+        if self.conv_kernel < 1:
+            raise ValueError(f"conv_kernel must be >= 1, got {self.conv_kernel}")
+
+    def build(self, mlp: Any = None) -> "InPlaceLayer":
+        from ttt_speech.layers.inplace import InPlaceLayer
+
+        return InPlaceLayer(self, mlp)

@@ -1,7 +1,8 @@
 """nn.Modules and their explicit streaming state."""
 
 from ttt_speech.layers.gated_deltanet import GatedDeltaNetLayer, GatedDeltaNetState
+from ttt_speech.layers.inplace import InPlaceLayer, InPlaceState
 from ttt_speech.layers.state import LayerState, TTTState
 from ttt_speech.layers.ttt import TTTLayer
 
-__all__ = ["GatedDeltaNetLayer", "GatedDeltaNetState", "LayerState", "TTTLayer", "TTTState"]
+__all__ = ["GatedDeltaNetLayer", "GatedDeltaNetState", "InPlaceLayer", "InPlaceState", "LayerState", "TTTLayer", "TTTState"]

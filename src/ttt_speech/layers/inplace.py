@@ -1,0 +1,206 @@
+"""`InPlaceLayer`: a pretrained gated MLP whose output projection W_down becomes a per-stream fast weight.
+
+In-place TTT (Feng et al. 2026, arXiv 2604.06169) in a streaming form. The host's gated MLP
+``y = W_down (act(W_gate x) * W_up x)`` keeps its weights; each stream adds a delta to W_down that
+is written once per chunk of frames (math: `ops/inplace/reference.py` and docs/ttt.md):
+
+- keys ``k_t = z_{t-1}``: the MLP's hidden activations of the frame before;
+- values ``v_t = eta_t * W_target conv(s)_t``: the source ``s`` (the MLP's input unless the caller
+  passes another, e.g. the model's input embeddings) through a causal depthwise conv ending at
+  frame t and a projection; ``eta_t = base_lr * sigmoid(theta . s_t + b) / hidden``;
+- the pair (k_t, v_t) joins the chunk of frame t; at the chunk's last frame all its pairs are added
+  to the delta, which the *next* chunk reads (apply-then-update).
+
+So the memory learns "after what the MLP saw at t-1 comes (a projection of) frame t", the
+next-frame alignment of the in-place paper, and it is causal at chunk ends without padding: a pair
+needs frames up to t only, and frame t's pair waits in the buffer until its chunk is complete.
+The in-place paper's centred conv looks 2 tokens ahead and zero-pads at chunk ends instead; a
+streaming model has no lookahead, so here the "future" is exactly the next frame.
+
+Before any write the delta is zero and the output is the host MLP's, bit for bit (same modules,
+same ops, plus exact zeros). With `target_init_std = 0` the projection starts at zero, so a fresh
+layer never changes the host until the outer loss trains it.
+
+Frame budget at Moshi-7B shape (dim 4096, hidden 11264, fp32 delta of 184.5 MB per layer and
+stream): `step` reads the delta once for the output (2·D·F = 92 MFLOP, 184.5 MB) and, every frame,
+runs the chunk write with the values of streams not at a chunk end masked to zero (graph-capturable,
+no host sync): a [D, C] x [C, F] product (2·C·D·F = 5.9 GFLOP at C = 64) into the delta (184.5 MB
+read + written). About 553 MB and 6 GFLOP per layer and stream per frame: ~0.12 ms of HBM traffic
+and ~0.05 ms of tf32 math on an H100/H200, whether or not the frame ends a chunk, so no frame
+stalls: 8 streams x 4 layers ≈ 5 ms of the 80 ms frame. (An estimate; the device measures it.)
+"""
+
+from __future__ import annotations
+
+import typing as tp
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ttt_speech.config import InPlaceConfig
+from ttt_speech.layers.state import LayerState, Spec
+from ttt_speech.layers.ttt import StreamingLayer, causal_depthwise_conv, check_input
+from ttt_speech.ops.inplace import inplace_chunked, inplace_step_
+
+Activation = tp.Callable[[Tensor], Tensor]
+
+
+class GatedMLP(nn.Module):
+    """A host's gated MLP seen as `hidden(x) -> z` and `down(z)`, holding the host's own modules (no copies).
+
+    Moshi's `ActivationGating` fuses gate and up in `linear_in` (gate first, then up) and projects with
+    `linear_out`; HF's Llama/Qwen MLPs have `gate_proj`, `up_proj`, `down_proj`. Both compute
+    ``down(act(gate x) * up x)`` with the same ops as here, so wrapping changes no bit of the output.
+    """
+
+    def __init__(self, down: nn.Module, activation: Activation, linear_in: nn.Module | None = None,
+                 gate: nn.Module | None = None, up: nn.Module | None = None) -> None:
+        super().__init__()
+        if (linear_in is None) == (gate is None or up is None):
+            raise ValueError("a gated MLP has either a fused linear_in (Moshi) or gate and up projections (HF)")
+        self.linear_in, self.gate, self.up, self.down = linear_in, gate, up, down
+        self.activation = activation
+
+    @classmethod
+    def moshi(cls, gating: nn.Module) -> GatedMLP:
+        """From moshi's `ActivationGating` (public attributes linear_in, linear_out, activation)."""
+        return cls(gating.linear_out, gating.activation, linear_in=gating.linear_in)
+
+    @classmethod
+    def hf(cls, mlp: nn.Module) -> GatedMLP:
+        """From a transformers Llama/Qwen-style MLP (gate_proj, up_proj, down_proj, act_fn)."""
+        return cls(mlp.down_proj, mlp.act_fn, gate=mlp.gate_proj, up=mlp.up_proj)
+
+    def hidden(self, x: Tensor) -> Tensor:
+        if self.linear_in is not None:
+            h = self.linear_in(x)
+            h = h.view(*h.shape[:-1], 2, -1)
+            return self.activation(h[..., 0, :]) * h[..., 1, :]
+        return self.activation(self.gate(x)) * self.up(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(self.hidden(x))
+
+
+def fresh_mlp(dim: int, hidden: int, std: float) -> GatedMLP:
+    """A randomly initialised SiLU-gated MLP in Moshi's layout (tests, synthetic tasks, from-scratch models)."""
+    linear_in, linear_out = nn.Linear(dim, 2 * hidden, bias=False), nn.Linear(hidden, dim, bias=False)
+    nn.init.normal_(linear_in.weight, std=std)
+    nn.init.normal_(linear_out.weight, std=std)
+    return GatedMLP(linear_out, F.silu, linear_in=linear_in)
+
+
+class InPlaceState(LayerState):
+    """The delta on W_down [B, dim, hidden], the current chunk's pairs, the last hidden, the conv tail, offsets.
+
+    fp32 whatever the model dtype: a chunk's write is ~1e-3 of the delta it joins, below bf16's
+    resolution. Starts (and resets) to zeros: the host MLP's own weights.
+    """
+
+    kind = "inplace"
+    config_cls = InPlaceConfig
+    main = "delta"
+
+    @classmethod
+    def spec(cls, config: InPlaceConfig, batch_size: int, dtype: torch.dtype = torch.float32) -> Spec:
+        B, D, Fh, C = batch_size, config.dim, config.hidden, config.chunk
+        spec: Spec = {
+            "delta": ((B, D, Fh), dtype),
+            "keys": ((B, C, Fh), dtype),
+            "values": ((B, C, D), dtype),
+            "z_prev": ((B, Fh), dtype),
+            "offset": ((B,), torch.int64),
+        }
+        if config.conv_kernel > 1:
+            spec["conv"] = ((B, config.conv_kernel - 1, D), dtype)
+        return spec
+
+
+class InPlaceLayer(StreamingLayer):
+    """A gated MLP with in-place fast weights: x [B, T, dim] -> y [B, T, dim] with an explicit `InPlaceState`.
+
+    `forward` is the chunked form (differentiable; segments carry the state), `step` streams in place.
+    `mlp`: the host's (a `GatedMLP`); None builds a fresh SiLU one. Its weights are the host's and
+    are not re-initialised here.
+    """
+
+    def __init__(self, config: InPlaceConfig, mlp: GatedMLP | None = None) -> None:
+        super().__init__()
+        self.config = cfg = config
+        D, Fh = cfg.dim, cfg.hidden
+        self.mlp = fresh_mlp(D, Fh, cfg.init_std) if mlp is None else mlp
+        shape = tuple(getattr(self.mlp.down, "weight", torch.empty(D, Fh)).shape)
+        if shape != (D, Fh):
+            raise ValueError(f"the MLP's down projection has weight shape {shape}, the config says "
+                             f"(dim, hidden) = {(D, Fh)}")
+        conv = torch.zeros(D, cfg.conv_kernel)
+        conv[:, -1] = 1.0  # starts as the identity: the value of frame t is a projection of frame t
+        self.target_conv_weight = nn.Parameter(conv)
+        self.target_conv_bias = nn.Parameter(torch.zeros(D))
+        self.target_proj = nn.Linear(D, D, bias=False)
+        nn.init.normal_(self.target_proj.weight, std=cfg.target_init_std)
+        self.lr_weight = nn.Parameter(torch.randn(D) * cfg.init_std)
+        self.lr_bias = nn.Parameter(torch.zeros(()))
+
+    # -- state -------------------------------------------------------------------------------
+    @property
+    def state_dtype(self) -> torch.dtype:
+        """fp32 whatever the model dtype; fp64 for gradcheck."""
+        return torch.float64 if self.lr_weight.dtype == torch.float64 else torch.float32
+
+    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> InPlaceState:
+        device = self.lr_weight.device if device is None else device
+        return InPlaceState.zeros(self.config, batch_size, self.state_dtype, device)
+
+    def reset_state(self, state: InPlaceState, mask: Tensor | None = None) -> InPlaceState:
+        return state.reset(mask)
+
+    def _check(self, x: Tensor, state: InPlaceState | None, source: Tensor | None = None) -> InPlaceState:
+        check_input(x, self.config.dim)
+        if source is not None and source.shape != x.shape:
+            raise ValueError(f"source: expected the shape of x {list(x.shape)}, got {list(source.shape)}")
+        if state is None:
+            return self.init_state(x.shape[0], x.device)
+        return InPlaceState.check_state(state, self.config, x.shape[0])
+
+    # -- shared pieces of both forms ---------------------------------------------------------
+    def _pairs(self, x: Tensor, state: InPlaceState, source: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        """Base output, queries z, keys z_{t-1}, scaled values (state dtype) and the new tails."""
+        cfg, cd = self.config, state.dtype
+        z = self.mlp.hidden(x)
+        base = self.mlp.down(z)
+        s = x if source is None else source
+        tails: dict[str, Tensor] = {}
+        if cfg.conv_kernel > 1:
+            u, tails["conv"] = causal_depthwise_conv(s.to(cd), state["conv"], self.target_conv_weight.to(cd),
+                                                     self.target_conv_bias.to(cd))
+        else:
+            u = s.to(cd) * self.target_conv_weight[:, 0].to(cd) + self.target_conv_bias.to(cd)
+        eta = torch.sigmoid(s.to(cd) @ self.lr_weight.to(cd) + self.lr_bias.to(cd)) * (cfg.base_lr / cfg.hidden)
+        v = F.linear(u, self.target_proj.weight.to(cd)) * eta[..., None]
+        q = z.to(cd)
+        k = torch.cat([state["z_prev"][:, None], q[:, :-1]], 1)
+        tails["z_prev"] = q[:, -1]
+        return base, q, k, v, tails
+
+    # -- the two forms -----------------------------------------------------------------------
+    def forward(self, x: Tensor, state: InPlaceState | None = None,
+                source: Tensor | None = None) -> tuple[Tensor, InPlaceState]:
+        """Chunked form over any T; returns y and a *new* state (the input state is not touched)."""
+        state = self._check(x, state, source)
+        if x.shape[1] == 0:
+            return self.mlp(x), state.clone()
+        base, q, k, v, tails = self._pairs(x, state, source)
+        o, delta, keys, values, offset = inplace_chunked(q, k, v, state["delta"], state["keys"], state["values"],
+                                                         state.tensors["offset"], self.config.chunk)
+        y = (base.to(o.dtype) + o).to(base.dtype)
+        return y, state.replace(delta=delta, keys=keys, values=values, offset=offset, **tails)
+
+    def _step_token(self, x: Tensor, state: InPlaceState, exec_mask: Tensor | None,
+                    source: Tensor | None = None) -> Tensor:
+        base, q, k, v, tails = self._pairs(x, state, source)
+        o = inplace_step_(q[:, 0], k[:, 0], v[:, 0], state["delta"], state["keys"], state["values"],
+                          state.tensors["offset"], self.config.chunk, exec_mask=exec_mask)
+        state.write_(tails, exec_mask)
+        return (base.to(o.dtype) + o[:, None]).to(base.dtype)

@@ -1,0 +1,33 @@
+"""Streaming in-place fast weights: one frame per stream, state updated in place, CUDA-graph capturable.
+
+`reference.inplace_chunked` for T = 1: read through the chunk's start weights, put the frame's pair
+in its buffer row, and at a chunk's last frame write the buffer into Delta. No host sync and no
+Python branching on tensor values: the write runs every frame with the values of streams that are
+not at a chunk end masked to zero (adding exact zeros), so one captured graph serves every frame
+and a chunk-end frame costs what any other frame costs. Streams whose `exec_mask` is False keep
+their state bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+@torch.no_grad()
+def inplace_step_(
+    q: Tensor, k: Tensor, v: Tensor, delta: Tensor, buf_k: Tensor, buf_v: Tensor, offset: Tensor, chunk: int,
+    exec_mask: Tensor | None = None,
+) -> Tensor:
+    """q, k: [B, F]; v: [B, D]. Mutates delta, buf_k, buf_v, offset; returns o = Delta q [B, D]."""
+    o = torch.bmm(delta, q[..., None])[..., 0]
+    run = torch.ones_like(offset, dtype=torch.bool) if exec_mask is None else exec_mask.to(torch.bool)
+    row = (torch.arange(chunk, device=q.device) == offset[:, None]) & run[:, None]  # [B, C]
+    buf_k.copy_(torch.where(row[..., None], k[:, None], buf_k))
+    buf_v.copy_(torch.where(row[..., None], v[:, None], buf_v))
+    done = (run & (offset == chunk - 1))[:, None, None]
+    delta.baddbmm_(torch.where(done, buf_v, 0.0).transpose(1, 2), buf_k)
+    buf_k.copy_(torch.where(done, 0.0, buf_k))
+    buf_v.copy_(torch.where(done, 0.0, buf_v))
+    offset.copy_(torch.where(run, (offset + 1) % chunk, offset))
+    return o

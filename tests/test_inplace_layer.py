@@ -1,0 +1,224 @@
+"""InPlaceLayer: exact identity with the host MLP before any write, one semantics across chunked forward and
+frame-by-frame step for any split, masks, resets, fixed-size state files, gradients, errors."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from layer_checks import assert_splits_equal_one_shot
+from safetensors.torch import load_file, save_file
+
+from ttt_speech.config import InPlaceConfig, TTTConfig
+from ttt_speech.layers import InPlaceLayer, InPlaceState, TTTState
+from ttt_speech.layers.inplace import GatedMLP
+
+CONFIGS = {"conv2": dict(), "conv3-chunk1": dict(conv_kernel=3, chunk=1), "no-conv-chunk5": dict(conv_kernel=1, chunk=5)}
+
+
+def build(name: str = "conv2", seed: int = 0, **kw) -> InPlaceLayer:
+    """A small layer whose writes are large enough to matter, every learnable moved off its init."""
+    torch.manual_seed(seed)
+    cfg = InPlaceConfig(**{**dict(dim=16, hidden=24, chunk=4, base_lr=10.0, target_init_std=0.3, init_std=0.3), **CONFIGS[name], **kw})
+    layer = cfg.build()
+    with torch.no_grad():
+        for n, p in layer.named_parameters():
+            if n.startswith(("target_conv", "lr_")):
+                p.add_(torch.randn_like(p) * 0.3)
+    return layer
+
+
+def moshi_gating(dim=16, ff=64):
+    from moshi.modules.gating import ActivationGating
+
+    torch.manual_seed(3)
+    return ActivationGating(dim, ff, F.silu)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@settings(max_examples=10, deadline=None)
+@given(T=st.integers(1, 30), cuts=st.lists(st.tuples(st.integers(0, 30), st.booleans()), max_size=6))
+def test_any_mix_of_prefill_and_steps_equals_one_shot(name, T, cuts):
+    """Random splits (not aligned to chunks) through forward and step agree with one forward."""
+    assert_splits_equal_one_shot(build(name), T, cuts)
+
+
+def test_writes_change_later_chunks_only():
+    layer = build()
+    x = torch.randn(2, 11, 16)
+    y, state = layer(x)
+    base = layer.mlp(x)
+    assert torch.equal(y[:, :4], base[:, :4])  # chunk 0 reads W_down itself
+    moved = (y[:, 4:] - base[:, 4:]).abs().amax() / base.abs().amax()
+    assert moved > 0.1  # chunks 1, 2 read what chunk 0 (and 1) wrote
+    assert state["delta"].abs().amax() > 0 and state["offset"].tolist() == [3, 3]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moshi_gating_wrapped_is_exact_before_any_write(dtype):
+    gating = moshi_gating().to(dtype)
+    hidden = gating.linear_out.weight.shape[1]
+    layer = InPlaceConfig(dim=16, hidden=hidden, chunk=4).build(GatedMLP.moshi(gating)).to(dtype)
+    x = torch.randn(2, 13, 16, dtype=dtype)
+    with torch.no_grad():
+        ref = gating(x)
+        y, state = layer(x)  # target projection starts at zero: nothing is ever written
+        assert torch.equal(y, ref) and y.dtype == dtype and state["delta"].dtype == torch.float32
+        assert state["delta"].abs().amax() == 0
+        s = layer.init_state(2)
+        ys = torch.stack([layer.step(x[:, t], s)[0] for t in range(13)], 1)
+    assert torch.equal(ys, ref)
+    with torch.no_grad():  # with a trained projection, the first chunk is still exact and later ones move
+        layer.target_proj.weight.normal_(std=1.0)
+        layer.config.base_lr = 1e3
+        y, _ = layer(x)
+    assert torch.equal(y[:, :4], ref[:, :4]) and not torch.equal(y[:, 4:], ref[:, 4:])
+
+
+def test_hf_mlp_wrapped_is_exact():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=40, num_attention_heads=2, hidden_act="silu"))
+    layer = InPlaceConfig(dim=16, hidden=40, chunk=3).build(GatedMLP.hf(mlp))
+    x = torch.randn(2, 9, 16)
+    with torch.no_grad():
+        assert torch.equal(layer(x)[0], mlp(x))
+    assert layer.mlp.down is mlp.down_proj  # the host's modules, not copies
+
+
+def test_forward_does_not_mutate_input_state():
+    layer = build()
+    state = layer.init_state(2)
+    layer.step(torch.randn(2, 6, 16), state)
+    before = {k: t.clone() for k, t in state.tensors.items()}
+    layer(torch.randn(2, 7, 16), state)
+    assert all(torch.equal(state[k], before[k]) for k in before)
+
+
+def test_source_feeds_the_values_only():
+    """A separate source (e.g. input embeddings) changes what is written, never the chunk-0 output."""
+    layer = build()
+    x, src = torch.randn(2, 9, 16), torch.randn(2, 9, 16)
+    (y1, s1), (y2, s2) = layer(x), layer(x, source=src)
+    assert torch.equal(y1[:, :4], y2[:, :4]) and not torch.equal(s1["delta"], s2["delta"])
+    state = layer.init_state(2)
+    ys = torch.stack([layer.step(x[:, t], state, source=src[:, t])[0] for t in range(9)], 1)
+    torch.testing.assert_close(ys, y2, rtol=0, atol=1e-5)
+
+
+def test_exec_mask_keeps_masked_streams_unchanged():
+    layer = build()
+    state = layer.init_state(3)
+    layer.step(torch.randn(3, 5, 16), state)
+    before = {k: t.clone() for k, t in state.tensors.items()}
+    mask = torch.tensor([True, False, True])
+    layer.step(torch.randn(3, 16), state, exec_mask=mask)
+    layer.step(torch.randn(3, 2, 16), state, exec_mask=mask)
+    for k, t in state.tensors.items():
+        assert torch.equal(t[1], before[k][1]), k
+        assert not torch.equal(t[0], before[k][0]), k
+
+
+def test_reset_mask_restarts_only_chosen_streams():
+    layer = build()
+    x = torch.randn(2, 15, 16)
+    state = layer.init_state(2)
+    layer.step(x[:, :6], state)
+    kept = {k: t[1].clone() for k, t in state.tensors.items()}
+    layer.reset_state(state, torch.tensor([True, False]))
+    for k, t in state.tensors.items():
+        assert torch.equal(t[1], kept[k]) and torch.equal(t[0], torch.zeros_like(t[0])), k
+    y, _ = layer.step(x[:, 6:], state)
+    torch.testing.assert_close(y[:1], layer(x[:1, 6:])[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(y[1:], layer(x[1:])[0][:, 6:], rtol=0, atol=1e-6)
+
+
+def test_state_size_constant_and_bytes_at_moshi_7b_shape():
+    layer = InPlaceConfig(dim=8, hidden=12, chunk=4, target_init_std=0.1).build()
+    _, s10 = layer(torch.randn(1, 10, 8))
+    y, s5k = layer(torch.randn(1, 5000, 8))
+    assert s10.nbytes == s5k.nbytes == layer.init_state(1).nbytes == 4 * (8 * 12 + 4 * 12 + 4 * 8 + 12 + 8) + 8
+    assert torch.isfinite(y).all() and all(torch.isfinite(s5k[k]).all() for k in s5k)
+    spec = InPlaceState.spec(InPlaceConfig(dim=4096, hidden=11264, chunk=64), 1)
+    nbytes = sum(torch.Size(shape).numel() * (8 if dt == torch.int64 else 4) for shape, dt in spec.values())
+    assert nbytes == 4 * (4096 * 11264 + 64 * (11264 + 4096) + 11264 + 4096) + 8  # 188.6 MB per layer and stream
+
+
+def test_save_load_round_trip_and_mismatches_are_named(tmp_path):
+    layer = build()
+    _, state = layer(torch.randn(2, 7, 16))
+    path = tmp_path / "inplace.safetensors"
+    state.save(path)
+    loaded = InPlaceState.load(path, config=layer.config)
+    x = torch.randn(2, 6, 16)
+    (y1, s1), (y2, s2) = layer(x, state), layer(x, loaded)
+    assert torch.equal(y1, y2) and all(torch.equal(s1[k], s2[k]) for k in s1)
+    layer.reset_state(loaded, torch.tensor([True, False]))
+    assert torch.equal(loaded["delta"][0], torch.zeros_like(loaded["delta"][0]))
+
+    other = InPlaceConfig(**{**layer.config.to_dict(), "chunk": 8})
+    with pytest.raises(ValueError, match=r"another config.*'chunk': \(4, 8\)"):
+        InPlaceState.load(path, config=other)
+    with pytest.raises(ValueError, match=r"holds a 'inplace' state, expected 'ttt'"):
+        TTTState.load(path)
+    t = load_file(str(path))
+    t["keys"] = t["keys"][:, :2].contiguous()
+    meta = {"format": "ttt-speech/state", "version": "1", "kind": "inplace", "config": json.dumps(layer.config.to_dict())}
+    save_file(t, str(tmp_path / "bad.st"), metadata=meta)
+    with pytest.raises(ValueError, match=r"'keys' expected shape \(2, 4, 24\), got \(2, 2, 24\)"):
+        InPlaceState.load(tmp_path / "bad.st")
+
+
+def test_gradients_reach_every_parameter():
+    layer = build()
+    _, carried = layer(torch.randn(2, 6, 16))
+    y, s = layer(torch.randn(2, 9, 16), carried)
+    (y.square().sum() + s["delta"].square().sum()).backward()
+    for n, p in layer.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, n
+
+
+def test_gradcheck_through_layer_with_carried_state():
+    layer = build(chunk=3).to(torch.float64)
+    _, carried = layer(torch.randn(1, 5, 16, dtype=torch.float64))
+    names = ["target_proj.weight", "target_conv_weight", "lr_weight", "lr_bias", "mlp.linear_in.weight"]
+    params = dict(layer.named_parameters())
+    leaves = [torch.randn(1, 7, 16, dtype=torch.float64, requires_grad=True)]
+    leaves += [params[n].detach().clone().requires_grad_() for n in names]
+
+    def f(x, *ps):
+        y, s = torch.func.functional_call(layer, dict(zip(names, ps)), (x, carried))
+        return y, s["delta"]
+
+    assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-5, fast_mode=True)
+
+
+@pytest.mark.parametrize(
+    "x, err, msg",
+    [
+        (torch.randn(2, 16), ValueError, r"expected shape \[B, T, 16\], got \[2, 16\]"),
+        (torch.randn(2, 3, 15), ValueError, r"expected shape \[B, T, 16\], got \[2, 3, 15\]"),
+        (torch.ones(2, 3, 16, dtype=torch.long), TypeError, "floating point"),
+    ],
+)
+def test_bad_input(x, err, msg):
+    with pytest.raises(err, match=msg):
+        build()(x)
+
+
+def test_bad_config_mlp_source_and_foreign_state():
+    with pytest.raises(ValueError, match="chunk must be >= 1 frame, got 0"):
+        InPlaceConfig(dim=16, hidden=24, chunk=0)
+    with pytest.raises(ValueError, match=r"weight shape \(16, 48\), the config says \(dim, hidden\) = \(16, 24\)"):
+        InPlaceConfig(dim=16, hidden=24).build(GatedMLP.moshi(moshi_gating(16, 72)))
+    layer = build()
+    with pytest.raises(ValueError, match=r"source: expected the shape of x \[2, 3, 16\], got \[2, 4, 16\]"):
+        layer(torch.randn(2, 3, 16), source=torch.randn(2, 4, 16))
+    with pytest.raises(ValueError, match=r"'delta' expected shape \(2, 16, 24\), got \(3, 16, 24\)"):
+        layer(torch.randn(2, 3, 16), layer.init_state(3))
+    with pytest.raises(TypeError, match="state must be a InPlaceState, got TTTState"):
+        layer(torch.randn(2, 3, 16), TTTConfig(dim=16, num_heads=2).build().init_state(2))
