@@ -22,3 +22,41 @@ def assert_splits_equal_one_shot(layer, T: int, cuts: list[tuple[int, bool]], di
     torch.testing.assert_close(torch.cat(ys, 1), y_ref, rtol=0, atol=1e-5)
     for k in s_ref:
         torch.testing.assert_close(state[k], s_ref[k], rtol=0, atol=1e-5)
+
+
+def assert_exec_mask_freezes_streams(layer, dim: int = 16) -> dict:
+    """Steps (one frame and a run) with stream 1 masked off: its state stays bit for bit, stream 0's moves.
+    Returns the state (for layer-specific checks)."""
+    state = layer.init_state(3)
+    layer.step(torch.randn(3, 5, dim), state)
+    before = {k: t.clone() for k, t in state.tensors.items()}
+    mask = torch.tensor([True, False, True])
+    layer.step(torch.randn(3, dim), state, exec_mask=mask)
+    layer.step(torch.randn(3, 2, dim), state, exec_mask=mask)
+    for k, t in state.tensors.items():
+        assert torch.equal(t[1], before[k][1]), k
+        assert not torch.equal(t[0], before[k][0]), k
+    return state
+
+
+def assert_reset_mask_restarts_stream(layer, T: int = 15, dim: int = 16) -> None:
+    """Reset stream 0 of two after 6 frames: stream 0's state is zeros and it continues like a fresh
+    stream; stream 1 is untouched and continues its own history."""
+    x = torch.randn(2, T, dim)
+    state = layer.init_state(2)
+    layer.step(x[:, :6], state)
+    kept = {k: t[1].clone() for k, t in state.tensors.items()}
+    layer.reset_state(state, torch.tensor([True, False]))
+    for k, t in state.tensors.items():
+        assert torch.equal(t[1], kept[k]) and torch.equal(t[0], torch.zeros_like(t[0])), k
+    y, _ = layer.step(x[:, 6:], state)
+    torch.testing.assert_close(y[:1], layer(x[:1, 6:])[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(y[1:], layer(x[1:])[0][:, 6:], rtol=0, atol=1e-6)
+
+
+# (x, error, message) for x [B, T, 16] inputs every streaming layer of width 16 must refuse
+BAD_INPUTS = [
+    (torch.randn(2, 16), ValueError, r"expected shape \[B, T, 16\], got \[2, 16\]"),
+    (torch.randn(2, 3, 15), ValueError, r"expected shape \[B, T, 16\], got \[2, 3, 15\]"),
+    (torch.ones(2, 3, 16, dtype=torch.long), TypeError, "floating point"),
+]

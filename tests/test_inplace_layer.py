@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from layer_checks import assert_splits_equal_one_shot
+from layer_checks import BAD_INPUTS, assert_exec_mask_freezes_streams, assert_reset_mask_restarts_stream, assert_splits_equal_one_shot
 from safetensors.torch import load_file, save_file
 
 from ttt_speech.config import InPlaceConfig, TTTConfig
@@ -111,30 +111,11 @@ def test_source_feeds_the_values_only():
 
 
 def test_exec_mask_keeps_masked_streams_unchanged():
-    layer = build()
-    state = layer.init_state(3)
-    layer.step(torch.randn(3, 5, 16), state)
-    before = {k: t.clone() for k, t in state.tensors.items()}
-    mask = torch.tensor([True, False, True])
-    layer.step(torch.randn(3, 16), state, exec_mask=mask)
-    layer.step(torch.randn(3, 2, 16), state, exec_mask=mask)
-    for k, t in state.tensors.items():
-        assert torch.equal(t[1], before[k][1]), k
-        assert not torch.equal(t[0], before[k][0]), k
+    assert_exec_mask_freezes_streams(build())
 
 
 def test_reset_mask_restarts_only_chosen_streams():
-    layer = build()
-    x = torch.randn(2, 15, 16)
-    state = layer.init_state(2)
-    layer.step(x[:, :6], state)
-    kept = {k: t[1].clone() for k, t in state.tensors.items()}
-    layer.reset_state(state, torch.tensor([True, False]))
-    for k, t in state.tensors.items():
-        assert torch.equal(t[1], kept[k]) and torch.equal(t[0], torch.zeros_like(t[0])), k
-    y, _ = layer.step(x[:, 6:], state)
-    torch.testing.assert_close(y[:1], layer(x[:1, 6:])[0], rtol=0, atol=1e-6)
-    torch.testing.assert_close(y[1:], layer(x[1:])[0][:, 6:], rtol=0, atol=1e-6)
+    assert_reset_mask_restarts_stream(build(), T=15)
 
 
 def test_state_size_constant_and_bytes_at_moshi_7b_shape():
@@ -197,14 +178,7 @@ def test_gradcheck_through_layer_with_carried_state():
     assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-5, fast_mode=True)
 
 
-@pytest.mark.parametrize(
-    "x, err, msg",
-    [
-        (torch.randn(2, 16), ValueError, r"expected shape \[B, T, 16\], got \[2, 16\]"),
-        (torch.randn(2, 3, 15), ValueError, r"expected shape \[B, T, 16\], got \[2, 3, 15\]"),
-        (torch.ones(2, 3, 16, dtype=torch.long), TypeError, "floating point"),
-    ],
-)
+@pytest.mark.parametrize("x, err, msg", BAD_INPUTS)
 def test_bad_input(x, err, msg):
     with pytest.raises(err, match=msg):
         build()(x)
