@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
 Inner = Literal["linear", "mlp"]
 Variant = Literal["ttt-lm", "fla"]
+Target = Literal["same", "next"]
 C = TypeVar("C", bound="DictConfig")
 
 
@@ -60,8 +61,14 @@ class TTTConfig(DictConfig):
     mlp_expansion: int = 4
     eps: float = 1e-6
     init_std: float = 0.02
+    # "same": key and value of a token come from that token (the TTT paper's reconstruction);
+    # "next": the key from the token before and the value from this one, so the inner model learns
+    # what follows what (next-frame aligned, like in-place TTT's target; docs/ttt.md)
+    target: Target = "same"
 
     def __post_init__(self) -> None:
+        if self.target not in ("same", "next"):
+            raise ValueError(f"target must be 'same' or 'next', got {self.target!r}")
         if self.inner not in ("linear", "mlp"):
             raise ValueError(f"inner must be 'linear' or 'mlp', got {self.inner!r}")
         if self.variant not in ("ttt-lm", "fla"):

@@ -181,7 +181,7 @@ class InPlaceLayer(StreamingLayer):
         v = F.linear(u, self.target_proj.weight.to(cd)) * eta[..., None]
         q = z.to(cd)
         k = torch.cat([state["z_prev"][:, None], q[:, :-1]], 1)
-        tails["z_prev"] = q[:, -1]
+        tails["z_prev"] = q[:, -1].clone()  # not a view of z: states are written in place later
         return base, q, k, v, tails
 
     # -- the two forms -----------------------------------------------------------------------

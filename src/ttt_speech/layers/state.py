@@ -6,7 +6,8 @@ and the batch size only, never on how long the streams have run. A subclass name
 and safetensors files are common, so a new branch (e.g. Gated DeltaNet) gets the same guarantees.
 
 `TTTState` holds the boundary fast weights, the gradient accumulated since the last mini-batch
-boundary, each stream's position inside its mini-batch, and the tails of causal convolutions.
+boundary, each stream's position inside its mini-batch, the tails of causal convolutions and, for
+`target="next"`, the last token's key.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def state_spec(cfg: TTTConfig, batch_size: int, dtype: torch.dtype = torch.float
         spec["conv_pre"] = ((B, cfg.conv_kernel - 1, cfg.dim), dtype)
     if cfg.share_qk:
         spec["conv_qk"] = ((B, cfg.conv_kernel - 1, cfg.dim), dtype)
+    if cfg.target == "next":
+        spec["k_prev"] = ((B, cfg.dim), dtype)
     return spec
 
 

@@ -243,11 +243,21 @@ class TTTLayer(StreamingLayer):
 
     # -- shared pieces of both forms ---------------------------------------------------------
     def _project(self, x: Tensor, state: TTTState, qkv: Tensor | None) -> tuple[list[Tensor], Tensor, dict[str, Tensor]]:
-        """Projections and convs: ([q, k, v] [B, T, dim] as projected, branch input h, conv tails)."""
+        """Projections and convs: ([q, k, v] [B, T, dim], branch input h, tails for the state). With
+        target="next" the keys are shifted one token later (token t learns k_{t-1} -> v_t)."""
+        if qkv is not None:
+            projected, h, tails = list(qkv.split(self.config.dim, dim=-1)), x, {}
+        else:
+            projected, h, tails = self._own_projections(x, state)
+        if self.config.target == "next":
+            k = projected[1]
+            projected[1] = torch.cat([state["k_prev"][:, None].to(k.dtype), k[:, :-1]], 1)
+            tails["k_prev"] = k[:, -1].clone()  # not a view: the state is later written in place
+        return projected, h, tails
+
+    def _own_projections(self, x: Tensor, state: TTTState) -> tuple[list[Tensor], Tensor, dict[str, Tensor]]:
         cfg = self.config
         tails: dict[str, Tensor] = {}
-        if qkv is not None:
-            return list(qkv.split(cfg.dim, dim=-1)), x, tails
         h = x
         if cfg.pre_conv:
             y, tails["conv_pre"] = causal_depthwise_conv(
