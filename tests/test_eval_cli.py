@@ -12,14 +12,16 @@ import torch
 pytest.importorskip("moshi")
 pytest.importorskip("transformers", minversion="5.23")  # pyproject's hf extra
 
-from test_eval_long_context import one_thread, random_codes  # noqa: F401
-from test_hf_convert import tiny_model, ttt_config
+from helpers.moshi import random_codes
+from helpers.hf import tiny_model, ttt_config
 
 from ttt_speech.eval import commands
 from ttt_speech.eval.data import load_sequences, save_sequence
 from ttt_speech.eval.models import HFScorer, _cross_entropy, load_model
 from ttt_speech.hf import convert
 from ttt_speech.moshi.tiny import build_tiny_lm
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hf_hybrid():

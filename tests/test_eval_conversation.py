@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("moshi")
 
-from test_eval_long_context import one_thread, random_codes  # noqa: F401
+from helpers.moshi import random_codes
 
 from ttt_speech.eval.conversation import score_conversation, user_seat
 from ttt_speech.eval.data import Sequence
@@ -15,6 +15,8 @@ from ttt_speech.eval.free_run import AudioScoring
 from ttt_speech.eval.models import MoshiScorer
 from ttt_speech.eval.speaker import SpeakerEmbedder
 from ttt_speech.moshi.tiny import build_tiny_hybrid, build_tiny_mimi, tiny_mimi_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_user_seat_swaps_the_speakers_and_takes_the_user_text():

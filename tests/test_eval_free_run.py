@@ -12,14 +12,9 @@ import torch
 pytest.importorskip("moshi")
 pytest.importorskip("transformers", minversion="5.23")  # pyproject's hf extra
 
-from test_eval_long_context import (  # noqa: F401
-    ANSWER_SHIFT,
-    GUESSES,
-    one_thread,
-    random_codes,
-    recall_model,
-)
-from test_hf_convert import tiny_model, ttt_config
+from helpers.moshi import random_codes
+from helpers.recall import ANSWER_SHIFT, GUESSES, recall_model
+from helpers.hf import tiny_model, ttt_config
 
 from ttt_speech.eval.free_run import AudioScoring, free_run_hf, free_run_moshi
 from ttt_speech.eval.gibberish import GibberishThresholds
@@ -29,6 +24,7 @@ from ttt_speech.hf import convert
 from ttt_speech.moshi.tiny import build_tiny_hybrid, build_tiny_mimi, tiny_mimi_config
 
 # the recall model's own output is one token repeated: a loop by design, so the loop rule is off here
+pytestmark = pytest.mark.usefixtures("one_thread")
 NO_LOOP_RULE = GibberishThresholds(max_repetition=1.01)
 
 

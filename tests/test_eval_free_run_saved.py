@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("moshi")
 sentencepiece = pytest.importorskip("sentencepiece")
 
-from test_eval_long_context import random_codes
+from helpers.moshi import random_codes
 
 from ttt_speech import cli
 from ttt_speech.eval import commands

@@ -20,9 +20,7 @@ from ttt_speech.eval.spans import Span, copy_probes, repeat_spans  # noqa: E402
 from ttt_speech.moshi.tiny import build_tiny_hybrid  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _threads(one_thread: None) -> None:
-    pass
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _codes(lm: torch.nn.Module, n: int, T: int) -> list[torch.Tensor]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from layer_checks import BAD_INPUTS, assert_exec_mask_freezes_streams, assert_reset_mask_restarts_stream, assert_splits_equal_one_shot
+from helpers.layers import BAD_INPUTS, assert_exec_mask_freezes_streams, assert_reset_mask_restarts_stream, assert_splits_equal_one_shot
 from safetensors.torch import load_file, save_file
 
 from ttt_speech.config import GatedDeltaNetConfig, TTTConfig

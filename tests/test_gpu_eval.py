@@ -7,7 +7,7 @@ from ttt_speech.eval.models import MoshiScorer
 from ttt_speech.moshi import convert, default_ttt_config
 from ttt_speech.moshi.tiny import build_tiny_hybrid, build_tiny_lm
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+pytestmark = pytest.mark.gpu
 
 
 def build_tiny_shared(seed: int, device: str):

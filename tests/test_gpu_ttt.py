@@ -6,8 +6,7 @@ import torch
 from ttt_speech import TTTConfig
 from ttt_speech.ops.ttt.fla import fla_available
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-pytestmark = [pytest.mark.gpu, cuda]
+pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("variant", ["fla", "ttt-lm"])

@@ -13,7 +13,7 @@ pytest.importorskip("transformers", minversion="5.23")  # pyproject's hf extra
 
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from test_hf_convert import HIDDEN, VOCAB, perturb_ttt, tiny_config, tiny_model, ttt_config, ttt_modules  # noqa: E402
+from helpers.hf import HIDDEN, VOCAB, perturb_ttt, tiny_config, tiny_model, ttt_config, ttt_modules  # noqa: E402
 from ttt_speech.hf import convert  # noqa: E402
 from ttt_speech.cli import main as cli_main  # noqa: E402
 from ttt_speech.hf.cli import LEFT_ALONE_FILE, parse_layers  # noqa: E402

@@ -1,7 +1,6 @@
 """convert(): hybrid keeps the logits at gate 0, attention is windowed, replace inits from attention and trains.
 
-Tiny Llama/Qwen2 models are built from config (GQA: 4 query heads, 2 KV heads), never downloaded.
-The builders here are shared by the other tests/test_hf_*.py files.
+Tiny Llama/Qwen2 models are built from config (tests/helpers/hf.py), never downloaded.
 """
 
 import copy
@@ -13,46 +12,12 @@ from torch import nn
 
 pytest.importorskip("transformers", minversion="5.23")  # pyproject's hf extra
 
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 from transformers.models.llama.modeling_llama import repeat_kv  # noqa: E402
 
 from ttt_speech import TTTConfig  # noqa: E402
+from helpers.hf import FAMILIES, HEADS, HIDDEN, KV_HEADS, VOCAB, perturb_ttt, tiny_model, ttt_config, ttt_modules  # noqa: E402
 from ttt_speech.hf import convert  # noqa: E402
 from ttt_speech.hf.modules import TTTAttention, expand_kv_heads  # noqa: E402
-
-VOCAB, HIDDEN, HEADS, KV_HEADS = 97, 64, 4, 2
-FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
-
-
-def tiny_config(family: str = "llama", layers: int = 3, attn: str = "sdpa", **extra):
-    config_cls, _ = FAMILIES[family]
-    return config_cls(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=1024,
-        attn_implementation=attn, pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra,
-    )
-
-
-def tiny_model(family: str = "llama", seed: int = 0, **kw):
-    torch.manual_seed(seed)
-    return FAMILIES[family][1](tiny_config(family, **kw)).eval()
-
-
-def ttt_config(gate: float = 0.0, mini_batch: int = 4, **kw) -> TTTConfig:
-    return TTTConfig(dim=HIDDEN, num_heads=HEADS, mini_batch=mini_batch, gate_init=gate, **kw)
-
-
-def ttt_modules(model) -> list[nn.Module]:
-    return [layer.self_attn.ttt for layer in model.model.layers if hasattr(layer.self_attn, "ttt")]
-
-
-@torch.no_grad()
-def perturb_ttt(model, seed: int = 1, scale: float = 0.3) -> None:
-    """Move every TTT parameter off its init so the TTT branch changes the logits by a lot."""
-    g = torch.Generator().manual_seed(seed)
-    for module in ttt_modules(model):
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
 def hybrid(family: str = "llama", gate: float = 0.0, window: int = 8, layers=(1, 2), seed: int = 0, **kw):

@@ -14,7 +14,7 @@ pytest.importorskip("transformers", minversion="5.23")  # pyproject's hf extra
 
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList  # noqa: E402
 
-from test_hf_convert import FAMILIES, HEADS, HIDDEN, KV_HEADS, VOCAB, perturb_ttt, tiny_model, ttt_config  # noqa: E402
+from helpers.hf import FAMILIES, HEADS, HIDDEN, KV_HEADS, VOCAB, perturb_ttt, tiny_model, ttt_config  # noqa: E402
 from ttt_speech.hf import TTTCache, convert  # noqa: E402
 from ttt_speech.hf.compat import cache_kwargs, output_cache  # noqa: E402
 

@@ -13,11 +13,12 @@ import torch
 
 pytest.importorskip("moshi")
 
-from moshi.models.lm import LMGen, LMModel  # noqa: E402
+from moshi.models.lm import LMGen  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
+from helpers.moshi import hybrid_from, sample  # noqa: E402
 from ttt_speech import TTTConfig  # noqa: E402
-from ttt_speech.moshi import TTTLMModel, convert, load_hybrid  # noqa: E402
+from ttt_speech.moshi import TTTLMModel, load_hybrid  # noqa: E402
 from ttt_speech.moshi.commands import add_convert_arguments, parse_layers, run_convert  # noqa: E402
 from ttt_speech.moshi.tiny import TinyCheckpoint, build_tiny_lm, tiny_lm_config, write_tiny_checkpoint  # noqa: E402
 
@@ -30,34 +31,6 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> TinyCheckpoint:
 def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     with safe_open(str(path), framework="pt") as f:
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-
-
-@torch.no_grad()
-def sample(lm: LMModel, steps: int = 30, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sampled LMGen tokens and text logits with a fixed seed and user stream."""
-    logits: list[torch.Tensor] = []
-    gen = LMGen(lm, use_sampling=True, on_text_logits_hook=lambda x: logits.append(x.clone()))
-    user = torch.randint(0, lm.card, (1, lm.n_q - lm.dep_q, steps), generator=torch.Generator().manual_seed(seed))
-    torch.manual_seed(seed)
-    outs = []
-    with gen.streaming(1):
-        for t in range(steps):
-            out = gen.step(user[:, :, t:t + 1])
-            if out is not None:
-                outs.append(out)
-    return torch.cat(outs, -1), torch.cat(logits, 2)
-
-
-def hybrid_from(ckpt: TinyCheckpoint, shared_qkv: bool = False) -> TTTLMModel:
-    info = ckpt.checkpoint_info()
-    lm = info.get_moshi(dtype=torch.float32)
-    model = convert(lm, layers="all", ttt=TTTConfig(dim=32, num_heads=4, mini_batch=4, gate_init=0.5,
-                                                    shared_qkv=shared_qkv),
-                    moshi_config=info.raw_config)
-    with torch.no_grad():  # make every TTT tensor distinct from a fresh init, so a lost tensor shows
-        for _, p in model.named_parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    return model
 
 
 def test_tiny_checkpoint_has_the_released_layout_and_loads_with_checkpoint_info(tiny_ckpt: TinyCheckpoint) -> None:

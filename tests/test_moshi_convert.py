@@ -12,10 +12,10 @@ import torch
 
 pytest.importorskip("moshi")
 
-from moshi.models.lm import LMGen, LMModel  # noqa: E402
-from moshi.models.lm_utils import _delay_sequence, _undelay_sequence  # noqa: E402
+from moshi.models.lm import LMModel  # noqa: E402
 from moshi.modules.transformer import StreamingTransformer, StreamingTransformerLayer  # noqa: E402
 
+from helpers.moshi import greedy_generate, open_gates, random_codes, streamed_logits  # noqa: E402
 from ttt_speech import TTTConfig  # noqa: E402
 from ttt_speech.moshi import (  # noqa: E402
     TTTTransformerLayer,
@@ -28,55 +28,6 @@ from ttt_speech.moshi.generate import streaming_state_bytes  # noqa: E402
 from ttt_speech.moshi.tiny import build_tiny_lm, tiny_lm_config  # noqa: E402
 
 CONTEXT = tiny_lm_config()["context"]
-
-
-def random_codes(lm: LMModel, B: int, T: int, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, lm.card, (B, lm.num_codebooks, T), generator=g)
-    codes[:, 0] = torch.randint(0, lm.text_card, (B, T), generator=g)
-    return codes
-
-
-def open_gates(model: LMModel, value: float = 0.7) -> None:
-    with torch.no_grad():
-        for layer in model.ttt_layers():
-            layer.ttt.gate_alpha.fill_(value)
-
-
-@torch.no_grad()
-def streamed_logits(lm: LMModel, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-forced logits computed as inference does: the temporal transformer one frame per call
-    (ring KV cache, TTT step), the depformer one codebook per call; re-aligned as LMModel.forward."""
-    B, K, T = codes.shape
-    initial = lm._get_initial_token().expand(B, -1, -1)
-    delayed = torch.cat([initial, _delay_sequence(lm.delays, codes, initial)], dim=2)
-    text, audio = [], []
-    with lm.streaming(B):
-        for t in range(T):
-            out, text_logits = lm.forward_text(delayed[:, :, t:t + 1])
-            text.append(text_logits)
-            with lm.depformer.streaming(B):
-                audio.append(torch.cat([lm.forward_depformer(cb, delayed[:, cb:cb + 1, t + 1:t + 2], out)
-                                        for cb in range(lm.dep_q)], dim=1))
-    logits, _ = _undelay_sequence(lm.delays[1:1 + lm.dep_q], torch.cat(audio, dim=2))
-    text_logits, _ = _undelay_sequence(lm.delays[:1], torch.cat(text, dim=2))
-    return logits, text_logits
-
-
-@torch.no_grad()
-def greedy_generate(lm: LMModel, steps: int, B: int = 1, seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy LMGen tokens and every step's text logits, with a random user stream."""
-    g = torch.Generator().manual_seed(seed)
-    user = torch.randint(0, lm.card, (B, lm.n_q - lm.dep_q, steps), generator=g)
-    logits: list[torch.Tensor] = []
-    gen = LMGen(lm, use_sampling=False, on_text_logits_hook=lambda x: logits.append(x.clone()))
-    outs = []
-    with gen.streaming(B):
-        for t in range(steps):
-            out = gen.step(user[:, :, t:t + 1])
-            if out is not None:
-                outs.append(out)
-    return torch.cat(outs, dim=-1), torch.cat(logits, dim=2)
 
 
 def test_infer_moshi_config_recovers_the_config() -> None:

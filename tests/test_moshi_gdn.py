@@ -14,10 +14,17 @@ import torch
 
 pytest.importorskip("moshi")
 
-from test_moshi_checkpoint import hybrid_from, sample  # noqa: E402
-from test_moshi_convert import greedy_generate, open_gates, random_codes, streamed_logits  # noqa: E402
-from test_moshi_streaming import Session, ttt_states, user_stream  # noqa: E402
-
+from helpers.moshi import (  # noqa: E402
+    Session,
+    greedy_generate,
+    hybrid_from,
+    open_gates,
+    random_codes,
+    sample,
+    streamed_logits,
+    ttt_states,
+    user_stream,
+)
 from ttt_speech import TTTConfig  # noqa: E402
 from ttt_speech.config import GatedDeltaNetConfig  # noqa: E402
 from ttt_speech.layers import GatedDeltaNetLayer, GatedDeltaNetState  # noqa: E402

@@ -8,10 +8,11 @@ import torch
 
 pytest.importorskip("moshi")
 
-from moshi.models.lm import LMGen, LMModel  # noqa: E402
+from moshi.models.lm import LMGen  # noqa: E402
 
+from helpers.moshi import Session, ttt_states, user_stream  # noqa: E402
 from ttt_speech import TTTConfig  # noqa: E402
-from ttt_speech.moshi import TTTLayerState, TTTLMModel, convert  # noqa: E402
+from ttt_speech.moshi import TTTLMModel, convert  # noqa: E402
 from ttt_speech.moshi.generate import streaming_state_bytes  # noqa: E402
 from ttt_speech.moshi.tiny import build_tiny_lm, tiny_lm_config  # noqa: E402
 
@@ -22,42 +23,6 @@ def tiny_hybrid(layers="all", shared_qkv: bool = False) -> TTTLMModel:
     """Gates open, so a TTT state that is wrong shows in the logits."""
     return convert(build_tiny_lm(0), layers=layers, ttt=TTTConfig(dim=32, num_heads=4, mini_batch=4, gate_init=0.7,
                                                                   shared_qkv=shared_qkv))
-
-
-def user_stream(lm: LMModel, B: int, T: int, seed: int = 3) -> torch.Tensor:
-    return torch.randint(0, lm.card, (B, lm.n_q - lm.dep_q, T), generator=torch.Generator().manual_seed(seed))
-
-
-def ttt_states(lm: TTTLMModel) -> list[dict[str, torch.Tensor]]:
-    out = []
-    for layer in lm.ttt_layers():
-        state = layer._streaming_state
-        assert isinstance(state, TTTLayerState) and state.ttt is not None
-        out.append(state.ttt.tensors)
-    return out
-
-
-class Session:
-    """A greedy LMGen session recording each step's text logits."""
-
-    def __init__(self, lm: LMModel, B: int) -> None:
-        self.logits: list[torch.Tensor] = []
-        self.gen = LMGen(lm, use_sampling=False, on_text_logits_hook=lambda x: self.logits.append(x[:, 0, 0].clone()))
-        self.ctx = self.gen.streaming(B)
-
-    def __enter__(self) -> "Session":
-        self.ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.ctx.__exit__(*exc)
-
-    def run(self, user: torch.Tensor) -> torch.Tensor:
-        """Steps over user [B, K, T]; returns the text logits of these steps, [B, T, card]."""
-        n = len(self.logits)
-        for t in range(user.shape[-1]):
-            self.gen.step(user[:, :, t:t + 1])
-        return torch.stack(self.logits[n:], dim=1)
 
 
 @pytest.mark.parametrize("shared_qkv", [False, True])

@@ -40,7 +40,7 @@ aiohttp = pytest.importorskip("aiohttp")
 import sphn  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
-from test_serve_streams import listening_mimi  # noqa: E402
+from helpers.serve import listening_mimi  # noqa: E402
 
 import ttt_speech  # noqa: E402
 from ttt_speech.moshi.tiny import (  # noqa: E402

@@ -14,13 +14,15 @@ import torch
 
 pytest.importorskip("moshi")
 
-from test_serve_streams import audio, listening_mimi, single_thread  # noqa: E402, F401
+from helpers.serve import audio, listening_mimi  # noqa: E402
 
 from ttt_speech.moshi.tiny import build_tiny_hybrid, write_tiny_tokenizer  # noqa: E402
 from ttt_speech.serve.protocol import Kind  # noqa: E402
 from ttt_speech.serve.sessions import Ending, Limits, Session, SessionManager  # noqa: E402
 from ttt_speech.serve.store import StateStore  # noqa: E402
 from ttt_speech.serve.streams import BatchedStreams  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def manager(tmp: Path, limits: Limits) -> SessionManager:

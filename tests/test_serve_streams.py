@@ -13,36 +13,17 @@ import torch
 
 pytest.importorskip("moshi")
 
-from moshi.models.compression import MimiModel  # noqa: E402
-
+from helpers.serve import audio, listening_mimi  # noqa: E402
 from ttt_speech import TTTConfig  # noqa: E402
 from ttt_speech.moshi import convert  # noqa: E402
-from ttt_speech.moshi.tiny import build_tiny_lm, build_tiny_mimi, tiny_lm_config, tiny_mimi_config  # noqa: E402
+from ttt_speech.moshi.tiny import build_tiny_lm, tiny_lm_config  # noqa: E402
 from ttt_speech.serve.store import StateStore, fingerprint  # noqa: E402
 from ttt_speech.serve.streams import BatchedStreams  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 B = 4
 CONTEXT = tiny_lm_config()["context"]  # attention window of the tiny model: 8 frames
 MINI_BATCH = 16  # TTT mini-batch of build_tiny_hybrid
-
-
-@torch.no_grad()
-def listening_mimi(seed: int = 0) -> MimiModel:
-    """A tiny Mimi whose codes depend on its input. build_tiny_mimi's codebooks are all zero, so it
-    encodes any audio to code 0; here each codebook takes 32 latents of seeded noise, k-means style."""
-    lm_card = tiny_lm_config()["card"]
-    mimi = build_tiny_mimi(seed, tiny_mimi_config(2, lm_card), num_codebooks=2)
-    rng = np.random.default_rng(seed)
-    loud = np.repeat(rng.uniform(0.01, 0.5, 64), 1920)
-    x = torch.from_numpy((rng.standard_normal(64 * 1920) * loud).astype(np.float32)).view(1, 1, -1)
-    (latent,) = mimi.encoder_transformer(mimi.encoder(x))
-    latent = mimi._to_framerate(latent)
-    for rvq in (mimi.quantizer.rvq_first, mimi.quantizer.rvq_rest):
-        codebook = rvq.vq.layers[0]._codebook
-        z = rvq.input_proj(latent)[0].T  # [64 frames, codebook dim]
-        codebook.embedding_sum.copy_(z[torch.randperm(len(z), generator=torch.Generator().manual_seed(seed))[:lm_card]])
-        codebook._embedding = None  # moshi caches embedding_sum / cluster_usage
-    return mimi
 
 
 def make_streams() -> BatchedStreams:
@@ -53,20 +34,6 @@ def make_streams() -> BatchedStreams:
     loud = TTTConfig(dim=32, num_heads=4, mini_batch=MINI_BATCH, gate_init=1.0, init_std=0.1)
     lm = convert(lm, "all", "hybrid", loud)
     return BatchedStreams(lm, listening_mimi(0), B)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> tp.Iterator[None]:
-    """One intra-op thread while these tiny models run: on a shared 2-core machine two threads made a
-    step take 0.9 s instead of 14 ms (threads waiting on each other while descheduled)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def audio(seed: int, frames: int) -> np.ndarray:
-    return (0.1 * np.random.default_rng(seed).standard_normal((frames, 1920))).astype(np.float32)
 
 
 class Driver:

@@ -12,9 +12,9 @@ import torch
 import yaml
 
 pytest.importorskip("moshi")
+pytestmark = pytest.mark.slow  # 2 gloo processes per test: 20-30 s on a shared 2-core CPU
 
-from test_train_loop import tiny_config  # noqa: E402
-from test_train_resume import ROOT, env  # noqa: E402
+from helpers.train import ROOT, env, tiny_config  # noqa: E402
 
 from ttt_speech.train.checkpoint import latest_checkpoint, load_trainable  # noqa: E402
 from ttt_speech.train.config import config_from_dict  # noqa: E402

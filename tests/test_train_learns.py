@@ -4,13 +4,13 @@ its attention window; the same model without TTT, trained the same way, stays at
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("moshi")
+pytestmark = pytest.mark.slow  # 50 s on a shared 2-core CPU
 
 from ttt_speech.train.config import config_from_dict  # noqa: E402
 from ttt_speech.train.loop import Trainer  # noqa: E402
@@ -44,15 +44,6 @@ def train(tmp: Path, layers: list[int]) -> Trainer:
     trainer = Trainer(cfg)
     assert trainer.run().finished
     return trainer
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """A tiny model gains nothing from a second thread; the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_ttt_hybrid_learns_recall_beyond_the_attention_window(tmp_path: Path, one_thread: None) -> None:

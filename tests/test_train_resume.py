@@ -4,7 +4,6 @@ run that was never interrupted, step for step (CPU, same process settings)."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -16,19 +15,15 @@ import pytest
 import yaml
 
 pytest.importorskip("moshi")
+pytestmark = pytest.mark.slow  # trainer subprocesses killed and restarted: 30 s on a shared 2-core CPU
 
-from test_train_loop import tiny_config  # noqa: E402
+from helpers.train import ROOT, env, tiny_config  # noqa: E402
 
 from ttt_speech.train.checkpoint import latest_checkpoint  # noqa: E402
 from ttt_speech.train.commands import EXIT_INTERRUPTED  # noqa: E402
 from ttt_speech.train.metrics import read_metrics  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = 30  # two stages of 15
-
-
-def env() -> dict[str, str]:
-    return os.environ | {"PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "NO_TORCH_COMPILE": "1"}
 
 
 def write_config(tmp: Path, name: str) -> Path:

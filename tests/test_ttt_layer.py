@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from layer_checks import assert_splits_equal_one_shot
+from helpers.layers import assert_splits_equal_one_shot
 
 from ttt_speech import TTTConfig, TTTLayer
 

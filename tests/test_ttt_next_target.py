@@ -5,8 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from layer_checks import assert_splits_equal_one_shot
-from test_ttt_shared_qkv import Host
+from helpers.layers import Host, assert_splits_equal_one_shot
 
 from ttt_speech import TTTConfig, TTTLayer, TTTState
 

@@ -4,31 +4,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from layer_checks import assert_splits_equal_one_shot
+from helpers.layers import Host, assert_splits_equal_one_shot
 from torch import nn
 
 from ttt_speech import TTTConfig
-
-
-class Host(nn.Module):
-    """Stands in for an attention: a fused q/k/v projection, and 'heads' a fixed linear map of x."""
-
-    def __init__(self, ttt: nn.Module) -> None:
-        super().__init__()
-        C = ttt.config.dim
-        self.ttt, self.in_proj, self.mix = ttt, nn.Linear(C, 3 * C, bias=False), nn.Linear(C, C, bias=False)
-
-    def host(self, x):
-        return {"qkv": self.in_proj(x), "heads": self.mix(x)}
-
-    def forward(self, x, state=None):
-        return self.ttt(x, state, **self.host(x))
-
-    def step(self, x, state, exec_mask=None):
-        return self.ttt.step(x, state, exec_mask, **self.host(x))
-
-    def init_state(self, batch_size):
-        return self.ttt.init_state(batch_size)
 
 
 def build(variant: str, gate_init: float = 0.7, dtype=torch.float32) -> Host:

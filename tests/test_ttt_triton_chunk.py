@@ -89,7 +89,7 @@ def compare_layer() -> None:
             assert rel(a, b) <= 1e-5, f"{variant} grad {n}: {rel(a, b):.2e}"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 @pytest.mark.parametrize("precision,tols", [("ieee", (1e-4, 1e-4, 1e-4)), ("bf16", (2e-2, 1e-2, 5e-2))])
 def test_kernel_equals_reference_cuda(precision, tols):
     compare("cuda", (2, 4, 1024, 128), 16, precision, *tols)  # 4 blocks of 16 mini-batches

@@ -1,6 +1,8 @@
-"""Checks every streaming layer (TTT, Gated DeltaNet) must pass, shared by their test files."""
+"""Checks every streaming layer (TTT, Gated DeltaNet, in-place) must pass, shared by their test files, and a
+stand-in host attention for `shared_qkv` TTT layers."""
 
 import torch
+from torch import nn
 
 
 def assert_splits_equal_one_shot(layer, T: int, cuts: list[tuple[int, bool]], dim: int = 16) -> None:
@@ -60,3 +62,24 @@ BAD_INPUTS = [
     (torch.randn(2, 3, 15), ValueError, r"expected shape \[B, T, 16\], got \[2, 3, 15\]"),
     (torch.ones(2, 3, 16, dtype=torch.long), TypeError, "floating point"),
 ]
+
+
+class Host(nn.Module):
+    """Stands in for an attention: a fused q/k/v projection, and 'heads' a fixed linear map of x."""
+
+    def __init__(self, ttt: nn.Module) -> None:
+        super().__init__()
+        C = ttt.config.dim
+        self.ttt, self.in_proj, self.mix = ttt, nn.Linear(C, 3 * C, bias=False), nn.Linear(C, C, bias=False)
+
+    def host(self, x):
+        return {"qkv": self.in_proj(x), "heads": self.mix(x)}
+
+    def forward(self, x, state=None):
+        return self.ttt(x, state, **self.host(x))
+
+    def step(self, x, state, exec_mask=None):
+        return self.ttt.step(x, state, exec_mask, **self.host(x))
+
+    def init_state(self, batch_size):
+        return self.ttt.init_state(batch_size)

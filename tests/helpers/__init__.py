@@ -1,0 +1,1 @@
+"""Builders and checks shared by several test modules (test modules never import each other)."""
