@@ -16,7 +16,7 @@ pytest.importorskip("moshi")
 
 from ttt_speech import TTTConfig  # noqa: E402
 from ttt_speech.moshi import convert  # noqa: E402
-from ttt_speech.moshi.commands import add_generate_arguments, run_generate  # noqa: E402
+from ttt_speech.moshi.commands import add_convert_arguments, add_generate_arguments, run_convert, run_generate  # noqa: E402
 from moshi.models.lm import LMGen  # noqa: E402
 
 from ttt_speech.moshi.generate import stream, streaming_state_finite  # noqa: E402
@@ -27,6 +27,12 @@ def generate(*argv: str) -> dict[str, Path]:
     parser = argparse.ArgumentParser()
     add_generate_arguments(parser)
     return run_generate(parser.parse_args(list(argv)))
+
+
+def convert_moshi(*argv: str) -> Path:
+    parser = argparse.ArgumentParser()
+    add_convert_arguments(parser)
+    return run_convert(parser.parse_args(list(argv)))
 
 
 def test_generate_on_the_embedded_default_speaks_with_its_own_codec(tmp_path: Path) -> None:
@@ -69,7 +75,40 @@ def test_generate_is_deterministic_and_loads_real_weights(tmp_path: Path) -> Non
     d = generate("--minutes", "0.05", "--moshi-weights", str(ckpt.moshi_weights), "--config", str(ckpt.config),
                  "--mimi-weights", str(ckpt.mimi_weights), "--mimi-config", str(ckpt.mimi_config),
                  "--batch-size", "2", "--out", str(tmp_path / "d"), "--device", "cpu")
-    assert np.load(d["tokens"]).shape == (2, 3, 37)  # round(0.05 * 60 * 12.5) = 38 frames, one delay and d["audio_0"].exists() and d["audio_1"].exists()
+    assert np.load(d["tokens"]).shape == (2, 3, 37)  # round(0.05 * 60 * 12.5) = 38 frames, one delay
+    for i in range(2):  # one wav per stream of the batch, each as long as its tokens
+        with wave.open(str(d[f"audio_{i}"])) as w:
+            assert w.getframerate() == 24000 and w.getnframes() == 37 * 1920
+
+
+def test_a_converted_checkpoint_generates_audio_as_is(tmp_path: Path) -> None:
+    """convert-moshi carries the Mimi and tokenizer its source config names: generate --hybrid OUT decodes
+    with that Mimi (the tokens decode to the same audio as giving the Mimi explicitly) with no extra flag."""
+    ckpt = write_tiny_checkpoint(tmp_path / "released")
+    out = tmp_path / "hybrid"
+    convert_moshi("--moshi-weights", str(ckpt.moshi_weights), "--config", str(ckpt.config), "--out", str(out),
+                  "--dtype", "float32")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "mimi.safetensors", "mimi_config.json",
+                                                     "model.safetensors", "tokenizer.model"]
+    for name in ("mimi.safetensors", "tokenizer.model"):
+        assert (out / name).read_bytes() == (ckpt.root / name).read_bytes()
+    as_is = generate("--minutes", "0.05", "--hybrid", str(out), "--out", str(tmp_path / "a"), "--device", "cpu")
+    explicit = generate("--minutes", "0.05", "--hybrid", str(out), "--mimi-weights", str(ckpt.mimi_weights),
+                        "--mimi-config", str(ckpt.mimi_config), "--out", str(tmp_path / "b"), "--device", "cpu")
+    assert as_is["audio"].read_bytes() == explicit["audio"].read_bytes()
+    with wave.open(str(as_is["audio"])) as w:
+        assert w.getnframes() == 37 * 1920
+
+
+def test_a_checkpoint_without_a_mimi_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = write_tiny_checkpoint(tmp_path / "released")
+    ckpt.mimi_weights.unlink()
+    convert_moshi("--moshi-weights", str(ckpt.moshi_weights), "--config", str(ckpt.config),
+                  "--out", str(tmp_path / "hybrid"), "--dtype", "float32")
+    assert "no Mimi beside" in capsys.readouterr().err
+    files = generate("--minutes", "0.05", "--hybrid", str(tmp_path / "hybrid"), "--out", str(tmp_path / "g"),
+                     "--device", "cpu")
+    assert "audio" not in files and "--mimi-weights" in capsys.readouterr().err
 
 
 def test_stream_state_is_constant_and_larger_than_vanillas_by_the_ttt_state() -> None:

@@ -13,7 +13,7 @@ import sys
 # command -> (module, function adding its arguments, function running it, help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "generate": ("ttt_speech.moshi.commands", "add_generate_arguments", "run_generate",
-                 "stream N minutes from a TTT hybrid (tiny built-in model by default)"),
+                 "stream N minutes from a TTT hybrid (default: the small hybrid + codec shipped in the package)"),
     "convert-moshi": ("ttt_speech.moshi.commands", "add_convert_arguments", "run_convert",
                       "convert a Moshi checkpoint into a TTT hybrid"),
     "init-moshi": ("ttt_speech.moshi.scratch", "add_arguments", "run",

@@ -12,6 +12,7 @@ know the TTT layers, so hybrids load through `load_hybrid`.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import typing as tp
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 from moshi.models.lm import LMModel
-from moshi.models.loaders import get_moshi_lm
+from moshi.models.loaders import MIMI_NAME, TEXT_TOKENIZER_NAME, get_moshi_lm
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -66,18 +67,38 @@ def save_moshi_checkpoint(lm: LMModel, config: dict[str, tp.Any], out_dir: str |
 
 
 COMPANION_KEYS = ("mimi_name", "mimi_config_name", "tokenizer_name")
+# what moshi's CheckpointInfo assumes when a config.json names no files (the released repositories)
+DEFAULT_COMPANIONS = {"mimi_name": MIMI_NAME, "tokenizer_name": TEXT_TOKENIZER_NAME}
 
 
-def copy_companions(source_dir: str | Path, out_dir: str | Path) -> list[str]:
-    """Copy the codec and tokenizer files a Moshi directory's config.json names into `out_dir`, and name
-    them in its config.json, so a model trained from a local checkpoint stays self-contained."""
+def companion(root: str | Path, config: dict[str, tp.Any], key: str) -> Path | None:
+    """The file beside a checkpoint that its config.json names under `key` (one of COMPANION_KEYS; moshi's
+    default name when unnamed), or None when it is not there."""
+    name = config.get(key, DEFAULT_COMPANIONS.get(key))
+    path = Path(root) / name if isinstance(name, str) else None
+    return path if path is not None and path.is_file() else None
+
+
+def copy_companions(source_dir: str | Path, out_dir: str | Path, config: dict[str, tp.Any] | None = None) -> list[str]:
+    """Put the codec and tokenizer files of a Moshi directory (named by `config`, default its config.json)
+    into `out_dir` and name them in out_dir's config.json, so that generate and serve find them there.
+
+    Hard links where the file system allows (a 7B Moshi's Mimi is 385 MB), copies otherwise. Returns the
+    names put there; a file the directory lacks is left out."""
     src, out = Path(source_dir), Path(out_dir)
-    config = json.loads((src / CONFIG_NAME).read_text())
-    names = {k: config[k] for k in COMPANION_KEYS if k in config}
+    config = json.loads((src / CONFIG_NAME).read_text()) if config is None else config
+    names = {k: path.name for k in COMPANION_KEYS if (path := companion(src, config, k)) is not None}
     for name in names.values():
-        shutil.copyfile(src / name, out / name)
-    target = json.loads((out / CONFIG_NAME).read_text()) | names
-    (out / CONFIG_NAME).write_text(json.dumps(target, indent=2) + "\n")
+        target = out / name
+        if target.exists() and target.samefile(src / name):
+            continue
+        target.unlink(missing_ok=True)
+        try:
+            os.link(src / name, target)
+        except OSError:
+            shutil.copyfile(src / name, target)
+    written = json.loads((out / CONFIG_NAME).read_text()) | names
+    (out / CONFIG_NAME).write_text(json.dumps(written, indent=2) + "\n")
     return list(names.values())
 
 

@@ -16,13 +16,12 @@ import torch
 from moshi.models.lm import LMModel
 from moshi.models.loaders import get_mimi, get_moshi_lm
 
-from ttt_speech.moshi.checkpoint import load_hybrid
+from ttt_speech.moshi.checkpoint import CONFIG_NAME, companion, copy_companions, load_hybrid
 from ttt_speech.moshi.config import lm_kwargs
 from ttt_speech.moshi.convert import BRANCHES, convert, default_branch_config
 from ttt_speech.moshi.generate import FRAME_RATE, WavSink, stream, wav_paths, write_outputs
 from ttt_speech.moshi.scratch import SHIPPED_DIR
-from ttt_speech.moshi.tiny import (MIMI_CONFIG_NAME, MIMI_WEIGHTS_NAME, build_tiny_hybrid, build_tiny_mimi,
-                                   tiny_mimi_config)
+from ttt_speech.moshi.tiny import build_tiny_hybrid, build_tiny_mimi, tiny_mimi_config
 from ttt_speech.quantize import MODES as QUANT_MODES
 from ttt_speech.quantize import Mode as QuantMode
 from ttt_speech.quantize import quantize_weights
@@ -95,9 +94,15 @@ def run_convert(args: argparse.Namespace) -> Path:
         raise SystemExit(f"convert-moshi: {e}") from None
     hybrid = convert(lm, args.layers, args.mode, cfg, moshi_config=raw)
     out = hybrid.save_pretrained(args.out)
+    carried = copy_companions(Path(args.config).parent, out, raw)  # generate / serve on `out` then decode and speak as is
+    for key, what, flag in (("mimi_name", "Mimi", "--mimi-weights / serve --mimi"),
+                            ("tokenizer_name", "tokenizer", "serve --tokenizer")):
+        if companion(out, json.loads((out / CONFIG_NAME).read_text()), key) is None:
+            print(f"convert-moshi: no {what} beside {args.config}; generate/serve on {out} need {flag}",
+                  file=sys.stderr)
     n = sum(p.numel() for layer in hybrid.ttt_layers() for p in layer.ttt.parameters())
     print(f"converted layers {list(hybrid.ttt_spec.layers)} ({args.mode}, {n / 1e6:.1f}M {branch.upper()} "
-          f"parameters) -> {out}")
+          f"parameters) -> {out} (with {', '.join(carried) or 'no codec or tokenizer'})")
     return out
 
 
@@ -142,20 +147,25 @@ def run_generate(args: argparse.Namespace) -> dict[str, Path]:
     bf16 = bool(args.hybrid or args.moshi_weights) or args.quantize == "int4"
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if bf16 and device.type == "cuda" else torch.float32)
     mimi_weights, mimi_config = args.mimi_weights, args.mimi_config
-    if args.hybrid:
-        lm, name = load_hybrid(args.hybrid, device=device, dtype=dtype), f"hybrid {args.hybrid}"
+    model_dir: Path | None = None  # a checkpoint directory: its config.json names the Mimi to decode with
+    if args.hybrid or not (args.moshi_weights or args.tiny):
+        model_dir = Path(args.hybrid) if args.hybrid else SHIPPED_DIR
+        lm, raw = load_hybrid(model_dir, device=device, dtype=dtype), json.loads((model_dir / CONFIG_NAME).read_text())
+        name = f"hybrid {args.hybrid}" if args.hybrid else f"small TTT hybrid ({SHIPPED_DIR})"
     elif args.moshi_weights:
         if not args.config:
             raise SystemExit("--moshi-weights needs --config")
-        raw = json.loads(Path(args.config).read_text())
+        model_dir, raw = Path(args.config).parent, json.loads(Path(args.config).read_text())
         lm = get_moshi_lm(args.moshi_weights, lm_kwargs=lm_kwargs(raw), device=device, dtype=dtype)
         name = f"vanilla Moshi {args.moshi_weights}"
-    elif args.tiny:
-        lm, name = build_tiny_hybrid(args.seed, device, dtype), "tiny TTT hybrid (built in code)"
     else:
-        lm, name = load_hybrid(SHIPPED_DIR, device=device, dtype=dtype), f"small TTT hybrid ({SHIPPED_DIR})"
-        if not (mimi_weights or args.tiny_mimi):  # the shipped model decodes with its own codec
-            mimi_weights, mimi_config = SHIPPED_DIR / MIMI_WEIGHTS_NAME, SHIPPED_DIR / MIMI_CONFIG_NAME
+        lm, name = build_tiny_hybrid(args.seed, device, dtype), "tiny TTT hybrid (built in code)"
+    if model_dir is not None and not (mimi_weights or args.tiny_mimi):  # the Mimi the checkpoint names
+        mimi_weights = companion(model_dir, raw, "mimi_name")
+        mimi_config = mimi_config or companion(model_dir, raw, "mimi_config_name")
+        if mimi_weights is None:
+            print(f"no Mimi beside {model_dir}: writing tokens only (--mimi-weights FILE decodes them to audio)",
+                  file=sys.stderr)
     if args.quantize:
         print(quantize_or_exit(lm, args.quantize), file=sys.stderr)
         name += f", {args.quantize} weights"
