@@ -29,6 +29,7 @@ from ttt_speech import TTTConfig  # noqa: E402
 from ttt_speech.config import GatedDeltaNetConfig  # noqa: E402
 from ttt_speech.layers import GatedDeltaNetLayer, GatedDeltaNetState  # noqa: E402
 from ttt_speech.moshi import TTTLMModel, TTTTransformerLayer, convert, default_gdn_config, load_hybrid  # noqa: E402
+from ttt_speech.errors import UsageError  # noqa: E402
 from ttt_speech.moshi.commands import add_convert_arguments, run_convert  # noqa: E402
 from ttt_speech.moshi.generate import streaming_state_bytes  # noqa: E402
 from ttt_speech.moshi.tiny import TinyCheckpoint, build_tiny_lm, tiny_lm_config, write_tiny_checkpoint  # noqa: E402
@@ -185,5 +186,5 @@ def test_convert_moshi_command_with_a_gdn_branch(tiny_ckpt: TinyCheckpoint, tmp_
     assert isinstance(lm.transformer.layers[1].ttt, GatedDeltaNetLayer)
     assert not isinstance(lm.transformer.layers[0], TTTTransformerLayer)
     for extra in (["--mini-batch", "8"], ["--mode", "replace"]):
-        with pytest.raises(SystemExit):
+        with pytest.raises(UsageError, match="--branch gdn|hybrid"):
             run_convert(parser.parse_args([*base, "--out", str(tmp_path / "bad"), *extra]))

@@ -34,6 +34,7 @@ def test_missing_torchao_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> Non
 
 pytest.importorskip("moshi")
 
+from ttt_speech.errors import UsageError  # noqa: E402
 from ttt_speech.moshi.commands import add_generate_arguments, run_generate  # noqa: E402
 from ttt_speech.moshi.convert import TTTLMModel  # noqa: E402
 from ttt_speech.moshi.generate import stream  # noqa: E402
@@ -131,5 +132,5 @@ def test_generate_with_int8_weights(tmp_path: Path) -> None:
 
 @needs_torchao
 def test_int4_is_refused_off_cuda(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit, match="--quantize int4: int4 needs bfloat16 weights on CUDA"):
+    with pytest.raises(UsageError, match="--quantize int4 needs --device cuda and bfloat16 weights"):
         generate("--minutes", "0.05", "--quantize", "int4", "--dtype", "bfloat16", "--out", str(tmp_path))

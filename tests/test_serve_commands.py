@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("moshi")
 pytest.importorskip("aiohttp")
 
+from ttt_speech.errors import UsageError  # noqa: E402
 from ttt_speech.moshi import TTTLMModel  # noqa: E402
 from ttt_speech.moshi.tiny import MIMI_WEIGHTS_NAME, build_tiny_hybrid, write_tiny_checkpoint  # noqa: E402
 from ttt_speech.serve.commands import add_arguments, load_mimi, load_model, load_tokenizer  # noqa: E402
@@ -44,7 +45,7 @@ def test_model_mimi_and_tokenizer_are_found_for_each_kind_of_model(tmp_path: Pat
     assert isinstance(lm, TTTLMModel) and hybrid_id != vanilla_id  # the config hash names the model
 
     (vanilla_dir / MIMI_WEIGHTS_NAME).unlink()
-    with pytest.raises(SystemExit, match="--mimi"):
+    with pytest.raises(UsageError, match="--mimi"):
         load(parse("--model", str(vanilla_dir)), tmp_path)
     _, _, mimi, _ = load(parse("--model", str(vanilla_dir), "--mimi", "tiny"), tmp_path)
     assert mimi.cardinality == lm.card

@@ -1,6 +1,9 @@
 """`ttt-speech <command>`: a thin front over the modules; each command's code lives in its package.
 
-Commands are imported only when run, so `ttt-speech --help` does not import moshi or transformers.
+Only the chosen command's module is imported, and those modules import torch, moshi and transformers
+inside their `run` functions, so `ttt-speech X --help` and a refused argument take well under a second.
+A `UsageError` (a bad argument or file, see errors.py) ends the command with one line on stderr and
+exit code 2; `--debug` or TTT_SPEECH_DEBUG=1 shows its traceback instead.
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ import argparse
 import importlib
 import os
 import sys
+
+from ttt_speech.errors import OneLineParser, UsageError
 
 # command -> (module, function adding its arguments, function running it, help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
@@ -45,24 +50,39 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
 }
 
 
+DEBUG_FLAG = "--debug"
+DEBUG_HELP = "on an error in the input, show the Python traceback instead of one line (or set TTT_SPEECH_DEBUG=1)"
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ttt-speech", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="ttt-speech", description=__doc__.splitlines()[0])
+    parser.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     wanted = next((a for a in argv if not a.startswith("-")), None)
     for name, (module, add, _, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
         if name == wanted:  # only the chosen command's module is imported
             getattr(importlib.import_module(module), add)(p)
+            p.add_argument(DEBUG_FLAG, action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Parse `argv`, run the command; a UsageError exits 2 with its one line (the traceback with --debug)."""
     argv = sys.argv[1:] if argv is None else argv
     # moshi compiles lazily unless told not to, which costs 4-18 s per first forward on a CPU
     os.environ.setdefault("NO_TORCH_COMPILE", "1")
-    args = build_parser(argv).parse_args(argv)
-    module, _, run, _ = COMMANDS[args.command]
-    code = getattr(importlib.import_module(module), run)(args)
+    debug = DEBUG_FLAG in argv or os.environ.get("TTT_SPEECH_DEBUG", "") not in ("", "0")
+    prog = " ".join(["ttt-speech", *[a for a in argv if a in COMMANDS][:1]])
+    try:
+        args = build_parser(argv).parse_args(argv)
+        module, _, run, _ = COMMANDS[args.command]
+        code = getattr(importlib.import_module(module), run)(args)
+    except UsageError as e:
+        if debug:
+            raise
+        print(f"{prog}: {' '.join(str(e).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
     if isinstance(code, int) and code:
         raise SystemExit(code)
 

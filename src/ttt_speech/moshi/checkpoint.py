@@ -24,7 +24,8 @@ from moshi.models.loaders import MIMI_NAME, TEXT_TOKENIZER_NAME, get_moshi_lm
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ttt_speech.moshi.config import lm_kwargs
+from ttt_speech.errors import UsageError, check_safetensors, existing_dir, existing_file
+from ttt_speech.moshi.config import lm_kwargs, read_moshi_config
 from ttt_speech.moshi.convert import BRANCHES, MODES, TTTLMModel, convert
 from ttt_speech.moshi.layer import BranchConfig
 
@@ -102,6 +103,22 @@ def copy_companions(source_dir: str | Path, out_dir: str | Path, config: dict[st
     return list(names.values())
 
 
+def load_text_tokenizer(path: str | Path, text_card: int) -> tp.Any:
+    """A SentencePiece model for a model of `text_card` text tokens; a UsageError naming the file if it is not one,
+    or has fewer pieces than the model can generate (decoding such a token would fail mid-run)."""
+    import sentencepiece
+
+    p = existing_file(path, "SentencePiece tokenizer")
+    try:
+        tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(p))
+    except (OSError, RuntimeError):
+        raise UsageError(f"{p}: not a SentencePiece model; give the model's tokenizer (tokenizer.model)") from None
+    if tokenizer.vocab_size() < text_card:
+        raise UsageError(f"{p}: {tokenizer.vocab_size()} text tokens, fewer than the model's text_card {text_card}; "
+                         "give the tokenizer the model was trained with")
+    return tokenizer
+
+
 def save_hybrid(model: TTTLMModel, out_dir: str | Path) -> Path:
     """config.json = the Moshi config + {"ttt": {format, version, branch, mode, layers, config}}."""
     section = {"format": HYBRID_FORMAT, "version": HYBRID_VERSION, **model.ttt_spec.to_dict()}
@@ -110,21 +127,24 @@ def save_hybrid(model: TTTLMModel, out_dir: str | Path) -> Path:
 
 def _parse_section(section: tp.Any, where: Path) -> tuple[str, list[int], BranchConfig]:
     if not isinstance(section, dict):
-        raise ValueError(f"{where}: '{TTT_SECTION}' must be an object, got {type(section).__name__}")
+        raise UsageError(f"{where}: '{TTT_SECTION}' must be an object, got {type(section).__name__}")
     if section.get("format") != HYBRID_FORMAT or section.get("version") != HYBRID_VERSION:
-        raise ValueError(f"{where}: '{TTT_SECTION}' has format/version {section.get('format')!r}/"
+        raise UsageError(f"{where}: '{TTT_SECTION}' has format/version {section.get('format')!r}/"
                          f"{section.get('version')!r}; this library reads {HYBRID_FORMAT!r}/{HYBRID_VERSION}")
     mode, layers, cfg = section.get("mode"), section.get("layers"), section.get("config")
     branch = section.get("branch", "ttt")  # written before Gated DeltaNet branches existed: TTT
     if branch not in BRANCHES:
-        raise ValueError(f"{where}: ttt.branch must be one of {tuple(BRANCHES)}, got {branch!r}")
+        raise UsageError(f"{where}: ttt.branch must be one of {tuple(BRANCHES)}, got {branch!r}")
     if mode not in MODES:
-        raise ValueError(f"{where}: ttt.mode must be one of {MODES}, got {mode!r}")
+        raise UsageError(f"{where}: ttt.mode must be one of {MODES}, got {mode!r}")
     if not isinstance(layers, list) or not all(isinstance(i, int) for i in layers):
-        raise ValueError(f"{where}: ttt.layers must be a list of layer indices, got {layers!r}")
+        raise UsageError(f"{where}: ttt.layers must be a list of layer indices, got {layers!r}")
     if not isinstance(cfg, dict):
-        raise ValueError(f"{where}: ttt.config must be an object, got {cfg!r}")
-    return mode, layers, BRANCHES[branch].from_dict(cfg)
+        raise UsageError(f"{where}: ttt.config must be an object, got {cfg!r}")
+    try:
+        return mode, layers, BRANCHES[branch].from_dict(cfg)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{where}: ttt.config: {e}") from None
 
 
 def _mismatch(where: Path, expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]],
@@ -154,6 +174,18 @@ def _mismatch(where: Path, expected: dict[str, tuple[int, ...]], found: dict[str
     return "\n  ".join(lines)
 
 
+def check_hybrid_dir(path: str | Path) -> dict[str, tp.Any]:
+    """The config.json of a hybrid directory, after checking what can be checked without building the model:
+    the directory, a Moshi config with a "ttt" section, a whole model.safetensors (else a UsageError)."""
+    root = existing_dir(path, "hybrid checkpoint directory")
+    raw = read_moshi_config(root / CONFIG_NAME)
+    if TTT_SECTION not in raw:
+        raise UsageError(f"{root / CONFIG_NAME} has no '{TTT_SECTION}' section: it is a vanilla Moshi checkpoint "
+                         "(give it as --moshi-weights/--config, or convert it with convert-moshi)")
+    check_safetensors(root / WEIGHTS_NAME)
+    return raw
+
+
 def load_hybrid(path: str | Path, device: torch.device | str = "cpu",
                 dtype: torch.dtype = torch.bfloat16) -> TTTLMModel:
     """Load a checkpoint written by `save_pretrained` (a directory with config.json + model.safetensors).
@@ -162,14 +194,11 @@ def load_hybrid(path: str | Path, device: torch.device | str = "cpu",
     shape of the file against the "ttt" section, then assigns the file's tensors (no double copy).
     """
     root = Path(path)
-    raw = json.loads((root / CONFIG_NAME).read_text())
-    if TTT_SECTION not in raw:
-        raise ValueError(f"{root / CONFIG_NAME} has no '{TTT_SECTION}' section: it is a vanilla Moshi checkpoint; "
-                         "load it with moshi.models.loaders and call ttt_speech.moshi.convert")
+    raw = check_hybrid_dir(root)
     mode, layers, cfg = _parse_section(raw.pop(TTT_SECTION), root / CONFIG_NAME)
     lm = get_moshi_lm(None, lm_kwargs=lm_kwargs(raw), device="meta", dtype=dtype)
     if not layers or not all(0 <= i < len(lm.transformer.layers) for i in layers):
-        raise ValueError(f"{root / CONFIG_NAME}: ttt.layers {layers} out of range for "
+        raise UsageError(f"{root / CONFIG_NAME}: ttt.layers {layers} out of range for "
                          f"{len(lm.transformer.layers)} layers")
     model = convert(lm, layers, mode, cfg, init_from_attention=False, moshi_config=raw)  # type: ignore[arg-type]
     state = load_file(str(root / WEIGHTS_NAME), device=str(device))
@@ -177,7 +206,7 @@ def load_hybrid(path: str | Path, device: torch.device | str = "cpu",
     expected = {k: tuple(v.shape) for k, v in to_moshi_layout(model.state_dict()).items()}
     problem = _mismatch(root, expected, {k: tuple(v.shape) for k, v in state.items()}, mode, layers)
     if problem:
-        raise ValueError(problem)
+        raise UsageError(problem)
     model.load_state_dict(state, strict=True, assign=True)
     _check_materialized(model)
     return model.eval()

@@ -7,26 +7,22 @@ module can also run alone: `python -m ttt_speech.moshi.commands generate --minut
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import typing as tp
 from pathlib import Path
 
-import torch
-from moshi.models.lm import LMModel
-from moshi.models.loaders import get_mimi, get_moshi_lm
+from ttt_speech.devices import DTYPE_NAMES, torch_device, torch_dtype
+from ttt_speech.errors import (UsageError, check_safetensors, nonnegative_float, output_dir, positive_float,
+                               positive_int, read_json_object)
 
-from ttt_speech.moshi.checkpoint import CONFIG_NAME, companion, copy_companions, load_hybrid
-from ttt_speech.moshi.config import lm_kwargs
-from ttt_speech.moshi.convert import BRANCHES, convert, default_branch_config
-from ttt_speech.moshi.generate import FRAME_RATE, WavSink, stream, wav_paths, write_outputs
-from ttt_speech.moshi.scratch import SHIPPED_DIR
-from ttt_speech.moshi.tiny import build_tiny_hybrid, build_tiny_mimi, tiny_mimi_config
-from ttt_speech.quantize import MODES as QUANT_MODES
-from ttt_speech.quantize import Mode as QuantMode
-from ttt_speech.quantize import quantize_weights
+if tp.TYPE_CHECKING:
+    import torch
+    from moshi.models.lm import LMModel
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Literal here (checked against their modules in tests/test_cli_errors.py): importing those modules costs
+# seconds, which `--help` must not.
+BRANCH_NAMES = ("ttt", "gdn")
+QUANT_MODES = ("int8", "int4")
 
 
 def parse_layers(text: str) -> str | list[int]:
@@ -47,12 +43,12 @@ TTT_ONLY_FLAGS = ("inner", "mini_batch", "variant", "shared_qkv")
 
 
 def _ttt_overrides(args: argparse.Namespace) -> dict[str, tp.Any]:
-    over: dict[str, tp.Any] = json.loads(Path(args.ttt_config).read_text()) if args.ttt_config else {}
+    over: dict[str, tp.Any] = read_json_object(args.ttt_config, "--ttt-config file") if args.ttt_config else {}
     branch = getattr(args, "branch", "ttt")
     for key in (*TTT_ONLY_FLAGS, "gate_init"):
         if getattr(args, key) is not None:
             if branch != "ttt" and key in TTT_ONLY_FLAGS:
-                raise SystemExit(f"--{key.replace('_', '-')} is a TTT option; it does not apply to --branch {branch}")
+                raise UsageError(f"--{key.replace('_', '-')} is a TTT option; it does not apply to --branch {branch}")
             over[key] = getattr(args, key)
     return over
 
@@ -62,12 +58,12 @@ def add_ttt_arguments(p: argparse.ArgumentParser) -> None:
                    help="temporal-transformer layers to convert: all, 24-31, 0,2,5-7 (default: all)")
     p.add_argument("--mode", choices=("hybrid", "replace"), default="hybrid",
                    help="hybrid: attention + gated TTT branch (default); replace: TTT instead of attention")
-    p.add_argument("--branch", choices=tuple(BRANCHES), default="ttt",
+    p.add_argument("--branch", choices=BRANCH_NAMES, default="ttt",
                    help="memory branch: ttt (default) or gdn (Gated DeltaNet; --mode hybrid only)")
     p.add_argument("--ttt-config", help="JSON file of TTTConfig (or, with --branch gdn, GatedDeltaNetConfig) "
                                         "fields (dim/num_heads default to the model's)")
     p.add_argument("--inner", choices=("linear", "mlp"), help="TTT inner model")
-    p.add_argument("--mini-batch", type=int, help="TTT mini-batch size")
+    p.add_argument("--mini-batch", type=positive_int, help="TTT mini-batch size")
     p.add_argument("--variant", choices=("ttt-lm", "fla"), help="TTT update rule")
     p.add_argument("--gate-init", type=float, help="initial gate alpha (hybrid: 0 keeps the logits unchanged)")
     p.add_argument("--shared-qkv", action="store_true", default=None,
@@ -79,22 +75,41 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--moshi-weights", required=True, help="Moshi model.safetensors")
     p.add_argument("--config", required=True, help="Moshi config.json")
     p.add_argument("--out", required=True, help="output directory (model.safetensors + config.json)")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="bfloat16")
     add_ttt_arguments(p)
 
 
 def run_convert(args: argparse.Namespace) -> Path:
-    """Load a released Moshi, convert it, save the hybrid checkpoint."""
-    raw = json.loads(Path(args.config).read_text())
-    lm = get_moshi_lm(args.moshi_weights, lm_kwargs=lm_kwargs(raw), dtype=DTYPES[args.dtype])
+    """Load a released Moshi, convert it, save the hybrid checkpoint. Everything the options decide is tried
+    first on a weightless (meta) copy of the model, so a bad option is refused before gigabytes are read."""
+    import json
+
+    import torch
+    from moshi.models.loaders import get_moshi_lm
+
+    from ttt_speech.moshi.checkpoint import CONFIG_NAME, companion, copy_companions
+    from ttt_speech.moshi.config import lm_kwargs, read_moshi_config
+    from ttt_speech.moshi.convert import convert, default_branch_config
+
+    raw = read_moshi_config(args.config)
+    check_safetensors(args.moshi_weights)
+    output_dir(args.out)
+    overrides = _ttt_overrides(args)
     branch = getattr(args, "branch", "ttt")
+    with torch.device("meta"):
+        meta = get_moshi_lm(None, lm_kwargs=lm_kwargs(raw), device="meta", dtype=torch.float32)
+    where = f"--ttt-config {args.ttt_config}" if args.ttt_config else "convert-moshi"
     try:
-        cfg = default_branch_config(lm, args.mode, branch, **_ttt_overrides(args))
-    except ValueError as e:
-        raise SystemExit(f"convert-moshi: {e}") from None
+        convert(meta, args.layers, args.mode, default_branch_config(meta, args.mode, branch, **overrides),
+                moshi_config=raw)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{where}: {e}") from None
+    del meta
+    lm = get_moshi_lm(args.moshi_weights, lm_kwargs=lm_kwargs(raw), dtype=torch_dtype(args.dtype, torch.device("cpu")))
+    cfg = default_branch_config(lm, args.mode, branch, **overrides)
     hybrid = convert(lm, args.layers, args.mode, cfg, moshi_config=raw)
     out = hybrid.save_pretrained(args.out)
-    carried = copy_companions(Path(args.config).parent, out, raw)  # generate / serve on `out` then decode and speak as is
+    carried = copy_companions(Path(args.config).parent, out, raw)  # generate / serve on `out` decode and speak as is
     for key, what, flag in (("mimi_name", "Mimi", "--mimi-weights / serve --mimi"),
                             ("tokenizer_name", "tokenizer", "serve --tokenizer")):
         if companion(out, json.loads((out / CONFIG_NAME).read_text()), key) is None:
@@ -108,22 +123,25 @@ def run_convert(args: argparse.Namespace) -> Path:
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("model (default: the small TTT hybrid + codec shipped in the package)")
-    src.add_argument("--hybrid", help="directory written by convert-moshi / save_pretrained")
-    src.add_argument("--tiny", action="store_true", help="a tiny random TTT hybrid built in code (tests, speed)")
-    src.add_argument("--moshi-weights", help="vanilla Moshi model.safetensors (needs --config)")
+    one = src.add_mutually_exclusive_group()
+    one.add_argument("--hybrid", help="directory written by convert-moshi / save_pretrained")
+    one.add_argument("--tiny", action="store_true", help="a tiny random TTT hybrid built in code (tests, speed)")
+    one.add_argument("--moshi-weights", help="vanilla Moshi model.safetensors (needs --config)")
     src.add_argument("--config", help="Moshi config.json for --moshi-weights")
-    src.add_argument("--mimi-weights", help="Mimi checkpoint: decode the generated audio to a wav")
-    src.add_argument("--mimi-config", help="Mimi config JSON (default: the released Mimi's)")
-    src.add_argument("--tiny-mimi", action="store_true", help="decode with a tiny random Mimi (demo of the audio path)")
-    p.add_argument("--minutes", type=float, default=1.0, help="minutes of audio to stream (12.5 frames/s)")
-    p.add_argument("--batch-size", type=int, default=1)
+    codec = src.add_mutually_exclusive_group()
+    codec.add_argument("--mimi-weights", help="Mimi checkpoint: decode the generated audio to a wav")
+    codec.add_argument("--tiny-mimi", action="store_true",
+                       help="decode with a tiny random Mimi (demo of the audio path)")
+    src.add_argument("--mimi-config", help="Mimi config JSON for --mimi-weights (default: the released Mimi's)")
+    p.add_argument("--minutes", type=positive_float, default=1.0, help="minutes of audio to stream (12.5 frames/s)")
+    p.add_argument("--batch-size", type=positive_int, default=1)
     p.add_argument("--out", default="generate_out", help="output directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
-    p.add_argument("--temp", type=float, default=0.8)
-    p.add_argument("--temp-text", type=float, default=0.7)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+    p.add_argument("--temp", type=nonnegative_float, default=0.8, help="audio sampling temperature (0: argmax)")
+    p.add_argument("--temp-text", type=nonnegative_float, default=0.7, help="text sampling temperature (0: argmax)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="default: bfloat16 on CUDA for real weights or int4, float32 otherwise")
     add_quantize_argument(p)
 
@@ -135,17 +153,65 @@ def add_quantize_argument(p: argparse.ArgumentParser) -> None:
 
 
 def quantize_or_exit(lm: LMModel, mode: str) -> str:
-    """`quantize_weights` for a command: a missing torchao or an unsupported setup ends it with the reason."""
+    """`quantize_weights` for a command: a missing torchao or an unsupported setup is a UsageError with the reason."""
+    from ttt_speech.quantize import Mode, quantize_weights
+
     try:
-        return quantize_weights(lm, tp.cast(QuantMode, mode)).summary()
+        return quantize_weights(lm, tp.cast(Mode, mode)).summary()
     except (ImportError, ValueError) as e:
-        raise SystemExit(f"--quantize {mode}: {e}") from None
+        raise UsageError(f"--quantize {mode}: {e}") from None
+
+
+def check_quantize(mode: str | None, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse --quantize int4 where torchao has no kernel for it, before the model is loaded."""
+    import torch
+
+    if mode == "int4" and (device.type != "cuda" or dtype != torch.bfloat16):
+        raise UsageError(f"--quantize int4 needs --device cuda and bfloat16 weights (torchao's int4 kernel), "
+                         f"not {device.type} {str(dtype).removeprefix('torch.')}; use --quantize int8")
+
+
+def check_generate(args: argparse.Namespace) -> None:
+    """Refuse option combinations and files `run_generate` could not use, before any model is built."""
+    if args.config and not args.moshi_weights:
+        raise UsageError("--config is the config of --moshi-weights; give both, or neither")
+    if args.moshi_weights and not args.config:
+        raise UsageError("--moshi-weights needs --config (the model's config.json)")
+    if args.mimi_config and not args.mimi_weights:
+        raise UsageError("--mimi-config is the config of --mimi-weights; give both, or neither")
+    if args.hybrid:
+        from ttt_speech.moshi.checkpoint import check_hybrid_dir
+
+        check_hybrid_dir(args.hybrid)
+    if args.moshi_weights:
+        from ttt_speech.moshi.config import read_moshi_config
+
+        read_moshi_config(args.config)
+        check_safetensors(args.moshi_weights)
+    if args.mimi_weights:
+        check_safetensors(args.mimi_weights)
+    if args.mimi_config:
+        read_json_object(args.mimi_config, "Mimi config")
+    output_dir(args.out)
 
 
 def run_generate(args: argparse.Namespace) -> dict[str, Path]:
-    device = torch.device(args.device)
+    import json
+
+    import torch
+    from moshi.models.loaders import get_mimi, get_moshi_lm
+
+    from ttt_speech.moshi.checkpoint import CONFIG_NAME, companion, load_hybrid
+    from ttt_speech.moshi.config import lm_kwargs
+    from ttt_speech.moshi.generate import FRAME_RATE, WavSink, stream, wav_paths, write_outputs
+    from ttt_speech.moshi.scratch import SHIPPED_DIR
+    from ttt_speech.moshi.tiny import build_tiny_hybrid, build_tiny_mimi, tiny_mimi_config
+
+    check_generate(args)
+    device = torch_device(args.device)
     bf16 = bool(args.hybrid or args.moshi_weights) or args.quantize == "int4"
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if bf16 and device.type == "cuda" else torch.float32)
+    dtype = torch_dtype(args.dtype, device, bf16)
+    check_quantize(args.quantize, device, dtype)
     mimi_weights, mimi_config = args.mimi_weights, args.mimi_config
     model_dir: Path | None = None  # a checkpoint directory: its config.json names the Mimi to decode with
     if args.hybrid or not (args.moshi_weights or args.tiny):
@@ -153,8 +219,6 @@ def run_generate(args: argparse.Namespace) -> dict[str, Path]:
         lm, raw = load_hybrid(model_dir, device=device, dtype=dtype), json.loads((model_dir / CONFIG_NAME).read_text())
         name = f"hybrid {args.hybrid}" if args.hybrid else f"small TTT hybrid ({SHIPPED_DIR})"
     elif args.moshi_weights:
-        if not args.config:
-            raise SystemExit("--moshi-weights needs --config")
         model_dir, raw = Path(args.config).parent, json.loads(Path(args.config).read_text())
         lm = get_moshi_lm(args.moshi_weights, lm_kwargs=lm_kwargs(raw), device=device, dtype=dtype)
         name = f"vanilla Moshi {args.moshi_weights}"

@@ -8,7 +8,12 @@ that cannot be loaded.
 
 from __future__ import annotations
 
+import difflib
+import inspect
+import json
+import types
 import typing as tp
+from pathlib import Path
 
 import torch
 from moshi.models.lm import LMModel
@@ -22,6 +27,8 @@ from moshi.modules.transformer import (
 )
 from torch import nn
 
+from ttt_speech.errors import UsageError, read_json_object
+
 # Keys of a Moshi config.json that moshi's CheckpointInfo consumes itself (not LMModel kwargs).
 CHECKPOINT_INFO_KEYS = ("moshi_name", "mimi_name", "mimi_config_name", "tokenizer_name", "lora_name",
                         "model_type", "lm_gen_config", "tts_config", "stt_config", "model_id")
@@ -31,6 +38,69 @@ _ACTIVATIONS = ("silu", "gelu", "relu", "sigmoid", "tanh", "elu", "leaky_relu", 
 def lm_kwargs(config: dict[str, tp.Any]) -> dict[str, tp.Any]:
     """The part of a Moshi config.json that `get_moshi_lm` takes as `lm_kwargs`."""
     return {k: v for k, v in config.items() if k not in CHECKPOINT_INFO_KEYS}
+
+
+# Keys moshi's get_moshi_lm reads itself, or drops, before building LMModel; and our hybrids' section.
+_LOADER_KEYS = ("conditioners", "fuser", "lora", "lora_rank", "lora_scaling", "depformer_causal",
+                "demux_second_stream", "ttt")
+# Set by LMModel or StreamingTransformer themselves: given again in config.json they are a TypeError.
+_SET_BY_MOSHI = ("self", "kwargs", "device", "dtype", "d_model", "dim_feedforward", "rope", "layer_class",
+                 "checkpointing", "condition_provider", "fuser", "activation")
+
+
+def _parameters() -> dict[str, inspect.Parameter]:
+    """Every config.json key moshi's builders accept, with the parameter that takes it."""
+    lm = inspect.signature(LMModel.__init__).parameters
+    inner = {**inspect.signature(StreamingTransformerLayer.__init__).parameters,
+             **inspect.signature(StreamingTransformer.__init__).parameters}
+    inner = {k: v for k, v in inner.items() if k not in _SET_BY_MOSHI}
+    dep = {f"depformer_{k}": v for k, v in inner.items() if k not in ("quantize", "causal")}  # LMModel passes both
+    return dep | inner | {k: v for k, v in lm.items() if k not in _SET_BY_MOSHI}
+
+
+def _accepts(annotation: tp.Any, value: tp.Any) -> bool:
+    """Whether a JSON value fits a parameter's annotation (numbers loosely: moshi annotates floats as int)."""
+    if annotation is inspect.Parameter.empty or annotation is tp.Any:
+        return True
+    if tp.get_origin(annotation) in (tp.Union, types.UnionType):
+        return any(_accepts(a, value) for a in tp.get_args(annotation))
+    base = tp.get_origin(annotation) or annotation
+    if base is type(None):
+        return value is None
+    if base is bool:
+        return isinstance(value, bool)
+    if base in (int, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if base in (list, tuple):
+        return isinstance(value, list)
+    if base is str:
+        return isinstance(value, str)
+    return True  # a module or callable: config.json cannot hold one, moshi fills it in
+
+
+def check_moshi_config(raw: dict[str, tp.Any], path: str | Path) -> None:
+    """Refuse a config.json that moshi's builders would reject deep inside (TypeError, assertion), naming
+    the key: an unknown (misspelled) key, a value of the wrong type, delays that do not match n_q."""
+    params = _parameters()
+    known = set(params) | set(CHECKPOINT_INFO_KEYS) | set(_LOADER_KEYS)
+    for key, value in raw.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "remove it"
+            raise UsageError(f"{path}: unknown key {key!r} for a Moshi model ({hint})")
+        if key in params and not _accepts(params[key].annotation, value):
+            raise UsageError(f"{path}: {key} = {json.dumps(value)} has the wrong type "
+                             f"(moshi expects {inspect.formatannotation(params[key].annotation)})")
+    n_q, delays = raw.get("n_q", params["n_q"].default), raw.get("delays", params["delays"].default)
+    if len(delays) != n_q + 1:
+        raise UsageError(f"{path}: delays has {len(delays)} entries; n_q = {n_q} needs {n_q + 1} (text + codebooks)")
+
+
+def read_moshi_config(path: str | Path) -> dict[str, tp.Any]:
+    """A Moshi config.json, refused with a UsageError naming the file (and key) if moshi could not build it."""
+    raw = read_json_object(path, "Moshi config.json")
+    check_moshi_config(raw, path)
+    return raw
 
 
 def _norm_name(norm: nn.Module) -> str:

@@ -13,40 +13,34 @@ import logging
 import signal
 import sys
 import tempfile
+import typing as tp
 from pathlib import Path
 
-import sentencepiece
-import torch
-from aiohttp import web
-from moshi.models.compression import MimiModel
-from moshi.models.lm import LMModel
-from moshi.models.loaders import get_mimi, get_moshi_lm
+from ttt_speech.devices import DTYPE_NAMES, torch_device, torch_dtype
+from ttt_speech.errors import (OFF, UsageError, check_safetensors, existing_dir, nonnegative_float, nonnegative_int,
+                               output_dir, port, positive_float, positive_int, positive_int_or_off, read_json_object,
+                               seconds_or_off)
+from ttt_speech.moshi.commands import add_quantize_argument, check_quantize, quantize_or_exit
 
-from ttt_speech.moshi.checkpoint import CONFIG_NAME, TTT_SECTION, WEIGHTS_NAME, load_hybrid
-from ttt_speech.moshi.commands import add_quantize_argument, quantize_or_exit
-from ttt_speech.moshi.config import lm_kwargs
-from ttt_speech.moshi.scratch import SHIPPED_DIR
-from ttt_speech.moshi.tiny import (
-    MIMI_CONFIG_NAME,
-    MIMI_WEIGHTS_NAME,
-    TOKENIZER_NAME,
-    build_tiny_hybrid,
-    build_tiny_mimi,
-    tiny_mimi_config,
-    write_tiny_tokenizer,
-)
-from ttt_speech.serve.sampling import SamplingConfig
-from ttt_speech.serve.server import build_app
-from ttt_speech.serve.sessions import Limits, SessionManager
-from ttt_speech.serve.store import StateStore, fingerprint
-from ttt_speech.serve.streams import BatchedStreams
+if tp.TYPE_CHECKING:
+    import sentencepiece
+    import torch
+    from moshi.models.compression import MimiModel
+    from moshi.models.lm import LMModel
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    from ttt_speech.serve.sessions import SessionManager
+
 log = logging.getLogger("ttt_speech.serve")
+# the package's file names and defaults, literal so that `--help` imports nothing heavy (tests/test_cli_errors.py
+# holds them equal to moshi/checkpoint.py, moshi/tiny.py, serve/sessions.py and serve/sampling.py)
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+MIMI_WEIGHTS_NAME, MIMI_CONFIG_NAME, TOKENIZER_NAME = "mimi.safetensors", "mimi_config.json", "tokenizer.model"
+MAX_MESSAGE_BYTES, IDLE_TIMEOUT_S = 1 << 16, 30.0
+TEMP, TEMP_TEXT, TOP_K, TOP_K_TEXT = 0.8, 0.7, 250, 25
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=str(SHIPPED_DIR),
+    p.add_argument("--model", default=None,
                    help="default: the small TTT hybrid + codec shipped in the package; "
                         "'tiny' (a tiny random TTT hybrid built in code), or a checkpoint directory: a hybrid "
                         "(convert-moshi / save_pretrained) or a vanilla Moshi config.json + weights")
@@ -57,76 +51,139 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help=f"SentencePiece model (default: the model directory's tokenizer_name / "
                                        f"{TOKENIZER_NAME}; a tiny one with --model tiny)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8998, help="0 picks a free port (printed at start)")
-    p.add_argument("--max-sessions", type=int, default=4, help="concurrent sessions = the batch of one LMGen step")
+    p.add_argument("--port", type=port, default=8998, help="0 picks a free port (printed at start)")
+    p.add_argument("--max-sessions", type=positive_int, default=4,
+                   help="concurrent sessions = the batch of one LMGen step")
     p.add_argument("--state-dir", default="serve_states", help="directory of kept (suspended) conversations")
-    p.add_argument("--max-kept", type=int, default=100, help="most kept conversations on disk at once")
-    p.add_argument("--keep-hours", type=float, default=24.0, help="a kept conversation not resumed by then is deleted")
-    p.add_argument("--max-message-bytes", type=int, default=Limits.max_message_bytes,
-                   help="larger websocket messages end the session (1009)")
-    p.add_argument("--idle-timeout", type=float, default=Limits.idle_timeout_s,
-                   help="seconds without a message after which a session is closed")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=tuple(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--max-kept", type=positive_int, default=100, help="most kept conversations on disk at once")
+    p.add_argument("--keep-hours", type=positive_float, default=24.0,
+                   help="a kept conversation not resumed by then is deleted")
+    p.add_argument("--max-message-bytes", type=positive_int_or_off, default=MAX_MESSAGE_BYTES,
+                   help=f"larger websocket messages end the session (1009); '{OFF}': no limit, unsafe on a network")
+    p.add_argument("--idle-timeout", type=seconds_or_off, default=IDLE_TIMEOUT_S,
+                   help=f"seconds without a message after which a session is closed; '{OFF}': never")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: bfloat16 on CUDA, float32 on CPU")
     add_quantize_argument(p)
     p.add_argument("--seed", type=int, default=0, help="weights seed of --model tiny / --mimi tiny")
-    p.add_argument("--temp", type=float, default=SamplingConfig.temp)
-    p.add_argument("--temp-text", type=float, default=SamplingConfig.temp_text)
-    p.add_argument("--top-k", type=int, default=SamplingConfig.top_k)
-    p.add_argument("--top-k-text", type=int, default=SamplingConfig.top_k_text)
+    p.add_argument("--temp", type=nonnegative_float, default=TEMP, help="audio sampling temperature")
+    p.add_argument("--temp-text", type=nonnegative_float, default=TEMP_TEXT, help="text sampling temperature")
+    p.add_argument("--top-k", type=nonnegative_int, default=TOP_K, help="audio tokens sampled from (0: all)")
+    p.add_argument("--top-k-text", type=nonnegative_int, default=TOP_K_TEXT, help="text tokens sampled from (0: all)")
     p.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
-    p.add_argument("--shutdown-after", type=float, default=0.0,
-                   help="stop after this many seconds (0: until SIGINT/SIGTERM)")
+    p.add_argument("--shutdown-after", type=seconds_or_off, default=None,
+                   help=f"stop after this many seconds (default, '{OFF}': at SIGINT/SIGTERM)")
 
 
 def _first_existing(root: Path, names: list[str | None]) -> Path | None:
     return next((root / n for n in names if n and (root / n).exists()), None)
 
 
-def load_model(spec: str, device: torch.device, dtype: torch.dtype, seed: int) -> tuple[LMModel, str, dict]:
+def _model_dir(spec: str | None) -> Path:
+    if spec is None:
+        from ttt_speech.moshi.scratch import SHIPPED_DIR
+
+        return SHIPPED_DIR
+    return Path(spec)
+
+
+def check_model(spec: str | None) -> dict[str, tp.Any]:
+    """The config.json of --model (a hybrid or vanilla Moshi directory; {} for tiny), after checking its files."""
+    from ttt_speech.moshi.checkpoint import TTT_SECTION, check_hybrid_dir
+    from ttt_speech.moshi.config import read_moshi_config
+
+    if spec == "tiny":
+        return {}
+    root = existing_dir(_model_dir(spec), "--model directory")
+    if not (root / CONFIG_NAME).is_file():
+        raise UsageError(f"--model {root}: no {CONFIG_NAME}; give a hybrid or Moshi checkpoint directory, or 'tiny'")
+    raw = read_moshi_config(root / CONFIG_NAME)
+    if TTT_SECTION in raw:
+        return check_hybrid_dir(root)
+    weights = _first_existing(root, [raw.get("moshi_name"), WEIGHTS_NAME])
+    if weights is None:
+        raise UsageError(f"--model {root}: no Moshi weights ({raw.get('moshi_name') or WEIGHTS_NAME})")
+    check_safetensors(weights)
+    return raw
+
+
+def load_model(spec: str | None, device: torch.device, dtype: torch.dtype, seed: int) -> tuple[LMModel, str, dict]:
     """(model, an identity string for state fingerprints, the directory's config.json or {})."""
+    from moshi.models.loaders import get_moshi_lm
+
+    from ttt_speech.moshi.checkpoint import TTT_SECTION, load_hybrid
+    from ttt_speech.moshi.config import lm_kwargs
+    from ttt_speech.moshi.tiny import build_tiny_hybrid
+
+    raw = check_model(spec)
     if spec == "tiny":
         return build_tiny_hybrid(seed, device, dtype), f"tiny-hybrid/seed={seed}", {}
-    root = Path(spec)
+    root = _model_dir(spec)
     text = (root / CONFIG_NAME).read_text()
-    raw = json.loads(text)
     model_id = f"{root.resolve().name}/{hashlib.sha256(text.encode()).hexdigest()[:16]}/{dtype}"
     if TTT_SECTION in raw:
         return load_hybrid(root, device=device, dtype=dtype), model_id, raw
     weights = _first_existing(root, [raw.get("moshi_name"), WEIGHTS_NAME])
-    if weights is None:
-        raise SystemExit(f"{root}: no Moshi weights ({raw.get('moshi_name') or WEIGHTS_NAME})")
     return get_moshi_lm(weights, lm_kwargs=lm_kwargs(raw), device=device, dtype=dtype), model_id, raw
 
 
-def load_mimi(args: argparse.Namespace, lm: LMModel, raw: dict, device: torch.device) -> MimiModel:
-    n = max(lm.dep_q, lm.n_q - lm.dep_q)
+def mimi_files(args: argparse.Namespace, raw: dict) -> tuple[Path, Path | None] | None:
+    """(weights, config or None) of the Mimi to load, checked; None for --mimi tiny."""
     spec = args.mimi or ("tiny" if args.model == "tiny" else None)
     if spec == "tiny":
-        return build_tiny_mimi(args.seed, tiny_mimi_config(n, lm.card), device=device, num_codebooks=n)
-    path = Path(spec) if spec else _first_existing(Path(args.model), [raw.get("mimi_name"), MIMI_WEIGHTS_NAME])
+        return None
+    path = Path(spec) if spec else _first_existing(_model_dir(args.model), [raw.get("mimi_name"), MIMI_WEIGHTS_NAME])
     if path is None:
-        raise SystemExit("no Mimi found beside the model: give --mimi FILE")
+        raise UsageError("no Mimi found beside the model: give --mimi FILE (or --mimi tiny)")
+    check_safetensors(path)
     config_path = Path(args.mimi_config) if args.mimi_config else path.parent / MIMI_CONFIG_NAME
-    config = json.loads(config_path.read_text()) if config_path.exists() else None
+    if args.mimi_config or config_path.exists():
+        read_json_object(config_path, "Mimi config")
+        return path, config_path
+    return path, None
+
+
+def load_mimi(args: argparse.Namespace, lm: LMModel, raw: dict, device: torch.device) -> MimiModel:
+    from moshi.models.loaders import get_mimi
+
+    from ttt_speech.moshi.tiny import build_tiny_mimi, tiny_mimi_config
+
+    n = max(lm.dep_q, lm.n_q - lm.dep_q)
+    files = mimi_files(args, raw)
+    if files is None:
+        return build_tiny_mimi(args.seed, tiny_mimi_config(n, lm.card), device=device, num_codebooks=n)
+    path, config_path = files
+    config = json.loads(config_path.read_text()) if config_path else None
     return get_mimi(path, config, device=device, num_codebooks=n)
+
+
+def tokenizer_file(args: argparse.Namespace, raw: dict) -> Path | None:
+    """The SentencePiece model to load, checked to exist; None for --model tiny (one is written)."""
+    if args.tokenizer:
+        return Path(args.tokenizer)
+    if args.model == "tiny":
+        return None
+    path = _first_existing(_model_dir(args.model), [raw.get("tokenizer_name"), TOKENIZER_NAME])
+    if path is None:
+        raise UsageError("no tokenizer found beside the model: give --tokenizer FILE")
+    return path
 
 
 def load_tokenizer(args: argparse.Namespace, lm: LMModel, raw: dict,
                    workdir: Path) -> sentencepiece.SentencePieceProcessor:
-    if args.tokenizer:
-        path: Path | None = Path(args.tokenizer)
-    elif args.model == "tiny":
-        path = write_tiny_tokenizer(workdir / TOKENIZER_NAME, lm.text_card)
-    else:
-        path = _first_existing(Path(args.model), [raw.get("tokenizer_name"), TOKENIZER_NAME])
-    if path is None:
-        raise SystemExit("no tokenizer found beside the model: give --tokenizer FILE")
-    return sentencepiece.SentencePieceProcessor(model_file=str(path))
+    from ttt_speech.moshi.checkpoint import load_text_tokenizer
+    from ttt_speech.moshi.tiny import write_tiny_tokenizer
+
+    path = tokenizer_file(args, raw) or write_tiny_tokenizer(workdir / TOKENIZER_NAME, lm.text_card)
+    return load_text_tokenizer(path, lm.text_card)
 
 
-async def serve(manager: SessionManager, host: str, port: int, shutdown_after: float) -> None:
+async def serve(manager: SessionManager, host: str, port: int, shutdown_after: float | None) -> None:
     """Serve until SIGINT/SIGTERM or `shutdown_after` seconds; sessions are closed with 1001."""
+    from aiohttp import web
+
+    from ttt_speech.serve.server import build_app
+
     runner = web.AppRunner(build_app(manager), handle_signals=False)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
@@ -137,17 +194,37 @@ async def serve(manager: SessionManager, host: str, port: int, shutdown_after: f
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await asyncio.wait_for(stop.wait(), timeout=shutdown_after or None)
+        await asyncio.wait_for(stop.wait(), timeout=shutdown_after)
     except asyncio.TimeoutError:
         pass
     finally:
         await runner.cleanup()
 
 
+def check_serve(args: argparse.Namespace) -> dict[str, tp.Any]:
+    """Every file `run` will read, checked before anything is loaded; returns the model's config.json ({}: tiny)."""
+    raw = check_model(args.model)
+    mimi_files(args, raw)
+    tokenizer = tokenizer_file(args, raw)
+    if tokenizer is not None:
+        from ttt_speech.moshi.checkpoint import load_text_tokenizer
+
+        load_text_tokenizer(tokenizer, raw.get("text_card", 0))
+    output_dir(args.state_dir)
+    return raw
+
+
 def run(args: argparse.Namespace) -> None:
+    from ttt_speech.serve.sampling import SamplingConfig
+    from ttt_speech.serve.sessions import Limits, SessionManager
+    from ttt_speech.serve.store import StateStore, fingerprint
+    from ttt_speech.serve.streams import BatchedStreams
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    device = torch.device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    device = torch_device(args.device)
+    dtype = torch_dtype(args.dtype, device)
+    check_quantize(args.quantize, device, dtype)
+    check_serve(args)
     lm, model_id, raw = load_model(args.model, device, dtype, args.seed)
     if args.quantize:
         log.info("%s", quantize_or_exit(lm, args.quantize))

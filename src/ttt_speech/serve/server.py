@@ -139,7 +139,7 @@ def _receiver_ending(receiver: asyncio.Task[Ending | None]) -> tuple[Ending | No
 async def chat(request: web.Request) -> web.WebSocketResponse:
     manager = request.app[MANAGER]
     limits = manager.limits
-    ws = web.WebSocketResponse(max_msg_size=limits.max_message_bytes, timeout=CLOSE_TIMEOUT_S,
+    ws = web.WebSocketResponse(max_msg_size=limits.max_message_bytes or 0, timeout=CLOSE_TIMEOUT_S,  # 0: no limit
                                receive_timeout=limits.idle_timeout_s)
     await ws.prepare(request)
     try:

@@ -45,8 +45,14 @@ class Limits:
 
     max_queued_frames: int = 25  # 2 s of input queued per session before its socket stops being read
     max_outbox: int = 250  # queued output messages (~10 s) before a client that does not read is closed
-    max_message_bytes: int = 1 << 16  # one websocket message (moshi's clients send ~20-80 ms of Opus)
-    idle_timeout_s: float = 30.0  # a client silent this long gives its slot back (moshi's clients always stream)
+    max_message_bytes: int | None = 1 << 16  # one websocket message (moshi's clients send ~20-80 ms of Opus)
+    idle_timeout_s: float | None = 30.0  # a client silent this long gives its slot back (moshi's clients always stream)
+
+    def __post_init__(self) -> None:
+        """None turns a limit off; zero or a negative is a mistake, not a way to say "off"."""
+        for name, value in vars(self).items():
+            if value is not None and value <= 0:
+                raise ValueError(f"Limits.{name} must be > 0 (None: no limit), got {value}")
 
 
 @dataclass(frozen=True)
