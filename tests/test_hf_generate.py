@@ -12,9 +12,11 @@ import torch
 
 pytest.importorskip("transformers", minversion="5.23")  # pyproject's hf extra
 
-from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList  # noqa: E402
+from transformers import DynamicCache, LogitsProcessorList  # noqa: E402
 
-from helpers.hf import FAMILIES, HEADS, HIDDEN, KV_HEADS, VOCAB, perturb_ttt, tiny_model, ttt_config  # noqa: E402
+from helpers.hf import (  # noqa: E402
+    FAMILIES, HEADS, HIDDEN, KV_HEADS, VOCAB, BytesProbe, perturb_ttt, tiny_model, ttt_config,
+)
 from ttt_speech.hf import TTTCache, convert  # noqa: E402
 from ttt_speech.hf.compat import cache_kwargs, output_cache  # noqa: E402
 
@@ -137,19 +139,6 @@ def test_left_padding_never_updates_the_ttt_state():
         assert torch.equal(out.sequences[row, -2 * W:], single.sequences[0, -2 * W:])
         diff = (torch.stack(out.logits, 1)[row] - torch.stack(single.logits, 1)[0]).abs().max().item()
         assert diff <= 1e-4
-
-
-class BytesProbe(LogitsProcessor):
-    """Records (sequence length, cache bytes) at every decoding step."""
-
-    def __init__(self, cache) -> None:
-        self.cache, self.rows = cache, []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        nbytes = self.cache.nbytes if isinstance(self.cache, TTTCache) else sum(
-            layer.keys.untyped_storage().nbytes() * 2 for layer in self.cache.layers)
-        self.rows.append((input_ids.shape[1], nbytes))
-        return scores
 
 
 @pytest.mark.parametrize("mode", ["hybrid", "replace"])

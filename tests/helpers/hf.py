@@ -1,4 +1,4 @@
-"""Tiny Llama/Qwen2 models built from config (GQA: 4 query heads, 2 KV heads), never downloaded."""
+"""Tiny Llama/Qwen2 models built from config (GQA: 4 query heads, 2 KV heads), never downloaded; a cache-bytes probe."""
 
 import pytest
 import torch
@@ -6,9 +6,11 @@ from torch import nn
 
 pytest.importorskip("transformers", minversion="5.23")  # pyproject's hf extra
 
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 from ttt_speech import TTTConfig  # noqa: E402
+from ttt_speech.hf import TTTCache  # noqa: E402
+from ttt_speech.hf.layouts import decoder_of  # noqa: E402
 
 VOCAB, HIDDEN, HEADS, KV_HEADS = 97, 64, 4, 2
 FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
@@ -33,7 +35,7 @@ def ttt_config(gate: float = 0.0, mini_batch: int = 4, **kw) -> TTTConfig:
 
 
 def ttt_modules(model) -> list[nn.Module]:
-    return [layer.self_attn.ttt for layer in model.model.layers if hasattr(layer.self_attn, "ttt")]
+    return [layer.self_attn.ttt for layer in decoder_of(model).layers if hasattr(layer.self_attn, "ttt")]
 
 
 @torch.no_grad()
@@ -43,3 +45,16 @@ def perturb_ttt(model, seed: int = 1, scale: float = 0.3) -> None:
     for module in ttt_modules(model):
         for p in module.parameters():
             p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+class BytesProbe(LogitsProcessor):
+    """Records (sequence length, cache bytes) at every decoding step."""
+
+    def __init__(self, cache) -> None:
+        self.cache, self.rows = cache, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        nbytes = self.cache.nbytes if isinstance(self.cache, TTTCache) else sum(
+            layer.keys.untyped_storage().nbytes() * 2 for layer in self.cache.layers)
+        self.rows.append((input_ids.shape[1], nbytes))
+        return scores

@@ -2,8 +2,9 @@
 
 A LLaMA-Omni directory is a Llama checkpoint with more beside it: speech encoder/projector weights
 under `model.`, a speech generator at the top level, and config keys the Llama config does not
-know. `load_llm` builds the transformers LLM the directory holds (from its own model_type, or the
-one a `ttt` section or the architecture name points to), loads its weights with transformers'
+know (VITA's is the same around a Mixtral). `load_llm` builds the transformers model the directory
+holds (from its own model_type, or the one a `ttt` section or the architecture name points to; a
+Qwen2-Audio directory builds the whole Qwen2-Audio), loads its weights with transformers'
 `from_pretrained`, and returns a `LoadReport` of every tensor and config key it left alone.
 """
 
@@ -17,15 +18,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from safetensors import safe_open
 from torch import Tensor
-from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PreTrainedModel
+from transformers import CONFIG_MAPPING, PreTrainedModel
+from transformers.core_model_loading import revert_weight_conversion
+
+from ttt_speech.hf.layouts import decoder_config_dict, model_class
 
 logger = logging.getLogger(__name__)
 
 # Config keys a conversion writes; not "left alone" when they come back.
 CONVERSION_CONFIG_KEYS = frozenset({"ttt", "sliding_window", "layer_types", "use_sliding_window", "max_window_layers"})
-LLM_FAMILIES = ("qwen2", "llama")  # LLaMA-Omni (Llama-3.1), Mini-Omni / LLaMA-Omni2 (Qwen2/Qwen2.5)
+LLM_FAMILIES = ("qwen2", "llama", "mixtral")  # LLaMA-Omni (Llama-3.1), LLaMA-Omni2 (Qwen2.5), VITA (Mixtral)
 
 
 @dataclass
@@ -107,6 +112,16 @@ def llm_model_type(cfg: dict[str, Any]) -> str:
     )
 
 
+def saved_names(model: PreTrainedModel, keys: set[str]) -> dict[str, str]:
+    """The name `save_pretrained` writes each of these state-dict keys under.
+
+    transformers renames some architectures' keys on save (Qwen2-Audio's `model.language_model.` is
+    written as `language_model.model.`); shapes are enough to compute the names (meta tensors).
+    """
+    sd = model.state_dict()
+    return {k: next(iter(revert_weight_conversion(model, {k: sd[k].to("meta")}))) for k in keys}
+
+
 def satisfied(model: PreTrainedModel, loaded: set[str]) -> set[str]:
     """State-dict keys that `loaded` covers, counting tied parameters (lm_head tied to the embeddings)."""
     sd = model.state_dict()
@@ -125,22 +140,26 @@ def load_llm(
     """
     cfg = read_config(path)
     model_type = llm_model_type(cfg)
+    decoder_config_dict(cfg).pop("ttt", None)  # built unconverted; `convert.load` converts it
     config_cls = CONFIG_MAPPING[model_type]
     known = set(config_cls().to_dict())
     llm_cfg = {k: v for k, v in cfg.items() if k in known and k != "model_type"}
     extra = sorted(k for k in cfg if k not in known and k not in CONVERSION_CONFIG_KEYS)
     config = config_cls(**llm_cfg)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), config=config, dtype=dtype, attn_implementation=attn_implementation,
-    )
-    file_keys = checkpoint_keys(path)
-    present = satisfied(model, file_keys)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # its table would call the TTT tensors "UNEXPECTED"; ours says more
+    try:
+        model, info = model_class(model_type).from_pretrained(
+            str(path), config=config, dtype=dtype, attn_implementation=attn_implementation, output_loading_info=True,
+        )
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     report = LoadReport(
         path=str(path),
         model_type=model_type,
-        left_alone_keys=sorted(file_keys - set(model.state_dict())),
+        left_alone_keys=sorted(info["unexpected_keys"]),
         left_alone_config_keys=extra,
-        missing_keys=sorted(set(model.state_dict()) - present),
+        missing_keys=sorted(info["missing_keys"]),
     )
     return model, report
 

@@ -1,4 +1,7 @@
-"""`ttt-speech convert-hf`: convert a local transformers checkpoint (Llama/Qwen2, LLaMA-Omni) into a TTT hybrid.
+"""`ttt-speech convert-hf`: convert a local transformers checkpoint into a TTT hybrid.
+
+Llama, Qwen2, Mixtral and Qwen2-Audio directories, and LLaMA-Omni's and VITA's (a Llama or Mixtral
+with speech/vision modules beside it); `layouts.py` says where each keeps its decoder.
 
 The output directory is a normal `save_pretrained` directory with a `ttt` section in config.json,
 loadable with `convert.load(out)`. Tensors of the input the language model does not own (a
@@ -17,6 +20,7 @@ from safetensors.torch import save_file
 from ttt_speech.config import TTTConfig
 from ttt_speech.hf.checkpoint import load_llm, read_tensors
 from ttt_speech.hf.conversion import convert
+from ttt_speech.hf.layouts import decoder_of
 
 LEFT_ALONE_FILE = "left_alone.safetensors"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json")
@@ -51,7 +55,7 @@ def run(args: argparse.Namespace) -> None:
     model, report = load_llm(args.model, dtype=args.dtype)
     if report.missing_keys:
         raise SystemExit(f"{args.model}: checkpoint lacks language-model parameters: {report.missing_keys}")
-    config = model.config
+    config = decoder_of(model).config  # the language model's (Qwen2-Audio: its text_config)
     ttt = TTTConfig(
         dim=config.hidden_size, num_heads=args.num_heads or config.num_attention_heads, inner=args.inner,
         mini_batch=args.mini_batch, variant=args.variant, base_lr=args.base_lr, gate_init=args.gate_init,

@@ -1,10 +1,11 @@
-"""`convert`: put TTT layers into a transformers causal LM built from Llama/Qwen2-style decoder layers.
+"""`convert`: put TTT layers into the decoder stack of a transformers speech/text LM.
 
-What a conversion changes, in place:
+`layouts.py` says where each architecture keeps that stack (`model.model` for Llama, Qwen2 and
+Mixtral causal LMs; `model.model.language_model` for Qwen2-Audio). What a conversion changes, in place:
 - the chosen layers' `self_attn` (see `modules.py`: hybrid mixin or `TTTAttention`);
-- the config: `sliding_window = attention_window` for every layer (so transformers' `DynamicCache`
-  makes `DynamicSlidingWindowLayer`s: bounded KV memory), and a `ttt` section (`section.py`);
-- a forward pre-hook on the base model (`model.model`) that, before every forward,
+- the decoder's config: `sliding_window = attention_window` for every layer (so transformers'
+  `DynamicCache` makes `DynamicSlidingWindowLayer`s: bounded KV memory), and a `ttt` section (`section.py`);
+- a forward pre-hook on the decoder stack that, before every forward,
   (1) replaces the 2D padding mask by transformers' sliding-window causal mask, so attention is
       windowed in prefill and training too, even for models whose own code only builds full causal
       masks (Llama);
@@ -22,15 +23,16 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import CONFIG_MAPPING, PreTrainedConfig, PreTrainedModel
+from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_sliding_window_causal_mask
 
 from ttt_speech.config import TTTConfig
 from ttt_speech.hf.cache import TTTCache
 from ttt_speech.hf.compat import CACHE_KWARG, cache_kwargs, pop_cache
 from ttt_speech.hf.checkpoint import (
-    LoadReport, checkpoint_keys, load_llm, log_report, read_config, read_tensors, satisfied,
+    LoadReport, checkpoint_keys, load_llm, log_report, read_config, read_tensors, satisfied, saved_names,
 )
+from ttt_speech.hf.layouts import config_model_type, decoder_config_dict, decoder_of
 from ttt_speech.hf.modules import TOKEN_MASK_KWARG, TTTAttention, expand_kv_heads, hybrid_class
 from ttt_speech.hf.section import Mode, TTTSection, section_of
 from ttt_speech.layers.ttt import TTTLayer
@@ -38,29 +40,9 @@ from ttt_speech.layers.ttt import TTTLayer
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 
-def _decoder(model: nn.Module) -> nn.Module:
-    base = getattr(model, "model", None)
-    if base is None or not isinstance(getattr(base, "layers", None), nn.ModuleList):
-        raise TypeError(
-            f"{type(model).__name__}: expected a causal LM with decoder layers at `model.model.layers` "
-            "(Llama, Qwen2 and their subclasses such as LLaMA-Omni's)"
-        )
-    return base
-
-
-def _config_model_type(config: PreTrainedConfig) -> str:
-    """The transformers model_type behind a config, also for subclasses with their own (LLaMA-Omni's)."""
-    for cls in type(config).__mro__:
-        model_type = getattr(cls, "model_type", "")
-        if model_type in CONFIG_MAPPING:
-            return model_type
-    raise ValueError(f"{type(config).__name__} does not derive from a transformers config class")
-
-
-def _apply_window(model: nn.Module, window: int) -> None:
-    """Make every attention layer sliding-window in the config, the cache and native-sliding modules."""
-    config = model.config
-    base = _decoder(model)
+def _apply_window(base: nn.Module, window: int) -> None:
+    """Make every attention layer of decoder stack `base` sliding-window in its config, the cache and modules."""
+    config = base.config
     config.sliding_window = window
     config.layer_types = ["sliding_attention"] * config.num_hidden_layers
     if hasattr(config, "use_sliding_window"):  # Qwen2: otherwise its __post_init__ logic would drop the window
@@ -136,6 +118,18 @@ def _build_ttt(cfg: TTTConfig, attn: nn.Module, mode: Mode, config: PreTrainedCo
     return layer.to(device=ref.device, dtype=ref.dtype)
 
 
+def _load_by_name(model: nn.Module, path: str | Path, keys: set[str]) -> set[str]:
+    """Load these state-dict keys from the directory's files, under the names save_pretrained gives them.
+
+    Returns the keys the directory lacks (tied parameters count as loaded with the one they share).
+    """
+    names = saved_names(model, keys)
+    found = {k: f for k, f in names.items() if f in checkpoint_keys(path)}
+    tensors = read_tensors(path, set(found.values()), next(model.parameters()).device)
+    model.load_state_dict({k: tensors[f] for k, f in found.items()}, strict=False)
+    return keys - satisfied(model, set(found))
+
+
 class Converter:
     """`convert(model, ...)` converts; `convert.load(path)` rebuilds a converted model from a directory."""
 
@@ -156,8 +150,8 @@ class Converter:
         ttt: the TTT layer config; default TTTConfig(dim=hidden_size, num_heads=num_attention_heads).
         attention_window: keys/values every attention layer sees and caches (sliding window, tokens).
         """
-        base = _decoder(model)
-        config = model.config
+        base = decoder_of(model)
+        config = base.config  # the language model's own config (Qwen2-Audio: its text_config)
         if section_of(config) is not None:
             raise ValueError("this model is already converted (its config has a 'ttt' section)")
         if config._attn_implementation not in SUPPORTED_ATTENTION:
@@ -190,8 +184,8 @@ class Converter:
                 attn.add_module("ttt", ttt_layer)
             else:
                 base.layers[i].self_attn = TTTAttention(ttt_layer, i)
-        _apply_window(model, attention_window)
-        config.ttt = TTTSection(mode, tuple(idx), attention_window, cfg, _config_model_type(config)).to_dict()
+        _apply_window(base, attention_window)
+        config.ttt = TTTSection(mode, tuple(idx), attention_window, cfg, config_model_type(config)).to_dict()
         base.register_forward_pre_hook(_prepare_forward, with_kwargs=True)
         return model
 
@@ -204,37 +198,46 @@ class Converter:
     ) -> PreTrainedModel | tuple[PreTrainedModel, LoadReport]:
         """Rebuild a converted model from a local directory written by `save_pretrained`.
 
-        Without `model`, the language model named by the directory is built (for a LLaMA-Omni
-        directory: its Llama), converted as the config's `ttt` section says, and given the saved
-        weights. With `model` (e.g. a LLaMA-Omni object built by its own code), that object is converted
-        the same way and every tensor of the directory it has is loaded into it. Tensors and config keys
-        the model has no place for are left alone: logged, and returned with output_loading_info=True.
+        The model the directory names is built and given its weights by transformers (for a
+        LLaMA-Omni or VITA directory: its Llama or Mixtral; for Qwen2-Audio: the whole model, audio
+        tower included), converted as the config's `ttt` section says, and given the saved TTT
+        weights. With `model` (e.g. a LLaMA-Omni, VITA or Mini-Omni object built by its own code),
+        that object is converted the same way and receives every tensor it shares with that model,
+        and every other tensor of the directory it has (its speech modules); this holds one extra
+        copy of the language model while it runs. Tensors and config keys the model has no place for
+        are left alone: logged, and returned with output_loading_info=True.
         """
-        cfg = read_config(path)
-        if "ttt" not in cfg:
+        d = decoder_config_dict(read_config(path)).get("ttt")
+        if d is None:
             raise ValueError(f"{path}: config.json has no 'ttt' section; convert the model with `convert(...)` first")
-        section = TTTSection.from_dict(cfg["ttt"])
-        file_keys = checkpoint_keys(path)
+        section = TTTSection.from_dict(d)
+        llm, report = load_llm(path, dtype=dtype)
+        before = set(llm.state_dict())
+        self._convert_as(llm, section, path)
+        state = llm.state_dict()
+        missing = set(report.missing_keys) & set(state)  # replace mode: the replaced attention is gone, not missing
+        missing |= _load_by_name(llm, path, set(state) - before)  # the TTT parameters transformers skipped
         if model is None:
-            model, report = load_llm(path, dtype=dtype)
-            loaded = file_keys & set(model.state_dict())
+            model = llm
         else:
-            report = LoadReport(str(path), section.llm_model_type)
-            loaded = set()
-        if section_of(model.config) is None:
-            self(model, section.layers, section.mode, section.ttt, section.attention_window)
-        elif section_of(model.config) != section:
-            raise ValueError(f"{path}: the model was converted differently from the directory's 'ttt' section")
-        state_keys = set(model.state_dict())
-        todo = (file_keys & state_keys) - loaded
-        ref = next(model.parameters())
-        model.load_state_dict(read_tensors(path, todo, ref.device), strict=False)
-        report.left_alone_keys = sorted(file_keys - state_keys)
-        report.missing_keys = sorted(state_keys - satisfied(model, loaded | todo))
+            self._convert_as(model, section, path)
+            own = model.state_dict()
+            model.load_state_dict({k: state[k] for k in own if k in state}, strict=False)
+            missing = _load_by_name(model, path, set(own) - set(state))
+            state = own
+        report.left_alone_keys = sorted(set(report.left_alone_keys) - set(state))
+        report.missing_keys = sorted(missing)
         if report.missing_keys:
             raise ValueError(f"{path}: checkpoint lacks parameters of the converted model: {report.missing_keys}")
         log_report(report)
         return (model, report) if output_loading_info else model
+
+    def _convert_as(self, model: PreTrainedModel, section: TTTSection, path: str | Path) -> None:
+        """Convert `model` as `section` says, unless it already is (then it must match)."""
+        if section_of(model.config) is None:
+            self(model, section.layers, section.mode, section.ttt, section.attention_window)
+        elif section_of(model.config) != section:
+            raise ValueError(f"{path}: the model was converted differently from the directory's 'ttt' section")
 
 
 convert = Converter()

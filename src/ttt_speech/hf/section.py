@@ -58,6 +58,10 @@ class TTTSection:
 
 
 def section_of(config: PreTrainedConfig) -> TTTSection | None:
-    """The section of a converted model's config, or None for a model that was never converted."""
-    d = getattr(config, "ttt", None)
+    """The section of a converted model's config, or None for a model that was never converted.
+
+    It lives on the language model's config: the config itself for a causal LM, its `text_config`
+    for a model with an audio tower (Qwen2-Audio); either may be passed.
+    """
+    d = getattr(config.get_text_config(decoder=True), "ttt", None)
     return None if d is None else TTTSection.from_dict(d)
