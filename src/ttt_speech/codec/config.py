@@ -7,7 +7,6 @@ LM trainer's `Stage`, learning-rate schedule and checkpoint bookkeeping apply un
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import typing as tp
 from dataclasses import dataclass, field
@@ -45,10 +44,10 @@ class MimiSize:
             raise ValueError(f"model.d_model={self.d_model} must be a multiple of num_heads={self.num_heads}")
 
     def mimi_config(self, weight_norm: bool = False) -> dict[str, tp.Any]:
-        """moshi's Mimi config dict (the layout of the released mimi config JSON / `loaders._mimi_config`)."""
-        from moshi.models.loaders import _mimi_config
+        """moshi's Mimi config dict (the layout of the released mimi config JSON)."""
+        from ttt_speech.moshi.compat import default_mimi_config
 
-        cfg = copy.deepcopy(_mimi_config)
+        cfg = default_mimi_config()
         cfg["seanet"].update(n_filters=self.n_filters, dimension=self.dimension,
                              n_residual_layers=self.n_residual_layers,
                              norm="weight_norm" if weight_norm else "none")

@@ -24,6 +24,8 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ttt_speech.codec.config import MimiSize, QuantizerTraining
+from ttt_speech.compat import fold_weight_norm
+from ttt_speech.moshi.compat import encode_latent, schedule_dead_code_check, to_encoder_framerate
 from ttt_speech.moshi.tiny import MIMI_CONFIG_NAME, MIMI_WEIGHTS_NAME
 
 
@@ -50,7 +52,7 @@ def set_quantizer_step(mimi: MimiModel, q: QuantizerTraining, seed: int, step: i
         rvq.no_quantization_rate = q.no_quantization_rate
     check = (step + 1) % q.replace_every == 0
     for cb in codebooks(mimi):
-        cb._next_unused_check = 1 if check else 2  # counts down once per forward: 1 -> check now
+        schedule_dead_code_check(cb, 1 if check else 2)  # counts down once per forward: 1 -> check now
     return n
 
 
@@ -68,11 +70,11 @@ def codec_forward(mimi: MimiModel, x: Tensor, bf16: bool) -> CodecOutput:
     """
     device = x.device.type
     with torch.autocast(device, torch.bfloat16, enabled=bf16):
-        emb = mimi._encode_to_unquantized_latent(x)
+        emb = encode_latent(mimi, x)
     with torch.autocast(device, enabled=False):
         q = mimi.quantizer(emb.float(), mimi.frame_rate)
     with torch.autocast(device, torch.bfloat16, enabled=bf16):
-        emb = mimi._to_encoder_framerate(q.x)
+        emb = to_encoder_framerate(mimi, q.x)
         if mimi.decoder_transformer is not None:
             (emb,) = mimi.decoder_transformer(emb)
         out = mimi.decoder(emb)
@@ -86,7 +88,7 @@ def released_state_dict(mimi: MimiModel) -> dict[str, Tensor]:
         if hasattr(module, "weight_g"):  # torch.nn.utils.weight_norm over dim 0, as moshi applies it
             prefix = f"{name}." if name else ""
             g, v = state.pop(prefix + "weight_g"), state.pop(prefix + "weight_v")
-            state[prefix + "weight"] = torch._weight_norm(v, g, 0)
+            state[prefix + "weight"] = fold_weight_norm(v, g)
     return state
 
 

@@ -171,6 +171,8 @@ def free_run_moshi(lm: tp.Any, name: str, frames: int, *, prompt: Tensor | None 
     stream; `user` [n_user, >= P + frames] is the user's stream (default: the prompt's user rows, then silence)."""
     from moshi.models.lm import LMGen
 
+    from ttt_speech.moshi.compat import force_text_token
+
     torch.manual_seed(seed)
     scoring = scoring or AudioScoring()
     device, mimi = lm.device, scoring.mimi
@@ -207,8 +209,7 @@ def free_run_moshi(lm: tp.Any, name: str, frames: int, *, prompt: Tensor | None 
             out = gen.step(user[:, i].view(1, -1, 1).to(device), depformer_replace_tokens=forced)
             logp, token = step
             if i < P:  # force the prompt's text where LMGen wrote its sample
-                state = gen._streaming_state
-                state.cache[:, 0, state.offsets % state.cache.shape[-1]] = int(prompt[0, i])
+                force_text_token(gen, int(prompt[0, i]))
             else:
                 text[i - P] = int(token[0])
                 logprobs[i - P] = float(logp[0, token[0]])

@@ -102,16 +102,17 @@ class MoshiScorer(Scorer):
 
     @torch.no_grad()
     def score(self, tokens: Tensor, out: Tensor, tick: Tick) -> None:
-        from moshi.models.lm_utils import _delay_sequence
         from moshi.utils.compile import CUDAGraphed
+
+        from ttt_speech.moshi.compat import delay_sequence, initial_token
 
         lm = self.model
         B, _, T = tokens.shape
         S = len(self.streams)
         codes = tokens[:, :lm.num_codebooks].to(lm.device)
-        initial = lm._get_initial_token().expand(B, -1, -1)
+        initial = initial_token(lm).expand(B, -1, -1)
         # the model's input at step j is column j; its targets are column j + 1 (as LMModel.forward)
-        delayed = torch.cat([initial, _delay_sequence(lm.delays, codes, initial)], dim=2)
+        delayed = torch.cat([initial, delay_sequence(lm.delays, codes, initial)], dim=2)
         delays = lm.delays[:S]
 
         def frame(inputs: Tensor, targets: Tensor) -> Tensor:

@@ -18,6 +18,7 @@ import torch
 from transformers import Cache, DynamicCache, PreTrainedConfig
 from transformers.cache_utils import DummyLayer, DynamicSlidingWindowLayer
 
+from ttt_speech.compat import retype
 from ttt_speech.hf.section import TTTSection, section_of
 from ttt_speech.layers.state import TTTState
 from ttt_speech.layers.ttt import TTTLayer
@@ -65,7 +66,7 @@ class TTTCache(DynamicCache):
         if cache.get_seq_length() > 0:
             raise ValueError("this DynamicCache already holds tokens but no TTT state; start from a new TTTCache")
         fresh = TTTCache(config)
-        cache.__class__ = TTTCache
+        cache = retype(cache, TTTCache)
         cache.layers = fresh.layers
         cache.layer_class_to_replicate = None
         cache._attach(section)

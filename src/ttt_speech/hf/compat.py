@@ -5,6 +5,9 @@ builder from `past_key_values` to `cache` (the old name still reaches `forward`,
 `generate` passes the new one and a forward given both keeps only the new), and model outputs carry
 `cache` instead of `past_key_values`. Everything in ttt_speech that passes or reads a cache goes
 through the names here, so both supported releases see the same TTT state.
+
+It is also the one module that reads a transformers private attribute (`tests/test_compat.py` has a
+test per private, and fails when any other module touches one).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from packaging.version import Version
+from transformers import PreTrainedConfig
 
 from ttt_speech.deps import require
 
@@ -41,3 +45,8 @@ def cache_kwargs(cache: Any) -> dict[str, Any]:
 def output_cache(output: Any) -> Any:
     """The cache a model or `generate` output carries (`cache` from 5.24, `past_key_values` before)."""
     return getattr(output, CACHE_KWARG)
+
+
+def attention_implementation(config: PreTrainedConfig) -> str | None:
+    """The attention kernel the model was loaded with ("sdpa", "eager", ...)."""
+    return config._attn_implementation

@@ -26,9 +26,10 @@ from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_sliding_window_causal_mask
 
+from ttt_speech.compat import retype
 from ttt_speech.config import TTTConfig
 from ttt_speech.hf.cache import TTTCache
-from ttt_speech.hf.compat import CACHE_KWARG, cache_kwargs, pop_cache
+from ttt_speech.hf.compat import CACHE_KWARG, attention_implementation, cache_kwargs, pop_cache
 from ttt_speech.hf.checkpoint import (
     LoadReport, checkpoint_keys, load_llm, log_report, read_config, read_tensors, satisfied, saved_names,
 )
@@ -154,9 +155,9 @@ class Converter:
         config = base.config  # the language model's own config (Qwen2-Audio: its text_config)
         if section_of(config) is not None:
             raise ValueError("this model is already converted (its config has a 'ttt' section)")
-        if config._attn_implementation not in SUPPORTED_ATTENTION:
+        if attention_implementation(config) not in SUPPORTED_ATTENTION:
             raise NotImplementedError(
-                f"attention implementation {config._attn_implementation!r} is not supported yet; "
+                f"attention implementation {attention_implementation(config)!r} is not supported yet; "
                 f"load the model with attn_implementation in {SUPPORTED_ATTENTION}"
             )
         if mode not in ("hybrid", "replace"):
@@ -180,7 +181,7 @@ class Converter:
             attn = base.layers[i].self_attn
             ttt_layer = _build_ttt(cfg, attn, mode, config)
             if mode == "hybrid":
-                attn.__class__ = hybrid_class(type(attn))
+                retype(attn, hybrid_class(type(attn)))
                 attn.add_module("ttt", ttt_layer)
             else:
                 base.layers[i].self_attn = TTTAttention(ttt_layer, i)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from moshi.models.lm import LMModel
-from moshi.modules.gating import ActivationGating, _get_activation
+from moshi.modules.gating import ActivationGating
 from moshi.modules.transformer import (
     LayerNormF32,
     LayerScale,
@@ -28,6 +28,7 @@ from moshi.modules.transformer import (
 from torch import nn
 
 from ttt_speech.errors import UsageError, read_json_object
+from ttt_speech.moshi.compat import activation
 
 # Keys of a Moshi config.json that moshi's CheckpointInfo consumes itself (not LMModel kwargs).
 CHECKPOINT_INFO_KEYS = ("moshi_name", "mimi_name", "mimi_config_name", "tokenizer_name", "lora_name",
@@ -117,7 +118,7 @@ def _activation_name(fn: tp.Any) -> str:
     if isinstance(fn, nn.Identity):
         return "identity"
     for name in _ACTIVATIONS:
-        if _get_activation(name) is fn:
+        if activation(name) is fn:
             return name
     raise ValueError(f"unknown gating activation {fn}")
 

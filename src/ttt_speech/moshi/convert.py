@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moshi.models.lm import LMModel
-from moshi.modules.streaming import StreamingModule
 from torch import nn
 
+from ttt_speech.compat import retype
 from ttt_speech.config import GatedDeltaNetConfig, TTTConfig
+from ttt_speech.moshi.compat import forget_streaming_children
 from ttt_speech.moshi.config import infer_moshi_config
 from ttt_speech.moshi.layer import MODES, BranchConfig, Mode, TTTTransformerLayer, check_gdn_mode
 
@@ -161,14 +162,11 @@ def convert(
     config = dict(moshi_config) if moshi_config is not None else infer_moshi_config(lm)
     for i in idx:
         TTTTransformerLayer.from_layer(lm.transformer.layers[i], cfg, mode, init_from_attention)
-    for m in lm.modules():  # streaming children are cached on first use; the tree changed
-        if isinstance(m, StreamingModule):
-            m._cached_children = None
-    lm.__class__ = TTTLMModel
-    assert isinstance(lm, TTTLMModel)
-    lm.ttt_spec = HybridSpec(mode, idx, cfg)
-    lm.moshi_config = config
-    return lm
+    forget_streaming_children(lm)  # streaming children are cached on first use; the tree changed
+    hybrid = retype(lm, TTTLMModel)
+    hybrid.ttt_spec = HybridSpec(mode, idx, cfg)
+    hybrid.moshi_config = config
+    return hybrid
 
 
 def ttt_parameters(model: nn.Module) -> tp.Iterator[tuple[str, nn.Parameter]]:

@@ -14,13 +14,15 @@ import typing as tp
 from dataclasses import dataclass
 
 import torch
-from moshi.modules.transformer import StreamingTransformerLayer, _LayerState
+from moshi.modules.transformer import StreamingTransformerLayer
 from torch import Tensor, nn
 
 from ttt_speech.config import GatedDeltaNetConfig, TTTConfig
+from ttt_speech.compat import retype
 from ttt_speech.layers.gated_deltanet import GatedDeltaNetLayer
 from ttt_speech.layers.state import LayerState
 from ttt_speech.layers.ttt import StreamingLayer, TTTLayer
+from ttt_speech.moshi.compat import HookedTransformerLayer, LayerStreamingState, streaming_state
 
 BranchConfig = tp.Union[TTTConfig, GatedDeltaNetConfig]
 Mode = tp.Literal["hybrid", "replace"]
@@ -28,7 +30,7 @@ MODES: tuple[str, ...] = ("hybrid", "replace")
 
 
 @dataclass
-class TTTLayerState(_LayerState):
+class TTTLayerState(LayerStreamingState):
     """Moshi's per-layer streaming state plus the memory of this layer's branch (TTT or Gated DeltaNet)."""
 
     ttt: LayerState | None = None
@@ -91,7 +93,7 @@ def check_shared_qkv(attn: nn.Module, cfg: TTTConfig, mode: str, init_from_atten
                          f"got {cfg.num_heads}")
 
 
-class TTTTransformerLayer(StreamingTransformerLayer):
+class TTTTransformerLayer(HookedTransformerLayer):
     """A Moshi transformer layer whose attention gains (hybrid) or is replaced by (replace) a TTT layer.
 
     hybrid:  x + layer_scale_1(attn(norm1(x))) + ttt(norm1(x)); the TTT output carries its own
@@ -116,10 +118,9 @@ class TTTTransformerLayer(StreamingTransformerLayer):
         """Turn an existing layer into this class in place, keeping its modules (no weight copies)."""
         if type(layer) is not StreamingTransformerLayer:
             raise TypeError(f"expected a moshi StreamingTransformerLayer, got {type(layer).__name__}")
-        layer.__class__ = cls
-        assert isinstance(layer, cls)
-        layer._attach_ttt(ttt, mode, init_from_attention)
-        return layer
+        hybrid = retype(layer, cls)
+        hybrid._attach_ttt(ttt, mode, init_from_attention)
+        return hybrid
 
     def _attach_ttt(self, cfg: BranchConfig, mode: Mode, init_from_attention: bool) -> None:
         if mode not in MODES:
@@ -146,7 +147,7 @@ class TTTTransformerLayer(StreamingTransformerLayer):
         if mode == "replace":
             del self.self_attn
 
-    def _init_streaming_state(self, batch_size: int) -> TTTLayerState:
+    def init_streaming_state(self, batch_size: int) -> TTTLayerState:
         device = self.ttt.gate_alpha.device
         return TTTLayerState(batch_size, device, offset_cpu=0,
                              ttt=self.ttt.init_state(batch_size, device), ttt_layer=self.ttt)
@@ -157,7 +158,7 @@ class TTTTransformerLayer(StreamingTransformerLayer):
 
     def _ttt_branch(self, h: Tensor, **host: Tensor) -> Tensor:
         """Chunked (differentiable) form on whole sequences; in-place streaming step otherwise."""
-        state = self._streaming_state
+        state = streaming_state(self)
         if state is None:
             y, _ = self.ttt(h, **host)
             return y
@@ -184,7 +185,7 @@ class TTTTransformerLayer(StreamingTransformerLayer):
             for handle in handles:
                 handle.remove()
 
-    def _sa_block(self, x: Tensor) -> Tensor:
+    def attention_block(self, x: Tensor) -> Tensor:
         h = self.norm1(x)
         if self.ttt_mode == "replace":
             update = self._ttt_branch(h)

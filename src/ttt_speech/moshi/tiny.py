@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 from moshi.models.compression import MimiModel
 from moshi.models.lm import LMModel
-from moshi.models.loaders import CheckpointInfo, _mimi_config, get_mimi, get_moshi_lm
+from moshi.models.loaders import CheckpointInfo, get_mimi, get_moshi_lm
 from safetensors.torch import save_file
 
 from ttt_speech import TTTConfig
+from ttt_speech.moshi.compat import default_mimi_config
 from ttt_speech.moshi.checkpoint import CONFIG_NAME, WEIGHTS_NAME, save_moshi_checkpoint
 from ttt_speech.moshi.convert import LayerSpec, TTTLMModel, convert
 
@@ -53,7 +54,7 @@ def tiny_lm_config(**overrides: tp.Any) -> dict[str, tp.Any]:
 
 def tiny_mimi_config(num_codebooks: int = 2, card: int = 32) -> dict[str, tp.Any]:
     """Mimi's config layout (seanet/quantizer/transformer) at 24 kHz and 12.5 Hz, ~100k parameters."""
-    cfg = copy.deepcopy(_mimi_config)
+    cfg = default_mimi_config()
     cfg["seanet"].update(dimension=16, n_filters=4)
     cfg["quantizer"].update(dimension=8, n_q=max(num_codebooks, 2), bins=card,
                             input_dimension=16, output_dimension=16)

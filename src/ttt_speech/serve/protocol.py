@@ -42,6 +42,9 @@ class Control(IntEnum):
     SUSPEND = 0x10
 
 
+CONTROL_VALUES = frozenset(c.value for c in Control)
+
+
 class Close(IntEnum):
     """Websocket close codes the server uses (RFC 6455 section 7.4.1)."""
 
@@ -105,7 +108,7 @@ def parse_client_message(data: bytes) -> tuple[Kind, bytes] | None:
         raise ProtocolError(Close.POLICY_VIOLATION, "wrong_kind", f"clients may not send {kind.name.lower()} messages")
     payload = data[1:]
     if kind == Kind.CONTROL:
-        if len(payload) != 1 or payload[0] not in Control._value2member_map_:
+        if len(payload) != 1 or payload[0] not in CONTROL_VALUES:
             raise ProtocolError(Close.INVALID_PAYLOAD, "bad_control", "control messages carry one known action byte")
     elif kind == Kind.PING and payload:
         raise ProtocolError(Close.INVALID_PAYLOAD, "bad_ping", "ping messages have no payload")

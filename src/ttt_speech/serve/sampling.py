@@ -13,8 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from moshi.models.lm import LMGen, LMModel, _LMGenState
+from moshi.models.lm import LMModel
 from torch import Tensor
+
+from ttt_speech.moshi.compat import HookedLMGen, LMGenState, streaming_state
 
 _MASK32 = 0xFFFFFFFF
 # Odd multipliers below 2**31: a 32-bit value times one stays below 2**63, so int64 never overflows.
@@ -67,7 +69,7 @@ class SamplingConfig:
     greedy: bool = False
 
 
-class SeededLMGen(LMGen):
+class SeededLMGen(HookedLMGen):
     """`LMGen` whose streams sample with `sample` from per-stream seeds.
 
     LMGen has no per-stream generator, so: its own sampling is set to argmax; the text-logits hook
@@ -85,20 +87,18 @@ class SeededLMGen(LMGen):
         self.greedy = sampling.greedy
         self._frame: Tensor | None = None  # static copy of the offsets: LMGen rebinds state.offsets
 
-    def _init_streaming_state(self, batch_size: int) -> _LMGenState:
-        state = super()._init_streaming_state(batch_size)
+    def extend_streaming_state(self, state: LMGenState, batch_size: int) -> None:
         state.seeds = torch.zeros(batch_size, dtype=torch.long, device=self.lm_model.device)  # type: ignore[attr-defined]
         self._frame = torch.zeros(batch_size, dtype=torch.long, device=self.lm_model.device)
-        return state
 
     def _noise_key(self) -> tuple[Tensor, Tensor]:
-        state = self._streaming_state
+        state = streaming_state(self)
         assert state is not None and self._frame is not None
         return state.seeds, self._frame  # type: ignore[attr-defined]
 
     def _sample_text(self, text_logits: Tensor) -> None:
         """LMGen's text-logits hook: text_logits [B, 1, 1, V] becomes a one-hot (0 / -inf) of our sample."""
-        state = self._streaming_state
+        state = streaming_state(self)
         assert state is not None and self._frame is not None
         self._frame.copy_(state.offsets)
         if self.greedy:

@@ -23,6 +23,7 @@ from moshi.modules.transformer import RingKVCache
 from torch import Tensor
 
 from ttt_speech.layers.state import LayerState
+from ttt_speech.moshi.compat import streaming_state
 from ttt_speech.serve.sampling import SamplingConfig, SeededLMGen
 
 # Streaming-state fields shared by all rows or driven by the server, never saved per stream.
@@ -65,7 +66,7 @@ class BatchedStreams:
         """Leave streaming mode (frees the batch's state)."""
         self._exit.close()
 
-    def _modules(self) -> tp.Iterator[tuple[str, StreamingModule]]:
+    def _streaming_modules(self) -> tp.Iterator[tuple[str, StreamingModule]]:
         # LMGen detaches its LM from its own streaming tree, so the LM is walked separately.
         yield from (("gen", self.gen), ("lm", self.gen.lm_model), ("mimi", self.mimi))
 
@@ -82,7 +83,7 @@ class BatchedStreams:
                                    f"belongs to which of the {self.batch_size} streams")
             out[name] = (t, dim)
 
-        for owner, module in self._modules():
+        for owner, module in self._streaming_modules():
             for path, state in module.get_streaming_state().items():
                 for field, value in vars(state).items():
                     name = ".".join(p for p in (owner, path, field) if p)
@@ -109,7 +110,7 @@ class BatchedStreams:
         mask = self._mask([slot])
         self.gen.reset_streaming(mask)
         self.mimi.reset_streaming(mask)
-        self.gen._streaming_state.seeds[slot] = seed  # type: ignore[union-attr]
+        streaming_state(self.gen).seeds[slot] = seed  # type: ignore[union-attr]
 
     @torch.no_grad()
     def step(self, pcm: np.ndarray, active: np.ndarray, first: np.ndarray) -> StepResult:

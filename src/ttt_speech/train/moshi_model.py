@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 from moshi.models.lm import LMModel
-from moshi.models.lm_utils import _delay_sequence
 from moshi.models.loaders import MOSHI_NAME, CheckpointInfo
 from moshi.modules.transformer import StreamingMultiheadAttention, create_sin_embedding, expand_repeated_kv
 from torch import Tensor, nn
 
 from ttt_speech.moshi import TTTLMModel, convert, default_branch_config, load_hybrid
 from ttt_speech.moshi.checkpoint import save_moshi_checkpoint
+from ttt_speech.moshi.compat import delay_sequence, feed_forward
 from ttt_speech.moshi.config import infer_moshi_config
 from ttt_speech.moshi.tiny import build_tiny_lm, tiny_lm_config
 from ttt_speech.train.attention import windowed_attention
@@ -116,7 +116,7 @@ class MoshiSegmentLM(SegmentLM):
                                  f"{card} entries (tokenized for another model?)")
         initial = torch.tensor([lm.text_initial_token_id] + [lm.initial_token_id] * lm.n_q, device=codes.device)
         initial = initial.view(1, K, 1).expand(B, K, 1)
-        inputs = torch.cat([initial, _delay_sequence(lm.delays, codes, initial)], dim=2)
+        inputs = torch.cat([initial, delay_sequence(lm.delays, codes, initial)], dim=2)
         rows = 1 + lm.dep_q
         targets = inputs[:, :rows, 1:]
         delays = torch.tensor(lm.delays[:rows], device=codes.device).view(1, rows, 1)
@@ -175,7 +175,7 @@ class MoshiSegmentLM(SegmentLM):
         if mode is not None and not shared:
             y, new.ttt = layer.ttt(h, carry.ttt)
             out = x.to(y) + layer.layer_scale_1(y) if mode == "replace" else out + y.to(out)
-        return layer._ff_block(out), new
+        return feed_forward(layer, out), new
 
     def logits(self, x: Tensor, batch: Batch) -> list[Tensor]:
         lm = self.model

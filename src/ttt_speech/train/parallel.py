@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ttt_speech.compat import share_module_contents
 from ttt_speech.train.model import SegmentLM
 
 STEP_METHOD = "train_step"
@@ -66,10 +67,7 @@ class ShardUnit(nn.Module):
 
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()
-        self._parameters = layer._parameters
-        self._buffers = layer._buffers
-        self._non_persistent_buffers_set = layer._non_persistent_buffers_set
-        self._modules = layer._modules
+        share_module_contents(self, layer)
 
 
 def parallelize(seg: SegmentLM, procs: Processes, mode: str, bf16: bool) -> nn.Module:
