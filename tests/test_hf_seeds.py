@@ -364,3 +364,18 @@ def test_a_mini_omni_object_converts_decodes_in_its_own_loop_and_round_trips(tmp
     llm, report = convert.load(tmp_path, output_loading_info=True)  # the text LM alone, as a Qwen2
     assert type(llm) is Qwen2ForCausalLM
     assert report.groups() == {"audio_head": 1, "whisper_adapter": 2}
+
+
+def test_load_names_the_tensors_a_directory_lacks(tmp_path):
+    """A converted directory missing one TTT tensor is refused by both loads, naming it, not filled at random."""
+    from safetensors.torch import load_file, save_file
+
+    model = convert(tiny_mini_omni(), layers=[1], ttt=ttt_config(0.0), attention_window=8)
+    model.save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    del tensors["model.layers.1.self_attn.ttt.W1"]
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks parameters .*'model\.layers\.1\.self_attn\.ttt\.W1'\]"):
+        convert.load(tmp_path)
+    with pytest.raises(ValueError, match=r"lacks parameters .*'model\.layers\.1\.self_attn\.ttt\.W1'\]"):
+        convert.load(tmp_path, model=tiny_mini_omni(seed=5))

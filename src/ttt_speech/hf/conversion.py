@@ -124,8 +124,8 @@ def _load_by_name(model: nn.Module, path: str | Path, keys: set[str]) -> set[str
 
     Returns the keys the directory lacks (tied parameters count as loaded with the one they share).
     """
-    names = saved_names(model, keys)
-    found = {k: f for k, f in names.items() if f in checkpoint_keys(path)}
+    names, in_files = saved_names(model, keys), checkpoint_keys(path)
+    found = {k: f for k, f in names.items() if f in in_files}
     tensors = read_tensors(path, set(found.values()), next(model.parameters()).device)
     model.load_state_dict({k: tensors[f] for k, f in found.items()}, strict=False)
     return keys - satisfied(model, set(found))
@@ -223,8 +223,9 @@ class Converter:
         else:
             self._convert_as(model, section, path)
             own = model.state_dict()
-            model.load_state_dict({k: state[k] for k in own if k in state}, strict=False)
-            missing = _load_by_name(model, path, set(own) - set(state))
+            shared = (set(own) & set(state)) - missing  # never hand on what the directory lacked
+            model.load_state_dict({k: state[k] for k in shared}, strict=False)
+            missing = _load_by_name(model, path, set(own) - shared)
             state = own
         report.left_alone_keys = sorted(set(report.left_alone_keys) - set(state))
         report.missing_keys = sorted(missing)
