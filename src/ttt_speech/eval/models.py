@@ -104,15 +104,13 @@ class MoshiScorer(Scorer):
     def score(self, tokens: Tensor, out: Tensor, tick: Tick) -> None:
         from moshi.utils.compile import CUDAGraphed
 
-        from ttt_speech.moshi.compat import delay_sequence, initial_token
+        from ttt_speech.moshi.segments import delayed_inputs
 
         lm = self.model
         B, _, T = tokens.shape
         S = len(self.streams)
-        codes = tokens[:, :lm.num_codebooks].to(lm.device)
-        initial = initial_token(lm).expand(B, -1, -1)
         # the model's input at step j is column j; its targets are column j + 1 (as LMModel.forward)
-        delayed = torch.cat([initial, delay_sequence(lm.delays, codes, initial)], dim=2)
+        delayed = delayed_inputs(lm, tokens[:, :lm.num_codebooks].to(lm.device))
         delays = lm.delays[:S]
 
         def frame(inputs: Tensor, targets: Tensor) -> Tensor:

@@ -14,7 +14,7 @@ real token run through the chunked form, the other columns through the streaming
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -93,9 +93,10 @@ class HybridAttentionMixin:
     def forward(self, *args: Any, **kwargs: Any) -> tuple[Tensor, Any]:
         token_mask = kwargs.pop(TOKEN_MASK_KWARG, None)
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        out, weights = super().forward(*args, **kwargs)  # type: ignore[misc]
-        y = ttt_branch(self.ttt, hidden, get_cache(kwargs), self.layer_idx, token_mask)
-        return out + y.to(out.dtype), weights
+        attention = super().forward  # type: ignore[misc]
+        return hybrid_attention(
+            self, hidden, lambda h: attention(*args, **kwargs),
+            lambda h: ttt_branch(self.ttt, h, get_cache(kwargs), self.layer_idx, token_mask))
 
 
 _HYBRID_CLASSES: dict[type, type] = {}
@@ -118,8 +119,25 @@ class TTTAttention(nn.Module):
 
     def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, None]:
         token_mask = kwargs.get(TOKEN_MASK_KWARG)
-        y = ttt_branch(self.ttt, hidden_states, get_cache(kwargs), self.layer_idx, token_mask)
-        return y.to(hidden_states.dtype), None
+        return hybrid_attention(
+            self, hidden_states, None, lambda h: ttt_branch(self.ttt, h, get_cache(kwargs), self.layer_idx, token_mask))
+
+
+def hybrid_attention(attn: nn.Module, hidden: Tensor, attend: Callable[[Tensor], tuple[Tensor, Any]] | None,
+                     remember: Callable[[Tensor], Tensor]) -> tuple[Tensor, Any]:
+    """What a decoder layer's `self_attn` returns: the one place a memory branch joins attention.
+
+    `attn` is a hybrid attention (attention output + gated branch output, both reading the normed input
+    `hidden`), a `TTTAttention` (the branch alone; `attend` is not called) or a plain attention. `attend`
+    runs the attention (transformers' own with its cache, or windowed over training segments);
+    `remember` runs the branch.
+    """
+    if isinstance(attn, TTTAttention) or attend is None:
+        return remember(hidden).to(hidden.dtype), None
+    out, weights = attend(hidden)
+    if hasattr(attn, "ttt"):
+        out = out + remember(hidden).to(out.dtype)
+    return out, weights
 
 
 def expand_kv_heads(proj: nn.Linear, num_kv_heads: int, num_heads: int) -> nn.Linear:

@@ -25,6 +25,12 @@ from ttt_speech.layers.ttt import StreamingLayer, TTTLayer
 from ttt_speech.moshi.compat import HookedTransformerLayer, LayerStreamingState, streaming_state
 
 BranchConfig = tp.Union[TTTConfig, GatedDeltaNetConfig]
+# mix(qkv, heads) -> heads: a shared_qkv branch reading the attention's projection and joining its heads
+Mix = tp.Callable[[Tensor, Tensor], Tensor]
+# attend(h, mix) -> the attention's output (before layer scale); moshi's own, or windowed over segments
+Attend = tp.Callable[[Tensor, tp.Optional[Mix]], Tensor]
+# remember(h, **host) -> the memory branch's gated output
+Remember = tp.Callable[..., Tensor]
 Mode = tp.Literal["hybrid", "replace"]
 MODES: tuple[str, ...] = ("hybrid", "replace")
 
@@ -166,19 +172,22 @@ class TTTTransformerLayer(HookedTransformerLayer):
         y, _ = self.ttt.step(h, state.ttt, exec_mask=state.exec_mask, **host)
         return y
 
-    def _attention_with_shared_branch(self, h: Tensor) -> Tensor:
-        """Moshi's own attention forward, tapped: the q/k/v projection's output also feeds the branch,
-        and the branch's gated heads join the attention's on their way into the output projection."""
+    def _moshi_attention(self, h: Tensor, mix: Mix | None) -> Tensor:
+        """Moshi's own attention forward (its ring KV cache when streaming). With `mix`, tapped: the q/k/v
+        projection's output also feeds the branch, whose gated heads join the attention's on their way
+        into the output projection."""
         attn = self.self_attn
+        if mix is None:
+            return attn(h, h, h)
         taps: dict[str, Tensor] = {}
 
         def keep(_module: nn.Module, _args: tuple, qkv: Tensor) -> None:
             taps["qkv"] = qkv
 
-        def mix(_module: nn.Module, args: tuple) -> tuple:
-            return (self._ttt_branch(h, qkv=taps.pop("qkv"), heads=args[0]), *args[1:])
+        def join(_module: nn.Module, args: tuple) -> tuple:
+            return (mix(taps.pop("qkv"), args[0]), *args[1:])
 
-        handles = [attn.in_projs[0].register_forward_hook(keep), attn.out_projs[0].register_forward_pre_hook(mix)]
+        handles = [attn.in_projs[0].register_forward_hook(keep), attn.out_projs[0].register_forward_pre_hook(join)]
         try:
             return attn(h, h, h)
         finally:
@@ -186,16 +195,31 @@ class TTTTransformerLayer(HookedTransformerLayer):
                 handle.remove()
 
     def attention_block(self, x: Tensor) -> Tensor:
-        h = self.norm1(x)
-        if self.ttt_mode == "replace":
-            update = self._ttt_branch(h)
-            return x.to(update) + self.layer_scale_1(update)
-        if self.shares_attention_projections:
-            update = self._attention_with_shared_branch(h)
-            return x.to(update) + self.layer_scale_1(update)
-        update = self.self_attn(h, h, h)
-        out = x.to(update) + self.layer_scale_1(update)
-        return out + self._ttt_branch(h).to(out)
+        return residual_block(self, x, self._moshi_attention, self._ttt_branch)
 
     def extra_repr(self) -> str:
         return f"ttt_mode={self.ttt_mode!r}"
+
+
+def residual_block(layer: nn.Module, x: Tensor, attend: Attend, remember: Remember) -> Tensor:
+    """The attention half of a Moshi layer's residual block, with its memory branch: the one place where
+    a branch is composed with attention. `layer` is a `TTTTransformerLayer` or a plain moshi layer (then
+    this is moshi's own `x + layer_scale_1(attn(norm1(x)))`). Streaming and whole sequences pass moshi's
+    attention and the layer's streaming state; segment training passes windowed attention and the
+    states carried from the previous segment.
+    """
+    h = layer.norm1(x)
+    mode = getattr(layer, "ttt_mode", None)
+    if mode == "replace":
+        update = remember(h)
+        return x.to(update) + layer.layer_scale_1(update)
+    shared = mode is not None and layer.shares_attention_projections
+
+    def mix(qkv: Tensor, heads: Tensor) -> Tensor:
+        return remember(h, qkv=qkv, heads=heads)
+
+    update = attend(h, mix if shared else None)
+    out = x.to(update) + layer.layer_scale_1(update)
+    if mode is None or shared:
+        return out
+    return out + remember(h).to(out)

@@ -1,14 +1,13 @@
-"""Training forward of a transformers Llama/Qwen2 TTT hybrid, one segment at a time.
+"""A transformers Llama/Qwen2 TTT hybrid (or plain model) wrapped for segment training.
 
-The converted model's own forward windows attention through a dense [T, T] sliding-window mask;
-this runs the same decoder-layer modules with `windowed_attention` and carries the TTT states and
-the last window - 1 keys/values across segments. Data are flat token streams; the loss is
-next-token cross-entropy (PAD = -1 positions carry no loss).
+The layer forward is the integration's (`ttt_speech.hf.segments`: the branch composed with attention
+by `hybrid_attention`, windowed attention, the TTT states and the last window - 1 keys/values carried
+across segments). Data are flat token streams; the loss is next-token cross-entropy (PAD = -1
+positions carry no loss).
 """
 
 from __future__ import annotations
 
-import sys
 import typing as tp
 
 import torch
@@ -17,9 +16,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 
 from ttt_speech import TTTConfig
 from ttt_speech.hf import convert
-from ttt_speech.hf.modules import TTTAttention
 from ttt_speech.hf.section import section_of
-from ttt_speech.train.attention import windowed_attention
+from ttt_speech.hf.segments import layer_segment
 from ttt_speech.train.config import ModelConfig
 from ttt_speech.train.model import Batch, LayerCarry, SegmentLM
 
@@ -55,15 +53,6 @@ def load_hf(cfg: ModelConfig, window: int | None, device: torch.device, dtype: t
                    attention_window=window or getattr(model.config, "sliding_window", None) or DEFAULT_WINDOW)
 
 
-def _rope_functions(attn: nn.Module) -> tuple[tp.Callable, tp.Callable]:
-    """apply_rotary_pos_emb and repeat_kv of the transformers model file the attention class comes from."""
-    for cls in type(attn).__mro__:
-        module = sys.modules.get(cls.__module__)
-        if module is not None and hasattr(module, "apply_rotary_pos_emb") and hasattr(module, "repeat_kv"):
-            return module.apply_rotary_pos_emb, module.repeat_kv
-    raise TypeError(f"{type(attn).__name__}: not a Llama/Qwen2-style attention (no apply_rotary_pos_emb/repeat_kv)")
-
-
 class HFSegmentLM(SegmentLM):
     """transformers causal LM: one token stream."""
 
@@ -96,29 +85,8 @@ class HFSegmentLM(SegmentLM):
         return self.model.model.embed_tokens(inputs[:, 0])
 
     def layer_forward(self, layer: nn.Module, x: Tensor, carry: LayerCarry, pos: int) -> tuple[Tensor, LayerCarry]:
-        """A Llama/Qwen2 decoder layer whose self_attn is hybrid (attention + ttt) or a TTTAttention."""
-        attn = layer.self_attn
-        h = layer.input_layernorm(x)
-        new = LayerCarry()
-        if isinstance(attn, TTTAttention):
-            out, new.ttt = attn.ttt(h, carry.ttt)
-        else:
-            B, T, _ = h.shape
-            rotate, repeat_kv = _rope_functions(attn)
-            q, k, v = (proj(h).view(B, T, -1, attn.head_dim).transpose(1, 2)
-                       for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-            positions = pos + torch.arange(T, device=h.device).view(1, T)
-            cos, sin = self.model.model.rotary_emb(h, positions)
-            q, k = rotate(q, k, cos, sin)
-            groups = attn.num_key_value_groups
-            o, new.kv = windowed_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), self.window, carry.kv,
-                                           self.chunk, scale=attn.scaling)
-            out = attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
-            if hasattr(attn, "ttt"):
-                y, new.ttt = attn.ttt(h, carry.ttt)
-                out = out + y.to(out.dtype)
-        x = x + out.to(x.dtype)
-        return x + layer.mlp(layer.post_attention_layernorm(x)), new
+        x, kv, memory = layer_segment(self.model, layer, x, carry.kv, carry.ttt, pos, self.window, self.chunk)
+        return x, LayerCarry(memory, kv)
 
     def logits(self, x: Tensor, batch: Batch) -> list[Tensor]:
         return [self.model.lm_head(self.model.model.norm(x))[:, None]]

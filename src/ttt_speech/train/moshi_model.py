@@ -1,8 +1,8 @@
-"""Training forward of a Moshi TTT hybrid (or a plain Moshi, for baselines), one segment at a time.
+"""A Moshi TTT hybrid (or a plain Moshi, for baselines) wrapped for segment training.
 
-moshi's `LMModel.forward` runs the temporal transformer over the whole sequence with a dense
-[B, 1, T, T] attention mask; this runs the same modules (same weights, same order of operations)
-with `windowed_attention` and the TTT state and attention window carried across segments. The
+The forward is the integration's (`ttt_speech.moshi.segments`: the layers' own residual composition,
+windowed attention, the branch state and attention window carried across segments); this adds the
+data checks, the loss weights and the export. The
 loss is moshi-finetune's: cross-entropy on the text stream and on the model's own audio
 codebooks (the user's codebooks are inputs only), text padding weighted x0.5 and the first audio
 codebook x100 by default, each of the two normalised by its own total weight.
@@ -18,15 +18,13 @@ from pathlib import Path
 import torch
 from moshi.models.lm import LMModel
 from moshi.models.loaders import MOSHI_NAME, CheckpointInfo
-from moshi.modules.transformer import StreamingMultiheadAttention, create_sin_embedding, expand_repeated_kv
+from moshi.modules.transformer import StreamingMultiheadAttention
 from torch import Tensor, nn
 
-from ttt_speech.moshi import TTTLMModel, convert, default_branch_config, load_hybrid
+from ttt_speech.moshi import TTTLMModel, convert, default_branch_config, load_hybrid, segments
 from ttt_speech.moshi.checkpoint import save_moshi_checkpoint
-from ttt_speech.moshi.compat import delay_sequence, feed_forward
 from ttt_speech.moshi.config import infer_moshi_config
 from ttt_speech.moshi.tiny import build_tiny_lm, tiny_lm_config
-from ttt_speech.train.attention import windowed_attention
 from ttt_speech.train.config import LossConfig, ModelConfig
 from ttt_speech.train.model import Batch, LayerCarry, SegmentLM
 
@@ -114,9 +112,7 @@ class MoshiSegmentLM(SegmentLM):
             if top >= card:
                 raise ValueError(f"data has token {top} in the {name} stream; this Moshi's {name} vocabulary has "
                                  f"{card} entries (tokenized for another model?)")
-        initial = torch.tensor([lm.text_initial_token_id] + [lm.initial_token_id] * lm.n_q, device=codes.device)
-        initial = initial.view(1, K, 1).expand(B, K, 1)
-        inputs = torch.cat([initial, delay_sequence(lm.delays, codes, initial)], dim=2)
+        inputs = segments.delayed_inputs(lm, codes)
         rows = 1 + lm.dep_q
         targets = inputs[:, :rows, 1:]
         delays = torch.tensor(lm.delays[:rows], device=codes.device).view(1, rows, 1)
@@ -128,60 +124,14 @@ class MoshiSegmentLM(SegmentLM):
         return Batch(inputs, weights)
 
     def embed(self, inputs: Tensor, pos: int) -> Tensor:
-        lm = self.model
-        x = lm.emb[0](inputs[:, 1])  # moshi's order: audio codebooks, then text
-        for cb in range(1, lm.n_q):
-            x = x + lm.emb[cb](inputs[:, cb + 1])
-        x = x + lm.text_emb(inputs[:, 0])
-        tr = lm.transformer
-        if tr.positional_embedding in ("sin", "sin_rope"):
-            positions = pos + torch.arange(x.shape[1], device=x.device).view(1, -1, 1)
-            x = x + tr.positional_scale * create_sin_embedding(positions, x.shape[-1], tr.max_period, x.dtype)
-        return x
-
-    def _attention(self, attn: StreamingMultiheadAttention, h: Tensor, past: tuple[Tensor, Tensor] | None,
-                   pos: int, mix: tp.Callable[[Tensor, Tensor], Tensor] | None = None,
-                   ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """Windowed attention; `mix(qkv, heads)` (a shared_qkv TTT branch) may change the heads that
-        enter the output projection."""
-        B, T, C = h.shape
-        H = attn.num_heads
-        D = C // H
-        projected = attn.in_projs[0](h)
-        q = projected[..., :C].view(B, T, H, D).transpose(1, 2)
-        k, v = projected[..., C:].view(B, T, 2, H // attn.kv_repeat, D).permute(2, 0, 3, 1, 4)
-        if attn.rope is not None:
-            q, k = attn.rope(q, k, torch.full((B,), pos, device=h.device, dtype=torch.long), time_before_heads=False)
-        if attn.kv_repeat > 1:
-            k, v = expand_repeated_kv(k, attn.kv_repeat), expand_repeated_kv(v, attn.kv_repeat)
-        out, kv = windowed_attention(q, k, v, self.window, past, self.chunk)
-        heads = out.transpose(1, 2).reshape(B, T, C)
-        return attn.out_projs[0](heads if mix is None else mix(projected, heads)), kv
+        return segments.embed(self.model, inputs, pos)
 
     def layer_forward(self, layer: nn.Module, x: Tensor, carry: LayerCarry, pos: int) -> tuple[Tensor, LayerCarry]:
-        """StreamingTransformerLayer / TTTTransformerLayer: the same residual composition as their forward."""
-        h = layer.norm1(x)
-        mode = getattr(layer, "ttt_mode", None)
-        shared = mode is not None and layer.shares_attention_projections
-        new = LayerCarry()
-
-        def mix(qkv: Tensor, heads: Tensor) -> Tensor:
-            y, new.ttt = layer.ttt(h, carry.ttt, qkv=qkv, heads=heads)
-            return y
-
-        if mode != "replace":
-            update, new.kv = self._attention(layer.self_attn, h, carry.kv, pos, mix if shared else None)
-            out = x.to(update) + layer.layer_scale_1(update)
-        if mode is not None and not shared:
-            y, new.ttt = layer.ttt(h, carry.ttt)
-            out = x.to(y) + layer.layer_scale_1(y) if mode == "replace" else out + y.to(out)
-        return feed_forward(layer, out), new
+        x, kv, memory = segments.layer_segment(layer, x, carry.kv, carry.ttt, pos, self.window, self.chunk)
+        return x, LayerCarry(memory, kv)
 
     def logits(self, x: Tensor, batch: Batch) -> list[Tensor]:
-        lm = self.model
-        out = lm.out_norm(x) if lm.out_norm else x
-        text = lm.text_linear(out)[:, None]
-        return [text, lm.forward_depformer_training(batch.inputs[:, :, 1:], out)]
+        return segments.logits(self.model, x, batch.inputs)
 
     def export(self, out_dir: str) -> None:
         lm = self.model

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ttt_speech.train import attention
-from ttt_speech.train.attention import windowed_attention
+from ttt_speech.layers import attention
+from ttt_speech.layers.attention import windowed_attention
 
 
 def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:

@@ -1,0 +1,86 @@
+"""A Moshi (hybrid or plain) run one segment of a long sequence at a time, carrying what it remembers.
+
+moshi's `LMModel.forward` attends through a dense [B, 1, T, T] mask, which long training sequences
+cannot afford. Here the temporal transformer runs on one segment with windowed attention, each layer
+starting from the keys/values and branch state the previous segment left. The layer itself is
+composed by `residual_block` (the same composition that streams), so only how attention reaches its
+past differs; embeddings and logits are `LMModel.forward_text`'s, split where the layers go between.
+"""
+
+from __future__ import annotations
+
+import torch
+from moshi.models.lm import LMModel
+from moshi.modules.transformer import StreamingMultiheadAttention, create_sin_embedding, expand_repeated_kv
+from torch import Tensor, nn
+
+from ttt_speech.layers.attention import windowed_attention
+from ttt_speech.layers.state import LayerState
+from ttt_speech.moshi.compat import delay_sequence, feed_forward, initial_token
+from ttt_speech.moshi.layer import Mix, residual_block
+
+KV = tuple[Tensor, Tensor]
+
+
+def delayed_inputs(lm: LMModel, codes: Tensor) -> Tensor:
+    """The model's inputs for codes [B, K, L]: the initial token, then each stream delayed by its
+    acoustic delay ([B, K, L + 1]; position t reads column t and predicts column t + 1)."""
+    initial = initial_token(lm).to(codes.device).expand(codes.shape[0], -1, -1)
+    return torch.cat([initial, delay_sequence(lm.delays, codes, initial)], dim=2)
+
+
+def embed(lm: LMModel, inputs: Tensor, pos: int) -> Tensor:
+    """inputs [B, K, T] starting at absolute position `pos` -> the temporal transformer's input [B, T, dim]."""
+    x = lm.emb[0](inputs[:, 1])  # moshi's order: audio codebooks, then text
+    for cb in range(1, lm.n_q):
+        x = x + lm.emb[cb](inputs[:, cb + 1])
+    x = x + lm.text_emb(inputs[:, 0])
+    tr = lm.transformer
+    if tr.positional_embedding in ("sin", "sin_rope"):
+        positions = pos + torch.arange(x.shape[1], device=x.device).view(1, -1, 1)
+        x = x + tr.positional_scale * create_sin_embedding(positions, x.shape[-1], tr.max_period, x.dtype)
+    return x
+
+
+def logits(lm: LMModel, x: Tensor, inputs: Tensor) -> list[Tensor]:
+    """Text logits [B, 1, T, V] and the depformer's audio logits [B, dep_q, T, card], teacher-forced
+    on inputs [B, K, T + 1] (the depformer reads the next frame's tokens)."""
+    out = lm.out_norm(x) if lm.out_norm else x
+    return [lm.text_linear(out)[:, None], lm.forward_depformer_training(inputs[:, :, 1:], out)]
+
+
+def windowed_self_attention(attn: StreamingMultiheadAttention, h: Tensor, past: KV | None, pos: int, window: int,
+                            chunk: int | None, mix: Mix | None = None) -> tuple[Tensor, KV]:
+    """moshi's attention on a segment: its projections and RoPE, `windowed_attention` over [past; this
+    segment]. `mix(qkv, heads)` (a shared_qkv branch) may change the heads entering the output projection."""
+    B, T, C = h.shape
+    H = attn.num_heads
+    D = C // H
+    projected = attn.in_projs[0](h)
+    q = projected[..., :C].view(B, T, H, D).transpose(1, 2)
+    k, v = projected[..., C:].view(B, T, 2, H // attn.kv_repeat, D).permute(2, 0, 3, 1, 4)
+    if attn.rope is not None:
+        q, k = attn.rope(q, k, torch.full((B,), pos, device=h.device, dtype=torch.long), time_before_heads=False)
+    if attn.kv_repeat > 1:
+        k, v = expand_repeated_kv(k, attn.kv_repeat), expand_repeated_kv(v, attn.kv_repeat)
+    out, kv = windowed_attention(q, k, v, window, past, chunk)
+    heads = out.transpose(1, 2).reshape(B, T, C)
+    return attn.out_projs[0](heads if mix is None else mix(projected, heads)), kv
+
+
+def layer_segment(layer: nn.Module, x: Tensor, past: KV | None, memory: LayerState | None, pos: int, window: int,
+                  chunk: int | None) -> tuple[Tensor, KV | None, LayerState | None]:
+    """One layer (hybrid or plain) on one segment: output, and the keys/values and branch state it leaves."""
+    kv: KV | None = None
+
+    def attend(h: Tensor, mix: Mix | None) -> Tensor:
+        nonlocal kv
+        out, kv = windowed_self_attention(layer.self_attn, h, past, pos, window, chunk, mix)
+        return out
+
+    def remember(h: Tensor, **host: Tensor) -> Tensor:
+        nonlocal memory
+        y, memory = layer.ttt(h, memory, **host)
+        return y
+
+    return feed_forward(layer, residual_block(layer, x, attend, remember)), kv, memory
