@@ -3,8 +3,9 @@
 One row per model_type, so a new architecture is a new row, not new code. A causal LM keeps its
 decoder layers at `model.model.layers`; a speech-in/text-out model such as Qwen2-Audio keeps a whole
 language model beside its audio tower (`model.model.language_model`) and that language model's
-config under `text_config`. Only the decoder stack is converted: audio towers, projectors and MoE
-MLPs are never touched, and the `ttt` section goes on the decoder's own config.
+config under `text_config`. Every supported decoder layer keeps its attention at `self_attn`, the
+one module a conversion changes: audio towers, projectors and MoE MLPs are never touched, and the
+`ttt` section goes on the decoder's own config.
 """
 
 from __future__ import annotations
