@@ -109,22 +109,26 @@ def test_qwen2_audio_round_trip_in_its_own_save_format(tmp_path):
 
 
 def test_qwen2_audio_generate_with_audio_inputs():
-    """Gate 0 inside the window: the same tokens as the original; gates open: generate carries the TTT state."""
+    """Gate 0 inside the window: the original's tokens. Gates open, 3 windows: the tokens a teacher-forced
+    forward picks, with the KV cache holding one window per layer and the TTT states carried."""
     original = tiny_qwen2_audio()
     model = convert(copy.deepcopy(original), layers=[1, 2], ttt=ttt_config(0.0), attention_window=64)
-    inputs = audio_inputs()
+    inputs, P = audio_inputs(), 11  # prompt: bos + 4 audio tokens + 6 text tokens
     kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, return_dict_in_generate=True)
     out = model.generate(**inputs, **kw)
     assert torch.equal(out.sequences, original.generate(**inputs, **kw).sequences)
 
+    W, B = 8, 2
+    model = convert(copy.deepcopy(original), layers=[1, 2], ttt=ttt_config(0.0), attention_window=W)
     open_gates(model)
-    out = model.generate(**inputs, **kw)
-    assert isinstance(output_cache(out), TTTCache) and sorted(output_cache(out).ttt_states) == [1, 2]
+    out = model.generate(**inputs, **dict(kw, max_new_tokens=3 * W, min_new_tokens=3 * W))
+    cache = output_cache(out)
+    assert isinstance(cache, TTTCache) and sorted(cache.ttt_states) == [1, 2]
+    assert cache.kv_nbytes == 3 * 2 * B * KV_HEADS * W * (HIDDEN // HEADS) * 4  # 3 layers, fp32 K and V, W tokens
     with torch.no_grad():  # teacher-forced over the generated tokens, the audio read once in the prefill
         full = model(**dict(inputs, input_ids=out.sequences, attention_mask=torch.ones_like(out.sequences)),
                      use_cache=False).logits
-    greedy = full[:, inputs["input_ids"].shape[1] - 1:-1].argmax(-1)
-    assert torch.equal(greedy, out.sequences[:, inputs["input_ids"].shape[1]:])
+    assert torch.equal(full[:, P - 1:-1].argmax(-1), out.sequences[:, P:])
 
 
 def test_convert_hf_cli_on_a_qwen2_audio_directory(tmp_path, capsys):
