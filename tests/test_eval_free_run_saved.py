@@ -17,7 +17,7 @@ sentencepiece = pytest.importorskip("sentencepiece")
 from helpers.moshi import random_codes
 
 from ttt_speech import cli
-from ttt_speech.eval import commands
+from ttt_speech.eval import asr
 from ttt_speech.eval.data import save_sequence
 from ttt_speech.eval.free_run import AudioScoring, free_run_moshi, score_saved_run
 from ttt_speech.eval.speaker import SpeakerEmbedder
@@ -95,11 +95,11 @@ def test_scoring_saved_tokens_gives_the_live_scores(one_thread, tmp_path):
         score_saved_run(live.tokens, AudioScoring(), pad_ids, 20)
 
 
-def test_eval_long_saves_the_run_and_score_free_run_rescores_it(one_thread, tmp_path, monkeypatch):
+def test_eval_long_saves_the_run_and_score_free_run_rescores_it(one_thread, tmp_path, monkeypatch, capsys):
     """eval-long on a checkpoint directory saves free_run_<name>.npy/.txt; score-free-run on the saved tokens
     and the directory writes the scores eval-long itself reported (json), a table and the audio."""
-    monkeypatch.setattr(commands, "Recognizer", HashRecognizer)
-    monkeypatch.setattr(commands, "asr_available", lambda: None)
+    monkeypatch.setattr(asr, "Recognizer", HashRecognizer)  # eval-long imports them when it runs
+    monkeypatch.setattr(asr, "asr_available", lambda: None)
     ckpt = write_tiny_checkpoint(tmp_path / "ckpt")
     save_sequence(tmp_path / "held_out" / "s0.npy", random_codes(build_tiny_lm(0), 1, 24, seed=3)[0])
     report = tmp_path / "report"
@@ -122,5 +122,7 @@ def test_eval_long_saves_the_run_and_score_free_run_rescores_it(one_thread, tmp_
     with wave.open(str(scored / "free_run_m.wav")) as w:
         assert w.getnframes() == 30 * FRAME_SAMPLES
     np.save(tmp_path / "bad.npy", tokens[:2])  # not this model's layout
-    with pytest.raises(ValueError, match="generates"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
         cli.main(["score-free-run", str(tmp_path / "bad.npy"), "--model", str(ckpt.root), "--device", "cpu"])
+    assert exit_.value.code == 2 and "bad.npy: (2, " in capsys.readouterr().err

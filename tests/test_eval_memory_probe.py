@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("moshi")
 
 from ttt_speech.config import TTTConfig  # noqa: E402
-from ttt_speech.eval import memory_probe  # noqa: E402
+from ttt_speech.eval import commands, memory_probe  # noqa: E402
 from ttt_speech.eval.data import Sequence, save_sequence  # noqa: E402
 from ttt_speech.layers.ttt import TTTLayer  # noqa: E402
 from ttt_speech.ops.ttt.reference import layer_norm  # noqa: E402
@@ -64,7 +64,7 @@ def test_probe_memory_command(tmp_path, capsys) -> None:
                            torch.randint(0, lm.card, (lm.num_audio_codebooks, 160), generator=g)])
         save_sequence(tmp_path / "held_out" / f"s{i}.npy", codes)
     parser = argparse.ArgumentParser()
-    memory_probe.add_arguments(parser)
+    commands.add_probe_arguments(parser)
     args = parser.parse_args(["tiny", "--data", str(tmp_path / "held_out"), "--gaps", "24,28", "--span", "24",
                               "--context", "4", "--out", str(tmp_path / "rows.json")])
     rows = memory_probe.run(args)

@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                  "stream N minutes from a TTT hybrid (default: the small hybrid + codec shipped in the package)"),
     "convert-moshi": ("ttt_speech.moshi.commands", "add_convert_arguments", "run_convert",
                       "convert a Moshi checkpoint into a TTT hybrid"),
-    "init-moshi": ("ttt_speech.moshi.scratch", "add_arguments", "run",
+    "init-moshi": ("ttt_speech.moshi.commands", "add_init_arguments", "run_init",
                    "write a new small Moshi-architecture LM (random weights) with a trained codec and a text tokenizer"),
     "convert-hf": ("ttt_speech.hf.cli", "add_arguments", "run",
                    "convert a local transformers Llama/Qwen2 (or LLaMA-Omni) checkpoint into a TTT hybrid"),
@@ -33,7 +33,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "score-free-run": ("ttt_speech.eval.commands", "add_score_arguments", "run_score",
                        "decode a free run eval-long saved (free_run_<name>.npy) and score its audio per minute: "
                        "ASR WER, voice similarity"),
-    "probe-memory": ("ttt_speech.eval.memory_probe", "add_arguments", "run",
+    "probe-memory": ("ttt_speech.eval.commands", "add_probe_arguments", "run_probe",
                      "does a TTT hybrid's state store a span it has seen? inner loss on copies vs never-seen controls"),
     "make-corpus": ("ttt_speech.corpus.commands", "add_arguments", "run",
                     "build an offline long-form English speech corpus: public-domain texts read by local TTS voices"),

@@ -115,9 +115,9 @@ def int_list(text: str) -> list[int]:
     try:
         values = sorted({int(x) for x in text.split(",") if x.strip()})
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 300,1000") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
     if not values or values[0] < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give integers >= 1, e.g. 300,1000")
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated integers >= 1")
     return values
 
 

@@ -6,6 +6,9 @@ import argparse
 import os
 import sys
 
+from ttt_speech.devices import torch_device
+from ttt_speech.errors import UsageError, int_list, output_dir, positive_float, positive_int
+
 # moshi compiles lazily unless told not to, which costs seconds per first forward on a CPU
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
@@ -33,29 +36,32 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="exported codec directory (mimi.safetensors + mimi_config.json) or its run dir")
     p.add_argument("--data", action="append", required=True,
                    help="held-out audio: jsonl manifest, wav directory or wav file (repeatable)")
-    p.add_argument("--seconds", type=float, default=20.0, help="seconds per clip")
-    p.add_argument("--clips", type=int, default=1,
+    p.add_argument("--seconds", type=positive_float, default=20.0, help="seconds per clip")
+    p.add_argument("--clips", type=positive_int, default=1,
                    help="clips per file and channel, evenly spaced from start to end (default: 1, the start)")
-    p.add_argument("--max-clips", type=int, default=50, help="evaluate at most this many channels of files")
-    p.add_argument("--codebooks", default=None, help="codebook counts to compare, e.g. 2,4,8 (default: all)")
+    p.add_argument("--max-clips", type=positive_int, default=50, help="evaluate at most this many channels of files")
+    p.add_argument("--codebooks", type=int_list, default=None,
+                   help="codebook counts to compare, e.g. 2,4,8 (default: all)")
     p.add_argument("--no-asr", action="store_true", help="skip pocketsphinx WER even when it is installed")
     p.add_argument("--out", help="write codec_eval.json (summary + every clip) to this directory")
-    p.add_argument("--device", default=None, help="default: cuda when available")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one)")
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    import torch
-
     from ttt_speech.codec.data import find_audio
     from ttt_speech.codec.evaluate import evaluate_codec, format_table, summarize, write_report
-    from ttt_speech.codec.model import load_codec
+    from ttt_speech.codec.model import check_codec_dir, load_codec
     from ttt_speech.train.data import SkipLog
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    mimi = load_codec(args.checkpoint, device)
+    device = torch_device(args.device)
+    n_q = check_codec_dir(args.checkpoint)["quantizer"]["n_q"]
+    if args.codebooks and args.codebooks[-1] > n_q:
+        raise UsageError(f"--codebooks {','.join(map(str, args.codebooks))}: the codec has {n_q} codebooks")
+    if args.out:
+        output_dir(args.out)
     examples = find_audio(args.data, SkipLog())[: args.max_clips]
-    ks = [int(k) for k in args.codebooks.split(",")] if args.codebooks else None
-    scores = evaluate_codec(mimi, examples, args.seconds, ks, asr=not args.no_asr, clips=args.clips)
+    mimi = load_codec(args.checkpoint, device)
+    scores = evaluate_codec(mimi, examples, args.seconds, args.codebooks, asr=not args.no_asr, clips=args.clips)
     print(format_table(summarize(scores)))
     if args.out:
         print(f"wrote {write_report(scores, args.out)}")

@@ -11,6 +11,7 @@ and the countdown to the next dead-code check.
 from __future__ import annotations
 
 import json
+import typing as tp
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from torch import Tensor
 
 from ttt_speech.codec.config import MimiSize, QuantizerTraining
 from ttt_speech.compat import fold_weight_norm
+from ttt_speech.errors import UsageError, check_safetensors, existing_dir, read_json_object
 from ttt_speech.moshi.compat import encode_latent, schedule_dead_code_check, to_encoder_framerate
 from ttt_speech.moshi.tiny import MIMI_CONFIG_NAME, MIMI_WEIGHTS_NAME
 
@@ -124,12 +126,22 @@ def export_dir(path: str | Path) -> Path:
     return root
 
 
+def check_codec_dir(path: str | Path) -> dict[str, tp.Any]:
+    """The mimi_config.json of an exported codec directory, after checking its files (a UsageError naming them)."""
+    root = export_dir(existing_dir(path, "codec directory"))
+    for name in (MIMI_WEIGHTS_NAME, MIMI_CONFIG_NAME):
+        if not (root / name).exists():
+            raise UsageError(f"{root}: no {name} (expected an exported codec directory or a train-codec run)")
+    check_safetensors(root / MIMI_WEIGHTS_NAME)
+    config = read_json_object(root / MIMI_CONFIG_NAME, "Mimi config")
+    if not isinstance(config.get("quantizer"), dict) or not isinstance(config["quantizer"].get("n_q"), int):
+        raise UsageError(f"{root / MIMI_CONFIG_NAME}: no quantizer.n_q (not a Mimi config)")
+    return config
+
+
 def load_codec(path: str | Path, device: torch.device | str = "cpu") -> MimiModel:
     """An exported codec (a directory with mimi.safetensors + mimi_config.json, or a run directory holding
     `export/`) through moshi's `get_mimi`, all codebooks active, in eval mode."""
+    config = check_codec_dir(path)
     root = export_dir(path)
-    for name in (MIMI_WEIGHTS_NAME, MIMI_CONFIG_NAME):
-        if not (root / name).exists():
-            raise FileNotFoundError(f"{root}: no {name} (expected an exported codec directory)")
-    config = json.loads((root / MIMI_CONFIG_NAME).read_text())
     return get_mimi(str(root / MIMI_WEIGHTS_NAME), config, device=device, num_codebooks=config["quantizer"]["n_q"])

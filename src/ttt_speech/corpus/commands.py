@@ -11,6 +11,7 @@ import sys
 
 from ttt_speech.corpus.engines import DEFAULT_VOICES, ENGINES
 from ttt_speech.corpus.texts import SOURCES
+from ttt_speech.errors import fraction, nonnegative_int, positive_float
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -20,24 +21,24 @@ def _names(text: str) -> tuple[str, ...]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     voices = ", ".join(f"{n}:{{{','.join(e.voices)}}}" for n, e in ENGINES.items())
     p.add_argument("--out", required=True, help="output directory (must not hold a corpus already)")
-    p.add_argument("--recordings", type=int, default=4, help="single-voice readings (default 4)")
-    p.add_argument("--dialogues", type=int, default=2, help="two-voice stereo dialogues (default 2)")
-    p.add_argument("--minutes-per-recording", type=float, default=20.0, help="length of each reading (default 20)")
-    p.add_argument("--dialogue-minutes", type=float, help="length of each dialogue (default: --minutes-per-recording)")
+    p.add_argument("--recordings", type=nonnegative_int, default=4, help="single-voice readings (default 4)")
+    p.add_argument("--dialogues", type=nonnegative_int, default=2, help="two-voice stereo dialogues (default 2)")
+    p.add_argument("--minutes-per-recording", type=positive_float, default=20.0, help="length of each reading (default 20)")
+    p.add_argument("--dialogue-minutes", type=positive_float, help="length of each dialogue (default: --minutes-per-recording)")
     p.add_argument("--voices", type=_names, default=(),
                    help=f"comma-separated ENGINE:VOICE list from {voices} "
                         f"(default: the installed ones of {','.join(DEFAULT_VOICES)})")
     p.add_argument("--texts", type=_names, default=tuple(SOURCES),
                    help=f"comma-separated text sources from {','.join(SOURCES)} (default: all)")
-    p.add_argument("--repeat-fraction", type=float, default=0.5,
+    p.add_argument("--repeat-fraction", type=fraction, default=0.5,
                    help="share of readings that re-read earlier passages (default 0.5)")
-    p.add_argument("--repeat-gap-minutes", type=float, default=10.0,
+    p.add_argument("--repeat-gap-minutes", type=positive_float, default=10.0,
                    help="a re-read passage ended at least this long before (default 10)")
-    p.add_argument("--repeat-minutes", type=float, default=1.0, help="length of a re-read passage (default 1)")
-    p.add_argument("--repeat-every-minutes", type=float, default=5.0, help="time between re-reads (default 5)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="recordings held out, per kind (default 0.1)")
+    p.add_argument("--repeat-minutes", type=positive_float, default=1.0, help="length of a re-read passage (default 1)")
+    p.add_argument("--repeat-every-minutes", type=positive_float, default=5.0, help="time between re-reads (default 5)")
+    p.add_argument("--val-fraction", type=fraction, default=0.1, help="recordings held out, per kind (default 0.1)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--jobs", type=int, default=0, help="synthesis processes (default: one per CPU)")
+    p.add_argument("--jobs", type=nonnegative_int, default=0, help="synthesis processes (default: one per CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = build(args.out, cfg)
     except (MissingTextError, RuntimeError, ValueError, FileExistsError) as e:
-        print(f"make-corpus: {e}", file=sys.stderr)
+        print(f"make-corpus: {' '.join(str(e).split())}", file=sys.stderr)  # one line, as every command
         return 2
     for voice, why in report.voices_unavailable.items():
         print(f"voice {voice} skipped: {why}", file=sys.stderr)

@@ -23,40 +23,36 @@ import typing as tp
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
-import torch
+from ttt_speech.devices import DTYPE_NAMES, torch_device, torch_dtype
+from ttt_speech.errors import (UsageError, check_safetensors, existing_dir, existing_file, int_list, nonnegative_float,
+                               nonnegative_int, output_dir, positive_float, positive_int, read_json_object)
 
-from ttt_speech.eval.asr import Recognizer, asr_available
-from ttt_speech.eval.conversation import score_conversation
-from ttt_speech.eval.data import load_sequences
-from ttt_speech.eval.free_run import (
-    AudioScoring,
-    FreeRunResult,
-    audio_notes,
-    decode_text,
-    free_run_hf,
-    free_run_moshi,
-    score_saved_run,
-)
-from ttt_speech.eval.gibberish import FRAMES_PER_MINUTE, GibberishThresholds
-from ttt_speech.eval.long_context import OOM_ERRORS, evaluate, evaluate_copies
-from ttt_speech.eval.models import HFScorer, Loaded, MoshiScorer, moshi_extras, load_model
-from ttt_speech.eval.report import Report, saved_run_md, write
-from ttt_speech.eval.speaker import SpeakerEmbedder
-from ttt_speech.eval.spans import copy_probes, repeat_spans
+if tp.TYPE_CHECKING:
+    import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    from ttt_speech.eval.data import Sequence
+    from ttt_speech.eval.free_run import AudioScoring, FreeRunResult
+    from ttt_speech.eval.models import Loaded, Spec
+    from ttt_speech.eval.report import Report
+
 DEFAULT_LENGTHS = "4096,8192,16384,32768,65536"
+FRAMES_PER_MINUTE = 750  # eval/gibberish.py's, literal so that --help imports no numpy (a test holds them equal)
 
 
 def parse_lengths(text: str) -> list[int]:
-    try:
-        lengths = sorted({int(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad length list {text!r}; use e.g. 4096,8192,16384") from None
-    if not lengths or lengths[0] < 2:
+    """Comma-separated positions >= 2, sorted, repeats dropped (a window [L/2, L) must hold a position)."""
+    lengths = int_list(text)
+    if lengths[0] < 2:
         raise argparse.ArgumentTypeError(f"lengths must be integers >= 2, got {text!r}")
     return lengths
+
+
+def parse_length(text: str) -> int:
+    """One length >= 2 (its window [L/2, L) must hold a position)."""
+    lengths = parse_lengths(text)
+    if len(lengths) != 1:
+        raise argparse.ArgumentTypeError(f"give one length, got {text!r}")
+    return lengths[0]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,32 +64,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--copy-gaps", type=parse_lengths, metavar="G1,G2,...",
                    help="also score spans copied verbatim G frames after their source in held-out excerpts "
                         "(recall vs distance; e.g. 300,1000,3000,7500)")
-    p.add_argument("--copy-span", type=int, default=200, help="frames per copied span (default 200)")
-    p.add_argument("--copy-context", type=int, default=250, help="frames before each source span (default 250)")
-    p.add_argument("--copy-probes", type=int, default=4, help="excerpts per held-out sequence and gap (default 4)")
+    p.add_argument("--copy-span", type=positive_int, default=200, help="frames per copied span (default 200)")
+    p.add_argument("--copy-context", type=nonnegative_int, default=250,
+                   help="frames before each source span (default 250)")
+    p.add_argument("--copy-probes", type=positive_int, default=4,
+                   help="excerpts per held-out sequence and gap (default 4)")
     p.add_argument("--dialogues", type=Path, help="held-out two-speaker dialogue shards (Moshi's layout)")
     p.add_argument("--out", type=Path, default=Path("report"), help="output directory")
     p.add_argument("--lengths", type=parse_lengths, default=parse_lengths(DEFAULT_LENGTHS),
                    help=f"positions (Moshi frames, HF tokens) to test (default {DEFAULT_LENGTHS})")
-    p.add_argument("--baseline-length", type=int, help="short-context baseline B, scored on [B/2, B) "
+    p.add_argument("--baseline-length", type=parse_length, help="short-context baseline B, scored on [B/2, B) "
                    "(default: a quarter of the shortest length)")
-    p.add_argument("--threshold", type=float, default=0.9, help="degraded below this x the baseline quality")
+    p.add_argument("--threshold", type=positive_float, default=0.9, help="degraded below this x the baseline quality")
     p.add_argument("--quality-stream", choices=("text", "audio", "all"), default="text",
                    help="streams whose loss defines quality (default: text)")
-    p.add_argument("--batch-size", type=int, default=1, help="held-out sequences streamed together")
-    p.add_argument("--max-sequences", type=int, help="use only the first N held-out sequences")
-    p.add_argument("--minutes", type=float, default=5.0, help="free-run length in minutes (0: no free run)")
-    p.add_argument("--prompt-frames", type=int, default=250, help="prompt taken from the first held-out sequence")
-    p.add_argument("--frames-per-minute", type=int, default=FRAMES_PER_MINUTE,
+    p.add_argument("--batch-size", type=positive_int, default=1, help="held-out sequences streamed together")
+    p.add_argument("--max-sequences", type=positive_int, help="use only the first N held-out sequences")
+    p.add_argument("--minutes", type=nonnegative_float, default=5.0, help="free-run length in minutes (0: no free run)")
+    p.add_argument("--prompt-frames", type=nonnegative_int, default=250,
+                   help="prompt taken from the first held-out sequence")
+    p.add_argument("--frames-per-minute", type=positive_int, default=FRAMES_PER_MINUTE,
                    help=argparse.SUPPRESS)  # tests shorten "minutes"
-    p.add_argument("--conversation-minutes", type=float, help="score only the first N minutes of each dialogue")
+    p.add_argument("--conversation-minutes", type=positive_float,
+                   help="score only the first N minutes of each dialogue")
     _add_audio_arguments(p)
-    p.add_argument("--temp", type=float, default=0.8)
-    p.add_argument("--temp-text", type=float, default=0.7)
-    p.add_argument("--hf-chunk", type=int, default=256, help="tokens per forward call for HF models")
+    p.add_argument("--temp", type=nonnegative_float, default=0.8, help="audio sampling temperature (0: argmax)")
+    p.add_argument("--temp-text", type=nonnegative_float, default=0.7, help="text sampling temperature (0: argmax)")
+    p.add_argument("--hf-chunk", type=positive_int, default=256, help="tokens per forward call for HF models")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=tuple(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -108,10 +108,15 @@ def _add_audio_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _audio_scoring(args: argparse.Namespace, device: torch.device, notes: list[str], *, n_codebooks: int, card: int,
-                   mimi_path: Path | None = None, mimi_config: dict[str, tp.Any] | None = None,
+                   text_card: int, mimi_path: Path | None = None, mimi_config: dict[str, tp.Any] | None = None,
                    tokenizer_path: Path | None = None) -> AudioScoring:
     """Mimi, tokenizer, ASR and speaker embedder, each only if available (--mimi, --tokenizer over a model
     directory's files); ASR and embedder only with a Mimi, as they need its audio."""
+    from ttt_speech.eval.asr import Recognizer, asr_available
+    from ttt_speech.eval.free_run import AudioScoring
+    from ttt_speech.eval.speaker import SpeakerEmbedder
+    from ttt_speech.moshi.checkpoint import load_text_tokenizer
+
     n = n_codebooks
     mimi = None
     if args.mimi == "tiny":
@@ -127,9 +132,7 @@ def _audio_scoring(args: argparse.Namespace, device: torch.device, notes: list[s
     scoring = AudioScoring(mimi=mimi)
     tokenizer = args.tokenizer or tokenizer_path
     if tokenizer:
-        import sentencepiece
-
-        scoring.tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer))
+        scoring.tokenizer = load_text_tokenizer(tokenizer, text_card)
     if mimi is None:
         return scoring
     reason = "--no-asr" if args.no_asr else asr_available()
@@ -145,27 +148,88 @@ def _model_scoring(args: argparse.Namespace, loaded: Loaded, device: torch.devic
     """`_audio_scoring` for a loaded Moshi model and the files its directory provides."""
     lm = loaded.scorer.model
     return _audio_scoring(args, device, notes, n_codebooks=max(lm.dep_q, lm.n_q - lm.dep_q), card=lm.card,
-                          mimi_path=loaded.mimi_path, mimi_config=loaded.mimi_config,
+                          text_card=lm.text_card, mimi_path=loaded.mimi_path, mimi_config=loaded.mimi_config,
                           tokenizer_path=loaded.tokenizer_path)
 
 
 def _free(device: torch.device) -> None:
+    import torch
+
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
 
+def check_audio_options(args: argparse.Namespace) -> None:
+    """--mimi, --mimi-config and --tokenizer name files that are there and whole."""
+    if args.mimi not in (None, "tiny"):
+        check_safetensors(args.mimi)
+    if args.mimi_config:
+        if not args.mimi or args.mimi == "tiny":
+            raise UsageError("--mimi-config is the config of --mimi FILE; give both, or neither")
+        read_json_object(args.mimi_config, "Mimi config")
+    if args.tokenizer:
+        existing_file(args.tokenizer, "SentencePiece tokenizer")
+
+
+def check_data(specs: list[Spec], sequences: list[Sequence], args: argparse.Namespace) -> None:
+    """Refuse held-out data that cannot answer the question before any model is loaded: lengths whose scored
+    window [L/2, L) lies beyond every sequence (the report would say "holds" on no data), tokens a model's
+    vocabulary does not have (an IndexError deep in the model, minutes in)."""
+    longest = max(s.length for s in sequences)
+    empty = [L for L in args.lengths if L // 2 >= longest]
+    if empty:
+        raise UsageError(f"--lengths {','.join(map(str, empty))}: the longest held-out sequence in {args.data} has "
+                         f"{longest} positions and length L is scored on [L/2, L); give lengths below {2 * longest}")
+    if args.baseline_length and args.baseline_length // 2 >= longest:
+        raise UsageError(f"--baseline-length {args.baseline_length}: the longest held-out sequence has {longest} "
+                         f"positions; give a baseline below {2 * longest}")
+    for spec in specs:
+        limits = spec.token_limits()
+        if limits is None:
+            continue
+        text_card, card = limits
+        for seq in sequences:
+            text_max = int(seq.tokens[0].max())
+            if text_max >= text_card:
+                raise UsageError(f"{args.data}/{seq.name}: text token {text_max} >= the vocabulary ({text_card}) of "
+                                 f"--model {spec.name}; this data was tokenized for another model")
+            audio = seq.tokens[1:1 + int(spec.config.get("n_q", 0))]
+            if card and audio.numel() and int(audio.max()) >= card:
+                raise UsageError(f"{args.data}/{seq.name}: audio token {int(audio.max())} >= the codebook size "
+                                 f"({card}) of --model {spec.name}; this data was tokenized for another codec")
+
+
 def run(args: argparse.Namespace) -> dict[str, Path]:
     """Evaluate every --model in turn and write the report; returns the written files."""
+    import torch
+
+    from ttt_speech.eval.conversation import score_conversation
+    from ttt_speech.eval.data import load_sequences
+    from ttt_speech.eval.gibberish import GibberishThresholds
+    from ttt_speech.eval.long_context import OOM_ERRORS, evaluate, evaluate_copies
+    from ttt_speech.eval.models import MoshiScorer, check_spec, load_model
+    from ttt_speech.eval.report import Report, write
+    from ttt_speech.eval.spans import copy_probes, repeat_spans
+
+    device = torch_device(args.device)
+    dtype = torch_dtype(args.dtype, device)
+    specs = [check_spec(spec) for spec in args.model]
+    check_audio_options(args)
+    if args.repeats:
+        existing_file(existing_dir(args.repeats, "make-corpus directory") / "corpus.json", "make-corpus corpus.json")
+    output_dir(args.out)
+    for flag, path in (("--data", args.data), ("--dialogues", args.dialogues)):
+        if path is not None and not path.exists():
+            raise UsageError(f"{flag} {path}: no such file or directory (held-out token shards)")
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     progress = not args.no_progress
     sequences = load_sequences(args.data, args.max_sequences)
     dialogues = load_sequences(args.dialogues) if args.dialogues else []
+    check_data(specs, sequences, args)
     spans = repeat_spans(args.repeats) if args.repeats else None
     if spans is not None and not any(s.source in spans for s in sequences):
-        raise ValueError(f"{args.repeats}: none of its re-read passages is in {args.data}")
+        raise UsageError(f"--repeats {args.repeats}: none of its re-read passages is in {args.data}")
     probes, probe_spans = (copy_probes(sequences, args.copy_gaps, args.copy_span, args.copy_context, args.copy_probes)
                            if args.copy_gaps else ([], {}))
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not callable(v)}
@@ -211,6 +275,9 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
 
 def _free_run(args: argparse.Namespace, loaded: Loaded, first: torch.Tensor, frames: int, device: torch.device,
               report: Report, progress: bool) -> tp.Any:
+    from ttt_speech.eval.free_run import free_run_hf, free_run_moshi
+    from ttt_speech.eval.models import HFScorer
+
     scorer = loaded.scorer
     P = min(args.prompt_frames, first.shape[-1])
     if isinstance(scorer, HFScorer):
@@ -232,6 +299,10 @@ def _save_free_run(out: Path, run: FreeRunResult, scoring: AudioScoring, pad_ids
                    frames_per_minute: int) -> None:
     """free_run_<name>.npy (the run's tokens) and, with a tokenizer, free_run_<name>.txt (its words per
     minute), so the audio can be scored later where ASR and the codec are (`ttt-speech score-free-run`)."""
+    import numpy as np
+
+    from ttt_speech.eval.free_run import decode_text
+
     assert run.tokens is not None and run.text is not None
     out.mkdir(parents=True, exist_ok=True)
     stem = "free_run_" + re.sub(r"[^\w.-]", "_", run.name)
@@ -251,29 +322,44 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
                         "files it names")
     p.add_argument("--out", type=Path, metavar="DIR", help="output directory (default: the tokens' directory)")
     p.add_argument("--wav", action="store_true", help="also write the decoded audio as <stem>.wav (24 kHz mono)")
-    p.add_argument("--frames-per-minute", type=int, default=FRAMES_PER_MINUTE,
+    p.add_argument("--frames-per-minute", type=positive_int, default=FRAMES_PER_MINUTE,
                    help=argparse.SUPPRESS)  # as given to eval-long; tests shorten "minutes"
     _add_audio_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="seed of --mimi tiny (as given to eval-long)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one)")
 
 
 def run_score(args: argparse.Namespace) -> dict[str, Path]:
     """Decode a saved free run and score its audio per minute: writes <stem>_audio.json, <stem>_audio.md and,
     with --wav, <stem>.wav; returns the written files."""
-    config = args.model / "config.json"
+    import numpy as np
+
+    from ttt_speech.eval.free_run import audio_notes, score_saved_run
+    from ttt_speech.eval.models import moshi_extras
+    from ttt_speech.eval.report import saved_run_md
+    from ttt_speech.moshi.config import read_moshi_config
+
+    device = torch_device(args.device)
+    existing_file(args.tokens, "free-run tokens file (free_run_<name>.npy)")
+    config = existing_dir(args.model, "--model directory") / "config.json"
     if not config.is_file():
-        raise FileNotFoundError(f"{args.model}: no config.json (a Moshi checkpoint directory is needed)")
-    raw = json.loads(config.read_text())
-    tokens = np.load(args.tokens)
-    if tokens.ndim != 2 or tokens.shape[0] != 1 + raw["dep_q"]:
-        raise ValueError(f"{args.tokens}: {tokens.shape} tokens, {args.model} generates [1 + {raw['dep_q']}, frames]")
+        raise UsageError(f"--model {args.model}: no config.json (the run's Moshi checkpoint directory is needed)")
+    raw = read_moshi_config(config)
+    check_audio_options(args)
+    if args.out:
+        output_dir(args.out)
+    try:
+        tokens = np.load(args.tokens)
+    except (OSError, ValueError):
+        raise UsageError(f"{args.tokens}: not a .npy array (eval-long saves free_run_<name>.npy)") from None
+    dep_q = raw.get("dep_q", 8)
+    if tokens.ndim != 2 or tokens.shape[0] != 1 + dep_q:
+        raise UsageError(f"{args.tokens}: {tokens.shape} tokens, {args.model} generates [1 + {dep_q}, frames]")
     notes: list[str] = []
-    scoring = _audio_scoring(args, torch.device(args.device), notes, card=raw["card"],
-                             n_codebooks=max(raw["dep_q"], raw["n_q"] - raw["dep_q"]), **moshi_extras(args.model, raw))
+    scoring = _audio_scoring(args, device, notes, card=raw.get("card", 1024), text_card=raw.get("text_card", 32000),
+                             n_codebooks=max(dep_q, raw.get("n_q", 8) - dep_q), **moshi_extras(args.model, raw))
     if scoring.mimi is None:
-        raise FileNotFoundError(f"{args.model}: no Mimi weights ({raw.get('mimi_name', 'mimi.safetensors')}); "
-                                "give --mimi")
+        raise UsageError(f"{args.model}: no Mimi weights ({raw.get('mimi_name', 'mimi.safetensors')}); give --mimi")
     pad_ids = (raw.get("existing_text_padding_id", 3), raw.get("existing_text_end_padding_id", 0))  # LMModel's defaults
     out = args.out or args.tokens.parent
     out.mkdir(parents=True, exist_ok=True)
@@ -287,6 +373,29 @@ def run_score(args: argparse.Namespace) -> dict[str, Path]:
     files["md"].write_text(saved_run_md(stem, minutes, scoring.embedder.method if scoring.embedder else None, notes))
     print(f"{stem}: {len(minutes)} minutes scored -> {files['md']}", file=sys.stderr)
     return files
+
+
+def add_probe_arguments(p: argparse.ArgumentParser) -> None:
+    """`ttt-speech probe-memory` (memory_probe.py runs it)."""
+    p.add_argument("models", nargs="+", metavar="[NAME=]DIR", help="TTT hybrid directories (or 'tiny')")
+    p.add_argument("--data", required=True, type=Path, help="held-out token shards")
+    p.add_argument("--gaps", type=int_list, default="300,1000,3000", help="frames between a span and its copy")
+    p.add_argument("--span", type=positive_int, default=200, help="frames per copied span")
+    p.add_argument("--context", type=nonnegative_int, default=250, help="frames before each span")
+    p.add_argument("--inner-lr-scale", type=positive_float, default=1.0,
+                   help="multiply the layers' inner learning rate (the model was not trained for it)")
+    p.add_argument("--out", type=Path, help="also write the rows as JSON here")
+
+
+def run_probe(args: argparse.Namespace) -> tp.Any:
+    from ttt_speech.eval.memory_probe import run as probe
+    from ttt_speech.eval.models import check_spec
+
+    for spec in args.models:
+        check_spec(spec)
+    if args.out and args.out.is_dir():
+        raise UsageError(f"--out {args.out}: is a directory; give the JSON file to write")
+    return probe(args)
 
 
 def main(argv: list[str] | None = None) -> None:

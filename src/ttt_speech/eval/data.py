@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ttt_speech.errors import UsageError
+
 SHARD_SUFFIXES = (".npy", ".safetensors")
 TOKENS_KEY = "tokens"
 
@@ -43,7 +45,7 @@ def load_sequences(path: str | Path, limit: int | None = None) -> list[Sequence]
 
     docs = find_documents([str(path)], SkipLog())
     if not docs:
-        raise FileNotFoundError(f"{path}: no token documents")
+        raise UsageError(f"{path}: no token documents (.npy / .safetensors shards or a tokenized directory)")
     docs = docs[:limit] if limit else docs
     root = Path(path) if Path(path).is_dir() else Path(path).parent
     out = []

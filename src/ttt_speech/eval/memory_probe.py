@@ -144,21 +144,11 @@ def probe(scorer: tp.Any, sequences: list[Sequence], gaps: list[int], span: int 
     return rows
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("models", nargs="+", metavar="[NAME=]DIR", help="TTT hybrid directories (or 'tiny')")
-    p.add_argument("--data", required=True, type=Path, help="held-out token shards")
-    p.add_argument("--gaps", default="300,1000,3000", help="frames between a span and its copy")
-    p.add_argument("--span", type=int, default=200, help="frames per copied span")
-    p.add_argument("--context", type=int, default=250, help="frames before each span")
-    p.add_argument("--inner-lr-scale", type=float, default=1.0,
-                   help="multiply the layers' inner learning rate (the model was not trained for it)")
-    p.add_argument("--out", type=Path, help="also write the rows as JSON here")
-
-
 def run(args: argparse.Namespace) -> list[ProbeRow]:
-    """Print a markdown table per model; returns every row."""
+    """`ttt-speech probe-memory` (arguments: eval/commands.py, add_probe_arguments): print a markdown table per
+    model; returns every row."""
     sequences = load_sequences(args.data)
-    gaps = [int(g) for g in args.gaps.split(",")]
+    gaps = args.gaps
     everything: dict[str, list[ProbeRow]] = {}
     for spec in args.models:
         scorer = load_model(spec).scorer

@@ -215,23 +215,63 @@ def moshi_extras(root: Path, raw: dict[str, tp.Any]) -> dict[str, tp.Any]:
     return extras
 
 
-def load_model(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-               seed: int = 0, chunk: int = 256) -> Loaded:
-    """Build or load the model a command-line spec names (see the module docstring)."""
+@dataclass(frozen=True)
+class Spec:
+    """A command-line model spec, checked: its files are there and whole, its config.json is one we can build."""
+
+    name: str
+    path: str
+    kind: str  # "builtin", "moshi" or "hf"
+    config: dict[str, tp.Any]
+
+    def token_limits(self) -> tuple[int, int] | None:
+        """(text vocabulary, audio codebook size) the model reads (HF: text only, audio 0); None: built in code."""
+        if self.kind == "moshi":
+            return int(self.config.get("text_card", 32000)), int(self.config.get("card", 1024))
+        if self.kind == "hf":
+            return int(self.config["vocab_size"]), 0
+        return None
+
+
+def check_spec(spec: str) -> Spec:
+    """`spec` checked without building its model (a UsageError naming the directory or file otherwise)."""
+    from ttt_speech.errors import UsageError, check_safetensors, existing_dir, read_json_object
+
     name, path = split_spec(spec)
     if path in BUILTINS:
+        return Spec(name, path, "builtin", {})
+    root = existing_dir(path, f"--model directory (or one of {', '.join(BUILTINS)})")
+    if not (root / "config.json").is_file():
+        raise UsageError(f"--model {spec}: no config.json in {root}; give a model directory or one of "
+                         f"{', '.join(BUILTINS)}")
+    raw = read_json_object(root / "config.json", "config.json")
+    if "dep_q" in raw and "n_q" in raw:
+        from ttt_speech.moshi.checkpoint import check_hybrid_dir
+        from ttt_speech.moshi.config import read_moshi_config
+
+        if "ttt" in raw:
+            return Spec(name, path, "moshi", check_hybrid_dir(root))
+        raw = read_moshi_config(root / "config.json")
+        check_safetensors(root / "model.safetensors")
+        return Spec(name, path, "moshi", raw)
+    from ttt_speech.hf.checkpoint import check_llm_dir
+
+    return Spec(name, path, "hf", check_llm_dir(root))
+
+
+def load_model(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+               seed: int = 0, chunk: int = 256) -> Loaded:
+    """Build or load the model a command-line spec names (see the module docstring), after `check_spec`."""
+    checked = check_spec(spec)
+    name, path = checked.name, checked.path
+    if checked.kind == "builtin":
         from ttt_speech.moshi.tiny import build_tiny_hybrid, build_tiny_lm
 
         lm = build_tiny_hybrid(seed, device, dtype) if path == "tiny" else build_tiny_lm(seed, device=device, dtype=dtype)
         return Loaded(MoshiScorer(lm, name))
-    root = Path(path)
-    config = root / "config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"{spec}: not one of {BUILTINS} and no {config}")
-    raw = json.loads(config.read_text())
+    root, raw = Path(path), checked.config
     section = raw.get("ttt")
-    is_moshi = "dep_q" in raw and "n_q" in raw
-    if is_moshi:
+    if checked.kind == "moshi":
         from ttt_speech.moshi import load_hybrid
         from ttt_speech.moshi.config import lm_kwargs
 

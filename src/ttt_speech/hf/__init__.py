@@ -4,17 +4,32 @@
     model = convert(model, layers=range(24, 32), mode="hybrid", ttt=TTTConfig(...), attention_window=4096)
     model.generate(ids, max_new_tokens=200_000)   # memory bounded by the window + the TTT states
     model.save_pretrained("out/"); model = convert.load("out/")
+
+The names above import transformers on first use, so `ttt-speech convert-hf --help` does not wait for it;
+the installed release is checked here, at import, all the same.
 """
 
-try:
-    import transformers  # noqa: F401
-except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError("ttt_speech.hf needs transformers: pip install 'ttt-speech[hf]'") from e
+from __future__ import annotations
 
-from ttt_speech.hf import compat  # noqa: F401  (first: refuses an untested transformers release)
-from ttt_speech.hf.cache import TTTCache
-from ttt_speech.hf.checkpoint import LoadReport, load_llm
-from ttt_speech.hf.conversion import Converter, convert
-from ttt_speech.hf.section import TTTSection
+import importlib
+import typing as tp
 
-__all__ = ["Converter", "LoadReport", "TTTCache", "TTTSection", "convert", "load_llm"]
+from ttt_speech.deps import require
+
+require("transformers")  # refuses a missing or untested release (hf/compat.py reads the same check)
+
+if tp.TYPE_CHECKING:
+    from ttt_speech.hf.cache import TTTCache
+    from ttt_speech.hf.checkpoint import LoadReport, load_llm
+    from ttt_speech.hf.conversion import Converter, convert
+    from ttt_speech.hf.section import TTTSection
+
+_LAZY = {"TTTCache": "cache", "LoadReport": "checkpoint", "load_llm": "checkpoint", "Converter": "conversion",
+         "convert": "conversion", "TTTSection": "section"}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> tp.Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"ttt_speech.hf.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'ttt_speech.hf' has no attribute {name!r}")

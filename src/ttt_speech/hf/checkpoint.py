@@ -24,6 +24,7 @@ from torch import Tensor
 from transformers import CONFIG_MAPPING, PreTrainedModel
 from transformers.core_model_loading import revert_weight_conversion
 
+from ttt_speech.errors import UsageError, check_safetensors, existing_dir, read_json_object
 from ttt_speech.hf.layouts import decoder_config_dict, model_class
 
 logger = logging.getLogger(__name__)
@@ -120,6 +121,30 @@ def saved_names(model: PreTrainedModel, keys: set[str]) -> dict[str, str]:
     """
     sd = model.state_dict()
     return {k: next(iter(revert_weight_conversion(model, {k: sd[k].to("meta")}))) for k in keys}
+
+
+def check_llm_dir(path: str | Path) -> dict[str, Any]:
+    """The config.json of a transformers LLM directory (converted or not), checked before anything is built: not
+    a Moshi checkpoint (transformers would build a default 7B Moshi from it), a model_type transformers knows,
+    whole safetensors files. Else a UsageError naming the directory or file."""
+    root = existing_dir(path, "transformers model directory")
+    cfg = read_json_object(root / "config.json", "transformers config.json")
+    if "dep_q" in cfg or cfg.get("model_type") == "moshi":
+        raise UsageError(f"{root}: a Moshi checkpoint, not a transformers LLM (use the Moshi commands: convert-moshi)")
+    try:
+        llm_model_type(cfg)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"{root}: {e}") from None
+    index = root / "model.safetensors.index.json"
+    if index.exists() and not isinstance(read_json_object(index, "safetensors index").get("weight_map"), dict):
+        raise UsageError(f"{index}: no weight_map; copy or download it again")
+    try:
+        files = checkpoint_files(root)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+    for f in files:
+        check_safetensors(f)
+    return cfg
 
 
 def satisfied(model: PreTrainedModel, loaded: set[str]) -> set[str]:

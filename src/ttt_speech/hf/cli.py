@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import typing as tp
 from pathlib import Path
 
-from safetensors.torch import save_file
+from ttt_speech.errors import UsageError, output_dir, positive_int
 
-from ttt_speech.config import TTTConfig
-from ttt_speech.hf.checkpoint import load_llm, read_tensors
-from ttt_speech.hf.conversion import convert
-from ttt_speech.hf.layouts import decoder_of
+if tp.TYPE_CHECKING:
+    from ttt_speech.config import TTTConfig
 
 LEFT_ALONE_FILE = "left_alone.safetensors"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json")
+DTYPE_NAMES = ("auto", "bfloat16", "float16", "float32")
 
 
 def parse_layers(spec: str) -> list[int]:
@@ -31,7 +31,10 @@ def parse_layers(spec: str) -> list[int]:
     out: list[int] = []
     for part in spec.split(","):
         lo, _, hi = part.strip().partition("-")
-        out += range(int(lo), int(hi or lo) + 1)
+        try:
+            out += range(int(lo), int(hi or lo) + 1)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad layer list {spec!r}; use e.g. 24-31 or 1,3,5-6") from None
     return out
 
 
@@ -40,26 +43,71 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", required=True, type=parse_layers, help="decoder layers to convert, e.g. 24-31")
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--mode", choices=["hybrid", "replace"], default="hybrid")
-    p.add_argument("--attention-window", type=int, default=4096, help="sliding-window size of every attention layer")
-    p.add_argument("--mini-batch", type=int, default=16, help="TTT mini-batch size")
+    p.add_argument("--attention-window", type=positive_int, default=4096,
+                   help="sliding-window size of every attention layer")
+    p.add_argument("--mini-batch", type=positive_int, default=16, help="TTT mini-batch size")
     p.add_argument("--inner", choices=["linear", "mlp"], default="linear")
     p.add_argument("--variant", choices=["ttt-lm", "fla"], default="ttt-lm")
-    p.add_argument("--num-heads", type=int, default=None, help="TTT heads (default: the model's attention heads)")
+    p.add_argument("--num-heads", type=positive_int, default=None,
+                   help="TTT heads (default: the model's attention heads)")
     p.add_argument("--base-lr", type=float, default=None)
     p.add_argument("--gate-init", type=float, default=0.0, help="initial gate alpha (output scaled by tanh(alpha))")
-    p.add_argument("--dtype", default="auto", help="dtype to load and save in: auto, bfloat16, float16, float32")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="auto", help="dtype to load and save in")
+
+
+def check_source(path: Path) -> dict[str, tp.Any]:
+    """The config.json of the directory to convert, checked before anything is built (`check_llm_dir`), and
+    not converted already."""
+    from ttt_speech.hf.checkpoint import check_llm_dir
+
+    cfg = check_llm_dir(path)
+    if "ttt" in cfg:
+        raise UsageError(f"--model {path}: already converted (its config.json has a 'ttt' section)")
+    return cfg
+
+
+def ttt_config(args: argparse.Namespace, hidden_size: int, attention_heads: int) -> TTTConfig:
+    """The TTT layer config the options make for a decoder of this width."""
+    from ttt_speech.config import TTTConfig
+
+    return TTTConfig(dim=hidden_size, num_heads=args.num_heads or attention_heads, inner=args.inner,
+                     mini_batch=args.mini_batch, variant=args.variant, base_lr=args.base_lr, gate_init=args.gate_init)
+
+
+def check_options(args: argparse.Namespace, cfg: dict[str, tp.Any]) -> None:
+    """--layers, --mode and the TTT options against the decoder's part of config.json, where it states them."""
+    from ttt_speech.hf.layouts import decoder_config_dict
+
+    decoder = decoder_config_dict(cfg)
+    n = decoder.get("num_hidden_layers")
+    if isinstance(n, int) and not all(0 <= i < n for i in args.layers):
+        raise UsageError(f"--layers {','.join(map(str, args.layers))}: the model has decoder layers 0-{n - 1}")
+    if args.mode == "replace" and isinstance(n, int) and len(set(args.layers)) == n:
+        raise UsageError("--mode replace needs at least one attention layer left (it keeps track of positions)")
+    width, heads = decoder.get("hidden_size"), decoder.get("num_attention_heads")
+    if isinstance(width, int) and isinstance(heads, int):
+        try:
+            ttt_config(args, width, heads)
+        except ValueError as e:
+            raise UsageError(f"convert-hf: {e} (see --num-heads, --inner, --variant, --mini-batch)") from None
+    output_dir(args.out)
 
 
 def run(args: argparse.Namespace) -> None:
     """Run `ttt-speech convert-hf` with the arguments `add_arguments` declared."""
+    from safetensors.torch import save_file
+
+    from ttt_speech.hf.checkpoint import load_llm, read_tensors
+    from ttt_speech.hf.conversion import convert
+    from ttt_speech.hf.layouts import decoder_of
+
+    cfg = check_source(args.model)
+    check_options(args, cfg)
     model, report = load_llm(args.model, dtype=args.dtype)
     if report.missing_keys:
-        raise SystemExit(f"{args.model}: checkpoint lacks language-model parameters: {report.missing_keys}")
+        raise UsageError(f"{args.model}: checkpoint lacks language-model parameters: {report.missing_keys}")
     config = decoder_of(model).config  # the language model's (Qwen2-Audio: its text_config)
-    ttt = TTTConfig(
-        dim=config.hidden_size, num_heads=args.num_heads or config.num_attention_heads, inner=args.inner,
-        mini_batch=args.mini_batch, variant=args.variant, base_lr=args.base_lr, gate_init=args.gate_init,
-    )
+    ttt = ttt_config(args, config.hidden_size, config.num_attention_heads)
     convert(model, layers=args.layers, mode=args.mode, ttt=ttt, attention_window=args.attention_window)
 
     args.out.mkdir(parents=True, exist_ok=True)

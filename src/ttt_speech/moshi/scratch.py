@@ -7,15 +7,14 @@ Laid out that way, the from-scratch model goes through the same roads as a real 
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
 import shutil
 import typing as tp
 from collections.abc import Iterable
 from pathlib import Path
 
 from ttt_speech.codec.model import export_dir, load_codec
+from ttt_speech.errors import UsageError
 from ttt_speech.moshi.checkpoint import save_moshi_checkpoint
 from ttt_speech.moshi.tiny import (FILE_NAMES, MIMI_CONFIG_NAME, MIMI_WEIGHTS_NAME, TinyCheckpoint, build_tiny_lm,
                                    tiny_lm_config)
@@ -59,7 +58,7 @@ def write_scratch_checkpoint(out_dir: str | Path, codec_dir: str | Path, text_li
     config = tiny_lm_config(**SMALL_LM) | (lm_config or {})
     n_codebooks = mimi.num_codebooks
     if config["dep_q"] > n_codebooks or config["card"] != mimi.cardinality:
-        raise ValueError(f"{codec}: {n_codebooks} codebooks of {mimi.cardinality}, the LM wants "
+        raise UsageError(f"{codec}: {n_codebooks} codebooks of {mimi.cardinality}, the LM wants "
                          f"{config['dep_q']} of {config['card']}")
     ckpt = TinyCheckpoint(Path(out_dir))
     ckpt.root.mkdir(parents=True, exist_ok=True)
@@ -68,22 +67,3 @@ def write_scratch_checkpoint(out_dir: str | Path, codec_dir: str | Path, text_li
     train_text_tokenizer(text_lines, config["text_card"], ckpt.tokenizer)
     save_moshi_checkpoint(build_tiny_lm(seed, config), config, ckpt.root, FILE_NAMES)
     return ckpt
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--codec", required=True, help="exported codec directory (train-codec's run dir or export/)")
-    p.add_argument("--corpus", required=True, help="a make-corpus directory: its texts train the text tokenizer")
-    p.add_argument("--out", required=True)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
-                   help="override an LM config key, e.g. --set num_layers=6 (repeatable)")
-    p.add_argument("--seed", type=int, default=0)
-
-
-def run(args: argparse.Namespace) -> None:
-    from ttt_speech.corpus.texts import load_sources
-
-    names = list(json.loads((Path(args.corpus) / "corpus.json").read_text())["texts"])
-    lines = [s.text for sentences in load_sources(names).values() for s in sentences]
-    overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
-    ckpt = write_scratch_checkpoint(args.out, args.codec, lines, overrides, args.seed)
-    print(f"wrote {ckpt.root} (texts: {', '.join(names)}; {len(lines)} sentences)")

@@ -11,6 +11,9 @@ import os
 import sys
 import typing as tp
 
+from ttt_speech.devices import torch_device
+from ttt_speech.errors import existing_dir, existing_file, output_dir, positive_int, read_json_object
+
 # moshi compiles lazily unless told not to, which costs seconds per first forward on a CPU
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
@@ -47,6 +50,8 @@ def run_train(args: argparse.Namespace) -> int:
     from ttt_speech.train.config import load_config
     from ttt_speech.train.loop import train
 
+    if args.run_dir:
+        output_dir(args.run_dir)
     end_run(train(load_config(args.config, config_overrides(args))), "data")
     return 0
 
@@ -66,21 +71,21 @@ def add_tokenize_arguments(p: argparse.ArgumentParser) -> None:
                    help="Moshi checkpoint directory (config.json naming Mimi and the text tokenizer) or hub repo")
     p.add_argument("--mimi-config", help="Mimi config JSON, when config.json does not name one (default: released)")
     p.add_argument("--main-speaker", default="SPEAKER_MAIN", help="speaker label whose words form the text stream")
-    p.add_argument("--shard-frames", type=int, default=1 << 20, help="frames per output shard (12.5 per second)")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--shard-frames", type=positive_int, default=1 << 20,
+                   help="frames per output shard (12.5 per second)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one)")
     p.add_argument("--skip-bad", action="store_true", help="skip (log and count) bad files instead of stopping")
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def run_tokenize(args: argparse.Namespace) -> int:
     from ttt_speech.train.tokenize import MoshiTokenizer, tokenize
 
-    tok = MoshiTokenizer.from_checkpoint(args.checkpoint, args.mimi_config, args.device, args.main_speaker)
+    device = str(torch_device(args.device))
+    existing_file(args.manifest, "jsonl manifest")
+    output_dir(args.out)
+    if args.mimi_config:
+        read_json_object(args.mimi_config, "Mimi config")
+    tok = MoshiTokenizer.from_checkpoint(args.checkpoint, args.mimi_config, device, args.main_speaker)
     report = tokenize(args.manifest, args.out, tok, skip_bad=args.skip_bad, shard_frames=args.shard_frames)
     print(f"{report.documents} conversation(s), {report.frames} frames ({report.frames / 12.5 / 3600:.2f} h) "
           f"-> {report.out_dir}" + (f"; skipped {len(report.skipped)} bad file(s)" if report.skipped else ""))
@@ -93,7 +98,12 @@ def add_plot_run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_plot_run(args: argparse.Namespace) -> int:
+    from ttt_speech.train.metrics import METRICS_NAME
     from ttt_speech.train.plots import plot_run
+
+    existing_file(existing_dir(args.run_dir, "training run directory") / METRICS_NAME, "metrics file")
+    if args.out:
+        output_dir(args.out)
 
     for path in plot_run(args.run_dir, args.out):
         print(path)

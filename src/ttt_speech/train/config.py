@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from ttt_speech.errors import UsageError, existing_file
+
 Family = tp.Literal["moshi", "hf"]
 Trainable = tp.Literal["ttt", "lora", "all"]
 Branch = tp.Literal["ttt", "gdn"]
@@ -250,17 +252,36 @@ def config_from_dict(d: dict[str, tp.Any]) -> Config:
 
 def load_yaml_config(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
     """Read a YAML config into `cls`; `overrides` are `dotted.key=yaml_value` strings (e.g. `train.batch_size=4`)."""
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    raw = _yaml(existing_file(path, "YAML config").read_text(), f"{path}") or {}
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path}: a config is a YAML mapping (key: value lines), got {type(raw).__name__}")
     for item in overrides or []:
         key, sep, text = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r}: expected dotted.key=value")
+        if not sep or not key:
+            raise UsageError(f"--set {item!r}: expected dotted.key=value, e.g. train.batch_size=4")
         node = raw
         *parents, last = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[last] = yaml.safe_load(text)
-    return build_config(cls, raw)
+            if not isinstance(node, dict):
+                raise UsageError(f"--set {item!r}: {p} is not a section of {path}")
+        node[last] = _yaml(text, f"--set {item!r}")
+    try:
+        return build_config(cls, raw)
+    except UsageError:
+        raise
+    except ValueError as e:
+        raise UsageError(f"{path}: {e}") from None
+
+
+def _yaml(text: str, where: str) -> tp.Any:
+    """Parsed YAML; malformed YAML is a UsageError naming `where` (the file, or the --set item) and the line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise UsageError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or type(e).__name__}{at})") from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from ttt_speech.errors import UsageError
 from ttt_speech.train.config import RepeatConfig
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,8 @@ PAD = -1  # "nothing here": no input, no loss (moshi's zero token)
 REPEAT_TAG = 0x72657074  # "rept": seeds the generator of copied spans apart from the shuffle's
 
 
-class BadInputError(ValueError):
-    """A data file that cannot be used; the message names the file."""
+class BadInputError(UsageError):
+    """A data file that cannot be used; the message names the file (one line on the command line, exit 2)."""
 
 
 @dataclass

@@ -21,9 +21,10 @@ from moshi.models.loaders import MOSHI_NAME, CheckpointInfo
 from moshi.modules.transformer import StreamingMultiheadAttention
 from torch import Tensor, nn
 
+from ttt_speech.errors import UsageError
 from ttt_speech.moshi import TTTLMModel, convert, default_branch_config, load_hybrid, segments
 from ttt_speech.moshi.checkpoint import save_moshi_checkpoint
-from ttt_speech.moshi.config import infer_moshi_config
+from ttt_speech.moshi.config import infer_moshi_config, read_moshi_config
 from ttt_speech.moshi.tiny import build_tiny_lm, tiny_lm_config
 from ttt_speech.train.config import LossConfig, ModelConfig
 from ttt_speech.train.model import Batch, LayerCarry, SegmentLM
@@ -35,11 +36,16 @@ def moshi_checkpoint_info(path: str, mimi_config: str | None = None) -> Checkpoi
     """CheckpointInfo of a local Moshi directory (config.json naming its files) or of a hub repo id."""
     root = Path(path)
     if not root.is_dir():
+        if root.exists() or path.startswith(("/", ".", "~")) or path.count("/") != 1:
+            raise UsageError(f"{path}: no such Moshi checkpoint directory (nor a hub repo id like owner/name)")
         return CheckpointInfo.from_hf_repo(path, mimi_config_path=mimi_config)
     config_path = root / "config.json"
     if not config_path.exists():
-        raise FileNotFoundError(f"{root}: no config.json (a Moshi checkpoint directory names its files there)")
-    raw = json.loads(config_path.read_text())
+        raise UsageError(f"{root}: no config.json (a Moshi checkpoint directory names its files there)")
+    raw = read_moshi_config(config_path)
+    for key in ("mimi_name", "tokenizer_name", "mimi_config_name"):
+        if key in raw and not (root / raw[key]).is_file():
+            raise UsageError(f"{root / raw[key]}: no such file ({key} in {config_path})")
     mimi_cfg = mimi_config or (str(root / raw["mimi_config_name"]) if "mimi_config_name" in raw else None)
     return CheckpointInfo.from_hf_repo(
         str(root), moshi_weights=root / raw.get("moshi_name", MOSHI_NAME),

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from safetensors.numpy import save_file
 
+from ttt_speech.errors import UsageError
 from ttt_speech.train.data import INDEX_NAME, TOKENS_FORMAT, TOKENS_VERSION, SkipLog
 
 if TYPE_CHECKING:
@@ -108,8 +109,8 @@ class MoshiTokenizer:
         cfg = info.lm_config or {}
         text = info.get_text_tokenizer()
         if "text_card" in cfg and text.vocab_size() > cfg["text_card"]:
-            raise ValueError(f"{info.tokenizer}: {text.vocab_size()} text tokens, the model's text_card is "
-                             f"{cfg['text_card']}")
+            raise UsageError(f"{info.tokenizer}: {text.vocab_size()} text tokens, more than the model's text_card "
+                             f"{cfg['text_card']}: its ids would not fit the model; give the model's own tokenizer")
         return cls(info.get_mimi(device=device), text, cfg.get("existing_text_padding_id", 3),
                    cfg.get("existing_text_end_padding_id", 0), main_speaker)
 
