@@ -76,6 +76,9 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="Moshi config.json")
     p.add_argument("--out", required=True, help="output directory (model.safetensors + config.json)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="bfloat16")
+    p.add_argument("--attention-window", type=positive_int,
+                   help="frames each attention sees and caches per session (default: the config's context; "
+                        "Moshi-7B 3000 = 4 min); a shorter window allocates only its KV, the memory carries the rest")
     add_ttt_arguments(p)
 
 
@@ -101,13 +104,13 @@ def run_convert(args: argparse.Namespace) -> Path:
     where = f"--ttt-config {args.ttt_config}: " if args.ttt_config else ""
     try:
         convert(meta, args.layers, args.mode, default_branch_config(meta, args.mode, branch, **overrides),
-                moshi_config=raw)
+                moshi_config=raw, attention_window=args.attention_window)
     except (TypeError, ValueError) as e:
         raise UsageError(f"{where}{e}") from None
     del meta
     lm = get_moshi_lm(args.moshi_weights, lm_kwargs=lm_kwargs(raw), dtype=torch_dtype(args.dtype, torch.device("cpu")))
     cfg = default_branch_config(lm, args.mode, branch, **overrides)
-    hybrid = convert(lm, args.layers, args.mode, cfg, moshi_config=raw)
+    hybrid = convert(lm, args.layers, args.mode, cfg, moshi_config=raw, attention_window=args.attention_window)
     out = hybrid.save_pretrained(args.out)
     carried = copy_companions(Path(args.config).parent, out, raw)  # generate / serve on `out` decode and speak as is
     for key, what, flag in (("mimi_name", "Mimi", "--mimi-weights / serve --mimi"),

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moshi.models.lm import LMModel
+from moshi.modules.transformer import StreamingMultiheadAttention
 from torch import nn
 
 from ttt_speech.compat import retype
@@ -124,9 +125,33 @@ def select_layers(layers: LayerSpec, num_layers: int) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
+def check_attention_window(window: int) -> None:
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"attention_window must be a positive number of frames, got {window!r}")
+
+
+def set_attention_window(lm: LMModel, window: int) -> None:
+    """Every temporal-transformer attention sees (and its streaming ring KV cache holds) `window` frames.
+
+    moshi sizes a layer's ring KV cache by its attention's `context` when streaming starts, so a hybrid
+    whose memory carries the long context allocates only this window's keys/values per session.
+    The depformer restarts every frame and is left alone.
+    """
+    check_attention_window(window)
+    if lm.is_streaming:
+        raise RuntimeError("set the attention window before entering streaming mode (the KV cache is sized then)")
+    for m in lm.transformer.modules():
+        if isinstance(m, StreamingMultiheadAttention):
+            m.context = window
+    lm.context = window
+    if isinstance(lm, TTTLMModel):
+        lm.moshi_config["context"] = window
+
+
 def convert(
     lm: LMModel, layers: LayerSpec = "all", mode: Mode = "hybrid", ttt: BranchConfig | None = None, *,
     init_from_attention: bool | None = None, moshi_config: dict[str, tp.Any] | None = None,
+    attention_window: int | None = None,
 ) -> TTTLMModel:
     """Give the chosen temporal-transformer layers a TTT layer; modifies and returns `lm`.
 
@@ -141,6 +166,8 @@ def convert(
         replace mode; hybrid branches start from small random projections).
     moshi_config: the Moshi config.json this model was built from (CheckpointInfo.raw_config);
         inferred from the model when omitted. save_pretrained writes it back.
+    attention_window: frames every temporal attention sees and caches (`set_attention_window`; saved as
+        the config's `context`); default: the model's own context (Moshi-7B: 3000 frames = 4 min).
     """
     if not isinstance(lm, LMModel) or isinstance(lm, TTTLMModel):
         raise TypeError(f"convert expects a vanilla moshi LMModel, got {type(lm).__name__}")
@@ -159,6 +186,8 @@ def convert(
                          f"use e.g. gate_init={REPLACE_GATE_INIT} (tanh = 1)")
     if init_from_attention is None:
         init_from_attention = mode == "replace"
+    if attention_window is not None:
+        check_attention_window(attention_window)
     config = dict(moshi_config) if moshi_config is not None else infer_moshi_config(lm)
     for i in idx:
         TTTTransformerLayer.from_layer(lm.transformer.layers[i], cfg, mode, init_from_attention)
@@ -166,6 +195,8 @@ def convert(
     hybrid = retype(lm, TTTLMModel)
     hybrid.ttt_spec = HybridSpec(mode, idx, cfg)
     hybrid.moshi_config = config
+    if attention_window is not None:
+        set_attention_window(hybrid, attention_window)
     return hybrid
 
 

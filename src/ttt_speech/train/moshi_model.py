@@ -22,7 +22,8 @@ from moshi.modules.transformer import StreamingMultiheadAttention
 from torch import Tensor, nn
 
 from ttt_speech.errors import UsageError
-from ttt_speech.moshi import TTTLMModel, convert, default_branch_config, load_hybrid, segments
+from ttt_speech.moshi import (TTTLMModel, convert, default_branch_config, load_hybrid, segments,
+                              set_attention_window)
 from ttt_speech.moshi.checkpoint import save_moshi_checkpoint
 from ttt_speech.moshi.config import infer_moshi_config, read_moshi_config
 from ttt_speech.moshi.tiny import build_tiny_lm, tiny_lm_config
@@ -92,10 +93,7 @@ class MoshiSegmentLM(SegmentLM):
         self.terms = {"text": (0, 1), "audio": (1, 1 + lm.dep_q)}
         if attns and window != own:
             log.info("training attention window %d frames (the model's own: %s); streaming uses it too", window, own)
-            for a in attns:
-                a.context = window
-            if isinstance(lm, TTTLMModel):
-                lm.moshi_config["context"] = window
+            set_attention_window(lm, window)
 
     @property
     def streams(self) -> int:
