@@ -26,6 +26,7 @@ from ttt_speech.train.data import (  # noqa: E402
     TokenData,
     check_streams,
     copy_span,
+    copy_spans,
     find_documents,
     make_chunks,
     split_by_source,
@@ -271,6 +272,36 @@ def test_too_short_sequences_and_their_padding_are_left_unchanged() -> None:
     assert copied_span(before, copy_span(before, np.random.default_rng(0), RepeatConfig(1.0, 1, 4, 4))) == (0, 4, 4)
 
 
+@pytest.mark.parametrize("copies", [2, 3, 5])
+def test_k_copies_each_repeat_their_own_block_and_no_copy_overwrites_a_source(copies: int) -> None:
+    cfg = RepeatConfig(1.0, min_gap=16, min_len=16, max_len=48, max_gap=60, copies=copies)
+    found = 0
+    for seed in range(100):
+        g = np.random.default_rng(seed)
+        real = int(g.integers(100, 300))
+        before = random_tokens(g, 320, real)
+        after = copy_spans(before, np.random.default_rng([seed, 1]), cfg)
+        assert np.array_equal(after[:, real:], before[:, real:])  # padding untouched
+        for b in range(copies):
+            lo, hi = b * real // copies, (b + 1) * real // copies
+            span = copied_span(before[:, lo:hi], after[:, lo:hi])
+            if hi - lo < 2 * cfg.min_len:  # too short a block for a span after its source
+                assert span is None, (seed, b)
+                continue
+            assert span is not None, (seed, b)
+            src, dst, n = span
+            assert 16 <= n <= 48 and 16 <= dst - src <= 60 and src + n <= dst, (seed, b, span)
+            found += 1
+    assert found > 100 * copies // 2
+
+
+def test_one_copy_draws_exactly_as_copy_span() -> None:
+    cfg = RepeatConfig(1.0, min_gap=8, min_len=4, max_len=12)
+    before = random_tokens(np.random.default_rng(0), 64, 50)
+    assert np.array_equal(copy_spans(before, np.random.default_rng(5), cfg),
+                          copy_span(before, np.random.default_rng(5), cfg))
+
+
 def random_token_data(tmp_path: Path, repeat: RepeatConfig | None, docs: int = 6, length: int = 64) -> TokenData:
     g = np.random.default_rng(0)
     for i in range(docs):
@@ -310,6 +341,7 @@ def test_eval_batches_never_get_copied_spans(tmp_path: Path) -> None:
     ((0.5, 300, 0, 400), "data.repeat.min_len must be >= 1, got 0"),
     ((0.5, 300, 100, 99), r"data.repeat.max_len must be >= min_len \(100\), got 99"),
     ((0.5, 100, 50, 150, 120), "data.repeat.max_gap must be >= min_gap and max_len .* got 120"),
+    ((0.5, 10, 5, 20, None, 0), "data.repeat.copies must be >= 1, got 0"),
 ])
 def test_repeat_config_rejects_bad_values_naming_the_field(values: tuple, why: str) -> None:
     with pytest.raises(ValueError, match=why):

@@ -16,6 +16,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# Every SDPA backend but cuDNN's: on an H200 (torch 2.11) its backward failed at batch 128 x 512 frames
+# (`mha_graph.execute(...).is_good()`, issue 24); the memory-efficient kernel takes the same masks.
+BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def windowed_attention(
@@ -37,16 +42,19 @@ def windowed_attention(
     if P >= window:
         raise ValueError(f"past holds {P} positions; a window of {window} needs at most {window - 1}")
     block = min(chunk or window, T) if T else 1
-    outs = []
-    for s in range(0, T, block):
-        e = min(s + block, T)
-        lo = max(0, P + s - window + 1)  # first key any query of the block can see
-        qpos = P + torch.arange(s, e, device=q.device)[:, None]
-        kpos = torch.arange(lo, P + e, device=q.device)[None, :]
-        delta = qpos - kpos
-        mask = (delta >= 0) & (delta < window)
-        outs.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, lo:P + e], v[:, :, lo:P + e],
-                                                   attn_mask=mask, scale=scale))
+    with sdpa_kernel(BACKENDS):
+        outs = [_block(q, k, v, s, min(s + block, T), P, window, scale) for s in range(0, T, block)]
     out = torch.cat(outs, dim=2) if outs else q.new_zeros(q.shape)
     keep = min(window - 1, k.shape[2])
     return out, (k[:, :, k.shape[2] - keep:], v[:, :, v.shape[2] - keep:])
+
+
+def _block(q: Tensor, k: Tensor, v: Tensor, s: int, e: int, P: int, window: int, scale: float | None) -> Tensor:
+    """Queries s..e-1 against the keys they can see (P: past positions before the segment)."""
+    lo = max(0, P + s - window + 1)  # first key any query of the block can see
+    qpos = P + torch.arange(s, e, device=q.device)[:, None]
+    kpos = torch.arange(lo, P + e, device=q.device)[None, :]
+    delta = qpos - kpos
+    mask = (delta >= 0) & (delta < window)
+    return F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, lo:P + e], v[:, :, lo:P + e], attn_mask=mask,
+                                          scale=scale)

@@ -67,7 +67,9 @@ class RepeatConfig:
     streams) copied over a later stretch starting at least `min_gap` frames after the span's start;
     with `min_gap` above the attention window, only a memory can predict the copy. `max_gap` (if set)
     bounds the distance too: copies inside the window are the control that tells whether a model can
-    learn to copy at all when its attention sees the source.
+    learn to copy at all when its attention sees the source. `copies` > 1 cuts the sequence into that
+    many equal blocks, each drawn as above on its own: several copies per sequence, none overwriting
+    another's source (one span per sequence starves induction of signal, issue 24).
     """
 
     prob: float
@@ -75,6 +77,7 @@ class RepeatConfig:
     min_len: int
     max_len: int
     max_gap: int | None = None
+    copies: int = 1
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.prob <= 1.0:
@@ -85,6 +88,8 @@ class RepeatConfig:
             raise ValueError(f"data.repeat.min_len must be >= 1, got {self.min_len}")
         if self.max_len < self.min_len:
             raise ValueError(f"data.repeat.max_len must be >= min_len ({self.min_len}), got {self.max_len}")
+        if self.copies < 1:
+            raise ValueError(f"data.repeat.copies must be >= 1, got {self.copies}")
         if self.max_gap is not None and self.max_gap < max(self.min_gap, self.max_len):
             raise ValueError(f"data.repeat.max_gap must be >= min_gap and max_len (a copy never overlaps its "
                              f"source), got {self.max_gap}")

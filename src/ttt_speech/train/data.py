@@ -240,6 +240,19 @@ def real_length(tokens: np.ndarray) -> int:
     return int(filled[-1]) + 1 if filled.size else 0
 
 
+def copy_spans(tokens: np.ndarray, rng: np.random.Generator, cfg: RepeatConfig) -> np.ndarray:
+    """`tokens` [K, T] with up to cfg.copies copied spans: the real part is cut into that many equal
+    blocks and `copy_span` draws one inside each, so no copy overwrites another's source."""
+    if cfg.copies == 1:
+        return copy_span(tokens, rng, cfg)
+    length = real_length(tokens)
+    out = tokens.copy()
+    for b in range(cfg.copies):
+        lo, hi = b * length // cfg.copies, (b + 1) * length // cfg.copies
+        out[:, lo:hi] = copy_span(tokens[:, lo:hi], rng, cfg)
+    return out
+
+
 def copy_span(tokens: np.ndarray, rng: np.random.Generator, cfg: RepeatConfig) -> np.ndarray:
     """With probability cfg.prob, `tokens` [K, T] with an earlier span copied over a later stretch.
 
@@ -320,7 +333,7 @@ class TokenData:
         if self.repeat is None:
             return tokens
         rng = np.random.default_rng([self.seed, stage, g, REPEAT_TAG])
-        return torch.from_numpy(copy_span(tokens.numpy(), rng, self.repeat))
+        return torch.from_numpy(copy_spans(tokens.numpy(), rng, self.repeat))
 
     def batch(self, first: int, size: int, length: int, stage: int) -> torch.Tensor:
         """Samples first .. first + size - 1 of a stage, stacked [size, K, length]."""
