@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                    "convert a local transformers Llama/Qwen2 (or LLaMA-Omni) checkpoint into a TTT hybrid"),
     "serve": ("ttt_speech.serve.commands", "add_arguments", "run",
               "serve Moshi's websocket protocol: sessions batched in one step, suspend/resume"),
+    "talk": ("ttt_speech.serve.client", "add_arguments", "run",
+             "talk to a Moshi-protocol server without a sound card: send a wav, write the reply's audio and text"),
     "eval-long": ("ttt_speech.eval.commands", "add_arguments", "run",
                   "compare models on long held-out sequences: per-position loss, where quality degrades, "
                   "free runs, conversations"),

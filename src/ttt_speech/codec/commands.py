@@ -24,8 +24,10 @@ def run_train(args: argparse.Namespace) -> int:
     """Train or resume; 0 when all stages are done and the codec is exported to RUN_DIR/export."""
     from ttt_speech.codec.config import load_codec_config
     from ttt_speech.codec.loop import train_codec
+    from ttt_speech.threads import use_cpu_threads
     from ttt_speech.train.commands import config_overrides, end_run
 
+    use_cpu_threads(args.threads)
     result = train_codec(load_codec_config(args.config, config_overrides(args)))
     end_run(result, "audio")
     print(f"codec exported to {result.export}")

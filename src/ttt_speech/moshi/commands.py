@@ -14,6 +14,7 @@ from pathlib import Path
 from ttt_speech.devices import DTYPE_NAMES, torch_device, torch_dtype
 from ttt_speech.errors import (UsageError, check_safetensors, existing_dir, nonnegative_float, output_dir,
                                positive_float, positive_int, read_json_object)
+from ttt_speech.threads import add_threads_argument, use_cpu_threads
 
 if tp.TYPE_CHECKING:
     import torch
@@ -147,6 +148,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="default: bfloat16 on CUDA for real weights or int4, float32 otherwise")
     add_quantize_argument(p)
+    add_threads_argument(p)
 
 
 def add_quantize_argument(p: argparse.ArgumentParser) -> None:
@@ -212,6 +214,7 @@ def run_generate(args: argparse.Namespace) -> dict[str, Path]:
 
     check_generate(args)
     device = torch_device(args.device)
+    use_cpu_threads(args.threads)
     bf16 = bool(args.hybrid or args.moshi_weights) or args.quantize == "int4"
     dtype = torch_dtype(args.dtype, device, bf16)
     check_quantize(args.quantize, device, dtype)
@@ -220,11 +223,11 @@ def run_generate(args: argparse.Namespace) -> dict[str, Path]:
     if args.hybrid or not (args.moshi_weights or args.tiny):
         model_dir = Path(args.hybrid) if args.hybrid else SHIPPED_DIR
         lm, raw = load_hybrid(model_dir, device=device, dtype=dtype), json.loads((model_dir / CONFIG_NAME).read_text())
-        name = f"hybrid {args.hybrid}" if args.hybrid else f"small TTT hybrid ({SHIPPED_DIR})"
+        name = f"hybrid {model_dir.resolve().name}" if args.hybrid else "the shipped small TTT hybrid"
     elif args.moshi_weights:
         model_dir, raw = Path(args.config).parent, json.loads(Path(args.config).read_text())
         lm = get_moshi_lm(args.moshi_weights, lm_kwargs=lm_kwargs(raw), device=device, dtype=dtype)
-        name = f"vanilla Moshi {args.moshi_weights}"
+        name = f"vanilla Moshi {Path(args.moshi_weights).name}"
     else:
         lm, name = build_tiny_hybrid(args.seed, device, dtype), "tiny TTT hybrid (built in code)"
     if model_dir is not None and not (mimi_weights or args.tiny_mimi):  # the Mimi the checkpoint names

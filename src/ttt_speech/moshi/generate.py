@@ -183,14 +183,15 @@ class WavSink:
 
 
 def plot(result: StreamResult, path: Path, title: str = "") -> None:
-    """Per-frame latency (top) and memory (bottom) against stream time, as a PNG."""
+    """Per-frame latency (top), streaming state (middle) and process memory (bottom) against stream time, as
+    a PNG. State and RSS get a panel each: on one twin axis both flat lines drew at the same height."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     t = np.arange(len(result.frame_ms)) / FRAME_RATE / 60.0
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    fig, (ax1, ax2, ax3) = plt.subplots(3, 1, figsize=(9, 7.5), sharex=True, height_ratios=(2, 1, 1))
     ax1.plot(t, result.frame_ms, lw=0.4, alpha=0.5, label="per frame")
     win = max(1, min(125, len(t) // 10))
     if len(t) >= win:
@@ -200,14 +201,14 @@ def plot(result: StreamResult, path: Path, title: str = "") -> None:
     ax1.set_ylabel("latency per frame (ms)")
     ax1.set_yscale("log")
     ax1.legend(loc="upper right", fontsize=8)
-    ax2.plot(t, result.state_bytes / 2**10, color="C0", label="streaming state (KV caches + TTT)")
-    ax2.set_ylabel("streaming state (KiB)", color="C0")
-    ax2.set_ylim(0, max(1.0, result.state_bytes.max() / 2**10 * 1.2))
-    ax3 = ax2.twinx()
-    ax3.plot(t, result.rss_bytes / 2**20, color="C1", label="process RSS")
-    ax3.set_ylabel("process RSS (MiB)", color="C1")
-    ax3.set_ylim(0, max(1.0, result.rss_bytes.max() / 2**20 * 1.2))
-    ax2.set_xlabel("stream time (min of audio)")
+    for ax, values, unit, color, name, label in (
+            (ax2, result.state_bytes / 2**10, "KiB", "C2", "state", "streaming state (KV caches + TTT states)"),
+            (ax3, result.rss_bytes / 2**20, "MiB", "C3", "RSS", "process resident memory (RSS)")):
+        ax.plot(t, values, color=color, lw=1.2, label=f"{label}: {values[0]:,.1f} -> {values[-1]:,.1f} {unit}")
+        ax.set_ylabel(f"{name} ({unit})")
+        ax.set_ylim(0, max(1.0, values.max() * 1.25))
+        ax.legend(loc="lower right", fontsize=8)
+    ax3.set_xlabel("stream time (min of audio)")
     fig.suptitle(title or "Moshi streaming: latency and memory per frame")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -21,6 +21,7 @@ from ttt_speech.errors import (OFF, UsageError, check_safetensors, existing_dir,
                                output_dir, port, positive_float, positive_int, positive_int_or_off, read_json_object,
                                seconds_or_off)
 from ttt_speech.moshi.commands import add_quantize_argument, check_quantize, quantize_or_exit
+from ttt_speech.threads import add_threads_argument, use_cpu_threads
 
 if tp.TYPE_CHECKING:
     import sentencepiece
@@ -65,6 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: bfloat16 on CUDA, float32 on CPU")
     add_quantize_argument(p)
+    add_threads_argument(p)
     p.add_argument("--seed", type=int, default=0, help="weights seed of --model tiny / --mimi tiny")
     p.add_argument("--temp", type=nonnegative_float, default=TEMP, help="audio sampling temperature")
     p.add_argument("--temp-text", type=nonnegative_float, default=TEMP_TEXT, help="text sampling temperature")
@@ -225,6 +227,7 @@ def run(args: argparse.Namespace) -> None:
     dtype = torch_dtype(args.dtype, device)
     check_quantize(args.quantize, device, dtype)
     check_serve(args)
+    use_cpu_threads(args.threads)
     lm, model_id, raw = load_model(args.model, device, dtype, args.seed)
     if args.quantize:
         log.info("%s", quantize_or_exit(lm, args.quantize))

@@ -13,6 +13,7 @@ import typing as tp
 
 from ttt_speech.devices import torch_device
 from ttt_speech.errors import existing_dir, existing_file, output_dir, positive_int, read_json_object
+from ttt_speech.threads import add_threads_argument, use_cpu_threads
 
 # moshi compiles lazily unless told not to, which costs seconds per first forward on a CPU
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
@@ -28,6 +29,7 @@ def add_run_arguments(p: argparse.ArgumentParser, config_help: str, set_example:
     p.add_argument("--run-dir", help="override run_dir (resumes from its newest checkpoint if it has one)")
     p.add_argument("--skip-bad", action="store_true",
                    help=f"skip {bad_files} (logged, counted at the end) instead of stopping on the first")
+    add_threads_argument(p)
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,6 +54,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     if args.run_dir:
         output_dir(args.run_dir)
+    use_cpu_threads(args.threads)
     end_run(train(load_config(args.config, config_overrides(args))), "data")
     return 0
 

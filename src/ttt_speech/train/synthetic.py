@@ -74,3 +74,21 @@ class RecallTask:
         answers = codes[:, 0, self.answers_from:] != TEXT_PAD
         weights[:, 0, self.answers_from:] = answers.float()
         return Batch(batch.inputs, weights)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m ttt_speech.train.synthetic`: the recall shards configs/tiny_recall.yaml trains on."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m ttt_speech.train.synthetic", description=main.__doc__)
+    p.add_argument("--out", default="runs", help="directory of recall_train.safetensors / recall_val.safetensors")
+    p.add_argument("--train", type=int, default=4096, help="training sequences")
+    p.add_argument("--val", type=int, default=64, help="validation sequences")
+    args = p.parse_args(argv)
+    task = RecallTask()
+    for name, count, seed in (("train", args.train, 0), ("val", args.val, 1)):
+        print(task.write(Path(args.out) / f"recall_{name}.safetensors", count, seed))
+
+
+if __name__ == "__main__":
+    main()
