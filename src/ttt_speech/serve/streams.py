@@ -57,8 +57,12 @@ class BatchedStreams:
         self.device = lm.device
         self.gen = SeededLMGen(lm, sampling)
         self._exit = ExitStack()
-        self._exit.enter_context(self.gen.streaming(batch_size))
-        self._exit.enter_context(mimi.streaming(batch_size))
+        try:  # a batch that does not fit (CUDA out of memory) leaves the models as they were
+            self._exit.enter_context(self.gen.streaming(batch_size))
+            self._exit.enter_context(mimi.streaming(batch_size))
+        except BaseException:
+            self._exit.close()
+            raise
         self.layout: Layout = {k: (tuple(t.select(d, 0).shape), t.dtype) for k, (t, d) in self._tensors().items()}
         self.slot_bytes = sum(int(np.prod(s)) * dt.itemsize for s, dt in self.layout.values())
 

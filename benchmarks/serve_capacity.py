@@ -1,0 +1,148 @@
+"""Sessions per GPU in real time: vanilla Moshi vs TTT hybrids with shorter attention windows, one process.
+
+Ramps concurrent sessions through the server's own batched step (`BatchedStreams.step`: Mimi encode,
+per-session-seeded LMGen, Mimi decode; `ttt_speech.serve.capacity`) until the step's p90 or p99 reaches
+80 ms, for vanilla Moshi first, then the same random weights converted in place into a hybrid and run at
+each attention window (each window allocates only its KV: `set_attention_window`). Random weights, bf16
+LM, fp32 Mimi, moshi's CUDA graphs, NO_TORCH_COMPILE=1 (as benchmarks/serve_sessions.py).
+
+    python benchmarks/serve_capacity.py --out capacity/                  # Moshi-7B shape on CUDA (H200)
+    python benchmarks/serve_capacity.py --out capacity/ --models vanilla --append   # one model per call
+    python benchmarks/serve_capacity.py --tiny --frames 20 --counts 1,2,4 --out /tmp/capacity   # CPU check
+
+Each count runs --frames steps (1500 = 2 min of audio) unless it already failed; a full ramp of 4 models
+takes ~(counts until failure) x frames x step time: use --models and --append to split it across calls.
+Writes capacity.json, capacity.md (the table) and capacity.png (sessions vs window) into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+os.environ.setdefault("NO_TORCH_COMPILE", "1")
+
+import torch  # noqa: E402
+from moshi.models.loaders import _lm_kwargs, get_mimi, get_moshi_lm  # noqa: E402
+
+from ttt_speech.moshi import convert, default_ttt_config, set_attention_window  # noqa: E402
+from ttt_speech.moshi.commands import parse_layers  # noqa: E402
+from ttt_speech.moshi.tiny import build_tiny_lm, build_tiny_mimi, tiny_lm_config, tiny_mimi_config  # noqa: E402
+from ttt_speech.serve.capacity import FRAME_MS, Point, Ramp, Timer, plot, ramp, table  # noqa: E402
+
+COUNTS_7B = "1,16,32,48,64,80,96,112,128,160,192,224,256,288,320,384"
+WINDOWS_7B, WINDOWS_TINY = "3000,1500,750", "24,12,6"
+VANILLA = "vanilla"
+
+
+def ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="tiny random models on the CPU (a smoke run)")
+    p.add_argument("--counts", type=ints, help=f"session counts to ramp through (default 7B: {COUNTS_7B}; tiny: 1,2,4)")
+    p.add_argument("--windows", type=ints, help=f"hybrid attention windows, frames (default {WINDOWS_7B}; "
+                                                f"tiny {WINDOWS_TINY})")
+    p.add_argument("--hybrid", default="all:shared",
+                   help="hybrid design: TTT layers (all, 24-31, ...), ':shared' for shared q/k/v (default all:shared)")
+    p.add_argument("--models", help="comma list of what to run: vanilla and/or windows (default: all of them)")
+    p.add_argument("--frames", type=int, default=1500, help="timed steps per count (1500 = 2 min of audio)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per count (CUDA graphs: the 2nd)")
+    p.add_argument("--budget-ms", type=float, default=FRAME_MS, help="p90 and p99 must stay under this")
+    p.add_argument("--out", required=True, help="directory for capacity.json / .md / .png")
+    p.add_argument("--append", action="store_true",
+                   help="merge into an existing capacity.json (rows of the same model and window are replaced)")
+    return p
+
+
+def build(tiny: bool, windows: list[int]):  # type: ignore[no-untyped-def]
+    """(vanilla LM, Mimi): tiny on the CPU (its context the largest window), else Moshi-7B shape on CUDA."""
+    if tiny:
+        lm = build_tiny_lm(0, tiny_lm_config(context=max(windows)))
+        return lm, build_tiny_mimi(0, tiny_mimi_config(2, lm.card), num_codebooks=2)
+    if not torch.cuda.is_available():
+        raise SystemExit("serve_capacity: the 7B-shaped benchmark needs CUDA; use --tiny on a CPU")
+    torch.manual_seed(0)
+    lm = get_moshi_lm(None, lm_kwargs=_lm_kwargs, device="cuda", dtype=torch.bfloat16)
+    return lm, get_mimi(None, device="cuda", num_codebooks=lm.dep_q)
+
+
+def hybridize(lm, spec: str):  # type: ignore[no-untyped-def]
+    """The same weights with TTT branches added in place (gate open, so the branch's output is used)."""
+    layers, _, kind = spec.partition(":")
+    cfg = default_ttt_config(lm, "hybrid", gate_init=0.1, shared_qkv=kind == "shared")
+    return convert(lm, parse_layers(layers), "hybrid", cfg)
+
+
+def report(name: str, point: Point) -> None:
+    verdict = "real time" if point.real_time else point.failure
+    print(f"{name}: {point.sessions} sessions, {point.frames} frames, step p50/p90/p99 {point.p50_ms:.1f}/"
+          f"{point.p90_ms:.1f}/{point.p99_ms:.1f} ms: {verdict}", flush=True)
+
+
+def write(out: Path, ramps: list[Ramp], meta: dict, frames: int, budget_ms: float) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "capacity.json").write_text(json.dumps({**meta, "ramps": [r.to_dict() for r in ramps]}, indent=1) + "\n")
+    title = f"{meta['shape']}, {meta['device']}, {meta['date']}"
+    (out / "capacity.md").write_text(f"{title}; `{meta['command']}`\n\n{table(ramps, frames, budget_ms)}")
+    plot(ramps, out / "capacity.png", title)
+
+
+def main(argv: list[str] | None = None, timer: Timer | None = None) -> list[Ramp]:
+    args = parser().parse_args(argv)
+    counts = args.counts or ints("1,2,4" if args.tiny else COUNTS_7B)
+    windows = args.windows or ints(WINDOWS_TINY if args.tiny else WINDOWS_7B)
+    wanted = set(args.models.split(",")) if args.models else {VANILLA, *map(str, windows)}
+    unknown = wanted - {VANILLA, *map(str, windows)}
+    if unknown:
+        raise SystemExit(f"serve_capacity: --models {args.models}: {sorted(unknown)} is neither vanilla nor one "
+                         f"of --windows {','.join(map(str, windows))}")
+    if args.tiny:
+        torch.set_num_threads(1)
+    lm, mimi = build(args.tiny, windows)
+    lm.eval()
+    device = torch.cuda.get_device_name() if lm.device.type == "cuda" else "CPU"
+    meta = {"shape": "tiny" if args.tiny else "Moshi-7B shape", "device": device, "torch": torch.__version__,
+            "date": datetime.date.today().isoformat(), "frames": args.frames, "budget_ms": args.budget_ms,
+            "hybrid": args.hybrid, "command": shlex.join(["python", "benchmarks/serve_capacity.py", *(argv or sys.argv[1:])])}
+    print(f"{meta['shape']}, {device}, torch {torch.__version__}: {args.frames} frames per count, "
+          f"real time = step p90 and p99 < {args.budget_ms:g} ms", flush=True)
+    ramps: list[Ramp] = []
+
+    def run(name: str) -> None:
+        ramps.append(ramp(name, lm, mimi, counts, args.frames, args.warmup, args.budget_ms, timer, report))
+
+    if VANILLA in wanted:
+        run(VANILLA)
+    if wanted - {VANILLA}:
+        lm = hybridize(lm, args.hybrid)
+        for window in sorted(windows, reverse=True):
+            if str(window) in wanted:
+                set_attention_window(lm, window)
+                run(f"hybrid {args.hybrid}")
+    out = Path(args.out)
+    if args.append and (out / "capacity.json").exists():
+        kept = [Ramp.from_dict(d) for d in json.loads((out / "capacity.json").read_text())["ramps"]]
+        new = {(r.model, r.window) for r in ramps}
+        ramps = [r for r in kept if (r.model, r.window) not in new] + ramps
+    ramps.sort(key=lambda r: (r.model != VANILLA, r.model, -(r.window or 0)))  # vanilla first: the baseline
+    write(out, ramps, meta, args.frames, args.budget_ms)
+    print(f"\n{table(ramps, args.frames, args.budget_ms)}\nwrote {out}/capacity.json, capacity.md, capacity.png")
+    return ramps
+
+
+if __name__ == "__main__":
+    main()

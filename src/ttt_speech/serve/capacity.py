@@ -1,0 +1,242 @@
+"""How many conversations one server keeps in real time: a ramp of concurrent sessions through the server's
+own batched step (`BatchedStreams.step`, what the engine task runs once per 80 ms frame).
+
+At each session count every slot holds a started conversation fed noise, and `frames` batched steps are
+timed after a warm-up (moshi captures its CUDA graphs on the second step). A count keeps real time when
+the step's p90 and p99 stay under the frame budget (80 ms); the ramp stops at the first count that does
+not (or that does not fit in memory), so `Ramp.capacity` is the last count before it. A run that already
+has more than 1 % of its frames over budget cannot end with p99 under it and stops early.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+import typing as tp
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from moshi.models.compression import MimiModel
+from moshi.models.lm import LMModel
+
+from ttt_speech.serve.streams import BatchedStreams
+
+FRAME_MS = 80.0  # one Moshi frame (12.5 Hz): a batched step slower than this falls behind every session
+# timer(step, sessions) -> milliseconds one call of `step` took; injectable so that tests control the clock
+Timer = tp.Callable[[tp.Callable[[], object], int], float]
+
+
+def wall_timer(device: torch.device) -> Timer:
+    """Wall time of one step, synchronised on CUDA so that the GPU's work is inside it."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def timer(step: tp.Callable[[], object], sessions: int) -> float:
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        return (time.perf_counter() - t0) * 1e3
+
+    return timer
+
+
+@dataclass(frozen=True)
+class Point:
+    """One session count of a ramp."""
+
+    sessions: int
+    frames: int  # steps timed (fewer than asked when the count failed early)
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    peak_bytes: int | None  # most CUDA memory allocated while this count ran (None: CPU)
+    failure: str = ""  # why it is not real time ("" when it is)
+
+    @property
+    def real_time(self) -> bool:
+        return not self.failure
+
+
+@dataclass
+class Ramp:
+    """One model's ramp: its name, attention window, per-session state and the counts it ran."""
+
+    model: str
+    window: int | None
+    state_bytes: int  # one session's streaming state (LM KV windows, memory branches, Mimi), fixed size
+    kv_bytes: int  # of which the temporal transformer's ring KV caches
+    points: list[Point] = field(default_factory=list)
+
+    @property
+    def best(self) -> Point | None:
+        """The largest count that kept real time (the ramp stops at the first that did not)."""
+        passing = [p for p in self.points if p.real_time]
+        return passing[-1] if passing else None
+
+    @property
+    def capacity(self) -> int:
+        return self.best.sessions if self.best else 0
+
+    @property
+    def first_failure(self) -> Point | None:
+        return next((p for p in self.points if not p.real_time), None)
+
+    def to_dict(self) -> dict[str, tp.Any]:
+        return {"model": self.model, "window": self.window, "state_bytes": self.state_bytes,
+                "kv_bytes": self.kv_bytes, "capacity": self.capacity, "points": [asdict(p) for p in self.points]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, tp.Any]) -> Ramp:
+        return cls(d["model"], d["window"], d["state_bytes"], d["kv_bytes"], [Point(**p) for p in d["points"]])
+
+
+def attention_window(lm: LMModel) -> int | None:
+    """The temporal transformer's attention window in frames (None: no attention left)."""
+    contexts = {layer.self_attn.context for layer in lm.transformer.layers if hasattr(layer, "self_attn")}
+    return contexts.pop() if len(contexts) == 1 else None
+
+
+def session_bytes(lm: LMModel, mimi: MimiModel) -> tuple[int, int]:
+    """(streaming-state bytes of one session, of which ring KV caches of the temporal transformer)."""
+    streams = BatchedStreams(lm, mimi, 1)
+    try:
+        kv = sum(int(np.prod(shape)) * dtype.itemsize for name, (shape, dtype) in streams.layout.items()
+                 if name.startswith("lm.transformer.") and name.endswith(".kv_cache.cache"))
+        return streams.slot_bytes, kv
+    finally:
+        streams.close()
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _summary(ms: list[float], sessions: int, peak: int | None, budget_ms: float, failure: str = "") -> Point:
+    a = np.asarray(ms) if ms else np.full(1, np.nan)
+    p50, p90, p99 = (float(np.percentile(a, q)) for q in (50, 90, 99))
+    if not failure and p90 >= budget_ms:
+        failure = f"p90 {p90:.1f} ms >= {budget_ms:g}"
+    elif not failure and p99 >= budget_ms:
+        failure = f"p99 {p99:.1f} ms >= {budget_ms:g}"
+    return Point(sessions, len(ms), p50, p90, p99, float(a.max()), peak, failure)
+
+
+@torch.no_grad()
+def measure(lm: LMModel, mimi: MimiModel, sessions: int, frames: int, warmup: int = 3,
+            budget_ms: float = FRAME_MS, timer: Timer | None = None, seed: int = 0,
+            state_bytes: int | None = None) -> Point:
+    """Time `frames` server steps with `sessions` conversations started (after `warmup` untimed steps).
+
+    On CUDA a batch whose streaming state (`state_bytes` per session) exceeds the free memory is refused
+    before allocating: moshi cannot leave streaming mode cleanly from an allocation that failed halfway.
+    """
+    device = lm.device
+    timer = timer or wall_timer(device)
+    cuda = device.type == "cuda"
+    _free(device)
+    if cuda and state_bytes is not None:
+        free = torch.cuda.mem_get_info(device)[0]
+        if sessions * state_bytes > free:
+            return _summary([], sessions, None, budget_ms, f"out of memory ({sessions * state_bytes / 2**30:.1f} "
+                                                           f"GiB of state, {free / 2**30:.1f} GiB free)")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    peak = (lambda: int(torch.cuda.max_memory_allocated())) if cuda else (lambda: None)
+    over_limit = int(0.01 * frames) + 1  # this many frames over budget: p99 over `frames` is over budget too
+    ms: list[float] = []
+    streams = None
+    try:
+        streams = BatchedStreams(lm, mimi, sessions)
+        rng = np.random.default_rng(seed)
+        pcm = (0.1 * rng.standard_normal((sessions, mimi.frame_size))).astype(np.float32)
+        active, first, later = np.ones(sessions, bool), np.ones(sessions, bool), np.zeros(sessions, bool)
+        for slot in range(sessions):
+            streams.start(slot, seed=seed + slot)
+        for i in range(warmup):
+            streams.step(pcm, active, first if i == 0 else later)
+        over = 0
+        for _ in range(frames):
+            ms.append(timer(lambda: streams.step(pcm, active, later), sessions))
+            over += ms[-1] >= budget_ms
+            if over >= over_limit:
+                return _summary(ms, sessions, peak(), budget_ms,
+                                f"p99 >= {budget_ms:g} ms ({over} of the first {len(ms)} frames over)")
+        return _summary(ms, sessions, peak(), budget_ms)
+    except torch.OutOfMemoryError:
+        return _summary(ms, sessions, peak(), budget_ms, "out of memory")
+    finally:
+        if streams is not None:
+            streams.close()
+        del streams
+        _free(device)
+
+
+def ramp(name: str, lm: LMModel, mimi: MimiModel, counts: tp.Sequence[int], frames: int, warmup: int = 3,
+         budget_ms: float = FRAME_MS, timer: Timer | None = None,
+         progress: tp.Callable[[str, Point], None] | None = None) -> Ramp:
+    """Measure ascending session counts until the first that is not real time."""
+    state, kv = session_bytes(lm, mimi)
+    out = Ramp(name, attention_window(lm), state, kv)
+    for n in sorted(counts):
+        point = measure(lm, mimi, n, frames, warmup, budget_ms, timer, state_bytes=state)
+        out.points.append(point)
+        if progress is not None:
+            progress(f"{name}, window {out.window}", point)
+        if not point.real_time:
+            break
+    return out
+
+
+def _mib(b: float) -> str:
+    return f"{b / 2**20:.4g}"
+
+
+def table(ramps: tp.Sequence[Ramp], frames: int, budget_ms: float = FRAME_MS) -> str:
+    """Markdown: one row per model, vanilla first, then hybrids by window."""
+    head = (f"| model | attention window (frames) | state MiB/session | of which KV MiB | real-time sessions "
+            f"(p90 & p99 < {budget_ms:g} ms over {frames} frames) | step ms p50 / p90 / p99 there | "
+            "peak GiB there | vs first row | first failing count |")
+    rows = [head, "|---" * 9 + "|"]
+    base = ramps[0].capacity if ramps else 0
+    for r in ramps:
+        best, fail = r.best, r.first_failure
+        steps = f"{best.p50_ms:.1f} / {best.p90_ms:.1f} / {best.p99_ms:.1f}" if best else "-"
+        peak = f"{best.peak_bytes / 2**30:.1f}" if best and best.peak_bytes is not None else "-"
+        ratio = f"{r.capacity / base:.2f}x" if base else "-"
+        failing = f"{fail.sessions} ({fail.failure})" if fail else "none: ramp ended, count more"
+        capacity = f"{r.capacity}" if fail else f">= {r.capacity}"
+        rows.append(f"| {r.model} | {r.window if r.window is not None else '-'} | {_mib(r.state_bytes)} | "
+                    f"{_mib(r.kv_bytes)} | {capacity} | {steps} | {peak} | {ratio} | {failing} |")
+    return "\n".join(rows) + "\n"
+
+
+def plot(ramps: tp.Sequence[Ramp], path: Path, title: str) -> None:
+    """Real-time sessions against the attention window, one series per design (vanilla a single point)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict[str, list[Ramp]] = {}
+    for r in ramps:
+        series.setdefault(r.model, []).append(r)
+    for i, (design, rs) in enumerate(series.items()):
+        rs = sorted((r for r in rs if r.window is not None), key=lambda r: r.window or 0)
+        ax.plot([r.window for r in rs], [r.capacity for r in rs], marker="o", color=f"C{i}", label=design)
+        for r in rs:
+            ax.annotate(str(r.capacity), (r.window, r.capacity), textcoords="offset points", xytext=(4, 4),
+                        fontsize=8)
+    ax.set_xlabel("attention window (frames; 12.5 frames = 1 s)")
+    ax.set_ylabel(f"sessions in real time (p90 & p99 < {FRAME_MS:g} ms)")
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,80 @@
+"""benchmarks/serve_capacity.py at tiny shape on the CPU, the clock injected: each count runs the server's real
+batched step, but the step's time is a known function of the session count, so where the ramp stops is
+exact; and the p99 rule on a known series of frame times."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import typing as tp
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("moshi")
+
+from helpers.serve import listening_mimi  # noqa: E402
+
+from ttt_speech.moshi.tiny import build_tiny_lm  # noqa: E402
+from ttt_speech.serve.capacity import measure  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "serve_capacity.py"
+
+
+def benchmark() -> tp.Any:
+    spec = importlib.util.spec_from_file_location("serve_capacity", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def thirty_ms_per_session(step: tp.Callable[[], object], sessions: int) -> float:
+    step()  # the real batched step runs; its time is made up
+    return 30.0 * sessions
+
+
+def test_the_ramp_stops_at_the_first_failing_count_and_writes_the_table(tmp_path: Path) -> None:
+    bench = benchmark()
+    common = ["--tiny", "--counts", "1,2,4,8", "--frames", "10", "--warmup", "2", "--windows", "12,6", "--out",
+              str(tmp_path)]
+    bench.main([*common, "--models", "vanilla,12"], timer=thirty_ms_per_session)
+    ramps = bench.main([*common, "--models", "6", "--append"], timer=thirty_ms_per_session)
+    assert [(r.model, r.window) for r in ramps] == [("vanilla", 12), ("hybrid all:shared", 12),
+                                                    ("hybrid all:shared", 6)]
+    for r in ramps:
+        # 30, 60 ms keep real time; 120 ms fails at its first frame (1 over budget of 10 already breaks p99);
+        # 8 sessions never run
+        assert [(p.sessions, p.frames, p.p90_ms) for p in r.points] == [(1, 10, 30.0), (2, 10, 60.0), (4, 1, 120.0)]
+        assert r.capacity == 2 and r.first_failure.failure == "p99 >= 80 ms (1 of the first 1 frames over)"
+    state = {r.window: (r.state_bytes, r.kv_bytes) for r in ramps[1:]}
+    assert state[12][1] == 2 * state[6][1] == 12 * 512  # KV per session: window x layers x 2 x dim x 4 bytes
+    assert state[12][0] - state[6][0] == 6 * 512  # the rest of a session's state does not depend on the window
+    saved = json.loads((tmp_path / "capacity.json").read_text())
+    assert [r["capacity"] for r in saved["ramps"]] == [2, 2, 2] and saved["frames"] == 10
+    lines = (tmp_path / "capacity.md").read_text().splitlines()
+    assert lines[0].startswith("tiny, CPU, ") and "--append" in lines[0]
+    header = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert header[0] == "model" and header[4].startswith("real-time sessions (p90 & p99 < 80 ms over 10 frames)")
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[4:]]
+    assert [(r[0], r[1], r[4], r[7], r[8]) for r in rows] == [
+        ("vanilla", "12", "2", "1.00x", "4 (p99 >= 80 ms (1 of the first 1 frames over))"),
+        ("hybrid all:shared", "12", "2", "1.00x", "4 (p99 >= 80 ms (1 of the first 1 frames over))"),
+        ("hybrid all:shared", "6", "2", "1.00x", "4 (p99 >= 80 ms (1 of the first 1 frames over))")]
+    assert rows[0][5] == "60.0 / 60.0 / 60.0"  # p50 / p90 / p99 at 2 sessions
+    assert (tmp_path / "capacity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_p99_allows_one_slow_frame_in_a_hundred_and_stops_at_the_second() -> None:
+    lm, mimi = build_tiny_lm(0), listening_mimi(0)
+
+    def slow_every(period: int, first: int) -> tp.Callable[[tp.Callable[[], object], int], float]:
+        frame = iter(range(1, 10**6))
+        return lambda step, sessions: 100.0 if (next(frame) - first) % period == 0 else 20.0
+
+    one = measure(lm, mimi, 1, 100, warmup=0, timer=slow_every(100, 51))  # frame 51 only
+    assert one.real_time and one.frames == 100 and one.p90_ms == 20.0 and one.max_ms == 100.0
+    assert one.p99_ms == pytest.approx(20.0 + 0.01 * 80.0)  # linear interpolation between 20 and 100
+    two = measure(lm, mimi, 1, 150, warmup=0, timer=slow_every(50, 50))  # frames 50, 100, 150: stops at 100
+    assert not two.real_time and two.frames == 100 and two.failure == "p99 >= 80 ms (2 of the first 100 frames over)"
