@@ -9,6 +9,7 @@ store.py     kept conversations: safetensors files named by unguessable tokens
 sessions.py  sessions, limits, metrics and the engine task that batches them
 server.py    the aiohttp app: /api/chat, /health, /metrics
 commands.py  the command line (add_arguments / run)
+capacity.py  how many sessions keep real time: a ramp through the batched step (benchmarks/serve_capacity.py)
 
 Importing a submodule imports moshi (and server.py / commands.py aiohttp).
 """
