@@ -127,7 +127,7 @@ def test_gdn_hybrid_refuses_replace_and_init_from_attention() -> None:
         convert(build_tiny_lm(0), mode="replace", ttt=gdn_config(gate_init=10.0))
     with pytest.raises(ValueError, match="init_from_attention=True is not supported with a Gated DeltaNet"):
         convert(build_tiny_lm(0), ttt=gdn_config(), init_from_attention=True)
-    with pytest.raises(TypeError, match="TTTConfig or GatedDeltaNetConfig"):
+    with pytest.raises(TypeError, match="TTTConfig, GatedDeltaNetConfig or InPlaceConfig"):
         convert(build_tiny_lm(0), ttt={"dim": 32})  # type: ignore[arg-type]
 
 
@@ -160,7 +160,7 @@ def test_gdn_save_then_load_hybrid_gives_identical_logits(tiny_ckpt: TinyCheckpo
 
     raw["ttt"]["branch"] = "mamba"
     (out / "config.json").write_text(json.dumps(raw))
-    with pytest.raises(ValueError, match=r"ttt.branch must be one of \('ttt', 'gdn'\), got 'mamba'"):
+    with pytest.raises(ValueError, match=r"ttt.branch must be one of \('ttt', 'gdn', 'inplace'\), got 'mamba'"):
         load_hybrid(out, dtype=torch.float32)
 
 

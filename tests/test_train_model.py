@@ -17,7 +17,7 @@ pytest.importorskip("moshi")
 from moshi.models.lm import LMModel, LMOutput  # noqa: E402
 from moshi.models.lm_utils import _undelay_sequence  # noqa: E402
 
-from ttt_speech.moshi import convert, default_gdn_config, default_ttt_config  # noqa: E402
+from ttt_speech.moshi import convert, default_gdn_config, default_inplace_config, default_ttt_config  # noqa: E402
 from ttt_speech.moshi.tiny import build_tiny_lm  # noqa: E402
 from ttt_speech.train.config import LossConfig  # noqa: E402
 from ttt_speech.train.model import Carry, LayerCarry, SegmentLM  # noqa: E402
@@ -34,6 +34,8 @@ def tiny(mode: str | None, seed: int = 0) -> LMModel:
     torch.manual_seed(seed)
     if mode == "gdn":  # the Gated DeltaNet branch in every layer, chunks not aligned to the cuts
         return convert(lm, "all", "hybrid", default_gdn_config(lm, gate_init=0.6, chunk_size=4))
+    if mode == "inplace":  # every layer's MLP with fast weights whose writes matter, chunks not aligned to the cuts
+        return convert(lm, "all", "hybrid", default_inplace_config(lm, chunk=4, target_init_std=1.0, base_lr=300.0))
     if mode == "shared":  # TTT reading the attention's q/k/v, mixed into its heads
         return convert(lm, "all", "hybrid", default_ttt_config(lm, gate_init=0.6, mini_batch=4, shared_qkv=True))
     layers = "all" if mode == "hybrid" else [1]
@@ -93,7 +95,7 @@ def finetune_losses(out: LMOutput, codes: torch.Tensor, lm: LMModel, pad_w: floa
     return torch.stack([masked_ce(out.text_logits, text_t, text_w), masked_ce(out.logits, audio_t, audio_w)])
 
 
-@pytest.mark.parametrize("mode", ["hybrid", "shared", "replace", "gdn", None])
+@pytest.mark.parametrize("mode", ["hybrid", "shared", "replace", "gdn", "inplace", None])
 def test_moshi_segments_equal_lmmodel_forward(mode: str | None) -> None:
     lm = tiny(mode)
     codes = random_codes(lm)

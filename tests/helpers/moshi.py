@@ -65,6 +65,22 @@ def greedy_generate(lm: LMModel, steps: int, B: int = 1, seed: int = 2) -> tuple
     return torch.cat(outs, dim=-1), torch.cat(logits, dim=2)
 
 
+def assert_same_model(ref: LMModel, model: LMModel, T: int) -> torch.Tensor:
+    """`model` gives `ref`'s logits bit for bit over T frames, teacher-forced and in greedy LMGen
+    streaming (tokens too); returns ref's greedy text logits, to show a later change."""
+    codes = random_codes(ref, 2, T)
+    with torch.no_grad():
+        a, b = ref(codes), model(codes)
+    torch.testing.assert_close(b.logits, a.logits, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(b.text_logits, a.text_logits, rtol=0, atol=0, equal_nan=True)
+    tokens_ref, logits_ref = greedy_generate(ref, T)
+    tokens, logits = greedy_generate(model, T)
+    assert tokens.shape == (1, 1 + ref.dep_q, T - max(ref.delays))
+    assert torch.equal(tokens, tokens_ref)
+    torch.testing.assert_close(logits, logits_ref, rtol=0, atol=0)
+    return logits_ref
+
+
 @torch.no_grad()
 def sample(lm: LMModel, steps: int = 30, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampled LMGen tokens and text logits with a fixed seed and user stream."""

@@ -122,14 +122,24 @@ class InPlaceLayer(StreamingLayer):
 
     `forward` is the chunked form (differentiable; segments carry the state), `step` streams in place.
     `mlp`: the host's (a `GatedMLP`); None builds a fresh SiLU one. Its weights are the host's and
-    are not re-initialised here.
+    are not re-initialised here. `host_owned`: the host model already registers the MLP's modules
+    (a converted Moshi layer's `gating`), so this layer only refers to them: each weight keeps one
+    name in state dicts and checkpoints, and this layer's parameters are the memory's alone.
     """
 
-    def __init__(self, config: InPlaceConfig, mlp: GatedMLP | None = None) -> None:
+    mlp: GatedMLP
+
+    def __init__(self, config: InPlaceConfig, mlp: GatedMLP | None = None, host_owned: bool = False) -> None:
         super().__init__()
         self.config = cfg = config
         D, Fh = cfg.dim, cfg.hidden
-        self.mlp = fresh_mlp(D, Fh, cfg.init_std) if mlp is None else mlp
+        if host_owned and mlp is None:
+            raise ValueError("host_owned=True needs the host's MLP")
+        mlp = fresh_mlp(D, Fh, cfg.init_std) if mlp is None else mlp
+        if host_owned:
+            object.__setattr__(self, "mlp", mlp)  # a plain reference, not a child module
+        else:
+            self.mlp = mlp
         shape = tuple(getattr(self.mlp.down, "weight", torch.empty(D, Fh)).shape)
         if shape != (D, Fh):
             raise ValueError(f"the MLP's down projection has weight shape {shape}, the config says "

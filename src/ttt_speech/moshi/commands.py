@@ -22,7 +22,7 @@ if tp.TYPE_CHECKING:
 
 # Literal here (checked against their modules in tests/test_cli_errors.py): importing those modules costs
 # seconds, which `--help` must not.
-BRANCH_NAMES = ("ttt", "gdn")
+BRANCH_NAMES = ("ttt", "gdn", "inplace")
 QUANT_MODES = ("int8", "int4")
 
 
@@ -41,15 +41,18 @@ def parse_layers(text: str) -> str | list[int]:
 
 
 TTT_ONLY_FLAGS = ("inner", "mini_batch", "variant", "shared_qkv")
+# flag -> the branches it applies to (a flag not listed applies to every branch)
+FLAG_BRANCHES = {**{k: ("ttt",) for k in TTT_ONLY_FLAGS}, "gate_init": ("ttt", "gdn"), "chunk": ("inplace",)}
 
 
 def _ttt_overrides(args: argparse.Namespace) -> dict[str, tp.Any]:
     over: dict[str, tp.Any] = read_json_object(args.ttt_config, "--ttt-config file") if args.ttt_config else {}
     branch = getattr(args, "branch", "ttt")
-    for key in (*TTT_ONLY_FLAGS, "gate_init"):
-        if getattr(args, key) is not None:
-            if branch != "ttt" and key in TTT_ONLY_FLAGS:
-                raise UsageError(f"--{key.replace('_', '-')} is a TTT option; it does not apply to --branch {branch}")
+    for key, branches in FLAG_BRANCHES.items():
+        if getattr(args, key, None) is not None:
+            if branch not in branches:
+                raise UsageError(f"--{key.replace('_', '-')} is an option of --branch {'/'.join(branches)}; "
+                                 f"it does not apply to --branch {branch}")
             over[key] = getattr(args, key)
     return over
 
@@ -60,9 +63,11 @@ def add_ttt_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=("hybrid", "replace"), default="hybrid",
                    help="hybrid: attention + gated TTT branch (default); replace: TTT instead of attention")
     p.add_argument("--branch", choices=BRANCH_NAMES, default="ttt",
-                   help="memory branch: ttt (default) or gdn (Gated DeltaNet; --mode hybrid only)")
-    p.add_argument("--ttt-config", help="JSON file of TTTConfig (or, with --branch gdn, GatedDeltaNetConfig) "
-                                        "fields (dim/num_heads default to the model's)")
+                   help="memory branch: ttt (default), gdn (Gated DeltaNet) or inplace (the layer's own MLP "
+                        "becomes per-stream fast weights, docs/ttt.md); gdn and inplace: --mode hybrid only")
+    p.add_argument("--ttt-config", help="JSON file of TTTConfig (or, with --branch gdn / inplace, "
+                                        "GatedDeltaNetConfig / InPlaceConfig) fields (dims default to the model's)")
+    p.add_argument("--chunk", type=positive_int, help="in-place branch: frames per fast-weight write (default 64)")
     p.add_argument("--inner", choices=("linear", "mlp"), help="TTT inner model")
     p.add_argument("--mini-batch", type=positive_int, help="TTT mini-batch size")
     p.add_argument("--variant", choices=("ttt-lm", "fla"), help="TTT update rule")

@@ -31,13 +31,19 @@ LMGenState = _LMGenState
 class HookedTransformerLayer(StreamingTransformerLayer):
     """moshi's transformer layer with its two private hooks under public names.
 
-    moshi's layer runs `_sa_block` (the attention half of the residual block) and makes its streaming
-    state with `_init_streaming_state`; a subclass overrides `attention_block` and
-    `init_streaming_state` instead.
+    moshi's layer runs `_sa_block` and `_ff_block` (the attention and feed-forward halves of the
+    residual block) and makes its streaming state with `_init_streaming_state`; a subclass overrides
+    `attention_block`, `feed_forward_block` and `init_streaming_state` instead.
     """
 
     def attention_block(self, x: Tensor) -> Tensor:
         return super()._sa_block(x)
+
+    def feed_forward_block(self, x: Tensor) -> Tensor:
+        return super()._ff_block(x)
+
+    def _ff_block(self, x: Tensor) -> Tensor:
+        return self.feed_forward_block(x)
 
     def init_streaming_state(self, batch_size: int) -> _LayerState:
         return super()._init_streaming_state(batch_size)

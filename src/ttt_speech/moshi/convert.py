@@ -1,7 +1,8 @@
 """`convert`: turn a pretrained Moshi `LMModel` into a TTT hybrid (or TTT-replaced) model in place.
 
 Given a `GatedDeltaNetConfig` instead of a `TTTConfig`, the hybrid slots get a Gated DeltaNet branch
-(the linear-memory rival), hybrid mode only.
+(the linear-memory rival), hybrid mode only. Given an `InPlaceConfig`, the chosen layers' own gated
+MLPs get in-place fast weights (their W_down plus a per-stream delta; docs/ttt.md), hybrid mode only.
 
 Only the temporal transformer (`lm.transformer`) is touched, never the depformer: the depformer
 restarts every frame, so it has no long context to remember.
@@ -19,7 +20,7 @@ from moshi.modules.transformer import StreamingMultiheadAttention
 from torch import nn
 
 from ttt_speech.compat import retype
-from ttt_speech.config import GatedDeltaNetConfig, TTTConfig
+from ttt_speech.config import GatedDeltaNetConfig, InPlaceConfig, TTTConfig
 from ttt_speech.moshi.compat import forget_streaming_children
 from ttt_speech.moshi.config import infer_moshi_config
 from ttt_speech.moshi.layer import MODES, BranchConfig, Mode, TTTTransformerLayer, check_gdn_mode
@@ -28,18 +29,17 @@ from ttt_speech.moshi.layer import MODES, BranchConfig, Mode, TTTTransformerLaye
 REPLACE_GATE_INIT = 10.0
 
 LayerSpec = tp.Union[str, Iterable[int]]
-Branch = tp.Literal["ttt", "gdn"]
+Branch = tp.Literal["ttt", "gdn", "inplace"]
 # the "branch" field of a checkpoint's "ttt" section -> its config class; a section without it is TTT
-BRANCHES: dict[str, type] = {"ttt": TTTConfig, "gdn": GatedDeltaNetConfig}
+BRANCHES: dict[str, type] = {"ttt": TTTConfig, "gdn": GatedDeltaNetConfig, "inplace": InPlaceConfig}
 
 
 def branch_kind(config: BranchConfig) -> Branch:
-    """"ttt" for a TTTConfig, "gdn" for a GatedDeltaNetConfig."""
-    if isinstance(config, TTTConfig):
-        return "ttt"
-    if isinstance(config, GatedDeltaNetConfig):
-        return "gdn"
-    raise TypeError(f"expected a TTTConfig or GatedDeltaNetConfig, got {type(config).__name__}")
+    """"ttt" for a TTTConfig, "gdn" for a GatedDeltaNetConfig, "inplace" for an InPlaceConfig."""
+    for name, cls in BRANCHES.items():
+        if isinstance(config, cls):
+            return tp.cast(Branch, name)
+    raise TypeError(f"expected a TTTConfig, GatedDeltaNetConfig or InPlaceConfig, got {type(config).__name__}")
 
 
 @dataclass(frozen=True)
@@ -97,14 +97,29 @@ def default_gdn_config(lm: LMModel, **overrides: tp.Any) -> GatedDeltaNetConfig:
     return GatedDeltaNetConfig(**(kw | overrides))
 
 
+def default_inplace_config(lm: LMModel, **overrides: tp.Any) -> InPlaceConfig:
+    """An in-place config shaped like `lm`'s gated MLPs (dim, hidden width); its target projection starts
+    at zero, so the converted model is the original until trained."""
+    gating = lm.transformer.layers[0].gating
+    if gating is None or not hasattr(gating, "linear_out"):
+        raise ValueError("an in-place branch needs a Moshi whose layers have one gated MLP (gating)")
+    kw: dict[str, tp.Any] = {"dim": lm.dim, "hidden": gating.linear_out.weight.shape[1]}
+    return InPlaceConfig(**(kw | overrides))
+
+
 def default_branch_config(lm: LMModel, mode: Mode = "hybrid", branch: Branch = "ttt",
                           **overrides: tp.Any) -> BranchConfig:
-    """`default_ttt_config` or `default_gdn_config` by branch kind ("ttt" / "gdn")."""
+    """`default_ttt_config`, `default_gdn_config` or `default_inplace_config` by branch kind."""
     if branch == "ttt":
         return default_ttt_config(lm, mode, **overrides)
     if branch == "gdn":
         check_gdn_mode(mode, False)
         return default_gdn_config(lm, **overrides)
+    if branch == "inplace":
+        if mode != "hybrid":
+            raise ValueError(f"mode={mode!r} is not supported with an in-place branch: it keeps the attention "
+                             "and changes the layer's MLP; use mode='hybrid'")
+        return default_inplace_config(lm, **overrides)
     raise ValueError(f"branch must be one of {tuple(BRANCHES)}, got {branch!r}")
 
 
@@ -181,7 +196,7 @@ def convert(
         check_gdn_mode(mode, bool(init_from_attention))
     else:
         branch_kind(cfg)  # a TypeError naming anything else
-    if mode == "replace" and cfg.gate_init == 0.0:
+    if mode == "replace" and getattr(cfg, "gate_init", None) == 0.0:
         raise ValueError("mode='replace' with gate_init=0 would make each converted layer output nothing; "
                          f"use e.g. gate_init={REPLACE_GATE_INIT} (tanh = 1)")
     if init_from_attention is None:

@@ -5,7 +5,9 @@ that class) and `StreamingTransformer(layer_class=...)` keep working. The TTT st
 layer's own streaming state, so `with lm_gen.streaming(B)`, `reset_streaming(mask)` and
 `set_exec_mask` reach it through Moshi's machinery; it is updated in place (CUDA-graph safe).
 The branch is a `TTTLayer` or, given a `GatedDeltaNetConfig`, a `GatedDeltaNetLayer` (hybrid mode
-only); either way it is the `.ttt` submodule, so parameter names and checkpoint keys keep one layout.
+only), or, given an `InPlaceConfig`, an `InPlaceLayer` that turns the layer's own gated MLP into
+per-stream fast weights (the attention half stays moshi's); either way it is the `.ttt` submodule,
+so parameter names and checkpoint keys keep one layout.
 """
 
 from __future__ import annotations
@@ -17,14 +19,15 @@ import torch
 from moshi.modules.transformer import StreamingTransformerLayer
 from torch import Tensor, nn
 
-from ttt_speech.config import GatedDeltaNetConfig, TTTConfig
+from ttt_speech.config import GatedDeltaNetConfig, InPlaceConfig, TTTConfig
 from ttt_speech.compat import retype
 from ttt_speech.layers.gated_deltanet import GatedDeltaNetLayer
+from ttt_speech.layers.inplace import GatedMLP, InPlaceLayer
 from ttt_speech.layers.state import LayerState
 from ttt_speech.layers.ttt import StreamingLayer, TTTLayer
-from ttt_speech.moshi.compat import HookedTransformerLayer, LayerStreamingState, streaming_state
+from ttt_speech.moshi.compat import HookedTransformerLayer, LayerStreamingState, feed_forward, streaming_state
 
-BranchConfig = tp.Union[TTTConfig, GatedDeltaNetConfig]
+BranchConfig = tp.Union[TTTConfig, GatedDeltaNetConfig, InPlaceConfig]
 # mix(qkv, heads) -> heads: a shared_qkv branch reading the attention's projection and joining its heads
 Mix = tp.Callable[[Tensor, Tensor], Tensor]
 # attend(h, mix) -> the attention's output (before layer scale); moshi's own, or windowed over segments
@@ -87,6 +90,19 @@ def check_gdn_mode(mode: str, init_from_attention: bool) -> None:
                          "its own small random projections")
 
 
+def check_inplace(layer: StreamingTransformerLayer, cfg: InPlaceConfig, mode: str, init_from_attention: bool) -> None:
+    """An in-place branch turns the layer's own gated MLP (one `ActivationGating`) into fast weights."""
+    if mode != "hybrid" or init_from_attention:
+        raise ValueError("an in-place branch keeps the attention and changes the layer's MLP: use mode='hybrid' "
+                         "without init_from_attention")
+    gating = layer.gating
+    if gating is None or layer.weights_per_step or not hasattr(gating, "linear_in"):
+        raise ValueError("an in-place branch needs a layer with one gated MLP (gating, no weights_per_step)")
+    hidden = gating.linear_out.weight.shape[1]
+    if cfg.hidden != hidden:
+        raise ValueError(f"InPlaceConfig.hidden={cfg.hidden} but the layer's gated MLP has hidden width {hidden}")
+
+
 def check_shared_qkv(attn: nn.Module, cfg: TTTConfig, mode: str, init_from_attention: bool) -> None:
     """A shared_qkv branch reads the attention's fused projection head by head: same heads, plain layout."""
     if mode != "hybrid" or init_from_attention:
@@ -110,7 +126,7 @@ class TTTTransformerLayer(HookedTransformerLayer):
     replace: x + layer_scale_1(ttt(norm1(x))); no attention, no KV cache.
     """
 
-    ttt: TTTLayer | GatedDeltaNetLayer
+    ttt: TTTLayer | GatedDeltaNetLayer | InPlaceLayer
     ttt_mode: Mode
 
     def __init__(self, *args: tp.Any, ttt: BranchConfig, ttt_mode: Mode = "hybrid",
@@ -131,10 +147,12 @@ class TTTTransformerLayer(HookedTransformerLayer):
     def _attach_ttt(self, cfg: BranchConfig, mode: Mode, init_from_attention: bool) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if not isinstance(cfg, (TTTConfig, GatedDeltaNetConfig)):
-            raise TypeError(f"expected a TTTConfig or GatedDeltaNetConfig, got {type(cfg).__name__}")
+        if not isinstance(cfg, (TTTConfig, GatedDeltaNetConfig, InPlaceConfig)):
+            raise TypeError(f"expected a TTTConfig, GatedDeltaNetConfig or InPlaceConfig, got {type(cfg).__name__}")
         if isinstance(cfg, GatedDeltaNetConfig):
             check_gdn_mode(mode, init_from_attention)
+        if isinstance(cfg, InPlaceConfig):
+            check_inplace(self, cfg, mode, init_from_attention)
         if self.skip_self_attn or self.cross_attention is not None:
             raise ValueError("TTT layers need a plain self-attention layer (no skip_self_attn, no cross attention)")
         if cfg.dim != self.self_attn.embed_dim:
@@ -147,20 +165,28 @@ class TTTTransformerLayer(HookedTransformerLayer):
         ref = next(self.self_attn.parameters())  # not a norm: f32 norms keep fp32 in bf16 models
         projections = attention_projections(self.self_attn) if init_from_attention else {}
         with torch.device(ref.device):
-            ttt = TTTLayer(cfg, **projections) if isinstance(cfg, TTTConfig) else GatedDeltaNetLayer(cfg)
+            if isinstance(cfg, InPlaceConfig):
+                ttt: StreamingLayer = InPlaceLayer(cfg, GatedMLP.moshi(self.gating), host_owned=True)
+            else:
+                ttt = TTTLayer(cfg, **projections) if isinstance(cfg, TTTConfig) else GatedDeltaNetLayer(cfg)
         self.ttt = ttt.to(dtype=ref.dtype)
         self.ttt_mode = mode
         if mode == "replace":
             del self.self_attn
 
     def init_streaming_state(self, batch_size: int) -> TTTLayerState:
-        device = self.ttt.gate_alpha.device
+        device = next(self.ttt.parameters()).device
         return TTTLayerState(batch_size, device, offset_cpu=0,
                              ttt=self.ttt.init_state(batch_size, device), ttt_layer=self.ttt)
 
     @property
     def shares_attention_projections(self) -> bool:
         return bool(getattr(self.ttt.config, "shared_qkv", False))
+
+    @property
+    def memory_in_mlp(self) -> bool:
+        """The branch is the layer's own MLP with in-place fast weights (not a branch beside attention)."""
+        return isinstance(self.ttt, InPlaceLayer)
 
     def _ttt_branch(self, h: Tensor, **host: Tensor) -> Tensor:
         """Chunked (differentiable) form on whole sequences; in-place streaming step otherwise."""
@@ -197,6 +223,11 @@ class TTTTransformerLayer(HookedTransformerLayer):
     def attention_block(self, x: Tensor) -> Tensor:
         return residual_block(self, x, self._moshi_attention, self._ttt_branch)
 
+    def feed_forward_block(self, x: Tensor) -> Tensor:
+        if not self.memory_in_mlp:
+            return super().feed_forward_block(x)
+        return feed_forward_block(self, x, self._ttt_branch)
+
     def extra_repr(self) -> str:
         return f"ttt_mode={self.ttt_mode!r}"
 
@@ -209,7 +240,8 @@ def residual_block(layer: nn.Module, x: Tensor, attend: Attend, remember: Rememb
     states carried from the previous segment.
     """
     h = layer.norm1(x)
-    mode = getattr(layer, "ttt_mode", None)
+    # an in-place branch lives in the feed-forward half (`feed_forward_block`): this half is moshi's
+    mode = None if getattr(layer, "memory_in_mlp", False) else getattr(layer, "ttt_mode", None)
     if mode == "replace":
         update = remember(h)
         return x.to(update) + layer.layer_scale_1(update)
@@ -223,3 +255,13 @@ def residual_block(layer: nn.Module, x: Tensor, attend: Attend, remember: Rememb
     if mode is None or shared:
         return out
     return out + remember(h).to(out)
+
+
+def feed_forward_block(layer: nn.Module, x: Tensor, remember: Remember) -> Tensor:
+    """The feed-forward half of a Moshi layer's residual block: moshi's own, or, for an in-place branch,
+    `x + layer_scale_2(remember(norm2(x)))` where the branch *is* the gated MLP with its fast weights
+    (the same ops as moshi's `_ff_block`, so before any write it is that block bit for bit)."""
+    if not getattr(layer, "memory_in_mlp", False):
+        return feed_forward(layer, x)
+    update = remember(layer.norm2(x))
+    return x.to(update) + layer.layer_scale_2(update)

@@ -16,8 +16,8 @@ from torch import Tensor, nn
 
 from ttt_speech.layers.attention import windowed_attention
 from ttt_speech.layers.state import LayerState
-from ttt_speech.moshi.compat import delay_sequence, feed_forward, initial_token
-from ttt_speech.moshi.layer import Mix, residual_block
+from ttt_speech.moshi.compat import delay_sequence, initial_token
+from ttt_speech.moshi.layer import Mix, feed_forward_block, residual_block
 
 KV = tuple[Tensor, Tensor]
 
@@ -83,4 +83,4 @@ def layer_segment(layer: nn.Module, x: Tensor, past: KV | None, memory: LayerSta
         y, memory = layer.ttt(h, memory, **host)
         return y
 
-    return feed_forward(layer, residual_block(layer, x, attend, remember)), kv, memory
+    return feed_forward_block(layer, residual_block(layer, x, attend, remember), remember), kv, memory

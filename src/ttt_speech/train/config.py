@@ -19,7 +19,7 @@ from ttt_speech.errors import UsageError, existing_file
 
 Family = tp.Literal["moshi", "hf"]
 Trainable = tp.Literal["ttt", "lora", "all"]
-Branch = tp.Literal["ttt", "gdn"]
+Branch = tp.Literal["ttt", "gdn", "inplace"]
 Parallel = tp.Literal["auto", "none", "ddp", "fsdp"]
 Precision = tp.Literal["bf16", "fp32"]
 FAMILIES: tuple[str, ...] = tp.get_args(Family)
@@ -44,8 +44,10 @@ class ModelConfig:
     seed: int = 0  # initialisation of tiny models and of new TTT layers
     layers: str | list[int] = "all"
     mode: str = "hybrid"
-    branch: Branch = "ttt"  # ttt | gdn: a Gated DeltaNet branch instead (the linear-memory rival; Moshi only)
-    ttt: dict[str, tp.Any] = field(default_factory=dict)  # TTTConfig (GatedDeltaNetConfig for gdn) overrides
+    # ttt | gdn: a Gated DeltaNet branch instead (the linear-memory rival) | inplace: the layers' own MLPs
+    # become fast weights (docs/ttt.md); gdn and inplace: Moshi only
+    branch: Branch = "ttt"
+    ttt: dict[str, tp.Any] = field(default_factory=dict)  # TTTConfig (GatedDeltaNetConfig, InPlaceConfig) overrides
     dtype: str = "auto"  # auto: bfloat16 for frozen weights on CUDA, float32 on CPU
     mimi_config: str | None = None  # Mimi config JSON when the checkpoint's config.json does not name one
 
@@ -55,8 +57,8 @@ class ModelConfig:
             raise ValueError(f"model: give exactly one of hybrid / pretrained / tiny, got {sources or 'none'}")
         if self.hybrid and (self.layers != "all" or self.ttt):
             raise ValueError("model: a hybrid checkpoint already has its TTT layers; drop layers/ttt")
-        if self.branch == "gdn" and self.family != "moshi":
-            raise ValueError("model.branch: gdn (Gated DeltaNet) is implemented for Moshi models only")
+        if self.branch in ("gdn", "inplace") and self.family != "moshi":
+            raise ValueError(f"model.branch: {self.branch} is implemented for Moshi models only")
 
 
 @dataclass

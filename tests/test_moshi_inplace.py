@@ -1,0 +1,118 @@
+"""The Moshi hybrid with an in-place branch: chosen layers' own gated MLPs get per-stream fast weights.
+Converted, it is the original model bit for bit; with the memory open, the training path equals frame-by-
+frame streaming, the first chunk still equals the original, checkpoints round trip, and convert-moshi
+--branch inplace --chunk N makes one."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("moshi")
+
+from helpers.moshi import assert_same_model, greedy_generate, random_codes, sample, streamed_logits  # noqa: E402
+from ttt_speech.config import InPlaceConfig  # noqa: E402
+from ttt_speech.errors import UsageError  # noqa: E402
+from ttt_speech.layers import InPlaceLayer  # noqa: E402
+from ttt_speech.moshi import TTTLMModel, TTTTransformerLayer, convert, default_inplace_config, load_hybrid  # noqa: E402
+from ttt_speech.moshi.commands import add_convert_arguments, run_convert  # noqa: E402
+from ttt_speech.moshi.tiny import TinyCheckpoint, build_tiny_lm, tiny_lm_config, write_tiny_checkpoint  # noqa: E402
+
+CONTEXT = tiny_lm_config()["context"]
+CHUNK = 4
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> TinyCheckpoint:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("moshi"), seed=0)
+
+
+def open_memory(model: TTTLMModel, lr: float = 300.0) -> None:
+    """A nonzero target projection and a large step: what training would give, so writes change logits."""
+    with torch.no_grad():
+        for i, layer in enumerate(model.ttt_layers()):
+            g = torch.Generator().manual_seed(i)
+            layer.ttt.target_proj.weight.copy_(torch.randn(layer.ttt.target_proj.weight.shape, generator=g))
+            layer.ttt.config.base_lr = lr
+
+
+def inplace_hybrid(layers="all") -> TTTLMModel:
+    lm = build_tiny_lm(0)
+    return convert(lm, layers=layers, ttt=default_inplace_config(lm, chunk=CHUNK))
+
+
+def test_converted_model_is_the_original_bit_for_bit() -> None:
+    lm = build_tiny_lm(0)
+    ref = copy.deepcopy(lm)
+    hybrid = convert(lm, layers="all", ttt=default_inplace_config(lm, chunk=CHUNK))
+    assert hybrid.ttt_spec.branch == "inplace" and hybrid.ttt_spec.config.hidden == lm.transformer.layers[0].gating.linear_out.weight.shape[1]
+    assert all(isinstance(layer, TTTTransformerLayer) and isinstance(layer.ttt, InPlaceLayer) and layer.memory_in_mlp
+               for layer in hybrid.transformer.layers)
+    assert hybrid.transformer.layers[0].ttt.mlp.down is hybrid.transformer.layers[0].gating.linear_out  # no copy
+    logits_ref = assert_same_model(ref, hybrid, 4 * CONTEXT)
+    open_memory(hybrid)  # the comparisons above must be able to fail
+    opened = greedy_generate(hybrid, 4 * CONTEXT)[1]
+    assert torch.equal(opened[:, :, :CHUNK], logits_ref[:, :, :CHUNK])  # chunk 0 reads W_down itself
+    assert (opened - logits_ref).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("layers", ["all", [1]])
+def test_training_path_equals_frame_by_frame_streaming(layers) -> None:
+    model = inplace_hybrid(layers)
+    open_memory(model)
+    codes = random_codes(model, 2, 5 * CONTEXT)
+    ref = build_tiny_lm(0)
+    with torch.no_grad():
+        train, plain = model(codes), ref(codes)
+    logits, text_logits = streamed_logits(model, codes)
+    assert torch.isfinite(train.logits[train.mask]).all()
+    torch.testing.assert_close(logits, train.logits, rtol=1e-5, atol=2e-5, equal_nan=True)
+    torch.testing.assert_close(text_logits, train.text_logits, rtol=1e-5, atol=2e-5, equal_nan=True)
+    assert (train.logits - plain.logits).nan_to_num().abs().max() > 1e-2  # the memory changed the model
+
+
+def test_save_then_load_gives_identical_logits_and_one_key_per_weight(tiny_ckpt: TinyCheckpoint, tmp_path: Path) -> None:
+    info = tiny_ckpt.checkpoint_info()
+    lm = info.get_moshi(dtype=torch.float32)
+    model = convert(lm, ttt=default_inplace_config(lm, chunk=CHUNK), moshi_config=info.raw_config)
+    open_memory(model, lr=30.0)
+    keys = model.state_dict().keys()
+    assert {k.split(".ttt.")[1] for k in keys if ".ttt." in k} == {
+        "target_conv_weight", "target_conv_bias", "target_proj.weight", "lr_weight", "lr_bias"}
+    out = model.save_pretrained(tmp_path / "inplace")
+    raw = json.loads((out / "config.json").read_text())
+    assert raw["ttt"]["branch"] == "inplace" and InPlaceConfig.from_dict(raw["ttt"]["config"]) == model.ttt_spec.config
+    loaded = load_hybrid(out, dtype=torch.float32)
+    assert loaded.ttt_spec == model.ttt_spec and loaded.state_dict().keys() == keys
+    assert loaded.transformer.layers[0].ttt.mlp.down is loaded.transformer.layers[0].gating.linear_out
+    codes = random_codes(model, 1, 3 * CONTEXT)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(codes).logits, model(codes).logits, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(sample(loaded)[1], sample(model.eval())[1], rtol=0, atol=0)
+
+
+def test_convert_moshi_command_with_an_inplace_branch(tiny_ckpt: TinyCheckpoint, tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    add_convert_arguments(parser)
+    base = ["--moshi-weights", str(tiny_ckpt.moshi_weights), "--config", str(tiny_ckpt.config),
+            "--dtype", "float32", "--branch", "inplace"]
+    out = run_convert(parser.parse_args([*base, "--out", str(tmp_path / "out"), "--layers", "1", "--chunk", "8"]))
+    lm = load_hybrid(out, dtype=torch.float32)
+    assert lm.ttt_spec.branch == "inplace" and lm.ttt_spec.layers == (1,) and lm.ttt_spec.config.chunk == 8
+    assert isinstance(lm.transformer.layers[1].ttt, InPlaceLayer)
+    vanilla = tiny_ckpt.checkpoint_info().get_moshi(dtype=torch.float32)
+    codes = random_codes(vanilla, 1, 3 * CONTEXT)
+    with torch.no_grad():
+        torch.testing.assert_close(lm(codes).logits, vanilla(codes).logits, rtol=0, atol=0, equal_nan=True)
+    for extra, msg in ((["--mini-batch", "8"], "--mini-batch is an option of --branch ttt"),
+                       (["--gate-init", "0.1"], "--gate-init is an option of --branch ttt/gdn"),
+                       (["--mode", "replace"], "mode='replace' is not supported with an in-place branch")):
+        with pytest.raises(UsageError, match=msg):
+            run_convert(parser.parse_args([*base, "--out", str(tmp_path / "bad"), *extra]))
+    with pytest.raises(UsageError, match="--chunk is an option of --branch inplace; it does not apply to --branch ttt"):
+        run_convert(parser.parse_args([*base[:-1], "ttt", "--out", str(tmp_path / "bad"), "--chunk", "8"]))
