@@ -19,7 +19,7 @@ from ttt_speech.codec.evaluate import evaluate_codec, summarize, transcript_text
 from ttt_speech.codec.losses import ReconstructionLoss, si_snr  # noqa: E402
 from ttt_speech.codec.model import build_codec, export_codec  # noqa: E402
 from ttt_speech.codec.synthetic import write_synthetic_audio  # noqa: E402
-from ttt_speech.train.data import SkipLog  # noqa: E402
+from ttt_speech.engine.skips import SkipLog  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

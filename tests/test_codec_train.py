@@ -18,9 +18,9 @@ from ttt_speech.codec.config import FRAME_SIZE, load_codec_config  # noqa: E402
 from ttt_speech.codec.loop import CodecTrainer, train_codec  # noqa: E402
 from ttt_speech.codec.model import build_codec, load_codec, size_report  # noqa: E402
 from ttt_speech.codec.synthetic import write_synthetic_audio  # noqa: E402
-from ttt_speech.train.checkpoint import latest_checkpoint  # noqa: E402
-from ttt_speech.train.data import BadInputError  # noqa: E402
-from ttt_speech.train.metrics import read_metrics  # noqa: E402
+from ttt_speech.engine.checkpoint import latest_checkpoint  # noqa: E402
+from ttt_speech.engine.skips import BadInputError  # noqa: E402
+from ttt_speech.engine.metrics import read_metrics  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

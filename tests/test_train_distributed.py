@@ -16,10 +16,10 @@ pytestmark = pytest.mark.slow  # 2 gloo processes per test: 20-30 s on a shared 
 
 from helpers.train import ROOT, env, tiny_config  # noqa: E402
 
-from ttt_speech.train.checkpoint import latest_checkpoint, load_trainable  # noqa: E402
+from ttt_speech.engine.checkpoint import latest_checkpoint, load_trainable  # noqa: E402
 from ttt_speech.train.config import config_from_dict  # noqa: E402
 from ttt_speech.train.loop import build_segment_lm  # noqa: E402
-from ttt_speech.train.metrics import read_metrics  # noqa: E402
+from ttt_speech.engine.metrics import read_metrics  # noqa: E402
 
 
 def run(tmp: Path, name: str, procs: int, parallel: str) -> Path:

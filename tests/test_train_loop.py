@@ -16,12 +16,13 @@ pytest.importorskip("moshi")
 
 from helpers.train import tiny_config  # noqa: E402
 from ttt_speech.moshi import load_hybrid  # noqa: E402
-from ttt_speech.train.checkpoint import load_trainable  # noqa: E402
+from ttt_speech.engine.checkpoint import load_trainable  # noqa: E402
 from ttt_speech.train.commands import main as train_main  # noqa: E402
 from ttt_speech.train.config import Stage, config_from_dict, load_config  # noqa: E402
-from ttt_speech.train.data import BadInputError  # noqa: E402
-from ttt_speech.train.loop import Trainer, lr_at  # noqa: E402
-from ttt_speech.train.metrics import read_metrics  # noqa: E402
+from ttt_speech.engine.skips import BadInputError  # noqa: E402
+from ttt_speech.engine.loop import lr_at  # noqa: E402
+from ttt_speech.train.loop import Trainer  # noqa: E402
+from ttt_speech.engine.metrics import read_metrics  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -53,7 +53,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from ttt_speech.codec.data import find_audio
     from ttt_speech.codec.evaluate import evaluate_codec, format_table, summarize, write_report
     from ttt_speech.codec.model import check_codec_dir, load_codec
-    from ttt_speech.train.data import SkipLog
+    from ttt_speech.engine.skips import SkipLog
 
     device = torch_device(args.device)
     n_q = check_codec_dir(args.checkpoint)["quantizer"]["n_q"]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from ttt_speech.train.config import CheckpointConfig, LogConfig, Precision, Stage, load_yaml_config
+from ttt_speech.engine.config import CheckpointConfig, LogConfig, Precision, Stage, load_yaml_config
 
 SAMPLE_RATE = 24000
 FRAME_RATE = 12.5

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ttt_speech.codec.config import SAMPLE_RATE
-from ttt_speech.train.data import BadInputError, SkipLog
+from ttt_speech.engine.skips import BadInputError, SkipLog
 from ttt_speech.train.tokenize import read_manifest
 
 RESAMPLE_MARGIN = 0.05  # seconds read beyond a crop on each side so the resampler's warm-up falls outside it

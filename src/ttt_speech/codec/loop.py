@@ -1,8 +1,8 @@
 """The codec trainer: one process, random crops, stages of crop lengths, checkpoints that survive kills.
 
-It reuses the LM trainer's pieces: its `Stage` schedule (`lr_at`: warmup then cosine per stage), its
-atomic checkpoints (train.checkpoint: the whole Mimi state dict, EMA codebooks included, optimizer,
-scheduler, RNG states) and metrics.jsonl. A resumed run repeats the loss curve of an uninterrupted
+The loop is the engine's (`ttt_speech.engine`), shared with the LM trainer: the `Stage` schedule
+(warmup then cosine per stage), atomic checkpoints (here the whole Mimi state dict, EMA codebooks
+included, optimizer, scheduler, RNG states), SIGTERM, resume and metrics.jsonl; this says what a step is. A resumed run repeats the loss curve of an uninterrupted
 one step for step on the CPU: crops, quantizer dropout and dead-code checks are functions of the
 step, and what else draws random numbers (k-means init, code replacement) uses the saved RNG.
 At the end the codec is exported to RUN_DIR/export in moshi's released Mimi format.
@@ -11,45 +11,25 @@ At the end the codec is exported to RUN_DIR/export in moshi's released Mimi form
 from __future__ import annotations
 
 import logging
-import signal
-import sys
-import time
-from dataclasses import dataclass
+import typing as tp
 from pathlib import Path
 
 import torch
-import yaml
 
 from ttt_speech.codec.config import FRAME_RATE, FRAME_SIZE, CodecConfig
 from ttt_speech.codec.data import Crops, crop_batches, find_audio
 from ttt_speech.codec.losses import ReconstructionLoss, si_snr
 from ttt_speech.codec.model import build_codec, codec_forward, export_codec, set_quantizer_step, size_report
-from ttt_speech.train.checkpoint import (
-    TrainState,
-    latest_checkpoint,
-    load_checkpoint,
-    load_trainable,
-    remove_partial,
-    save_checkpoint,
-)
-from ttt_speech.train.config import Stage
-from ttt_speech.train.data import SkipLog
-from ttt_speech.train.loop import EXPORT_DIR, lr_at, setup_logging
-from ttt_speech.train.metrics import Metrics
+from ttt_speech.engine.checkpoint import TrainState, load_trainable
+from ttt_speech.engine.config import Stage
+from ttt_speech.engine.loop import EXPORT_DIR, RunResult, StagedTrainer, adamw, prepare_run_dir, setup_logging
+from ttt_speech.engine.metrics import Metrics
+from ttt_speech.engine.skips import SkipLog
 
 log = logging.getLogger("ttt_speech.codec")
 
 VAL_SEED = 1 << 30  # validation crops come from their own stream of seeds
 LOSS_TERMS = ("wave_l1", "mel_l1", "mel_l2", "commitment")
-
-
-@dataclass
-class CodecRunResult:
-    state: TrainState
-    finished: bool
-    checkpoint: Path | None
-    export: Path | None
-    skipped: int
 
 
 def pick_device(name: str) -> torch.device:
@@ -58,7 +38,9 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class CodecTrainer:
+class CodecTrainer(StagedTrainer):
+    """Mimi from scratch: a step is one batch of random crops through the codec, its losses, one update."""
+
     def __init__(self, cfg: CodecConfig) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
@@ -78,15 +60,12 @@ class CodecTrainer:
         # matrices decay; biases, norms, layer scales and weight-norm gains do not
         decay = [q for n, q in named if q.dim() >= 2 and not n.endswith("weight_g")]
         no_decay = [q for n, q in named if not (q.dim() >= 2 and not n.endswith("weight_g"))]
-        groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=1.0, betas=cfg.train.betas)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_at(cfg.stages, s))
-        self.state_keys = list(self.mimi.state_dict())
-        self.stop_requested = False
+        self.optimizer, self.scheduler = adamw(decay, no_decay, cfg.train.weight_decay, cfg.train.betas, cfg.stages)
+        self.model, self.checkpoint_keys = self.mimi, list(self.mimi.state_dict())
+        self.stages, self.checkpoint_config, self.log_config = cfg.stages, cfg.checkpoint, cfg.log
+        self.global_batch = cfg.train.batch_size
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        remove_partial(self.run_dir)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        prepare_run_dir(self.run_dir, cfg.to_dict())
         self.metrics = Metrics(self.run_dir, cfg.log.tensorboard)
         sizes = size_report(self.mimi)
         log.info("codec: Mimi %.2fM parameters, %.2f MB exported in fp16, %d codebooks x %d bins at %.1f Hz, %s%s",
@@ -139,88 +118,27 @@ class CodecTrainer:
         self.mimi.train()
         return {k: v / seen for k, v in sums.items()} if seen else None
 
-    # -- run --------------------------------------------------------------------------------------
-    def _on_sigterm(self, signum: int, frame: object) -> None:
-        self.stop_requested = True
+    # -- what the engine asks ---------------------------------------------------------------------
+    def step(self, batch: torch.Tensor, state: TrainState, stage: Stage) -> dict[str, float]:
+        return self.train_step(batch, state.step)
 
-    def _checkpoint(self, state: TrainState) -> Path:
-        path = save_checkpoint(self.run_dir, state, self.mimi, self.optimizer, self.scheduler, 0, 1, lambda: None,
-                               self.cfg.checkpoint.keep)
-        log.info("checkpoint %s", path)
-        return path
+    def batches(self, state: TrainState, stage: Stage) -> tp.Iterator[torch.Tensor]:
+        b = self.cfg.train.batch_size
+        crops = Crops(self.train_audio, stage.seq_len * FRAME_SIZE, [self.cfg.seed, state.stage])
+        return iter(crop_batches(crops, state.samples, stage.steps * b, b, self.cfg.data.workers))
 
-    def _resume(self) -> TrainState:
-        path = latest_checkpoint(self.run_dir)
-        if path is None:
-            return TrainState()
-        state = load_checkpoint(path, self.mimi, self.optimizer, self.scheduler, self.state_keys, 0)
-        self.metrics.truncate_after(state.step)
-        log.info("resumed from %s: step %d, stage %d step %d", path, state.step, state.stage, state.stage_step)
-        return state
+    def throughput(self, stage: Stage, seconds: float) -> dict[str, float]:
+        return {"audio_s_per_s": self.cfg.train.batch_size * stage.seq_len / FRAME_RATE / seconds}
 
-    def _validate(self, state: TrainState, stage: Stage) -> None:
-        val = self.evaluate(stage)
-        if val is not None:
-            self.metrics.log({"step": state.step, "stage": state.stage, "split": "val", "seq_len": stage.seq_len, **val})
-            log.info("step %d val loss %.4f mel_l1 %.4f si_snr %.2f dB", state.step, val["loss"], val["mel_l1"],
-                     val["si_snr"])
+    def progress(self, out: dict[str, float], state: TrainState, throughput: dict[str, float]) -> dict[str, str]:
+        return {"loss": f"{out['loss']:.3f}", "mel": f"{out['mel_l1']:.3f}", "snr": f"{out['si_snr']:.1f}",
+                "audio_x": f"{throughput['audio_s_per_s']:,.0f}"}
 
-    def run(self) -> CodecRunResult:
-        cfg = self.cfg
-        state = self._resume()
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-        from tqdm import tqdm
+    def describe(self, val: dict[str, float]) -> str:
+        return f"val loss {val['loss']:.4f} mel_l1 {val['mel_l1']:.4f} si_snr {val['si_snr']:.2f} dB"
 
-        bar = tqdm(total=cfg.total_steps, initial=state.step, unit="step", dynamic_ncols=True, file=sys.stderr,
-                   disable=not cfg.log.progress, mininterval=0.5)
-        last_ckpt = latest_checkpoint(self.run_dir)
-        try:
-            while state.stage < len(cfg.stages) and not self.stop_requested:
-                stage = cfg.stages[state.stage]
-                b = cfg.train.batch_size
-                crops = Crops(self.train_audio, stage.seq_len * FRAME_SIZE, [cfg.seed, state.stage])
-                batches = iter(crop_batches(crops, state.samples, stage.steps * b, b, cfg.data.workers))
-                t0 = time.perf_counter()
-                for x in batches:
-                    out = self.train_step(x, state.step)
-                    state.step += 1
-                    state.stage_step += 1
-                    state.samples += b
-                    dt, t0 = time.perf_counter() - t0, time.perf_counter()
-                    audio_s = b * stage.seq_len / FRAME_RATE
-                    record = {"step": state.step, "stage": state.stage, "stage_step": state.stage_step,
-                              "split": "train", "seq_len": stage.seq_len, **out, "audio_s_per_s": audio_s / dt,
-                              "time": time.time()}
-                    if self.device.type == "cuda":
-                        record["max_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-                    stage_done = state.stage_step == stage.steps
-                    if state.step % cfg.log.every == 0 or stage_done:
-                        self.metrics.log(record)
-                    bar.set_postfix(loss=f"{out['loss']:.3f}", mel=f"{out['mel_l1']:.3f}",
-                                    snr=f"{out['si_snr']:.1f}", audio_x=f"{audio_s / dt:,.0f}", refresh=False)
-                    bar.update(1)
-                    if cfg.log.eval_every and state.step % cfg.log.eval_every == 0 or stage_done:
-                        self._validate(state, stage)
-                    if stage_done:
-                        state = TrainState(state.step, state.stage + 1, 0, 0)
-                    if self.stop_requested or stage_done or state.step % cfg.checkpoint.every == 0:
-                        last_ckpt = self._checkpoint(state)
-                    if self.stop_requested:
-                        log.warning("SIGTERM: stopped at step %d, checkpoint %s", state.step, last_ckpt)
-                        break
-                    t0 = time.perf_counter()
-                del batches  # stops the stage's reader processes
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-            bar.close()
-        finished = state.stage >= len(cfg.stages)
-        export = None
-        if finished and last_ckpt is not None:
-            export = export_trained(cfg, last_ckpt, self.run_dir / EXPORT_DIR)
-        if self.skips.skipped:
-            log.warning(self.skips.summary())
-        self.metrics.close()
-        return CodecRunResult(state, finished, last_ckpt, export, len(self.skips.skipped))
+    def export(self, checkpoint: Path) -> Path:
+        return export_trained(self.cfg, checkpoint, self.run_dir / EXPORT_DIR)
 
 
 def export_trained(cfg: CodecConfig, checkpoint: Path, out_dir: Path) -> Path:
@@ -232,7 +150,7 @@ def export_trained(cfg: CodecConfig, checkpoint: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def train_codec(cfg: CodecConfig) -> CodecRunResult:
+def train_codec(cfg: CodecConfig) -> RunResult:
     """Run (or resume) the codec training described by `cfg`."""
     setup_logging(Path(cfg.run_dir), True)
     return CodecTrainer(cfg).run()

@@ -41,7 +41,8 @@ class Sequence:
 
 def load_sequences(path: str | Path, limit: int | None = None) -> list[Sequence]:
     """Every document under `path`, read whole, in the trainer's fixed order (first `limit` only)."""
-    from ttt_speech.train.data import SkipLog, find_documents, read_tokens
+    from ttt_speech.engine.skips import SkipLog
+    from ttt_speech.train.data import find_documents, read_tokens
 
     docs = find_documents([str(path)], SkipLog())
     if not docs:

@@ -18,7 +18,7 @@ import json
 import logging
 import math
 import typing as tp
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from ttt_speech.errors import UsageError
+from ttt_speech.engine.skips import BadInputError, SkipLog
 from ttt_speech.train.config import RepeatConfig
 
 log = logging.getLogger(__name__)
@@ -36,29 +36,6 @@ TOKENS_FORMAT = "ttt-speech/tokens"
 TOKENS_VERSION = 1
 PAD = -1  # "nothing here": no input, no loss (moshi's zero token)
 REPEAT_TAG = 0x72657074  # "rept": seeds the generator of copied spans apart from the shuffle's
-
-
-class BadInputError(UsageError):
-    """A data file that cannot be used; the message names the file (one line on the command line, exit 2)."""
-
-
-@dataclass
-class SkipLog:
-    """Files skipped under --skip-bad, with why; reported at the end of a run."""
-
-    skip_bad: bool = False
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-
-    def bad(self, path: str | Path, why: str) -> None:
-        """Raise BadInputError naming `path`, or log and count it when skipping is allowed."""
-        message = f"{path}: {why}"
-        if not self.skip_bad:
-            raise BadInputError(message)
-        log.warning("skipping %s", message)
-        self.skipped.append((str(path), why))
-
-    def summary(self) -> str:
-        return f"skipped {len(self.skipped)} bad file(s)" + "".join(f"\n  {p}: {w}" for p, w in self.skipped)
 
 
 @dataclass(frozen=True)

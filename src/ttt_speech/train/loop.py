@@ -13,37 +13,28 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
-import sys
-import time
+import typing as tp
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import yaml
 from torch import Tensor, nn
 
+from ttt_speech.engine.checkpoint import TrainState, load_trainable
+from ttt_speech.engine.config import Stage
+from ttt_speech.engine.loop import EXPORT_DIR, RunResult, StagedTrainer, adamw, prepare_run_dir, setup_logging
+from ttt_speech.engine.metrics import Metrics
+from ttt_speech.engine.skips import BadInputError, SkipLog
 from ttt_speech.layers.ttt import TTTLayer
-from ttt_speech.train.checkpoint import (
-    TrainState,
-    latest_checkpoint,
-    load_checkpoint,
-    load_trainable,
-    remove_partial,
-    save_checkpoint,
-)
-from ttt_speech.train.config import Config, Stage
-from ttt_speech.train.data import BadInputError, SkipLog, TokenData, check_streams, find_documents, split_by_source
-from ttt_speech.train.metrics import Metrics
+from ttt_speech.train.config import Config
+from ttt_speech.train.data import TokenData, check_streams, find_documents, split_by_source
 from ttt_speech.train.model import Batch, Carry, SegmentLM
 from ttt_speech.train.parallel import full, parallelize, start_processes, sync_gradients
 from ttt_speech.train.trainable import add_lora, merge_lora, set_trainable
 
 log = logging.getLogger("ttt_speech.train")
 
-EXPORT_DIR = "export"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -68,21 +59,6 @@ def build_segment_lm(cfg: Config, device: torch.device, dtype: torch.dtype) -> S
     return seg
 
 
-def lr_at(stages: list[Stage], step: int) -> float:
-    """Learning rate of global step `step`: per stage, linear warmup then cosine down to min_lr_ratio * lr."""
-    for stage in stages:
-        if step < stage.steps:
-            break
-        step -= stage.steps
-    else:
-        stage, step = stages[-1], stages[-1].steps - 1
-    warm = math.ceil(stage.warmup * stage.steps)
-    if step < warm:
-        return stage.lr * (step + 1) / warm
-    progress = (step - warm) / max(1, stage.steps - warm)
-    return stage.lr * (stage.min_lr_ratio + (1 - stage.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def segment_bounds(length: int, segment: int | None) -> list[tuple[int, int]]:
     step = segment or length
     return [(s, min(s + step, length)) for s in range(0, length, step)]
@@ -94,16 +70,9 @@ def kernel_mini_batches(model: nn.Module) -> set[int]:
     return {m.config.mini_batch for m in model.modules() if isinstance(m, TTTLayer) and m.config.inner == "linear"}
 
 
-@dataclass
-class RunResult:
-    state: TrainState
-    finished: bool
-    checkpoint: Path | None
-    export: Path | None
-    skipped: int
+class Trainer(StagedTrainer):
+    """The LM trainer: a step is one global batch, each sequence run in segments carrying state."""
 
-
-class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
@@ -139,17 +108,14 @@ class Trainer:
 
         self.model = parallelize(self.seg, p, cfg.train.parallel, self.bf16)
         params = [q for q in self.seg.parameters() if q.requires_grad]
-        decay = [q for q in params if q.dim() >= 2]
-        no_decay = [q for q in params if q.dim() < 2]
-        groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=1.0, betas=cfg.train.betas)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_at(cfg.stages, s))
+        self.optimizer, self.scheduler = adamw([q for q in params if q.dim() >= 2], [q for q in params if q.dim() < 2],
+                                               cfg.train.weight_decay, cfg.train.betas, cfg.stages)
         self.params = params
-        self.stop_requested = False
+        self.stages, self.checkpoint_config, self.log_config = cfg.stages, cfg.checkpoint, cfg.log
+        self.global_batch, self.device, self.checkpoint_keys = cfg.train.batch_size, p.device, self.trainable
+        self.rank, self.world = p.rank, p.world
         if p.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            remove_partial(self.run_dir)
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            prepare_run_dir(self.run_dir, cfg.to_dict())
         p.barrier()
         self.metrics = Metrics(self.run_dir, cfg.log.tensorboard) if p.main else None
         n_train = sum(q.numel() for q in params)
@@ -212,110 +178,49 @@ class Trainer:
         self.seg.train()
         return self._losses(self.procs.all_reduce(sums), self.procs.all_reduce(totals))
 
-    # -- run --------------------------------------------------------------------------------------
-    def _on_sigterm(self, signum: int, frame: object) -> None:
-        self.stop_requested = True
+    # -- what the engine asks ---------------------------------------------------------------------
+    def step(self, batch: Tensor, state: TrainState, stage: Stage) -> dict[str, float]:
+        return self.train_step(batch, stage.segment_len or self.cfg.train.segment_len)
 
-    def _stop(self) -> bool:
+    def batches(self, state: TrainState, stage: Stage) -> tp.Iterator[Tensor]:
+        for _ in range(stage.steps - state.stage_step):  # state.samples moves on with each step
+            yield self.train_data.batch(state.samples + self.procs.rank * self.local_batch, self.local_batch,
+                                        stage.seq_len, state.stage)
+
+    def throughput(self, stage: Stage, seconds: float) -> dict[str, float]:
+        tokens = self.cfg.train.batch_size * stage.seq_len
+        return {"tokens": tokens, "tokens_per_s": tokens / seconds}
+
+    def progress(self, out: dict[str, float], state: TrainState, throughput: dict[str, float]) -> dict[str, str]:
+        return {"stage": str(state.stage), "loss": f"{out['loss']:.4f}", "tok_s": f"{throughput['tokens_per_s']:,.0f}"}
+
+    def begin_stage(self, state: TrainState, stage: Stage) -> None:
+        segment = stage.segment_len or self.cfg.train.segment_len
+        if stage.seq_len <= self.seg.window and self.seg.ttt_layer_count():
+            warnings.warn(f"stage {state.stage}: sequences of {stage.seq_len} steps are no longer than the "
+                          f"attention window ({self.seg.window}): attention sees everything, so TTT is never "
+                          f"needed and learns nothing about memory; lengthen the stage or set "
+                          f"train.attention_window below {stage.seq_len}", stacklevel=1)
+        misaligned = sorted(k for k in kernel_mini_batches(self.model) if segment and segment % k)
+        if misaligned:
+            warnings.warn(f"stage {state.stage}: segments of {segment} steps are not a multiple of the TTT "
+                          f"mini-batch ({misaligned[0]}): every segment after the first starts mid-mini-batch, "
+                          f"where the TTT kernels cannot start, so on CUDA they run the PyTorch reference "
+                          f"(6x to 100x slower on an H100); use a multiple of {misaligned[0]}", stacklevel=1)
+
+    def barrier(self) -> None:
+        self.procs.barrier()
+
+    def stop_everywhere(self) -> bool:
         flag = torch.tensor([float(self.stop_requested)], device=self.procs.device)
         return bool(self.procs.all_reduce(flag, dist.ReduceOp.MAX).item())
 
-    def _checkpoint(self, state: TrainState) -> Path:
-        path = save_checkpoint(self.run_dir, state, self.model, self.optimizer, self.scheduler, self.procs.rank,
-                               self.procs.world, self.procs.barrier, self.cfg.checkpoint.keep)
-        log.info("checkpoint %s", path)
-        return path
-
-    def _log(self, record: dict) -> None:
-        if self.metrics is not None:
-            self.metrics.log(record)
-
-    def _resume(self) -> TrainState:
-        path = latest_checkpoint(self.run_dir)
-        if path is None:
-            return TrainState()
-        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.trainable, self.procs.rank)
-        if self.metrics is not None:
-            self.metrics.truncate_after(state.step)
-        log.info("resumed from %s: step %d, stage %d step %d", path, state.step, state.stage, state.stage_step)
-        return state
-
-    def run(self) -> RunResult:
-        cfg, p = self.cfg, self.procs
-        state = self._resume()
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.total_steps, initial=state.step, unit="step", dynamic_ncols=True, file=sys.stderr,
-                   disable=not (p.main and cfg.log.progress), mininterval=0.5)
-        last_ckpt: Path | None = latest_checkpoint(self.run_dir)
-        stopped = False
-        try:
-            while state.stage < len(cfg.stages) and not stopped:
-                stage = cfg.stages[state.stage]
-                segment = stage.segment_len or cfg.train.segment_len
-                if stage.seq_len <= self.seg.window and self.seg.ttt_layer_count():
-                    warnings.warn(f"stage {state.stage}: sequences of {stage.seq_len} steps are no longer than the "
-                                  f"attention window ({self.seg.window}): attention sees everything, so TTT is never "
-                                  f"needed and learns nothing about memory; lengthen the stage or set "
-                                  f"train.attention_window below {stage.seq_len}", stacklevel=1)
-                misaligned = sorted(k for k in kernel_mini_batches(self.model) if segment and segment % k)
-                if misaligned:
-                    warnings.warn(f"stage {state.stage}: segments of {segment} steps are not a multiple of the TTT "
-                                  f"mini-batch ({misaligned[0]}): every segment after the first starts mid-mini-batch, "
-                                  f"where the TTT kernels cannot start, so on CUDA they run the PyTorch reference "
-                                  f"(6x to 100x slower on an H100); use a multiple of {misaligned[0]}", stacklevel=1)
-                while not stopped and state.stage_step < stage.steps:
-                    t0 = time.perf_counter()
-                    codes = self.train_data.batch(state.samples + p.rank * self.local_batch, self.local_batch,
-                                                  stage.seq_len, state.stage)
-                    out = self.train_step(codes, segment)
-                    state.step += 1
-                    state.stage_step += 1
-                    state.samples += cfg.train.batch_size
-                    dt = time.perf_counter() - t0
-                    tokens = cfg.train.batch_size * stage.seq_len
-                    record = {"step": state.step, "stage": state.stage, "stage_step": state.stage_step,
-                              "split": "train", "seq_len": stage.seq_len, **out, "tokens": tokens,
-                              "tokens_per_s": tokens / dt, "time": time.time()}
-                    if p.device.type == "cuda":  # shows whether memory stays linear as the stages lengthen
-                        record["max_memory_gib"] = torch.cuda.max_memory_allocated(p.device) / 2**30
-                    if state.step % cfg.log.every == 0 or state.stage_step == stage.steps:
-                        self._log(record)
-                    bar.set_postfix(stage=state.stage, loss=f"{out['loss']:.4f}", tok_s=f"{tokens / dt:,.0f}",
-                                    refresh=False)
-                    bar.update(1)
-                    stage_done = state.stage_step == stage.steps
-                    if cfg.log.eval_every and state.step % cfg.log.eval_every == 0 or stage_done:
-                        val = self.evaluate(stage)
-                        if val is not None:
-                            self._log({"step": state.step, "stage": state.stage, "split": "val",
-                                       "seq_len": stage.seq_len, **val})
-                            log.info("step %d val loss %.4f", state.step, val["loss"])
-                    if stage_done:
-                        state = TrainState(state.step, state.stage + 1, 0, 0)
-                    stopped = self._stop()
-                    if stopped or stage_done or state.step % cfg.checkpoint.every == 0:
-                        last_ckpt = self._checkpoint(state)
-                    if stopped:
-                        log.warning("SIGTERM: stopped at step %d, checkpoint %s", state.step, last_ckpt)
-                    if stage_done:
-                        break
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-            bar.close()
-        finished = state.stage >= len(cfg.stages)
-        export = None
-        if finished and last_ckpt is not None:
-            export = self.run_dir / EXPORT_DIR
-            if p.main:
-                export_checkpoint(cfg, last_ckpt, export, self.dtype)
-            p.barrier()
-        if self.skips.skipped:
-            log.warning(self.skips.summary())
-        if self.metrics is not None:
-            self.metrics.close()
-        return RunResult(state, finished, last_ckpt, export, len(self.skips.skipped))
+    def export(self, checkpoint: Path) -> Path:
+        out = self.run_dir / EXPORT_DIR
+        if self.procs.main:
+            export_checkpoint(self.cfg, checkpoint, out, self.dtype)
+        self.procs.barrier()
+        return out
 
 
 def export_checkpoint(cfg: Config, checkpoint: Path, out_dir: Path, dtype: torch.dtype) -> Path:
@@ -345,18 +250,6 @@ def export_checkpoint(cfg: Config, checkpoint: Path, out_dir: Path, dtype: torch
         copy_companions(source, out_dir)
     log.info("exported %s -> %s", checkpoint, out_dir)
     return out_dir
-
-
-def setup_logging(run_dir: Path, main: bool) -> None:
-    """INFO to stderr and RUN_DIR/train.log on the main process, warnings only elsewhere."""
-    level = logging.INFO if main else logging.WARNING
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(run_dir / "train.log"))
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers,
-                        force=True)
-    logging.captureWarnings(True)
 
 
 def train(cfg: Config) -> RunResult:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ttt_speech.train.metrics import read_metrics
+from ttt_speech.engine.metrics import read_metrics
 
 
 def _curves(ax: object, train: list[dict], val: list[dict]) -> None:

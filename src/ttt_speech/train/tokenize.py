@@ -30,8 +30,9 @@ import numpy as np
 import torch
 from safetensors.numpy import save_file
 
+from ttt_speech.engine.skips import SkipLog
 from ttt_speech.errors import UsageError
-from ttt_speech.train.data import INDEX_NAME, TOKENS_FORMAT, TOKENS_VERSION, SkipLog
+from ttt_speech.train.data import INDEX_NAME, TOKENS_FORMAT, TOKENS_VERSION
 
 if TYPE_CHECKING:
     from sentencepiece import SentencePieceProcessor
