@@ -101,7 +101,7 @@ def add_plot_run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_plot_run(args: argparse.Namespace) -> int:
-    from ttt_speech.train.metrics import METRICS_NAME
+    from ttt_speech.engine.metrics import METRICS_NAME
     from ttt_speech.train.plots import plot_run
 
     existing_file(existing_dir(args.run_dir, "training run directory") / METRICS_NAME, "metrics file")
