@@ -19,7 +19,7 @@ from pathlib import Path
 from ttt_speech.errors import UsageError, output_dir, positive_int
 
 if tp.TYPE_CHECKING:
-    from ttt_speech.config import TTTConfig
+    from ttt_speech.config import InPlaceConfig, TTTConfig
 
 LEFT_ALONE_FILE = "left_alone.safetensors"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json")
@@ -45,13 +45,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=["hybrid", "replace"], default="hybrid")
     p.add_argument("--attention-window", type=positive_int, default=4096,
                    help="sliding-window size of every attention layer")
-    p.add_argument("--mini-batch", type=positive_int, default=16, help="TTT mini-batch size")
-    p.add_argument("--inner", choices=["linear", "mlp"], default="linear")
-    p.add_argument("--variant", choices=["ttt-lm", "fla"], default="ttt-lm")
+    p.add_argument("--branch", choices=["ttt", "inplace"], default="ttt",
+                   help="ttt: a TTT branch beside attention (default); inplace: the layers' own MLPs become "
+                        "per-stream fast weights (docs/ttt.md; --mode hybrid only)")
+    p.add_argument("--chunk", type=positive_int, default=None, help="in-place branch: tokens per fast-weight write "
+                                                                    "(default 64)")
+    p.add_argument("--mini-batch", type=positive_int, default=None, help="TTT mini-batch size (default 16)")
+    p.add_argument("--inner", choices=["linear", "mlp"], default=None, help="TTT inner model (default linear)")
+    p.add_argument("--variant", choices=["ttt-lm", "fla"], default=None, help="TTT update rule (default ttt-lm)")
     p.add_argument("--num-heads", type=positive_int, default=None,
                    help="TTT heads (default: the model's attention heads)")
     p.add_argument("--base-lr", type=float, default=None)
-    p.add_argument("--gate-init", type=float, default=0.0, help="initial gate alpha (output scaled by tanh(alpha))")
+    p.add_argument("--gate-init", type=float, default=None,
+                   help="TTT: initial gate alpha (output scaled by tanh(alpha); default 0)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="auto", help="dtype to load and save in")
 
 
@@ -66,12 +72,26 @@ def check_source(path: Path) -> dict[str, tp.Any]:
     return cfg
 
 
-def ttt_config(args: argparse.Namespace, hidden_size: int, attention_heads: int) -> TTTConfig:
-    """The TTT layer config the options make for a decoder of this width."""
-    from ttt_speech.config import TTTConfig
+TTT_ONLY = ("mini_batch", "inner", "variant", "num_heads", "gate_init")
 
-    return TTTConfig(dim=hidden_size, num_heads=args.num_heads or attention_heads, inner=args.inner,
-                     mini_batch=args.mini_batch, variant=args.variant, base_lr=args.base_lr, gate_init=args.gate_init)
+
+def ttt_config(args: argparse.Namespace, hidden_size: int, attention_heads: int,
+               intermediate_size: int | None = None) -> TTTConfig | InPlaceConfig:
+    """The branch config the options make for a decoder of this width (the MLP's, for --branch inplace)."""
+    from ttt_speech.config import InPlaceConfig, TTTConfig
+
+    flags = [k for k in (TTT_ONLY if args.branch == "inplace" else ("chunk",)) if getattr(args, k) is not None]
+    if flags:
+        flag = "--" + flags[0].replace("_", "-")
+        raise ValueError(f"{flag} does not apply to --branch {args.branch}")
+    if args.branch == "inplace":
+        if args.mode != "hybrid":
+            raise ValueError("--branch inplace keeps the attention and changes the MLPs: use --mode hybrid")
+        extra = {} if args.base_lr is None else {"base_lr": args.base_lr}
+        return InPlaceConfig(dim=hidden_size, hidden=intermediate_size or 0, chunk=args.chunk or 64, **extra)
+    return TTTConfig(dim=hidden_size, num_heads=args.num_heads or attention_heads, inner=args.inner or "linear",
+                     mini_batch=args.mini_batch or 16, variant=args.variant or "ttt-lm", base_lr=args.base_lr,
+                     gate_init=args.gate_init or 0.0)
 
 
 def check_options(args: argparse.Namespace, cfg: dict[str, tp.Any]) -> None:
@@ -87,9 +107,10 @@ def check_options(args: argparse.Namespace, cfg: dict[str, tp.Any]) -> None:
     width, heads = decoder.get("hidden_size"), decoder.get("num_attention_heads")
     if isinstance(width, int) and isinstance(heads, int):
         try:
-            ttt_config(args, width, heads)
+            ttt_config(args, width, heads, decoder.get("intermediate_size"))
         except ValueError as e:
-            raise UsageError(f"convert-hf: {e} (see --num-heads, --inner, --variant, --mini-batch)") from None
+            raise UsageError(f"convert-hf: {e} (see --branch, --num-heads, --inner, --variant, --mini-batch, "
+                             "--chunk)") from None
     output_dir(args.out)
 
 
@@ -107,7 +128,7 @@ def run(args: argparse.Namespace) -> None:
     if report.missing_keys:
         raise UsageError(f"{args.model}: checkpoint lacks language-model parameters: {report.missing_keys}")
     config = decoder_of(model).config  # the language model's (Qwen2-Audio: its text_config)
-    ttt = ttt_config(args, config.hidden_size, config.num_attention_heads)
+    ttt = ttt_config(args, config.hidden_size, config.num_attention_heads, getattr(config, "intermediate_size", None))
     convert(model, layers=args.layers, mode=args.mode, ttt=ttt, attention_window=args.attention_window)
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -122,4 +143,5 @@ def run(args: argparse.Namespace) -> None:
     print(report)
     if report.left_alone_keys:
         print(f"copied the {len(report.left_alone_keys)} left-alone tensors to {args.out / LEFT_ALONE_FILE}")
-    print(f"converted layers {args.layers} ({args.mode}, attention window {args.attention_window}) -> {args.out}")
+    print(f"converted layers {args.layers} ({args.mode}, {args.branch} branch, attention window "
+          f"{args.attention_window}) -> {args.out}")

@@ -2,7 +2,8 @@
 
 `layouts.py` says where each architecture keeps that stack (`model.model` for Llama, Qwen2 and
 Mixtral causal LMs; `model.model.language_model` for Qwen2-Audio). What a conversion changes, in place:
-- the chosen layers' `self_attn` (see `modules.py`: hybrid mixin or `TTTAttention`);
+- the chosen layers' `self_attn` (see `modules.py`: hybrid mixin or `TTTAttention`), or, given an
+  `InPlaceConfig`, their `mlp` (in-place fast weights; a pre-hook on the layer hands it the cache);
 - the decoder's config: `sliding_window = attention_window` for every layer (so transformers'
   `DynamicCache` makes `DynamicSlidingWindowLayer`s: bounded KV memory), and a `ttt` section (`section.py`);
 - a forward pre-hook on the decoder stack that, before every forward,
@@ -27,15 +28,17 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_sliding_window_causal_mask
 
 from ttt_speech.compat import retype
-from ttt_speech.config import TTTConfig
+from ttt_speech.config import InPlaceConfig, TTTConfig
 from ttt_speech.hf.cache import TTTCache
 from ttt_speech.hf.compat import CACHE_KWARG, attention_implementation, cache_kwargs, pop_cache
 from ttt_speech.hf.checkpoint import (
     LoadReport, checkpoint_keys, load_llm, log_report, read_config, read_tensors, satisfied, saved_names,
 )
 from ttt_speech.hf.layouts import config_model_type, decoder_config_dict, decoder_of
-from ttt_speech.hf.modules import TOKEN_MASK_KWARG, TTTAttention, expand_kv_heads, hybrid_class
+from ttt_speech.hf.modules import (TOKEN_MASK_KWARG, TTTAttention, drop_memory_context, expand_kv_heads, hybrid_class,
+                                   inplace_class, pass_memory_context)
 from ttt_speech.hf.section import Mode, TTTSection, section_of
+from ttt_speech.layers.inplace import GatedMLP, InPlaceLayer
 from ttt_speech.layers.ttt import TTTLayer
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -119,6 +122,24 @@ def _build_ttt(cfg: TTTConfig, attn: nn.Module, mode: Mode, config: PreTrainedCo
     return layer.to(device=ref.device, dtype=ref.dtype)
 
 
+def _make_inplace(layer: nn.Module, cfg: InPlaceConfig, idx: int) -> None:
+    """Give decoder layer `idx`'s gated MLP in-place fast weights (its modules stay; one key per weight)."""
+    mlp = layer.mlp
+    if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        raise ValueError(f"an in-place branch needs a gated MLP (gate_proj, up_proj, down_proj); layer {idx} has "
+                         f"{type(mlp).__name__}")
+    if cfg.hidden != mlp.down_proj.in_features:
+        raise ValueError(f"InPlaceConfig.hidden={cfg.hidden} but layer {idx}'s MLP has width {mlp.down_proj.in_features}")
+    ref = mlp.down_proj.weight
+    with torch.device(ref.device):
+        memory = InPlaceLayer(cfg, GatedMLP.hf(mlp), host_owned=True)
+    retype(mlp, inplace_class(type(mlp)))
+    mlp.add_module("ttt", memory.to(dtype=ref.dtype))
+    mlp.layer_idx = idx
+    layer.register_forward_pre_hook(pass_memory_context, with_kwargs=True)
+    layer.register_forward_hook(drop_memory_context, with_kwargs=True)
+
+
 def _load_by_name(model: nn.Module, path: str | Path, keys: set[str]) -> set[str]:
     """Load these state-dict keys from the directory's files, under the names save_pretrained gives them.
 
@@ -139,7 +160,7 @@ class Converter:
         model: PreTrainedModel,
         layers: Iterable[int],
         mode: Mode = "hybrid",
-        ttt: TTTConfig | None = None,
+        ttt: TTTConfig | InPlaceConfig | None = None,
         attention_window: int = 4096,
     ) -> PreTrainedModel:
         """Convert `model` in place and return it.
@@ -148,7 +169,9 @@ class Converter:
         mode: "hybrid" keeps attention and adds a gated TTT branch (gate 0 at start: same logits as the
             original while sequences fit the window); "replace" swaps attention for TTT initialised from
             its projections (GQA K/V heads expanded).
-        ttt: the TTT layer config; default TTTConfig(dim=hidden_size, num_heads=num_attention_heads).
+        ttt: the TTT layer config; default TTTConfig(dim=hidden_size, num_heads=num_attention_heads). An
+            InPlaceConfig instead gives the layers' own MLPs in-place fast weights (hybrid mode; identical
+            logits until its target projection is trained; docs/ttt.md).
         attention_window: keys/values every attention layer sees and caches (sliding window, tokens).
         """
         base = decoder_of(model)
@@ -173,11 +196,17 @@ class Converter:
         cfg = ttt or TTTConfig(dim=config.hidden_size, num_heads=config.num_attention_heads)
         if cfg.dim != config.hidden_size:
             raise ValueError(f"TTTConfig.dim ({cfg.dim}) must equal the model's hidden_size ({config.hidden_size})")
-        if cfg.shared_qkv:
+        if isinstance(cfg, InPlaceConfig) and mode != "hybrid":
+            raise ValueError(f"mode={mode!r} is not supported with an in-place branch: it keeps the attention and "
+                             "changes the layers' MLPs; use mode='hybrid'")
+        if getattr(cfg, "shared_qkv", False):
             raise ValueError("shared_qkv (TTT reading the attention's own q/k/v) exists for Moshi hybrids only; "
                              "Hugging Face hybrids give the TTT layer its own projections")
 
         for i in idx:
+            if isinstance(cfg, InPlaceConfig):
+                _make_inplace(base.layers[i], cfg, i)
+                continue
             attn = base.layers[i].self_attn
             ttt_layer = _build_ttt(cfg, attn, mode, config)
             if mode == "hybrid":

@@ -5,6 +5,10 @@ hybrid:  `self_attn` keeps its class and weights, but its class gains a mixin th
          residual, so the TTT branch reads exactly what attention reads (the input_layernorm output)
          and all original state-dict keys stay where they were; the new ones live under `self_attn.ttt.`.
 replace: `self_attn` becomes `TTTAttention`, a TTT layer initialised from the attention's q/k/v/o.
+in-place (an `InPlaceConfig`): the layer's `mlp` keeps its class and weights, but its class gains a
+         mixin that runs it as an `InPlaceLayer` (`self.mlp.ttt`): its down_proj plus per-stream fast
+         weights (docs/ttt.md). The decoder layer calls `mlp(x)` with nothing else, so a pre-hook on the
+         decoder layer hands the mlp the cache and padding mask of the current forward.
 
 Padding: the model's forward hook passes `ttt_token_mask` [B, T] (False = padding) down the
 decoder layers' kwargs. Padded tokens never touch a TTT state: columns where every stream has a
@@ -21,8 +25,9 @@ from torch import Tensor, nn
 
 from ttt_speech.hf.cache import TTTCache
 from ttt_speech.hf.compat import get_cache
-from ttt_speech.layers.state import TTTState
-from ttt_speech.layers.ttt import TTTLayer
+from ttt_speech.layers.inplace import InPlaceLayer
+from ttt_speech.layers.state import LayerState
+from ttt_speech.layers.ttt import StreamingLayer, TTTLayer
 
 TOKEN_MASK_KWARG = "ttt_token_mask"
 
@@ -43,7 +48,7 @@ def _runs(flags: list[bool]) -> list[tuple[int, int, bool]]:
     return runs
 
 
-def _masked(layer: TTTLayer, x: Tensor, state: TTTState, token_mask: Tensor) -> tuple[Tensor, TTTState]:
+def _masked(layer: StreamingLayer, x: Tensor, state: LayerState, token_mask: Tensor) -> tuple[Tensor, LayerState]:
     """TTT over x where padded tokens neither read nor write the state (no grad: uses `step`)."""
     if torch.is_grad_enabled():
         raise ValueError(
@@ -63,7 +68,7 @@ def _masked(layer: TTTLayer, x: Tensor, state: TTTState, token_mask: Tensor) -> 
     return torch.cat(ys, dim=1), state
 
 
-def ttt_branch(layer: TTTLayer, x: Tensor, cache: Any, layer_idx: int, token_mask: Tensor | None) -> Tensor:
+def ttt_branch(layer: StreamingLayer, x: Tensor, cache: Any, layer_idx: int, token_mask: Tensor | None) -> Tensor:
     """Output of TTT layer `layer_idx` for x [B, T, dim], carrying its state in `cache` when it is a TTTCache.
 
     Without a TTTCache (training, or use_cache=False) each call starts from the layer's initial
@@ -107,6 +112,41 @@ def hybrid_class(cls: type[nn.Module]) -> type[nn.Module]:
     if cls not in _HYBRID_CLASSES:
         _HYBRID_CLASSES[cls] = type(f"TTTHybrid{cls.__name__}", (HybridAttentionMixin, cls), {"__module__": __name__})
     return _HYBRID_CLASSES[cls]
+
+
+class InPlaceMLPMixin:
+    """Mixed in front of a gated MLP class (gate_proj, up_proj, down_proj, act_fn): the MLP with in-place
+    fast weights, its state carried in the TTTCache like a TTT layer's."""
+
+    ttt: InPlaceLayer
+    layer_idx: int
+    # (cache, padding mask) of the decoder layer's current forward, set by `pass_memory_context`
+    memory_context: tuple[Any, Tensor | None] = (None, None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        cache, token_mask = self.memory_context
+        return ttt_branch(self.ttt, x, cache, self.layer_idx, token_mask).to(x.dtype)
+
+
+def pass_memory_context(layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    """Forward pre-hook of a decoder layer whose mlp has in-place fast weights: the mlp gets the cache and
+    padding mask that reach the layer (and its attention) as keyword arguments."""
+    layer.mlp.memory_context = (get_cache(kwargs), kwargs.get(TOKEN_MASK_KWARG))
+
+
+def drop_memory_context(layer: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+    """Forward hook: the mlp forgets the cache once the layer is done (no reference outlives the forward)."""
+    layer.mlp.memory_context = (None, None)
+
+
+_INPLACE_CLASSES: dict[type, type] = {}
+
+
+def inplace_class(cls: type[nn.Module]) -> type[nn.Module]:
+    """`InPlace<cls>`: one subclass per MLP class, so isinstance checks on the original still hold."""
+    if cls not in _INPLACE_CLASSES:
+        _INPLACE_CLASSES[cls] = type(f"InPlace{cls.__name__}", (InPlaceMLPMixin, cls), {"__module__": __name__})
+    return _INPLACE_CLASSES[cls]
 
 
 class TTTAttention(nn.Module):

@@ -11,12 +11,14 @@ from typing import Any, Literal
 
 from transformers import PreTrainedConfig
 
-from ttt_speech.config import TTTConfig
+from ttt_speech.config import InPlaceConfig, TTTConfig
 
 SECTION_FORMAT = "ttt-speech/hf"
 SECTION_VERSION = 1
 
 Mode = Literal["hybrid", "replace"]
+# the section's "branch" -> its config class; a section written before the field existed is TTT
+BRANCHES: dict[str, type] = {"ttt": TTTConfig, "inplace": InPlaceConfig}
 
 
 @dataclass(frozen=True)
@@ -26,13 +28,18 @@ class TTTSection:
     mode: Mode
     layers: tuple[int, ...]
     attention_window: int
-    ttt: TTTConfig
+    ttt: TTTConfig | InPlaceConfig  # InPlaceConfig: the layers' MLPs get in-place fast weights
     llm_model_type: str  # transformers model_type of the language model (e.g. "llama" under LLaMA-Omni)
+
+    @property
+    def branch(self) -> str:
+        return next(name for name, cls in BRANCHES.items() if isinstance(self.ttt, cls))
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": SECTION_FORMAT,
             "version": SECTION_VERSION,
+            "branch": self.branch,
             "mode": self.mode,
             "layers": list(self.layers),
             "attention_window": self.attention_window,
@@ -48,11 +55,14 @@ class TTTSection:
             raise ValueError(
                 f"config 'ttt' section: version {d.get('version')!r}, this library reads version {SECTION_VERSION}"
             )
+        branch = d.get("branch", "ttt")
+        if branch not in BRANCHES:
+            raise ValueError(f"config 'ttt' section: branch must be one of {tuple(BRANCHES)}, got {branch!r}")
         return cls(
             mode=d["mode"],
             layers=tuple(int(i) for i in d["layers"]),
             attention_window=int(d["attention_window"]),
-            ttt=TTTConfig.from_dict(d["config"]),
+            ttt=BRANCHES[branch].from_dict(d["config"]),
             llm_model_type=d["llm_model_type"],
         )
 

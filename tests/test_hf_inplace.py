@@ -1,0 +1,123 @@
+"""convert(..., ttt=InPlaceConfig) on transformers Llama/Qwen2: the layers' own MLPs get in-place fast weights.
+Identical logits until the memory writes, a chunked forward equal to token-by-token decoding through the
+TTTCache, generate carrying the state, save/load with one key per weight, and convert-hf --branch inplace."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", minversion="5.23")  # pyproject's hf extra
+
+from helpers.hf import FAMILIES, HIDDEN, VOCAB, tiny_model, ttt_config  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from ttt_speech.cli import main as cli_main  # noqa: E402
+from ttt_speech.config import InPlaceConfig  # noqa: E402
+from ttt_speech.hf import TTTCache, convert  # noqa: E402
+from ttt_speech.hf.compat import cache_kwargs, output_cache  # noqa: E402
+from ttt_speech.layers import InPlaceLayer, InPlaceState  # noqa: E402
+
+CHUNK, W = 4, 32
+
+
+def inplace(family: str = "llama", layers=(1, 2), base_lr: float = 100.0):
+    """Converted with a large write step (the target projection still starts at zero: see open_memory)."""
+    return convert(tiny_model(family), layers=layers, ttt=InPlaceConfig(HIDDEN, 128, chunk=CHUNK, base_lr=base_lr),
+                   attention_window=W)
+
+
+@torch.no_grad()
+def open_memory(model) -> None:
+    """A trained-looking target projection, so the writes move the logits."""
+    for i, layer in enumerate(model.model.layers):
+        if hasattr(layer.mlp, "ttt"):
+            w = layer.mlp.ttt.target_proj.weight
+            w.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(i)))
+
+
+def ids(B: int, T: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def logits(model, x: torch.Tensor) -> torch.Tensor:
+    return model(x, use_cache=False).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_converted_model_is_the_windowed_original_bit_for_bit(family):
+    original = tiny_model(family)
+    model = convert(copy.deepcopy(original), layers=[1, 2], ttt=InPlaceConfig(HIDDEN, 128, chunk=CHUNK, base_lr=100.0),
+                    attention_window=W)
+    gate0 = convert(copy.deepcopy(original), layers=[1, 2], ttt=ttt_config(0.0), attention_window=W)
+    x = ids(2, W)
+    assert torch.equal(logits(model, x), logits(gate0, x))  # the same windowed attention, the MLPs unchanged
+    assert (logits(model, x) - logits(original, x)).abs().max().item() <= 1e-5
+    mlp = model.model.layers[1].mlp
+    assert isinstance(mlp.ttt, InPlaceLayer) and mlp.ttt.mlp.down is mlp.down_proj and not hasattr(model.model.layers[0].mlp, "ttt")
+    open_memory(model)  # the comparison above must be able to fail
+    opened = logits(model, x)
+    assert torch.equal(opened[:, :CHUNK], logits(gate0, x)[:, :CHUNK])  # chunk 0 reads W_down itself
+    assert (opened[:, CHUNK:] - logits(gate0, x)[:, CHUNK:]).abs().max().item() > 1e-2
+
+
+def test_chunked_forward_equals_token_by_token_decoding_and_generate_carries_the_state():
+    model = inplace()
+    open_memory(model)
+    x = ids(2, 21)
+    full = logits(model, x)
+    for bounds in (list(range(22)), [0, 5, 6, 13, 21]):
+        cache, out = TTTCache(model.config), []
+        with torch.no_grad():
+            for s, e in zip(bounds, bounds[1:]):
+                out.append(model(x[:, s:e], use_cache=True, **cache_kwargs(cache)).logits)
+        assert (torch.cat(out, 1) - full).abs().max().item() <= 1e-4
+        assert sorted(cache.ttt_states) == [1, 2] and isinstance(cache.ttt_states[1], InPlaceState)
+    gen = model.generate(x[:, :5], max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                         return_dict_in_generate=True, output_logits=True)
+    cache = output_cache(gen)
+    assert isinstance(cache, TTTCache) and cache.ttt_states[2]["offset"].tolist() == [(5 + 11) % CHUNK] * 2
+    replay = logits(model, gen.sequences[:, :-1])[:, 4:]
+    assert (torch.stack(gen.logits, 1) - replay).abs().max().item() <= 1e-4
+    assert model.model.layers[1].mlp.memory_context == (None, None)  # no cache outlives a forward
+
+
+def test_save_and_load_round_trip_with_one_key_per_weight(tmp_path):
+    model = inplace("qwen2", base_lr=10.0)
+    open_memory(model)
+    model.save_pretrained(tmp_path)
+    section = json.loads((tmp_path / "config.json").read_text())["ttt"]
+    assert section["branch"] == "inplace" and section["config"]["chunk"] == CHUNK and section["config"]["base_lr"] == 10
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    mlp_keys = {k for k in keys if k.startswith("model.layers.1.mlp.")}
+    assert mlp_keys == {f"model.layers.1.mlp.{n}" for n in ("gate_proj.weight", "up_proj.weight", "down_proj.weight",
+                        "ttt.target_conv_weight", "ttt.target_conv_bias", "ttt.target_proj.weight", "ttt.lr_weight",
+                        "ttt.lr_bias")}
+    loaded = convert.load(tmp_path)
+    x = ids(2, 19)
+    assert torch.equal(logits(loaded, x), logits(model, x))
+    assert (logits(loaded, x) - logits(tiny_model("qwen2"), x))[:, CHUNK:].abs().max() > 1e-2  # the memory is on
+
+
+def test_convert_hf_command_with_an_inplace_branch(tmp_path, capsys):
+    src, out = tmp_path / "llama", tmp_path / "out"
+    original = tiny_model("llama")
+    original.save_pretrained(src)
+    base = ["convert-hf", "--model", str(src), "--layers", "1-2", "--attention-window", str(W), "--dtype", "float32",
+            "--branch", "inplace"]
+    cli_main([*base, "--out", str(out), "--chunk", "8"])
+    assert "inplace branch" in capsys.readouterr().out
+    model = convert.load(out)
+    assert model.model.layers[2].mlp.ttt.config == InPlaceConfig(HIDDEN, 128, chunk=8)
+    assert (logits(model, ids(2, W)) - logits(original, ids(2, W))).abs().max().item() <= 1e-5
+    for extra, msg in ((["--mini-batch", "4"], "--mini-batch does not apply to --branch inplace"),
+                       (["--mode", "replace"], "--branch inplace keeps the attention and changes the MLPs")):
+        with pytest.raises(SystemExit) as e:
+            cli_main([*base, "--out", str(tmp_path / "bad"), *extra])
+        assert e.value.code == 2 and msg in capsys.readouterr().err
+    with pytest.raises(ValueError, match="mode='replace' is not supported with an in-place branch"):
+        convert(tiny_model("llama"), layers=[1], mode="replace", ttt=InPlaceConfig(HIDDEN, 128))
+    with pytest.raises(ValueError, match="InPlaceConfig.hidden=96 but layer 1's MLP has width 128"):
+        convert(tiny_model("llama"), layers=[1], ttt=InPlaceConfig(HIDDEN, 96))
