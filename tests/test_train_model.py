@@ -161,14 +161,17 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
     assert (grads[0] - grads[1]).abs().max() < 1e-7
 
 
-@pytest.mark.parametrize("mode,layers", [("hybrid", [0, 1]), ("replace", [1])])
+@pytest.mark.parametrize("mode,layers", [("hybrid", [0, 1]), ("replace", [1]), ("inplace", [0, 1])])
 def test_hf_segments_equal_converted_model_forward(mode: str, layers: list[int]) -> None:
     pytest.importorskip("transformers", minversion="5.23")  # pyproject's hf extra
     from ttt_speech import TTTConfig
+    from ttt_speech.config import InPlaceConfig
     from ttt_speech.hf import convert as hf_convert
     from ttt_speech.train.hf_model import HFSegmentLM, tiny_llama
 
-    model = hf_convert(tiny_llama(0), layers, mode, TTTConfig(dim=32, num_heads=4, mini_batch=4, gate_init=0.5),
+    branch = (InPlaceConfig(dim=32, hidden=64, chunk=4, base_lr=100.0, target_init_std=1.0) if mode == "inplace"
+              else TTTConfig(dim=32, num_heads=4, mini_batch=4, gate_init=0.5))
+    model = hf_convert(tiny_llama(0), layers, "hybrid" if mode == "inplace" else mode, branch,
                        attention_window=8).train()
     ids = torch.randint(0, 64, (2, T + 1), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -179,3 +182,7 @@ def test_hf_segments_equal_converted_model_forward(mode: str, layers: list[int])
             (logits,) = segment_logits(seg, ids[:, None], cuts)
             assert (logits[:, 0] - ref).abs().max() < 2e-5
             assert abs(segment_losses(seg, ids[:, None], cuts).item() - ref_loss.item()) < 2e-5
+        if mode == "inplace":  # the memory matters: with nothing written, later tokens read other logits
+            for layer in model.model.layers:
+                layer.mlp.ttt.target_proj.weight.zero_()
+            assert (model(ids[:, :-1], use_cache=False).logits - ref)[:, 4:].abs().max() > 1e-2

@@ -3,7 +3,8 @@
 The converted model's own forward windows attention through a dense [T, T] sliding-window mask; here
 a decoder layer runs on one segment with `windowed_attention`, starting from the keys/values and the
 branch state the previous segment left. The branch joins attention through `hybrid_attention`, the
-composition the model's own forward uses; only how attention reaches its past differs.
+composition the model's own forward uses; only how attention reaches its past differs. An in-place
+branch is the layer's MLP (`mlp.ttt`), run here with the carried state instead of the cache.
 """
 
 from __future__ import annotations
@@ -63,4 +64,8 @@ def layer_segment(model: PreTrainedModel, layer: nn.Module, x: Tensor, past: KV 
 
     out, _ = hybrid_attention(attn, layer.input_layernorm(x), attend, remember)
     x = x + out.to(x.dtype)
-    return x + layer.mlp(layer.post_attention_layernorm(x)), kv, memory
+    h = layer.post_attention_layernorm(x)
+    if not hasattr(layer.mlp, "ttt"):
+        return x + layer.mlp(h), kv, memory
+    y, memory = layer.mlp.ttt(h, memory)  # in-place fast weights: the MLP is the memory, its state carried
+    return x + y.to(x.dtype), kv, memory

@@ -45,8 +45,8 @@ class ModelConfig:
     seed: int = 0  # initialisation of tiny models and of new TTT layers
     layers: str | list[int] = "all"
     mode: str = "hybrid"
-    # ttt | gdn: a Gated DeltaNet branch instead (the linear-memory rival) | inplace: the layers' own MLPs
-    # become fast weights (docs/ttt.md); gdn and inplace: Moshi only
+    # ttt | gdn: a Gated DeltaNet branch instead (the linear-memory rival; Moshi only) | inplace: the
+    # layers' own MLPs become fast weights (docs/ttt.md)
     branch: Branch = "ttt"
     ttt: dict[str, tp.Any] = field(default_factory=dict)  # TTTConfig (GatedDeltaNetConfig, InPlaceConfig) overrides
     dtype: str = "auto"  # auto: bfloat16 for frozen weights on CUDA, float32 on CPU
@@ -58,8 +58,8 @@ class ModelConfig:
             raise ValueError(f"model: give exactly one of hybrid / pretrained / tiny, got {sources or 'none'}")
         if self.hybrid and (self.layers != "all" or self.ttt):
             raise ValueError("model: a hybrid checkpoint already has its TTT layers; drop layers/ttt")
-        if self.branch in ("gdn", "inplace") and self.family != "moshi":
-            raise ValueError(f"model.branch: {self.branch} is implemented for Moshi models only")
+        if self.branch == "gdn" and self.family != "moshi":
+            raise ValueError("model.branch: gdn (Gated DeltaNet) is implemented for Moshi models only")
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from ttt_speech import TTTConfig
+from ttt_speech.config import InPlaceConfig, TTTConfig
 from ttt_speech.hf import convert
 from ttt_speech.hf.section import section_of
 from ttt_speech.hf.segments import layer_segment
@@ -47,7 +47,9 @@ def load_hf(cfg: ModelConfig, window: int | None, device: torch.device, dtype: t
         return model
     n = model.config.num_hidden_layers
     layers = range(n) if cfg.layers == "all" else [i % n for i in tp.cast(list, cfg.layers)]
-    ttt = TTTConfig(**({"dim": model.config.hidden_size, "num_heads": model.config.num_attention_heads} | cfg.ttt))
+    mc = model.config
+    ttt = (InPlaceConfig(**({"dim": mc.hidden_size, "hidden": mc.intermediate_size} | cfg.ttt)) if cfg.branch == "inplace"
+           else TTTConfig(**({"dim": mc.hidden_size, "num_heads": mc.num_attention_heads} | cfg.ttt)))
     torch.manual_seed(cfg.seed)  # the new TTT layers' initialisation
     return convert(model, layers, tp.cast(tp.Any, cfg.mode), ttt,
                    attention_window=window or getattr(model.config, "sliding_window", None) or DEFAULT_WINDOW)
@@ -72,7 +74,7 @@ class HFSegmentLM(SegmentLM):
         return self.model.model.layers
 
     def ttt_layer_count(self) -> int:
-        return sum(hasattr(layer.self_attn, "ttt") for layer in self.layers())
+        return sum(hasattr(layer.self_attn, "ttt") or hasattr(layer.mlp, "ttt") for layer in self.layers())
 
     def prepare(self, codes: Tensor) -> Batch:
         codes = codes.view(codes.shape[0], 1, -1)
