@@ -73,7 +73,8 @@ def test_eval_long_end_to_end(tmp_path, capsys):
         "--model", "tiny", "--model", f"window1={tmp_path / 'w1'}", "--model", str(tmp_path / "hf"),
         "--data", str(tmp_path / "held_out"), "--lengths", "16,32,64", "--out", str(tmp_path / "report"),
         "--minutes", "2", "--frames-per-minute", "15", "--prompt-frames", "5", "--batch-size", "2",
-        "--copy-gaps", "20", "--copy-span", "8", "--copy-context", "4", "--copy-probes", "1", "--no-progress"])
+        "--copy-gaps", "20", "--copy-span", "8", "--copy-context", "4", "--copy-probes", "1", "--copy-controls",
+        "--no-progress"])
     files = commands.run(args)
     for name in ("report", "results", "degradation", "free_run", "loss_vs_position_text", "loss_vs_position_audio1",
                  "recall_vs_gap"):
@@ -82,7 +83,10 @@ def test_eval_long_end_to_end(tmp_path, capsys):
     names = [r["name"] for r in res["long_context"]]
     assert names == ["tiny", "window1", "hf"]
     tiny, w1, hf_res = res["long_context"]
-    assert set(tiny["copy_loss"]["20"]["again"]) == {"text", "audio"} and set(hf_res["copy_loss"]["20"]["first"]) == {"text"}
+    groups = {"text words", "codebook 0", "codebooks 1-7"}
+    assert set(tiny["copy_loss"]["20"]["again"]) == groups and tiny["copy_loss"]["20"]["probes"] == 2
+    assert set(tiny["copy_loss"]["20"]) == {"probes", "first", "again", "ratio", "again/replaced", "again/reset"}
+    assert hf_res["copy_loss"]["20"]["first"]["codebook 0"] is None and "again/reset" not in hf_res["copy_loss"]["20"]
     assert (tiny["attention_window"], w1["attention_window"], hf_res["attention_window"]) == (8, 1, 8)
     assert hf_res["streams"] == ["text"] and w1["streams"] == ["text", "audio0", "audio1"]
     # every position of both 70-frame sequences up to 64 is scored, text and audio

@@ -17,7 +17,9 @@ from ttt_speech.eval.long_context import evaluate, evaluate_copies  # noqa: E402
 from ttt_speech.eval.models import MoshiScorer  # noqa: E402
 from ttt_speech.eval.report import Report, write  # noqa: E402
 from ttt_speech.eval.spans import Span, copy_probes, repeat_spans  # noqa: E402
-from ttt_speech.moshi.tiny import build_tiny_hybrid  # noqa: E402
+from ttt_speech.moshi.compat import streaming_state  # noqa: E402
+from ttt_speech.moshi.layer import reset_memories  # noqa: E402
+from ttt_speech.moshi.tiny import build_tiny_hybrid, build_tiny_lm  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -93,33 +95,95 @@ def test_copy_probes_copy_each_frame_exactly_gap_later(lengths, gaps, span, cont
 
 
 class _PerfectMemory(MoshiScorer):
-    """Loss 0 where the frame (every row) already occurred more than `attention_window` positions back, else 1:
-    an ideal memory beyond the window, to check what the copy scores measure."""
+    """Loss 0 where the frame (every row) already occurred more than `attention_window` positions back and
+    after the last memory reset, else 1: an ideal memory beyond the window, to check what the scores measure."""
+
+    def reset_memory(self) -> None:
+        self._forget = self._t + 1
 
     def score(self, tokens: torch.Tensor, out: torch.Tensor, tick) -> None:
-        W = self.attention_window
+        W, self._forget = self.attention_window, 0
         for t in range(tokens.shape[-1]):
-            seen = (tokens[:, :, :max(t - W, 0)] == tokens[:, :, t:t + 1]).all(1).any(-1)
+            self._t = t
+            seen = (tokens[:, :, self._forget:max(t - W, self._forget)] == tokens[:, :, t:t + 1]).all(1).any(-1)
             out[:, :, t] = (~seen).float()[:, None]
             tick(t + 1)
 
 
-def test_copy_scores_show_recall_only_beyond_the_window(tmp_path) -> None:
+GROUPS3 = ("text words", "codebook 0", "codebooks 1-7")
+
+
+def test_copy_scores_show_recall_only_beyond_the_window_and_the_controls_remove_it(tmp_path) -> None:
     lm = build_tiny_hybrid(0)  # attention window 8
     seqs = [Sequence(f"s{i}", c) for i, c in enumerate(_codes(lm, 2, 120))]
     gaps = [6, 12, 30]
     probes, spans = copy_probes(seqs, gaps, span=6, context=4, per_sequence=2)
-    memory = evaluate_copies(_PerfectMemory(lm, "memory"), probes, spans, gaps, batch_size=3, progress=False)
-    plain = evaluate_copies(MoshiScorer(lm, "tiny"), probes, spans, gaps, batch_size=3, progress=False)
-    assert sorted(memory) == [6, 12, 30]
-    assert memory[6]["again"] == {"text": 1.0, "audio": 1.0}  # the source is inside the window: not memory
-    for gap in (12, 30):
-        assert memory[gap] == {"first": {"text": 1.0, "audio": 1.0}, "again": {"text": 0.0, "audio": 0.0}}
+    replaced = copy_probes(seqs, gaps, span=6, context=4, per_sequence=2, replace_source=True)
+    memory = evaluate_copies(_PerfectMemory(lm, "memory"), probes, spans, replaced=replaced, reset=True, batch_size=3,
+                             progress=False)
+    assert sorted(memory) == [6, 12, 30] and all(memory[g]["probes"] == 4 for g in gaps)
+    for group in GROUPS3:
+        assert memory[6]["ratio"][group] == [1.0, 1.0, 1.0]  # the source is inside the window: not memory
+        assert memory[6]["again/replaced"][group] == [1.0, 1.0, 1.0]
+        assert "again/reset" not in memory[6]  # the copy starts before the source has streamed in
+        for gap in (12, 30):
+            assert memory[gap]["first"][group] == 1.0 and memory[gap]["again"][group] == 0.0
+            for key in ("ratio", "again/replaced", "again/reset"):  # recalled; nothing to recall; forgotten
+                assert memory[gap][key][group] == [0.0, 0.0, 0.0], (gap, key)
+
+    plain = evaluate_copies(MoshiScorer(lm, "tiny"), probes, spans, replaced=replaced, reset=True, batch_size=3,
+                            progress=False)
+    vanilla = evaluate_copies(MoshiScorer(build_tiny_lm(0), "vanilla"), probes, spans, reset=True, batch_size=3,
+                              progress=False)
+    for group in GROUPS3:  # no memory: resetting it changes nothing, to the last bit
+        assert vanilla[30]["again/reset"][group] == [1.0, 1.0, 1.0]
+    assert any(plain[30]["again/reset"][g][0] != 1.0 for g in GROUPS3)  # the hybrid's TTT state does matter
     res = evaluate(MoshiScorer(lm, "tiny"), seqs, [16, 32], progress=False)
     res.copy_loss = plain
     ideal = evaluate(MoshiScorer(lm, "memory"), seqs, [16, 32], progress=False)
     ideal.copy_loss = memory
     files = write(Report({"test": True}, long_context=[res, ideal]), tmp_path)
     md = files["report"].read_text()
-    assert "Recall at distance" in md and "| gap 6 | gap 12 | gap 30 |" in md
-    assert "0.000 (-100.0% / " in md and files["recall_vs_gap"].stat().st_size > 1000
+    assert "Recall at distance" in md and "| text words | gap 6 | gap 12 | gap 30 |" in md
+    assert "| memory: copy / first | 1.000 [1.000, 1.000] | 0.000 [0.000, 0.000] | 0.000 [0.000, 0.000] |" in md
+    assert "| memory: copy / memory reset | – | 0.000 [0.000, 0.000] |" in md
+    assert "memory: copy vs tiny's copy | " in md and files["recall_vs_gap"].stat().st_size > 1000
+
+
+def test_source_replaced_probes_keep_the_copy_and_replace_only_the_source() -> None:
+    seqs = [Sequence(f"s{i}", torch.arange(2 * 60).view(2, 60) + 1000 * i) for i in range(2)]
+    probes, spans = copy_probes(seqs, [10, 20], span=5, context=3, per_sequence=2)
+    swapped, swapped_spans = copy_probes(seqs, [10, 20], span=5, context=3, per_sequence=2, replace_source=True)
+    assert swapped_spans == spans and [p.name for p in swapped] == [p.name for p in probes]
+    for p, q in zip(probes, swapped):
+        first, again = spans[p.source]
+        assert torch.equal(p.tokens[:, again.start:again.end], q.tokens[:, again.start:again.end])
+        assert torch.equal(p.tokens[:, :first.start], q.tokens[:, :first.start])
+        assert torch.equal(p.tokens[:, first.end:], q.tokens[:, first.end:])
+        src = q.tokens[:, first.start:first.end]
+        assert not (src[:, :, None] == p.tokens[:, None, first.end:]).all(0).any()  # nowhere else in the probe
+        own = 1000 * int(p.name[1])
+        assert ((src < own) | (src >= own + 1000)).all()  # it is the other sequence's speech
+
+
+def test_reset_memories_restarts_only_the_memory_states() -> None:
+    lm = build_tiny_hybrid(0)
+    codes = torch.stack(_codes(lm, 2, 20))  # past one TTT mini-batch (16): the inner weights have moved
+    with lm.streaming(2):
+        fresh = [s.ttt.clone() for s in _ttt_states(lm)]
+        for t in range(codes.shape[-1]):
+            lm.forward_text(codes[:, :, t:t + 1])
+        assert all(any(not torch.equal(a[k], b.ttt[k]) for k in a) for a, b in zip(fresh, _ttt_states(lm)))
+        kv = [s.offset_cpu for s in _layer_states(lm)]
+        assert reset_memories(lm) == lm.transformer.layers.__len__()
+        assert all(torch.equal(a[k], b.ttt[k]) for a, b in zip(fresh, _ttt_states(lm)) for k in a)
+        assert [s.offset_cpu for s in _layer_states(lm)] == kv == [20] * len(kv)  # attention keeps its place
+    assert reset_memories(build_tiny_lm(0)) == 0
+
+
+def _layer_states(lm: torch.nn.Module) -> list:
+    return [streaming_state(layer) for layer in lm.transformer.layers]
+
+
+def _ttt_states(lm: torch.nn.Module) -> list:
+    return [s for s in _layer_states(lm) if getattr(s, "ttt", None) is not None]

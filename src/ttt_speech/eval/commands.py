@@ -69,6 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="frames before each source span (default 250)")
     p.add_argument("--copy-probes", type=positive_int, default=4,
                    help="excerpts per held-out sequence and gap (default 4)")
+    p.add_argument("--copy-controls", action="store_true",
+                   help="score the copy probes twice more: sources replaced by other speech, and memory states "
+                        "reset right after the source (Moshi models)")
     p.add_argument("--dialogues", type=Path, help="held-out two-speaker dialogue shards (Moshi's layout)")
     p.add_argument("--out", type=Path, default=Path("report"), help="output directory")
     p.add_argument("--lengths", type=parse_lengths, default=parse_lengths(DEFAULT_LENGTHS),
@@ -232,6 +235,8 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
         raise UsageError(f"--repeats {args.repeats}: none of its re-read passages is in {args.data}")
     probes, probe_spans = (copy_probes(sequences, args.copy_gaps, args.copy_span, args.copy_context, args.copy_probes)
                            if args.copy_gaps else ([], {}))
+    replaced = (copy_probes(sequences, args.copy_gaps, args.copy_span, args.copy_context, args.copy_probes,
+                            replace_source=True) if args.copy_gaps and args.copy_controls else None)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not callable(v)}
     report = Report(settings | {"device": str(device), "dtype": str(dtype), "sequences": [s.name for s in sequences]})
     report.thresholds = GibberishThresholds()
@@ -243,8 +248,9 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
             scorer, sequences, args.lengths, baseline_length=args.baseline_length, threshold=args.threshold,
             quality_stream=args.quality_stream, batch_size=args.batch_size, progress=progress, spans=spans))
         if probes:
-            report.long_context[-1].copy_loss = evaluate_copies(scorer, probes, probe_spans, args.copy_gaps,
-                                                                batch_size=args.batch_size, progress=progress)
+            report.long_context[-1].copy_loss = evaluate_copies(
+                scorer, probes, probe_spans, replaced=replaced, reset=args.copy_controls and scorer.kind == "moshi",
+                batch_size=args.batch_size, progress=progress)
         _free(device)
         frames = round(args.minutes * args.frames_per_minute)
         if frames > 0:

@@ -33,7 +33,8 @@ from tqdm import tqdm
 
 from ttt_speech.eval.data import Sequence
 from ttt_speech.eval.models import Scorer
-from ttt_speech.eval.spans import Span, SpanLosses, copy_label
+from ttt_speech.eval.copies import ProbeLosses, summarize
+from ttt_speech.eval.spans import Span, SpanLosses
 
 OOM_ERRORS: tuple[type[BaseException], ...] = (torch.cuda.OutOfMemoryError, MemoryError)
 
@@ -133,7 +134,7 @@ class ModelResult:
     sequences: int = 0
     notes: list[str] = field(default_factory=list)
     span_loss: dict[str, dict[str, float | None]] = field(default_factory=dict)  # label -> text/audio mean loss
-    copy_loss: dict[int, dict[str, dict[str, float | None]]] = field(default_factory=dict)  # gap -> first/again -> ...
+    copy_loss: dict[int, dict[str, tp.Any]] = field(default_factory=dict)  # gap -> copies.summarize's entry
 
     @property
     def window_gap(self) -> float | None:
@@ -292,9 +293,58 @@ def evaluate(scorer: Scorer, sequences: list[Sequence], lengths: list[int], *, b
         span_acc.means({"text": [0], "audio": list(range(1, S))} if S > 1 else {"text": [0]}))
 
 
-def evaluate_copies(scorer: Scorer, probes: list[Sequence], spans: dict[str, list[Span]], gaps: list[int], *,
-                    batch_size: int = 1, progress: bool = True) -> dict[int, dict[str, dict[str, float | None]]]:
-    """Loss on `copy_probes(..., gaps, ...)` spans: gap -> {"first", "again"} -> text/audio mean loss."""
+def text_pads(scorer: Scorer) -> tuple[int, ...]:
+    """Text ids that are not words (Moshi: padding, end of padding); none for a flat token stream."""
+    lm = scorer.model
+    return (lm.text_padding_token_id, lm.end_of_text_padding_id) if scorer.kind == "moshi" else ()
+
+
+def score_copy_probes(scorer: Scorer, probes: list[Sequence], spans: dict[str, list[Span]], *, batch_size: int = 1,
+                      reset_after: int | None = None, progress: bool = True) -> ProbeLosses:
+    """Each probe's loss per group on its source and copy spans (`copy_probes`' [first, again] per probe).
+
+    reset_after: restart every memory branch's state once the stream has run that many positions
+    (attention keeps its window): the memory-reset control (`Scorer.reset_memory`).
+    """
+    pads = text_pads(scorer)
+    acc = ProbeLosses.empty()
     longest = max(p.length for p in probes)
-    labels = evaluate(scorer, probes, [longest], batch_size=batch_size, progress=progress, spans=spans).span_loss
-    return {gap: {kind: labels[copy_label(kind, gap)] for kind in ("first", "again")} for gap in sorted(set(gaps))}
+    bar = tqdm(total=len(probes), unit="probe", disable=not progress, dynamic_ncols=True, desc=scorer.name)
+    for group, tokens in batches(probes, scorer.rows(), longest + scorer.lookahead, batch_size, scorer.pad_value()):
+        out = torch.full((tokens.shape[0], len(scorer.streams), tokens.shape[-1]), torch.nan)
+
+        def tick(step: int) -> None:
+            if step == reset_after:
+                scorer.reset_memory()
+
+        scorer.score(tokens, out, tick)
+        for seq, losses in zip(group, out):
+            first, again = spans[seq.source]
+            acc.add(losses[:, :seq.length], seq.tokens[:, :seq.length], first, again, pads)
+        bar.update(len(group))
+    bar.close()
+    return acc
+
+
+def evaluate_copies(scorer: Scorer, probes: list[Sequence], spans: dict[str, list[Span]], *,
+                    replaced: tuple[list[Sequence], dict[str, list[Span]]] | None = None, reset: bool = False,
+                    batch_size: int = 1, progress: bool = True, boot: int = 2000) -> dict[int, dict[str, tp.Any]]:
+    """Recall on copy probes per gap and group, with bootstrap intervals (`copies.summarize`).
+
+    Controls: `replaced`, the same probes with their sources replaced by other speech; `reset`, the
+    memory states restarted once the source has streamed in (for the gaps where that is before the copy).
+    """
+    main = score_copy_probes(scorer, probes, spans, batch_size=batch_size, progress=progress)
+    controls = {}
+    if replaced is not None:
+        controls["replaced"] = score_copy_probes(scorer, *replaced, batch_size=batch_size, progress=progress)
+    if reset:
+        ends = {spans[p.source][0].end for p in probes}
+        if len(ends) != 1:
+            raise ValueError(f"memory-reset control: copy probes' sources end at {sorted(ends)}; expected one place")
+        after = ends.pop() + 1 + scorer.lookahead  # the source's last (delayed) frame has streamed in
+        late = [p for p in probes if spans[p.source][1].start >= after]
+        if late:
+            controls["reset"] = score_copy_probes(scorer, late, spans, batch_size=batch_size, reset_after=after,
+                                                  progress=progress)
+    return summarize(main, controls, boot)

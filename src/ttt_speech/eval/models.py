@@ -57,6 +57,10 @@ class Scorer(ABC):
     def pad_value(self) -> int:
         """Token that fills the tail of sequences shorter than their batch; never scored."""
 
+    def reset_memory(self) -> None:
+        """Restart the memory branches' states mid-stream, attention keeping its window (called from `tick`)."""
+        raise ValueError(f"{self.name}: the memory-reset control needs a model streamed frame by frame (Moshi)")
+
     @abstractmethod
     def score(self, tokens: Tensor, out: Tensor, tick: Tick) -> None:
         """Fill `out` [B, len(streams), T] (NaN-initialised) with the loss (nats) of each token of
@@ -99,6 +103,11 @@ class MoshiScorer(Scorer):
 
     def pad_value(self) -> int:
         return self.model.zero_token_id
+
+    def reset_memory(self) -> None:
+        from ttt_speech.moshi.layer import reset_memories
+
+        reset_memories(self.model)
 
     @torch.no_grad()
     def score(self, tokens: Tensor, out: Tensor, tick: Tick) -> None:

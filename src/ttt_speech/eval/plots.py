@@ -6,6 +6,8 @@ from __future__ import annotations
 import typing as tp
 from pathlib import Path
 
+import numpy as np
+
 from ttt_speech.eval.conversation import ConversationResult
 from ttt_speech.eval.free_run import FreeRunResult
 from ttt_speech.eval.long_context import ModelResult
@@ -53,18 +55,21 @@ def loss_vs_position(results: list[ModelResult], out_dir: Path) -> list[Path]:
 
 
 def recall_vs_gap(results: list[ModelResult], out_dir: Path) -> Path:
-    """Loss on a copied span relative to its first occurrence, against the copy's distance (one panel per
-    stream group); below 0 the model recalls content, at 0 it predicts the copy as if new."""
+    """Loss on a copied span relative to its first occurrence (bootstrap 95 % bars), against the copy's
+    distance (one panel per stream group); below 0 the model recalls content, at 0 it predicts the copy as
+    if new."""
     plt = _pyplot()
     groups = list(dict.fromkeys(grp for r in results for d in r.copy_loss.values() for grp in d["again"]))
     gaps = sorted({g for r in results for g in r.copy_loss})
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
     for ax, group in zip(axes[0], groups):
         for i, r in enumerate(results):
-            pts = [(g, 100 * (d["again"][group] / d["first"][group] - 1)) for g, d in sorted(r.copy_loss.items())
-                   if d["again"].get(group) is not None and d["first"].get(group)]
+            pts = [(g, *(100 * (x - 1) for x in d["ratio"][group])) for g, d in sorted(r.copy_loss.items())
+                   if d["ratio"].get(group) and d["ratio"][group][0] is not None]
             if pts:
-                ax.plot(*zip(*pts), marker="o", color=f"C{i}", label=r.name)
+                g, mid, lo, hi = map(np.array, zip(*pts))
+                ax.errorbar(g, mid, yerr=np.stack([mid - lo, hi - mid]), marker="o", capsize=3, color=f"C{i}",
+                            label=r.name)
             if r.attention_window:
                 ax.axvline(r.attention_window, color=f"C{i}", ls="--", lw=0.8)
         ax.axhline(0, color="k", lw=0.6)

@@ -96,28 +96,46 @@ def _span_md(results: list[ModelResult]) -> list[str]:
         "first", "again", "again vs first", f"again vs {ref.name}"))], rows)
 
 
+def _interval(x: list[float | None] | None) -> str:
+    """"0.412 [0.398, 0.427]": a ratio and its bootstrap 95 % interval."""
+    if not x or x[0] is None:
+        return "–"
+    return f"{x[0]:.3f} [{x[1]:.3f}, {x[2]:.3f}]"
+
+
 def _copy_md(results: list[ModelResult]) -> list[str]:
-    """Copied spans per gap: loss on the copy vs its source's (first time), and vs the first model's copy."""
+    """Copy probes per gap and stream group: copy / first occurrence, copy / each control (with bootstrap
+    95 % intervals over probes), and the copy's loss against the first model's."""
     scored = [r for r in results if r.copy_loss]
     if not scored:
         return []
     ref = scored[0]
     gaps = sorted({g for r in scored for g in r.copy_loss})
+    probes = {g: max(r.copy_loss[g]["probes"] for r in scored if g in r.copy_loss) for g in gaps}
     lines = ["", "### Recall at distance (spans copied verbatim G frames later)", "",
-             f"Change of the loss on the copy against the same span's first occurrence, and (after /) against "
-             f"{ref.name}'s loss on the copy; negative: lower loss, i.e. recalled. Attention windows: "
+             "Loss on the copy / loss on the same span's first occurrence, with the bootstrap 95 % interval over "
+             "probes: below 1, the model recalls. Controls (same probes, paired): the source replaced by other "
+             "speech, and the memory states reset right after the source; last row: the copy's loss against "
+             f"{ref.name}'s. Text words exclude padding. Probes per gap: "
+             + ", ".join(f"{g}: {n}" for g, n in probes.items()) + ". Attention windows: "
              + ", ".join(f"{r.name} {r.attention_window}" for r in scored) + ". Figure: `recall_vs_gap.png`.", ""]
-    for group in ("text", "audio"):
+    groups = list(dict.fromkeys(grp for r in scored for d in r.copy_loss.values() for grp in d["again"]))
+    for group in groups:
         rows = []
         for r in scored:
-            row = [r.name]
-            for g in gaps:
-                first, again = (r.copy_loss.get(g, {}).get(k, {}).get(group) for k in ("first", "again"))
-                base = ref.copy_loss.get(g, {}).get("again", {}).get(group)
-                row.append("–" if first is None or again is None else
-                           f"{again:.3f} ({again / first - 1:+.1%} / {_f(again / base - 1 if base else None, '+.1%')})")
-            rows.append(row)
-        lines += ["", *_table([f"{group}: model", *(f"gap {g}" for g in gaps)], rows)]
+            for key, what in (("ratio", "copy / first"), ("again/replaced", "copy / source replaced"),
+                              ("again/reset", "copy / memory reset")):
+                if any(key in d for d in r.copy_loss.values()):
+                    rows.append([f"{r.name}: {what}",
+                                 *(_interval(r.copy_loss.get(g, {}).get(key, {}).get(group)) for g in gaps)])
+            if r is not ref:
+                row = [f"{r.name}: copy vs {ref.name}'s copy"]
+                for g in gaps:
+                    again = r.copy_loss.get(g, {}).get("again", {}).get(group)
+                    base = ref.copy_loss.get(g, {}).get("again", {}).get(group)
+                    row.append(_f(again / base - 1 if again is not None and base else None, "+.1%"))
+                rows.append(row)
+        lines += ["", *_table([f"{group}", *(f"gap {g}" for g in gaps)], rows)]
     return lines
 
 

@@ -50,15 +50,17 @@ def copy_label(kind: str, gap: int) -> str:
     return f"{kind}@{gap}"
 
 
-def copy_probes(sequences: list[Sequence], gaps: list[int], span: int, context: int,
-                per_sequence: int) -> tuple[list[Sequence], dict[str, list[Span]]]:
+def copy_probes(sequences: list[Sequence], gaps: list[int], span: int, context: int, per_sequence: int,
+                replace_source: bool = False) -> tuple[list[Sequence], dict[str, list[Span]]]:
     """Excerpts of `sequences` with a span copied `gap` frames after its source, and their spans.
 
     Each probe is `context` frames, the source span (label "first"), then more of the sequence with
     the copy ("again") starting `gap` frames after the source's start: every copied frame lies exactly
     `gap` frames after its original, so with gap > attention window only a memory can recall it. Up to
     `per_sequence` non-overlapping excerpts per sequence and gap, probes of one gap listed together
-    (they have one length, so they batch without padding).
+    (they have one length, so they batch without padding). `replace_source`: the same probes with the
+    source span replaced by other speech (from the next sequence) and the copy unchanged, the control
+    with nothing to recall at the same place.
     """
     if span < 1 or context < 0 or per_sequence < 1:
         raise ValueError(f"copy probes: span {span} >= 1, context {context} >= 0, per sequence {per_sequence} >= 1")
@@ -68,12 +70,14 @@ def copy_probes(sequences: list[Sequence], gaps: list[int], span: int, context: 
             raise ValueError(f"copy gap {gap} < copied span {span}: the copy would overlap its source")
         length = context + gap + span
         made = 0
-        for seq in sequences:
+        for i, seq in enumerate(sequences):
             for k in range(min(per_sequence, seq.length // length)):
                 lo = k * length
                 tokens = seq.tokens[:, lo:lo + length].clone()
                 src = context
                 tokens[:, src + gap:src + gap + span] = tokens[:, src:src + span]
+                if replace_source:
+                    tokens[:, src:src + span] = _other_speech(sequences, i, lo + src + seq.length // 2, span)
                 name = f"{seq.name}@{lo}+copy{gap}"
                 probes.append(Sequence(name, tokens, name))
                 spans[name] = [Span(copy_label("first", gap), src, src + span),
@@ -83,6 +87,15 @@ def copy_probes(sequences: list[Sequence], gaps: list[int], span: int, context: 
             raise ValueError(f"copy gap {gap}: no held-out sequence has the {length} frames a probe needs "
                              f"(context {context} + gap + span {span})")
     return probes, spans
+
+
+def _other_speech(sequences: list[Sequence], i: int, at: int, span: int) -> Tensor:
+    """`span` frames of the sequence after sequence i (itself when alone: half its length away)."""
+    other = sequences[(i + 1) % len(sequences)]
+    if other.length < 2 * span:
+        raise ValueError(f"source-replaced probes: {other.name} has {other.length} frames, fewer than 2 x span {span}")
+    start = at % (other.length - span + 1)
+    return other.tokens[:, start:start + span]
 
 
 class SpanLosses:

@@ -265,3 +265,16 @@ def feed_forward_block(layer: nn.Module, x: Tensor, remember: Remember) -> Tenso
         return feed_forward(layer, x)
     update = remember(layer.norm2(x))
     return x.to(update) + layer.layer_scale_2(update)
+
+
+def reset_memories(lm: nn.Module) -> int:
+    """Restart the memory branch state of every hybrid layer of a streaming model, all streams, leaving
+    attention's KV cache as it is: the "memory reset between source and copy" control (issue 24).
+    Returns the number of states reset (0 for a model without memory or not streaming)."""
+    n = 0
+    for module in lm.modules():
+        state = streaming_state(module) if isinstance(module, TTTTransformerLayer) else None
+        if isinstance(state, TTTLayerState) and state.ttt is not None and state.ttt_layer is not None:
+            state.ttt_layer.reset_state(state.ttt)
+            n += 1
+    return n
