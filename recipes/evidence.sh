@@ -118,3 +118,25 @@ ttt-speech probe-memory --data runs/tokens_lm/val ttt_rep=runs/lm_ttt_rep/export
 ttt-speech eval-long --data runs/tokens_lm/val --model vanilla_rep=runs/lm_vanilla_rep/export \
     --model vanilla_in=runs/lm_vanilla_in/export --lengths 250 --baseline-length 250 --batch-size 4 \
     --minutes 0 --copy-span 100 --copy-gaps 100,200,300,1000 --copy-probes 2 --dtype float32 --out runs/eval_inwindow
+
+# 8. Issue 24 (docs/results.md section 6): ~63 h of flite speech tokenized with the shipped codec and a
+#    64-frame-window base that copies inside its window, all in one H200 call (~7 min of it; 16 cores
+#    synthesize while the GPU trains on random frames). First, here (Debian bookworm), the files it carries:
+R=/tmp/i24root; mkdir -p $R .exp24/whl && (cd /tmp && apt-get download flite libflite1 libasound2 bible-kjv \
+    bible-kjv-text dict-devil jargon-text && for f in /tmp/*.deb; do dpkg -x $f $R; done)
+tar cJf .exp24/flite.tar.xz -C $R usr/bin/flite usr/lib/x86_64-linux-gnu
+PATH=$R/usr/bin:$PATH python recipes/evidence24/texts24.py dump $R .exp24/texts.json.xz
+pip download --no-deps --only-binary=:all: -d .exp24/whl moshi==0.2.13
+#    On the device (carry .exp24; it writes tokens.tar.xz.* (text + 8 model codebooks, int16, xz: 30 MB),
+#    speech_model.safetensors (the base, bf16) and misc.tar (logs, metrics, a first probe) to $OUT):
+bash recipes/evidence24/device1.sh
+#    Back here: the tokens as `ttt-speech tokenize` directories (user streams rebuilt from the silence codes),
+#    the base as a checkpoint directory, and its copy probes with intervals and both controls (CPU, ~15 min).
+E=runs/evidence; mkdir -p $E/base_speech && cat $OUT/tokens.tar.xz.* | xz -d | tar xf - -C $E
+tar xf $OUT/misc.tar -C $E && cp $E/speech_bf16/config.json $OUT/speech_model.safetensors $E/base_speech/ \
+    && mv $E/base_speech/speech_model.safetensors $E/base_speech/model.safetensors \
+    && cp src/ttt_speech/assets/small_moshi/{mimi.safetensors,mimi_config.json,tokenizer.model} $E/base_speech/
+python recipes/evidence24/tok24.py unpack $E/pack $E/tok
+ttt-speech eval-long --data $E/tok/val --model base=$E/base_speech --lengths 64 --baseline-length 64 --minutes 0 \
+    --copy-gaps 32,48,64,96,160,320,640 --copy-span 32 --copy-context 64 --copy-probes 30 --copy-controls \
+    --batch-size 120 --dtype float32 --out $E/eval_base

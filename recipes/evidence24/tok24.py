@@ -1,0 +1,171 @@
+"""Issue 24 device helpers (recipes/evidence.sh, step 8): a random windowed base, random-frame data, corpus -> packed int16 tokens -> tokenized dirs.
+
+    python tok24.py base OUT CONTEXT            random SMALL_LM (attention window CONTEXT) + the shipped codec/tokenizer
+    python tok24.py silence PACK FRAMES         PACK/silence.safetensors: Mimi's codes of FRAMES frames of silence
+    python tok24.py random PACK OUT DOCS FRAMES random-frame documents (text + 8 codebooks random, user streams silent)
+    python tok24.py encode PACK CORPUS...       every recording of the corpora -> PACK/{train,val}.safetensors
+                                                (rows: text + the 8 model codebooks, int16)
+    python tok24.py unpack PACK OUT             PACK -> OUT/{train,val}: `ttt-speech tokenize` directories, the
+                                                user's 8 silent codebooks rebuilt from the cached encoding of silence
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+import wave
+from pathlib import Path
+
+import numpy as np
+
+
+def _assets() -> Path:
+    """The shipped codec and tokenizer (the data must be tokenized with what the package ships)."""
+    from ttt_speech.moshi.scratch import SHIPPED_DIR
+
+    return SHIPPED_DIR
+
+
+def base(out: str, context: str) -> None:
+    from ttt_speech.moshi.checkpoint import save_moshi_checkpoint
+    from ttt_speech.moshi.scratch import SMALL_LM
+    from ttt_speech.moshi.tiny import FILE_NAMES, build_tiny_lm, tiny_lm_config
+
+    config = tiny_lm_config(**SMALL_LM) | {"context": int(context)}
+    save_moshi_checkpoint(build_tiny_lm(0, config), config, out, FILE_NAMES)
+    for name in ("mimi.safetensors", "mimi_config.json", "tokenizer.model"):
+        shutil.copyfile(_assets() / name, Path(out) / name)
+
+
+def _tokenizer():
+    from ttt_speech.train.tokenize import MoshiTokenizer
+    import torch
+    return MoshiTokenizer.from_checkpoint(str(_assets()), device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def silence(pack: str, frames: str) -> None:
+    """The codes of `frames` frames of silence (a prefix of it is any silent stream's codes: Mimi is causal)."""
+    import torch
+    from safetensors.numpy import save_file
+    tok = _tokenizer()
+    n = int(frames)
+    with torch.no_grad():
+        codes = tok._encode(np.zeros((1, n * tok.mimi.frame_size), np.float32), n)[0].astype(np.int16)
+    Path(pack).mkdir(parents=True, exist_ok=True)
+    save_file({"silence": codes}, str(Path(pack) / "silence.safetensors"))
+
+
+def _silence(pack: str, frames: int) -> np.ndarray:
+    from safetensors.numpy import load_file
+    s = load_file(str(Path(pack) / "silence.safetensors"))["silence"]
+    if s.shape[1] < frames:
+        raise ValueError(f"silence cache holds {s.shape[1]} frames, need {frames}")
+    return s[:, :frames] if frames else s
+
+
+def random_docs(pack: str, out: str, docs: str, frames: str) -> None:
+    from safetensors.numpy import save_file
+    rng = np.random.default_rng(24)
+    n, t = int(docs), int(frames)
+    sil = _silence(pack, t)
+    arrays = {}
+    for i in range(n):
+        a = np.empty((17, t), np.int16)
+        a[0] = rng.integers(4, 1000, t)  # text ids 0-3 are Moshi's special tokens
+        a[1:9] = rng.integers(0, 1024, (8, t))
+        a[9:] = sil
+        arrays[str(i)] = a
+    Path(out).mkdir(parents=True, exist_ok=True)
+    save_file(arrays, str(Path(out) / "random.safetensors"))
+
+
+def _left(path: Path) -> np.ndarray:
+    with wave.open(str(path)) as w:
+        assert w.getnchannels() == 2 and w.getsampwidth() == 2, path
+        x = np.frombuffer(w.readframes(w.getnframes()), np.int16).reshape(-1, 2)
+    right = x[:, 1]
+    assert not right.any(), f"{path}: user channel is not silent"
+    return x[:, 0].astype(np.float32) / 32768.0
+
+
+def encode(pack: str, *corpora: str, group: int = 24) -> None:
+    import torch
+    from safetensors.numpy import save_file
+    from ttt_speech.train.tokenize import Word, read_alignments, text_stream
+
+    tok = _tokenizer()
+    fs, fr = tok.mimi.frame_size, tok.mimi.frame_rate
+    out = Path(pack)
+    out.mkdir(parents=True, exist_ok=True)
+    items = []  # (split, key, wav path)
+    for c in map(Path, corpora):
+        for split in ("train", "val"):
+            for line in (c / f"{split}.jsonl").read_text().splitlines():
+                rel = json.loads(line)["path"]
+                items.append((split, f"{c.name}/{rel}", c / rel))
+    arrays: dict[str, dict[str, np.ndarray]] = {"train": {}, "val": {}}
+    longest = 0
+    t0 = time.time()
+    for g in range(0, len(items), group):
+        part = items[g:g + group]
+        wavs = [_left(p) for _, _, p in part]
+        frames = [math.ceil(len(w) / fs) for w in wavs]
+        longest = max(longest, *frames)
+        batch = np.zeros((len(wavs), max(frames) * fs), np.float32)
+        for i, w in enumerate(wavs):
+            batch[i, :len(w)] = w
+        with torch.no_grad():
+            codes = tok._encode(batch, max(frames))  # causal: zero padding after a recording leaves its codes unchanged
+        for i, (split, key, path) in enumerate(part):
+            words = read_alignments(path.with_suffix(".json"), len(wavs[i]) / tok.mimi.sample_rate, fr, "SPEAKER_MAIN")
+            tokens = [Word(tuple(tok.text.encode(w.strip())), s, e) for w, s, e in words]
+            text = text_stream(tokens, frames[i], fr, tok.pad, tok.end_pad)
+            arrays[split][key] = np.concatenate([text[None], codes[i, :, :frames[i]]]).astype(np.int16)
+        print(f"encoded {g + len(part)}/{len(items)} recordings, {time.time() - t0:.0f} s", flush=True)
+    _silence(pack, longest)  # the cache covers every recording
+    for split, a in arrays.items():
+        save_file(a, str(out / f"{split}.safetensors"))
+        print(split, len(a), "recordings", sum(x.shape[1] for x in a.values()), "frames", flush=True)
+
+
+def unpack(pack: str, out: str, shard_frames: int = 1 << 20) -> None:
+    from safetensors.numpy import load_file, save_file
+    from ttt_speech.train.data import INDEX_NAME, TOKENS_FORMAT, TOKENS_VERSION
+
+    silence = _silence(pack, 0)
+    for split in ("train", "val"):
+        arrays = load_file(str(Path(pack) / f"{split}.safetensors"))
+        root = Path(out) / split
+        root.mkdir(parents=True, exist_ok=True)
+        docs, shard, filled = [], {}, 0
+
+        def flush() -> None:
+            nonlocal shard, filled
+            name = f"tokens_{len({d['shard'] for d in docs}) if docs else 0:05d}.safetensors"
+            save_file(shard, str(root / name))
+            for k, v in shard.items():
+                docs.append({"source": keys[k], "shard": name, "key": k, "frames": int(v.shape[1])})
+            shard, filled = {}, 0
+
+        keys = {}
+        for i, (source, a) in enumerate(sorted(arrays.items())):
+            k = str(i)
+            keys[k] = source
+            shard[k] = np.concatenate([a, silence[:, :a.shape[1]]])
+            filled += a.shape[1]
+            if filled >= shard_frames:
+                flush()
+        if shard:
+            flush()
+        index = {"format": TOKENS_FORMAT, "version": TOKENS_VERSION, "frame_rate": 12.5, "streams": 17,
+                 "manifest": f"{pack}/{split}", "documents": docs, "skipped": []}
+        (root / INDEX_NAME).write_text(json.dumps(index, indent=1) + "\n")
+        print(split, len(docs), "documents", sum(d["frames"] for d in docs), "frames", flush=True)
+
+
+if __name__ == "__main__":
+    cmd, *args = sys.argv[1:]
+    {"base": base, "silence": silence, "random": random_docs, "encode": encode, "unpack": unpack}[cmd](*args)
