@@ -327,7 +327,7 @@ def test_literal_names_and_defaults_match_their_modules() -> None:
     pytest.importorskip("moshi")
     from ttt_speech.eval import commands as eval_commands
     from ttt_speech.eval.gibberish import FRAMES_PER_MINUTE
-    from ttt_speech.moshi import checkpoint, commands, tiny
+    from ttt_speech.moshi import commands, files
     from ttt_speech.moshi.convert import BRANCHES
     from ttt_speech.quantize import MODES
     from ttt_speech.serve import commands as serve
@@ -336,9 +336,9 @@ def test_literal_names_and_defaults_match_their_modules() -> None:
 
     assert commands.BRANCH_NAMES == tuple(BRANCHES) and commands.QUANT_MODES == MODES
     assert eval_commands.FRAMES_PER_MINUTE == FRAMES_PER_MINUTE
-    assert (serve.CONFIG_NAME, serve.WEIGHTS_NAME) == (checkpoint.CONFIG_NAME, checkpoint.WEIGHTS_NAME)
+    assert (serve.CONFIG_NAME, serve.WEIGHTS_NAME) == (files.CONFIG_NAME, files.WEIGHTS_NAME)
     assert (serve.MIMI_WEIGHTS_NAME, serve.MIMI_CONFIG_NAME, serve.TOKENIZER_NAME) == (
-        tiny.MIMI_WEIGHTS_NAME, tiny.MIMI_CONFIG_NAME, tiny.TOKENIZER_NAME)
+        files.MIMI_WEIGHTS_NAME, files.MIMI_CONFIG_NAME, files.TOKENIZER_NAME)
     assert (serve.MAX_MESSAGE_BYTES, serve.IDLE_TIMEOUT_S) == (Limits.max_message_bytes, Limits.idle_timeout_s)
     assert (serve.TEMP, serve.TEMP_TEXT, serve.TOP_K, serve.TOP_K_TEXT) == (
         SamplingConfig.temp, SamplingConfig.temp_text, SamplingConfig.top_k, SamplingConfig.top_k_text)

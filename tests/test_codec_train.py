@@ -14,7 +14,8 @@ import torch
 pytest.importorskip("moshi")
 pytest.importorskip("sphn")
 
-from ttt_speech.codec.config import FRAME_SIZE, load_codec_config  # noqa: E402
+from ttt_speech.audio import FRAME_SIZE  # noqa: E402
+from ttt_speech.codec.config import load_codec_config  # noqa: E402
 from ttt_speech.codec.loop import CodecTrainer, train_codec  # noqa: E402
 from ttt_speech.codec.model import build_codec, load_codec, size_report  # noqa: E402
 from ttt_speech.codec.synthetic import write_synthetic_audio  # noqa: E402
@@ -85,7 +86,8 @@ def test_resume_after_kill_repeats_the_loss_curve(tmp_path: Path, audio: Path) -
 
 
 def test_export_loads_where_tokenize_loads_mimi(tmp_path: Path, audio: Path) -> None:
-    from ttt_speech.moshi.tiny import MIMI_CONFIG_NAME, MIMI_WEIGHTS_NAME, tiny_lm_config, write_tiny_checkpoint
+    from ttt_speech.moshi.tiny import tiny_lm_config, write_tiny_checkpoint
+    from ttt_speech.moshi.files import MIMI_CONFIG_NAME, MIMI_WEIGHTS_NAME
     from ttt_speech.train.tokenize import MoshiTokenizer
 
     result = train_codec(tiny(tmp_path / "run", audio, "stages=[{seq_len: 4, steps: 3, lr: 1.0e-3}]"))

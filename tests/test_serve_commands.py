@@ -14,7 +14,8 @@ pytest.importorskip("aiohttp")
 
 from ttt_speech.errors import UsageError  # noqa: E402
 from ttt_speech.moshi import TTTLMModel  # noqa: E402
-from ttt_speech.moshi.tiny import MIMI_WEIGHTS_NAME, build_tiny_hybrid, write_tiny_checkpoint  # noqa: E402
+from ttt_speech.moshi.tiny import build_tiny_hybrid, write_tiny_checkpoint  # noqa: E402
+from ttt_speech.moshi.files import MIMI_WEIGHTS_NAME  # noqa: E402
 from ttt_speech.serve.commands import add_arguments, load_mimi, load_model, load_tokenizer  # noqa: E402
 
 

@@ -12,12 +12,8 @@ import typing as tp
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
+from ttt_speech.audio import FRAME_RATE, SAMPLE_RATE
 from ttt_speech.engine.config import CheckpointConfig, LogConfig, Precision, Stage, load_yaml_config
-
-SAMPLE_RATE = 24000
-FRAME_RATE = 12.5
-FRAME_SIZE = round(SAMPLE_RATE / FRAME_RATE)  # 1920 samples: SEANet's 960 hop, then Mimi's 2x conv downsampling
 
 
 @dataclass

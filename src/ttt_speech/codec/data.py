@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ttt_speech.codec.config import SAMPLE_RATE
+from ttt_speech.audio import SAMPLE_RATE
 from ttt_speech.engine.skips import BadInputError, SkipLog
 from ttt_speech.train.tokenize import read_manifest
 

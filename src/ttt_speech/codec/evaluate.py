@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from moshi.models.compression import MimiModel
 
-from ttt_speech.codec.config import SAMPLE_RATE
+from ttt_speech.audio import SAMPLE_RATE
 from ttt_speech.codec.data import AudioExample, read_audio
 from ttt_speech.codec.losses import ReconstructionLoss, si_snr
 from ttt_speech.eval.asr import Recognizer, asr_available, word_error_rate

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ttt_speech.codec.config import FRAME_RATE, FRAME_SIZE, CodecConfig
+from ttt_speech.audio import FRAME_RATE, FRAME_SIZE
+from ttt_speech.codec.config import CodecConfig
 from ttt_speech.codec.data import Crops, crop_batches, find_audio
 from ttt_speech.codec.losses import ReconstructionLoss, si_snr
 from ttt_speech.codec.model import build_codec, codec_forward, export_codec, set_quantizer_step, size_report

@@ -28,7 +28,7 @@ from ttt_speech.codec.config import MimiSize, QuantizerTraining
 from ttt_speech.compat import fold_weight_norm
 from ttt_speech.errors import UsageError, check_safetensors, existing_dir, read_json_object
 from ttt_speech.moshi.compat import encode_latent, schedule_dead_code_check, to_encoder_framerate
-from ttt_speech.moshi.tiny import MIMI_CONFIG_NAME, MIMI_WEIGHTS_NAME
+from ttt_speech.moshi.files import MIMI_CONFIG_NAME, MIMI_WEIGHTS_NAME
 
 
 def build_codec(size: MimiSize, seed: int, device: torch.device | str = "cpu") -> MimiModel:

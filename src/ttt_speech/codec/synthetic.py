@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ttt_speech.codec.config import SAMPLE_RATE
+from ttt_speech.audio import SAMPLE_RATE
 
 
 def synthetic_signal(seconds: float, rng: np.random.Generator, sample_rate: int = SAMPLE_RATE) -> np.ndarray:

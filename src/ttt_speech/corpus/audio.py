@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-RATE = 24000  # Mimi's sample rate
+from ttt_speech.audio import SAMPLE_RATE as RATE
+
 FRAME = 240  # 10 ms at RATE
 PAUSE_LETTERS = 3  # the pause after , ; : in letters' worth of time
 

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from ttt_speech.audio import SAMPLE_RATE
 from ttt_speech.eval.asr import Recognizer, word_error_rate
 from ttt_speech.eval.gibberish import (
     FRAMES_PER_MINUTE,
@@ -38,7 +39,6 @@ from ttt_speech.eval.gibberish import (
 )
 from ttt_speech.eval.speaker import SpeakerEmbedder, cosine
 
-SAMPLE_RATE = 24000
 
 
 @dataclass

@@ -28,7 +28,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-FRAME_RATE = 12.5
+from ttt_speech.audio import FRAME_RATE
+
 FRAMES_PER_MINUTE = int(60 * FRAME_RATE)
 
 

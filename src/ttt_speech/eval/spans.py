@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ttt_speech.audio import FRAME_RATE
 from ttt_speech.eval.data import Sequence
 
-FRAME_RATE = 12.5  # Mimi frames per second
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,8 @@ if _no_cuda():
     os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
 if tp.TYPE_CHECKING:
-    from ttt_speech.moshi.checkpoint import load_hybrid, save_moshi_checkpoint
+    from ttt_speech.moshi.checkpoint import load_hybrid
+    from ttt_speech.moshi.files import save_moshi_checkpoint
     from ttt_speech.moshi.config import infer_moshi_config
     from ttt_speech.moshi.convert import (HybridSpec, TTTLMModel, convert, default_branch_config,
                                           default_gdn_config, default_inplace_config, default_ttt_config,
@@ -44,7 +45,7 @@ if tp.TYPE_CHECKING:
     from ttt_speech.moshi.layer import TTTLayerState, TTTTransformerLayer
 
 _LAZY = {
-    "load_hybrid": "checkpoint", "save_moshi_checkpoint": "checkpoint", "infer_moshi_config": "config",
+    "load_hybrid": "checkpoint", "save_moshi_checkpoint": "files", "infer_moshi_config": "config",
     "HybridSpec": "convert", "TTTLMModel": "convert", "convert": "convert", "default_branch_config": "convert",
     "default_gdn_config": "convert", "default_inplace_config": "convert", "default_ttt_config": "convert",
     "ttt_parameters": "convert", "set_attention_window": "convert",

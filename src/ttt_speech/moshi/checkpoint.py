@@ -11,96 +11,22 @@ know the TTT layers, so hybrids load through `load_hybrid`.
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import shutil
 import typing as tp
 from pathlib import Path
 
 import torch
-from moshi.models.lm import LMModel
-from moshi.models.loaders import MIMI_NAME, TEXT_TOKENIZER_NAME, get_moshi_lm
-from safetensors.torch import load_file, save_file
+from moshi.models.loaders import get_moshi_lm
+from safetensors.torch import load_file
 from torch import Tensor
 
 from ttt_speech.errors import UsageError, check_safetensors, existing_dir, existing_file
 from ttt_speech.moshi.config import lm_kwargs, read_moshi_config
 from ttt_speech.moshi.convert import BRANCHES, MODES, TTTLMModel, convert
+from ttt_speech.moshi.files import CONFIG_NAME, HYBRID_FORMAT, HYBRID_VERSION, TTT_SECTION, WEIGHTS_NAME, to_moshi_layout
 from ttt_speech.moshi.layer import BranchConfig
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-TTT_SECTION = "ttt"
-HYBRID_FORMAT = "ttt-speech/moshi-hybrid"
-HYBRID_VERSION = 1
-
-_SPLIT = re.compile(r"^(?P<prefix>.*self_attn\.)(?P<kind>in|out)_projs\.(?P<i>\d+)\.weight$")
 _TTT_KEY = re.compile(r"^transformer\.layers\.(\d+)\.ttt\.")
-
-
-def to_moshi_layout(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Fuse `self_attn.{in,out}_projs.{i}.weight` into `in_proj_weight` / `out_proj.weight`, as released."""
-    out: dict[str, Tensor] = {}
-    fused: dict[str, dict[int, Tensor]] = {}
-    for key, value in state.items():
-        m = _SPLIT.match(key)
-        if m is None:
-            out[key] = value
-            continue
-        name = m["prefix"] + ("in_proj_weight" if m["kind"] == "in" else "out_proj.weight")
-        fused.setdefault(name, {})[int(m["i"])] = value
-    for name, parts in fused.items():
-        out[name] = torch.cat([parts[i] for i in range(len(parts))], dim=0)
-    return out
-
-
-def save_moshi_checkpoint(lm: LMModel, config: dict[str, tp.Any], out_dir: str | Path,
-                          extra_config: dict[str, tp.Any] | None = None) -> Path:
-    """Write `lm` as config.json + model.safetensors in the released Moshi layout; returns out_dir."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in to_moshi_layout(lm.state_dict()).items()}
-    save_file(state, str(out / WEIGHTS_NAME))
-    config = {k: v for k, v in config.items() if k != "moshi_name"} | (extra_config or {})
-    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    return out
-
-
-COMPANION_KEYS = ("mimi_name", "mimi_config_name", "tokenizer_name")
-# what moshi's CheckpointInfo assumes when a config.json names no files (the released repositories)
-DEFAULT_COMPANIONS = {"mimi_name": MIMI_NAME, "tokenizer_name": TEXT_TOKENIZER_NAME}
-
-
-def companion(root: str | Path, config: dict[str, tp.Any], key: str) -> Path | None:
-    """The file beside a checkpoint that its config.json names under `key` (one of COMPANION_KEYS; moshi's
-    default name when unnamed), or None when it is not there."""
-    name = config.get(key, DEFAULT_COMPANIONS.get(key))
-    path = Path(root) / name if isinstance(name, str) else None
-    return path if path is not None and path.is_file() else None
-
-
-def copy_companions(source_dir: str | Path, out_dir: str | Path, config: dict[str, tp.Any] | None = None) -> list[str]:
-    """Put the codec and tokenizer files of a Moshi directory (named by `config`, default its config.json)
-    into `out_dir` and name them in out_dir's config.json, so that generate and serve find them there.
-
-    Hard links where the file system allows (a 7B Moshi's Mimi is 385 MB), copies otherwise. Returns the
-    names put there; a file the directory lacks is left out."""
-    src, out = Path(source_dir), Path(out_dir)
-    config = json.loads((src / CONFIG_NAME).read_text()) if config is None else config
-    names = {k: path.name for k in COMPANION_KEYS if (path := companion(src, config, k)) is not None}
-    for name in names.values():
-        target = out / name
-        if target.exists() and target.samefile(src / name):
-            continue
-        target.unlink(missing_ok=True)
-        try:
-            os.link(src / name, target)
-        except OSError:
-            shutil.copyfile(src / name, target)
-    written = json.loads((out / CONFIG_NAME).read_text()) | names
-    (out / CONFIG_NAME).write_text(json.dumps(written, indent=2) + "\n")
-    return list(names.values())
 
 
 def load_text_tokenizer(path: str | Path, text_card: int) -> tp.Any:
@@ -117,12 +43,6 @@ def load_text_tokenizer(path: str | Path, text_card: int) -> tp.Any:
         raise UsageError(f"{p}: {tokenizer.vocab_size()} text tokens, fewer than the model's text_card {text_card}; "
                          "give the tokenizer the model was trained with")
     return tokenizer
-
-
-def save_hybrid(model: TTTLMModel, out_dir: str | Path) -> Path:
-    """config.json = the Moshi config + {"ttt": {format, version, branch, mode, layers, config}}."""
-    section = {"format": HYBRID_FORMAT, "version": HYBRID_VERSION, **model.ttt_spec.to_dict()}
-    return save_moshi_checkpoint(model, model.moshi_config, out_dir, {TTT_SECTION: section})
 
 
 def _parse_section(section: tp.Any, where: Path) -> tuple[str, list[int], BranchConfig]:

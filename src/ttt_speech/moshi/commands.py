@@ -96,7 +96,7 @@ def run_convert(args: argparse.Namespace) -> Path:
     import torch
     from moshi.models.loaders import get_moshi_lm
 
-    from ttt_speech.moshi.checkpoint import CONFIG_NAME, companion, copy_companions
+    from ttt_speech.moshi.files import CONFIG_NAME, companion, copy_companions
     from ttt_speech.moshi.config import lm_kwargs, read_moshi_config
     from ttt_speech.moshi.convert import convert, default_branch_config
 
@@ -211,9 +211,11 @@ def run_generate(args: argparse.Namespace) -> dict[str, Path]:
     import torch
     from moshi.models.loaders import get_mimi, get_moshi_lm
 
-    from ttt_speech.moshi.checkpoint import CONFIG_NAME, companion, load_hybrid
+    from ttt_speech.moshi.checkpoint import load_hybrid
+    from ttt_speech.moshi.files import CONFIG_NAME, companion
     from ttt_speech.moshi.config import lm_kwargs
-    from ttt_speech.moshi.generate import FRAME_RATE, WavSink, stream, wav_paths, write_outputs
+    from ttt_speech.audio import FRAME_RATE
+    from ttt_speech.moshi.generate import WavSink, stream, wav_paths, write_outputs
     from ttt_speech.moshi.scratch import SHIPPED_DIR
     from ttt_speech.moshi.tiny import build_tiny_hybrid, build_tiny_mimi, tiny_mimi_config
 

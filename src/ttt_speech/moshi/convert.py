@@ -23,6 +23,7 @@ from ttt_speech.compat import retype
 from ttt_speech.config import GatedDeltaNetConfig, InPlaceConfig, TTTConfig
 from ttt_speech.moshi.compat import forget_streaming_children
 from ttt_speech.moshi.config import infer_moshi_config
+from ttt_speech.moshi.files import save_hybrid
 from ttt_speech.moshi.layer import MODES, BranchConfig, Mode, TTTTransformerLayer, check_gdn_mode
 
 # tanh(10.0) == 1.0 in fp32: in replace mode the TTT output stands in for attention at full scale.
@@ -77,8 +78,6 @@ class TTTLMModel(LMModel):
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """Write model.safetensors (Moshi's key layout) + config.json (Moshi's keys + a "ttt" section)."""
-        from ttt_speech.moshi.checkpoint import save_hybrid
-
         return save_hybrid(self, out_dir)
 
 

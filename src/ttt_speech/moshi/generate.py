@@ -25,10 +25,9 @@ from moshi.modules.transformer import RingKVCache
 from torch import Tensor
 from tqdm import tqdm
 
+from ttt_speech.audio import FRAME_RATE, SAMPLE_RATE
 from ttt_speech.layers.state import LayerState
 
-FRAME_RATE = 12.5
-SAMPLE_RATE = 24000
 
 
 def streaming_tensors(*modules: StreamingModule) -> list[Tensor]:

@@ -7,7 +7,6 @@ Laid out that way, the from-scratch model goes through the same roads as a real 
 
 from __future__ import annotations
 
-import io
 import shutil
 import typing as tp
 from collections.abc import Iterable
@@ -15,9 +14,8 @@ from pathlib import Path
 
 from ttt_speech.codec.model import export_dir, load_codec
 from ttt_speech.errors import UsageError
-from ttt_speech.moshi.checkpoint import save_moshi_checkpoint
-from ttt_speech.moshi.tiny import (FILE_NAMES, MIMI_CONFIG_NAME, MIMI_WEIGHTS_NAME, TinyCheckpoint, build_tiny_lm,
-                                   tiny_lm_config)
+from ttt_speech.moshi.files import FILE_NAMES, MIMI_CONFIG_NAME, MIMI_WEIGHTS_NAME, save_moshi_checkpoint, train_text_tokenizer
+from ttt_speech.moshi.tiny import TinyCheckpoint, build_tiny_lm, tiny_lm_config
 
 # Moshi's layout (text + 8 generated + 8 user codebooks, acoustic delay 1, RMSNorm, SiLU gating, RoPE,
 # a depformer over the 8 generated codebooks with weights per step: moshi streams only that kind) at
@@ -34,20 +32,6 @@ SMALL_LM: dict[str, tp.Any] = {
 # The small TTT hybrid and codec trained here (issue 7, docs/results.md), fp16: the embedded default of
 # `generate` and `serve`. Shipped inside the package so a fresh install has real (small-model) speech.
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "assets" / "small_moshi"
-
-
-def train_text_tokenizer(lines: Iterable[str], vocab_size: int, path: str | Path) -> Path:
-    """A SentencePiece BPE model with Moshi's special ids: 0 end-of-padding, 1 unk, 2 eos, 3 padding."""
-    import sentencepiece as spm
-
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="bpe",
-        character_coverage=1.0, unk_id=1, bos_id=-1, eos_id=2, pad_id=3, minloglevel=2,
-        hard_vocab_limit=False, user_defined_symbols=["<end_pad>"])
-    out = Path(path)
-    out.write_bytes(model.getvalue())
-    return out
 
 
 def write_scratch_checkpoint(out_dir: str | Path, codec_dir: str | Path, text_lines: Iterable[str],

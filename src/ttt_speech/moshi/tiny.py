@@ -23,15 +23,9 @@ from safetensors.torch import save_file
 
 from ttt_speech import TTTConfig
 from ttt_speech.moshi.compat import default_mimi_config
-from ttt_speech.moshi.checkpoint import CONFIG_NAME, WEIGHTS_NAME, save_moshi_checkpoint
+from ttt_speech.moshi.files import (CONFIG_NAME, FILE_NAMES, MIMI_CONFIG_NAME, MIMI_WEIGHTS_NAME, TOKENIZER_NAME,
+                                    WEIGHTS_NAME, save_moshi_checkpoint, train_text_tokenizer)
 from ttt_speech.moshi.convert import LayerSpec, TTTLMModel, convert
-
-MIMI_WEIGHTS_NAME = "mimi.safetensors"
-MIMI_CONFIG_NAME = "mimi_config.json"
-TOKENIZER_NAME = "tokenizer.model"
-# config.json keys naming a checkpoint directory's codec and tokenizer, as the released repositories do
-FILE_NAMES = {"model_type": "moshi", "mimi_name": MIMI_WEIGHTS_NAME, "mimi_config_name": MIMI_CONFIG_NAME,
-              "tokenizer_name": TOKENIZER_NAME}
 
 # The released moshiko config's keys and layout, at ~40k parameters. 2 generated + 2 user audio
 # codebooks (Moshi: 8 + 8), delays as in Moshi (text and the first codebook of each side undelayed).
@@ -87,8 +81,6 @@ def build_tiny_mimi(seed: int = 0, config: dict[str, tp.Any] | None = None,
 
 def write_tiny_tokenizer(path: str | Path, vocab_size: int) -> Path:
     """A SentencePiece model trained on a few built-in sentences (ids 0-3 as Moshi uses them)."""
-    from ttt_speech.moshi.scratch import train_text_tokenizer
-
     words = ("the a moshi speaks and listens at twelve frames per second while memory grows "
              "test time training keeps a fixed size state for hours of audio").split()
     lines = [" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) for i in range(200)]

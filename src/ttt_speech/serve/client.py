@@ -23,11 +23,11 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import numpy as np
 
+from ttt_speech.audio import FRAME_SIZE as FRAME  # one model step
+from ttt_speech.audio import SAMPLE_RATE  # the protocol's Opus streams run at it
 from ttt_speech.errors import UsageError, existing_file, positive_float
 from ttt_speech.serve.protocol import Kind
 
-SAMPLE_RATE = 24000  # Mimi's; the protocol's Opus streams run at it
-FRAME = 1920  # 80 ms at SAMPLE_RATE: one model step
 CHAT_PATH = "/api/chat"
 
 

@@ -33,7 +33,7 @@ if tp.TYPE_CHECKING:
 
 log = logging.getLogger("ttt_speech.serve")
 # the package's file names and defaults, literal so that `--help` imports nothing heavy (tests/test_cli_errors.py
-# holds them equal to moshi/checkpoint.py, moshi/tiny.py, serve/sessions.py and serve/sampling.py)
+# holds them equal to moshi/files.py, serve/sessions.py and serve/sampling.py)
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 MIMI_WEIGHTS_NAME, MIMI_CONFIG_NAME, TOKENIZER_NAME = "mimi.safetensors", "mimi_config.json", "tokenizer.model"
 MAX_MESSAGE_BYTES, IDLE_TIMEOUT_S = 1 << 16, 30.0
@@ -91,7 +91,8 @@ def _model_dir(spec: str | None) -> Path:
 
 def check_model(spec: str | None) -> dict[str, tp.Any]:
     """The config.json of --model (a hybrid or vanilla Moshi directory; {} for tiny), after checking its files."""
-    from ttt_speech.moshi.checkpoint import TTT_SECTION, check_hybrid_dir
+    from ttt_speech.moshi.checkpoint import check_hybrid_dir
+    from ttt_speech.moshi.files import TTT_SECTION
     from ttt_speech.moshi.config import read_moshi_config
 
     if spec == "tiny":
@@ -113,7 +114,8 @@ def load_model(spec: str | None, device: torch.device, dtype: torch.dtype, seed:
     """(model, an identity string for state fingerprints, the directory's config.json or {})."""
     from moshi.models.loaders import get_moshi_lm
 
-    from ttt_speech.moshi.checkpoint import TTT_SECTION, load_hybrid
+    from ttt_speech.moshi.checkpoint import load_hybrid
+    from ttt_speech.moshi.files import TTT_SECTION
     from ttt_speech.moshi.config import lm_kwargs
     from ttt_speech.moshi.tiny import build_tiny_hybrid
 

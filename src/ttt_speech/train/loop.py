@@ -245,7 +245,7 @@ def export_checkpoint(cfg: Config, checkpoint: Path, out_dir: Path, dtype: torch
     seg.export(str(out_dir))
     source = cfg.model.hybrid or cfg.model.pretrained
     if cfg.model.family == "moshi" and source and Path(source).is_dir():
-        from ttt_speech.moshi.checkpoint import copy_companions
+        from ttt_speech.moshi.files import copy_companions
 
         copy_companions(source, out_dir)
     log.info("exported %s -> %s", checkpoint, out_dir)

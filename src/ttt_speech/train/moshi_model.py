@@ -10,49 +10,23 @@ codebook x100 by default, each of the two normalised by its own total weight.
 
 from __future__ import annotations
 
-import json
 import logging
 import typing as tp
-from pathlib import Path
 
 import torch
 from moshi.models.lm import LMModel
-from moshi.models.loaders import MOSHI_NAME, CheckpointInfo
 from moshi.modules.transformer import StreamingMultiheadAttention
 from torch import Tensor, nn
 
-from ttt_speech.errors import UsageError
 from ttt_speech.moshi import (TTTLMModel, convert, default_branch_config, load_hybrid, segments,
                               set_attention_window)
-from ttt_speech.moshi.checkpoint import save_moshi_checkpoint
-from ttt_speech.moshi.config import infer_moshi_config, read_moshi_config
+from ttt_speech.moshi.files import checkpoint_info, save_moshi_checkpoint
+from ttt_speech.moshi.config import infer_moshi_config
 from ttt_speech.moshi.tiny import build_tiny_lm, tiny_lm_config
 from ttt_speech.train.config import LossConfig, ModelConfig
 from ttt_speech.train.model import Batch, LayerCarry, SegmentLM
 
 log = logging.getLogger(__name__)
-
-
-def moshi_checkpoint_info(path: str, mimi_config: str | None = None) -> CheckpointInfo:
-    """CheckpointInfo of a local Moshi directory (config.json naming its files) or of a hub repo id."""
-    root = Path(path)
-    if not root.is_dir():
-        if root.exists() or path.startswith(("/", ".", "~")) or path.count("/") != 1:
-            raise UsageError(f"{path}: no such Moshi checkpoint directory (nor a hub repo id like owner/name)")
-        return CheckpointInfo.from_hf_repo(path, mimi_config_path=mimi_config)
-    config_path = root / "config.json"
-    if not config_path.exists():
-        raise UsageError(f"{root}: no config.json (a Moshi checkpoint directory names its files there)")
-    raw = read_moshi_config(config_path)
-    for key in ("mimi_name", "tokenizer_name", "mimi_config_name"):
-        if key in raw and not (root / raw[key]).is_file():
-            raise UsageError(f"{root / raw[key]}: no such file ({key} in {config_path})")
-    mimi_cfg = mimi_config or (str(root / raw["mimi_config_name"]) if "mimi_config_name" in raw else None)
-    return CheckpointInfo.from_hf_repo(
-        str(root), moshi_weights=root / raw.get("moshi_name", MOSHI_NAME),
-        mimi_weights=root / raw["mimi_name"] if "mimi_name" in raw else None,
-        tokenizer=root / raw["tokenizer_name"] if "tokenizer_name" in raw else None,
-        config_path=config_path, mimi_config_path=Path(mimi_cfg) if mimi_cfg else None)
 
 
 def load_moshi(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> LMModel:
@@ -63,7 +37,7 @@ def load_moshi(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> LM
         config = tiny_lm_config()
         lm = build_tiny_lm(cfg.seed, config, device=device, dtype=dtype)
     else:
-        info = moshi_checkpoint_info(tp.cast(str, cfg.pretrained), cfg.mimi_config)
+        info = checkpoint_info(tp.cast(str, cfg.pretrained), cfg.mimi_config)
         lm, config = info.get_moshi(device=device, dtype=dtype), info.raw_config
     if cfg.layers == []:
         return lm

@@ -104,9 +104,9 @@ class MoshiTokenizer:
     def from_checkpoint(cls, path: str, mimi_config: str | None = None, device: str = "cpu",
                         main_speaker: str = MAIN_SPEAKER) -> MoshiTokenizer:
         """From a Moshi checkpoint directory (config.json naming Mimi and the tokenizer) or hub repo."""
-        from ttt_speech.train.moshi_model import moshi_checkpoint_info
+        from ttt_speech.moshi.files import checkpoint_info
 
-        info = moshi_checkpoint_info(path, mimi_config)
+        info = checkpoint_info(path, mimi_config)
         cfg = info.lm_config or {}
         text = info.get_text_tokenizer()
         if "text_card" in cfg and text.vocab_size() > cfg["text_card"]:
