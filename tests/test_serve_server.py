@@ -101,7 +101,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> tp.Iterator[Server]:
         proc = subprocess.Popen(
             [sys.executable, "-m", "ttt_speech.serve.commands", "--model", str(model), "--host", "127.0.0.1",
              "--port", "0", "--max-sessions", str(MAX_SESSIONS), "--state-dir", str(root / "states"),
-             "--max-message-bytes", str(MAX_MESSAGE), "--idle-timeout", str(IDLE_S), "--shutdown-after", "600"],
+             "--max-message-bytes", str(MAX_MESSAGE), "--idle-timeout", str(IDLE_S), "--shutdown-after", "600",
+             "--max-load", "off"],  # a busy test host must not refuse sessions here (test_serve_admission.py)
             stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 60

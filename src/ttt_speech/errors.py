@@ -90,24 +90,29 @@ def port(text: str) -> int:
     return value
 
 
-def seconds_or_off(text: str) -> float | None:
-    """Seconds > 0, or "off" (None): turning a limit off is spelled out, never implied by 0 or a negative."""
+def _positive_or_off(text: str, kind: type[int] | type[float], what: str) -> float | None:
     if text == OFF:
         return None
-    value = _number(text, float, f"a number of seconds > 0 or '{OFF}'")
+    value = _number(text, kind, f"{what} or '{OFF}'")
     if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds > 0 (write '{OFF}' for no limit)")
+        raise argparse.ArgumentTypeError(f"{text} is not {what} (write '{OFF}' for no limit)")
     return value
+
+
+def seconds_or_off(text: str) -> float | None:
+    """Seconds > 0, or "off" (None): turning a limit off is spelled out, never implied by 0 or a negative."""
+    return _positive_or_off(text, float, "a number of seconds > 0")
+
+
+def positive_float_or_off(text: str) -> float | None:
+    """A finite number > 0, or "off" (None), as `seconds_or_off`."""
+    return _positive_or_off(text, float, "a number > 0")
 
 
 def positive_int_or_off(text: str) -> int | None:
     """An integer >= 1, or "off" (None), as `seconds_or_off`."""
-    if text == OFF:
-        return None
-    value = int(_number(text, int, f"an integer >= 1 or '{OFF}'"))
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not an integer >= 1 (write '{OFF}' for no limit)")
-    return value
+    value = _positive_or_off(text, int, "an integer >= 1")
+    return None if value is None else int(value)
 
 
 def int_list(text: str) -> list[int]:

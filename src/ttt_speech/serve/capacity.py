@@ -21,6 +21,7 @@ import torch
 from moshi.models.compression import MimiModel
 from moshi.models.lm import LMModel
 
+from ttt_speech.errors import UsageError
 from ttt_speech.serve.streams import BatchedStreams
 
 FRAME_MS = 80.0  # one Moshi frame (12.5 Hz): a batched step slower than this falls behind every session
@@ -108,6 +109,16 @@ def session_bytes(lm: LMModel, mimi: MimiModel) -> tuple[int, int]:
         return streams.slot_bytes, kv
     finally:
         streams.close()
+
+
+def check_fits(sessions: int, state_bytes: int, free_bytes: int) -> None:
+    """Refuse (UsageError) a batch of `sessions` whose streaming state alone exceeds the free device memory."""
+    if sessions * state_bytes > free_bytes:
+        need = sessions * state_bytes / 2**30
+        raise UsageError(f"--max-sessions {sessions}: {sessions} sessions need {need:.1f} GiB of streaming state "
+                         f"({state_bytes / 2**20:.0f} MiB each), {free_bytes / 2**30:.1f} GiB of device memory is "
+                         f"free: give --max-sessions {free_bytes // state_bytes} or fewer (a shorter attention window, "
+                         "convert-moshi --attention-window, makes each session smaller)")
 
 
 def _free(device: torch.device) -> None:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from ttt_speech.devices import DTYPE_NAMES, torch_device, torch_dtype
 from ttt_speech.errors import (OFF, UsageError, check_safetensors, existing_dir, nonnegative_float, nonnegative_int,
-                               output_dir, port, positive_float, positive_int, positive_int_or_off, read_json_object,
-                               seconds_or_off)
+                               output_dir, port, positive_float, positive_float_or_off, positive_int,
+                               positive_int_or_off, read_json_object, seconds_or_off)
 from ttt_speech.moshi.commands import add_quantize_argument, check_quantize, quantize_or_exit
 from ttt_speech.threads import add_threads_argument, use_cpu_threads
 
@@ -36,7 +36,7 @@ log = logging.getLogger("ttt_speech.serve")
 # holds them equal to moshi/files.py, serve/sessions.py and serve/sampling.py)
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 MIMI_WEIGHTS_NAME, MIMI_CONFIG_NAME, TOKENIZER_NAME = "mimi.safetensors", "mimi_config.json", "tokenizer.model"
-MAX_MESSAGE_BYTES, IDLE_TIMEOUT_S = 1 << 16, 30.0
+MAX_MESSAGE_BYTES, IDLE_TIMEOUT_S, MAX_LOAD = 1 << 16, 30.0, 1.0
 TEMP, TEMP_TEXT, TOP_K, TOP_K_TEXT = 0.8, 0.7, 250, 25
 
 
@@ -63,6 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"larger websocket messages end the session (1009); '{OFF}': no limit, unsafe on a network")
     p.add_argument("--idle-timeout", type=seconds_or_off, default=IDLE_TIMEOUT_S,
                    help=f"seconds without a message after which a session is closed; '{OFF}': never")
+    p.add_argument("--max-load", type=positive_float_or_off, default=MAX_LOAD,
+                   help="refuse new sessions (1013) while the batched step's p90 over the last 10 s is at or above "
+                        f"this fraction of the 80 ms frame: the server is not keeping real time; '{OFF}': never")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: bfloat16 on CUDA, float32 on CPU")
     add_quantize_argument(p)
@@ -220,7 +223,10 @@ def check_serve(args: argparse.Namespace) -> dict[str, tp.Any]:
 
 def run(args: argparse.Namespace) -> None:
     from ttt_speech.serve.sampling import SamplingConfig
-    from ttt_speech.serve.sessions import Limits, SessionManager
+    import torch
+
+    from ttt_speech.serve.capacity import check_fits, session_bytes
+    from ttt_speech.serve.sessions import Admission, Limits, SessionManager
     from ttt_speech.serve.store import StateStore, fingerprint
     from ttt_speech.serve.streams import BatchedStreams
 
@@ -238,12 +244,15 @@ def run(args: argparse.Namespace) -> None:
     sampling = SamplingConfig(args.temp, args.temp_text, args.top_k, args.top_k_text, args.greedy)
     with tempfile.TemporaryDirectory(prefix="ttt-serve-") as work:
         tokenizer = load_tokenizer(args, lm, raw, Path(work))
+        if device.type == "cuda":  # a clear refusal instead of an out-of-memory error halfway through allocating
+            check_fits(args.max_sessions, session_bytes(lm.eval(), mimi.eval())[0], torch.cuda.mem_get_info(device)[0])
         streams = BatchedStreams(lm.eval(), mimi.eval(), args.max_sessions, sampling)
         streams.warmup()
         store = StateStore(args.state_dir, fingerprint(model_id, streams.layout), args.max_kept,
                            args.keep_hours * 3600)
         manager = SessionManager(streams, store, tokenizer, Limits(max_message_bytes=args.max_message_bytes,
-                                                                     idle_timeout_s=args.idle_timeout))
+                                                                     idle_timeout_s=args.idle_timeout),
+                                 Admission(max_load=args.max_load))
         log.info("%s on %s: %d sessions, %.1f KiB of streaming state each", model_id, device,
                  args.max_sessions, streams.slot_bytes / 1024)
         asyncio.run(serve(manager, args.host, args.port, args.shutdown_after))

@@ -196,6 +196,8 @@ def render_metrics(manager: SessionManager) -> str:
         ("frames_per_second", "gauge", f"session frames stepped per second over {m.window_s:g} s", [("", fps)]),
         ("real_time_factor", "gauge", "mean batched step time / frame duration (< 1: sessions keep real time)",
          [("", rtf)]),
+        ("step_p90_seconds", "gauge", f"p90 of the batched step over {m.window_s:g} s (new sessions are refused "
+                                      "at or above the admission budget)", [("", m.step_p90()[0])]),
         ("state_bytes_per_session", "gauge", "fixed streaming state of one session (KV windows, TTT, Mimi)",
          [("", manager.streams.slot_bytes)]),
         ("state_bytes", "gauge", "streaming state held for all slots",

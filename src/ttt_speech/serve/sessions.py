@@ -56,6 +56,25 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Admission:
+    """When the server refuses a new session (1013, try again later) that it could not serve in real time.
+
+    Every slot is stepped in each batch whether or not a session holds it, so the step time measured over
+    the last seconds is what a new session would get: while its p90 is at or above `max_load` x the frame
+    (80 ms), the sessions already connected are falling behind and a new one would too.
+    """
+
+    max_load: float | None = 1.0  # step p90 / frame duration above which new sessions are refused (None: never)
+    min_steps: int = 25  # steps measured in the metrics window (2 s of frames) before the rule applies
+
+    def __post_init__(self) -> None:
+        if self.max_load is not None and self.max_load <= 0:
+            raise ValueError(f"Admission.max_load must be > 0 (None: never refuse), got {self.max_load}")
+        if self.min_steps < 1:
+            raise ValueError(f"Admission.min_steps must be >= 1, got {self.min_steps}")
+
+
+@dataclass(frozen=True)
 class Ending:
     """How a session ends: websocket close code, metrics name, reason; `notify` sends an ERROR message first."""
 
@@ -127,6 +146,12 @@ class Metrics:
         self._recent.append((now, frames, step_s))
         self._forget_before(now)
 
+    def step_p90(self) -> tuple[float, int]:
+        """(p90 of the batched step's seconds, steps) over the last `window_s`."""
+        self._forget_before(time.monotonic())
+        steps = [s for _, _, s in self._recent]
+        return (float(np.percentile(steps, 90)), len(steps)) if steps else (0.0, 0)
+
     def rates(self) -> tuple[float, float]:
         """(session frames stepped per second, real-time factor = mean step time / frame duration)
         over the last `window_s`; RTF < 1 means every session keeps real time."""
@@ -144,8 +169,9 @@ class SessionManager:
     """Owns the slots, the model worker thread and the engine task."""
 
     def __init__(self, streams: BatchedStreams, store: StateStore, tokenizer: Tokenizer,
-                 limits: Limits = Limits()) -> None:
+                 limits: Limits = Limits(), admission: Admission = Admission()) -> None:
         self.streams, self.store, self.tokenizer, self.limits = streams, store, tokenizer, limits
+        self.admission = admission
         self.sample_rate = streams.mimi.sample_rate
         self.frame_size = streams.mimi.frame_size
         self.slots: list[Session | None] = [None] * streams.batch_size
@@ -180,11 +206,24 @@ class SessionManager:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     # -- sessions ----------------------------------------------------------------------------
+    def _admit(self) -> None:
+        """Refuse a new session the server cannot serve in real time (see `Admission`)."""
+        max_load = self.admission.max_load
+        if max_load is None:
+            return
+        p90_s, steps = self.metrics.step_p90()
+        budget_s = max_load * self.metrics.frame_s
+        if steps >= self.admission.min_steps and p90_s >= budget_s:
+            raise ProtocolError(Close.TRY_AGAIN_LATER, "not_real_time",
+                                f"server behind real time (step p90 {p90_s * 1e3:.0f} ms, budget "
+                                f"{budget_s * 1e3:.0f} ms per frame); try again later")
+
     def _claim(self) -> Session:
         free = next((i for i, s in enumerate(self.slots) if s is None), None)
         if free is None:
             raise ProtocolError(Close.TRY_AGAIN_LATER, "server_full",
                                 f"server full ({len(self.slots)} sessions); try again later")
+        self._admit()
         session = self.slots[free] = Session(free, self.sample_rate, self.limits)
         return session
 
