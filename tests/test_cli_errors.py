@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +92,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (corpus / "corpus.json").write_text(json.dumps({"recordings": []}))
     out["corpus"] = corpus
     out["shipped"] = SHIPPED
+    with contextlib.suppress(ImportError):
+        from ttt_speech.moshi.tiny import write_tiny_tokenizer
+
+        out["small_tokenizer"] = write_tiny_tokenizer(d / "small.model", 64)  # the models here read 1000
     return out
 
 
@@ -161,6 +166,8 @@ ROWS: list[tuple[str, str]] = [
     ("serve --device cpu --model tiny --state-dir {a_file}", "a_file: is a file"),
     ("serve --device cpu --model {vanilla}", "no Mimi found beside the model"),
     ("serve --device cpu --model tiny --quantize int4", "--quantize int4 needs --device cuda"),
+    ("serve --device cpu --model {vanilla} --mimi tiny --tokenizer {small_tokenizer}",
+     "small.model: 64 text tokens, fewer than the model's text_card 1000"),
     # convert-moshi: options tried on a weightless copy before any weights are read
     ("convert-moshi --moshi-weights {truncated} --config {vanilla}/config.json --out {dir}/o", "truncated.safetensors"),
     ("convert-moshi --moshi-weights {good_st} --config {misspelled}/config.json --out {dir}/o", "unknown key 'num_layer'"),
@@ -217,6 +224,8 @@ ROWS: list[tuple[str, str]] = [
     ("eval-long --model tiny --data {held_out} --lengths 64 --mimi tiny --mimi-config {broken_json}",
      "--mimi-config is the config of --mimi FILE"),
     ("eval-long --model tiny --data {held_out} --lengths 64 --tokenizer /nonexistent.model", "/nonexistent.model"),
+    ("eval-long --model {vanilla} --data {held_out} --lengths 64 --tokenizer {small_tokenizer}",
+     "small.model: 64 text tokens, fewer than the model's text_card 1000"),
     ("eval-long --model tiny --data {held_out} --lengths 64 --repeats {dir}/nope", "no such make-corpus directory"),
     ("eval-long --model tiny --data {held_out} --lengths 64 --repeats {corpus}", "none of its re-read passages"),
     ("eval-long --model tiny --data {held_out} --lengths 64 --out {a_file}", "a_file: is a file"),
@@ -302,6 +311,28 @@ def test_a_user_sees_one_line_and_debug_shows_the_traceback(tmp_path: Path) -> N
                   _cli("generate", "--hybrid", "/nonexistent/dir", "--debug"),
                   _cli("generate", "--hybrid", "/nonexistent/dir", env={"TTT_SPEECH_DEBUG": "1"})):
         assert debug.returncode == 1 and "Traceback" in debug.stderr and "UsageError" in debug.stderr, debug.stderr
+
+
+def test_a_busy_port_is_refused_before_the_model_loads(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["serve", "--device", "cpu", "--model", "tiny", "--port", str(port)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and f"--port {port}: cannot listen there" in err, err
+
+
+def test_module_entry_points_answer_as_the_cli_does(files: dict[str, Path]) -> None:
+    """`python -m ttt_speech.train` (the torchrun entry) and `python -m ttt_speech.codec`: one line, exit 2."""
+    src = str(Path(cli.__file__).parents[1])
+    for module, argv, named in (("ttt_speech.train", [str(files["bad_yaml"])], "bad.yaml: not valid YAML"),
+                                ("ttt_speech.train", ["plot-run", "/nonexistent/run"], "/nonexistent/run"),
+                                ("ttt_speech.codec", ["eval", "/nonexistent", "--data", "x"], "/nonexistent")):
+        done = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": src})
+        assert done.returncode == 2 and len(done.stderr.splitlines()) == 1 and named in done.stderr, done.stderr
 
 
 def test_help_and_refused_arguments_import_no_torch() -> None:

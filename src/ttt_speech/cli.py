@@ -13,7 +13,7 @@ import importlib
 import os
 import sys
 
-from ttt_speech.errors import OneLineParser, UsageError
+from ttt_speech.errors import DEBUG_ENV, DEBUG_FLAG, OneLineParser, debug_requested, one_line_errors
 
 # command -> (module, function adding its arguments, function running it, help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
@@ -52,8 +52,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
 }
 
 
-DEBUG_FLAG = "--debug"
-DEBUG_HELP = "on an error in the input, show the Python traceback instead of one line (or set TTT_SPEECH_DEBUG=1)"
+DEBUG_HELP = f"on an error in the input, show the Python traceback instead of one line (or set {DEBUG_ENV}=1)"
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
@@ -74,17 +73,11 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     # moshi compiles lazily unless told not to, which costs 4-18 s per first forward on a CPU
     os.environ.setdefault("NO_TORCH_COMPILE", "1")
-    debug = DEBUG_FLAG in argv or os.environ.get("TTT_SPEECH_DEBUG", "") not in ("", "0")
     prog = " ".join(["ttt-speech", *[a for a in argv if a in COMMANDS][:1]])
-    try:
+    with one_line_errors(prog, debug_requested(argv)):
         args = build_parser(argv).parse_args(argv)
         module, _, run, _ = COMMANDS[args.command]
         code = getattr(importlib.import_module(module), run)(args)
-    except UsageError as e:
-        if debug:
-            raise
-        print(f"{prog}: {' '.join(str(e).split())}", file=sys.stderr)
-        raise SystemExit(2) from None
     if isinstance(code, int) and code:
         raise SystemExit(code)
 

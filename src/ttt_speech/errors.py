@@ -11,13 +11,18 @@ This module imports only the standard library, so every floor may raise `UsageEr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import struct
+import sys
 import typing as tp
 from pathlib import Path
 
 OFF = "off"
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "TTT_SPEECH_DEBUG"
 
 
 class UsageError(ValueError):
@@ -30,6 +35,25 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> tp.NoReturn:
         raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def debug_requested(argv: list[str]) -> bool:
+    """--debug on the command line, or TTT_SPEECH_DEBUG set (to anything but 0)."""
+    return DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def one_line_errors(prog: str, debug: bool) -> tp.Iterator[None]:
+    """A UsageError inside ends the process with its one line on stderr and exit code 2; with `debug`, it
+    propagates (the traceback). Every entry point (`ttt-speech`, `python -m ttt_speech.train` under
+    torchrun, ...) runs its command inside this."""
+    try:
+        yield
+    except UsageError as e:
+        if debug:
+            raise
+        print(f"{prog}: {' '.join(str(e).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _number(text: str, kind: type[int] | type[float], what: str) -> float:

@@ -7,7 +7,8 @@ import os
 import sys
 
 from ttt_speech.devices import torch_device
-from ttt_speech.errors import UsageError, int_list, output_dir, positive_float, positive_int
+from ttt_speech.errors import (DEBUG_FLAG, OneLineParser, UsageError, debug_requested, int_list, one_line_errors,
+                               output_dir, positive_float, positive_int)
 
 # moshi compiles lazily unless told not to, which costs seconds per first forward on a CPU
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
@@ -73,9 +74,13 @@ def run_eval(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """`python -m ttt_speech.codec [train] CONFIG ...` or `python -m ttt_speech.codec eval CKPT_DIR --data ...`."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_requested(argv)
+    argv = [a for a in argv if a != DEBUG_FLAG]
     evaluating = bool(argv) and argv[0] == "eval"
     if argv and argv[0] in ("train", "eval"):
         argv = argv[1:]
-    p = argparse.ArgumentParser(prog="python -m ttt_speech.codec" + (" eval" if evaluating else ""))
-    (add_eval_arguments if evaluating else add_train_arguments)(p)
-    return (run_eval if evaluating else run_train)(p.parse_args(argv))
+    prog = "python -m ttt_speech.codec" + (" eval" if evaluating else "")
+    with one_line_errors(prog, debug):
+        p = OneLineParser(prog=prog)
+        (add_eval_arguments if evaluating else add_train_arguments)(p)
+        return (run_eval if evaluating else run_train)(p.parse_args(argv))

@@ -178,7 +178,11 @@ def check_audio_options(args: argparse.Namespace) -> None:
 def check_data(specs: list[Spec], sequences: list[Sequence], args: argparse.Namespace) -> None:
     """Refuse held-out data that cannot answer the question before any model is loaded: lengths whose scored
     window [L/2, L) lies beyond every sequence (the report would say "holds" on no data), tokens a model's
-    vocabulary does not have (an IndexError deep in the model, minutes in)."""
+    vocabulary does not have (an IndexError deep in the model, minutes in), a tokenizer smaller than the
+    model's text vocabulary."""
+    from ttt_speech.eval.models import moshi_extras
+    from ttt_speech.moshi.checkpoint import load_text_tokenizer
+
     longest = max(s.length for s in sequences)
     empty = [L for L in args.lengths if L // 2 >= longest]
     if empty:
@@ -192,6 +196,10 @@ def check_data(specs: list[Spec], sequences: list[Sequence], args: argparse.Name
         if limits is None:
             continue
         text_card, card = limits
+        tokenizer = args.tokenizer or (moshi_extras(Path(spec.path), spec.config).get("tokenizer_path")
+                                       if spec.kind == "moshi" else None)
+        if tokenizer:  # decoding a generated token the tokenizer lacks would end the run after the model's turn
+            load_text_tokenizer(tokenizer, text_card)
         for seq in sequences:
             text_max = int(seq.tokens[0].max())
             if text_max >= text_card:

@@ -24,7 +24,7 @@ from moshi.models.loaders import MIMI_NAME, MOSHI_NAME, TEXT_TOKENIZER_NAME, Che
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ttt_speech.errors import UsageError
+from ttt_speech.errors import UsageError, check_safetensors
 from ttt_speech.moshi.config import read_moshi_config
 
 CONFIG_NAME = "config.json"
@@ -128,6 +128,9 @@ def checkpoint_info(path: str, mimi_config: str | None = None) -> CheckpointInfo
     for key in ("mimi_name", "tokenizer_name", "mimi_config_name"):
         if key in raw and not (root / raw[key]).is_file():
             raise UsageError(f"{root / raw[key]}: no such file ({key} in {config_path})")
+    for weights in (root / raw.get("moshi_name", MOSHI_NAME), root / raw.get("mimi_name", "")):
+        if weights.suffix == ".safetensors" and weights.is_file():
+            check_safetensors(weights)
     mimi_cfg = mimi_config or (str(root / raw["mimi_config_name"]) if "mimi_config_name" in raw else None)
     return CheckpointInfo.from_hf_repo(
         str(root), moshi_weights=root / raw.get("moshi_name", MOSHI_NAME),

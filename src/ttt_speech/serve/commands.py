@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import signal
+import socket
 import sys
 import tempfile
 import typing as tp
@@ -218,7 +219,23 @@ def check_serve(args: argparse.Namespace) -> dict[str, tp.Any]:
 
         load_text_tokenizer(tokenizer, raw.get("text_card", 0))
     output_dir(args.state_dir)
+    check_address(args.host, args.port)
     return raw
+
+
+def check_address(host: str, port: int) -> None:
+    """--host resolves and --port is free there: found now, not after the model has loaded."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise UsageError(f"--host {host}: {e.strerror}; give an address of this machine, e.g. 127.0.0.1") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise UsageError(f"--host {host} --port {port}: cannot listen there ({e.strerror}); "
+                             "give a free port (0 picks one)") from None
 
 
 def run(args: argparse.Namespace) -> None:

@@ -12,7 +12,8 @@ import sys
 import typing as tp
 
 from ttt_speech.devices import torch_device
-from ttt_speech.errors import existing_dir, existing_file, output_dir, positive_int, read_json_object
+from ttt_speech.errors import (DEBUG_FLAG, OneLineParser, debug_requested, existing_dir, existing_file, one_line_errors,
+                               output_dir, positive_int, read_json_object)
 from ttt_speech.threads import add_threads_argument, use_cpu_threads
 
 # moshi compiles lazily unless told not to, which costs seconds per first forward on a CPU
@@ -120,15 +121,19 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m ttt_speech.train [train] CONFIG | tokenize ... | plot-run RUN_DIR`."""
+    """`python -m ttt_speech.train [train] CONFIG | tokenize ... | plot-run RUN_DIR` (also under torchrun): bad
+    input ends with one line and exit code 2, as `ttt-speech` does."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in COMMANDS:
-        add, run, help_ = COMMANDS[argv[0]]
-        p = argparse.ArgumentParser(prog=f"python -m ttt_speech.train {argv[0]}", description=help_)
-        add(p)
-        return run(p.parse_args(argv[1:]))
-    if argv and argv[0] == "train":
-        argv = argv[1:]
-    p = argparse.ArgumentParser(prog="python -m ttt_speech.train", description="train a TTT hybrid (see configs/)")
-    add_train_arguments(p)
-    return run_train(p.parse_args(argv))
+    debug = debug_requested(argv)
+    argv = [a for a in argv if a != DEBUG_FLAG]
+    name = argv[0] if argv and argv[0] in (*COMMANDS, "train") else "train"
+    prog = "python -m ttt_speech.train" + (f" {name}" if name != "train" else "")
+    with one_line_errors(prog, debug):
+        if name in COMMANDS:
+            add, run, help_ = COMMANDS[name]
+            p = OneLineParser(prog=prog, description=help_)
+            add(p)
+            return run(p.parse_args(argv[1:]))
+        p = OneLineParser(prog=prog, description="train a TTT hybrid (see configs/)")
+        add_train_arguments(p)
+        return run_train(p.parse_args(argv[1:] if argv and argv[0] == "train" else argv))

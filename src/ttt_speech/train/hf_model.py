@@ -9,6 +9,7 @@ positions carry no loss).
 from __future__ import annotations
 
 import typing as tp
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +17,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 
 from ttt_speech.config import InPlaceConfig, TTTConfig
 from ttt_speech.hf import convert
+from ttt_speech.hf.checkpoint import check_llm_dir
 from ttt_speech.hf.section import section_of
 from ttt_speech.hf.segments import layer_segment
 from ttt_speech.train.config import ModelConfig
@@ -36,11 +38,14 @@ def tiny_llama(seed: int = 0, vocab: int = 64, window: int = 8) -> LlamaForCausa
 def load_hf(cfg: ModelConfig, window: int | None, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
     """The model `cfg` names; vanilla ones are converted with `window` as their attention window."""
     if cfg.hybrid:
+        check_llm_dir(cfg.hybrid)
         model = tp.cast(PreTrainedModel, convert.load(cfg.hybrid, dtype=dtype))
         return model.to(device)
     if cfg.tiny:
         model = tiny_llama(cfg.seed).to(dtype)
     else:
+        if Path(cfg.pretrained).exists() or str(cfg.pretrained).startswith(("/", ".", "~")):  # not a hub id
+            check_llm_dir(tp.cast(str, cfg.pretrained))
         model = AutoModelForCausalLM.from_pretrained(cfg.pretrained, dtype=dtype, attn_implementation="sdpa")
     model = model.to(device)
     if cfg.layers == []:
