@@ -87,6 +87,14 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     hf.mkdir()
     (hf / "config.json").write_text(json.dumps({"model_type": "no_such_llm", "architectures": ["NoSuchLM"]}))
     out["unknown_llm"] = hf
+    for name, weights in (("weightless_llm", None), ("truncated_llm", out["truncated"])):
+        root = d / name
+        root.mkdir()
+        (root / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
+                                                      "num_attention_heads": 4}))
+        if weights is not None:
+            shutil.copyfile(weights, root / "model.safetensors")
+        out[name] = root
     corpus = d / "corpus"
     corpus.mkdir()
     (corpus / "corpus.json").write_text(json.dumps({"recordings": []}))
@@ -195,6 +203,8 @@ ROWS: list[tuple[str, str]] = [
     ("convert-hf --model /nonexistent --layers 1 --out {dir}/o", "/nonexistent: no such transformers model directory"),
     ("convert-hf --model {dir} --layers 1 --out {dir}/o", "config.json: no such transformers config.json"),
     ("convert-hf --model {unknown_llm} --layers 1 --out {dir}/o", "cannot tell which transformers language model"),
+    ("convert-hf --model {weightless_llm} --layers 1 --out {dir}/o", "weightless_llm: no weights (model.safetensors"),
+    ("convert-hf --model {truncated_llm} --layers 1 --out {dir}/o", "truncated_llm/model.safetensors: truncated"),
     ("convert-hf --model {unknown_llm} --layers 1-x --out {dir}/o", "--layers: bad layer list '1-x'"),
     ("convert-hf --model {unknown_llm} --layers 1 --out {dir}/o --attention-window 0", "--attention-window: 0"),
     ("convert-hf --model {unknown_llm} --layers 1 --out {dir}/o --mini-batch -1", "--mini-batch: -1"),

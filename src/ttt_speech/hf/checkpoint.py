@@ -126,7 +126,7 @@ def saved_names(model: PreTrainedModel, keys: set[str]) -> dict[str, str]:
 def check_llm_dir(path: str | Path) -> dict[str, Any]:
     """The config.json of a transformers LLM directory (converted or not), checked before anything is built: not
     a Moshi checkpoint (transformers would build a default 7B Moshi from it), a model_type transformers knows,
-    whole safetensors files. Else a UsageError naming the directory or file."""
+    weights there (safetensors files whole). Else a UsageError naming the directory or file."""
     root = existing_dir(path, "transformers model directory")
     cfg = read_json_object(root / "config.json", "transformers config.json")
     if "dep_q" in cfg or cfg.get("model_type") == "moshi":
@@ -140,8 +140,11 @@ def check_llm_dir(path: str | Path) -> dict[str, Any]:
         raise UsageError(f"{index}: no weight_map; copy or download it again")
     try:
         files = checkpoint_files(root)
-    except FileNotFoundError as e:
-        raise UsageError(str(e)) from None
+    except FileNotFoundError:  # transformers also reads pytorch_model*.bin (Spirit-LM ships those)
+        if not any((root / n).is_file() for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+            raise UsageError(f"{root}: no weights (model.safetensors, pytorch_model.bin, or an index of their "
+                             "shards)") from None
+        files = []
     for f in files:
         check_safetensors(f)
     return cfg
