@@ -78,7 +78,7 @@ def recall_vs_gap(results: list[ModelResult], out_dir: Path) -> Path:
         ax.minorticks_off()
         ax.set_xlabel("distance of the copy from its source (positions)")
         ax.set_ylabel("loss on copy vs first occurrence (%)")
-        ax.set_title(f"recall at distance: {group} (dashed: attention window)")
+        ax.set_title(f"{group} (dashed: attention window)")
         ax.legend(fontsize=8)
     return _save(fig, out_dir / "recall_vs_gap.png")
 
