@@ -23,17 +23,36 @@ def test_replay_reaches_the_layers_own_weights(variant: str) -> None:
     torch.manual_seed(0)
     layer = TTTLayer(TTTConfig(dim=32, num_heads=2, mini_batch=16, variant=variant, base_lr=5.0))
     x = torch.randn(2, 48, 32)
-    with memory_probe.record_inner_inputs() as calls, torch.no_grad():
+    with memory_probe.record_inner_inputs([layer]) as calls, torch.no_grad():
         _, state = layer(x, layer.init_state(2))
     loss, W, b = memory_probe.replay_inner_losses(layer, calls)
     torch.testing.assert_close(W, state["W1"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(b, state["b1"], rtol=1e-4, atol=1e-5)
     assert not torch.allclose(W, layer.W1.expand_as(W))  # three updates happened
     k, v = (t[:, :, :16] for t in calls[id(layer)][0][:2])
-    ln_w, ln_b = (t[:, None, :] for t in layer._ln())
+    ln_w, ln_b = (t[:, None, :] for t in layer.inner_norm())
     at_w0 = 0.5 * ((layer_norm(k @ layer.W1 + layer.b1, ln_w, ln_b, layer.config.eps) - (v - k)) ** 2).sum(-1)
     torch.testing.assert_close(loss[:, :, :16], at_w0.detach(), rtol=1e-5, atol=1e-5)
-    assert memory_probe.TTTLayer._inner_inputs is TTTLayer._inner_inputs  # the spy is gone
+    assert not layer.inner_hooks  # the recorder is gone
+
+
+def test_the_inner_hook_sees_forward_and_step_alike_until_removed() -> None:
+    """The hook shows the same inner inputs whether the stream runs chunked or token by token."""
+    torch.manual_seed(0)
+    layer = TTTLayer(TTTConfig(dim=16, num_heads=2, mini_batch=4))
+    x = torch.randn(1, 6, 16)
+    seen: list[list[torch.Tensor]] = []
+    handle = layer.register_inner_hook(lambda lay, q, k, v, a, c: seen.append([q, k, v, a, c]))
+    with torch.no_grad():
+        layer(x)
+        state = layer.init_state(1)
+        for t in range(6):
+            layer.step(x[:, t:t + 1], state)
+    handle.remove()
+    layer(x)
+    assert len(seen) == 7  # one forward, six steps, nothing after remove()
+    for whole, tokens in zip(seen[0], zip(*seen[1:])):
+        torch.testing.assert_close(whole, torch.cat(tokens, dim=2), rtol=1e-5, atol=1e-6)
 
 
 def test_copy_and_control_differ_only_at_the_source() -> None:
@@ -92,7 +111,7 @@ def test_replayed_losses_show_storage_where_a_layer_stores() -> None:
     never_seen[:, 16:48] = torch.randn(4, 32, 32, generator=g)
     losses = []
     for x in (copied, never_seen):
-        with memory_probe.record_inner_inputs() as calls, torch.no_grad():
+        with memory_probe.record_inner_inputs([layer]) as calls, torch.no_grad():
             layer(x, layer.init_state(4))
         losses.append(memory_probe.replay_inner_losses(layer, calls)[0][..., 96:112].mean().item())
     assert losses[0] < 0.85 * losses[1]  # measured: 9.73 vs 13.18 (-26 %)

@@ -26,7 +26,6 @@ import contextlib
 import dataclasses
 import json
 import typing as tp
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -34,54 +33,51 @@ from torch import Tensor
 from ttt_speech.eval.data import Sequence, load_sequences
 from ttt_speech.eval.models import load_model
 from ttt_speech.layers.ttt import TTTLayer
-from ttt_speech.ops.ttt.reference import layer_norm
+from ttt_speech.ops.ttt.reference import inner_forward, layer_norm, ttt_chunked
 
 Calls = dict[int, list[list[Tensor]]]  # id(layer) -> per call [k, v, a, c], each [B, H, t, D] / [B, H, t]
 
 
 @contextlib.contextmanager
-def record_inner_inputs() -> tp.Iterator[Calls]:
-    """Record what every TTTLayer's `_inner_inputs` returns (k, v and both step sizes) while inside."""
+def record_inner_inputs(layers: tp.Iterable[TTTLayer]) -> tp.Iterator[Calls]:
+    """Record the inner model's k, v and step sizes of each layer (its `register_inner_hook`) while inside."""
     calls: Calls = {}
-    original = TTTLayer._inner_inputs
 
-    def spy(layer: TTTLayer, *args: Tensor) -> list[Tensor]:
-        out = original(layer, *args)
-        calls.setdefault(id(layer), []).append([t.clone() for t in out[1:]])
-        return out
+    def keep(layer: TTTLayer, q: Tensor, k: Tensor, v: Tensor, a: Tensor, c: Tensor) -> None:
+        calls.setdefault(id(layer), []).append([t.clone() for t in (k, v, a, c)])
 
-    TTTLayer._inner_inputs = spy  # type: ignore[method-assign]
+    handles = [layer.register_inner_hook(keep) for layer in layers]
     try:
         yield calls
     finally:
-        TTTLayer._inner_inputs = original  # type: ignore[method-assign]
+        for handle in handles:
+            handle.remove()
 
 
 def replay_inner_losses(layer: TTTLayer, calls: Calls) -> tuple[Tensor, Tensor, Tensor]:
     """Each token's inner loss at its mini-batch's boundary weights [B, H, T] (NaN after the last whole
-    mini-batch), and the weights after it, replaying the linear inner model's updates W -= a_last k^T (c dl/dz)."""
+    mini-batch), and the weights after it: the recorded inputs replayed one mini-batch at a time through
+    the reference TTT math (`ops.ttt.reference`), the losses taken at the weights each mini-batch starts from."""
     if layer.config.inner != "linear":
         raise ValueError("probe-memory replays linear inner models only")
     if id(layer) not in calls:
         raise RuntimeError("no TTT inputs were recorded (the fused CUDA step bypasses them: stream on the CPU)")
     k, v, a, c = (torch.cat([call[i] for call in calls[id(layer)]], dim=2) for i in range(4))
-    ln_w, ln_b = (t.float()[:, None, :] for t in layer._ln())
+    ln_w, ln_b = (t.float() for t in layer.inner_norm())
     B, H, T, D = k.shape
     K = layer.config.mini_batch
-    W, b = layer.W1.float().expand(B, H, D, D).clone(), layer.b1.float().expand(B, H, 1, D).clone()
+    weights = [layer.W1.float().expand(B, H, D, D), layer.b1.float().expand(B, H, 1, D)]
+    zeros = [torch.zeros_like(w) for w in weights]
+    start = torch.zeros(B, dtype=torch.long)
     loss = torch.full((B, H, T), torch.nan)
     for n in range(T // K):
         s = slice(n * K, (n + 1) * K)
         kk, vv = k[:, :, s], v[:, :, s]
-        with torch.enable_grad():
-            z = (kk @ W + b).requires_grad_(True)
-            per_token = 0.5 * ((layer_norm(z, ln_w, ln_b, layer.config.eps) - (vv - kk)) ** 2).sum(-1)
-            (g,) = torch.autograd.grad(per_token.sum(), z)
-        loss[:, :, s] = per_token.detach()
-        cg = c[:, :, s, None] * g
-        a_last = a[:, :, n * K + K - 1, None, None]
-        W, b = W - a_last * kk.transpose(-1, -2) @ cg, b - a_last * cg.sum(-2, keepdim=True)
-    return loss, W, b
+        _, zs = inner_forward(kk, weights)
+        loss[:, :, s] = 0.5 * ((layer_norm(zs[-1], ln_w[:, None], ln_b[:, None], layer.config.eps) - (vv - kk)) ** 2).sum(-1)
+        _, weights, _, _ = ttt_chunked(kk, kk, vv, a[:, :, s], c[:, :, s], ln_w, ln_b, weights, zeros, start, K,
+                                       eps=layer.config.eps)
+    return loss, weights[0], weights[1]
 
 
 def copy_and_control(sequences: list[Sequence], gap: int, span: int, context: int,
@@ -134,7 +130,7 @@ def probe(scorer: tp.Any, sequences: list[Sequence], gaps: list[int], span: int 
         again = slice(first.start + gap, first.stop + gap)
         losses = []
         for tokens in copy_and_control(sequences, gap, span, context, K):
-            with record_inner_inputs() as calls, torch.no_grad():
+            with record_inner_inputs(layers) as calls, torch.no_grad():
                 scorer.score(tokens, torch.full((tokens.shape[0], len(scorer.streams), tokens.shape[-1]), torch.nan),
                              lambda step: None)
             losses.append([replay_inner_losses(layer, calls)[0] for layer in layers])

@@ -15,16 +15,21 @@ import functools
 import math
 import os
 import typing as tp
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from ttt_speech.config import TTTConfig
 from ttt_speech.layers.state import TTTState, inner_shapes
 from ttt_speech.ops.ttt.fla import fla_available, ttt_linear_fla
 from ttt_speech.ops.ttt.reference import ttt_chunked
 from ttt_speech.ops.ttt.step import ttt_step_
+
+# hook(layer, q, k, v, a, c): see TTTLayer.register_inner_hook
+InnerHook = tp.Callable[..., None]
 
 if tp.TYPE_CHECKING:
     from ttt_speech.ops.ttt.triton_step import StepParams
@@ -161,6 +166,7 @@ class TTTLayer(StreamingLayer):
     ) -> None:
         super().__init__()
         self.config = cfg = config
+        self.inner_hooks: OrderedDict[int, InnerHook] = OrderedDict()  # see register_inner_hook
         H, D, C = cfg.num_heads, cfg.head_dim, cfg.dim
 
         def linear(given: nn.Module | None, name: str = "") -> nn.Module:
@@ -272,8 +278,30 @@ class TTTLayer(StreamingLayer):
             q, k = self.q_proj(h), self.k_proj(h)
         return [q, k, self.v_proj(h)], h, tails
 
+    def register_inner_hook(self, hook: InnerHook) -> RemovableHandle:
+        """Call `hook(layer, q, k, v, a, c)` with the inner model's inputs each time the layer runs.
+
+        q, k, v: [B, H, T, head_dim] after RoPE, a, c: [B, H, T] (the step size of token i's update for
+        token j's gradient is a_i * c_j), in the state's dtype: what the TTT math of `ops.ttt.reference`
+        reads. Fired by `forward` and by the unfused `step` (CUDA's fused step kernel computes them inside
+        itself). `handle.remove()` detaches the hook. This is how a probe observes a layer's memory.
+        """
+        handle = RemovableHandle(self.inner_hooks)
+        self.inner_hooks[handle.id] = hook
+        return handle
+
+    def inner_norm(self) -> tuple[Tensor, Tensor]:
+        """Weight and bias [H, head_dim] of the LayerNorm inside the inner model's loss, in the state's dtype."""
+        return self.ttt_norm_weight.to(self.state_dtype), self.ttt_norm_bias.to(self.state_dtype)
+
     def _inner_inputs(self, q: Tensor, k: Tensor, v: Tensor, h: Tensor, state: TTTState) -> list[Tensor]:
-        """RoPE and step sizes: [q, k, v, a, c] per head in the state's dtype (fp32)."""
+        """RoPE and step sizes: [q, k, v, a, c] per head in the state's dtype (fp32); shown to the inner hooks."""
+        inputs = self._rope_and_steps(q, k, v, h, state)
+        for hook in list(self.inner_hooks.values()):
+            hook(self, *inputs)
+        return inputs
+
+    def _rope_and_steps(self, q: Tensor, k: Tensor, v: Tensor, h: Tensor, state: TTTState) -> list[Tensor]:
         cfg = self.config
         B, T, _ = h.shape
         H, D = cfg.num_heads, cfg.head_dim
@@ -312,9 +340,6 @@ class TTTLayer(StreamingLayer):
         cfg = self.config
         return dict(mini_batch=cfg.mini_batch, residual="q" if cfg.variant == "ttt-lm" else "z", eps=cfg.eps)
 
-    def _ln(self) -> tuple[Tensor, Tensor]:
-        return self.ttt_norm_weight.to(self.state_dtype), self.ttt_norm_bias.to(self.state_dtype)
-
     # -- the two forms -----------------------------------------------------------------------
     def forward(self, x: Tensor, state: TTTState | None = None, qkv: Tensor | None = None,
                 heads: Tensor | None = None) -> tuple[Tensor, TTTState]:
@@ -337,7 +362,7 @@ class TTTLayer(StreamingLayer):
             weights = [W, b]
             q, k, v, a, c = (t[:, :, T0:] for t in (q, k, v, a, c))
         if q.shape[2]:
-            o, weights, grads, offset = ttt_chunked(q, k, v, a, c, *self._ln(), weights, grads, offset,
+            o, weights, grads, offset = ttt_chunked(q, k, v, a, c, *self.inner_norm(), weights, grads, offset,
                                                     **self._inner_args)
             outs.append(o)
         else:
@@ -357,7 +382,7 @@ class TTTLayer(StreamingLayer):
         if (cfg.inner != "linear" or x.shape[1] < cfg.mini_batch or state.dtype != torch.float32
                 or not triton_runs_on(x)):
             return None
-        ln, eps, dt = self._ln(), cfg.eps, x.dtype
+        ln, eps, dt = self.inner_norm(), cfg.eps, x.dtype
         if cfg.variant == "fla" and x.is_cuda and cfg.mini_batch in (16, 32, 64) and fla_available():
             def run(q, k, v, a, c, W, b):
                 return ttt_linear_fla(q.to(dt), k.to(dt), v.to(dt), a, *ln, W, b, cfg.mini_batch, eps)
@@ -400,7 +425,7 @@ class TTTLayer(StreamingLayer):
             state.write_(tails, exec_mask)
             return out if heads is not None else self._finish(out, h, x.dtype, None)
         q, k, v, a, c = self._inner_inputs(*projected, h, state)
-        out = ttt_step_(q, k, v, a, c, *self._ln(), state.weights(), state.grads(), state.offset,
+        out = ttt_step_(q, k, v, a, c, *self.inner_norm(), state.weights(), state.grads(), state.offset,
                         exec_mask=exec_mask, **self._inner_args)
         state.write_(tails, exec_mask)
         return self._finish(heads_to_channels(out), h, x.dtype, heads)
