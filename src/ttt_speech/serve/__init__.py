@@ -10,6 +10,7 @@ sessions.py  sessions, limits, metrics and the engine task that batches them
 server.py    the aiohttp app: /api/chat, /health, /metrics
 commands.py  the command line (add_arguments / run)
 capacity.py  how many sessions keep real time: a ramp through the batched step (benchmarks/serve_capacity.py)
+client.py    `ttt-speech talk`: a headless client (send a wav, record the reply); aiohttp + sphn, no torch
 
-Importing a submodule imports moshi (and server.py / commands.py aiohttp).
+protocol.py and client.py import neither torch nor moshi; the model modules do.
 """
