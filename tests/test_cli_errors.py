@@ -79,6 +79,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (d / "unknown_key.yaml").write_text("model: {tiny: true}\ntrain: {batch_sizee: 2}\n")
     out["unknown_key_yaml"] = d / "unknown_key.yaml"
     (d / "list.yaml").write_text("- 1\n- 2\n")
+    (d / "typed.yaml").write_text("model: {tiny: true}\ntrain: {batch_size: four}\n")
+    out["typed_yaml"] = d / "typed.yaml"
     out["list_yaml"] = d / "list.yaml"
     run = d / "run"
     run.mkdir()
@@ -260,6 +262,8 @@ ROWS: list[tuple[str, str]] = [
     ("train {unknown_key_yaml} --set train", "--set 'train': expected dotted.key=value"),
     ("train {unknown_key_yaml} --set train.batch_size=[1", "--set 'train.batch_size=[1': not valid YAML"),
     ("train {unknown_key_yaml} --run-dir {a_file}", "a_file: is a file"),
+    ("train {typed_yaml}", "typed.yaml: train.batch_size: expected an integer, got 'four'"),
+    ("train {typed_yaml} --set train.batch_size=2 --set log.tensorboard=1", "log.tensorboard: expected true or false"),
     ("tokenize /nonexistent.jsonl --out {dir}/t --checkpoint {vanilla}", "/nonexistent.jsonl: no such jsonl manifest"),
     ("tokenize {a_file} --out {dir}/t --checkpoint /nonexistent/ckpt", "/nonexistent/ckpt: no such Moshi checkpoint"),
     ("tokenize {a_file} --out {dir}/t --checkpoint {vanilla} --shard-frames 0", "--shard-frames: 0"),

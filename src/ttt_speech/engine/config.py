@@ -79,8 +79,27 @@ def _build(tp_: tp.Any, value: tp.Any, where: str) -> tp.Any:
         return [_build(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is tp.Literal and value not in tp.get_args(tp_):
         raise ValueError(f"{where}: must be one of {list(tp.get_args(tp_))}, got {value!r}")
-    if tp_ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if tp_ in _SCALARS:
+        return _scalar(tp_, value, where)
+    return value
+
+
+_SCALARS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _scalar(tp_: type, value: tp.Any, where: str) -> tp.Any:
+    """`value` as the field's scalar type, or a ValueError naming the key (not a TypeError from inside a
+    dataclass's checks). YAML 1.1 reads 3e-4 (no dot) as a string: a float field takes it as the number."""
+    if tp_ is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    ok = isinstance(value, tp_) and not (tp_ in (int, float) and isinstance(value, bool))
+    if tp_ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if not ok:
+        raise ValueError(f"{where}: expected {_SCALARS[tp_]}, got {value!r}")
     return value
 
 
