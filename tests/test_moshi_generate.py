@@ -111,6 +111,25 @@ def test_a_checkpoint_without_a_mimi_says_so(tmp_path: Path, capsys: pytest.Capt
     assert "audio" not in files and "--mimi-weights" in capsys.readouterr().err
 
 
+def test_latency_plot_shows_state_and_memory_apart_with_legends(tmp_path: Path, monkeypatch) -> None:
+    """latency_memory.png: three panels, each with a legend; the state panel plots the measured state
+    bytes and the memory panel the RSS, each on its own axis; the title names the model without a path."""
+    from matplotlib.figure import Figure
+
+    figures: list[Figure] = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: figures.append(self))
+    files = generate("--minutes", "0.05", "--out", str(tmp_path), "--device", "cpu")
+    stats = json.loads(files["stats"].read_text())
+    (fig,) = figures
+    latency, state, rss = fig.axes
+    assert all(ax.get_legend() is not None for ax in fig.axes)
+    assert np.allclose(state.get_lines()[0].get_ydata(), stats["state_bytes_last"] / 2**10)  # flat: KiB
+    assert np.max(rss.get_lines()[0].get_ydata()) == pytest.approx(stats["rss_bytes_max"] / 2**20)
+    assert state.get_ylabel() == "state (KiB)" and rss.get_ylabel() == "RSS (MiB)"
+    title = fig.get_suptitle()
+    assert title.startswith("the shipped small TTT hybrid: 38 frames") and "/" not in title
+
+
 def test_stream_state_is_constant_and_larger_than_vanillas_by_the_ttt_state() -> None:
     lm = build_tiny_lm(0)
     vanilla = stream(lm, 40, progress=False)
