@@ -1,10 +1,14 @@
-"""Weight-only INT8 / INT4 quantization of a Moshi-7B-shape TTT hybrid: step time, memory, logit error.
+"""INT8 / W8A8 / INT4 quantization of a Moshi-7B-shape TTT hybrid: step time, memory, logit error.
 
     python benchmarks/quantize.py                    # 7B shape, bf16, CUDA graphs (moshi's own), TTT in all 32 layers
+    python benchmarks/quantize.py --compile          # + each mode with its quantized linears torch.compile'd
     python benchmarks/quantize.py --layers 24-31     # TTT in the top 8 layers only
     python benchmarks/quantize.py --tiny             # tiny config (CPU where there is no GPU): checks that it runs
+    python benchmarks/quantize.py --shipped          # CPU, no timing: logit error of the shipped small hybrid
+                                                     # (trained) beside a random-weight model of its config
 
-Rows: vanilla bf16, hybrid bf16, hybrid int8, hybrid int4 (CUDA + bf16 only). Every model is built
+Rows: vanilla bf16, hybrid bf16, hybrid int8, w8a8, int4 (CUDA + bf16 only), then with --compile the
+same modes compiled (`quantize_weights(..., compile=True)`: the first step compiles). Every model is built
 by moshi_stream.py's `build` from the same seed (same random weights, TTT gate 0.1); the quantized
 rows are then quantized in place by `ttt_speech.quantize.quantize_weights` (torchao). Step time is
 moshi_stream.py's `measure`: LMGen.step up to frame --frames, then p50/p90 over --window frames.
@@ -31,8 +35,11 @@ if not torch.cuda.is_available():
 
 from moshi.models import loaders  # noqa: E402
 from moshi.models.lm import LMModel  # noqa: E402
-from moshi_stream import build, measure  # noqa: E402  (this directory: the same models and timing)
+from moshi_stream import Stream, build  # noqa: E402  (this directory: the same models and timing)
 
+from ttt_speech.moshi import convert, load_hybrid  # noqa: E402
+from ttt_speech.moshi.config import lm_kwargs  # noqa: E402
+from ttt_speech.moshi.scratch import SHIPPED_DIR  # noqa: E402
 from ttt_speech.moshi.tiny import tiny_lm_config  # noqa: E402
 from ttt_speech.quantize import MODES, format_bytes, quantize_weights, torchao_quantization, weight_bytes  # noqa: E402
 
@@ -66,6 +73,44 @@ def logit_error(ref: list[Tensor], got: list[Tensor]) -> tuple[float, float, flo
     return max_abs, rel, same / sum(r.shape[0] for r in ref)
 
 
+def measure(lm: LMModel, frame: int, window: int, batch: int) -> tuple[float, float]:
+    """(p50, p90) ms of LMGen.step over `window` frames from frame `frame` (moshi_stream.py's timing)."""
+    stream = Stream("model", lm, batch)
+    with stream.gen.streaming(batch):
+        stream.reach(frame)
+        stream.time(frame, window)
+    return stream.p50_p90(frame)
+
+
+@torch.no_grad()
+def shipped_errors(modes: list[str]) -> None:
+    """Logit error of each mode on the shipped (trained) small hybrid and on a random-weight model of the same
+    config and TTT layers (moshi's initialisation, seed 0), fp32 on the CPU, the same random input codes."""
+    shipped = load_hybrid(SHIPPED_DIR, dtype=torch.float32)
+    spec, raw = shipped.ttt_spec, shipped.moshi_config
+
+    def fresh(trained: bool) -> LMModel:
+        if trained:
+            return load_hybrid(SHIPPED_DIR, dtype=torch.float32)
+        torch.manual_seed(0)
+        lm = loaders.get_moshi_lm(None, lm_kwargs=lm_kwargs(raw), device="cpu", dtype=torch.float32)
+        return convert(lm, spec.layers, spec.mode, spec.config, moshi_config=raw).eval()
+
+    print(f"shipped small hybrid ({SHIPPED_DIR.name}: {sum(p.numel() for p in shipped.parameters()) / 1e6:.1f}M "
+          f"parameters, TTT layers {list(spec.layers)}), fp32 on the CPU, logit error vs its fp32 self on "
+          f"{LOGIT_BATCH} x {LOGIT_FRAMES} random frames")
+    row("weights", "mode", "max abs Δ logits", "rel Δ logits", "same argmax")
+    print("|---" * 5 + "|")
+    for trained in (True, False):
+        codes = random_codes(fresh(trained))
+        ref = teacher_forced_logits(fresh(trained), codes)
+        for mode in modes:
+            lm = fresh(trained)
+            quantize_weights(lm, mode)  # type: ignore[arg-type]
+            error = logit_error(ref, teacher_forced_logits(lm, codes))
+            row("shipped (trained)" if trained else "random, same config", mode, *(f"{x:.4f}" for x in error))
+
+
 def row(*cells: str) -> None:
     print("| " + " | ".join(cells) + " |", flush=True)
 
@@ -78,13 +123,19 @@ def main() -> None:
     p.add_argument("--window", type=int, default=50, help="frames timed")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--mini-batch", type=int, default=16)
-    p.add_argument("--modes", default=",".join(MODES), help="quantized rows, comma list of int8,int4")
+    p.add_argument("--modes", default=",".join(MODES), help=f"quantized rows, comma list of {','.join(MODES)}")
     p.add_argument("--group-size", type=int, help="int4 group size (default 128; 32 with --tiny)")
+    p.add_argument("--compile", action="store_true", help="also each mode with its quantized linears compiled")
+    p.add_argument("--shipped", action="store_true",
+                   help="only the logit error of the shipped small hybrid vs a random-weight twin (CPU)")
     args = p.parse_args()
     modes = [m for m in args.modes.split(",") if m]
     if not set(modes) <= set(MODES):
         p.error(f"--modes: choose from {MODES}")
     torchao_quantization()  # fail now, with the install hint, if torchao is missing
+    if args.shipped:
+        torch.set_num_threads(min(2, torch.get_num_threads()))
+        return shipped_errors([m for m in modes if m != "int4"])  # int4: CUDA only
     group_size = args.group_size or (32 if args.tiny else 128)
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -98,11 +149,12 @@ def main() -> None:
     row("model", "p50 / p90 ms", "p50 vs vanilla", "p50 vs hybrid", "weight tensors", "allocated",
         "peak while streaming", "max abs Δ logits", "rel Δ logits", "same argmax")
     print("|---" * 10 + "|")
-    models = [("vanilla", "none", None), ("hybrid", args.layers, None)] + [("hybrid", args.layers, m) for m in modes]
+    models = [("vanilla", "none", None, False), ("hybrid", args.layers, None, False)]
+    models += [("hybrid", args.layers, m, c) for c in ([False, True] if args.compile else [False]) for m in modes]
     times: dict[str, float] = {}
     ref: list[Tensor] = []
-    for kind, layers, mode in models:
-        name = f"{kind} {mode or dtype_name}"
+    for kind, layers, mode, compiled in models:
+        name = f"{kind} {mode or dtype_name}{' compiled' if compiled else ''}"
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
@@ -111,12 +163,12 @@ def main() -> None:
         lm = build(kwargs, layers, device, dtype, args.mini_batch)
         try:
             if mode is not None:
-                quantize_weights(lm, mode, group_size=group_size)
+                quantize_weights(lm, mode, group_size=group_size, compile=compiled)
             allocated = format_bytes(torch.cuda.memory_allocated() - before) if cuda else "n/a"
             logits = teacher_forced_logits(lm, random_codes(lm))
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            res = measure(lm, [args.frames], args.window, args.batch)
+            p50, p90 = measure(lm, args.frames, args.window, args.batch)
         except Exception as e:  # a mode this stack cannot run (int4 off CUDA, ...) is a result, not the end
             if mode is None:
                 raise
@@ -126,7 +178,6 @@ def main() -> None:
             del lm
             continue
         peak = format_bytes(torch.cuda.max_memory_allocated() - before) if cuda else "n/a"
-        p50, p90 = res[args.frames]
         times.setdefault(kind, p50)
         if kind == "hybrid" and mode is None:
             ref = logits

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from ttt_speech.compat import fold_weight_norm, retype, share_module_contents
+from ttt_speech.compat import allow_recompiles, fold_weight_norm, retype, share_module_contents
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "ttt_speech"
 COMPAT = {SRC / "compat.py", SRC / "moshi" / "compat.py", SRC / "hf" / "compat.py"}
@@ -51,6 +51,19 @@ def test_retype_only_to_a_subclass():
 
 
 # -- transformers -------------------------------------------------------------------------------
+def test_allow_recompiles_raises_dynamo_s_limit_and_never_lowers_it():
+    import torch._dynamo.config as dynamo_config
+
+    before = dynamo_config.recompile_limit
+    try:
+        allow_recompiles(before + 40)
+        assert dynamo_config.recompile_limit == before + 40
+        allow_recompiles(1)
+        assert dynamo_config.recompile_limit == before + 40
+    finally:
+        dynamo_config.recompile_limit = before
+
+
 def test_attention_implementation_reads_the_config():
     transformers = pytest.importorskip("transformers")
     from ttt_speech.hf.compat import attention_implementation

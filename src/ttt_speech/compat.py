@@ -1,8 +1,8 @@
 """The one door into torch's private attributes, and into changing an object's class.
 
-Two things ttt_speech needs have no public torch API: a module that shares another's parameters,
-buffers and children without copying them (FSDP2 shards one layer through a stand-in), and the
-weight-norm fold. Swapping an object's class in place (a 7B model is converted, not copied) is
+Three things ttt_speech needs have no public torch API: a module that shares another's parameters,
+buffers and children without copying them (FSDP2 shards one layer through a stand-in), the
+weight-norm fold, and how many specialisations one compiled function may hold. Swapping an object's class in place (a 7B model is converted, not copied) is
 also done here only, with the one check that makes it safe. `tests/test_compat.py` tests each.
 """
 
@@ -35,3 +35,11 @@ def retype(obj: object, cls: type[T]) -> T:
         raise TypeError(f"{cls.__name__} does not subclass {type(obj).__name__}")
     obj.__class__ = cls
     return tp.cast(T, obj)
+
+
+def allow_recompiles(limit: int) -> None:
+    """Let each function torch.compile'd in this process hold at least `limit` specialisations (one per
+    input shape) before dynamo gives up and runs it eagerly; never lowers the limit."""
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, limit)

@@ -7,6 +7,12 @@ else changes type. The TTT fast weights are never quantized: their learned initi
 ...) are plain parameters copied into every stream's fp32 state, and that state is trained at
 every token, where int8 rounding would be noise added to each update.
 
+Uncompiled, torchao's int8 weight-only matmul casts each int8 weight to the activations' dtype before
+a plain matmul, so it moves more bytes than bf16 (2.05x slower on the device, docs/benchmarks.md).
+Two ways past that, both here: `compile=True` torch.compiles every quantized linear (inductor fuses the
+cast into the matmul, with torchao's recommended inductor settings), and mode "w8a8" quantizes each
+activation row to int8 as well, so the matmul is torch's maintained int8 GEMM (`torch._int_mm`).
+
 torchao is an optional extra: `pip install -e ".[quant]"`.
 """
 
@@ -19,12 +25,16 @@ import typing as tp
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ttt_speech.compat import allow_recompiles
 from ttt_speech.deps import require
 
-Mode = tp.Literal["int8", "int4"]
-MODES: tuple[str, ...] = ("int8", "int4")
+Mode = tp.Literal["int8", "w8a8", "int4"]
+MODES: tuple[str, ...] = ("int8", "w8a8", "int4")
+# distinct (input, weight) shapes one compiled linear sees: a Moshi step has ~10 per batch size
+COMPILE_SPECIALISATIONS = 64
 INT4_GROUP_SIZE = 128
 INSTALL_HINT = 'pip install -e ".[quant]"  (torchao==0.18.0)'
 
@@ -38,10 +48,12 @@ class QuantizeReport:
     skipped: tuple[str, ...]  # linear layers left as they were (int4: in_features not a multiple of the group)
     bytes_before: int
     bytes_after: int
+    compiled: bool = False  # the quantized linears run torch.compile'd
 
     def summary(self) -> str:
         skipped = f", {len(self.skipped)} skipped" if self.skipped else ""
-        return (f"{self.mode}: {len(self.quantized)} linear layers{skipped}, their weights "
+        compiled = ", compiled" if self.compiled else ""
+        return (f"{self.mode}{compiled}: {len(self.quantized)} linear layers{skipped}, their weights "
                 f"{format_bytes(self.bytes_before)} -> {format_bytes(self.bytes_after)}")
 
 
@@ -107,7 +119,22 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
             and not any(name.startswith(e + ".") for e in embeddings)}
 
 
-def quantize_weights(model: nn.Module, mode: Mode = "int8", *, group_size: int = INT4_GROUP_SIZE) -> QuantizeReport:
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return F.linear(x, weight, bias)
+
+
+def compile_linears(linears: tp.Iterable[nn.Linear], backend: tp.Any = "inductor") -> None:
+    """Run each layer's matmul through one torch.compile'd `F.linear` (a specialisation per shape, shared
+    by all layers of that shape). Compilation happens at the first call: before CUDA graph capture in
+    moshi's streaming, whose first step runs eagerly."""
+    allow_recompiles(COMPILE_SPECIALISATIONS)
+    linear = torch.compile(_linear, backend=backend, dynamic=False, fullgraph=True)
+    for m in linears:
+        m.forward = lambda x, m=m: linear(x, m.weight, m.bias)  # type: ignore[method-assign]
+
+
+def quantize_weights(model: nn.Module, mode: Mode = "int8", *, group_size: int = INT4_GROUP_SIZE,
+                     compile: bool = False, backend: tp.Any = "inductor") -> QuantizeReport:
     """Quantize the weights of `model`'s `nn.Linear` layers in place (torchao, weight-only); for inference.
 
     For a Moshi LMModel or TTT hybrid these are the temporal transformer's and the depformer's
@@ -117,9 +144,13 @@ def quantize_weights(model: nn.Module, mode: Mode = "int8", *, group_size: int =
     dtype: each matmul dequantizes its weight (int8) or runs a mixed kernel (int4).
 
     int8: symmetric, one scale per output channel; any device and dtype.
+    w8a8: int8 as above, and each activation row quantized to int8 (symmetric, per token) at every
+        matmul: the GEMM runs in int8 (torch._int_mm on CUDA). Not weight-only: adds activation error.
     int4: asymmetric, one scale and zero point per `group_size` input channels, torchao's tinygemm
         layout: CUDA and bfloat16 only. Layers whose in_features is not a multiple of `group_size`
         are skipped (listed in the report).
+    compile: torch.compile the quantized linears (`compile_linears`, `backend` for tests) and apply
+        torchao's recommended inductor settings (process-wide inductor flags: only when asked).
     Quantize before streaming: moshi's CUDA graphs capture the weights they were made with.
     """
     if mode not in MODES:
@@ -140,15 +171,20 @@ def quantize_weights(model: nn.Module, mode: Mode = "int8", *, group_size: int =
         if not chosen:
             raise ValueError(f"int4: no linear layer has in_features divisible by group_size={group_size}")
         config = ao.Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d",
-                                         set_inductor_config=False)
+                                         set_inductor_config=compile)
+    elif mode == "w8a8":
+        chosen = linears
+        config = ao.Int8DynamicActivationInt8WeightConfig(set_inductor_config=compile)
     else:
         chosen = linears
-        config = ao.Int8WeightOnlyConfig(set_inductor_config=False)  # leave the process's inductor flags alone
+        config = ao.Int8WeightOnlyConfig(set_inductor_config=compile)  # False: the process's inductor flags stay
     before = sum(tensor_bytes(m.weight) for m in chosen.values())
     ids = {id(m) for m in chosen.values()}
     ao.quantize_(model, config, filter_fn=lambda m, _name: id(m) in ids)
     missed = [n for n, m in chosen.items() if not is_quantized(m.weight)]
     if missed:
         raise RuntimeError(f"torchao left these layers unquantized: {missed}")
+    if compile:
+        compile_linears(chosen.values(), backend)
     return QuantizeReport(mode, tuple(chosen), tuple(n for n in linears if n not in chosen), before,
-                          sum(tensor_bytes(m.weight) for m in chosen.values()))
+                          sum(tensor_bytes(m.weight) for m in chosen.values()), compile)

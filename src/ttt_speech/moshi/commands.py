@@ -23,7 +23,7 @@ if tp.TYPE_CHECKING:
 # Literal here (checked against their modules in tests/test_cli_errors.py): importing those modules costs
 # seconds, which `--help` must not.
 BRANCH_NAMES = ("ttt", "gdn", "inplace")
-QUANT_MODES = ("int8", "int4")
+QUANT_MODES = ("int8", "w8a8", "int4")
 
 
 def parse_layers(text: str) -> str | list[int]:
@@ -158,23 +158,30 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_quantize_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=QUANT_MODES,
-                   help="weight-only quantization of the linear layers with torchao (int4: CUDA + bfloat16); "
-                        'TTT states stay fp32. Needs pip install -e ".[quant]"')
+                   help="quantization of the linear layers with torchao: int8 / int4 weights (int4: CUDA + "
+                        "bfloat16), or w8a8 (int8 weights and activations, int8 GEMM); TTT states stay fp32. "
+                        'Needs pip install -e ".[quant]"')
+    p.add_argument("--quantize-compile", action="store_true",
+                   help="torch.compile the quantized linear layers (fuses int8 dequantization into the matmul; "
+                        "compiles at the first step)")
 
 
-def quantize_or_exit(lm: LMModel, mode: str) -> str:
+def quantize_or_exit(lm: LMModel, mode: str, compile: bool = False) -> str:
     """`quantize_weights` for a command: a missing torchao or an unsupported setup is a UsageError with the reason."""
     from ttt_speech.quantize import Mode, quantize_weights
 
     try:
-        return quantize_weights(lm, tp.cast(Mode, mode)).summary()
+        return quantize_weights(lm, tp.cast(Mode, mode), compile=compile).summary()
     except (ImportError, ValueError) as e:
         raise UsageError(f"--quantize {mode}: {e}") from None
 
 
-def check_quantize(mode: str | None, device: torch.device, dtype: torch.dtype) -> None:
+def check_quantize(mode: str | None, device: torch.device, dtype: torch.dtype, compile: bool = False) -> None:
     """Refuse --quantize int4 where torchao has no kernel for it, before the model is loaded."""
     import torch
+
+    if compile and mode is None:
+        raise UsageError("--quantize-compile compiles the quantized layers: give --quantize too")
 
     if mode == "int4" and (device.type != "cuda" or dtype != torch.bfloat16):
         raise UsageError(f"--quantize int4 needs --device cuda and bfloat16 weights (torchao's int4 kernel), "
@@ -224,7 +231,7 @@ def run_generate(args: argparse.Namespace) -> dict[str, Path]:
     use_cpu_threads(args.threads)
     bf16 = bool(args.hybrid or args.moshi_weights) or args.quantize == "int4"
     dtype = torch_dtype(args.dtype, device, bf16)
-    check_quantize(args.quantize, device, dtype)
+    check_quantize(args.quantize, device, dtype, args.quantize_compile)
     mimi_weights, mimi_config = args.mimi_weights, args.mimi_config
     model_dir: Path | None = None  # a checkpoint directory: its config.json names the Mimi to decode with
     if args.hybrid or not (args.moshi_weights or args.tiny):
@@ -244,7 +251,7 @@ def run_generate(args: argparse.Namespace) -> dict[str, Path]:
             print(f"no Mimi beside {model_dir}: writing tokens only (--mimi-weights FILE decodes them to audio)",
                   file=sys.stderr)
     if args.quantize:
-        print(quantize_or_exit(lm, args.quantize), file=sys.stderr)
+        print(quantize_or_exit(lm, args.quantize, args.quantize_compile), file=sys.stderr)
         name += f", {args.quantize} weights"
     mimi = None
     if mimi_weights:

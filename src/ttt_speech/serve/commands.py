@@ -250,12 +250,12 @@ def run(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     device = torch_device(args.device)
     dtype = torch_dtype(args.dtype, device)
-    check_quantize(args.quantize, device, dtype)
+    check_quantize(args.quantize, device, dtype, args.quantize_compile)
     check_serve(args)
     use_cpu_threads(args.threads)
     lm, model_id, raw = load_model(args.model, device, dtype, args.seed)
     if args.quantize:
-        log.info("%s", quantize_or_exit(lm, args.quantize))
+        log.info("%s", quantize_or_exit(lm, args.quantize, args.quantize_compile))
         model_id += f"/{args.quantize}"  # kept conversations resume only on the weights that made them
     mimi = load_mimi(args, lm, raw, device)
     sampling = SamplingConfig(args.temp, args.temp_text, args.top_k, args.top_k_text, args.greedy)
