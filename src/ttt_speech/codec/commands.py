@@ -9,6 +9,7 @@ import sys
 from ttt_speech.devices import torch_device
 from ttt_speech.errors import (DEBUG_FLAG, OneLineParser, UsageError, debug_requested, int_list, one_line_errors,
                                output_dir, positive_float, positive_int)
+from ttt_speech.threads import add_threads_argument, use_cpu_threads
 
 # moshi compiles lazily unless told not to, which costs seconds per first forward on a CPU
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
@@ -25,7 +26,6 @@ def run_train(args: argparse.Namespace) -> int:
     """Train or resume; 0 when all stages are done and the codec is exported to RUN_DIR/export."""
     from ttt_speech.codec.config import load_codec_config
     from ttt_speech.codec.loop import train_codec
-    from ttt_speech.threads import use_cpu_threads
     from ttt_speech.train.commands import config_overrides, end_run
 
     use_cpu_threads(args.threads)
@@ -48,6 +48,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-asr", action="store_true", help="skip pocketsphinx WER even when it is installed")
     p.add_argument("--out", help="write codec_eval.json (summary + every clip) to this directory")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one)")
+    add_threads_argument(p)
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -57,6 +58,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from ttt_speech.engine.skips import SkipLog
 
     device = torch_device(args.device)
+    use_cpu_threads(args.threads)
     n_q = check_codec_dir(args.checkpoint)["quantizer"]["n_q"]
     if args.codebooks and args.codebooks[-1] > n_q:
         raise UsageError(f"--codebooks {','.join(map(str, args.codebooks))}: the codec has {n_q} codebooks")

@@ -26,6 +26,7 @@ from pathlib import Path
 from ttt_speech.devices import DTYPE_NAMES, torch_device, torch_dtype
 from ttt_speech.errors import (UsageError, check_safetensors, existing_dir, existing_file, int_list, nonnegative_float,
                                nonnegative_int, output_dir, positive_float, positive_int, read_json_object)
+from ttt_speech.threads import add_threads_argument, use_cpu_threads
 
 if tp.TYPE_CHECKING:
     import torch
@@ -96,6 +97,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hf-chunk", type=positive_int, default=256, help="tokens per forward call for HF models")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one)")
+    add_threads_argument(p)
     p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -224,6 +226,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     from ttt_speech.eval.spans import copy_probes, repeat_spans
 
     device = torch_device(args.device)
+    use_cpu_threads(args.threads)
     dtype = torch_dtype(args.dtype, device)
     specs = [check_spec(spec) for spec in args.model]
     check_audio_options(args)
@@ -341,6 +344,7 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
     _add_audio_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="seed of --mimi tiny (as given to eval-long)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one)")
+    add_threads_argument(p)
 
 
 def run_score(args: argparse.Namespace) -> dict[str, Path]:
@@ -354,6 +358,7 @@ def run_score(args: argparse.Namespace) -> dict[str, Path]:
     from ttt_speech.moshi.config import read_moshi_config
 
     device = torch_device(args.device)
+    use_cpu_threads(args.threads)
     existing_file(args.tokens, "free-run tokens file (free_run_<name>.npy)")
     config = existing_dir(args.model, "--model directory") / "config.json"
     if not config.is_file():
@@ -399,6 +404,7 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inner-lr-scale", type=positive_float, default=1.0,
                    help="multiply the layers' inner learning rate (the model was not trained for it)")
     p.add_argument("--out", type=Path, help="also write the rows as JSON here")
+    add_threads_argument(p)
 
 
 def run_probe(args: argparse.Namespace) -> tp.Any:
@@ -409,6 +415,7 @@ def run_probe(args: argparse.Namespace) -> tp.Any:
         check_spec(spec)
     if args.out and args.out.is_dir():
         raise UsageError(f"--out {args.out}: is a directory; give the JSON file to write")
+    use_cpu_threads(args.threads)
     return probe(args)
 
 

@@ -78,6 +78,7 @@ def add_tokenize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-frames", type=positive_int, default=1 << 20,
                    help="frames per output shard (12.5 per second)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one)")
+    add_threads_argument(p)
     p.add_argument("--skip-bad", action="store_true", help="skip (log and count) bad files instead of stopping")
 
 
@@ -85,6 +86,7 @@ def run_tokenize(args: argparse.Namespace) -> int:
     from ttt_speech.train.tokenize import MoshiTokenizer, tokenize
 
     device = str(torch_device(args.device))
+    use_cpu_threads(args.threads)
     existing_file(args.manifest, "jsonl manifest")
     output_dir(args.out)
     if args.mimi_config:
