@@ -10,8 +10,10 @@ LM, fp32 Mimi, moshi's CUDA graphs, NO_TORCH_COMPILE=1 (as benchmarks/serve_sess
     python benchmarks/serve_capacity.py --out capacity/ --models vanilla --append   # one model per call
     python benchmarks/serve_capacity.py --tiny --frames 20 --counts 1,2,4 --out /tmp/capacity   # CPU check
 
-Each count runs --frames steps (1500 = 2 min of audio) unless it already failed; a full ramp of 4 models
-takes ~(counts until failure) x frames x step time: use --models and --append to split it across calls.
+At 7B shape each count first runs a 150-frame probe; the gap between the last passing and the first failing
+probe is halved to within 1/8, and the largest passing count is confirmed over --frames (1500 = 2 min of
+audio), stepping down until one holds (--probe-frames 0: every count runs --frames). A row takes about
+(probes x 150 + confirmations x 1500) x step time; --models and --append split the rows across calls.
 Writes capacity.json, capacity.md (the table) and capacity.png (sessions vs window) into --out.
 """
 
@@ -38,6 +40,7 @@ from ttt_speech.serve.capacity import FRAME_MS, Point, Ramp, Timer, plot, ramp, 
 COUNTS_7B = "1,16,32,48,64,80,96,112,128,160,192,224,256,288,320,384"
 WINDOWS_7B, WINDOWS_TINY = "3000,1500,750", "24,12,6"
 VANILLA = "vanilla"
+PROBE_FRAMES_7B = 150  # 12 s of frames per probe: a 1500-frame run only at the count that decides
 
 
 def ints(text: str) -> list[int]:
@@ -60,6 +63,9 @@ def parser() -> argparse.ArgumentParser:
                    help="hybrid design: TTT layers (all, 24-31, ...), ':shared' for shared q/k/v (default all:shared)")
     p.add_argument("--models", help="comma list of what to run: vanilla and/or windows (default: all of them)")
     p.add_argument("--frames", type=int, default=1500, help="timed steps per count (1500 = 2 min of audio)")
+    p.add_argument("--probe-frames", type=int,
+                   help="locate the limit with runs of this many frames, then confirm the largest passing count "
+                        f"over --frames (default: {PROBE_FRAMES_7B} at 7B shape, off with --tiny; 0: off)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per count (CUDA graphs: the 2nd)")
     p.add_argument("--budget-ms", type=float, default=FRAME_MS, help="p90 and p99 must stay under this")
     p.add_argument("--out", required=True, help="directory for capacity.json / .md / .png")
@@ -104,6 +110,9 @@ def write(out: Path, ramps: list[Ramp], meta: dict, frames: int, budget_ms: floa
 def main(argv: list[str] | None = None, timer: Timer | None = None) -> list[Ramp]:
     args = parser().parse_args(argv)
     counts = args.counts or ints("1,2,4" if args.tiny else COUNTS_7B)
+    probe_frames = args.probe_frames or None  # 0: off
+    if args.probe_frames is None and not args.tiny:
+        probe_frames = PROBE_FRAMES_7B
     windows = args.windows or ints(WINDOWS_TINY if args.tiny else WINDOWS_7B)
     wanted = set(args.models.split(",")) if args.models else {VANILLA, *map(str, windows)}
     unknown = wanted - {VANILLA, *map(str, windows)}
@@ -123,7 +132,8 @@ def main(argv: list[str] | None = None, timer: Timer | None = None) -> list[Ramp
     ramps: list[Ramp] = []
 
     def run(name: str) -> None:
-        ramps.append(ramp(name, lm, mimi, counts, args.frames, args.warmup, args.budget_ms, timer, report))
+        ramps.append(ramp(name, lm, mimi, counts, args.frames, args.warmup, args.budget_ms, timer, report,
+                          probe_frames))
 
     if VANILLA in wanted:
         run(VANILLA)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import typing as tp
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ pytest.importorskip("moshi")
 from helpers.serve import listening_mimi  # noqa: E402
 
 from ttt_speech.moshi.tiny import build_tiny_lm  # noqa: E402
-from ttt_speech.serve.capacity import measure  # noqa: E402
+from ttt_speech.serve.capacity import measure, ramp  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "serve_capacity.py"
@@ -78,3 +79,22 @@ def test_p99_allows_one_slow_frame_in_a_hundred_and_stops_at_the_second() -> Non
     assert one.p99_ms == pytest.approx(20.0 + 0.01 * 80.0)  # linear interpolation between 20 and 100
     two = measure(lm, mimi, 1, 150, warmup=0, timer=slow_every(50, 50))  # frames 50, 100, 150: stops at 100
     assert not two.real_time and two.frames == 100 and two.failure == "p99 >= 80 ms (2 of the first 100 frames over)"
+
+
+def test_probes_locate_the_limit_and_only_the_deciding_counts_run_in_full() -> None:
+    lm, mimi = build_tiny_lm(0), listening_mimi(0)
+    calls: Counter[int] = Counter()
+
+    def ten_ms_per_session_and_7_has_rare_spikes(step: tp.Callable[[], object], sessions: int) -> float:
+        calls[sessions] += 1
+        return 100.0 if sessions == 7 and calls[sessions] % 40 == 0 else 10.0 * sessions
+
+    r = ramp("m", lm, mimi, [1, 2, 4, 8, 16], frames=100, warmup=0, timer=ten_ms_per_session_and_7_has_rare_spikes,
+             probe_frames=10)
+    assert [(p.sessions, p.probe, p.frames, p.real_time) for p in r.points] == [
+        (1, True, 10, True), (2, True, 10, True), (4, True, 10, True),
+        (8, True, 1, False),  # 80 ms is not under 80: one frame over of 10 already breaks p99
+        (6, True, 10, True), (7, True, 10, True),  # 4..8 halved to within max(1, 4 // 8)
+        (7, False, 70, False),  # the full run meets its 2nd spike at frame 70: p99 over budget
+        (6, False, 100, True)]  # the next passing probe holds over the full run
+    assert r.capacity == 6 and r.best.p90_ms == 60.0 and r.first_failure.sessions == 7

@@ -5,7 +5,9 @@ At each session count every slot holds a started conversation fed noise, and `fr
 timed after a warm-up (moshi captures its CUDA graphs on the second step). A count keeps real time when
 the step's p90 and p99 stay under the frame budget (80 ms); the ramp stops at the first count that does
 not (or that does not fit in memory), so `Ramp.capacity` is the last count before it. A run that already
-has more than 1 % of its frames over budget cannot end with p99 under it and stops early.
+has more than 1 % of its frames over budget cannot end with p99 under it and stops early. At 7B shape a
+full run per count takes minutes, so the ramp can locate the limit with short probes and confirm only
+the largest passing count over the full run (`ramp(..., probe_frames=)`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import gc
 import time
 import typing as tp
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +57,7 @@ class Point:
     max_ms: float
     peak_bytes: int | None  # most CUDA memory allocated while this count ran (None: CPU)
     failure: str = ""  # why it is not real time ("" when it is)
+    probe: bool = False  # a short run that only located the limit; capacity counts full runs only
 
     @property
     def real_time(self) -> bool:
@@ -73,9 +76,9 @@ class Ramp:
 
     @property
     def best(self) -> Point | None:
-        """The largest count that kept real time (the ramp stops at the first that did not)."""
-        passing = [p for p in self.points if p.real_time]
-        return passing[-1] if passing else None
+        """The largest count that kept real time over a full run."""
+        passing = [p for p in self.points if p.real_time and not p.probe]
+        return max(passing, key=lambda p: p.sessions) if passing else None
 
     @property
     def capacity(self) -> int:
@@ -83,7 +86,9 @@ class Ramp:
 
     @property
     def first_failure(self) -> Point | None:
-        return next((p for p in self.points if not p.real_time), None)
+        """The smallest count that did not keep real time (in a probe or a full run)."""
+        failing = [p for p in self.points if not p.real_time]
+        return min(failing, key=lambda p: p.sessions) if failing else None
 
     def to_dict(self) -> dict[str, tp.Any]:
         return {"model": self.model, "window": self.window, "state_bytes": self.state_bytes,
@@ -189,16 +194,41 @@ def measure(lm: LMModel, mimi: MimiModel, sessions: int, frames: int, warmup: in
 
 def ramp(name: str, lm: LMModel, mimi: MimiModel, counts: tp.Sequence[int], frames: int, warmup: int = 3,
          budget_ms: float = FRAME_MS, timer: Timer | None = None,
-         progress: tp.Callable[[str, Point], None] | None = None) -> Ramp:
-    """Measure ascending session counts until the first that is not real time."""
+         progress: tp.Callable[[str, Point], None] | None = None, probe_frames: int | None = None) -> Ramp:
+    """Measure ascending session counts until the first that is not real time.
+
+    With `probe_frames`, the ramp runs that many frames per count (a probe); the gap between the last
+    passing and the first failing count is then halved with probes to within 1/8 of the passing count,
+    and the largest passing count is confirmed over `frames`, stepping down through the passing probes
+    until one holds. Without, every count runs `frames`.
+    """
     state, kv = session_bytes(lm, mimi)
     out = Ramp(name, attention_window(lm), state, kv)
-    for n in sorted(counts):
-        point = measure(lm, mimi, n, frames, warmup, budget_ms, timer, state_bytes=state)
+
+    def run(n: int, probe: bool) -> bool:
+        point = measure(lm, mimi, n, probe_frames if probe and probe_frames else frames, warmup, budget_ms, timer,
+                        state_bytes=state)
+        point = replace(point, probe=probe)
         out.points.append(point)
         if progress is not None:
-            progress(f"{name}, window {out.window}", point)
-        if not point.real_time:
+            progress(f"{name}, window {out.window}{', probe' if probe else ''}", point)
+        return point.real_time
+
+    probing = probe_frames is not None
+    for n in sorted(counts):
+        if not run(n, probing):
+            break
+    if not probing:
+        return out
+    passed = [p.sessions for p in out.points if p.real_time]
+    failed = out.first_failure
+    if passed and failed is not None:
+        lo, hi = passed[-1], failed.sessions
+        while hi - lo > max(1, lo // 8):
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if run(mid, True) else (lo, mid)
+    for n in sorted({p.sessions for p in out.points if p.real_time}, reverse=True):
+        if run(n, False):
             break
     return out
 
