@@ -15,13 +15,13 @@ from ttt_speech.config import InPlaceConfig, TTTConfig
 from ttt_speech.layers import InPlaceLayer, InPlaceState, TTTState
 from ttt_speech.layers.inplace import GatedMLP
 
-CONFIGS = {"conv2": dict(), "conv3-chunk1": dict(conv_kernel=3, chunk=1), "no-conv-chunk5": dict(conv_kernel=1, chunk=5)}
+CONFIGS = {"conv2": dict(), "conv3-chunk1": dict(conv_kernel=3, chunk=1, base_lr=0.5), "no-conv-chunk5": dict(conv_kernel=1, chunk=5)}
 
 
 def build(name: str = "conv2", seed: int = 0, **kw) -> InPlaceLayer:
     """A small layer whose writes are large enough to matter, every learnable moved off its init."""
     torch.manual_seed(seed)
-    cfg = InPlaceConfig(**{**dict(dim=16, hidden=24, chunk=4, base_lr=10.0, target_init_std=0.3, init_std=0.3), **CONFIGS[name], **kw})
+    cfg = InPlaceConfig(**{**dict(dim=16, hidden=24, chunk=4, base_lr=2.0, target_init_std=0.3, init_std=0.3), **CONFIGS[name], **kw})
     layer = cfg.build()
     with torch.no_grad():
         for n, p in layer.named_parameters():
