@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow  # trainer subprocesses killed and restarted: 30 s
 from helpers.train import ROOT, env, tiny_config  # noqa: E402
 
 from ttt_speech.engine.checkpoint import latest_checkpoint  # noqa: E402
-from ttt_speech.train.commands import EXIT_INTERRUPTED  # noqa: E402
+from ttt_speech.engine.commands import EXIT_INTERRUPTED  # noqa: E402
 from ttt_speech.engine.metrics import read_metrics  # noqa: E402
 
 STEPS = 30  # two stages of 15

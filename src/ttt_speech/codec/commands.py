@@ -16,7 +16,7 @@ os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    from ttt_speech.train.commands import add_run_arguments
+    from ttt_speech.engine.commands import add_run_arguments
 
     add_run_arguments(p, "codec training config (YAML); see configs/codec_small.yaml",
                       "--set data.train=[corpus/train.jsonl]", "unreadable audio files")
@@ -26,7 +26,7 @@ def run_train(args: argparse.Namespace) -> int:
     """Train or resume; 0 when all stages are done and the codec is exported to RUN_DIR/export."""
     from ttt_speech.codec.config import load_codec_config
     from ttt_speech.codec.loop import train_codec
-    from ttt_speech.train.commands import config_overrides, end_run
+    from ttt_speech.engine.commands import config_overrides, end_run
 
     use_cpu_threads(args.threads)
     result = train_codec(load_codec_config(args.config, config_overrides(args)))

@@ -17,7 +17,7 @@ import torch
 
 from ttt_speech.audio import SAMPLE_RATE
 from ttt_speech.engine.skips import BadInputError, SkipLog
-from ttt_speech.train.tokenize import read_manifest
+from ttt_speech.manifest import read_manifest
 
 RESAMPLE_MARGIN = 0.05  # seconds read beyond a crop on each side so the resampler's warm-up falls outside it
 

@@ -22,7 +22,7 @@ from ttt_speech.audio import SAMPLE_RATE
 from ttt_speech.codec.data import AudioExample, read_audio
 from ttt_speech.codec.losses import ReconstructionLoss, si_snr
 from ttt_speech.eval.asr import Recognizer, asr_available, word_error_rate
-from ttt_speech.train.tokenize import MAIN_SPEAKER
+from ttt_speech.manifest import MAIN_SPEAKER
 
 log = logging.getLogger(__name__)
 

@@ -31,6 +31,7 @@ import torch
 from safetensors.numpy import save_file
 
 from ttt_speech.engine.skips import SkipLog
+from ttt_speech.manifest import MAIN_SPEAKER, read_manifest
 from ttt_speech.errors import UsageError
 from ttt_speech.train.data import INDEX_NAME, TOKENS_FORMAT, TOKENS_VERSION
 
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAIN_SPEAKER = "SPEAKER_MAIN"
 
 
 @dataclass(frozen=True)
@@ -177,20 +177,6 @@ class TokenizeReport:
     documents: int
     frames: int
     skipped: list[tuple[str, str]]
-
-
-def read_manifest(path: Path, skips: SkipLog) -> list[str]:
-    """Relative wav paths from a jsonl manifest (malformed lines are bad input)."""
-    out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-            out.append(str(entry["path"]))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            skips.bad(f"{path}:{n}", f'expected {{"path": ..., "duration": ...}}, got {line[:80]!r}')
-    return out
 
 
 def _write_shard(out_dir: Path, index: int, arrays: dict[str, np.ndarray]) -> str:
