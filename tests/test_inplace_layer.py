@@ -45,6 +45,19 @@ def test_any_mix_of_prefill_and_steps_equals_one_shot(name, T, cuts):
     assert_splits_equal_one_shot(build(name), T, cuts)
 
 
+def test_both_chunked_forms_serve_the_layer():
+    """Runs up to parallel_max frames take the attention form, longer ones the chunk loop: same result."""
+    layer = build()
+    assert layer.parallel_max == 2 * 16 * 24 // 40 == 19
+    x = torch.randn(2, 40, 16)
+    y_loop, s_loop = layer(x)  # 40 > 19: chunk loop
+    y, s = layer(x[:, :19])  # attention form, then the rest carried (21 > 19: loop again)
+    y2, s2 = layer(x[:, 19:], s)
+    torch.testing.assert_close(torch.cat([y, y2], 1), y_loop, rtol=0, atol=1e-5)
+    for k in s_loop:
+        torch.testing.assert_close(s2[k], s_loop[k], rtol=0, atol=1e-5)
+
+
 def test_writes_change_later_chunks_only():
     layer = build()
     x = torch.randn(2, 11, 16)

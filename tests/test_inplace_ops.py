@@ -5,6 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ttt_speech.ops.inplace.naive import inplace_naive
+from ttt_speech.ops.inplace.parallel import inplace_parallel
 from ttt_speech.ops.inplace.reference import inplace_chunked
 from ttt_speech.ops.inplace.step import inplace_step_
 
@@ -49,18 +50,27 @@ def test_reference_equals_naive(T, C, o0, o1, seed):
     assert torch.equal(ref[4], (x["offset"] + T) % C)
 
 
+@settings(max_examples=25, deadline=None)
+@given(T=st.integers(1, 17), C=st.integers(1, 5), o0=st.integers(0, 4), o1=st.integers(0, 4), seed=st.integers(0, 99))
+def test_parallel_equals_reference(T, C, o0, o1, seed):
+    """The attention form (training's fast path) == the chunk loop: outputs, Delta, buffer, offset."""
+    x = make(T=T, C=C, offsets=(o0 % C, o1 % C), seed=seed)
+    assert_same(inplace_parallel(**x), inplace_chunked(**x), 1e-12)
+
+
 def test_gradients_equal_naive():
-    """Autograd through the chunked form equals autograd through the oracle, for every input."""
+    """Autograd through the chunked and the attention form equals autograd through the oracle, for every input."""
     x = make(T=11, C=3, offsets=(1, 2))
     names = ["q", "k", "v", "delta", "buf_k", "buf_v"]
     grads = []
-    for fn in (inplace_chunked, inplace_naive):
+    for fn in (inplace_chunked, inplace_parallel, inplace_naive):
         leaves = {n: x[n].clone().requires_grad_() for n in names}
         o, delta, bk, bv, _ = fn(**{**x, **leaves})
         w = torch.Generator().manual_seed(1)
         loss = sum((t * torch.randn(t.shape, generator=w, dtype=t.dtype)).sum() for t in (o, delta, bk, bv))
         grads.append(torch.autograd.grad(loss, list(leaves.values())))
-    assert_same(*grads, 1e-12)
+    assert_same(grads[0], grads[2], 1e-12)
+    assert_same(grads[1], grads[2], 1e-12)
     assert grads[0][4][0, 2:].abs().max() == 0  # buffer rows at/after the offset are not read
 
 

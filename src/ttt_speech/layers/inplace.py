@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from ttt_speech.config import InPlaceConfig
 from ttt_speech.layers.state import LayerState, Spec
 from ttt_speech.layers.ttt import StreamingLayer, causal_depthwise_conv, check_input
-from ttt_speech.ops.inplace import inplace_chunked, inplace_step_
+from ttt_speech.ops.inplace import inplace_chunked, inplace_parallel, inplace_step_
 
 Activation = tp.Callable[[Tensor], Tensor]
 
@@ -195,15 +195,25 @@ class InPlaceLayer(StreamingLayer):
         return base, q, k, v, tails
 
     # -- the two forms -----------------------------------------------------------------------
+    @property
+    def parallel_max(self) -> int:
+        """Longest run for the attention form (`ops/inplace/parallel.py`): up to T = 2DF/(D+F) it costs fewer
+        FLOPs than the chunk loop (T^2 (F+D) vs 2TDF) and keeps [T, T] scores instead of a [D, F] delta per
+        chunk for the backward (Moshi-7B: T <= 6007)."""
+        D, Fh = self.config.dim, self.config.hidden
+        return 2 * D * Fh // (D + Fh)
+
     def forward(self, x: Tensor, state: InPlaceState | None = None,
                 source: Tensor | None = None) -> tuple[Tensor, InPlaceState]:
-        """Chunked form over any T; returns y and a *new* state (the input state is not touched)."""
+        """Chunked form over any T; returns y and a *new* state (the input state is not touched). Runs up to
+        `parallel_max` frames go through the attention form, longer ones through the chunk loop."""
         state = self._check(x, state, source)
         if x.shape[1] == 0:
             return self.mlp(x), state.clone()
         base, q, k, v, tails = self._pairs(x, state, source)
-        o, delta, keys, values, offset = inplace_chunked(q, k, v, state["delta"], state["keys"], state["values"],
-                                                         state.tensors["offset"], self.config.chunk)
+        run = inplace_parallel if x.shape[1] <= self.parallel_max else inplace_chunked
+        o, delta, keys, values, offset = run(q, k, v, state["delta"], state["keys"], state["values"],
+                                             state.tensors["offset"], self.config.chunk)
         y = (base.to(o.dtype) + o).to(base.dtype)
         return y, state.replace(delta=delta, keys=keys, values=values, offset=offset, **tails)
 
