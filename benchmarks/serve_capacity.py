@@ -124,9 +124,10 @@ def main(argv: list[str] | None = None, timer: Timer | None = None) -> list[Ramp
     lm, mimi = build(args.tiny, windows)
     lm.eval()
     device = torch.cuda.get_device_name() if lm.device.type == "cuda" else "CPU"
+    command = shlex.join(["python", "benchmarks/serve_capacity.py", *(sys.argv[1:] if argv is None else argv)])
     meta = {"shape": "tiny" if args.tiny else "Moshi-7B shape", "device": device, "torch": torch.__version__,
-            "date": datetime.date.today().isoformat(), "frames": args.frames, "budget_ms": args.budget_ms,
-            "hybrid": args.hybrid, "command": shlex.join(["python", "benchmarks/serve_capacity.py", *(argv or sys.argv[1:])])}
+            "date": datetime.date.today().isoformat(), "frames": args.frames, "probe_frames": probe_frames,
+            "budget_ms": args.budget_ms, "hybrid": args.hybrid, "command": command}
     print(f"{meta['shape']}, {device}, torch {torch.__version__}: {args.frames} frames per count, "
           f"real time = step p90 and p99 < {args.budget_ms:g} ms", flush=True)
     ramps: list[Ramp] = []
