@@ -58,13 +58,17 @@ def test_the_ramp_stops_at_the_first_failing_count_and_writes_the_table(tmp_path
     assert lines[0].startswith("tiny, CPU, ") and "--append" in lines[0]
     header = [c.strip() for c in lines[2].strip("|").split("|")]
     assert header[0] == "model" and header[4].startswith("real-time sessions (p90 & p99 < 80 ms over 10 frames)")
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[4:]]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[4:7]]
     assert [(r[0], r[1], r[4], r[7], r[8]) for r in rows] == [
         ("vanilla", "12", "2", "1.00x", "4 (p99 >= 80 ms (1 of the first 1 frames over))"),
         ("hybrid all:shared", "12", "2", "1.00x", "4 (p99 >= 80 ms (1 of the first 1 frames over))"),
         ("hybrid all:shared", "6", "2", "1.00x", "4 (p99 >= 80 ms (1 of the first 1 frames over))")]
     assert rows[0][5] == "60.0 / 60.0 / 60.0"  # p50 / p90 / p99 at 2 sessions
     assert (tmp_path / "capacity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    opus_ms = saved["opus_cpu_ms_per_session_frame"]
+    assert 0 < opus_ms < 80 and lines[7:] == [
+        "", f"Host Opus encode + decode: {opus_ms:.3f} ms of CPU per session-frame, on the server's event-loop "
+        f"thread: one server process codes at most {int(80 // opus_ms)} sessions in real time, whatever the GPU does."]
 
 
 def test_p99_allows_one_slow_frame_in_a_hundred_and_stops_at_the_second() -> None:

@@ -116,6 +116,26 @@ def session_bytes(lm: LMModel, mimi: MimiModel) -> tuple[int, int]:
         streams.close()
 
 
+def opus_cpu_ms(sample_rate: int, frame_size: int, frames: int = 250, seed: int = 0) -> float:
+    """CPU milliseconds one session's Opus work costs per frame on this host: encoding the model's frame and
+    decoding the client's (sphn, as the server's event loop does), measured on noise of RMS 0.1.
+
+    The server codes every session's audio on its one event-loop thread, so one server process codes at
+    most frame / this many sessions in real time, whatever the GPU does.
+    """
+    import sphn
+
+    rng = np.random.default_rng(seed)
+    pcm = (0.1 * rng.standard_normal((frames, frame_size))).astype(np.float32)
+    writer, reader = sphn.OpusStreamWriter(sample_rate), sphn.OpusStreamReader(sample_rate)
+    t0 = time.process_time()
+    for frame in pcm:
+        opus = writer.append_pcm(frame)
+        if opus:
+            reader.append_bytes(opus)
+    return (time.process_time() - t0) * 1e3 / frames
+
+
 def check_fits(sessions: int, state_bytes: int, free_bytes: int) -> None:
     """Refuse (UsageError) a batch of `sessions` whose streaming state alone exceeds the free device memory."""
     if sessions * state_bytes > free_bytes:
