@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from layer import cuda_graph  # benchmarks/layer.py, beside this script
+
 from ttt_speech.config import InPlaceConfig, TTTConfig
 from ttt_speech.layers.inplace import GatedMLP, fresh_mlp
 
@@ -38,19 +40,8 @@ def timer(cuda: bool):
 
 
 def graphed(fn, cuda: bool, use_graph: bool):
-    """`fn` itself, or a CUDA graph of it (captured after warm-up on a side stream)."""
-    if not (cuda and use_graph):
-        return fn
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+    """`fn` itself, or the replay of a CUDA graph of it."""
+    return cuda_graph(fn) if cuda and use_graph else fn
 
 
 def pct(xs: list[float], q: float) -> float:

@@ -117,6 +117,20 @@ def bench_layer(variant: str, kernel: bool, B: int, T: int, dim: int, H: int, K:
     return B * T / timeit(lambda: layer(x)[0].float().square().mean().backward(), warmup=1, iters=3)
 
 
+def cuda_graph(fn):
+    """`fn` captured in a CUDA graph (after warm-up on a side stream); returns the graph's replay."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def bench_step(B: int, H: int, D: int, device: str, graphed: bool, shared: bool, fused: bool) -> float:
     """Milliseconds for one token through one TTT-Linear layer's `step` (bf16 weights on CUDA, fp32 state):
     its own Q/K/V/O projections, or a shared_qkv layer given the host attention's qkv and heads."""
@@ -130,19 +144,7 @@ def bench_step(B: int, H: int, D: int, device: str, graphed: bool, shared: bool,
     host = {"qkv": torch.randn(B, 1, 3 * H * D, device=device, dtype=dtype), "heads": x} if shared else {}
     with use_triton(fused):
         fn = lambda: layer.step(x, state, **host)
-        if graphed:
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(3):
-                    fn()
-            torch.cuda.current_stream().wait_stream(s)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fn()
-            run = graph.replay
-        else:
-            run = fn
+        run = cuda_graph(fn) if graphed else fn
         n = 200
         return timeit(lambda: [run() for _ in range(n)], warmup=1, iters=5) / n * 1e3
 
