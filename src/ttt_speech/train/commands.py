@@ -14,7 +14,7 @@ from ttt_speech.devices import torch_device
 from ttt_speech.engine.commands import add_run_arguments, config_overrides, end_run
 from ttt_speech.errors import (DEBUG_FLAG, OneLineParser, debug_requested, existing_dir, existing_file, one_line_errors,
                                output_dir, positive_int, read_json_object)
-from ttt_speech.threads import use_cpu_threads
+from ttt_speech.threads import add_threads_argument, use_cpu_threads
 
 # moshi compiles lazily unless told not to, which costs seconds per first forward on a CPU
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
