@@ -39,7 +39,7 @@ from moshi_stream import Stream, build  # noqa: E402  (this directory: the same 
 
 from ttt_speech.moshi import convert, load_hybrid  # noqa: E402
 from ttt_speech.moshi.config import lm_kwargs  # noqa: E402
-from ttt_speech.moshi.scratch import SHIPPED_DIR  # noqa: E402
+from ttt_speech.moshi.files import SHIPPED_DIR  # noqa: E402
 from ttt_speech.moshi.tiny import tiny_lm_config  # noqa: E402
 from ttt_speech.quantize import MODES, format_bytes, quantize_weights, torchao_quantization, weight_bytes  # noqa: E402
 

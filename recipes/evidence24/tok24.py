@@ -24,14 +24,14 @@ import numpy as np
 
 def _assets() -> Path:
     """The shipped codec and tokenizer (the data must be tokenized with what the package ships)."""
-    from ttt_speech.moshi.scratch import SHIPPED_DIR
+    from ttt_speech.moshi.files import SHIPPED_DIR
 
     return SHIPPED_DIR
 
 
 def base(out: str, context: str) -> None:
     from ttt_speech.moshi.checkpoint import save_moshi_checkpoint
-    from ttt_speech.moshi.scratch import SMALL_LM
+    from ttt_speech.scratch.moshi_lm import SMALL_LM
     from ttt_speech.moshi.tiny import FILE_NAMES, build_tiny_lm, tiny_lm_config
 
     config = tiny_lm_config(**SMALL_LM) | {"context": int(context)}

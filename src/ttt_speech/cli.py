@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                  "stream N minutes from a TTT hybrid (default: the small hybrid + codec shipped in the package)"),
     "convert-moshi": ("ttt_speech.moshi.commands", "add_convert_arguments", "run_convert",
                       "convert a Moshi checkpoint into a TTT hybrid"),
-    "init-moshi": ("ttt_speech.moshi.commands", "add_init_arguments", "run_init",
+    "init-moshi": ("ttt_speech.scratch.commands", "add_init_arguments", "run_init",
                    "write a new small Moshi-architecture LM (random weights) with a trained codec and a text tokenizer"),
     "convert-hf": ("ttt_speech.hf.cli", "add_arguments", "run",
                    "convert a local transformers Llama/Qwen2 (or LLaMA-Omni) checkpoint into a TTT hybrid"),

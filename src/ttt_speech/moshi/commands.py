@@ -12,7 +12,7 @@ import typing as tp
 from pathlib import Path
 
 from ttt_speech.devices import DTYPE_NAMES, torch_device, torch_dtype
-from ttt_speech.errors import (UsageError, check_safetensors, existing_dir, nonnegative_float, output_dir,
+from ttt_speech.errors import (UsageError, check_safetensors, nonnegative_float, output_dir,
                                positive_float, positive_int, read_json_object)
 from ttt_speech.threads import add_threads_argument, use_cpu_threads
 
@@ -218,12 +218,11 @@ def run_generate(args: argparse.Namespace) -> dict[str, Path]:
     import torch
     from moshi.models.loaders import get_mimi, get_moshi_lm
 
-    from ttt_speech.moshi.checkpoint import load_hybrid
-    from ttt_speech.moshi.files import CONFIG_NAME, companion
-    from ttt_speech.moshi.config import lm_kwargs
     from ttt_speech.audio import FRAME_RATE
+    from ttt_speech.moshi.checkpoint import load_hybrid
+    from ttt_speech.moshi.config import lm_kwargs
+    from ttt_speech.moshi.files import CONFIG_NAME, SHIPPED_DIR, companion
     from ttt_speech.moshi.generate import WavSink, stream, wav_paths, write_outputs
-    from ttt_speech.moshi.scratch import SHIPPED_DIR
     from ttt_speech.moshi.tiny import build_tiny_hybrid, build_tiny_mimi, tiny_mimi_config
 
     check_generate(args)
@@ -277,47 +276,6 @@ def run_generate(args: argparse.Namespace) -> dict[str, Path]:
     print(f"{s['frames_per_s']:.1f} frames/s, RTF {s['rtf']:.3f}, p50 {s['p50_ms']:.2f} ms, p90 {s['p90_ms']:.2f} ms, "
           f"state {s['state_bytes_last'] / 2**20:.2f} MiB -> {', '.join(str(f) for f in files.values())}")
     return files
-
-
-def add_init_arguments(p: argparse.ArgumentParser) -> None:
-    """`ttt-speech init-moshi` (moshi/scratch.py writes the checkpoint)."""
-    p.add_argument("--codec", required=True, help="exported codec directory (train-codec's run dir or export/)")
-    p.add_argument("--corpus", required=True, help="a make-corpus directory: its texts train the text tokenizer")
-    p.add_argument("--out", required=True)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
-                   help="override an LM config key, e.g. --set num_layers=6 (repeatable)")
-    p.add_argument("--seed", type=int, default=0)
-
-
-def run_init(args: argparse.Namespace) -> None:
-    """A new small Moshi-architecture LM: codec, corpus and --set checked before the tokenizer is trained."""
-    import json
-
-    from ttt_speech.codec.model import check_codec_dir
-    from ttt_speech.corpus.texts import load_sources
-    from ttt_speech.moshi.config import check_moshi_config
-    from ttt_speech.moshi.scratch import SMALL_LM, write_scratch_checkpoint
-    from ttt_speech.moshi.tiny import tiny_lm_config
-
-    check_codec_dir(args.codec)
-    corpus = read_json_object(existing_dir(args.corpus, "make-corpus directory") / "corpus.json", "corpus.json")
-    if not isinstance(corpus.get("texts"), (list, dict)) or not corpus["texts"]:
-        raise UsageError(f"{args.corpus}/corpus.json: no 'texts' (not written by make-corpus?)")
-    overrides: dict[str, tp.Any] = {}
-    for item in args.set:
-        key, sep, text = item.partition("=")
-        try:
-            if not (sep and key):
-                raise ValueError(item)
-            overrides[key] = json.loads(text)
-        except ValueError:  # json.JSONDecodeError too
-            raise UsageError(f"--set {item!r}: expected KEY=JSON, e.g. num_layers=6 (strings in JSON quotes)") from None
-    check_moshi_config(tiny_lm_config(**SMALL_LM) | overrides, "--set")
-    output_dir(args.out)
-    names = list(corpus["texts"])
-    lines = [s.text for sentences in load_sources(names).values() for s in sentences]
-    ckpt = write_scratch_checkpoint(args.out, args.codec, lines, overrides, args.seed)
-    print(f"wrote {ckpt.root} (texts: {', '.join(names)}; {len(lines)} sentences)")
 
 
 def main(argv: list[str] | None = None) -> None:

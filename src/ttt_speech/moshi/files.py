@@ -39,6 +39,10 @@ TOKENIZER_NAME = "tokenizer.model"
 FILE_NAMES = {"model_type": "moshi", "mimi_name": MIMI_WEIGHTS_NAME, "mimi_config_name": MIMI_CONFIG_NAME,
               "tokenizer_name": TOKENIZER_NAME}
 
+# The small TTT hybrid and codec trained here (issue 7, docs/results.md), fp16: the embedded default of
+# `generate` and `serve`. Shipped inside the package so a fresh install has real (small-model) speech.
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "assets" / "small_moshi"
+
 _SPLIT = re.compile(r"^(?P<prefix>.*self_attn\.)(?P<kind>in|out)_projs\.(?P<i>\d+)\.weight$")
 
 

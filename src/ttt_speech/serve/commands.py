@@ -87,7 +87,7 @@ def _first_existing(root: Path, names: list[str | None]) -> Path | None:
 
 def _model_dir(spec: str | None) -> Path:
     if spec is None:
-        from ttt_speech.moshi.scratch import SHIPPED_DIR
+        from ttt_speech.moshi.files import SHIPPED_DIR
 
         return SHIPPED_DIR
     return Path(spec)

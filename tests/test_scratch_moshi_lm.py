@@ -15,7 +15,7 @@ from moshi.models import LMGen  # noqa: E402
 from ttt_speech.codec.config import MimiSize  # noqa: E402
 from ttt_speech.codec.model import build_codec, export_codec  # noqa: E402
 from ttt_speech.moshi.files import copy_companions, save_moshi_checkpoint  # noqa: E402
-from ttt_speech.moshi.scratch import SMALL_LM, write_scratch_checkpoint  # noqa: E402
+from ttt_speech.scratch.moshi_lm import SMALL_LM, write_scratch_checkpoint  # noqa: E402
 from ttt_speech.moshi.tiny import build_tiny_lm  # noqa: E402
 
 CODEC = MimiSize(n_filters=4, dimension=16, codebooks=8, bins=64, codebook_dim=8, d_model=16, num_heads=2,

@@ -29,9 +29,6 @@ SMALL_LM: dict[str, tp.Any] = {
 }
 
 
-# The small TTT hybrid and codec trained here (issue 7, docs/results.md), fp16: the embedded default of
-# `generate` and `serve`. Shipped inside the package so a fresh install has real (small-model) speech.
-SHIPPED_DIR = Path(__file__).resolve().parents[1] / "assets" / "small_moshi"
 
 
 def write_scratch_checkpoint(out_dir: str | Path, codec_dir: str | Path, text_lines: Iterable[str],
