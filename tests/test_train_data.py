@@ -316,8 +316,9 @@ def test_no_repeat_or_prob_zero_reads_the_sequences_as_before(tmp_path: Path) ->
     assert not torch.equal(random_token_data(tmp_path, RepeatConfig(1.0, 8, 2, 8)).batch(0, 24, 32, 1), plain)
 
 
-def test_copied_spans_are_a_function_of_the_position_only(tmp_path: Path) -> None:
-    cfg = RepeatConfig(0.5, min_gap=8, min_len=2, max_len=8)
+@pytest.mark.parametrize("copies", [1, 2])
+def test_copied_spans_are_a_function_of_the_position_only(tmp_path: Path, copies: int) -> None:
+    cfg = RepeatConfig(0.5, min_gap=8, min_len=2, max_len=8, copies=copies)
     data = random_token_data(tmp_path, cfg)
     whole = data.batch(0, 24, 32, stage=1)  # two epochs
     assert torch.equal(data.sample(5, 32, 1), data.sample(5, 32, 1)) and torch.equal(data.sample(5, 32, 1), whole[5])
