@@ -331,8 +331,9 @@ def evaluate_copies(scorer: Scorer, probes: list[Sequence], spans: dict[str, lis
                     batch_size: int = 1, progress: bool = True, boot: int = 2000) -> dict[int, dict[str, tp.Any]]:
     """Recall on copy probes per gap and group, with bootstrap intervals (`copies.summarize`).
 
-    Controls: `replaced`, the same probes with their sources replaced by other speech; `reset`, the
-    memory states restarted once the source has streamed in (for the gaps where that is before the copy).
+    Controls, paired with `probes` one by one: `replaced`, `copy_probes` with the same arguments and
+    `replace_source=True` (the sources replaced by other speech); `reset`, the memory states restarted
+    once the source has streamed in (for the gaps where that is before the copy).
     """
     main = score_copy_probes(scorer, probes, spans, batch_size=batch_size, progress=progress)
     controls = {}
