@@ -30,9 +30,9 @@ def _assets() -> Path:
 
 
 def base(out: str, context: str) -> None:
-    from ttt_speech.moshi.checkpoint import save_moshi_checkpoint
+    from ttt_speech.moshi.files import FILE_NAMES, save_moshi_checkpoint
+    from ttt_speech.moshi.tiny import build_tiny_lm, tiny_lm_config
     from ttt_speech.scratch.moshi_lm import SMALL_LM
-    from ttt_speech.moshi.tiny import FILE_NAMES, build_tiny_lm, tiny_lm_config
 
     config = tiny_lm_config(**SMALL_LM) | {"context": int(context)}
     save_moshi_checkpoint(build_tiny_lm(0, config), config, out, FILE_NAMES)
