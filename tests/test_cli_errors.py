@@ -150,6 +150,7 @@ ROWS: list[tuple[str, str]] = [
     ("generate --tiny --mimi-weights {truncated}", "truncated.safetensors: "),
     ("generate --tiny --mimi-weights {good_st} --mimi-config {broken_json}", "broken.json: not valid JSON"),
     ("generate --tiny --out {a_file}", "a_file: is a file"),
+    ("generate --tiny --out {a_file}/sub", "a_file/sub: cannot write there"),
     # serve: numbers, "off" spelled out, files
     ("serve --port 99999", "--port: 99999"),
     ("serve --port -1", "--port: -1"),

@@ -171,10 +171,13 @@ def existing_dir(path: str | Path, what: str = "directory") -> Path:
 
 
 def output_dir(path: str | Path) -> Path:
-    """A directory to write into: absent (it will be made) or a directory; not a file."""
+    """A directory to write into: absent (it will be made) or a directory, under a directory we may write to."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise UsageError(f"{p}: is a file; give a directory to write into")
+    nearest = next(q for q in (p.absolute(), *p.absolute().parents) if q.exists())
+    if not nearest.is_dir() or not os.access(nearest, os.W_OK | os.X_OK):
+        raise UsageError(f"{p}: cannot write there ({nearest} is not a writable directory); give another one")
     return p
 
 
