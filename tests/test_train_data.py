@@ -296,6 +296,21 @@ def test_k_copies_each_repeat_their_own_block_and_no_copy_overwrites_a_source(co
     assert found > 100 * copies // 2
 
 
+def test_far_gap_puts_every_second_copy_beyond_the_window_and_the_others_inside() -> None:
+    cfg = RepeatConfig(1.0, min_gap=16, min_len=16, max_len=48, max_gap=60, copies=4, far_gap=[96, 1536])
+    seen = {0: [], 1: []}
+    for seed in range(60):
+        before = random_tokens(np.random.default_rng(seed), 6400, 6400)
+        after = copy_spans(before, np.random.default_rng([seed, 1]), cfg)
+        for b in range(4):
+            lo, hi = b * 1600, (b + 1) * 1600
+            src, dst, n = copied_span(before[:, lo:hi], after[:, lo:hi])
+            seen[b % 2].append(dst - src)
+            assert 16 <= n <= 48
+    assert 16 <= min(seen[0]) and max(seen[0]) <= 60  # inside a 64-frame window
+    assert 96 <= min(seen[1]) and max(seen[1]) <= 1536 and max(seen[1]) > 1000  # 1.5x to 24x beyond it
+
+
 def test_one_copy_draws_exactly_as_copy_span() -> None:
     cfg = RepeatConfig(1.0, min_gap=8, min_len=4, max_len=12)
     before = random_tokens(np.random.default_rng(0), 64, 50)
@@ -344,6 +359,8 @@ def test_eval_batches_never_get_copied_spans(tmp_path: Path) -> None:
     ((0.5, 300, 100, 99), r"data.repeat.max_len must be >= min_len \(100\), got 99"),
     ((0.5, 100, 50, 150, 120), "data.repeat.max_gap must be >= min_gap and max_len .* got 120"),
     ((0.5, 10, 5, 20, None, 0), "data.repeat.copies must be >= 1, got 0"),
+    ((0.5, 10, 5, 20, None, 1, [100, 200]), "data.repeat.far_gap needs copies >= 2"),
+    ((0.5, 10, 5, 20, None, 2, [100, 10]), r"data.repeat.far_gap must be \[lo, hi\] .* got \[100, 10\]"),
 ])
 def test_repeat_config_rejects_bad_values_naming_the_field(values: tuple, why: str) -> None:
     with pytest.raises(ValueError, match=why):
@@ -358,6 +375,10 @@ def test_repeat_config_loads_from_yaml_and_set_and_round_trips() -> None:
     assert config_from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg  # the run dir's config.yaml
     assert load_config(CONFIGS / "small_moshi.yaml", ["data.repeat={prob: 1, min_gap: 1, min_len: 1, max_len: 1}"]
                        ).data.repeat.prob == 1.0
+    mixed = load_config(CONFIGS / "small_moshi.yaml", ["data.repeat={prob: 1, min_gap: 16, max_gap: 60, min_len: 16, "
+                                                       "max_len: 48, copies: 4, far_gap: [96, 1536]}"])
+    assert mixed.data.repeat.far() == RepeatConfig(1.0, 96, 16, 48, 1536)
+    assert config_from_dict(yaml.safe_load(yaml.safe_dump(mixed.to_dict()))) == mixed
     with pytest.raises(ValueError, match=r"data.repeat: unknown keys \['gap'\]"):
         load_config(CONFIGS / "small_moshi.yaml", ["data.repeat={prob: 0.5, gap: 300, min_len: 100, max_len: 400}"])
     with pytest.raises(ValueError, match="data.repeat: .*missing 1 required positional argument: 'max_len'"):

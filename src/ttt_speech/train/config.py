@@ -72,7 +72,9 @@ class RepeatConfig:
     bounds the distance too: copies inside the window are the control that tells whether a model can
     learn to copy at all when its attention sees the source. `copies` > 1 cuts the sequence into that
     many equal blocks, each drawn as above on its own: several copies per sequence, none overwriting
-    another's source (one span per sequence starves induction of signal, issue 24).
+    another's source (one span per sequence starves induction of signal, issue 24). `far_gap`
+    [lo, hi] (with copies > 1): every second block draws its distance from lo..hi instead, so half
+    the copies lie beyond the window and half inside, in one data order for every arm (issue 24).
     """
 
     prob: float
@@ -81,6 +83,7 @@ class RepeatConfig:
     max_len: int
     max_gap: int | None = None
     copies: int = 1
+    far_gap: list[int] | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.prob <= 1.0:
@@ -96,6 +99,18 @@ class RepeatConfig:
         if self.max_gap is not None and self.max_gap < max(self.min_gap, self.max_len):
             raise ValueError(f"data.repeat.max_gap must be >= min_gap and max_len (a copy never overlaps its "
                              f"source), got {self.max_gap}")
+        if self.far_gap is not None:
+            if self.copies < 2:
+                raise ValueError("data.repeat.far_gap needs copies >= 2 (every second block draws far copies)")
+            if len(self.far_gap) != 2 or not 1 <= self.far_gap[0] <= self.far_gap[1] or self.far_gap[1] < self.max_len:
+                raise ValueError(f"data.repeat.far_gap must be [lo, hi] with 1 <= lo <= hi and hi >= max_len, "
+                                 f"got {self.far_gap}")
+
+    def far(self) -> RepeatConfig:
+        """The draw of a far block: one copy lo..hi frames after its source."""
+        assert self.far_gap is not None
+        lo, hi = self.far_gap
+        return dataclasses.replace(self, min_gap=lo, max_gap=hi, copies=1, far_gap=None)
 
 
 @dataclass

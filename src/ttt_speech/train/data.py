@@ -219,14 +219,16 @@ def real_length(tokens: np.ndarray) -> int:
 
 def copy_spans(tokens: np.ndarray, rng: np.random.Generator, cfg: RepeatConfig) -> np.ndarray:
     """`tokens` [K, T] with up to cfg.copies copied spans: the real part is cut into that many equal
-    blocks and `copy_span` draws one inside each, so no copy overwrites another's source."""
+    blocks and `copy_span` draws one inside each, so no copy overwrites another's source; with
+    cfg.far_gap, blocks 1, 3, 5, ... draw their distance from it."""
     if cfg.copies == 1:
         return copy_span(tokens, rng, cfg)
     length = real_length(tokens)
+    far = cfg.far() if cfg.far_gap is not None else cfg
     out = tokens.copy()
     for b in range(cfg.copies):
         lo, hi = b * length // cfg.copies, (b + 1) * length // cfg.copies
-        out[:, lo:hi] = copy_span(tokens[:, lo:hi], rng, cfg)
+        out[:, lo:hi] = copy_span(tokens[:, lo:hi], rng, far if b % 2 else cfg)
     return out
 
 
