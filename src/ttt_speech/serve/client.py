@@ -101,7 +101,10 @@ async def talk(url: str, pcm: np.ndarray, realtime: bool = False, linger_s: floa
 
     try:
         async with aiohttp.ClientSession() as http, http.ws_connect(url, max_msg_size=0) as ws:
-            first = await ws.receive(timeout=timeout_s)
+            try:
+                first = await ws.receive(timeout=timeout_s)
+            except asyncio.TimeoutError:
+                raise TalkError(f"{url}: no handshake within {timeout_s:g} s; is it a Moshi-protocol server?") from None
             if first.type != aiohttp.WSMsgType.BINARY or first.data[:1] != bytes([Kind.HANDSHAKE]):
                 reason = first.data[1:].decode(errors="replace") if first.type == aiohttp.WSMsgType.BINARY else ""
                 raise TalkError(f"{url}: the server did not start a conversation"
@@ -137,8 +140,8 @@ async def talk(url: str, pcm: np.ndarray, realtime: bool = False, linger_s: floa
                 frames_sent = (await asyncio.gather(sender, return_exceptions=True))[0]
     except aiohttp.ClientError as e:
         raise TalkError(f"{url}: {e}") from None
-    if not isinstance(frames_sent, int):
-        raise TalkError(f"{url}: sending stopped: {frames_sent}")
+    if not isinstance(frames_sent, int):  # the connection broke while sending
+        raise TalkError(f"{url}: the conversation ended while sending: {ended or frames_sent}")
     out = np.concatenate(audio) if audio else np.zeros(0, np.float32)
     return Reply(out.astype(np.float32), pieces, frames_sent, ended)
 
