@@ -121,3 +121,23 @@ def test_convert_hf_command_with_an_inplace_branch(tmp_path, capsys):
         convert(tiny_model("llama"), layers=[1], mode="replace", ttt=InPlaceConfig(HIDDEN, 128))
     with pytest.raises(ValueError, match="InPlaceConfig.hidden=96 but layer 1's MLP has width 128"):
         convert(tiny_model("llama"), layers=[1], ttt=InPlaceConfig(HIDDEN, 96))
+
+
+def test_left_padding_never_reaches_the_fast_weights():
+    """A left-padded batch gives each stream the state and tokens it has alone: pads neither write nor advance."""
+    model = inplace()
+    open_memory(model)
+    long, short = ids(1, 9, seed=4), ids(1, 6, seed=5)
+    batch = torch.cat([long, torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1)])
+    mask = torch.tensor([[1] * 9, [0, 0, 0] + [1] * 6])
+    cache, alone = TTTCache(model.config), TTTCache(model.config)
+    with torch.no_grad():
+        model(batch, attention_mask=mask, use_cache=True, **cache_kwargs(cache))
+        model(short, use_cache=True, **cache_kwargs(alone))
+    for layer in (1, 2):
+        got, ref = cache.ttt_states[layer], alone.ttt_states[layer]
+        assert got["offset"][1].item() == 6 % CHUNK and ref["delta"].abs().max() > 0
+        assert max((got[k][1] - ref[k][0]).abs().max().item() for k in ref) <= 1e-5
+    out = model.generate(batch, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    single = model.generate(short, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert torch.equal(out[1, -8:], single[0, -8:])
