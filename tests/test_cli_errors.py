@@ -54,7 +54,14 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         return root
 
     vanilla = {k: v for k, v in config.items() if k != "ttt"}
-    out["vanilla"] = moshi_dir("vanilla", vanilla)
+    out["vanilla"] = moshi_dir("vanilla", vanilla, None)
+    with contextlib.suppress(ImportError):  # weights of the shipped model's shape, without its TTT layers
+        from ttt_speech.moshi.files import save_moshi_checkpoint
+        from ttt_speech.moshi.tiny import build_tiny_lm
+
+        save_moshi_checkpoint(build_tiny_lm(0, vanilla), vanilla, out["vanilla"])
+    out["vanilla_st"] = out["vanilla"] / "model.safetensors"
+    out["codec_as_lm"] = moshi_dir("codec_as_lm", vanilla)
     out["misspelled"] = moshi_dir("misspelled", {**vanilla, "num_layer": 5})
     out["wrong_type"] = moshi_dir("wrong_type", {**vanilla, "dim": "192"})
     out["bad_delays"] = moshi_dir("bad_delays", {**vanilla, "delays": [0, 1]})
@@ -72,6 +79,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         np.save(d / name / "s0.npy", tokens)
         out[name] = d / name
     out["held_out"] = held
+    (d / "few_rows").mkdir()
+    np.save(d / "few_rows" / "s0.npy", np.zeros((3, 300), dtype=np.int64))
+    out["few_rows"] = d / "few_rows"
     np.save(d / "flat.npy", np.zeros(40, dtype=np.int64))
     out["flat_npy"] = d / "flat.npy"
     (d / "bad.yaml").write_text("model: {tiny: true\nstages: [")
@@ -140,6 +150,8 @@ ROWS: list[tuple[str, str]] = [
     ("generate --hybrid {bad_section}", "ttt.mode must be one of"),
     ("generate --hybrid {dir}", "config.json: no such Moshi config.json"),
     ("generate --moshi-weights {truncated} --config {vanilla}/config.json", "truncated.safetensors: "),
+    ("generate --moshi-weights {good_st} --config {vanilla}/config.json",
+     "mimi.safetensors: not the weights of the model"),
     ("generate --moshi-weights {garbage} --config {vanilla}/config.json", "garbage.safetensors: not a safetensors"),
     ("generate --moshi-weights {good_st} --config {misspelled}/config.json", "unknown key 'num_layer'"),
     ("generate --moshi-weights {good_st} --config {wrong_type}/config.json", 'dim = "192" has the wrong type'),
@@ -182,25 +194,25 @@ ROWS: list[tuple[str, str]] = [
     # convert-moshi: options tried on a weightless copy before any weights are read
     ("convert-moshi --moshi-weights {truncated} --config {vanilla}/config.json --out {dir}/o", "truncated.safetensors"),
     ("convert-moshi --moshi-weights {good_st} --config {misspelled}/config.json --out {dir}/o", "unknown key 'num_layer'"),
-    ("convert-moshi --moshi-weights {good_st} --config {vanilla}/config.json --out {dir}/o --layers 9",
+    ("convert-moshi --moshi-weights {vanilla_st} --config {vanilla}/config.json --out {dir}/o --layers 9",
      "convert-moshi: layer index 9 out of range for 5 layers"),
-    ("convert-moshi --moshi-weights {good_st} --config {vanilla}/config.json --out {dir}/o --layers 2-x",
+    ("convert-moshi --moshi-weights {vanilla_st} --config {vanilla}/config.json --out {dir}/o --layers 2-x",
      "--layers: bad layer list '2-x'"),
-    ("convert-moshi --moshi-weights {good_st} --config {vanilla}/config.json --out {dir}/o --mini-batch 0",
+    ("convert-moshi --moshi-weights {vanilla_st} --config {vanilla}/config.json --out {dir}/o --mini-batch 0",
      "--mini-batch: 0"),
-    ("convert-moshi --moshi-weights {good_st} --config {vanilla}/config.json --out {dir}/o --branch gdn --inner mlp",
+    ("convert-moshi --moshi-weights {vanilla_st} --config {vanilla}/config.json --out {dir}/o --branch gdn --inner mlp",
      "--inner is an option of --branch ttt; it does not apply to --branch gdn"),
-    ("convert-moshi --moshi-weights {good_st} --config {vanilla}/config.json --out {dir}/o --branch ttt --chunk 8",
+    ("convert-moshi --moshi-weights {vanilla_st} --config {vanilla}/config.json --out {dir}/o --branch ttt --chunk 8",
      "--chunk is an option of --branch inplace; it does not apply to --branch ttt"),
-    ("convert-moshi --moshi-weights {good_st} --config {vanilla}/config.json --out {dir}/o --branch gdn --mode replace",
+    ("convert-moshi --moshi-weights {vanilla_st} --config {vanilla}/config.json --out {dir}/o --branch gdn --mode replace",
      "replace"),
-    ("convert-moshi --moshi-weights {good_st} --config {vanilla}/config.json --out {dir}/o --mode replace --gate-init 0",
+    ("convert-moshi --moshi-weights {vanilla_st} --config {vanilla}/config.json --out {dir}/o --mode replace --gate-init 0",
      "gate_init=0"),
-    ("convert-moshi --moshi-weights {good_st} --config {vanilla}/config.json --out {dir}/o --ttt-config {broken_json}",
+    ("convert-moshi --moshi-weights {vanilla_st} --config {vanilla}/config.json --out {dir}/o --ttt-config {broken_json}",
      "broken.json: not valid JSON"),
-    ("convert-moshi --moshi-weights {good_st} --config {vanilla}/config.json --out {dir}/o --ttt-config {vanilla}/config.json",
+    ("convert-moshi --moshi-weights {vanilla_st} --config {vanilla}/config.json --out {dir}/o --ttt-config {vanilla}/config.json",
      "--ttt-config"),
-    ("convert-moshi --moshi-weights {good_st} --config {vanilla}/config.json --out {a_file}", "a_file: is a file"),
+    ("convert-moshi --moshi-weights {vanilla_st} --config {vanilla}/config.json --out {a_file}", "a_file: is a file"),
     # convert-hf: the directory is judged before anything is built
     ("convert-hf --model {shipped} --layers 1 --out {dir}/o", "a Moshi checkpoint, not a transformers LLM"),
     ("convert-hf --model /nonexistent --layers 1 --out {dir}/o", "/nonexistent: no such transformers model directory"),
@@ -231,6 +243,11 @@ ROWS: list[tuple[str, str]] = [
     ("eval-long --model /nonexistent/model --data {held_out}", "/nonexistent/model: no such --model directory"),
     ("eval-long --model {misspelled} --data {held_out}", "unknown key 'num_layer'"),
     ("eval-long --model {truncated_hybrid} --data {held_out}", "model.safetensors: truncated"),
+    ("eval-long --model {codec_as_lm} --data {held_out}", "codec_as_lm/model.safetensors: not the weights of the model"),
+    ("serve --device cpu --model {codec_as_lm}", "codec_as_lm/model.safetensors: not the weights of the model"),
+    ("eval-long --model {vanilla} --data {few_rows} --lengths 64", "s0.npy: 3 token rows; --model vanilla reads 17"),
+    ("eval-long --model tiny --data {held_out} --lengths 64 --copy-gaps 20 --copy-span 100", "copy gap 20 < copied span"),
+    ("eval-long --model tiny --data {held_out} --lengths 64 --copy-gaps 5000", "copy gap 5000: no held-out sequence"),
     ("eval-long --model {vanilla} --data {big_text} --lengths 64", "text token 5000 >= the vocabulary (1000)"),
     ("eval-long --model {vanilla} --data {big_audio} --lengths 64", "audio token 2000 >= the codebook size (1024)"),
     ("eval-long --model tiny --data {held_out} --lengths 64 --mimi {garbage}", "garbage.safetensors: not a safetensors"),

@@ -207,7 +207,11 @@ def check_data(specs: list[Spec], sequences: list[Sequence], args: argparse.Name
             if text_max >= text_card:
                 raise UsageError(f"{args.data}/{seq.name}: text token {text_max} >= the vocabulary ({text_card}) of "
                                  f"--model {spec.name}; this data was tokenized for another model")
-            audio = seq.tokens[1:1 + int(spec.config.get("n_q", 0))]
+            rows = 1 + int(spec.config.get("n_q", 0)) if spec.kind == "moshi" else 1
+            if seq.tokens.shape[0] < rows:
+                raise UsageError(f"{args.data}/{seq.name}: {seq.tokens.shape[0]} token rows; --model {spec.name} "
+                                 f"reads {rows} (text + every audio codebook, the model's then the user's)")
+            audio = seq.tokens[1:rows]
             if card and audio.numel() and int(audio.max()) >= card:
                 raise UsageError(f"{args.data}/{seq.name}: audio token {int(audio.max())} >= the codebook size "
                                  f"({card}) of --model {spec.name}; this data was tokenized for another codec")

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from ttt_speech.errors import UsageError
 from ttt_speech.eval.data import Sequence
 from ttt_speech.eval.models import Scorer
 from ttt_speech.eval.copies import ProbeLosses, summarize
@@ -197,7 +198,7 @@ def batches(sequences: list[Sequence], rows: int, length: int, batch_size: int,
         group = sequences[i:i + batch_size]
         for seq in group:
             if seq.tokens.shape[0] < rows:
-                raise ValueError(f"{seq.name}: has {seq.tokens.shape[0]} rows, the model reads {rows} "
+                raise UsageError(f"{seq.name}: has {seq.tokens.shape[0]} rows, the model reads {rows} "
                                  "(text + every audio codebook, model's then user's)")
         T = min(length, max(seq.length for seq in group))
         out = torch.full((len(group), rows, T), pad, dtype=torch.long)

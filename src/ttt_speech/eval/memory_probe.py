@@ -30,6 +30,7 @@ import typing as tp
 import torch
 from torch import Tensor
 
+from ttt_speech.errors import UsageError
 from ttt_speech.eval.data import Sequence, load_sequences
 from ttt_speech.eval.models import load_model
 from ttt_speech.layers.ttt import TTTLayer
@@ -59,7 +60,7 @@ def replay_inner_losses(layer: TTTLayer, calls: Calls) -> tuple[Tensor, Tensor, 
     mini-batch), and the weights after it: the recorded inputs replayed one mini-batch at a time through
     the reference TTT math (`ops.ttt.reference`), the losses taken at the weights each mini-batch starts from."""
     if layer.config.inner != "linear":
-        raise ValueError("probe-memory replays linear inner models only")
+        raise UsageError("probe-memory replays linear inner models only")
     if id(layer) not in calls:
         raise RuntimeError("no TTT inputs were recorded (the fused CUDA step bypasses them: stream on the CPU)")
     k, v, a, c = (torch.cat([call[i] for call in calls[id(layer)]], dim=2) for i in range(4))
@@ -86,13 +87,13 @@ def copy_and_control(sequences: list[Sequence], gap: int, span: int, context: in
     replaced by the `span` frames after the excerpt), two excerpts per sequence. L is context + gap +
     span rounded up to whole mini-batches (only those are replayed), the copy followed by the original."""
     if gap < span:
-        raise ValueError(f"gap {gap} < span {span}: the copy would overlap its source")
+        raise UsageError(f"gap {gap} < span {span}: the copy would overlap its source")
     L = -(-(context + gap + span) // mini_batch) * mini_batch
     src, dst = context, context + gap
     copied, control = [], []
     for seq in sequences:
         if seq.length < 2 * L + span:
-            raise ValueError(f"{seq.name}: {seq.length} frames; gap {gap} needs {2 * L + span} "
+            raise UsageError(f"{seq.name}: {seq.length} frames; gap {gap} needs {2 * L + span} "
                              f"(two excerpts of context {context} + gap + span {span}, and a stand-in span)")
         for lo in (0, L):
             x = seq.tokens[:, lo:lo + L].clone()
@@ -122,7 +123,7 @@ def probe(scorer: tp.Any, sequences: list[Sequence], gaps: list[int], span: int 
     """ProbeRows per gap and TTT layer of a Moshi scorer's model (see the module docstring)."""
     layers = [m for m in scorer.model.modules() if isinstance(m, TTTLayer)]
     if not layers:
-        raise ValueError(f"{scorer.name}: no TTT layers")
+        raise UsageError(f"{scorer.name}: no TTT layers")
     K = layers[0].config.mini_batch
     first = slice(context + K, context + span)  # the source span, past its first mini-batch
     rows = []

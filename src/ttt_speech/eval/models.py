@@ -244,7 +244,7 @@ class Spec:
 
 def check_spec(spec: str) -> Spec:
     """`spec` checked without building its model (a UsageError naming the directory or file otherwise)."""
-    from ttt_speech.errors import UsageError, check_safetensors, existing_dir, read_json_object
+    from ttt_speech.errors import UsageError, existing_dir, read_json_object
 
     name, path = split_spec(spec)
     if path in BUILTINS:
@@ -255,13 +255,13 @@ def check_spec(spec: str) -> Spec:
                          f"{', '.join(BUILTINS)}")
     raw = read_json_object(root / "config.json", "config.json")
     if "dep_q" in raw and "n_q" in raw:
-        from ttt_speech.moshi.checkpoint import check_hybrid_dir
+        from ttt_speech.moshi.checkpoint import check_hybrid_dir, check_moshi_weights
         from ttt_speech.moshi.config import read_moshi_config
 
         if "ttt" in raw:
             return Spec(name, path, "moshi", check_hybrid_dir(root))
         raw = read_moshi_config(root / "config.json")
-        check_safetensors(root / "model.safetensors")
+        check_moshi_weights(root / "model.safetensors", raw, root / "config.json")
         return Spec(name, path, "moshi", raw)
     from ttt_speech.hf.checkpoint import check_llm_dir
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ttt_speech.audio import FRAME_RATE
+from ttt_speech.errors import UsageError
 from ttt_speech.eval.data import Sequence
 
 
@@ -63,11 +64,11 @@ def copy_probes(sequences: list[Sequence], gaps: list[int], span: int, context: 
     with nothing to recall at the same place.
     """
     if span < 1 or context < 0 or per_sequence < 1:
-        raise ValueError(f"copy probes: span {span} >= 1, context {context} >= 0, per sequence {per_sequence} >= 1")
+        raise UsageError(f"copy probes: span {span} >= 1, context {context} >= 0, per sequence {per_sequence} >= 1")
     probes, spans = [], {}
     for gap in sorted(gaps):
         if gap < span:
-            raise ValueError(f"copy gap {gap} < copied span {span}: the copy would overlap its source")
+            raise UsageError(f"copy gap {gap} < copied span {span}: the copy would overlap its source")
         length = context + gap + span
         made = 0
         for i, seq in enumerate(sequences):
@@ -84,7 +85,7 @@ def copy_probes(sequences: list[Sequence], gaps: list[int], span: int, context: 
                                Span(copy_label("again", gap), src + gap, src + gap + span)]
                 made += 1
         if not made:
-            raise ValueError(f"copy gap {gap}: no held-out sequence has the {length} frames a probe needs "
+            raise UsageError(f"copy gap {gap}: no held-out sequence has the {length} frames a probe needs "
                              f"(context {context} + gap + span {span})")
     return probes, spans
 

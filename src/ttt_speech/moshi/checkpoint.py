@@ -29,6 +29,26 @@ from ttt_speech.moshi.layer import BranchConfig
 _TTT_KEY = re.compile(r"^transformer\.layers\.(\d+)\.ttt\.")
 
 
+def check_moshi_weights(weights: str | Path, raw: dict[str, tp.Any], config_path: str | Path) -> None:
+    """Refuse a vanilla Moshi weights file that moshi's strict load would reject (another model's file, another
+    size), naming the file and the first differences, before the gigabytes are read: its header against a
+    weightless (meta) build of `raw`. LoRA and quantized checkpoints are left to moshi (other tensor names)."""
+    header = check_safetensors(weights)
+    found = {re.sub(r"in_proj\.weight$", "in_proj_weight", k): tuple(v["shape"]) for k, v in header.items()
+             if k != "__metadata__"}
+    if raw.get("lora") or raw.get("quantize") or any(k.endswith("_scb") for k in found):
+        return
+    with torch.device("meta"):
+        meta = get_moshi_lm(None, lm_kwargs=lm_kwargs(raw), device="meta", dtype=torch.float32)
+    expected = {k: tuple(v.shape) for k, v in to_moshi_layout(meta.state_dict()).items()}
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    shapes = [f"{k} {found[k]} vs {expected[k]}" for k in sorted(set(expected) & set(found)) if found[k] != expected[k]]
+    if missing or unexpected or shapes:
+        what = "; ".join(f"{name} ({len(keys)}): {', '.join(keys[:3])}" for name, keys in
+                         (("shapes differ", shapes), ("missing", missing), ("not in the model", unexpected)) if keys)
+        raise UsageError(f"{weights}: not the weights of the model {config_path} describes ({what})")
+
+
 def load_text_tokenizer(path: str | Path, text_card: int) -> tp.Any:
     """A SentencePiece model for a model of `text_card` text tokens; a UsageError naming the file if it is not one,
     or has fewer pieces than the model can generate (decoding such a token would fail mid-run)."""

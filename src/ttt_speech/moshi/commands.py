@@ -96,12 +96,13 @@ def run_convert(args: argparse.Namespace) -> Path:
     import torch
     from moshi.models.loaders import get_moshi_lm
 
-    from ttt_speech.moshi.files import CONFIG_NAME, companion, copy_companions
+    from ttt_speech.moshi.checkpoint import check_moshi_weights
     from ttt_speech.moshi.config import lm_kwargs, read_moshi_config
     from ttt_speech.moshi.convert import convert, default_branch_config
+    from ttt_speech.moshi.files import CONFIG_NAME, companion, copy_companions
 
     raw = read_moshi_config(args.config)
-    check_safetensors(args.moshi_weights)
+    check_moshi_weights(args.moshi_weights, raw, args.config)
     output_dir(args.out)
     overrides = _ttt_overrides(args)
     branch = getattr(args, "branch", "ttt")
@@ -201,10 +202,10 @@ def check_generate(args: argparse.Namespace) -> None:
 
         check_hybrid_dir(args.hybrid)
     if args.moshi_weights:
+        from ttt_speech.moshi.checkpoint import check_moshi_weights
         from ttt_speech.moshi.config import read_moshi_config
 
-        read_moshi_config(args.config)
-        check_safetensors(args.moshi_weights)
+        check_moshi_weights(args.moshi_weights, read_moshi_config(args.config), args.config)
     if args.mimi_weights:
         check_safetensors(args.mimi_weights)
     if args.mimi_config:

@@ -95,7 +95,7 @@ def _model_dir(spec: str | None) -> Path:
 
 def check_model(spec: str | None) -> dict[str, tp.Any]:
     """The config.json of --model (a hybrid or vanilla Moshi directory; {} for tiny), after checking its files."""
-    from ttt_speech.moshi.checkpoint import check_hybrid_dir
+    from ttt_speech.moshi.checkpoint import check_hybrid_dir, check_moshi_weights
     from ttt_speech.moshi.files import TTT_SECTION
     from ttt_speech.moshi.config import read_moshi_config
 
@@ -110,7 +110,7 @@ def check_model(spec: str | None) -> dict[str, tp.Any]:
     weights = _first_existing(root, [raw.get("moshi_name"), WEIGHTS_NAME])
     if weights is None:
         raise UsageError(f"--model {root}: no Moshi weights ({raw.get('moshi_name') or WEIGHTS_NAME})")
-    check_safetensors(weights)
+    check_moshi_weights(weights, raw, root / CONFIG_NAME)
     return raw
 
 
