@@ -12,7 +12,7 @@ LM, fp32 Mimi, moshi's CUDA graphs, NO_TORCH_COMPILE=1 (as benchmarks/serve_sess
 
 At 7B shape each count first runs a 150-frame probe; the gap between the last passing and the first failing
 probe is halved to within 1/8, and the largest passing count is confirmed over --frames (1500 = 2 min of
-audio), stepping down until one holds (--probe-frames 0: every count runs --frames). A row takes about
+audio), stepping down by 1/8 until one holds (--probe-frames 0: every count runs --frames). A row takes about
 (probes x 150 + confirmations x 1500) x step time; --models and --append split the rows across calls.
 Writes capacity.json, capacity.md (the table) and capacity.png (sessions vs window) into --out.
 """

@@ -100,5 +100,5 @@ def test_probes_locate_the_limit_and_only_the_deciding_counts_run_in_full() -> N
         (8, True, 1, False),  # 80 ms is not under 80: one frame over of 10 already breaks p99
         (6, True, 10, True), (7, True, 10, True),  # 4..8 halved to within max(1, 4 // 8)
         (7, False, 70, False),  # the full run meets its 2nd spike at frame 70: p99 over budget
-        (6, False, 100, True)]  # the next passing probe holds over the full run
+        (6, False, 100, True)]  # one count lower (steps of max(1, 7 // 8)) holds over the full run
     assert r.capacity == 6 and r.best.p90_ms == 60.0 and r.first_failure.sessions == 7

@@ -219,8 +219,8 @@ def ramp(name: str, lm: LMModel, mimi: MimiModel, counts: tp.Sequence[int], fram
 
     With `probe_frames`, the ramp runs that many frames per count (a probe); the gap between the last
     passing and the first failing count is then halved with probes to within 1/8 of the passing count,
-    and the largest passing count is confirmed over `frames`, stepping down through the passing probes
-    until one holds. Without, every count runs `frames`.
+    and the largest passing count is confirmed over `frames`, stepping down by 1/8 until one holds.
+    Without, every count runs `frames`.
     """
     state, kv = session_bytes(lm, mimi)
     out = Ramp(name, attention_window(lm), state, kv)
@@ -247,9 +247,9 @@ def ramp(name: str, lm: LMModel, mimi: MimiModel, counts: tp.Sequence[int], fram
         while hi - lo > max(1, lo // 8):
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if run(mid, True) else (lo, mid)
-    for n in sorted({p.sessions for p in out.points if p.real_time}, reverse=True):
-        if run(n, False):
-            break
+    n = max((p.sessions for p in out.points if p.real_time), default=0)
+    while n >= 1 and not run(n, False):  # a failing full run stops early: stepping down is cheap
+        n -= max(1, n // 8)
     return out
 
 
