@@ -7,6 +7,7 @@ model is built, which keeps the table fast.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -18,9 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ttt_speech import cli
-from ttt_speech.errors import UsageError
+from ttt_speech.errors import (UsageError, fraction, nonnegative_float, port, positive_float, positive_int,
+                               seconds_or_off)
 
 SHIPPED = Path(cli.__file__).parent / "assets" / "small_moshi"
 
@@ -56,10 +60,11 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     vanilla = {k: v for k, v in config.items() if k != "ttt"}
     out["vanilla"] = moshi_dir("vanilla", vanilla, None)
     with contextlib.suppress(ImportError):  # weights of the shipped model's shape, without its TTT layers
+        from ttt_speech.moshi.config import lm_kwargs
         from ttt_speech.moshi.files import save_moshi_checkpoint
         from ttt_speech.moshi.tiny import build_tiny_lm
 
-        save_moshi_checkpoint(build_tiny_lm(0, vanilla), vanilla, out["vanilla"])
+        save_moshi_checkpoint(build_tiny_lm(0, lm_kwargs(vanilla)), vanilla, out["vanilla"])
     out["vanilla_st"] = out["vanilla"] / "model.safetensors"
     out["codec_as_lm"] = moshi_dir("codec_as_lm", vanilla)
     out["misspelled"] = moshi_dir("misspelled", {**vanilla, "num_layer": 5})
@@ -415,6 +420,22 @@ def test_limits_refuse_zero_and_take_none_for_off() -> None:
     for bad in ({"max_message_bytes": 0}, {"idle_timeout_s": -1.0}, {"max_outbox": 0}):
         with pytest.raises(ValueError, match="must be > 0"):
             Limits(**bad)  # type: ignore[arg-type]
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False) | st.integers(-10**6, 10**6))
+def test_number_types_accept_exactly_their_range(x: float) -> None:
+    """Each argparse type takes a value iff it is in its range, and gives back that value."""
+    for parse, ok in ((positive_float, x > 0), (nonnegative_float, x >= 0), (fraction, 0 <= x <= 1),
+                      (positive_int, isinstance(x, int) and x >= 1), (port, isinstance(x, int) and 0 <= x <= 65535),
+                      (seconds_or_off, x > 0)):
+        if ok:
+            assert parse(str(x)) == x
+        else:
+            with pytest.raises(argparse.ArgumentTypeError):
+                parse(str(x))
+    with pytest.raises(argparse.ArgumentTypeError):
+        positive_float("inf")
+    assert seconds_or_off("off") is None
 
 
 def test_usage_error_is_a_value_error() -> None:

@@ -66,52 +66,43 @@ def _number(text: str, kind: type[int] | type[float], what: str) -> float:
     return value
 
 
+def _in_range(text: str, kind: type[int] | type[float], what: str, low: float, high: float = math.inf,
+              strict: bool = False) -> float:
+    """`text` as `kind` within [low, high] (low excluded when `strict`), else an ArgumentTypeError saying `what`."""
+    value = _number(text, kind, what)
+    if value < low or value > high or (strict and value == low):
+        raise argparse.ArgumentTypeError(f"{text} is not {what}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An integer >= 1 (counts, sizes, batch sizes)."""
-    value = int(_number(text, int, "an integer >= 1"))
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not an integer >= 1")
-    return value
+    return int(_in_range(text, int, "an integer >= 1", 1))
 
 
 def nonnegative_int(text: str) -> int:
     """An integer >= 0."""
-    value = int(_number(text, int, "an integer >= 0"))
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is not an integer >= 0")
-    return value
+    return int(_in_range(text, int, "an integer >= 0", 0))
 
 
 def positive_float(text: str) -> float:
     """A finite number > 0."""
-    value = _number(text, float, "a number > 0")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a number > 0")
-    return value
+    return _in_range(text, float, "a number > 0", 0, strict=True)
 
 
 def nonnegative_float(text: str) -> float:
     """A finite number >= 0."""
-    value = _number(text, float, "a number >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a number >= 0")
-    return value
+    return _in_range(text, float, "a number >= 0", 0)
 
 
 def fraction(text: str) -> float:
     """A number in [0, 1]."""
-    value = _number(text, float, "a number in [0, 1]")
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a number in [0, 1]")
-    return value
+    return _in_range(text, float, "a number in [0, 1]", 0, 1)
 
 
 def port(text: str) -> int:
     """A TCP port, 0..65535 (0: the system picks a free one)."""
-    value = int(_number(text, int, "a port number (0-65535)"))
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{text} is not a port number (0-65535; 0 picks a free one)")
-    return value
+    return int(_in_range(text, int, "a port number (0-65535; 0 picks a free one)", 0, 65535))
 
 
 def _positive_or_off(text: str, kind: type[int] | type[float], what: str) -> float | None:
