@@ -20,8 +20,6 @@ from ttt_speech.threads import add_threads_argument, use_cpu_threads
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
 
-
-
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     add_run_arguments(p, "training config (YAML); see configs/*.yaml",
                       "--set train.batch_size=8 --set run_dir=runs/x", "unusable data files")
