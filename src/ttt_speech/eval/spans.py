@@ -24,7 +24,6 @@ from ttt_speech.errors import UsageError
 from ttt_speech.eval.data import Sequence
 
 
-
 @dataclass(frozen=True)
 class Span:
     label: str
