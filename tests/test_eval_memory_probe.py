@@ -115,3 +115,53 @@ def test_replayed_losses_show_storage_where_a_layer_stores() -> None:
             layer(x, layer.init_state(4))
         losses.append(memory_probe.replay_inner_losses(layer, calls)[0][..., 96:112].mean().item())
     assert losses[0] < 0.85 * losses[1]  # measured: 9.73 vs 13.18 (-26 %)
+
+
+def test_read_errors_show_storage_where_an_inplace_layer_stores() -> None:
+    """An in-place layer's read of a pair's key points to the pair's value when the pair was written before
+    (a span copied 64 frames later) and not when its source was never seen; nothing is read in chunk 0."""
+    from ttt_speech.config import InPlaceConfig
+    from ttt_speech.layers.inplace import InPlaceLayer
+
+    torch.manual_seed(0)
+    layer = InPlaceLayer(InPlaceConfig(dim=32, hidden=64, chunk=16, target_init_std=0.3, init_std=0.3))
+    g = torch.Generator().manual_seed(1)
+    copied = torch.randn(4, 160, 32, generator=g)
+    copied[:, 80:112] = copied[:, 16:48]
+    never_seen = copied.clone()
+    never_seen[:, 16:48] = torch.randn(4, 32, 32, generator=g)
+    errors = []
+    for x in (copied, never_seen):
+        with memory_probe.record_inner_inputs([layer]) as calls, torch.no_grad():
+            _, state = layer(x[:, :70], layer.init_state(4))
+            for t in range(70, 160):  # streamed frame by frame, as the probe's scorer does
+                layer.step(x[:, t], state)
+        err = memory_probe.replay_read_errors(layer, calls)
+        assert err.shape == (4, 160) and torch.equal(err[:, :16], torch.ones(4, 16))
+        errors.append(err[:, 81:112].mean().item())  # the copy, past its first (spliced) pair
+    assert errors[0] < 0.8 * errors[1]  # measured: 0.59 vs 1.04 (-43 %)
+    assert not layer.pair_hooks  # the recorder is gone
+
+
+def test_probe_memory_command_on_an_inplace_hybrid(tmp_path, capsys) -> None:
+    """probe-memory streams a converted in-place Moshi and gives one row per gap and in-place layer."""
+    from ttt_speech.moshi import convert, default_inplace_config
+    from ttt_speech.moshi.tiny import build_tiny_lm
+
+    lm = build_tiny_lm(0)
+    model = convert(lm, layers=[1], ttt=default_inplace_config(lm, chunk=8, target_init_std=0.5, base_lr=30.0))
+    model.save_pretrained(tmp_path / "inplace")
+    g = torch.Generator().manual_seed(1)
+    for i in range(2):
+        codes = torch.cat([torch.randint(0, lm.text_card, (1, 160), generator=g),
+                           torch.randint(0, lm.card, (lm.num_audio_codebooks, 160), generator=g)])
+        save_sequence(tmp_path / "held_out" / f"s{i}.npy", codes)
+    parser = argparse.ArgumentParser()
+    commands.add_probe_arguments(parser)
+    args = parser.parse_args([f"inplace={tmp_path / 'inplace'}", "--data", str(tmp_path / "held_out"), "--gaps", "24",
+                              "--span", "24", "--context", "4"])
+    rows = memory_probe.run(args)
+    assert [(r.gap, r.layer) for r in rows] == [(24, 0)]
+    assert all(0 < x < 2 for r in rows for x in (r.source, r.copy, r.never_seen))  # read errors, no NaN
+    assert rows[0].copy < 0.8 * rows[0].never_seen  # written 24 frames before; measured 0.319 vs 0.794 (-60 %)
+    assert "| 24 | 0 |" in capsys.readouterr().out

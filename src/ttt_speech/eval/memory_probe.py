@@ -10,6 +10,11 @@ that token met (its mini-batch's start), in two cases:
 - on the same span at the same place, with its source replaced by the frames that follow the
   excerpt (the control: same content, same amount of learning, never seen).
 
+An in-place layer (`InPlaceLayer`, docs/ttt.md) has no inner loss to replay: its writes are Hebbian,
+with no target scale. For it the per-frame loss is the read error 1 - cos(Delta k_t, v_t): how far
+the memory's read with a pair's key (the MLP hidden of frame t-1), at the delta frame t met, points
+from the pair's value (1 in the first chunk, where nothing is written yet).
+
 "copy vs never seen" < 0 means the state kept something of the span. There are two excerpts per
 held-out sequence and gap, each rounded up to whole mini-batches (only those are replayed); the
 first mini-batch of each span is left out (it holds the splice).
@@ -28,26 +33,33 @@ import json
 import typing as tp
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ttt_speech.errors import UsageError
 from ttt_speech.eval.data import Sequence, load_sequences
 from ttt_speech.eval.models import load_model
+from ttt_speech.layers.inplace import InPlaceLayer
 from ttt_speech.layers.ttt import TTTLayer
+from ttt_speech.ops.inplace import inplace_parallel
 from ttt_speech.ops.ttt.reference import inner_forward, layer_norm, ttt_chunked
 
-Calls = dict[int, list[list[Tensor]]]  # id(layer) -> per call [k, v, a, c], each [B, H, t, D] / [B, H, t]
+# id(layer) -> per call: TTT [k, v, a, c], each [B, H, t, D] / [B, H, t]; in-place [k, v], [B, t, hidden / dim]
+Calls = dict[int, list[list[Tensor]]]
+MemoryLayer = tp.Union[TTTLayer, InPlaceLayer]
 
 
 @contextlib.contextmanager
-def record_inner_inputs(layers: tp.Iterable[TTTLayer]) -> tp.Iterator[Calls]:
-    """Record the inner model's k, v and step sizes of each layer (its `register_inner_hook`) while inside."""
+def record_inner_inputs(layers: tp.Iterable[MemoryLayer]) -> tp.Iterator[Calls]:
+    """Record what each layer's memory learns from while inside: a TTT layer's inner k, v and step sizes (its
+    `register_inner_hook`), an in-place layer's keys and values (its `register_pair_hook`)."""
     calls: Calls = {}
 
-    def keep(layer: TTTLayer, q: Tensor, k: Tensor, v: Tensor, a: Tensor, c: Tensor) -> None:
-        calls.setdefault(id(layer), []).append([t.clone() for t in (k, v, a, c)])
+    def keep(layer: MemoryLayer, q: Tensor, k: Tensor, v: Tensor, *steps: Tensor) -> None:
+        calls.setdefault(id(layer), []).append([t.clone() for t in (k, v, *steps)])
 
-    handles = [layer.register_inner_hook(keep) for layer in layers]
+    handles = [layer.register_inner_hook(keep) if isinstance(layer, TTTLayer) else layer.register_pair_hook(keep)
+               for layer in layers]
     try:
         yield calls
     finally:
@@ -81,6 +93,18 @@ def replay_inner_losses(layer: TTTLayer, calls: Calls) -> tuple[Tensor, Tensor, 
     return loss, weights[0], weights[1]
 
 
+def replay_read_errors(layer: InPlaceLayer, calls: Calls) -> Tensor:
+    """Each frame's read error 1 - cos(Delta_{c(t)} k_t, v_t) [B, T] for an in-place layer: its recorded pairs
+    written chunk by chunk from a zero delta (`ops.inplace.parallel` with the keys as queries)."""
+    if id(layer) not in calls:
+        raise RuntimeError("no in-place pairs were recorded")
+    k, v = (torch.cat([call[i] for call in calls[id(layer)]], dim=1) for i in range(2))
+    (B, T, Fh), D, C = k.shape, v.shape[-1], layer.config.chunk
+    read, *_ = inplace_parallel(k, k, v, k.new_zeros(B, D, Fh), k.new_zeros(B, C, Fh), v.new_zeros(B, C, D),
+                                torch.zeros(B, dtype=torch.long, device=k.device), C)
+    return 1 - F.cosine_similarity(read, v, dim=-1)  # a zero read (nothing written yet) has cosine 0
+
+
 def copy_and_control(sequences: list[Sequence], gap: int, span: int, context: int,
                      mini_batch: int = 1) -> tuple[Tensor, Tensor]:
     """([N, rows, L] excerpts with the span at `context` copied `gap` later; the same with that source
@@ -108,8 +132,8 @@ def copy_and_control(sequences: list[Sequence], gap: int, span: int, context: in
 @dataclasses.dataclass
 class ProbeRow:
     gap: int
-    layer: int  # index among the model's TTT layers
-    source: float  # mean inner loss on the span the first time
+    layer: int  # index among the model's memory layers (TTT or in-place)
+    source: float  # mean inner loss (in-place: read error) on the span the first time
     copy: float  # ... on its copy
     never_seen: float  # ... on the copy when the source was replaced
 
@@ -120,11 +144,11 @@ class ProbeRow:
 
 def probe(scorer: tp.Any, sequences: list[Sequence], gaps: list[int], span: int = 200,
           context: int = 250) -> list[ProbeRow]:
-    """ProbeRows per gap and TTT layer of a Moshi scorer's model (see the module docstring)."""
-    layers = [m for m in scorer.model.modules() if isinstance(m, TTTLayer)]
+    """ProbeRows per gap and memory layer of a Moshi scorer's model (see the module docstring)."""
+    layers = [m for m in scorer.model.modules() if isinstance(m, (TTTLayer, InPlaceLayer))]
     if not layers:
-        raise UsageError(f"{scorer.name}: no TTT layers")
-    K = layers[0].config.mini_batch
+        raise UsageError(f"{scorer.name}: no TTT or in-place layers")
+    K = layers[0].config.mini_batch if isinstance(layers[0], TTTLayer) else layers[0].config.chunk
     first = slice(context + K, context + span)  # the source span, past its first mini-batch
     rows = []
     for gap in gaps:
@@ -134,7 +158,8 @@ def probe(scorer: tp.Any, sequences: list[Sequence], gaps: list[int], span: int 
             with record_inner_inputs(layers) as calls, torch.no_grad():
                 scorer.score(tokens, torch.full((tokens.shape[0], len(scorer.streams), tokens.shape[-1]), torch.nan),
                              lambda step: None)
-            losses.append([replay_inner_losses(layer, calls)[0] for layer in layers])
+            losses.append([replay_inner_losses(layer, calls)[0] if isinstance(layer, TTTLayer)
+                           else replay_read_errors(layer, calls) for layer in layers])
         for i, (loss, ctrl) in enumerate(zip(*losses)):
             rows.append(ProbeRow(gap, i, *(x.nanmean().item() for x in (loss[..., first], loss[..., again],
                                                                             ctrl[..., again]))))
@@ -150,10 +175,10 @@ def run(args: argparse.Namespace) -> list[ProbeRow]:
     for spec in args.models:
         scorer = load_model(spec).scorer
         for m in scorer.model.modules():
-            if isinstance(m, TTTLayer):
+            if isinstance(m, (TTTLayer, InPlaceLayer)):
                 m.config = dataclasses.replace(m.config, base_lr=m.config.base_lr * args.inner_lr_scale)
         rows = everything[scorer.name] = probe(scorer, sequences, gaps, args.span, args.context)
-        print(f"\n## {scorer.name}, inner lr x{args.inner_lr_scale:g}\n\n| gap | TTT layer | source | copy | "
+        print(f"\n## {scorer.name}, inner lr x{args.inner_lr_scale:g}\n\n| gap | memory layer | source | copy | "
               "copy, source never seen | copy vs never seen |\n|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r.gap} | {r.layer} | {r.source:.3f} | {r.copy:.3f} | {r.never_seen:.3f} | {r.change:+.1%} |",
