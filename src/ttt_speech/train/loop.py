@@ -83,6 +83,10 @@ class Trainer(StagedTrainer):
                              f"{p.world} processes")
         self.local_batch = cfg.train.batch_size // p.world
         self.bf16 = p.device.type == "cuda" and cfg.train.precision == "bf16"
+        if p.device.type == "cuda":
+            # cuDNN's fused attention backward failed on an H200 (torch 2.11: `mha_graph.execute(...)
+            # .is_good()`) for the depformer's attention over batch x frames rows; flash/efficient are fine
+            torch.backends.cuda.enable_cudnn_sdp(False)
         self.dtype = DTYPES[cfg.model.dtype] if cfg.model.dtype != "auto" else (
             torch.bfloat16 if p.device.type == "cuda" else torch.float32)
         self.skips = SkipLog(cfg.data.skip_bad)
