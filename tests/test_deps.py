@@ -44,6 +44,16 @@ def test_require_refuses_an_untested_release_naming_both(monkeypatch):
         deps.require("moshi")
 
 
+def test_an_untested_release_ends_a_command_with_one_line(monkeypatch, capsys):
+    from ttt_speech.errors import one_line_errors
+
+    monkeypatch.setattr(deps, "version", lambda dist: "0.19.0")
+    with pytest.raises(SystemExit) as e, one_line_errors("ttt-speech generate", debug=False):
+        deps.require("torchao")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "torchao 0.19.0 is installed" in err
+
+
 def test_require_names_a_missing_distribution(monkeypatch):
     def missing(dist):
         raise deps.PackageNotFoundError(dist)

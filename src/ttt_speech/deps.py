@@ -17,6 +17,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 from packaging.specifiers import SpecifierSet
 
+from ttt_speech.errors import UsageError
+
 # distribution name -> the releases the suite passed on
 SUPPORTED: dict[str, str] = {
     "transformers": ">=5.23,<5.25",
@@ -29,8 +31,9 @@ _PIP_FLAGS: dict[str, str] = {"moshi": "--no-deps "}
 OVERRIDE_ENV = "TTT_SPEECH_ALLOW_UNTESTED"  # names distributions to let through, for widening a range
 
 
-class UnsupportedVersionError(ImportError):
-    """An installed release outside the range our suite passed on."""
+class UnsupportedVersionError(ImportError, UsageError):
+    """An installed release outside the range our suite passed on: an ImportError for code that imports
+    optionally, and a UsageError, so a command ends with its one line (the fix is a pip command)."""
 
 
 def installed(dist: str) -> str | None:
