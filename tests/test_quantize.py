@@ -34,19 +34,13 @@ def test_missing_torchao_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> Non
 
 pytest.importorskip("moshi")
 
+from helpers.moshi import random_codes  # noqa: E402
 from ttt_speech.errors import UsageError  # noqa: E402
 from ttt_speech.moshi.commands import add_generate_arguments, run_generate  # noqa: E402
 from ttt_speech.moshi.convert import TTTLMModel  # noqa: E402
 from ttt_speech.moshi.generate import stream  # noqa: E402
 from ttt_speech.moshi.layer import TTTLayerState  # noqa: E402
 from ttt_speech.moshi.tiny import build_tiny_hybrid  # noqa: E402
-
-
-def random_codes(lm: TTTLMModel, B: int, T: int, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, lm.card, (B, lm.num_codebooks, T), generator=g)
-    codes[:, 0] = torch.randint(0, lm.text_card, (B, T), generator=g)
-    return codes
 
 
 def ttt_state_layout(lm: TTTLMModel) -> list[dict[str, tuple[tuple[int, ...], torch.dtype]]]:
@@ -64,7 +58,7 @@ def ttt_state_layout(lm: TTTLMModel) -> list[dict[str, tuple[tuple[int, ...], to
 def test_quantized_logits_stay_close_to_fp32(mode: str) -> None:
     max_rel, max_abs, min_agreement = BOUNDS[mode]
     lm = build_tiny_hybrid(0)
-    codes = random_codes(lm, 2, 48)
+    codes = random_codes(lm, 2, 48, seed=1)
     with torch.no_grad():
         ref = lm(codes)
         quantize_weights(lm, mode)  # type: ignore[arg-type]
@@ -89,7 +83,7 @@ def test_compiled_quantized_linears_compute_the_same_logits() -> None:
         return gm.forward
 
     eager, compiled = build_tiny_hybrid(0), build_tiny_hybrid(0)
-    codes = random_codes(eager, 2, 48)
+    codes = random_codes(eager, 2, 48, seed=1)
     with torch.no_grad():
         quantize_weights(eager, "int8")
         report = quantize_weights(compiled, "int8", compile=True, backend=recording)
