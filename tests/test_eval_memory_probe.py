@@ -18,6 +18,17 @@ from ttt_speech.layers.ttt import TTTLayer  # noqa: E402
 from ttt_speech.ops.ttt.reference import layer_norm  # noqa: E402
 
 
+def copied_and_never_seen() -> tuple[torch.Tensor, torch.Tensor]:
+    """4 streams of 160 frames (dim 32) whose frames 16-47 come again at 80-111, and the same streams with
+    those source frames replaced: what a layer stores shows as a lower loss on the copy in the first."""
+    g = torch.Generator().manual_seed(1)
+    copied = torch.randn(4, 160, 32, generator=g)
+    copied[:, 80:112] = copied[:, 16:48]
+    never_seen = copied.clone()
+    never_seen[:, 16:48] = torch.randn(4, 32, 32, generator=g)
+    return copied, never_seen
+
+
 @pytest.mark.parametrize("variant", ["ttt-lm", "fla"])
 def test_replay_reaches_the_layers_own_weights(variant: str) -> None:
     torch.manual_seed(0)
@@ -104,11 +115,7 @@ def test_replayed_losses_show_storage_where_a_layer_stores() -> None:
         layer.lr_bias.fill_(4.0)
         for proj in (layer.q_proj, layer.k_proj, layer.v_proj):
             torch.nn.init.orthogonal_(proj.weight)
-    g = torch.Generator().manual_seed(1)
-    copied = torch.randn(4, 160, 32, generator=g)
-    copied[:, 80:112] = copied[:, 16:48]
-    never_seen = copied.clone()
-    never_seen[:, 16:48] = torch.randn(4, 32, 32, generator=g)
+    copied, never_seen = copied_and_never_seen()
     losses = []
     for x in (copied, never_seen):
         with memory_probe.record_inner_inputs([layer]) as calls, torch.no_grad():
@@ -125,11 +132,7 @@ def test_read_errors_show_storage_where_an_inplace_layer_stores() -> None:
 
     torch.manual_seed(0)
     layer = InPlaceLayer(InPlaceConfig(dim=32, hidden=64, chunk=16, target_init_std=0.3, init_std=0.3))
-    g = torch.Generator().manual_seed(1)
-    copied = torch.randn(4, 160, 32, generator=g)
-    copied[:, 80:112] = copied[:, 16:48]
-    never_seen = copied.clone()
-    never_seen[:, 16:48] = torch.randn(4, 32, 32, generator=g)
+    copied, never_seen = copied_and_never_seen()
     errors = []
     for x in (copied, never_seen):
         with memory_probe.record_inner_inputs([layer]) as calls, torch.no_grad():
