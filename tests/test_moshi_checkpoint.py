@@ -16,10 +16,10 @@ pytest.importorskip("moshi")
 from moshi.models.lm import LMGen  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
-from helpers.moshi import hybrid_from, sample  # noqa: E402
+from helpers.moshi import convert_moshi, hybrid_from, sample  # noqa: E402
 from ttt_speech import TTTConfig  # noqa: E402
 from ttt_speech.moshi import TTTLMModel, load_hybrid  # noqa: E402
-from ttt_speech.moshi.commands import add_convert_arguments, parse_layers, run_convert  # noqa: E402
+from ttt_speech.moshi.commands import parse_layers  # noqa: E402
 from ttt_speech.moshi.tiny import TinyCheckpoint, build_tiny_lm, tiny_lm_config, write_tiny_checkpoint  # noqa: E402
 
 
@@ -119,20 +119,17 @@ def test_load_hybrid_refuses_a_vanilla_checkpoint(tiny_ckpt: TinyCheckpoint) -> 
 
 
 def test_convert_moshi_command(tiny_ckpt: TinyCheckpoint, tmp_path: Path) -> None:
-    parser = argparse.ArgumentParser()
-    add_convert_arguments(parser)
-    args = parser.parse_args(["--moshi-weights", str(tiny_ckpt.moshi_weights), "--config", str(tiny_ckpt.config),
-                              "--out", str(tmp_path / "out"), "--layers", "1", "--mode", "replace",
-                              "--mini-batch", "8", "--dtype", "float32"])
-    out = run_convert(args)
+    out = convert_moshi("--moshi-weights", str(tiny_ckpt.moshi_weights), "--config", str(tiny_ckpt.config),
+                        "--out", str(tmp_path / "out"), "--layers", "1", "--mode", "replace",
+                        "--mini-batch", "8", "--dtype", "float32")
     lm = load_hybrid(out, dtype=torch.float32)
     assert lm.ttt_spec.mode == "replace" and lm.ttt_spec.layers == (1,)
     assert lm.ttt_spec.config.mini_batch == 8 and lm.ttt_spec.config.num_heads == 4
     assert not hasattr(lm.transformer.layers[1], "self_attn")
     assert json.loads((out / "config.json").read_text())["mimi_name"] == "mimi.safetensors"
-    args = parser.parse_args(["--moshi-weights", str(tiny_ckpt.moshi_weights), "--config", str(tiny_ckpt.config),
-                              "--out", str(tmp_path / "shared"), "--shared-qkv", "--dtype", "float32"])
-    shared = load_hybrid(run_convert(args), dtype=torch.float32)
+    shared = load_hybrid(convert_moshi("--moshi-weights", str(tiny_ckpt.moshi_weights), "--config",
+                                       str(tiny_ckpt.config), "--out", str(tmp_path / "shared"), "--shared-qkv",
+                                       "--dtype", "float32"), dtype=torch.float32)
     assert shared.ttt_spec.config.shared_qkv and shared.transformer.layers[0].ttt.q_proj is None
     assert not any(".ttt.q_proj" in k for k in shared.state_dict())
     assert parse_layers("all") == "all" and parse_layers("24-27,3") == [24, 25, 26, 27, 3]

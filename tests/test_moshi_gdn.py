@@ -4,7 +4,6 @@ trip with the branch kind recorded, and a "ttt" section written before the kind 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 from pathlib import Path
@@ -16,6 +15,7 @@ pytest.importorskip("moshi")
 
 from helpers.moshi import (  # noqa: E402
     Session,
+    convert_moshi,
     greedy_generate,
     hybrid_from,
     open_gates,
@@ -30,7 +30,6 @@ from ttt_speech.config import GatedDeltaNetConfig  # noqa: E402
 from ttt_speech.layers import GatedDeltaNetLayer, GatedDeltaNetState  # noqa: E402
 from ttt_speech.moshi import TTTLMModel, TTTTransformerLayer, convert, default_gdn_config, load_hybrid  # noqa: E402
 from ttt_speech.errors import UsageError  # noqa: E402
-from ttt_speech.moshi.commands import add_convert_arguments, run_convert  # noqa: E402
 from ttt_speech.moshi.generate import streaming_state_bytes  # noqa: E402
 from ttt_speech.moshi.tiny import TinyCheckpoint, build_tiny_lm, tiny_lm_config, write_tiny_checkpoint  # noqa: E402
 
@@ -176,15 +175,13 @@ def test_a_ttt_section_without_the_branch_field_loads_as_ttt(tiny_ckpt: TinyChec
 
 
 def test_convert_moshi_command_with_a_gdn_branch(tiny_ckpt: TinyCheckpoint, tmp_path: Path) -> None:
-    parser = argparse.ArgumentParser()
-    add_convert_arguments(parser)
     base = ["--moshi-weights", str(tiny_ckpt.moshi_weights), "--config", str(tiny_ckpt.config),
             "--dtype", "float32", "--branch", "gdn"]
-    out = run_convert(parser.parse_args([*base, "--out", str(tmp_path / "out"), "--layers", "1"]))
+    out = convert_moshi(*base, "--out", str(tmp_path / "out"), "--layers", "1")
     lm = load_hybrid(out, dtype=torch.float32)
     assert lm.ttt_spec.branch == "gdn" and lm.ttt_spec.layers == (1,) and lm.ttt_spec.config.num_heads == 4
     assert isinstance(lm.transformer.layers[1].ttt, GatedDeltaNetLayer)
     assert not isinstance(lm.transformer.layers[0], TTTTransformerLayer)
     for extra in (["--mini-batch", "8"], ["--mode", "replace"]):
         with pytest.raises(UsageError, match="--branch gdn|hybrid"):
-            run_convert(parser.parse_args([*base, "--out", str(tmp_path / "bad"), *extra]))
+            convert_moshi(*base, "--out", str(tmp_path / "bad"), *extra)

@@ -14,9 +14,10 @@ import torch
 
 pytest.importorskip("moshi")
 
+from helpers.moshi import convert_moshi  # noqa: E402
 from ttt_speech import TTTConfig  # noqa: E402
 from ttt_speech.moshi import convert  # noqa: E402
-from ttt_speech.moshi.commands import add_convert_arguments, add_generate_arguments, run_convert, run_generate  # noqa: E402
+from ttt_speech.moshi.commands import add_generate_arguments, run_generate  # noqa: E402
 from moshi.models.lm import LMGen  # noqa: E402
 
 from ttt_speech.moshi.generate import stream, streaming_state_finite  # noqa: E402
@@ -27,12 +28,6 @@ def generate(*argv: str) -> dict[str, Path]:
     parser = argparse.ArgumentParser()
     add_generate_arguments(parser)
     return run_generate(parser.parse_args(list(argv)))
-
-
-def convert_moshi(*argv: str) -> Path:
-    parser = argparse.ArgumentParser()
-    add_convert_arguments(parser)
-    return run_convert(parser.parse_args(list(argv)))
 
 
 def test_generate_on_the_embedded_default_speaks_with_its_own_codec(tmp_path: Path) -> None:

@@ -5,7 +5,6 @@ frame streaming, the first chunk still equals the original, checkpoints round tr
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 from pathlib import Path
@@ -15,12 +14,13 @@ import torch
 
 pytest.importorskip("moshi")
 
-from helpers.moshi import assert_same_model, greedy_generate, random_codes, sample, streamed_logits  # noqa: E402
+from helpers.moshi import (  # noqa: E402
+    assert_same_model, convert_moshi, greedy_generate, random_codes, sample, streamed_logits,
+)
 from ttt_speech.config import InPlaceConfig  # noqa: E402
 from ttt_speech.errors import UsageError  # noqa: E402
 from ttt_speech.layers import InPlaceLayer  # noqa: E402
 from ttt_speech.moshi import TTTLMModel, TTTTransformerLayer, convert, default_inplace_config, load_hybrid  # noqa: E402
-from ttt_speech.moshi.commands import add_convert_arguments, run_convert  # noqa: E402
 from ttt_speech.moshi.tiny import TinyCheckpoint, build_tiny_lm, tiny_lm_config, write_tiny_checkpoint  # noqa: E402
 
 CONTEXT = tiny_lm_config()["context"]
@@ -97,11 +97,9 @@ def test_save_then_load_gives_identical_logits_and_one_key_per_weight(tiny_ckpt:
 
 
 def test_convert_moshi_command_with_an_inplace_branch(tiny_ckpt: TinyCheckpoint, tmp_path: Path) -> None:
-    parser = argparse.ArgumentParser()
-    add_convert_arguments(parser)
     base = ["--moshi-weights", str(tiny_ckpt.moshi_weights), "--config", str(tiny_ckpt.config),
             "--dtype", "float32", "--branch", "inplace"]
-    out = run_convert(parser.parse_args([*base, "--out", str(tmp_path / "out"), "--layers", "1", "--chunk", "8"]))
+    out = convert_moshi(*base, "--out", str(tmp_path / "out"), "--layers", "1", "--chunk", "8")
     lm = load_hybrid(out, dtype=torch.float32)
     assert lm.ttt_spec.branch == "inplace" and lm.ttt_spec.layers == (1,) and lm.ttt_spec.config.chunk == 8
     assert isinstance(lm.transformer.layers[1].ttt, InPlaceLayer)
@@ -113,6 +111,6 @@ def test_convert_moshi_command_with_an_inplace_branch(tiny_ckpt: TinyCheckpoint,
                        (["--gate-init", "0.1"], "--gate-init is an option of --branch ttt/gdn"),
                        (["--mode", "replace"], "mode='replace' is not supported with an in-place branch")):
         with pytest.raises(UsageError, match=msg):
-            run_convert(parser.parse_args([*base, "--out", str(tmp_path / "bad"), *extra]))
+            convert_moshi(*base, "--out", str(tmp_path / "bad"), *extra)
     with pytest.raises(UsageError, match="--chunk is an option of --branch inplace; it does not apply to --branch ttt"):
-        run_convert(parser.parse_args([*base[:-1], "ttt", "--out", str(tmp_path / "bad"), "--chunk", "8"]))
+        convert_moshi(*base[:-1], "ttt", "--out", str(tmp_path / "bad"), "--chunk", "8")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,7 +15,15 @@ from moshi.models.lm_utils import _delay_sequence, _undelay_sequence  # noqa: E4
 
 from ttt_speech import TTTConfig  # noqa: E402
 from ttt_speech.moshi import TTTLayerState, TTTLMModel, convert  # noqa: E402
+from ttt_speech.moshi.commands import add_convert_arguments, run_convert  # noqa: E402
 from ttt_speech.moshi.tiny import TinyCheckpoint  # noqa: E402
+
+
+def convert_moshi(*argv: str) -> Path:
+    """`ttt-speech convert-moshi ARGV` in process: the converted directory."""
+    parser = argparse.ArgumentParser()
+    add_convert_arguments(parser)
+    return run_convert(parser.parse_args(list(argv)))
 
 
 def random_codes(lm: LMModel, B: int, T: int, seed: int = 0) -> torch.Tensor:
