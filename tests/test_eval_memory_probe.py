@@ -84,10 +84,8 @@ def test_copy_and_control_differ_only_at_the_source() -> None:
         memory_probe.copy_and_control(seqs, gap=4, span=6, context=4)
 
 
-def test_probe_memory_command(tmp_path, capsys) -> None:
-    from ttt_speech.moshi.tiny import build_tiny_hybrid
-
-    lm = build_tiny_hybrid(0)
+def probe_memory(lm, tmp_path, model: str, *argv: str) -> list:
+    """`probe-memory MODEL --data HELD_OUT ARGV` over two random 160-frame sequences shaped for `lm`."""
     g = torch.Generator().manual_seed(1)
     for i in range(2):
         codes = torch.cat([torch.randint(0, lm.text_card, (1, 160), generator=g),
@@ -95,9 +93,15 @@ def test_probe_memory_command(tmp_path, capsys) -> None:
         save_sequence(tmp_path / "held_out" / f"s{i}.npy", codes)
     parser = argparse.ArgumentParser()
     commands.add_probe_arguments(parser)
-    args = parser.parse_args(["tiny", "--data", str(tmp_path / "held_out"), "--gaps", "24,28", "--span", "24",
-                              "--context", "4", "--out", str(tmp_path / "rows.json")])
-    rows = memory_probe.run(args)
+    return memory_probe.run(parser.parse_args([model, "--data", str(tmp_path / "held_out"), *argv]))
+
+
+def test_probe_memory_command(tmp_path, capsys) -> None:
+    from ttt_speech.moshi.tiny import build_tiny_hybrid
+
+    lm = build_tiny_hybrid(0)
+    rows = probe_memory(lm, tmp_path, "tiny", "--gaps", "24,28", "--span", "24", "--context", "4",
+                        "--out", str(tmp_path / "rows.json"))
     n_layers = sum(isinstance(m, TTTLayer) for m in lm.modules())
     assert [(r.gap, r.layer) for r in rows] == [(g, i) for g in (24, 28) for i in range(n_layers)]
     assert all(r.source > 0 and r.copy > 0 and r.never_seen > 0 for r in rows)  # no NaN: scored tokens only
@@ -154,16 +158,8 @@ def test_probe_memory_command_on_an_inplace_hybrid(tmp_path, capsys) -> None:
     lm = build_tiny_lm(0)
     model = convert(lm, layers=[1], ttt=default_inplace_config(lm, chunk=8, target_init_std=0.5, base_lr=30.0))
     model.save_pretrained(tmp_path / "inplace")
-    g = torch.Generator().manual_seed(1)
-    for i in range(2):
-        codes = torch.cat([torch.randint(0, lm.text_card, (1, 160), generator=g),
-                           torch.randint(0, lm.card, (lm.num_audio_codebooks, 160), generator=g)])
-        save_sequence(tmp_path / "held_out" / f"s{i}.npy", codes)
-    parser = argparse.ArgumentParser()
-    commands.add_probe_arguments(parser)
-    args = parser.parse_args([f"inplace={tmp_path / 'inplace'}", "--data", str(tmp_path / "held_out"), "--gaps", "24",
-                              "--span", "24", "--context", "4"])
-    rows = memory_probe.run(args)
+    rows = probe_memory(lm, tmp_path, f"inplace={tmp_path / 'inplace'}", "--gaps", "24", "--span", "24",
+                        "--context", "4")
     assert [(r.gap, r.layer) for r in rows] == [(24, 0)]
     assert all(0 < x < 2 for r in rows for x in (r.source, r.copy, r.never_seen))  # read errors, no NaN
     assert rows[0].copy < 0.8 * rows[0].never_seen  # written 24 frames before; measured 0.319 vs 0.794 (-60 %)
