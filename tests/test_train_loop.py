@@ -81,6 +81,22 @@ def test_what_trains(tmp_path: Path, what: str) -> None:
     assert (out.text_logits - ref.text_logits)[ref.text_mask[..., None].expand_as(ref.text_logits)].abs().max() < 1e-5
 
 
+def test_memory_lr_scale_moves_the_memory_branch_that_much_faster(tmp_path: Path) -> None:
+    # Adam's first step moves each weight by ~lr (g / |g|): memory weights by lr x scale, the host's by lr
+    cfg = config_from_dict(tiny_config(tmp_path, **{"train.trainable": "all", "train.memory_lr_scale": 10.0,
+                                                    "train.weight_decay": 0.0,
+                                                    "stages": [{"seq_len": 24, "steps": 1, "lr": 1e-4, "warmup": 0.0}]}))
+    trainer = Trainer(cfg)
+    before = {n: p.detach().clone() for n, p in trainer.seg.named_parameters()}
+    trainer.run()
+    moved = {n: (p.detach() - before[n]).abs() for n, p in trainer.seg.named_parameters()}
+    memory = torch.cat([d[d > 0] for n, d in moved.items() if ".ttt." in n])
+    host = torch.cat([d[d > 0] for n, d in moved.items() if ".ttt." not in n])
+    assert abs(memory.median().item() / 1e-3 - 1) < 0.05 and abs(host.median().item() / 1e-4 - 1) < 0.05
+    with pytest.raises(ValueError, match="memory_lr_scale"):
+        config_from_dict(tiny_config(tmp_path, **{"train.memory_lr_scale": 0.0}))
+
+
 def test_a_transformers_hybrid_trains_on_flat_token_streams(tmp_path: Path) -> None:
     pytest.importorskip("transformers", minversion="5.23")  # pyproject's hf extra
     from ttt_speech.hf import convert

@@ -61,7 +61,8 @@ class CodecTrainer(StagedTrainer):
         # matrices decay; biases, norms, layer scales and weight-norm gains do not
         decay = [q for n, q in named if q.dim() >= 2 and not n.endswith("weight_g")]
         no_decay = [q for n, q in named if not (q.dim() >= 2 and not n.endswith("weight_g"))]
-        self.optimizer, self.scheduler = adamw(decay, no_decay, cfg.train.weight_decay, cfg.train.betas, cfg.stages)
+        groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        self.optimizer, self.scheduler = adamw(groups, cfg.train.betas, cfg.stages)
         self.model, self.checkpoint_keys = self.mimi, list(self.mimi.state_dict())
         self.stages, self.checkpoint_config, self.log_config = cfg.stages, cfg.checkpoint, cfg.log
         self.global_batch = cfg.train.batch_size

@@ -57,11 +57,16 @@ def lr_at(stages: list[Stage], step: int) -> float:
     return stage.lr * (stage.min_lr_ratio + (1 - stage.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def adamw(decay: list[nn.Parameter], no_decay: list[nn.Parameter], weight_decay: float,
-          betas: tuple[float, float], stages: list[Stage]) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW (weight decay on `decay` only) whose learning rate follows `lr_at` over the stages."""
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=1.0, betas=betas)
+def adamw(groups: list[dict[str, tp.Any]], betas: tuple[float, float],
+          stages: list[Stage]) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW whose learning rate follows `lr_at` over the stages.
+
+    `groups` are torch parameter groups ({"params", "weight_decay"}); a group's optional "lr" is a
+    multiplier of the stage's rate (default 1), e.g. a new branch learning faster than the pretrained
+    weights around it. Empty groups are dropped.
+    """
+    groups = [{"lr": 1.0} | g for g in groups if g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=1.0, betas=betas)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(stages, s))
 
 

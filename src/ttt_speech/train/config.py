@@ -163,12 +163,15 @@ class TrainConfig:
     parallel: Parallel = "auto"  # auto: ddp under torchrun, none alone
     grad_clip: float = 1.0
     weight_decay: float = 0.1
+    memory_lr_scale: float = 1.0  # the memory branch's parameters train at the stage's lr times this
     betas: tuple[float, float] = (0.9, 0.95)
     device: str = "auto"
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"train.batch_size must be >= 1, got {self.batch_size}")
+        if not self.memory_lr_scale > 0:
+            raise ValueError(f"train.memory_lr_scale must be > 0, got {self.memory_lr_scale}")
         for name in ("segment_len", "attention_window", "attention_chunk"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -31,7 +31,7 @@ from ttt_speech.train.config import Config
 from ttt_speech.train.data import TokenData, check_streams, find_documents, split_by_source
 from ttt_speech.train.model import Batch, Carry, SegmentLM
 from ttt_speech.train.parallel import full, parallelize, start_processes, sync_gradients
-from ttt_speech.train.trainable import add_lora, merge_lora, set_trainable
+from ttt_speech.train.trainable import add_lora, is_memory, merge_lora, set_trainable
 
 log = logging.getLogger("ttt_speech.train")
 
@@ -111,9 +111,13 @@ class Trainer(StagedTrainer):
             self.train_data.check_length(stage.seq_len, f"stage {i}, training data {cfg.data.train}")
 
         self.model = parallelize(self.seg, p, cfg.train.parallel, self.bf16)
-        params = [q for q in self.seg.parameters() if q.requires_grad]
-        self.optimizer, self.scheduler = adamw([q for q in params if q.dim() >= 2], [q for q in params if q.dim() < 2],
-                                               cfg.train.weight_decay, cfg.train.betas, cfg.stages)
+        named = [(n, q) for n, q in self.seg.named_parameters() if q.requires_grad]
+        params = [q for _, q in named]
+        groups = [{"params": [q for n, q in named if is_memory(n) == memory and (q.dim() >= 2) == decay],
+                   "weight_decay": cfg.train.weight_decay if decay else 0.0,
+                   "lr": cfg.train.memory_lr_scale if memory else 1.0}
+                  for memory in (False, True) for decay in (True, False)]
+        self.optimizer, self.scheduler = adamw(groups, cfg.train.betas, cfg.stages)
         self.params = params
         self.stages, self.checkpoint_config, self.log_config = cfg.stages, cfg.checkpoint, cfg.log
         self.global_batch, self.device, self.checkpoint_keys = cfg.train.batch_size, p.device, self.trainable

@@ -67,11 +67,14 @@ def merge_lora(model: nn.Module) -> int:
     return len(found)
 
 
+def is_memory(name: str) -> bool:
+    """Whether the parameter `name` belongs to a memory branch (TTT, Gated DeltaNet or in-place)."""
+    return ".ttt." in f".{name}"
+
+
 def is_trainable(name: str, what: Trainable) -> bool:
     """Whether the parameter `name` trains under `what` ("ttt" | "lora" | "all")."""
-    if what == "all":
-        return True
-    if ".ttt." in f".{name}":
+    if what == "all" or is_memory(name):
         return True
     return what == "lora" and (".lora_a." in name or ".lora_b." in name)
 
