@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Issue 24, Required 4-5 on one H200: the arms fine-tuned from the speech base of docs/results.md section 6,
+# side by side on the same GPU with ONE data order (seed 0), until a wall-clock deadline (SIGTERM writes a
+# checkpoint; the same command again resumes it), then exported and scored with eval-long's copy probes
+# and both controls. Arms: d = no memory, b = in-place (issue 23), a = TTT-Linear (ttt-lm, no RoPE),
+# c = Gated DeltaNet. Every SEQ-frame sequence holds COPIES copied spans of 16-48 frames: even blocks
+# 16-60 frames after their source (inside the 64-frame window), odd blocks FAR frames after (beyond it).
+# Carried: .exp24/whl (moshi), .whl/f*.whl (FLA), .exp24/arms/pack.tar.xz (35 h of the training split +
+# held out, int16) and .exp24/arms/base (the base, bf16, without its codec: the shipped one).
+# Runs (docs/results.md section 7): first look  DEADLINE=240 PROBES=30 (defaults otherwise);
+#   long run  call 1: ARMS="d b c" LR=3e-4 MEMLR=10 DEADLINE=530 PHASE=train GPUTESTS=1,
+#             call 2: the same with DEADLINE=<rest> PHASE=all PROBES=30 GAPS=32,96,160,320,640,1280
+set -uo pipefail
+X=$PWD/recipes/evidence24 B=$PWD/.exp24 W=/tmp/w
+ARMS=${ARMS:-d b a} DEADLINE=${DEADLINE:-240} LR=${LR:-5.0e-4} MEMLR=${MEMLR:-1} PHASE=${PHASE:-all}
+COPIES=${COPIES:-2} FAR=${FAR:-96, 700} SEQ=${SEQ:-1536} GAPS=${GAPS:-32,96,160,320,640}
+S0=$SECONDS; t() { echo "[t=$((SECONDS - S0))s] $*"; }
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $B/whl/*.whl .whl/f*.whl 2>/dev/null || exit 1
+export PYTHONPATH=/tmp/site:$PWD/src NO_TORCH_COMPILE=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
+# the base's codec is the shipped one (byte for byte): not carried twice
+cp src/ttt_speech/assets/small_moshi/mimi.safetensors src/ttt_speech/assets/small_moshi/mimi_config.json $B/arms/base/
+[ -d $W/tok ] || { mkdir -p $W && tar xJf $B/arms/pack.tar.xz -C $W && python3 $X/tok24.py unpack $W/pack $W/tok || exit 1; }
+t data ready
+if [ "${GPUTESTS:-0}" = 1 ]; then  # sphn is not carried: its three serve/codec test modules fail to collect
+  (python3 -m pytest -m gpu tests -p no:cacheprovider -o addopts= -rfE --continue-on-collection-errors \
+    > $OUT/gpu_tests.log 2>&1; echo "rc=$?" >> $OUT/gpu_tests.log) &
+fi
+REPEAT="{prob: 1.0, min_gap: 16, max_gap: 60, min_len: 16, max_len: 48, copies: $COPIES, far_gap: [$FAR]}"
+STAGES="[{seq_len: $SEQ, steps: 20000, lr: $LR, warmup: 0.005, min_lr_ratio: 1.0}]"
+extra() {
+  case $1 in
+    d) ;;
+    b) echo --set model.layers=all --set model.branch=inplace ;;
+    a) echo --set model.layers=all --set model.ttt.variant=ttt-lm --set model.ttt.gate_init=0.1 --set model.ttt.use_rope=false ;;
+    c) echo --set model.layers=all --set model.branch=gdn --set model.ttt.gate_init=0.1 ;;
+  esac
+}
+PIDS=()
+for arm in $ARMS; do
+  timeout -s TERM $DEADLINE python3 -m ttt_speech.train $X/arms.yaml --run-dir $W/arm_$arm \
+    --set model.pretrained=$B/arms/base --set "data.train=[$W/tok/train]" --set "data.eval=[$W/tok/val]" \
+    --set train.batch_size=${BATCH:-64} --set train.segment_len=1536 --set train.memory_lr_scale=$MEMLR \
+    --set "data.repeat=$REPEAT" --set "stages=$STAGES" \
+    --set checkpoint.every=100 --set log.every=25 --set log.eval_every=0 --set log.progress=false $(extra $arm) \
+    >> $W/arm_$arm.log 2>&1 &
+  PIDS+=($!)
+done
+wait "${PIDS[@]}"; t trained
+for arm in $ARMS; do grep -E "step +[0-9]+ |Error|error|resumed" $W/arm_$arm.log | tail -3; done
+if [ "$PHASE" = all ]; then
+  for arm in $ARMS; do rm -rf $W/arm_$arm/export; python3 $X/export_last.py $W/arm_$arm || true; done
+  t exported
+  EV="--data $W/tok/val --lengths 64 --baseline-length 64 --minutes 0 --copy-gaps $GAPS --copy-span 32
+    --copy-context 64 --copy-probes ${PROBES:-20} --copy-controls --batch-size ${EVBATCH:-240} --no-progress"
+  for arm in $ARMS; do
+    timeout $((${END:-560} - (SECONDS - S0))) python3 -m ttt_speech eval-long $EV --model $arm=$W/arm_$arm/export \
+      --out $W/eval_$arm > $W/eval_$arm.log 2>&1 &
+  done
+  wait; t evaluated
+fi
+wait
+cd $W && tar cf $OUT/arms.tar arm_*.log arm_*/metrics.jsonl arm_*/config.yaml eval_* 2>/dev/null
+ls -la $OUT; tail -3 $OUT/gpu_tests.log 2>/dev/null
