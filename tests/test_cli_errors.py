@@ -277,6 +277,11 @@ ROWS: list[tuple[str, str]] = [
     ("probe-memory tiny --data {held_out} --gaps 1k", "--gaps: '1k'"),
     ("probe-memory tiny --data {held_out} --span 0", "--span: 0"),
     ("probe-memory tiny --data {held_out} --inner-lr-scale 0", "--inner-lr-scale: 0"),
+    ("probe-memory tiny --data {held_out} --gaps-windows 0,4", "--gaps-windows: '0,4'"),
+    ("probe-memory tiny --data {held_out} --gaps 24 --gaps-windows 3", "not allowed with argument --gaps"),
+    ("probe-memory tiny --data {held_out} --gaps-windows 40 --span 24 --context 4", "gap 320 needs 728"),
+    ("probe-memory {vanilla} --data {held_out} --gaps 24 --span 24", "no TTT, Gated DeltaNet or in-place layers"),
+    ("probe-memory tiny --data {held_out} --device cuda:99", "--device cuda:99"),
     # train, tokenize, plot-run: the file is named
     ("train {bad_yaml}", "bad.yaml: not valid YAML"),
     ("train {list_yaml}", "list.yaml: a config is a YAML mapping"),

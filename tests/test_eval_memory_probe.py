@@ -1,5 +1,6 @@
-"""probe-memory: the replayed inner model is the layer's own (weights after streaming, first losses at W0),
-the copy/control excerpts differ only where they should, and the command runs end to end."""
+"""probe-memory: the replayed memory is the layer's own (TTT weights / GDN state after the run, first losses at
+the start state), the copy/control excerpts differ only where they should, the segment path records what
+frame-by-frame streaming does, and the command runs end to end on every design."""
 
 from __future__ import annotations
 
@@ -100,13 +101,113 @@ def test_probe_memory_command(tmp_path, capsys) -> None:
     from ttt_speech.moshi.tiny import build_tiny_hybrid
 
     lm = build_tiny_hybrid(0)
-    rows = probe_memory(lm, tmp_path, "tiny", "--gaps", "24,28", "--span", "24", "--context", "4",
+    rows = probe_memory(lm, tmp_path, "tiny", "--gaps-windows", "3,3.5", "--span", "24", "--context", "4",
                         "--out", str(tmp_path / "rows.json"))
     n_layers = sum(isinstance(m, TTTLayer) for m in lm.modules())
-    assert [(r.gap, r.layer) for r in rows] == [(g, i) for g in (24, 28) for i in range(n_layers)]
+    assert lm.transformer.layers[0].self_attn.context == 8  # so 3 and 3.5 windows are gaps of 24 and 28 frames
+    assert [(r.gap, r.windows, r.layer) for r in rows] == [
+        (g, w, i) for g, w in ((24, 3.0), (28, 3.5)) for i in (*range(n_layers), None)]
     assert all(r.source > 0 and r.copy > 0 and r.never_seen > 0 for r in rows)  # no NaN: scored tokens only
-    assert json.loads((tmp_path / "rows.json").read_text())["tiny"][0]["gap"] == 24
-    assert "| 24 | 0 |" in capsys.readouterr().out
+    assert all(r.low <= r.change <= r.high and r.high - r.low > 1e-3 and r.excerpts == 4 for r in rows)
+    for gap in (24, 28):  # the mean row: each layer's change weighted alike
+        per_layer = [r.change for r in rows if r.gap == gap and r.layer is not None]
+        mean = next(r for r in rows if r.gap == gap and r.layer is None)
+        assert mean.never_seen == pytest.approx(1.0) and mean.change == pytest.approx(sum(per_layer) / n_layers)
+    saved = json.loads((tmp_path / "rows.json").read_text())["tiny"]
+    assert (saved[0]["gap"], saved[0]["design"], saved[-1]["layer"]) == (24, "TTT ttt-lm", None)
+    assert (tmp_path / "rows.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| 24 | 3 | 0 |" in capsys.readouterr().out
+
+
+BRANCHES = {"ttt-next": ("ttt", {"target": "next", "mini_batch": 4}),
+            "gdn": ("gdn", {"gate_init": 0.5}),
+            "inplace": ("inplace", {"chunk": 8, "target_init_std": 0.5, "base_lr": 30.0})}
+
+
+def tiny_branch_hybrid(name: str):
+    """A tiny Moshi with its layer 1 converted to one memory design (the memory switched on)."""
+    from ttt_speech.moshi import convert
+    from ttt_speech.moshi.convert import default_branch_config
+    from ttt_speech.moshi.tiny import build_tiny_lm
+
+    lm = build_tiny_lm(0)
+    branch, overrides = BRANCHES[name]
+    torch.manual_seed(0)
+    return lm, convert(lm, layers=[1], ttt=default_branch_config(lm, "hybrid", branch, **overrides))
+
+
+@pytest.mark.parametrize("name", BRANCHES)
+def test_the_segment_path_records_what_streaming_does(name: str) -> None:
+    """run_trunk (the temporal transformer over segments) shows each memory layer the inputs that the
+    frame-by-frame scorer (LMGen-style streaming, depformer included) shows it, across segment cuts."""
+    from ttt_speech.eval.models import MoshiScorer
+
+    _, model = tiny_branch_hybrid(name)
+    scorer = MoshiScorer(model, name)
+    tokens = torch.cat([torch.randint(0, model.text_card, (3, 1, 40)),
+                        torch.randint(0, model.card, (3, model.num_audio_codebooks, 40))], 1)
+    layers = [m for m in model.modules() if isinstance(m, memory_probe.MEMORY_LAYERS)]
+    recorded = []
+    for run in (lambda: memory_probe.run_trunk(scorer, tokens, segment=16),
+                lambda: scorer.score(tokens, torch.full((3, len(scorer.streams), 40), torch.nan), lambda step: None)):
+        with memory_probe.record_inner_inputs(layers) as calls, torch.no_grad():
+            run()
+        dim = 1 if name == "inplace" else 2
+        recorded.append([torch.cat(parts, dim) for parts in zip(*calls[id(layers[0])])])
+    assert len(recorded[0]) == (2 if name == "inplace" else 4) and recorded[0][0].shape[dim] == 40
+    for segmented, streamed in zip(*recorded):
+        torch.testing.assert_close(segmented, streamed, rtol=1e-4, atol=1e-5)
+
+
+def test_delta_replay_reaches_the_layers_own_state() -> None:
+    from ttt_speech.config import GatedDeltaNetConfig
+    from ttt_speech.layers.gated_deltanet import GatedDeltaNetLayer
+
+    torch.manual_seed(0)
+    layer = GatedDeltaNetLayer(GatedDeltaNetConfig(dim=32, num_heads=2, chunk_size=8))
+    x = torch.randn(2, 30, 32)
+    with memory_probe.record_inner_inputs([layer]) as calls, torch.no_grad():
+        _, state = layer(x[:, :11])
+        layer.step(x[:, 11:], state)  # a chunked run, then a streamed one
+    loss, S = memory_probe.replay_delta_losses(layer, calls)
+    torch.testing.assert_close(S, state["S"], rtol=1e-4, atol=1e-5)
+    v = calls[id(layer)][0][1]
+    torch.testing.assert_close(loss[:, :, 0], 0.5 * v[:, :, 0].pow(2).sum(-1))  # frame 0 meets an empty state
+    assert loss.shape == (2, 2, 30) and not layer.inner_hooks
+
+
+def test_delta_losses_show_storage_where_a_gdn_layer_stores() -> None:
+    """Positive control: a Gated DeltaNet with slow decay and strong writes regresses a span copied 64 frames
+    later clearly better than the same span whose source it never saw."""
+    from ttt_speech.config import GatedDeltaNetConfig
+    from ttt_speech.layers.gated_deltanet import GatedDeltaNetLayer
+
+    torch.manual_seed(0)
+    layer = GatedDeltaNetLayer(GatedDeltaNetConfig(dim=32, num_heads=1, head_dim_k=32, head_dim_v=32,
+                                                   use_short_conv=False, init_std=0.2))
+    with torch.no_grad():
+        layer.A_log.fill_(-6.0)  # decay exp(-e^-6 softplus(.)) ~ 0.999 per frame
+        layer.b_proj.weight.zero_()  # beta = 1/2
+    copied, never_seen = copied_and_never_seen()
+    losses = []
+    for x in (copied, never_seen):
+        with memory_probe.record_inner_inputs([layer]) as calls, torch.no_grad():
+            layer(x)
+        losses.append(memory_probe.replay_delta_losses(layer, calls)[0][..., 81:112].mean().item())
+    assert losses[0] < 0.85 * losses[1]  # measured: 4.67 vs 6.05 (-23 %)
+
+
+@pytest.mark.parametrize("name", ["ttt-next", "gdn"])
+def test_probe_memory_command_on_other_designs(name: str, tmp_path, capsys) -> None:
+    """probe-memory runs a converted TTT-with-next-frame-targets and a Gated DeltaNet Moshi from their
+    directories: one row per gap and memory layer and the mean, named by design."""
+    lm, model = tiny_branch_hybrid(name)
+    model.save_pretrained(tmp_path / name)
+    rows = probe_memory(lm, tmp_path, f"{name}={tmp_path / name}", "--gaps", "24", "--span", "24", "--context", "4")
+    assert [(r.gap, r.layer) for r in rows] == [(24, 0), (24, None)]
+    assert rows[0].design == {"ttt-next": "TTT ttt-lm, next-frame targets", "gdn": "Gated DeltaNet"}[name]
+    assert all(r.source > 0 and r.copy > 0 and r.never_seen > 0 for r in rows)
+    assert f"## {name}, inner lr x1: {rows[0].design}" in capsys.readouterr().out
 
 
 def test_replayed_losses_show_storage_where_a_layer_stores() -> None:
@@ -152,15 +253,12 @@ def test_read_errors_show_storage_where_an_inplace_layer_stores() -> None:
 
 def test_probe_memory_command_on_an_inplace_hybrid(tmp_path, capsys) -> None:
     """probe-memory streams a converted in-place Moshi and gives one row per gap and in-place layer."""
-    from ttt_speech.moshi import convert, default_inplace_config
-    from ttt_speech.moshi.tiny import build_tiny_lm
-
-    lm = build_tiny_lm(0)
-    model = convert(lm, layers=[1], ttt=default_inplace_config(lm, chunk=8, target_init_std=0.5, base_lr=30.0))
+    lm, model = tiny_branch_hybrid("inplace")
     model.save_pretrained(tmp_path / "inplace")
     rows = probe_memory(lm, tmp_path, f"inplace={tmp_path / 'inplace'}", "--gaps", "24", "--span", "24",
                         "--context", "4")
-    assert [(r.gap, r.layer) for r in rows] == [(24, 0)]
+    assert [(r.gap, r.layer) for r in rows] == [(24, 0), (24, None)]
     assert all(0 < x < 2 for r in rows for x in (r.source, r.copy, r.never_seen))  # read errors, no NaN
-    assert rows[0].copy < 0.8 * rows[0].never_seen  # written 24 frames before; measured 0.319 vs 0.794 (-60 %)
-    assert "| 24 | 0 |" in capsys.readouterr().out
+    assert rows[0].copy < 0.8 * rows[0].never_seen  # written 24 frames before; measured 0.314 vs 0.837 (-62 %)
+    assert rows[0].high < -0.3  # the interval excludes "nothing kept": measured [-68.5 %, -58.3 %]
+    assert "| 24 | 3 | 0 |" in capsys.readouterr().out

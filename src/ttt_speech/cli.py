@@ -36,7 +36,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                        "decode a free run eval-long saved (free_run_<name>.npy) and score its audio per minute: "
                        "ASR WER, voice similarity"),
     "probe-memory": ("ttt_speech.eval.commands", "add_probe_arguments", "run_probe",
-                     "does a TTT hybrid's state store a span it has seen? inner loss on copies vs never-seen controls"),
+                     "does a hybrid's memory store a span it has seen? its loss on copies vs never-seen controls"),
     "make-corpus": ("ttt_speech.corpus.commands", "add_arguments", "run",
                     "build an offline long-form English speech corpus: public-domain texts read by local TTS voices"),
     "train-codec": ("ttt_speech.codec.commands", "add_train_arguments", "run_train",

@@ -141,6 +141,17 @@ def int_list(text: str) -> list[int]:
     return values
 
 
+def positive_float_list(text: str) -> list[float]:
+    """Comma-separated numbers > 0, e.g. "1,4,10,40" (sorted, repeats dropped)."""
+    try:
+        values = sorted({positive_float(x) for x in text.split(",") if x.strip()})
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated numbers > 0") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated numbers > 0")
+    return values
+
+
 def existing_file(path: str | Path, what: str = "file") -> Path:
     """`path` if it is a file; else a UsageError naming it."""
     p = Path(path)

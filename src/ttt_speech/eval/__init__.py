@@ -4,7 +4,7 @@
     free_run.py      N minutes of free generation scored per minute (gibberish.py, asr.py, speaker.py)
     conversation.py  long two-speaker dialogues: user-stream loss and voice consistency per minute
     spans.py         loss on labelled spans: corpus re-reads, copies G frames later (recall vs distance)
-    memory_probe.py  `ttt-speech probe-memory`: whether a TTT state stores a span (inner loss on copies)
+    memory_probe.py  `ttt-speech probe-memory`: whether a memory state stores a span (its loss on copies)
     models.py        the models compared, each streamed in its production form; data.py: token shards
     report.py        report.md, results.json and the plots (plots.py); commands.py: the CLI
 

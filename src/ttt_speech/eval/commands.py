@@ -25,7 +25,8 @@ from pathlib import Path
 
 from ttt_speech.devices import DTYPE_NAMES, torch_device, torch_dtype
 from ttt_speech.errors import (UsageError, check_safetensors, existing_dir, existing_file, int_list, nonnegative_float,
-                               nonnegative_int, output_dir, positive_float, positive_int, read_json_object)
+                               nonnegative_int, output_dir, positive_float, positive_float_list, positive_int,
+                               read_json_object)
 from ttt_speech.threads import add_threads_argument, use_cpu_threads
 
 if tp.TYPE_CHECKING:
@@ -400,14 +401,22 @@ def run_score(args: argparse.Namespace) -> dict[str, Path]:
 
 def add_probe_arguments(p: argparse.ArgumentParser) -> None:
     """`ttt-speech probe-memory` (memory_probe.py runs it)."""
-    p.add_argument("models", nargs="+", metavar="[NAME=]DIR", help="TTT hybrid directories (or 'tiny')")
+    p.add_argument("models", nargs="+", metavar="[NAME=]DIR",
+                   help="hybrid directories (TTT, TTT with next-frame targets, Gated DeltaNet or in-place; or 'tiny')")
     p.add_argument("--data", required=True, type=Path, help="held-out token shards")
-    p.add_argument("--gaps", type=int_list, default="300,1000,3000", help="frames between a span and its copy")
+    gaps = p.add_mutually_exclusive_group()
+    gaps.add_argument("--gaps", type=int_list, default="300,1000,3000", help="frames between a span and its copy")
+    gaps.add_argument("--gaps-windows", type=positive_float_list,
+                      help="the gaps as multiples of each model's attention window, e.g. 1,4,10,40")
     p.add_argument("--span", type=positive_int, default=200, help="frames per copied span")
     p.add_argument("--context", type=nonnegative_int, default=250, help="frames before each span")
+    p.add_argument("--excerpts", type=positive_int, default=2, help="excerpts per held-out sequence and gap")
+    p.add_argument("--max-sequences", type=positive_int, help="use the first N held-out sequences (default: all)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="excerpts run at once")
     p.add_argument("--inner-lr-scale", type=positive_float, default=1.0,
-                   help="multiply the layers' inner learning rate (the model was not trained for it)")
-    p.add_argument("--out", type=Path, help="also write the rows as JSON here")
+                   help="multiply the TTT / in-place layers' inner learning rate (the model was not trained for it)")
+    p.add_argument("--out", type=Path, help="also write the rows as JSON here, and their plot beside it (.png)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     add_threads_argument(p)
 
 
@@ -419,6 +428,7 @@ def run_probe(args: argparse.Namespace) -> tp.Any:
         check_spec(spec)
     if args.out and args.out.is_dir():
         raise UsageError(f"--out {args.out}: is a directory; give the JSON file to write")
+    args.device = torch_device(args.device)
     use_cpu_threads(args.threads)
     return probe(args)
 
