@@ -5,7 +5,9 @@
     python benchmarks/moshi_stream.py --models none,all:shared --batch 16
 
 Models: none (vanilla), all, or A-B (TTT layers), with ":shared" for TTT that reads the attention's
-q/k/v projection and joins its heads before the output projection (`TTTConfig.shared_qkv`).
+q/k/v projection and joins its heads before the output projection (`TTTConfig.shared_qkv`), or
+":inplace" for the in-place fast-weight branch in those layers' own MLPs (`--chunk` frames per write;
+`benchmarks/inplace_stream.py` times its chunk-end frames apart).
 
 For each model: p50/p90 ms per frame around frame ~100, ~3000 and ~45 000, and peak GPU memory.
 All models are resident at once and their timed windows alternate round-robin, so a slow drift of
@@ -34,7 +36,7 @@ from moshi.models import loaders  # noqa: E402
 from moshi.models.lm import LMGen  # noqa: E402
 from moshi.modules.transformer import RingKVCache  # noqa: E402
 
-from ttt_speech.moshi import convert, default_ttt_config  # noqa: E402
+from ttt_speech.moshi import convert, default_inplace_config, default_ttt_config  # noqa: E402
 from ttt_speech.moshi.generate import streaming_state_bytes  # noqa: E402
 from ttt_speech.moshi.tiny import tiny_lm_config  # noqa: E402
 
@@ -52,13 +54,18 @@ def advance_offsets(gen: LMGen, n: int) -> None:
                     value.end_offset.add_(n)
 
 
-def build(kwargs: dict, model: str, device: str, dtype: torch.dtype, mini_batch: int):
+def build(kwargs: dict, model: str, device: str, dtype: torch.dtype, mini_batch: int, chunk: int = 64):
+    """A random-weight Moshi (seeded by the caller) converted as `model` says: none, all or A-B, [:shared|:inplace].
+    In-place target projections get random weights (std 0.02), so writes carry values as after training."""
     lm = loaders.get_moshi_lm(None, lm_kwargs=kwargs, device=device, dtype=dtype)
     layers, _, kind = model.partition(":")
     if layers != "none":
         first, _, last = layers.partition("-")
         spec = "all" if layers == "all" else range(int(first), int(last or first) + 1)
-        cfg = default_ttt_config(lm, "hybrid", mini_batch=mini_batch, gate_init=0.1, shared_qkv=kind == "shared")
+        if kind == "inplace":
+            cfg = default_inplace_config(lm, chunk=chunk, target_init_std=0.02)
+        else:
+            cfg = default_ttt_config(lm, "hybrid", mini_batch=mini_batch, gate_init=0.1, shared_qkv=kind == "shared")
         lm = convert(lm, spec, "hybrid", cfg)
     return lm.eval()
 
@@ -76,18 +83,24 @@ class Stream:
         self.user = torch.randint(0, lm.card, (batch, lm.n_q - lm.dep_q, 1), device=lm.device)
         self.context = lm.transformer.layers[0].self_attn.context or 0
         self.frame = 0
-        self.times: dict[int, list[float]] = {}
+        self.times: dict[int | str, list[float]] = {}
+        self.at: dict[int | str, list[int]] = {}
 
     def reach(self, mark: int) -> None:
         """Step to `mark` (jumping with advance_offsets once the ring KV cache is full)."""
         if mark > self.frame and self.frame > self.context:
             advance_offsets(self.gen, mark - self.frame)
             self.frame = mark
-        while self.frame < mark:
+        self.advance(mark - self.frame)
+
+    def advance(self, frames: int) -> None:
+        """Step `frames` frames untimed."""
+        for _ in range(frames):
             self.gen.step(self.user)
             self.frame += 1
 
-    def time(self, mark: int, frames: int) -> None:
+    def time(self, mark: int | str, frames: int) -> None:
+        """Step and time `frames` frames, one at a time, under `mark`; `self.at[mark]` keeps their frame indices."""
         sync = torch.cuda.synchronize if self.lm.device.type == "cuda" else (lambda: None)
         for _ in range(frames):
             sync()
@@ -95,6 +108,7 @@ class Stream:
             self.gen.step(self.user)
             sync()
             self.times.setdefault(mark, []).append((time.perf_counter() - t0) * 1e3)
+            self.at.setdefault(mark, []).append(self.frame)
             self.frame += 1
 
     def p50_p90(self, mark: int) -> tuple[float, float]:
@@ -111,6 +125,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=6, help="the window is split in this many interleaved rounds")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--mini-batch", type=int, default=16)
+    p.add_argument("--chunk", type=int, default=64, help="frames per write of :inplace models")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -129,7 +144,7 @@ def main() -> None:
         for name in args.models.split(","):  # all resident at once: their windows interleave below
             before = torch.cuda.memory_allocated() if cuda else 0
             torch.manual_seed(0)
-            stream = Stream(name, build(kwargs, name, device, dtype, args.mini_batch), args.batch)
+            stream = Stream(name, build(kwargs, name, device, dtype, args.mini_batch, args.chunk), args.batch)
             weights = torch.cuda.memory_allocated() - before if cuda else 0
             if cuda:
                 torch.cuda.reset_peak_memory_stats()

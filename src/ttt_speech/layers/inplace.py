@@ -21,13 +21,19 @@ Before any write the delta is zero and the output is the host MLP's, bit for bit
 same ops, plus exact zeros). With `target_init_std = 0` the projection starts at zero, so a fresh
 layer never changes the host until the outer loss trains it.
 
-Frame budget at Moshi-7B shape (dim 4096, hidden 11264, fp32 delta of 184.5 MB per layer and
-stream): `step` reads the delta once for the output (2·D·F = 92 MFLOP, 184.5 MB) and, every frame,
-runs the chunk write with the values of streams not at a chunk end masked to zero (graph-capturable,
-no host sync): a [D, C] x [C, F] product (2·C·D·F = 5.9 GFLOP at C = 64) into the delta (184.5 MB
-read + written). About 553 MB and 6 GFLOP per layer and stream per frame: ~0.12 ms of HBM traffic
-and ~0.05 ms of tf32 math on an H100/H200, whether or not the frame ends a chunk, so no frame
-stalls: 8 streams x 4 layers ≈ 5 ms of the 80 ms frame. (An estimate; the device measures it.)
+Frame budget at Moshi-7B shape (dim D = 4096, hidden F = 11264, chunk C = 64; the one copy of this
+arithmetic, docs/ttt.md points here): `step` reads the fp32 delta once for the output (2·D·F =
+92 MFLOP, 184.5 MB) and, every frame, runs the chunk write with the values of streams not at a chunk
+end masked to zero: a [D, C] x [C, F] product (2·C·D·F = 5.9 GFLOP) added into the delta (184.5 MB
+read + written). No host sync and no branch on tensor values, so one CUDA graph serves every frame
+and the frame whose write lands runs exactly the kernels of any other frame: it cannot stall past
+its neighbours. The price is that every frame pays for a write: ~553 MB and 6 GFLOP per layer and
+stream, ~0.12 ms of HBM traffic on an H200 (4.8 TB/s; H100 0.17 ms) and 0.09 ms of fp32 math (67
+TFLOPS; TF32, off by default in torch, would make it 0.01 ms), partly overlapped: ~0.15–0.2 ms per
+layer and stream, so ~5–6 ms per frame for all 32 layers at batch 1, ~0.7 ms for 4 layers, ~5 ms for
+8 streams x 4 layers, against the 80 ms frame. An estimate from bytes and FLOPs;
+`benchmarks/inplace_stream.py` measures it in Moshi-7B's real `LMGen.step`, chunk-end frames apart
+(docs/benchmarks.md), `benchmarks/inplace_step.py` for one layer.
 """
 
 from __future__ import annotations
