@@ -4,34 +4,35 @@
     python benchmarks/inplace_stream.py --layers all 28-31 --frames 256 --warmup 8 --train-T 4096 --out inplace23/
     python benchmarks/inplace_stream.py --tiny --chunk 4 --frames 24 --train-T 64 --out /tmp/ip   # CPU check
 
-Random weights (moshi's 7B `_lm_kwargs`), bf16 on CUDA. Three parts, each written to `--out` as soon
-as it is done (inplace_stream.json and .md), so a run cut short keeps what it measured:
+Random weights (moshi's 7B `_lm_kwargs`), bf16 on CUDA. Written to `--out` (inplace_stream.json and
+.md) after every part, and the parts run most wanted first, so a run cut short by the device's clock
+keeps what it measured:
 
 1. **Capture check**: one converted layer's `InPlaceLayer.step` captured alone in a CUDA graph and
-   replayed over a chunk and a bit (one write), against eager steps on the same inputs. A failure is
-   reported in one line, and the hybrids then stream eager only.
-2. **Streaming**: vanilla and one in-place hybrid per `--layers` entry (like `convert-moshi --branch
-   inplace`: `all`, or `A-B`), all resident at once, each stepped through moshi's real `LMGen.step`
-   frame by frame (sampling, depformer included) and timed one frame at a time with a device sync
-   around it: after `--warmup` eager frames, first with moshi's own CUDA graphs (`CUDAGraphed`,
-   captured on the second graphed frame; the serving path), then without
-   (`moshi.utils.compile.no_cuda_graph`, `--eager-frames`). Each path's timed frames are split into
-   `--rounds` windows that alternate between models (clock drift hits all alike). Frame f (counted
-   from the stream's start) is a chunk-end frame when f % chunk == chunk − 1: the frame whose step
-   adds the chunk's pairs to the delta. Its times are reported apart (vanilla's frames at the same
+   replayed over a chunk and two frames (one write), against eager steps on the same inputs. A failure
+   is reported in one line, and the hybrids then stream eager only.
+2. **Streaming, CUDA graphs**: vanilla and one in-place hybrid per `--layers` entry (like
+   `convert-moshi --branch inplace`: `all`, or `A-B`), all resident at once, each stepped through
+   moshi's real `LMGen.step` frame by frame (sampling, depformer included) and timed one frame at a
+   time with a device sync around it: after `--warmup` eager frames, with moshi's own CUDA graphs
+   (`CUDAGraphed`, captured on the second graphed frame; the serving path). The timed frames are
+   split into `--rounds` windows that alternate between models (clock drift hits all alike). Frame f
+   (counted from the stream's start) is a chunk-end frame when f % chunk == chunk − 1: the frame whose
+   step adds the chunk's pairs to the delta. Its times are reported apart (vanilla's frames at the same
    positions are the control), and the hybrids' chunk offsets are checked against that count. Per
    model: weights, streaming state per session (all of it, and the in-place part), peak memory.
 3. **Training** (`--train-T`, 0 skips): tokens/s of one forward+backward of a single 7B-shape Moshi
    transformer layer (attention + gated MLP; all parameters trainable): as is (attention only), with
    the in-place branch (chunked form), and with the TTT branch (`ttt-lm`, own Q/K/V/O and shared
    q/k/v), B = `--train-B`.
+4. **Streaming, eager**: the same streams without CUDA graphs (`moshi.utils.compile.no_cuda_graph`),
+   `--eager-frames` each, reported like part 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import os
 import sys
@@ -161,7 +162,8 @@ def summarize(streams: list[Stream], rows: list[dict[str, tp.Any]], chunk: int) 
     for stream, row in zip(streams, rows):
         for path in PATHS:
             if path in stream.times:
-                row["paths"][path] = split(stream.at[path], stream.times[path], chunk)
+                row["paths"][path] = split(stream.at[path], stream.times[path], chunk) | {
+                    "series": {"frame": stream.at[path], "ms": stream.times[path]}}  # raw, for plots and re-checks
         row["frames_stepped"] = stream.frame
         states = inplace_states(stream.lm)
         offsets = {int(o) for s in states for o in s.tensors["offset"].tolist()}
@@ -175,9 +177,10 @@ def summarize(streams: list[Stream], rows: list[dict[str, tp.Any]], chunk: int) 
                 cell["ratio_p50_vs_vanilla"] = cell["all"]["p50"] / base["all"]["p50"]
 
 
-def stream_models(args, kwargs: dict, device: str, dtype: torch.dtype, report: dict, save) -> None:
-    """Build vanilla + the hybrids, warm them up eager, then time CUDA-graph frames (the serving path) and
-    eager ones, saving after each."""
+def stream_graphed(args, kwargs: dict, device: str, dtype: torch.dtype, report: dict,
+                   save) -> tuple[list[Stream], list[dict[str, tp.Any]]]:
+    """Build vanilla + the hybrids, warm them up eager, capture moshi's CUDA graphs and time graphed frames
+    (the serving path). Returns the streams, still streaming, and their report rows."""
     cuda = device == "cuda"
     mem = Memory(cuda)
     streams: list[Stream] = []
@@ -230,6 +233,11 @@ def stream_models(args, kwargs: dict, device: str, dtype: torch.dtype, report: d
         summarize(streams, rows, args.chunk)
         save()
         log("CUDA-graph frames timed")
+    return streams, rows
+
+
+def stream_eager(args, streams: list[Stream], rows: list[dict[str, tp.Any]], save) -> None:
+    """Time eager frames of the same streams (moshi's graphs bypassed, `no_cuda_graph`)."""
     run_phase(streams, "eager", args.eager_frames or args.frames, args.rounds)
     summarize(streams, rows, args.chunk)
     save()
@@ -371,7 +379,8 @@ def main(argv: list[str] | None = None) -> dict[str, tp.Any]:
             (args.out / "inplace_stream.md").write_text(markdown(report))
 
     print(header, flush=True)
-    if not args.no_stream:
+    streams: list[Stream] = []
+    if not args.no_stream:  # most wanted first: a run cut short by the device's clock keeps the rest
         torch.manual_seed(0)
         probe = build(kwargs | {"num_layers": 1, "depformer_num_layers": 1}, "all:inplace", device, dtype,
                       args.mini_batch, args.chunk)
@@ -380,12 +389,11 @@ def main(argv: list[str] | None = None) -> dict[str, tp.Any]:
         del probe
         log("capture check:", report["capture_check"])
         save()
-        stream_models(args, kwargs, device, dtype, report, save)
-        gc.collect()  # the streaming models (and their graphs) go before the training part
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        streams, rows = stream_graphed(args, kwargs, device, dtype, report, save)
     if args.train_T:
         bench_train(args, kwargs, device, dtype, report, save)
+    if streams:
+        stream_eager(args, streams, rows, save)
     save()
     print(markdown(report), flush=True)
     return report

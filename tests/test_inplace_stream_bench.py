@@ -60,6 +60,7 @@ def test_the_tiny_run_reports_every_field(bench: tp.Any, tmp_path: Path) -> None
         eager = row["paths"]["eager"]
         # timed frames 3..12 (after 3 warm-up frames): the writes land at frames 3, 7 and 11
         assert (eager["all"]["n"], eager["chunk_end"]["n"], eager["other"]["n"]) == (10, 3, 7)
+        assert eager["series"]["frame"] == list(range(warmup, warmup + frames)) and len(eager["series"]["ms"]) == 10
         assert 0 < eager["all"]["p50"] <= eager["all"]["p90"] <= eager["all"]["max"]
         assert row["frames_stepped"] == warmup + frames
         assert row["chunk_offset_ok"] is (None if name == "vanilla" else True) and row["delta_finite"]

@@ -6,7 +6,7 @@
 # Results land in $OUT/inplace23/: inplace_stream.json and .md (rewritten after every part, so a run cut by
 # the timeout keeps what it measured), log.txt, nvidia-smi.txt.
 # Budget knobs (env): LAYERS ("all 28-31": one hybrid per entry), FRAMES (CUDA-graph frames timed per model;
-# 320 = 5 chunk-end frames at chunk 64), EAGER (eager frames), WARMUP, CHUNK, TRAIN_T ("0" skips training),
+# 384 = 6 chunk-end frames at chunk 64), EAGER (eager frames), WARMUP, CHUNK, TRAIN_T ("0" skips training),
 # LIMIT (seconds the benchmark may run before it is stopped).
 set -uo pipefail
 S0=$SECONDS
@@ -18,7 +18,7 @@ export PYTHONPATH=/tmp/site:$PWD/src NO_TORCH_COMPILE=1 PYTHONUNBUFFERED=1 OMP_N
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.max.sm --format=csv | tee "$R/nvidia-smi.txt"
 echo "setup $((SECONDS - S0)) s" | tee "$R/log.txt"
 timeout "${LIMIT:-$((220 - (SECONDS - S0)))}" python3 benchmarks/inplace_stream.py --layers ${LAYERS:-all 28-31} \
-  --chunk "${CHUNK:-64}" --frames "${FRAMES:-320}" --eager-frames "${EAGER:-128}" --warmup "${WARMUP:-8}" --rounds 4 \
+  --chunk "${CHUNK:-64}" --frames "${FRAMES:-384}" --eager-frames "${EAGER:-192}" --warmup "${WARMUP:-8}" --rounds 4 \
   --train-T ${TRAIN_T:-4096} --out "$R" 2>&1 | tee -a "$R/log.txt"
 echo "benchmark rc=${PIPESTATUS[0]} after $((SECONDS - S0)) s" | tee -a "$R/log.txt"
 ls -la "$R"
