@@ -56,6 +56,7 @@ from ttt_speech.moshi.tiny import tiny_lm_config
 
 PATHS = ("cuda_graph", "eager")
 START = time.perf_counter()
+FRAME_MS = 80.0  # Moshi's frame: 12.5 Hz
 
 
 def log(*what: object) -> None:
@@ -88,10 +89,14 @@ def is_chunk_end(frame: int, chunk: int) -> bool:
     return frame % chunk == chunk - 1
 
 
-def split(frames: list[int], ms: list[float], chunk: int) -> dict[str, dict[str, float | int]]:
+def split(frames: list[int], ms: list[float], chunk: int) -> dict[str, tp.Any]:
     ends = [t for f, t in zip(frames, ms) if is_chunk_end(f, chunk)]
     rest = [t for f, t in zip(frames, ms) if not is_chunk_end(f, chunk)]
-    return {"all": stats(ms), "chunk_end": stats(ends), "other": stats(rest)}
+    out: dict[str, tp.Any] = {"all": stats(ms), "chunk_end": stats(ends), "other": stats(rest),
+                              "every_frame_within_80ms": bool(ms) and max(ms) < FRAME_MS}
+    if ends and rest:  # 1.0: the frame whose write lands costs what the others cost
+        out["chunk_end_over_other_p50"] = out["chunk_end"]["p50"] / out["other"]["p50"]
+    return out
 
 
 def inplace_states(lm) -> list[InPlaceState]:
@@ -250,6 +255,8 @@ def train_row(args, kwargs: dict, name: str, model: str, T: int, device: str, dt
     lm = build(kwargs | {"num_layers": 1, "depformer_num_layers": 1}, model, device, dtype, args.mini_batch,
                args.chunk)
     x = torch.randn(args.train_B, T, lm.dim, device=device, dtype=dtype, requires_grad=True)
+    if model.endswith(":inplace"):  # which chunked form InPlaceLayer.forward takes at this length
+        name += " (attention form)" if T <= lm.ttt_layers()[0].ttt.parallel_max else " (chunk loop)"
 
     def once() -> None:
         lm.transformer(x).float().square().mean().backward()

@@ -37,6 +37,8 @@ def test_chunk_end_frames_are_the_last_frame_of_each_chunk(bench: tp.Any) -> Non
     out = bench.split(frames, ms, 4)
     assert out["chunk_end"]["n"] == 3 and out["chunk_end"]["max"] == 11.0 and out["chunk_end"]["p50"] == 7.0
     assert out["other"]["n"] == 7 and out["all"]["n"] == 10 and out["all"]["max"] == 12.0
+    assert out["chunk_end_over_other_p50"] == 7.0 / 8.0 and out["every_frame_within_80ms"]
+    assert not bench.split([0, 1], [1.0, 80.0], 4)["every_frame_within_80ms"]
 
 
 def test_the_tiny_run_reports_every_field(bench: tp.Any, tmp_path: Path) -> None:
@@ -66,7 +68,7 @@ def test_the_tiny_run_reports_every_field(bench: tp.Any, tmp_path: Path) -> None
         assert row["chunk_offset_ok"] is (None if name == "vanilla" else True) and row["delta_finite"]
     assert rows["vanilla"]["paths"]["eager"]["ratio_p50_vs_vanilla"] == 1.0
     train = report["training"]["rows"]
-    assert [r["layer"] for r in train] == ["attention only (vanilla layer)", f"in-place, chunk {chunk}",
+    assert [r["layer"] for r in train] == ["attention only (vanilla layer)", f"in-place, chunk {chunk} (attention form)",
                                            "TTT ttt-lm, own Q/K/V/O", "TTT ttt-lm, shared q/k/v"]
     assert all(r["T"] == 32 and r["tokens_per_s"] > 0 for r in train) and train[0]["vs_attention_only"] == 1.0
     md = (tmp_path / "inplace_stream.md").read_text()
