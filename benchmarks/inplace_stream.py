@@ -102,10 +102,10 @@ def split(frames: list[int], ms: list[float], chunk: int) -> dict[str, tp.Any]:
 def inplace_states(lm) -> list[InPlaceState]:
     """The in-place states of a streaming model's converted layers (none for vanilla)."""
     out = []
-    for layer in getattr(lm, "ttt_layers", lambda: [])():
+    for layer in getattr(lm, "memory_layers", lambda: [])():
         state = streaming_state(layer)
-        if isinstance(state, TTTLayerState) and isinstance(state.ttt, InPlaceState):
-            out.append(state.ttt)
+        if isinstance(state, TTTLayerState) and isinstance(state.memory, InPlaceState):
+            out.append(state.memory)
     return out
 
 
@@ -203,7 +203,7 @@ def stream_graphed(args, kwargs: dict, device: str, dtype: torch.dtype, report: 
             stream.advance(args.warmup)
         states = inplace_states(lm)
         rows.append({
-            "model": stream.name, "layers": list(lm.ttt_spec.layers) if hasattr(lm, "ttt_spec") else [],
+            "model": stream.name, "layers": list(lm.memory_spec.layers) if hasattr(lm, "memory_spec") else [],
             "weights_gib": weights, "resident_gib": mem.now() - before, "peak_eager_gib": mem.peak() - before,
             "state_bytes_per_session": streaming_state_bytes(stream.gen, lm) // args.batch,
             "inplace_state_bytes_per_session": sum(s.nbytes for s in states) // args.batch,
@@ -256,7 +256,7 @@ def train_row(args, kwargs: dict, name: str, model: str, T: int, device: str, dt
                args.chunk)
     x = torch.randn(args.train_B, T, lm.dim, device=device, dtype=dtype, requires_grad=True)
     if model.endswith(":inplace"):  # which chunked form InPlaceLayer.forward takes at this length
-        name += " (attention form)" if T <= lm.ttt_layers()[0].ttt.parallel_max else " (chunk loop)"
+        name += " (attention form)" if T <= lm.memory_layers()[0].memory.parallel_max else " (chunk loop)"
 
     def once() -> None:
         lm.transformer(x).float().square().mean().backward()
@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> dict[str, tp.Any]:
         torch.manual_seed(0)
         probe = build(kwargs | {"num_layers": 1, "depformer_num_layers": 1}, "all:inplace", device, dtype,
                       args.mini_batch, args.chunk)
-        report["capture_check"] = (capture_check(probe.ttt_layers()[0].ttt, args.batch, args.chunk + 2)
+        report["capture_check"] = (capture_check(probe.memory_layers()[0].memory, args.batch, args.chunk + 2)
                                    if device == "cuda" else {"capturable": None, "reason": "no CUDA device"})
         del probe
         log("capture check:", report["capture_check"])

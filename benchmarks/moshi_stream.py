@@ -71,7 +71,7 @@ def build(kwargs: dict, model: str, device: str, dtype: torch.dtype, mini_batch:
 
 
 def ttt_layer_count(lm) -> int:
-    return len(lm.ttt_spec.layers) if hasattr(lm, "ttt_spec") else 0
+    return len(lm.memory_spec.layers) if hasattr(lm, "memory_spec") else 0
 
 
 class Stream:

@@ -87,7 +87,7 @@ def shipped_errors(modes: list[str]) -> None:
     """Logit error of each mode on the shipped (trained) small hybrid and on a random-weight model of the same
     config and TTT layers (moshi's initialisation, seed 0), fp32 on the CPU, the same random input codes."""
     shipped = load_hybrid(SHIPPED_DIR, dtype=torch.float32)
-    spec, raw = shipped.ttt_spec, shipped.moshi_config
+    spec, raw = shipped.memory_spec, shipped.moshi_config
 
     def fresh(trained: bool) -> LMModel:
         if trained:

@@ -46,9 +46,9 @@ ttt-speech tokenize runs/corpus_lm2/train_nooverlap.jsonl --out runs/tokens_lm2/
 #    (a) vanilla, (b) TTT hybrid, (d) Gated DeltaNet hybrid - equal budgets; then (c) = (a) converted.
 python -m ttt_speech.train configs/small_moshi.yaml --run-dir runs/lm_vanilla
 python -m ttt_speech.train configs/small_moshi.yaml --run-dir runs/lm_ttt \
-    --set model.layers=all --set 'model.ttt={variant: fla, gate_init: 0.1}'
+    --set model.layers=all --set 'model.memory={variant: fla, gate_init: 0.1}'
 python -m ttt_speech.train configs/small_moshi.yaml --run-dir runs/lm_gdn \
-    --set model.layers=all --set model.branch=gdn --set 'model.ttt={gate_init: 0.1}'
+    --set model.layers=all --set model.branch=gdn --set 'model.memory={gate_init: 0.1}'
 python -m ttt_speech.train configs/small_moshi_convert.yaml --run-dir runs/lm_converted
 
 # 5. evaluation: per-position loss to 12 800 frames (51x the 250-frame window), the re-read passages,
@@ -66,15 +66,16 @@ python - <<'PY'
 import json, shutil
 from pathlib import Path
 from safetensors.torch import load_file, save_file
+from ttt_speech.names import current_name, is_memory
 src, dst = Path("runs/lm_ttt/export"), Path("runs/vanilla_from_b")
 dst.mkdir(parents=True, exist_ok=True)
 for f in src.iterdir():
     if f.name not in ("config.json", "model.safetensors"):
         shutil.copy(f, dst / f.name)
 config = json.loads((src / "config.json").read_text())
-config.pop("ttt")
+config.pop("memory", None), config.pop("ttt", None)  # the branch's section (named ttt before issue 20)
 (dst / "config.json").write_text(json.dumps(config, indent=2))
-save_file({k: v for k, v in load_file(src / "model.safetensors").items() if ".ttt." not in k},
+save_file({k: v for k, v in load_file(src / "model.safetensors").items() if not is_memory(current_name(k))},
           dst / "model.safetensors")
 PY
 COPIES=(--set train.precision=fp32 --set train.batch_size=8 --set train.device=cpu
@@ -93,7 +94,7 @@ ttt-speech probe-memory --data runs/tokens_lm/val --gaps 48,160 --span 48 ttt_ft
 #    the same with the ttt-lm variant's step sizes: vanilla_ft converted, 60 steps on copies
 python -m ttt_speech.train configs/small_moshi.yaml --run-dir runs/cpu7/ttt_lm_conv "${COPIES[@]}" \
     --set 'stages=[{seq_len: 1600, steps: 60, lr: 1.0e-3, warmup: 0.1, min_lr_ratio: 0.1}]' \
-    --set model.pretrained=runs/cpu7/vanilla/export --set model.layers=all --set 'model.ttt={variant: ttt-lm, gate_init: 0.1}'
+    --set model.pretrained=runs/cpu7/vanilla/export --set model.layers=all --set 'model.memory={variant: ttt-lm, gate_init: 0.1}'
 ttt-speech probe-memory --data runs/tokens_lm/val --gaps 300,1000 ttt_lm_conv=runs/cpu7/ttt_lm_conv/export
 
 # 7. (g) memory-targeted training from scratch at full budget (GPU: the four at once, ~4 min on one
@@ -102,11 +103,11 @@ ttt-speech probe-memory --data runs/tokens_lm/val --gaps 300,1000 ttt_lm_conv=ru
 REP='data.repeat={prob: 1.0, min_gap: 300, min_len: 200, max_len: 800}'
 python -m ttt_speech.train configs/small_moshi.yaml --run-dir runs/lm_vanilla_rep --set "$REP"
 python -m ttt_speech.train configs/small_moshi.yaml --run-dir runs/lm_ttt_rep --set "$REP" \
-    --set model.layers=all --set 'model.ttt={variant: fla, gate_init: 0.1}'
+    --set model.layers=all --set 'model.memory={variant: fla, gate_init: 0.1}'
 python -m ttt_speech.train configs/small_moshi.yaml --run-dir runs/lm_ttt_lm_rep --set "$REP" \
-    --set model.layers=all --set 'model.ttt={variant: ttt-lm, gate_init: 0.1}'
+    --set model.layers=all --set 'model.memory={variant: ttt-lm, gate_init: 0.1}'
 python -m ttt_speech.train configs/small_moshi.yaml --run-dir runs/lm_gdn_rep --set "$REP" \
-    --set model.layers=all --set model.branch=gdn --set 'model.ttt={gate_init: 0.1}'
+    --set model.layers=all --set model.branch=gdn --set 'model.memory={gate_init: 0.1}'
 python -m ttt_speech.train configs/small_moshi.yaml --run-dir runs/lm_vanilla_in \
     --set 'data.repeat={prob: 1.0, min_gap: 100, max_gap: 200, min_len: 50, max_len: 100}'
 for m in vanilla_rep ttt_rep ttt_lm_rep gdn_rep; do

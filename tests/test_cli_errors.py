@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from ttt_speech import cli
 from ttt_speech.errors import (UsageError, fraction, nonnegative_float, port, positive_float, positive_int,
                                seconds_or_off)
+from ttt_speech.names import current_section
 
 SHIPPED = Path(cli.__file__).parent / "assets" / "small_moshi"
 
@@ -35,7 +36,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     with contextlib.suppress(ImportError):  # transformers' import-time warnings land here, not in a row's stderr
         import ttt_speech.hf.checkpoint  # noqa: F401
     d = tmp_path_factory.mktemp("bad_inputs")
-    config = json.loads((SHIPPED / "config.json").read_text())
+    config = current_section(json.loads((SHIPPED / "config.json").read_text()))  # shipped in the pre-issue-20 layout
     good = SHIPPED / "mimi.safetensors"
     out: dict[str, Path] = {"dir": d, "good_st": good}
     (d / "truncated.safetensors").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
@@ -57,7 +58,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             shutil.copyfile(weights, root / "model.safetensors")
         return root
 
-    vanilla = {k: v for k, v in config.items() if k != "ttt"}
+    vanilla = {k: v for k, v in config.items() if k != "memory"}
     out["vanilla"] = moshi_dir("vanilla", vanilla, None)
     with contextlib.suppress(ImportError):  # weights of the shipped model's shape, without its TTT layers
         from ttt_speech.moshi.config import lm_kwargs
@@ -72,7 +73,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out["bad_delays"] = moshi_dir("bad_delays", {**vanilla, "delays": [0, 1]})
     out["truncated_hybrid"] = moshi_dir("truncated_hybrid", config, out["truncated"])
     out["no_weights"] = moshi_dir("no_weights", vanilla, None)
-    out["bad_section"] = moshi_dir("bad_section", {**config, "ttt": {**config["ttt"], "mode": "both"}})
+    out["bad_section"] = moshi_dir("bad_section", {**config, "memory": {**config["memory"], "mode": "both"}})
     held = d / "held_out"
     held.mkdir()
     n_rows = 1 + vanilla["n_q"]
@@ -150,9 +151,9 @@ ROWS: list[tuple[str, str]] = [
     # generate: files
     ("generate --hybrid /nonexistent/dir", "/nonexistent/dir: no such hybrid checkpoint directory"),
     ("generate --hybrid {a_file}", "a_file: is a file"),
-    ("generate --hybrid {vanilla}", "has no 'ttt' section"),
+    ("generate --hybrid {vanilla}", "has no 'memory' section"),
     ("generate --hybrid {truncated_hybrid}", "truncated_hybrid/model.safetensors: truncated"),
-    ("generate --hybrid {bad_section}", "ttt.mode must be one of"),
+    ("generate --hybrid {bad_section}", "memory.mode must be one of"),
     ("generate --hybrid {dir}", "config.json: no such Moshi config.json"),
     ("generate --moshi-weights {truncated} --config {vanilla}/config.json", "truncated.safetensors: "),
     ("generate --moshi-weights {good_st} --config {vanilla}/config.json",
@@ -214,9 +215,9 @@ ROWS: list[tuple[str, str]] = [
     ("convert-moshi --moshi-weights {vanilla_st} --config {vanilla}/config.json --out {dir}/o --mode replace --gate-init 0",
      "gate_init=0"),
     ("convert-moshi --moshi-weights {vanilla_st} --config {vanilla}/config.json --out {dir}/o --ttt-config {broken_json}",
-     "broken.json: not valid JSON"),
-    ("convert-moshi --moshi-weights {vanilla_st} --config {vanilla}/config.json --out {dir}/o --ttt-config {vanilla}/config.json",
-     "--ttt-config"),
+     "broken.json: not valid JSON"),  # --ttt-config: the old name of --memory-config
+    ("convert-moshi --moshi-weights {vanilla_st} --config {vanilla}/config.json --out {dir}/o --memory-config {vanilla}/config.json",
+     "--memory-config"),
     ("convert-moshi --moshi-weights {vanilla_st} --config {vanilla}/config.json --out {a_file}", "a_file: is a file"),
     # convert-hf: the directory is judged before anything is built
     ("convert-hf --model {shipped} --layers 1 --out {dir}/o", "a Moshi checkpoint, not a transformers LLM"),

@@ -170,13 +170,13 @@ def test_reset_memories_restarts_only_the_memory_states() -> None:
     lm = build_tiny_hybrid(0)
     codes = torch.stack(_codes(lm, 2, 20))  # past one TTT mini-batch (16): the inner weights have moved
     with lm.streaming(2):
-        fresh = [s.ttt.clone() for s in _ttt_states(lm)]
+        fresh = [s.memory.clone() for s in _ttt_states(lm)]
         for t in range(codes.shape[-1]):
             lm.forward_text(codes[:, :, t:t + 1])
-        assert all(any(not torch.equal(a[k], b.ttt[k]) for k in a) for a, b in zip(fresh, _ttt_states(lm)))
+        assert all(any(not torch.equal(a[k], b.memory[k]) for k in a) for a, b in zip(fresh, _ttt_states(lm)))
         kv = [s.offset_cpu for s in _layer_states(lm)]
         assert reset_memories(lm) == lm.transformer.layers.__len__()
-        assert all(torch.equal(a[k], b.ttt[k]) for a, b in zip(fresh, _ttt_states(lm)) for k in a)
+        assert all(torch.equal(a[k], b.memory[k]) for a, b in zip(fresh, _ttt_states(lm)) for k in a)
         assert [s.offset_cpu for s in _layer_states(lm)] == kv == [20] * len(kv)  # attention keeps its place
     assert reset_memories(build_tiny_lm(0)) == 0
 
@@ -186,4 +186,4 @@ def _layer_states(lm: torch.nn.Module) -> list:
 
 
 def _ttt_states(lm: torch.nn.Module) -> list:
-    return [s for s in _layer_states(lm) if getattr(s, "ttt", None) is not None]
+    return [s for s in _layer_states(lm) if getattr(s, "memory", None) is not None]

@@ -71,10 +71,10 @@ def test_save_pretrained_and_load_round_trip(tmp_path, family, mode):
     perturb_ttt(model)  # a loader that re-initialised the TTT layers would not reproduce the logits
     model.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg["ttt"]["mode"] == mode and cfg["ttt"]["layers"] == [1, 2] and cfg["ttt"]["attention_window"] == 8
-    assert cfg["ttt"]["config"]["mini_batch"] == 4 and cfg["sliding_window"] == 8
+    assert cfg["memory"]["mode"] == mode and cfg["memory"]["layers"] == [1, 2] and cfg["memory"]["attention_window"] == 8
+    assert cfg["memory"]["config"]["mini_batch"] == 4 and cfg["sliding_window"] == 8
     keys = file_keys(tmp_path)
-    assert {"model.layers.1.self_attn.ttt.W1", "model.layers.2.self_attn.ttt.gate_alpha"} <= keys
+    assert {"model.layers.1.self_attn.memory.W1", "model.layers.2.self_attn.memory.gate_alpha"} <= keys
     assert ("model.layers.1.self_attn.q_proj.weight" in keys) == (mode == "hybrid")
 
     loaded, report = convert.load(tmp_path, output_loading_info=True)
@@ -93,7 +93,7 @@ def test_llama_omni_object_converts_saves_and_loads(tmp_path, caplog):
     perturb_ttt(model)
     model.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg["model_type"] == "tiny_omni_speech2s_llama" and cfg["ttt"]["llm_model_type"] == "llama"
+    assert cfg["model_type"] == "tiny_omni_speech2s_llama" and cfg["memory"]["llm_model_type"] == "llama"
 
     with caplog.at_level(logging.INFO, logger="ttt_speech.hf.checkpoint"):
         llm, report = convert.load(tmp_path, output_loading_info=True)
@@ -112,7 +112,7 @@ def test_llama_omni_object_converts_saves_and_loads(tmp_path, caplog):
 
 def test_load_refuses_an_unconverted_directory(tmp_path):
     tiny_model().save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="no 'ttt' section"):
+    with pytest.raises(ValueError, match="no 'memory' section"):
         convert.load(tmp_path)
 
 
@@ -127,7 +127,7 @@ def test_cli_converts_a_llama_omni_directory(tmp_path, capsys):
     assert "left alone 8 tensors" in printed and "speech_encoder_ds_rate" in printed
 
     model = convert.load(out)
-    assert json.loads((out / "config.json").read_text())["ttt"]["config"]["mini_batch"] == 4
+    assert json.loads((out / "config.json").read_text())["memory"]["config"]["mini_batch"] == 4
     assert len(ttt_modules(model)) == 2
     assert (logits(model, text()) - logits(omni, text())).abs().max().item() <= 1e-5  # gate 0, T <= window
     with safe_open(str(out / LEFT_ALONE_FILE), framework="pt") as f:

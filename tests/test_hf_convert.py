@@ -40,7 +40,7 @@ def test_hybrid_at_gate_zero_gives_the_original_logits(family):
     with torch.no_grad():
         assert (model(ids).logits - ref).abs().max().item() > 1e-2
     assert type(model.model.layers[1].self_attn).__name__.startswith("TTTHybrid")
-    assert not hasattr(model.model.layers[0].self_attn, "ttt")
+    assert not hasattr(model.model.layers[0].self_attn, "memory")
 
 
 def band_mask(T: int, window: int) -> torch.Tensor:
@@ -87,10 +87,10 @@ def test_replace_initialises_from_the_attention_projections(family):
     assert isinstance(new, TTTAttention)
     x = torch.randn(3, HIDDEN)
     with torch.no_grad():
-        assert torch.equal(new.ttt.q_proj(x), attn.q_proj(x))
-        assert torch.equal(new.ttt.o_proj.weight, attn.o_proj.weight)
+        assert torch.equal(new.memory.q_proj(x), attn.q_proj(x))
+        assert torch.equal(new.memory.o_proj.weight, attn.o_proj.weight)
         k_ref = attn.k_proj(x).view(3, KV_HEADS, 1, 16).expand(3, KV_HEADS, 2, 16).reshape(3, HEADS * 16)
-        assert torch.equal(new.ttt.k_proj(x), k_ref)
+        assert torch.equal(new.memory.k_proj(x), k_ref)
     assert not any(".layers.1.self_attn.q_proj" in k for k in model.state_dict())
 
 
@@ -107,7 +107,7 @@ def test_replace_mode_trains():
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    ttt_grads = [p.grad for p in model.model.layers[1].self_attn.ttt.parameters() if p.grad is not None]
+    ttt_grads = [p.grad for p in model.model.layers[1].self_attn.memory.parameters() if p.grad is not None]
     assert ttt_grads and all(torch.isfinite(g).all() for g in ttt_grads)
     assert losses[-1] < 0.5 * losses[0], losses
 

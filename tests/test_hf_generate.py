@@ -62,8 +62,8 @@ def test_teacher_forced_logits_equal_incremental_decoding(family, mode):
     assert (feed(model, x[:, :5], cache) - full[:, :5]).abs().max().item() <= 1e-4
     with torch.no_grad():  # the TTT branch matters: closing the gates moves the logits a lot
         for layer in model.model.layers:
-            if hasattr(layer.self_attn, "ttt"):
-                layer.self_attn.ttt.gate_alpha.zero_()
+            if hasattr(layer.self_attn, "memory"):
+                layer.self_attn.memory.gate_alpha.zero_()
         assert (model(x, use_cache=False).logits - full).abs().max().item() > 0.1
 
 
@@ -203,7 +203,7 @@ def test_training_forward_uses_no_cache_and_right_padding_is_harmless():
         alone = model(x[1:, :9], use_cache=False).logits
     assert (out.logits[1, :9] - alone[0]).abs().max().item() <= 1e-5
     out.loss.backward()
-    ttt = model.model.layers[1].self_attn.ttt
+    ttt = model.model.layers[1].self_attn.memory
     assert all(p.grad is not None for p in ttt.parameters())
     for p in (ttt.gate_alpha, ttt.q_proj.weight, ttt.W1, ttt.ttt_norm_weight):  # the initial fast weights learn too
         assert p.grad.abs().max().item() > 0

@@ -31,8 +31,8 @@ def inplace(family: str = "llama", layers=(1, 2), base_lr: float = 100.0):
 def open_memory(model) -> None:
     """A trained-looking target projection, so the writes move the logits."""
     for i, layer in enumerate(model.model.layers):
-        if hasattr(layer.mlp, "ttt"):
-            w = layer.mlp.ttt.target_proj.weight
+        if hasattr(layer.mlp, "memory"):
+            w = layer.mlp.memory.target_proj.weight
             w.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(i)))
 
 
@@ -55,7 +55,7 @@ def test_converted_model_is_the_windowed_original_bit_for_bit(family):
     assert torch.equal(logits(model, x), logits(gate0, x))  # the same windowed attention, the MLPs unchanged
     assert (logits(model, x) - logits(original, x)).abs().max().item() <= 1e-5
     mlp = model.model.layers[1].mlp
-    assert isinstance(mlp.ttt, InPlaceLayer) and mlp.ttt.mlp.down is mlp.down_proj and not hasattr(model.model.layers[0].mlp, "ttt")
+    assert isinstance(mlp.memory, InPlaceLayer) and mlp.memory.mlp.down is mlp.down_proj and not hasattr(model.model.layers[0].mlp, "memory")
     open_memory(model)  # the comparison above must be able to fail
     opened = logits(model, x)
     assert torch.equal(opened[:, :CHUNK], logits(gate0, x)[:, :CHUNK])  # chunk 0 reads W_down itself
@@ -87,14 +87,14 @@ def test_save_and_load_round_trip_with_one_key_per_weight(tmp_path):
     model = inplace("qwen2", base_lr=10.0)
     open_memory(model)
     model.save_pretrained(tmp_path)
-    section = json.loads((tmp_path / "config.json").read_text())["ttt"]
+    section = json.loads((tmp_path / "config.json").read_text())["memory"]
     assert section["branch"] == "inplace" and section["config"]["chunk"] == CHUNK and section["config"]["base_lr"] == 10
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
         keys = set(f.keys())
     mlp_keys = {k for k in keys if k.startswith("model.layers.1.mlp.")}
     assert mlp_keys == {f"model.layers.1.mlp.{n}" for n in ("gate_proj.weight", "up_proj.weight", "down_proj.weight",
-                        "ttt.target_conv_weight", "ttt.target_conv_bias", "ttt.target_proj.weight", "ttt.lr_weight",
-                        "ttt.lr_bias")}
+                        "memory.target_conv_weight", "memory.target_conv_bias", "memory.target_proj.weight", "memory.lr_weight",
+                        "memory.lr_bias")}
     loaded = convert.load(tmp_path)
     x = ids(2, 19)
     assert torch.equal(logits(loaded, x), logits(model, x))
@@ -110,7 +110,7 @@ def test_convert_hf_command_with_an_inplace_branch(tmp_path, capsys):
     cli_main([*base, "--out", str(out), "--chunk", "8"])
     assert "inplace branch" in capsys.readouterr().out
     model = convert.load(out)
-    assert model.model.layers[2].mlp.ttt.config == InPlaceConfig(HIDDEN, 128, chunk=8)
+    assert model.model.layers[2].mlp.memory.config == InPlaceConfig(HIDDEN, 128, chunk=8)
     assert (logits(model, ids(2, W)) - logits(original, ids(2, W))).abs().max().item() <= 1e-5
     for extra, msg in ((["--mini-batch", "4"], "--mini-batch does not apply to --branch inplace"),
                        (["--mode", "replace"], "--branch inplace keeps the attention and changes the MLPs")):

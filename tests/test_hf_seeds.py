@@ -84,7 +84,7 @@ def test_qwen2_audio_converts_its_language_model_and_leaves_the_audio_tower_alon
     untouched = {k: v for k, v in original.state_dict().items() if not k.startswith("model.language_model.")}
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in untouched.items())
-    assert not any(".ttt." in k for k in state if not k.startswith("model.language_model.layers."))
+    assert not any(".memory." in k for k in state if not k.startswith("model.language_model.layers."))
     open_gates(model)  # the branch is really there, and it reads the audio: other audio, other logits
     with_audio = qwen2_audio_logits(model, inputs)
     assert max_diff(with_audio, qwen2_audio_logits(original, inputs)) > 1e-2
@@ -97,10 +97,10 @@ def test_qwen2_audio_round_trip_in_its_own_save_format(tmp_path):
     open_gates(model)
     model.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg["text_config"]["ttt"]["layers"] == [1, 2] and "ttt" not in cfg
+    assert cfg["text_config"]["memory"]["layers"] == [1, 2] and "memory" not in cfg
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
         keys = set(f.keys())  # Qwen2-Audio's released layout: language_model.model.*, audio_tower.*
-    assert "language_model.model.layers.1.self_attn.ttt.W1" in keys and "audio_tower.conv1.weight" in keys
+    assert "language_model.model.layers.1.self_attn.memory.W1" in keys and "audio_tower.conv1.weight" in keys
 
     loaded, report = convert.load(tmp_path, output_loading_info=True)
     assert type(loaded) is Qwen2AudioForConditionalGeneration and report.left_alone_keys == []
@@ -214,7 +214,7 @@ def test_mixtral_round_trip_in_its_own_save_format(tmp_path):
     model.save_pretrained(tmp_path)
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
         keys = set(f.keys())  # Mixtral's released layout: one tensor per expert
-    assert "model.layers.0.block_sparse_moe.experts.3.w1.weight" in keys and "model.layers.2.self_attn.ttt.W1" in keys
+    assert "model.layers.0.block_sparse_moe.experts.3.w1.weight" in keys and "model.layers.2.self_attn.memory.W1" in keys
     loaded, report = convert.load(tmp_path, output_loading_info=True)
     assert type(loaded) is MixtralForCausalLM and report.left_alone_keys == []
     x = ids(2, 20)
@@ -377,9 +377,9 @@ def test_load_names_the_tensors_a_directory_lacks(tmp_path):
     model = convert(tiny_mini_omni(), layers=[1], ttt=ttt_config(0.0), attention_window=8)
     model.save_pretrained(tmp_path)
     tensors = load_file(str(tmp_path / "model.safetensors"))
-    del tensors["model.layers.1.self_attn.ttt.W1"]
+    del tensors["model.layers.1.self_attn.memory.W1"]
     save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"lacks parameters .*'model\.layers\.1\.self_attn\.ttt\.W1'\]"):
+    with pytest.raises(ValueError, match=r"lacks parameters .*'model\.layers\.1\.self_attn\.memory\.W1'\]"):
         convert.load(tmp_path)
-    with pytest.raises(ValueError, match=r"lacks parameters .*'model\.layers\.1\.self_attn\.ttt\.W1'\]"):
+    with pytest.raises(ValueError, match=r"lacks parameters .*'model\.layers\.1\.self_attn\.memory\.W1'\]"):
         convert.load(tmp_path, model=tiny_mini_omni(seed=5))

@@ -50,7 +50,7 @@ def test_the_tiny_run_reports_every_field(bench: tp.Any, tmp_path: Path) -> None
     rows = {r["model"]: r for r in report["streaming"]}
     assert list(rows) == ["vanilla", "in-place all", "in-place 1"]
     assert [rows[m]["layers"] for m in rows] == [[], [0, 1], [1]]
-    cfg = bench.build(tiny_lm_config(), "all:inplace", "cpu", torch.float32, 16, chunk).ttt_layers()[0].ttt.config
+    cfg = bench.build(tiny_lm_config(), "all:inplace", "cpu", torch.float32, 16, chunk).memory_layers()[0].memory.config
     per_layer = sum(torch.empty(shape, dtype=dt).nbytes for shape, dt in InPlaceState.spec(cfg, 1).values())
     assert per_layer == 4 * (32 * 88 + chunk * 88 + chunk * 32 + 88 + 32) + 8  # delta, buffers, z_prev, conv, offset
     for name, layers in (("vanilla", 0), ("in-place all", 2), ("in-place 1", 1)):
@@ -78,7 +78,7 @@ def test_the_tiny_run_reports_every_field(bench: tp.Any, tmp_path: Path) -> None
 
 def test_capture_check_compares_replay_with_eager_and_names_a_failure(bench: tp.Any) -> None:
     torch.manual_seed(0)
-    layer = bench.build(tiny_lm_config(num_layers=1), "all:inplace", "cpu", torch.float32, 16, 4).ttt_layers()[0].ttt
+    layer = bench.build(tiny_lm_config(num_layers=1), "all:inplace", "cpu", torch.float32, 16, 4).memory_layers()[0].memory
     ok = bench.capture_check(layer, 2, 6, capture=lambda fn: fn)  # replaying = calling: equal by construction
     assert ok == {"capturable": True, "reason": "", "frames": 6, "max_abs_diff_out": 0.0, "max_abs_diff_delta": 0.0,
                   "delta_written": True}
@@ -94,6 +94,6 @@ def test_capture_check_compares_replay_with_eager_and_names_a_failure(bench: tp.
 def test_the_inplace_step_replays_from_a_cuda_graph_as_it_steps_eager(bench: tp.Any) -> None:
     torch.manual_seed(0)
     lm = bench.build(tiny_lm_config(num_layers=1), "all:inplace", "cuda", torch.bfloat16, 16, 4)
-    out = bench.capture_check(lm.ttt_layers()[0].ttt, 2, 10)  # two writes
+    out = bench.capture_check(lm.memory_layers()[0].memory, 2, 10)  # two writes
     assert out["capturable"] and out["delta_written"], out
     assert out["max_abs_diff_out"] <= 2e-2 and out["max_abs_diff_delta"] <= 1e-6, out

@@ -1,6 +1,6 @@
 """Checkpoints in Moshi's real format: a tiny Moshi written with moshi's classes, loaded through
 CheckpointInfo with local paths, converted, saved, reloaded by load_hybrid, generating identically;
-a "ttt" section that disagrees with the tensors is refused with a message naming the mismatch."""
+a "memory" section that disagrees with the tensors is refused with a message naming the mismatch."""
 
 from __future__ import annotations
 
@@ -61,17 +61,17 @@ def test_save_pretrained_then_load_hybrid_generates_identically(tiny_ckpt: TinyC
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     raw = json.loads((out / "config.json").read_text())
     original = json.loads(tiny_ckpt.config.read_text())
-    assert {k: v for k, v in raw.items() if k != "ttt"} == original  # Moshi's keys, untouched
-    assert raw["ttt"]["mode"] == "hybrid" and raw["ttt"]["layers"] == [0, 1]
-    assert TTTConfig.from_dict(raw["ttt"]["config"]) == model.ttt_spec.config
+    assert {k: v for k, v in raw.items() if k != "memory"} == original  # Moshi's keys, untouched
+    assert raw["memory"]["mode"] == "hybrid" and raw["memory"]["layers"] == [0, 1]
+    assert TTTConfig.from_dict(raw["memory"]["config"]) == model.memory_spec.config
     shapes = safetensors_shapes(out / "model.safetensors")
-    assert "transformer.layers.1.self_attn.in_proj_weight" in shapes and "transformer.layers.1.ttt.W1" in shapes
+    assert "transformer.layers.1.self_attn.in_proj_weight" in shapes and "transformer.layers.1.memory.W1" in shapes
     assert set(shapes) - set(safetensors_shapes(tiny_ckpt.moshi_weights)) == {
-        k for k in shapes if ".ttt." in k}
+        k for k in shapes if ".memory." in k}
 
     loaded = load_hybrid(out, dtype=torch.float32)
     assert isinstance(loaded, TTTLMModel) and not loaded.training
-    assert loaded.ttt_spec == model.ttt_spec
+    assert loaded.memory_spec == model.memory_spec
     want = model.state_dict()
     assert loaded.state_dict().keys() == want.keys()
     for k, v in loaded.state_dict().items():
@@ -85,36 +85,36 @@ def test_save_pretrained_then_load_hybrid_generates_identically(tiny_ckpt: TinyC
 def test_load_hybrid_in_bfloat16_keeps_a_float32_ttt_state(tiny_ckpt: TinyCheckpoint, tmp_path: Path) -> None:
     out = hybrid_from(tiny_ckpt).save_pretrained(tmp_path / "hybrid")
     lm = load_hybrid(out)  # moshi's default dtype
-    assert lm.transformer.layers[0].ttt.q_proj.weight.dtype == torch.bfloat16
+    assert lm.transformer.layers[0].memory.q_proj.weight.dtype == torch.bfloat16
     gen = LMGen(lm, use_sampling=True)
     with gen.streaming(1):
         for _ in range(5):
             gen.step(torch.zeros(1, 2, 1, dtype=torch.long))
-        state = lm.transformer.layers[0]._streaming_state.ttt
+        state = lm.transformer.layers[0]._streaming_state.memory
         assert all(t.dtype in (torch.float32, torch.int64) and torch.isfinite(t.float()).all()
                    for t in state.tensors.values())
 
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda s: s.update(layers=[0]), r"ttt.layers is \[0\] but model.safetensors has TTT tensors for layers \[0, 1\]"),
-    (lambda s: s["config"].update(num_heads=2), r"shape mismatches.*transformer.layers.0.ttt.W1: file \(4, 8, 8\) "
+    (lambda s: s.update(layers=[0]), r"memory.layers is \[0\] but model.safetensors has memory tensors for layers \[0, 1\]"),
+    (lambda s: s["config"].update(num_heads=2), r"shape mismatches.*transformer.layers.0.memory.W1: file \(4, 8, 8\) "
                                                 r"vs config \(2, 16, 16\)"),
-    (lambda s: s["config"].update(inner="mlp"), r"missing tensors.*transformer.layers.0.ttt.W2"),
-    (lambda s: s.update(mode="replace"), r"ttt.mode is 'replace' but layers \[0, 1\] still have attention"),
+    (lambda s: s["config"].update(inner="mlp"), r"missing tensors.*transformer.layers.0.memory.W2"),
+    (lambda s: s.update(mode="replace"), r"memory.mode is 'replace' but layers \[0, 1\] still have attention"),
 ])
 def test_a_ttt_section_that_disagrees_with_the_tensors_is_refused(
         tiny_ckpt: TinyCheckpoint, tmp_path: Path, edit, message: str) -> None:
     out = hybrid_from(tiny_ckpt).save_pretrained(tmp_path / "hybrid")
     raw = json.loads((out / "config.json").read_text())
-    edit(raw["ttt"])
+    edit(raw["memory"])
     (out / "config.json").write_text(json.dumps(raw))
-    with pytest.raises(ValueError, match=r"(?s)the 'ttt' section of config.json disagrees with model.safetensors.*"
+    with pytest.raises(ValueError, match=r"(?s)the 'memory' section of config.json disagrees with model.safetensors.*"
                        + message):
         load_hybrid(out, dtype=torch.float32)
 
 
 def test_load_hybrid_refuses_a_vanilla_checkpoint(tiny_ckpt: TinyCheckpoint) -> None:
-    with pytest.raises(ValueError, match="no 'ttt' section"):
+    with pytest.raises(ValueError, match="no 'memory' section"):
         load_hybrid(tiny_ckpt.root)
 
 
@@ -123,15 +123,15 @@ def test_convert_moshi_command(tiny_ckpt: TinyCheckpoint, tmp_path: Path) -> Non
                         "--out", str(tmp_path / "out"), "--layers", "1", "--mode", "replace",
                         "--mini-batch", "8", "--dtype", "float32")
     lm = load_hybrid(out, dtype=torch.float32)
-    assert lm.ttt_spec.mode == "replace" and lm.ttt_spec.layers == (1,)
-    assert lm.ttt_spec.config.mini_batch == 8 and lm.ttt_spec.config.num_heads == 4
+    assert lm.memory_spec.mode == "replace" and lm.memory_spec.layers == (1,)
+    assert lm.memory_spec.config.mini_batch == 8 and lm.memory_spec.config.num_heads == 4
     assert not hasattr(lm.transformer.layers[1], "self_attn")
     assert json.loads((out / "config.json").read_text())["mimi_name"] == "mimi.safetensors"
     shared = load_hybrid(convert_moshi("--moshi-weights", str(tiny_ckpt.moshi_weights), "--config",
                                        str(tiny_ckpt.config), "--out", str(tmp_path / "shared"), "--shared-qkv",
                                        "--dtype", "float32"), dtype=torch.float32)
-    assert shared.ttt_spec.config.shared_qkv and shared.transformer.layers[0].ttt.q_proj is None
-    assert not any(".ttt.q_proj" in k for k in shared.state_dict())
+    assert shared.memory_spec.config.shared_qkv and shared.transformer.layers[0].memory.q_proj is None
+    assert not any(".memory.q_proj" in k for k in shared.state_dict())
     assert parse_layers("all") == "all" and parse_layers("24-27,3") == [24, 25, 26, 27, 3]
     with pytest.raises(argparse.ArgumentTypeError):
         parse_layers("x-y")

@@ -22,7 +22,7 @@ from ttt_speech.moshi import (  # noqa: E402
     convert,
     default_ttt_config,
     infer_moshi_config,
-    ttt_parameters,
+    memory_parameters,
 )
 from ttt_speech.moshi.generate import streaming_state_bytes  # noqa: E402
 from ttt_speech.moshi.tiny import build_tiny_lm, tiny_lm_config  # noqa: E402
@@ -79,11 +79,11 @@ def test_training_path_backpropagates_into_ttt(shared_qkv: bool) -> None:
     out = model(random_codes(model, 2, 3 * CONTEXT))
     loss = out.logits[out.mask].logsumexp(-1).mean() + out.text_logits[out.text_mask].logsumexp(-1).mean()
     loss.backward()
-    names = dict(ttt_parameters(model))
-    assert names and all(n.startswith("transformer.layers.0.ttt.") for n in names)
+    names = dict(memory_parameters(model))
+    assert names and all(n.startswith("transformer.layers.0.memory.") for n in names)
     own = () if shared_qkv else ("q_proj.weight", "v_proj.weight", "o_proj.weight")
     for name in (*own, "gate_alpha", "lr_weight", "ttt_norm_weight", "W1"):
-        grad = names[f"transformer.layers.0.ttt.{name}"].grad
+        grad = names[f"transformer.layers.0.memory.{name}"].grad
         assert grad is not None and grad.abs().max() > 0, name
 
 
@@ -96,10 +96,10 @@ def test_replace_mode_starts_from_attention_and_drops_the_kv_cache() -> None:
     layer = model.transformer.layers[0]
     assert not hasattr(layer, "self_attn") and hasattr(model.transformer.layers[1], "self_attn")
     assert not any(k.startswith("transformer.layers.0.self_attn.") for k in model.state_dict())
-    torch.testing.assert_close(torch.cat([layer.ttt.q_proj.weight, layer.ttt.k_proj.weight, layer.ttt.v_proj.weight]),
+    torch.testing.assert_close(torch.cat([layer.memory.q_proj.weight, layer.memory.k_proj.weight, layer.memory.v_proj.weight]),
                                attn_in[0], rtol=0, atol=0)
-    torch.testing.assert_close(layer.ttt.o_proj.weight, attn_out[0], rtol=0, atol=0)
-    assert float(torch.tanh(layer.ttt.gate_alpha.detach()).min()) == 1.0
+    torch.testing.assert_close(layer.memory.o_proj.weight, attn_out[0], rtol=0, atol=0)
+    assert float(torch.tanh(layer.memory.gate_alpha.detach()).min()) == 1.0
     kv_bytes = 2 * 1 * CONTEXT * 32 * 4  # one layer's ring cache (k and v), batch 1, fp32
     assert _state_bytes(model) < hybrid_bytes - kv_bytes + 64
     with pytest.raises(ValueError, match="gate_init=0"):
@@ -112,8 +112,8 @@ def _state_bytes(model: LMModel) -> int:
 
 
 def test_layer_selection_and_errors() -> None:
-    assert convert(build_tiny_lm(0), layers=[-1]).ttt_spec.layers == (1,)
-    assert convert(build_tiny_lm(0), layers=range(0, 2)).ttt_spec.layers == (0, 1)
+    assert convert(build_tiny_lm(0), layers=[-1]).memory_spec.layers == (1,)
+    assert convert(build_tiny_lm(0), layers=range(0, 2)).memory_spec.layers == (0, 1)
     for bad in ([2], [], [0, 0], "some"):
         with pytest.raises(ValueError):
             convert(build_tiny_lm(0), layers=bad)

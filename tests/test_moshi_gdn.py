@@ -1,6 +1,6 @@
 """The Moshi hybrid with a Gated DeltaNet branch instead of TTT: a closed gate is the original model,
 the training path equals step-by-step streaming (resets and exec masks included), checkpoints round
-trip with the branch kind recorded, and a "ttt" section written before the kind existed loads as TTT."""
+trip with the branch kind recorded, and a "memory" section written before the kind existed loads as TTT."""
 
 from __future__ import annotations
 
@@ -53,8 +53,8 @@ def test_gdn_hybrid_with_closed_gate_is_the_original_exactly() -> None:
     lm = build_tiny_lm(0)
     ref = copy.deepcopy(lm)
     hybrid = convert(lm, layers="all", mode="hybrid", ttt=default_gdn_config(lm))
-    assert hybrid.ttt_spec.branch == "gdn" and hybrid.ttt_spec.config.gate_init == 0.0
-    assert all(isinstance(layer, TTTTransformerLayer) and isinstance(layer.ttt, GatedDeltaNetLayer)
+    assert hybrid.memory_spec.branch == "gdn" and hybrid.memory_spec.config.gate_init == 0.0
+    assert all(isinstance(layer, TTTTransformerLayer) and isinstance(layer.memory, GatedDeltaNetLayer)
                for layer in hybrid.transformer.layers)
     codes = random_codes(ref, 2, 4 * CONTEXT)
     with torch.no_grad():
@@ -94,14 +94,14 @@ def test_gdn_state_follows_reset_streaming_masks_and_exec_mask() -> None:
     with Session(lm, 1) as whole:
         expect1 = whole.run(user[1:])
     with Session(lm, 2) as both:
-        assert all(isinstance(layer._streaming_state.ttt, GatedDeltaNetState) for layer in lm.ttt_layers())
+        assert all(isinstance(layer._streaming_state.memory, GatedDeltaNetState) for layer in lm.memory_layers())
         before = [{n: t.data_ptr() for n, t in s.items()} for s in ttt_states(lm)]
         both.run(user[:, :, :k])
         both.gen.reset_streaming(torch.tensor([True, False]))
         got = both.run(user[:, :, k:])
         assert before == [{n: t.data_ptr() for n, t in s.items()} for s in ttt_states(lm)]  # in place
         size = streaming_state_bytes(both.gen, lm)
-        gdn_bytes = sum(layer._streaming_state.ttt.nbytes for layer in lm.ttt_layers())
+        gdn_bytes = sum(layer._streaming_state.memory.nbytes for layer in lm.memory_layers())
     torch.testing.assert_close(got[0], expect0[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[1], expect1[0, k:], rtol=1e-5, atol=1e-5)
     vanilla = build_tiny_lm(0)
@@ -138,10 +138,10 @@ def test_gdn_save_then_load_hybrid_gives_identical_logits(tiny_ckpt: TinyCheckpo
             p.add_(0.01 * torch.randn_like(p))
     out = model.save_pretrained(tmp_path / "gdn")
     raw = json.loads((out / "config.json").read_text())
-    assert raw["ttt"]["branch"] == "gdn" and raw["ttt"]["mode"] == "hybrid"
-    assert GatedDeltaNetConfig.from_dict(raw["ttt"]["config"]) == model.ttt_spec.config
+    assert raw["memory"]["branch"] == "gdn" and raw["memory"]["mode"] == "hybrid"
+    assert GatedDeltaNetConfig.from_dict(raw["memory"]["config"]) == model.memory_spec.config
     loaded = load_hybrid(out, dtype=torch.float32)
-    assert loaded.ttt_spec == model.ttt_spec and isinstance(loaded.transformer.layers[0].ttt, GatedDeltaNetLayer)
+    assert loaded.memory_spec == model.memory_spec and isinstance(loaded.transformer.layers[0].memory, GatedDeltaNetLayer)
     want = model.state_dict()
     assert loaded.state_dict().keys() == want.keys()
     assert all(torch.equal(v, want[k]) for k, v in loaded.state_dict().items())
@@ -157,9 +157,9 @@ def test_gdn_save_then_load_hybrid_gives_identical_logits(tiny_ckpt: TinyCheckpo
     gen_logits = sample(bf16, steps=5)[1]
     assert torch.isfinite(gen_logits).all()
 
-    raw["ttt"]["branch"] = "mamba"
+    raw["memory"]["branch"] = "mamba"
     (out / "config.json").write_text(json.dumps(raw))
-    with pytest.raises(ValueError, match=r"ttt.branch must be one of \('ttt', 'gdn', 'inplace'\), got 'mamba'"):
+    with pytest.raises(ValueError, match=r"memory.branch must be one of \('ttt', 'gdn', 'inplace'\), got 'mamba'"):
         load_hybrid(out, dtype=torch.float32)
 
 
@@ -167,10 +167,10 @@ def test_a_ttt_section_without_the_branch_field_loads_as_ttt(tiny_ckpt: TinyChec
     model = hybrid_from(tiny_ckpt)
     out = model.save_pretrained(tmp_path / "old")
     raw = json.loads((out / "config.json").read_text())
-    assert raw["ttt"].pop("branch") == "ttt"  # as written before Gated DeltaNet branches existed
+    assert raw["memory"].pop("branch") == "ttt"  # as written before Gated DeltaNet branches existed
     (out / "config.json").write_text(json.dumps(raw))
     loaded = load_hybrid(out, dtype=torch.float32)
-    assert isinstance(loaded.ttt_spec.config, TTTConfig) and loaded.ttt_spec == model.ttt_spec
+    assert isinstance(loaded.memory_spec.config, TTTConfig) and loaded.memory_spec == model.memory_spec
     torch.testing.assert_close(sample(loaded)[1], sample(model.eval())[1], rtol=0, atol=0)
 
 
@@ -179,8 +179,8 @@ def test_convert_moshi_command_with_a_gdn_branch(tiny_ckpt: TinyCheckpoint, tmp_
             "--dtype", "float32", "--branch", "gdn"]
     out = convert_moshi(*base, "--out", str(tmp_path / "out"), "--layers", "1")
     lm = load_hybrid(out, dtype=torch.float32)
-    assert lm.ttt_spec.branch == "gdn" and lm.ttt_spec.layers == (1,) and lm.ttt_spec.config.num_heads == 4
-    assert isinstance(lm.transformer.layers[1].ttt, GatedDeltaNetLayer)
+    assert lm.memory_spec.branch == "gdn" and lm.memory_spec.layers == (1,) and lm.memory_spec.config.num_heads == 4
+    assert isinstance(lm.transformer.layers[1].memory, GatedDeltaNetLayer)
     assert not isinstance(lm.transformer.layers[0], TTTTransformerLayer)
     for extra in (["--mini-batch", "8"], ["--mode", "replace"]):
         with pytest.raises(UsageError, match="--branch gdn|hybrid"):

@@ -141,5 +141,5 @@ def test_state_finite_flags_a_nan_in_the_ttt_memory():
     gen = LMGen(lm)
     with gen.streaming(1):
         assert streaming_state_finite(gen, lm)
-        lm.ttt_layers()[0]._streaming_state.ttt["W1"][0, 0, 0, 0] = float("nan")
+        lm.memory_layers()[0]._streaming_state.memory["W1"][0, 0, 0, 0] = float("nan")
         assert not streaming_state_finite(gen, lm)

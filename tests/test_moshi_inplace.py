@@ -35,10 +35,10 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> TinyCheckpoint:
 def open_memory(model: TTTLMModel, lr: float = 300.0) -> None:
     """A nonzero target projection and a large step: what training would give, so writes change logits."""
     with torch.no_grad():
-        for i, layer in enumerate(model.ttt_layers()):
+        for i, layer in enumerate(model.memory_layers()):
             g = torch.Generator().manual_seed(i)
-            layer.ttt.target_proj.weight.copy_(torch.randn(layer.ttt.target_proj.weight.shape, generator=g))
-            layer.ttt.config.base_lr = lr
+            layer.memory.target_proj.weight.copy_(torch.randn(layer.memory.target_proj.weight.shape, generator=g))
+            layer.memory.config.base_lr = lr
 
 
 def inplace_hybrid(layers="all") -> TTTLMModel:
@@ -50,10 +50,10 @@ def test_converted_model_is_the_original_bit_for_bit() -> None:
     lm = build_tiny_lm(0)
     ref = copy.deepcopy(lm)
     hybrid = convert(lm, layers="all", ttt=default_inplace_config(lm, chunk=CHUNK))
-    assert hybrid.ttt_spec.branch == "inplace" and hybrid.ttt_spec.config.hidden == lm.transformer.layers[0].gating.linear_out.weight.shape[1]
-    assert all(isinstance(layer, TTTTransformerLayer) and isinstance(layer.ttt, InPlaceLayer) and layer.memory_in_mlp
+    assert hybrid.memory_spec.branch == "inplace" and hybrid.memory_spec.config.hidden == lm.transformer.layers[0].gating.linear_out.weight.shape[1]
+    assert all(isinstance(layer, TTTTransformerLayer) and isinstance(layer.memory, InPlaceLayer) and layer.memory_in_mlp
                for layer in hybrid.transformer.layers)
-    assert hybrid.transformer.layers[0].ttt.mlp.down is hybrid.transformer.layers[0].gating.linear_out  # no copy
+    assert hybrid.transformer.layers[0].memory.mlp.down is hybrid.transformer.layers[0].gating.linear_out  # no copy
     logits_ref = assert_same_model(ref, hybrid, 4 * CONTEXT)
     open_memory(hybrid)  # the comparisons above must be able to fail
     opened = greedy_generate(hybrid, 4 * CONTEXT)[1]
@@ -82,14 +82,14 @@ def test_save_then_load_gives_identical_logits_and_one_key_per_weight(tiny_ckpt:
     model = convert(lm, ttt=default_inplace_config(lm, chunk=CHUNK), moshi_config=info.raw_config)
     open_memory(model, lr=30.0)
     keys = model.state_dict().keys()
-    assert {k.split(".ttt.")[1] for k in keys if ".ttt." in k} == {
+    assert {k.split(".memory.")[1] for k in keys if ".memory." in k} == {
         "target_conv_weight", "target_conv_bias", "target_proj.weight", "lr_weight", "lr_bias"}
     out = model.save_pretrained(tmp_path / "inplace")
     raw = json.loads((out / "config.json").read_text())
-    assert raw["ttt"]["branch"] == "inplace" and InPlaceConfig.from_dict(raw["ttt"]["config"]) == model.ttt_spec.config
+    assert raw["memory"]["branch"] == "inplace" and InPlaceConfig.from_dict(raw["memory"]["config"]) == model.memory_spec.config
     loaded = load_hybrid(out, dtype=torch.float32)
-    assert loaded.ttt_spec == model.ttt_spec and loaded.state_dict().keys() == keys
-    assert loaded.transformer.layers[0].ttt.mlp.down is loaded.transformer.layers[0].gating.linear_out
+    assert loaded.memory_spec == model.memory_spec and loaded.state_dict().keys() == keys
+    assert loaded.transformer.layers[0].memory.mlp.down is loaded.transformer.layers[0].gating.linear_out
     codes = random_codes(model, 1, 3 * CONTEXT)
     with torch.no_grad():
         torch.testing.assert_close(loaded(codes).logits, model(codes).logits, rtol=0, atol=0, equal_nan=True)
@@ -101,8 +101,8 @@ def test_convert_moshi_command_with_an_inplace_branch(tiny_ckpt: TinyCheckpoint,
             "--dtype", "float32", "--branch", "inplace"]
     out = convert_moshi(*base, "--out", str(tmp_path / "out"), "--layers", "1", "--chunk", "8")
     lm = load_hybrid(out, dtype=torch.float32)
-    assert lm.ttt_spec.branch == "inplace" and lm.ttt_spec.layers == (1,) and lm.ttt_spec.config.chunk == 8
-    assert isinstance(lm.transformer.layers[1].ttt, InPlaceLayer)
+    assert lm.memory_spec.branch == "inplace" and lm.memory_spec.layers == (1,) and lm.memory_spec.config.chunk == 8
+    assert isinstance(lm.transformer.layers[1].memory, InPlaceLayer)
     vanilla = tiny_ckpt.checkpoint_info().get_moshi(dtype=torch.float32)
     codes = random_codes(vanilla, 1, 3 * CONTEXT)
     with torch.no_grad():

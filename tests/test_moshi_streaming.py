@@ -95,7 +95,7 @@ def test_streams_25x_the_context_in_constant_state_and_finite() -> None:
             sizes.append(streaming_state_bytes(gen, lm))
         assert ptrs == [{n: t.data_ptr() for n, t in s.items()} for s in ttt_states(lm)]
         assert all(torch.isfinite(t).all() for s in ttt_states(lm) for t in s.values())
-        ttt_bytes = sum(layer._streaming_state.ttt.nbytes for layer in lm.ttt_layers())
+        ttt_bytes = sum(layer._streaming_state.memory.nbytes for layer in lm.memory_layers())
     assert len(set(sizes)) == 1, "streaming state grew"
     assert torch.isfinite(torch.cat(logits)).all()
     vanilla = build_tiny_lm(0)

@@ -84,4 +84,4 @@ def test_a_bad_window_is_refused_before_anything_changes(bad) -> None:
     with pytest.raises(ValueError, match="attention_window must be a positive number of frames"):
         convert(lm, "all", "hybrid", attention_window=bad)
     assert {layer.self_attn.context for layer in lm.transformer.layers} == {CONTEXT}
-    assert not hasattr(lm, "ttt_spec")
+    assert not hasattr(lm, "memory_spec")

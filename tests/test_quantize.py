@@ -46,10 +46,10 @@ from ttt_speech.moshi.tiny import build_tiny_hybrid  # noqa: E402
 def ttt_state_layout(lm: TTTLMModel) -> list[dict[str, tuple[tuple[int, ...], torch.dtype]]]:
     with lm.streaming(2):
         layout = []
-        for layer in lm.ttt_layers():
+        for layer in lm.memory_layers():
             state = layer._streaming_state
-            assert isinstance(state, TTTLayerState) and state.ttt is not None
-            layout.append({name: (tuple(t.shape), t.dtype) for name, t in state.ttt.tensors.items()})
+            assert isinstance(state, TTTLayerState) and state.memory is not None
+            layout.append({name: (tuple(t.shape), t.dtype) for name, t in state.memory.tensors.items()})
         return layout
 
 
@@ -106,13 +106,13 @@ def test_only_linear_weights_are_quantized() -> None:
     # weights per codebook (2 x 4), 2 heads; the text head
     assert len(report.quantized) == len(linears) == 29 and report.skipped == ()
     for i in range(2):
-        assert {f"transformer.layers.{i}.ttt.{p}_proj" for p in "qkvo"} <= set(report.quantized)
+        assert {f"transformer.layers.{i}.memory.{p}_proj" for p in "qkvo"} <= set(report.quantized)
     assert all(is_quantized(lm.get_submodule(name).weight) for name in report.quantized)
     params = dict(lm.named_parameters())
     for name, p in kept.items():  # embeddings, norms, TTT initial fast weights, step sizes, gates: same tensors
         assert params[name] is p and not is_quantized(p), name
-    for layer in lm.ttt_layers():
-        assert layer.ttt.W1.dtype == layer.ttt.b1.dtype == torch.float32
+    for layer in lm.memory_layers():
+        assert layer.memory.W1.dtype == layer.memory.b1.dtype == torch.float32
     # fp32 -> int8 codes + one fp32 scale per output channel
     assert report.bytes_after < 0.3 * report.bytes_before
     assert before - weight_bytes(lm) == report.bytes_before - report.bytes_after
@@ -129,8 +129,8 @@ def test_ttt_state_is_untouched_and_streaming_runs() -> None:
         quantize_weights(lm, "int8")
     quantize_weights(lm, "int8")
     assert ttt_state_layout(lm) == layout
-    for layer in lm.ttt_layers():
-        assert layer.ttt.W1.dtype == torch.bfloat16 and not is_quantized(layer.ttt.W1)
+    for layer in lm.memory_layers():
+        assert layer.memory.W1.dtype == torch.bfloat16 and not is_quantized(layer.memory.W1)
     result = stream(lm.eval(), 40, progress=False)
     assert result.state_finite and result.state_bytes[0] > 0
     assert (result.state_bytes == result.state_bytes[0]).all()

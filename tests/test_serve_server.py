@@ -337,7 +337,7 @@ def test_suspend_and_resume_over_the_wire(server: Server) -> None:
             with safe_open(str(path), framework="pt") as f:
                 assert f.metadata()["frames"] == "40"
                 assert f.get_tensor("gen.offsets").item() == 40 and f.get_tensor("gen.seeds").item() == 9
-                assert any(".ttt.W1" in k for k in f.keys()) and any(".kv_cache.cache" in k for k in f.keys())
+                assert any(".memory.W1" in k for k in f.keys()) and any(".kv_cache.cache" in k for k in f.keys())
 
             again = await Client.connect(http, server, f"?resume={token}")
             assert again.ready

@@ -170,7 +170,7 @@ def test_resumed_conversation_replays_the_uninterrupted_run(suspended: Suspended
     assert not list(suspended.store.root.iterdir())  # taken: single use
 
 
-@pytest.mark.parametrize("part", [".ttt.", ".kv_cache.", "mimi.", "gen."])
+@pytest.mark.parametrize("part", [".memory.", ".kv_cache.", "mimi.", "gen."])
 @torch.no_grad()
 def test_every_saved_part_of_the_state_matters(suspended: Suspended, restarted: BatchedStreams, part: str) -> None:
     restarted.start(3, seed=42)
@@ -197,8 +197,8 @@ def test_slot_state_is_fixed_size_and_restored_in_place() -> None:
         for name, t in streams.snapshot(2).items():
             torch.testing.assert_close(t, snap1[name], rtol=0, atol=0)
         bad = dict(snap1)
-        bad["lm.transformer.layers.0.ttt.W1"] = bad["lm.transformer.layers.0.ttt.W1"][:, :4]
-        with pytest.raises(ValueError, match="ttt.W1"):
+        bad["lm.transformer.layers.0.memory.W1"] = bad["lm.transformer.layers.0.memory.W1"][:, :4]
+        with pytest.raises(ValueError, match="memory.W1"):
             streams.restore(2, bad)
         with pytest.raises(ValueError, match="missing"):
             streams.restore(2, {n: t for n, t in snap1.items() if "mimi" not in n})
@@ -207,5 +207,5 @@ def test_slot_state_is_fixed_size_and_restored_in_place() -> None:
     sizes = {n: t.numel() * t.element_size() for n, t in snap1.items()}
     assert sizes == {n: t.numel() * t.element_size() for n, t in snap0.items()}  # 40 frames later: same size
     assert sum(sizes.values()) == streams.slot_bytes
-    assert any(".ttt.W1" in n for n in sizes) and any(".kv_cache.cache" in n for n in sizes)
+    assert any(".memory.W1" in n for n in sizes) and any(".kv_cache.cache" in n for n in sizes)
     assert snap1["gen.offsets"].item() == 5 * CONTEXT and snap1["gen.seeds"].item() == 3

@@ -34,7 +34,7 @@ def recall_loss(trainer: Trainer, segment: int | None) -> float:
 def train(tmp: Path, layers: list[int]) -> Trainer:
     model = {"family": "moshi", "tiny": True, "layers": layers}
     if layers:
-        model["ttt"] = {"gate_init": 0.5, "mini_batch": 8}
+        model["memory"] = {"gate_init": 0.5, "mini_batch": 8}
     cfg = config_from_dict({
         "run_dir": str(tmp / f"run_{bool(layers)}"), "model": model,
         "data": {"train": [str(tmp / "train.safetensors")], "eval": [str(tmp / "val.safetensors")]},
@@ -50,7 +50,7 @@ def test_ttt_hybrid_learns_recall_beyond_the_attention_window(tmp_path: Path, on
     TASK.write(tmp_path / "train.safetensors", 4096, seed=0)
     TASK.write(tmp_path / "val.safetensors", 64, seed=1)
     ttt, attention_only = train(tmp_path, [0]), train(tmp_path, [])  # TTT in the first of the 2 layers
-    assert attention_only.seg.ttt_layer_count() == 0 and ttt.seg.ttt_layer_count() == 1
+    assert attention_only.seg.memory_layer_count() == 0 and ttt.seg.memory_layer_count() == 1
     assert ttt.seg.window == 8 < TASK.gap + 2  # every answer lies further back than attention sees
     chance = math.log(TASK.card)
     base, learned = recall_loss(attention_only, None), recall_loss(ttt, None)

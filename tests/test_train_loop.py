@@ -49,12 +49,12 @@ def test_run_through_stages_writes_metrics_checkpoints_and_a_loadable_export(tmp
     exported = load_hybrid(result.export, dtype=torch.float32)
     trained = dict(trainer.seg.model.named_parameters())
     saved = load_trainable(result.checkpoint)
-    assert set(saved) == {f"model.{n}" for n, p in trained.items() if ".ttt." in f".{n}"}
+    assert set(saved) == {f"model.{n}" for n, p in trained.items() if ".memory." in f".{n}"}
     for name, p in exported.named_parameters():
         assert torch.equal(p, trained[name].float()), name
 
 
-@pytest.mark.parametrize("what", ["ttt", "lora", "all"])
+@pytest.mark.parametrize("what", ["memory", "lora", "all"])
 def test_what_trains(tmp_path: Path, what: str) -> None:
     cfg = config_from_dict(tiny_config(tmp_path, **{"train.trainable": what, "train.lora": {"rank": 4, "scaling": 2.0},
                                                     "stages": [{"seq_len": 24, "steps": 2, "lr": 1e-2}]}))
@@ -62,9 +62,9 @@ def test_what_trains(tmp_path: Path, what: str) -> None:
     before = {n: p.detach().clone() for n, p in trainer.seg.named_parameters()}
     result = trainer.run()
     changed = {n for n, p in trainer.seg.named_parameters() if not torch.equal(p, before[n])}
-    ttt = {n for n in before if ".ttt." in n}
+    ttt = {n for n in before if ".memory." in n}
     lora = {n for n in before if ".lora_" in n}
-    if what == "ttt":
+    if what == "memory":
         assert changed == ttt and not lora
     elif what == "lora":
         assert len(lora) == 2 * 2 * 4  # 2 layers x (in/out projection + 2 gating linears) x (A, B)
@@ -90,8 +90,8 @@ def test_memory_lr_scale_moves_the_memory_branch_that_much_faster(tmp_path: Path
     before = {n: p.detach().clone() for n, p in trainer.seg.named_parameters()}
     trainer.run()
     moved = {n: (p.detach() - before[n]).abs() for n, p in trainer.seg.named_parameters()}
-    memory = torch.cat([d[d > 0] for n, d in moved.items() if ".ttt." in n])
-    host = torch.cat([d[d > 0] for n, d in moved.items() if ".ttt." not in n])
+    memory = torch.cat([d[d > 0] for n, d in moved.items() if ".memory." in n])
+    host = torch.cat([d[d > 0] for n, d in moved.items() if ".memory." not in n])
     assert abs(memory.median().item() / 1e-3 - 1) < 0.05 and abs(host.median().item() / 1e-4 - 1) < 0.05
     with pytest.raises(ValueError, match="memory_lr_scale"):
         config_from_dict(tiny_config(tmp_path, **{"train.memory_lr_scale": 0.0}))
@@ -105,7 +105,7 @@ def test_a_transformers_hybrid_trains_on_flat_token_streams(tmp_path: Path) -> N
     for i in range(3):
         np.save(tmp_path / "tokens" / f"doc{i}.npy", np.random.default_rng(i).integers(0, 64, 50))
     cfg = config_from_dict({
-        "run_dir": str(tmp_path / "run"), "model": {"family": "hf", "tiny": True, "layers": [1], "ttt": {"mini_batch": 4}},
+        "run_dir": str(tmp_path / "run"), "model": {"family": "hf", "tiny": True, "layers": [1], "memory": {"mini_batch": 4}},
         "data": {"train": [str(tmp_path / "tokens")]}, "train": {"batch_size": 2, "segment_len": 10, "device": "cpu"},
         "stages": [{"seq_len": 25, "steps": 3, "lr": 1e-2}], "log": {"progress": False}})
     trainer = Trainer(cfg)
@@ -116,7 +116,7 @@ def test_a_transformers_hybrid_trains_on_flat_token_streams(tmp_path: Path) -> N
     trained = dict(trainer.seg.model.named_parameters())
     for name, p in exported.named_parameters():
         assert torch.equal(p, trained[name]), name
-    assert any(".ttt." in n for n, _ in exported.named_parameters())
+    assert any(".memory." in n for n, _ in exported.named_parameters())
 
 
 def test_segmented_and_whole_sequences_give_the_same_first_loss(tmp_path: Path) -> None:
@@ -138,7 +138,7 @@ def test_a_stage_no_longer_than_the_window_warns(tmp_path: Path) -> None:
 @pytest.mark.parametrize("variant", ["fla", "ttt-lm"])
 def test_segments_off_the_kernel_mini_batch_grid_warn(tmp_path: Path, variant: str) -> None:
     cfg = tiny_config(tmp_path, stages=[{"seq_len": 24, "steps": 1, "lr": 1e-3}])
-    cfg["model"]["ttt"]["variant"] = variant
+    cfg["model"]["memory"]["variant"] = variant
     cfg["train"]["segment_len"] = 6
     with pytest.warns(UserWarning, match=r"segments of 6 steps are not a multiple of the TTT mini-batch \(4\)"):
         Trainer(config_from_dict(cfg)).run()

@@ -156,7 +156,7 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
     for ckpt in (False, True):
         seg = MoshiSegmentLM(tiny("hybrid"), None, None, ckpt, LossConfig())
         segment_losses(seg, codes, [16, 24]).sum().backward()
-        grads.append(torch.cat([p.grad.flatten() for n, p in seg.named_parameters() if ".ttt." in n]))
+        grads.append(torch.cat([p.grad.flatten() for n, p in seg.named_parameters() if ".memory." in n]))
     assert grads[0].abs().max() > 1e-4
     assert (grads[0] - grads[1]).abs().max() < 1e-7
 
@@ -184,5 +184,5 @@ def test_hf_segments_equal_converted_model_forward(mode: str, layers: list[int])
             assert abs(segment_losses(seg, ids[:, None], cuts).item() - ref_loss.item()) < 2e-5
         if mode == "inplace":  # the memory matters: with nothing written, later tokens read other logits
             for layer in model.model.layers:
-                layer.mlp.ttt.target_proj.weight.zero_()
+                layer.mlp.memory.target_proj.weight.zero_()
             assert (model(ids[:, :-1], use_cache=False).logits - ref)[:, 4:].abs().max() > 1e-2

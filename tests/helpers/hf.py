@@ -35,7 +35,7 @@ def ttt_config(gate: float = 0.0, mini_batch: int = 4, **kw) -> TTTConfig:
 
 
 def ttt_modules(model) -> list[nn.Module]:
-    return [layer.self_attn.ttt for layer in decoder_of(model).layers if hasattr(layer.self_attn, "ttt")]
+    return [layer.self_attn.memory for layer in decoder_of(model).layers if hasattr(layer.self_attn, "memory")]
 
 
 @torch.no_grad()

@@ -36,8 +36,8 @@ def random_codes(lm: LMModel, B: int, T: int, seed: int = 0) -> torch.Tensor:
 
 def open_gates(model: LMModel, value: float = 0.7) -> None:
     with torch.no_grad():
-        for layer in model.ttt_layers():
-            layer.ttt.gate_alpha.fill_(value)
+        for layer in model.memory_layers():
+            layer.memory.gate_alpha.fill_(value)
 
 
 @torch.no_grad()
@@ -126,10 +126,10 @@ def user_stream(lm: LMModel, B: int, T: int, seed: int = 3) -> torch.Tensor:
 
 def ttt_states(lm: TTTLMModel) -> list[dict[str, torch.Tensor]]:
     out = []
-    for layer in lm.ttt_layers():
+    for layer in lm.memory_layers():
         state = layer._streaming_state
-        assert isinstance(state, TTTLayerState) and state.ttt is not None
-        out.append(state.ttt.tensors)
+        assert isinstance(state, TTTLayerState) and state.memory is not None
+        out.append(state.memory.tensors)
     return out
 
 

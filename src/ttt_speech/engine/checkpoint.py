@@ -8,7 +8,8 @@ RUN_DIR/checkpoints/step_00000120/ holds
   state.json          step, stage, step within the stage, data position (sequences consumed)
 A directory named step_* exists only once complete (the rename is atomic), so the newest one is
 always safe to resume from; a half-written `.tmp-*` directory left by a kill is deleted on restart.
-Frozen weights are not saved: they are the base model's, rebuilt from the config.
+Frozen weights are not saved: they are the base model's, rebuilt from the config. Checkpoints written
+before issue 20 name the memory branch `ttt`; they load under today's names (`names.current_name`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+
+from ttt_speech.names import current_keys, current_name
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "step_"
@@ -121,7 +124,14 @@ def save_checkpoint(run_dir: str | Path, state: TrainState, model: nn.Module, op
 
 
 def load_trainable(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path / "model.safetensors"))
+    return current_keys(load_file(str(path / "model.safetensors")))
+
+
+def load_optimizer(path: Path) -> dict:
+    """optimizer.pt, its parameters (keys of "state", names in each group's "params") under today's names."""
+    sd = torch.load(path / "optimizer.pt", weights_only=False)
+    groups = [{**g, "params": [current_name(n) for n in g["params"]]} for g in sd["param_groups"]]
+    return {**sd, "state": current_keys(sd["state"]), "param_groups": groups}
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -133,8 +143,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         raise ValueError(f"{path}: checkpoint does not match the trainable parameters of this config "
                          f"(missing {missing[:5]}, unexpected {extra[:5]}); did train.trainable or the model change?")
     set_model_state_dict(model, model_sd, options=StateDictOptions(full_state_dict=True, strict=False))
-    set_optimizer_state_dict(model, optimizer, torch.load(path / "optimizer.pt", weights_only=False),
-                             options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(model, optimizer, load_optimizer(path), options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     rng = path / f"rng_rank{rank}.pt"
     if rng.exists():  # absent when resuming on more processes than saved

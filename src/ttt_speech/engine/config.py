@@ -108,15 +108,44 @@ def build_config(cls: type[T], d: dict[str, tp.Any]) -> T:
     return _build(cls, d, "")
 
 
-def load_yaml_config(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
-    """Read a YAML config into `cls`; `overrides` are `dotted.key=yaml_value` strings (e.g. `train.batch_size=4`)."""
+def renamed(key: str, aliases: dict[str, str]) -> str:
+    """A dotted key under today's name when it (or a section above it) is an old spelling in `aliases`."""
+    for old, new in aliases.items():
+        if key == old or key.startswith(old + "."):
+            return new + key[len(old):]
+    return key
+
+
+def rename_keys(raw: dict[str, tp.Any], aliases: dict[str, str], where: str) -> None:
+    """Move old spellings (`aliases`: dotted old key -> dotted new key, same parent) to today's, in place;
+    both at once is an error naming them."""
+    for old, new in aliases.items():
+        *parents, last = old.split(".")
+        node: tp.Any = raw
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or last not in node:
+            continue
+        target = new.rsplit(".", 1)[-1]
+        if target in node:
+            raise UsageError(f"{where}: give {new} or its old name {old}, not both")
+        node[target] = node.pop(last)
+
+
+def load_yaml_config(cls: type[T], path: str | Path, overrides: list[str] | None = None,
+                     aliases: dict[str, str] | None = None) -> T:
+    """Read a YAML config into `cls`; `overrides` are `dotted.key=yaml_value` strings (e.g. `train.batch_size=4`).
+    `aliases` (old dotted key -> today's) lets files and `--set` items written with an old spelling still load."""
     raw = _yaml(existing_file(path, "YAML config").read_text(), f"{path}") or {}
     if not isinstance(raw, dict):
         raise UsageError(f"{path}: a config is a YAML mapping (key: value lines), got {type(raw).__name__}")
+    aliases = aliases or {}
+    rename_keys(raw, aliases, str(path))
     for item in overrides or []:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise UsageError(f"--set {item!r}: expected dotted.key=value, e.g. train.batch_size=4")
+        key = renamed(key, aliases)
         node = raw
         *parents, last = key.split(".")
         for p in parents:

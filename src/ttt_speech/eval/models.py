@@ -11,7 +11,7 @@ A scorer teacher-forces a held-out sequence through the model the way it runs wh
   chunked feeding through these caches equals token-by-token decoding (tests/test_hf_generate.py).
 
 Model specs on the command line: `tiny` (TTT hybrid built in code), `tiny-vanilla`, a Moshi hybrid
-directory (config.json with a "ttt" section), a vanilla Moshi directory (config.json +
+directory (config.json with a "memory" section), a vanilla Moshi directory (config.json +
 model.safetensors), or a transformers directory; `NAME=SPEC` names a model in the report.
 """
 
@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ttt_speech.names import memory_section
 
 Tick = tp.Callable[[int], None]
 BUILTINS = ("tiny", "tiny-vanilla")
@@ -258,7 +260,7 @@ def check_spec(spec: str) -> Spec:
         from ttt_speech.moshi.checkpoint import check_hybrid_dir, check_moshi_weights
         from ttt_speech.moshi.config import read_moshi_config
 
-        if "ttt" in raw:
+        if memory_section(raw) is not None:
             return Spec(name, path, "moshi", check_hybrid_dir(root))
         raw = read_moshi_config(root / "config.json")
         check_moshi_weights(root / "model.safetensors", raw, root / "config.json")
@@ -279,7 +281,7 @@ def load_model(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype
         lm = build_tiny_hybrid(seed, device, dtype) if path == "tiny" else build_tiny_lm(seed, device=device, dtype=dtype)
         return Loaded(MoshiScorer(lm, name))
     root, raw = Path(path), checked.config
-    section = raw.get("ttt")
+    section = memory_section(raw)
     if checked.kind == "moshi":
         from ttt_speech.moshi import load_hybrid
         from ttt_speech.moshi.config import lm_kwargs

@@ -3,7 +3,7 @@
 A LLaMA-Omni directory is a Llama checkpoint with more beside it: speech encoder/projector weights
 under `model.`, a speech generator at the top level, and config keys the Llama config does not
 know (VITA's is the same around a Mixtral). `load_llm` builds the transformers model the directory
-holds (from its own model_type, or the one a `ttt` section or the architecture name points to; a
+holds (from its own model_type, or the one a `memory` section or the architecture name points to; a
 Qwen2-Audio directory builds the whole Qwen2-Audio), loads its weights with transformers'
 `from_pretrained`, and returns a `LoadReport` of every tensor and config key it left alone.
 """
@@ -26,11 +26,12 @@ from transformers.core_model_loading import revert_weight_conversion
 
 from ttt_speech.errors import UsageError, check_safetensors, existing_dir, read_json_object
 from ttt_speech.hf.layouts import decoder_config_dict, model_class
+from ttt_speech.names import LEGACY, MEMORY, memory_section
 
 logger = logging.getLogger(__name__)
 
 # Config keys a conversion writes; not "left alone" when they come back.
-CONVERSION_CONFIG_KEYS = frozenset({"ttt", "sliding_window", "layer_types", "use_sliding_window", "max_window_layers"})
+CONVERSION_CONFIG_KEYS = frozenset({MEMORY, LEGACY, "sliding_window", "layer_types", "use_sliding_window", "max_window_layers"})
 LLM_FAMILIES = ("qwen2", "llama", "mixtral")  # LLaMA-Omni (Llama-3.1), LLaMA-Omni2 (Qwen2.5), VITA (Mixtral)
 
 
@@ -101,8 +102,9 @@ def llm_model_type(cfg: dict[str, Any]) -> str:
     model_type = cfg.get("model_type", "")
     if model_type in CONFIG_MAPPING:
         return model_type
-    if "ttt" in cfg:
-        return cfg["ttt"]["llm_model_type"]
+    section = memory_section(cfg)
+    if section is not None:
+        return section["llm_model_type"]
     names = [model_type, *cfg.get("architectures", [])]
     for family in LLM_FAMILIES:
         if any(family in n.lower() for n in names):
@@ -168,7 +170,8 @@ def load_llm(
     """
     cfg = read_config(path)
     model_type = llm_model_type(cfg)
-    decoder_config_dict(cfg).pop("ttt", None)  # built unconverted; `convert.load` converts it
+    for name in (MEMORY, LEGACY):  # built unconverted; `convert.load` converts it
+        decoder_config_dict(cfg).pop(name, None)
     config_cls = CONFIG_MAPPING[model_type]
     known = set(config_cls().to_dict())
     llm_cfg = {k: v for k, v in cfg.items() if k in known and k != "model_type"}

@@ -67,15 +67,18 @@ def check_source(path: Path) -> dict[str, tp.Any]:
     from ttt_speech.hf.checkpoint import check_llm_dir
 
     cfg = check_llm_dir(path)
-    if "ttt" in cfg:
-        raise UsageError(f"--model {path}: already converted (its config.json has a 'ttt' section)")
+    from ttt_speech.hf.layouts import decoder_config_dict
+    from ttt_speech.names import memory_section
+
+    if memory_section(decoder_config_dict(cfg)) is not None:
+        raise UsageError(f"--model {path}: already converted (its config.json has a memory section)")
     return cfg
 
 
 TTT_ONLY = ("mini_batch", "inner", "variant", "num_heads", "gate_init")
 
 
-def ttt_config(args: argparse.Namespace, hidden_size: int, attention_heads: int,
+def memory_config(args: argparse.Namespace, hidden_size: int, attention_heads: int,
                intermediate_size: int | None = None) -> TTTConfig | InPlaceConfig:
     """The branch config the options make for a decoder of this width (the MLP's, for --branch inplace)."""
     from ttt_speech.config import InPlaceConfig, TTTConfig
@@ -107,7 +110,7 @@ def check_options(args: argparse.Namespace, cfg: dict[str, tp.Any]) -> None:
     width, heads = decoder.get("hidden_size"), decoder.get("num_attention_heads")
     if isinstance(width, int) and isinstance(heads, int):
         try:
-            ttt_config(args, width, heads, decoder.get("intermediate_size"))
+            memory_config(args, width, heads, decoder.get("intermediate_size"))
         except ValueError as e:
             raise UsageError(f"convert-hf: {e} (see --branch, --num-heads, --inner, --variant, --mini-batch, "
                              "--chunk)") from None
@@ -128,8 +131,8 @@ def run(args: argparse.Namespace) -> None:
     if report.missing_keys:
         raise UsageError(f"{args.model}: checkpoint lacks language-model parameters: {report.missing_keys}")
     config = decoder_of(model).config  # the language model's (Qwen2-Audio: its text_config)
-    ttt = ttt_config(args, config.hidden_size, config.num_attention_heads, getattr(config, "intermediate_size", None))
-    convert(model, layers=args.layers, mode=args.mode, ttt=ttt, attention_window=args.attention_window)
+    branch = memory_config(args, config.hidden_size, config.num_attention_heads, getattr(config, "intermediate_size", None))
+    convert(model, layers=args.layers, mode=args.mode, ttt=branch, attention_window=args.attention_window)
 
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)

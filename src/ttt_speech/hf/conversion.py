@@ -5,14 +5,14 @@ Mixtral causal LMs; `model.model.language_model` for Qwen2-Audio). What a conver
 - the chosen layers' `self_attn` (see `modules.py`: hybrid mixin or `TTTAttention`), or, given an
   `InPlaceConfig`, their `mlp` (in-place fast weights; a pre-hook on the layer hands it the cache);
 - the decoder's config: `sliding_window = attention_window` for every layer (so transformers'
-  `DynamicCache` makes `DynamicSlidingWindowLayer`s: bounded KV memory), and a `ttt` section (`section.py`);
+  `DynamicCache` makes `DynamicSlidingWindowLayer`s: bounded KV memory), and a `memory` section (`section.py`);
 - a forward pre-hook on the decoder stack that, before every forward,
   (1) replaces the 2D padding mask by transformers' sliding-window causal mask, so attention is
       windowed in prefill and training too, even for models whose own code only builds full causal
       masks (Llama);
   (2) makes sure a `TTTCache` carries the TTT states (creating one in eval mode, or adopting
       `generate`'s cache);
-  (3) hands the padding mask of the current tokens to the TTT branches (`ttt_token_mask`).
+  (3) hands the padding mask of the current tokens to the memory branches (`memory_token_mask`).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from ttt_speech.hf.modules import (TOKEN_MASK_KWARG, TTTAttention, drop_memory_c
 from ttt_speech.hf.section import Mode, TTTSection, section_of
 from ttt_speech.layers.inplace import GatedMLP, InPlaceLayer
 from ttt_speech.layers.ttt import TTTLayer
+from ttt_speech.names import MEMORY, current_name, legacy_name, memory_section
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -134,7 +135,7 @@ def _make_inplace(layer: nn.Module, cfg: InPlaceConfig, idx: int) -> None:
     with torch.device(ref.device):
         memory = InPlaceLayer(cfg, GatedMLP.hf(mlp), host_owned=True)
     retype(mlp, inplace_class(type(mlp)))
-    mlp.add_module("ttt", memory.to(dtype=ref.dtype))
+    mlp.add_module(MEMORY, memory.to(dtype=ref.dtype))
     mlp.layer_idx = idx
     layer.register_forward_pre_hook(pass_memory_context, with_kwargs=True)
     layer.register_forward_hook(drop_memory_context, with_kwargs=True)
@@ -144,8 +145,10 @@ def _load_by_name(model: nn.Module, path: str | Path, keys: set[str]) -> set[str
     """Load these state-dict keys from the directory's files, under the names save_pretrained gives them.
 
     Returns the keys the directory lacks (tied parameters count as loaded with the one they share).
+    A branch tensor written before issue 20 is found under its old name (`names.legacy_name`).
     """
     names, in_files = saved_names(model, keys), checkpoint_keys(path)
+    names = {k: f if f in in_files else legacy_name(f) for k, f in names.items()}
     found = {k: f for k, f in names.items() if f in in_files}
     tensors = read_tensors(path, set(found.values()), next(model.parameters()).device)
     model.load_state_dict({k: tensors[f] for k, f in found.items()}, strict=False)
@@ -177,7 +180,7 @@ class Converter:
         base = decoder_of(model)
         config = base.config  # the language model's own config (Qwen2-Audio: its text_config)
         if section_of(config) is not None:
-            raise ValueError("this model is already converted (its config has a 'ttt' section)")
+            raise ValueError(f"this model is already converted (its config has a '{MEMORY}' section)")
         if attention_implementation(config) not in SUPPORTED_ATTENTION:
             raise NotImplementedError(
                 f"attention implementation {attention_implementation(config)!r} is not supported yet; "
@@ -211,11 +214,11 @@ class Converter:
             ttt_layer = _build_ttt(cfg, attn, mode, config)
             if mode == "hybrid":
                 retype(attn, hybrid_class(type(attn)))
-                attn.add_module("ttt", ttt_layer)
+                attn.add_module(MEMORY, ttt_layer)
             else:
                 base.layers[i].self_attn = TTTAttention(ttt_layer, i)
         _apply_window(base, attention_window)
-        config.ttt = TTTSection(mode, tuple(idx), attention_window, cfg, config_model_type(config)).to_dict()
+        setattr(config, MEMORY, TTTSection(mode, tuple(idx), attention_window, cfg, config_model_type(config)).to_dict())
         base.register_forward_pre_hook(_prepare_forward, with_kwargs=True)
         return model
 
@@ -230,23 +233,23 @@ class Converter:
 
         The model the directory names is built and given its weights by transformers (for a
         LLaMA-Omni or VITA directory: its Llama or Mixtral; for Qwen2-Audio: the whole model, audio
-        tower included), converted as the config's `ttt` section says, and given the saved TTT
-        weights. With `model` (e.g. a LLaMA-Omni, VITA or Mini-Omni object built by its own code),
-        that object is converted the same way and receives every tensor it shares with that model,
+        tower included), converted as the config's `memory` section says (`ttt` before issue 20), and given
+        the saved branch weights (`.memory.`, or `.ttt.` before issue 20). With `model` (e.g. a LLaMA-Omni,
+        VITA or Mini-Omni object built by its own code), that object is converted the same way and receives every tensor it shares with that model,
         and every other tensor of the directory it has (its speech modules); this holds one extra
         copy of the language model while it runs. Tensors and config keys the model has no place for
         are left alone: logged, and returned with output_loading_info=True.
         """
-        d = decoder_config_dict(read_config(path)).get("ttt")
+        d = memory_section(decoder_config_dict(read_config(path)))
         if d is None:
-            raise ValueError(f"{path}: config.json has no 'ttt' section; convert the model with `convert(...)` first")
+            raise ValueError(f"{path}: config.json has no '{MEMORY}' section; convert the model with `convert(...)` first")
         section = TTTSection.from_dict(d)
         llm, report = load_llm(path, dtype=dtype)
         before = set(llm.state_dict())
         self._convert_as(llm, section, path)
         state = llm.state_dict()
         missing = set(report.missing_keys) & set(state)  # replace mode: the replaced attention is gone, not missing
-        missing |= _load_by_name(llm, path, set(state) - before)  # the TTT parameters transformers skipped
+        missing |= _load_by_name(llm, path, set(state) - before)  # the branch parameters transformers skipped
         if model is None:
             model = llm
         else:
@@ -256,7 +259,7 @@ class Converter:
             model.load_state_dict({k: state[k] for k in shared}, strict=False)
             missing = _load_by_name(model, path, set(own) - shared)
             state = own
-        report.left_alone_keys = sorted(set(report.left_alone_keys) - set(state))
+        report.left_alone_keys = sorted(k for k in report.left_alone_keys if current_name(k) not in state)
         report.missing_keys = sorted(missing)
         if report.missing_keys:
             raise ValueError(f"{path}: checkpoint lacks parameters of the converted model: {report.missing_keys}")
@@ -266,9 +269,9 @@ class Converter:
     def _convert_as(self, model: PreTrainedModel, section: TTTSection, path: str | Path) -> None:
         """Convert `model` as `section` says, unless it already is (then it must match)."""
         if section_of(model.config) is None:
-            self(model, section.layers, section.mode, section.ttt, section.attention_window)
+            self(model, section.layers, section.mode, section.memory, section.attention_window)
         elif section_of(model.config) != section:
-            raise ValueError(f"{path}: the model was converted differently from the directory's 'ttt' section")
+            raise ValueError(f"{path}: the model was converted differently from the directory's '{MEMORY}' section")
 
 
 convert = Converter()

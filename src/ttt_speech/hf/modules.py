@@ -1,16 +1,16 @@
-"""The TTT branch inside a transformers decoder layer, and the two ways to put it there.
+"""The memory branch inside a transformers decoder layer, and the ways to put it there.
 
 hybrid:  `self_attn` keeps its class and weights, but its class gains a mixin that adds
-         `self.ttt(normed input)` to the attention output. The decoder layer adds that sum to the
+         `self.memory(normed input)` to the attention output. The decoder layer adds that sum to the
          residual, so the TTT branch reads exactly what attention reads (the input_layernorm output)
-         and all original state-dict keys stay where they were; the new ones live under `self_attn.ttt.`.
+         and all original state-dict keys stay where they were; the new ones live under `self_attn.memory.`.
 replace: `self_attn` becomes `TTTAttention`, a TTT layer initialised from the attention's q/k/v/o.
 in-place (an `InPlaceConfig`): the layer's `mlp` keeps its class and weights, but its class gains a
-         mixin that runs it as an `InPlaceLayer` (`self.mlp.ttt`): its down_proj plus per-stream fast
+         mixin that runs it as an `InPlaceLayer` (`self.mlp.memory`): its down_proj plus per-stream fast
          weights (docs/ttt.md). The decoder layer calls `mlp(x)` with nothing else, so a pre-hook on the
          decoder layer hands the mlp the cache and padding mask of the current forward.
 
-Padding: the model's forward hook passes `ttt_token_mask` [B, T] (False = padding) down the
+Padding: the model's forward hook passes `memory_token_mask` [B, T] (False = padding) down the
 decoder layers' kwargs. Padded tokens never touch a TTT state: columns where every stream has a
 real token run through the chunked form, the other columns through the streaming step with
 `exec_mask` (so left-padded prompts give each stream exactly the state it would have alone).
@@ -28,8 +28,9 @@ from ttt_speech.hf.compat import get_cache
 from ttt_speech.layers.inplace import InPlaceLayer
 from ttt_speech.layers.state import LayerState
 from ttt_speech.layers.ttt import StreamingLayer, TTTLayer
+from ttt_speech.names import MEMORY
 
-TOKEN_MASK_KWARG = "ttt_token_mask"
+TOKEN_MASK_KWARG = "memory_token_mask"
 
 
 def _pads_before_tokens(token_mask: Tensor) -> bool:
@@ -92,7 +93,7 @@ def ttt_branch(layer: StreamingLayer, x: Tensor, cache: Any, layer_idx: int, tok
 class HybridAttentionMixin:
     """Mixed in front of an attention class: attention output + gated TTT output."""
 
-    ttt: TTTLayer
+    memory: TTTLayer
     layer_idx: int
 
     def forward(self, *args: Any, **kwargs: Any) -> tuple[Tensor, Any]:
@@ -101,7 +102,7 @@ class HybridAttentionMixin:
         attention = super().forward  # type: ignore[misc]
         return hybrid_attention(
             self, hidden, lambda h: attention(*args, **kwargs),
-            lambda h: ttt_branch(self.ttt, h, get_cache(kwargs), self.layer_idx, token_mask))
+            lambda h: ttt_branch(self.memory, h, get_cache(kwargs), self.layer_idx, token_mask))
 
 
 _HYBRID_CLASSES: dict[type, type] = {}
@@ -118,14 +119,14 @@ class InPlaceMLPMixin:
     """Mixed in front of a gated MLP class (gate_proj, up_proj, down_proj, act_fn): the MLP with in-place
     fast weights, its state carried in the TTTCache like a TTT layer's."""
 
-    ttt: InPlaceLayer
+    memory: InPlaceLayer
     layer_idx: int
     # (cache, padding mask) of the decoder layer's current forward, set by `pass_memory_context`
     memory_context: tuple[Any, Tensor | None] = (None, None)
 
     def forward(self, x: Tensor) -> Tensor:
         cache, token_mask = self.memory_context
-        return ttt_branch(self.ttt, x, cache, self.layer_idx, token_mask).to(x.dtype)
+        return ttt_branch(self.memory, x, cache, self.layer_idx, token_mask).to(x.dtype)
 
 
 def pass_memory_context(layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -152,15 +153,15 @@ def inplace_class(cls: type[nn.Module]) -> type[nn.Module]:
 class TTTAttention(nn.Module):
     """Drop-in `self_attn` made of a TTT layer only (mode="replace"); returns (output, None) like attention."""
 
-    def __init__(self, ttt: TTTLayer, layer_idx: int) -> None:
+    def __init__(self, memory: TTTLayer, layer_idx: int) -> None:
         super().__init__()
-        self.ttt = ttt
+        self.memory = memory
         self.layer_idx = layer_idx
 
     def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, None]:
         token_mask = kwargs.get(TOKEN_MASK_KWARG)
         return hybrid_attention(
-            self, hidden_states, None, lambda h: ttt_branch(self.ttt, h, get_cache(kwargs), self.layer_idx, token_mask))
+            self, hidden_states, None, lambda h: ttt_branch(self.memory, h, get_cache(kwargs), self.layer_idx, token_mask))
 
 
 def hybrid_attention(attn: nn.Module, hidden: Tensor, attend: Callable[[Tensor], tuple[Tensor, Any]] | None,
@@ -175,7 +176,7 @@ def hybrid_attention(attn: nn.Module, hidden: Tensor, attend: Callable[[Tensor],
     if isinstance(attn, TTTAttention) or attend is None:
         return remember(hidden).to(hidden.dtype), None
     out, weights = attend(hidden)
-    if hasattr(attn, "ttt"):
+    if hasattr(attn, MEMORY):
         out = out + remember(hidden).to(out.dtype)
     return out, weights
 

@@ -1,4 +1,4 @@
-"""The `ttt` section a converted model carries in its config (and so in `config.json`).
+"""The `memory` section a converted model carries in its config (and so in `config.json`; `ttt` before issue 20).
 
 It is the single source of truth for what `convert` did: the cache, the forward hook and the loader
 all read it, so a model rebuilt from a directory behaves exactly like the one that was saved.
@@ -12,6 +12,7 @@ from typing import Any, Literal
 from transformers import PreTrainedConfig
 
 from ttt_speech.config import InPlaceConfig, TTTConfig
+from ttt_speech.names import LEGACY, MEMORY, memory_section
 
 SECTION_FORMAT = "ttt-speech/hf"
 SECTION_VERSION = 1
@@ -28,12 +29,12 @@ class TTTSection:
     mode: Mode
     layers: tuple[int, ...]
     attention_window: int
-    ttt: TTTConfig | InPlaceConfig  # InPlaceConfig: the layers' MLPs get in-place fast weights
+    memory: TTTConfig | InPlaceConfig  # InPlaceConfig: the layers' MLPs get in-place fast weights
     llm_model_type: str  # transformers model_type of the language model (e.g. "llama" under LLaMA-Omni)
 
     @property
     def branch(self) -> str:
-        return next(name for name, cls in BRANCHES.items() if isinstance(self.ttt, cls))
+        return next(name for name, cls in BRANCHES.items() if isinstance(self.memory, cls))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -44,25 +45,25 @@ class TTTSection:
             "layers": list(self.layers),
             "attention_window": self.attention_window,
             "llm_model_type": self.llm_model_type,
-            "config": self.ttt.to_dict(),
+            "config": self.memory.to_dict(),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TTTSection:
         if d.get("format") != SECTION_FORMAT:
-            raise ValueError(f"config 'ttt' section: expected format {SECTION_FORMAT!r}, got {d.get('format')!r}")
+            raise ValueError(f"config '{MEMORY}' section: expected format {SECTION_FORMAT!r}, got {d.get('format')!r}")
         if d.get("version") != SECTION_VERSION:
             raise ValueError(
-                f"config 'ttt' section: version {d.get('version')!r}, this library reads version {SECTION_VERSION}"
+                f"config '{MEMORY}' section: version {d.get('version')!r}, this library reads version {SECTION_VERSION}"
             )
         branch = d.get("branch", "ttt")
         if branch not in BRANCHES:
-            raise ValueError(f"config 'ttt' section: branch must be one of {tuple(BRANCHES)}, got {branch!r}")
+            raise ValueError(f"config '{MEMORY}' section: branch must be one of {tuple(BRANCHES)}, got {branch!r}")
         return cls(
             mode=d["mode"],
             layers=tuple(int(i) for i in d["layers"]),
             attention_window=int(d["attention_window"]),
-            ttt=BRANCHES[branch].from_dict(d["config"]),
+            memory=BRANCHES[branch].from_dict(d["config"]),
             llm_model_type=d["llm_model_type"],
         )
 
@@ -73,5 +74,6 @@ def section_of(config: PreTrainedConfig) -> TTTSection | None:
     It lives on the language model's config: the config itself for a causal LM, its `text_config`
     for a model with an audio tower (Qwen2-Audio); either may be passed.
     """
-    d = getattr(config.get_text_config(decoder=True), "ttt", None)
+    text = config.get_text_config(decoder=True)
+    d = memory_section({name: getattr(text, name) for name in (MEMORY, LEGACY) if hasattr(text, name)})
     return None if d is None else TTTSection.from_dict(d)

@@ -4,7 +4,7 @@ The converted model's own forward windows attention through a dense [T, T] slidi
 a decoder layer runs on one segment with `windowed_attention`, starting from the keys/values and the
 branch state the previous segment left. The branch joins attention through `hybrid_attention`, the
 composition the model's own forward uses; only how attention reaches its past differs. An in-place
-branch is the layer's MLP (`mlp.ttt`), run here with the carried state instead of the cache.
+branch is the layer's MLP (`mlp.memory`), run here with the carried state instead of the cache.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 from ttt_speech.hf.modules import hybrid_attention
 from ttt_speech.layers.attention import windowed_attention
 from ttt_speech.layers.state import LayerState
+from ttt_speech.names import MEMORY
 
 KV = tuple[Tensor, Tensor]
 
@@ -59,13 +60,13 @@ def layer_segment(model: PreTrainedModel, layer: nn.Module, x: Tensor, past: KV 
 
     def remember(h: Tensor) -> Tensor:
         nonlocal memory
-        y, memory = attn.ttt(h, memory)
+        y, memory = attn.memory(h, memory)
         return y
 
     out, _ = hybrid_attention(attn, layer.input_layernorm(x), attend, remember)
     x = x + out.to(x.dtype)
     h = layer.post_attention_layernorm(x)
-    if not hasattr(layer.mlp, "ttt"):
+    if not hasattr(layer.mlp, MEMORY):
         return x + layer.mlp(h), kv, memory
-    y, memory = layer.mlp.ttt(h, memory)  # in-place fast weights: the MLP is the memory, its state carried
+    y, memory = layer.mlp.memory(h, memory)  # in-place fast weights: the MLP is the memory, its state carried
     return x + y.to(x.dtype), kv, memory

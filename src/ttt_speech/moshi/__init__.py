@@ -41,14 +41,14 @@ if tp.TYPE_CHECKING:
     from ttt_speech.moshi.config import infer_moshi_config
     from ttt_speech.moshi.convert import (HybridSpec, TTTLMModel, convert, default_branch_config,
                                           default_gdn_config, default_inplace_config, default_ttt_config,
-                                          set_attention_window, ttt_parameters)
+                                          memory_parameters, set_attention_window)
     from ttt_speech.moshi.layer import TTTLayerState, TTTTransformerLayer
 
 _LAZY = {
     "load_hybrid": "checkpoint", "save_moshi_checkpoint": "files", "infer_moshi_config": "config",
     "HybridSpec": "convert", "TTTLMModel": "convert", "convert": "convert", "default_branch_config": "convert",
     "default_gdn_config": "convert", "default_inplace_config": "convert", "default_ttt_config": "convert",
-    "ttt_parameters": "convert", "set_attention_window": "convert",
+    "memory_parameters": "convert", "set_attention_window": "convert",
     "TTTLayerState": "layer", "TTTTransformerLayer": "layer",
 }
 __all__ = sorted(_LAZY)

@@ -45,8 +45,8 @@ TTT_ONLY_FLAGS = ("inner", "mini_batch", "variant", "shared_qkv")
 FLAG_BRANCHES = {**{k: ("ttt",) for k in TTT_ONLY_FLAGS}, "gate_init": ("ttt", "gdn"), "chunk": ("inplace",)}
 
 
-def _ttt_overrides(args: argparse.Namespace) -> dict[str, tp.Any]:
-    over: dict[str, tp.Any] = read_json_object(args.ttt_config, "--ttt-config file") if args.ttt_config else {}
+def _memory_overrides(args: argparse.Namespace) -> dict[str, tp.Any]:
+    over: dict[str, tp.Any] = read_json_object(args.memory_config, "--memory-config file") if args.memory_config else {}
     branch = getattr(args, "branch", "ttt")
     for key, branches in FLAG_BRANCHES.items():
         if getattr(args, key, None) is not None:
@@ -57,16 +57,17 @@ def _ttt_overrides(args: argparse.Namespace) -> dict[str, tp.Any]:
     return over
 
 
-def add_ttt_arguments(p: argparse.ArgumentParser) -> None:
+def add_memory_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=parse_layers, default="all",
                    help="temporal-transformer layers to convert: all, 24-31, 0,2,5-7 (default: all)")
     p.add_argument("--mode", choices=("hybrid", "replace"), default="hybrid",
-                   help="hybrid: attention + gated TTT branch (default); replace: TTT instead of attention")
+                   help="hybrid: attention + gated memory branch (default); replace: TTT instead of attention")
     p.add_argument("--branch", choices=BRANCH_NAMES, default="ttt",
                    help="memory branch: ttt (default), gdn (Gated DeltaNet) or inplace (the layer's own MLP "
                         "becomes per-stream fast weights, docs/ttt.md); gdn and inplace: --mode hybrid only")
-    p.add_argument("--ttt-config", help="JSON file of TTTConfig (or, with --branch gdn / inplace, "
-                                        "GatedDeltaNetConfig / InPlaceConfig) fields (dims default to the model's)")
+    p.add_argument("--memory-config", "--ttt-config", dest="memory_config",
+                   help="JSON file of TTTConfig (or, with --branch gdn / inplace, GatedDeltaNetConfig / InPlaceConfig) "
+                        "fields (dims default to the model's); --ttt-config is its old name")
     p.add_argument("--chunk", type=positive_int, help="in-place branch: frames per fast-weight write (default 64)")
     p.add_argument("--inner", choices=("linear", "mlp"), help="TTT inner model")
     p.add_argument("--mini-batch", type=positive_int, help="TTT mini-batch size")
@@ -85,7 +86,7 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-window", type=positive_int,
                    help="frames each attention sees and caches per session (default: the config's context; "
                         "Moshi-7B 3000 = 4 min); a shorter window allocates only its KV, the memory carries the rest")
-    add_ttt_arguments(p)
+    add_memory_arguments(p)
 
 
 def run_convert(args: argparse.Namespace) -> Path:
@@ -104,11 +105,11 @@ def run_convert(args: argparse.Namespace) -> Path:
     raw = read_moshi_config(args.config)
     check_moshi_weights(args.moshi_weights, raw, args.config)
     output_dir(args.out)
-    overrides = _ttt_overrides(args)
+    overrides = _memory_overrides(args)
     branch = getattr(args, "branch", "ttt")
     with torch.device("meta"):
         meta = get_moshi_lm(None, lm_kwargs=lm_kwargs(raw), device="meta", dtype=torch.float32)
-    where = f"--ttt-config {args.ttt_config}: " if args.ttt_config else ""
+    where = f"--memory-config {args.memory_config}: " if args.memory_config else ""
     try:
         convert(meta, args.layers, args.mode, default_branch_config(meta, args.mode, branch, **overrides),
                 moshi_config=raw, attention_window=args.attention_window)
@@ -125,9 +126,9 @@ def run_convert(args: argparse.Namespace) -> Path:
         if companion(out, json.loads((out / CONFIG_NAME).read_text()), key) is None:
             print(f"convert-moshi: no {what} beside {args.config}; generate/serve on {out} need {flag}",
                   file=sys.stderr)
-    n = sum(p.numel() for layer in hybrid.ttt_layers() for p in layer.ttt.parameters())
-    print(f"converted layers {list(hybrid.ttt_spec.layers)} ({args.mode}, {n / 1e6:.1f}M {branch.upper()} "
-          f"parameters) -> {out} (with {', '.join(carried) or 'no codec or tokenizer'})")
+    n = sum(p.numel() for layer in hybrid.memory_layers() for p in layer.memory.parameters())
+    print(f"converted layers {list(hybrid.memory_spec.layers)} ({args.mode}, {n / 1e6:.1f}M {branch.upper()} "
+          f"memory parameters) -> {out} (with {', '.join(carried) or 'no codec or tokenizer'})")
     return out
 
 

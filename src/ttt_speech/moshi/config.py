@@ -29,6 +29,7 @@ from torch import nn
 
 from ttt_speech.errors import UsageError, read_json_object
 from ttt_speech.moshi.compat import activation
+from ttt_speech.names import LEGACY, MEMORY
 
 # Keys of a Moshi config.json that moshi's CheckpointInfo consumes itself (not LMModel kwargs).
 CHECKPOINT_INFO_KEYS = ("moshi_name", "mimi_name", "mimi_config_name", "tokenizer_name", "lora_name",
@@ -41,9 +42,9 @@ def lm_kwargs(config: dict[str, tp.Any]) -> dict[str, tp.Any]:
     return {k: v for k, v in config.items() if k not in CHECKPOINT_INFO_KEYS}
 
 
-# Keys moshi's get_moshi_lm reads itself, or drops, before building LMModel; and our hybrids' section.
+# Keys moshi's get_moshi_lm reads itself, or drops, before building LMModel; and our hybrids' section (both names).
 _LOADER_KEYS = ("conditioners", "fuser", "lora", "lora_rank", "lora_scaling", "depformer_causal",
-                "demux_second_stream", "ttt")
+                "demux_second_stream", MEMORY, LEGACY)
 # Set by LMModel or StreamingTransformer themselves: given again in config.json they are a TypeError.
 _SET_BY_MOSHI = ("self", "kwargs", "device", "dtype", "d_model", "dim_feedforward", "rope", "layer_class",
                  "checkpointing", "condition_provider", "fuser", "activation")

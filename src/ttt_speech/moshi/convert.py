@@ -25,13 +25,14 @@ from ttt_speech.moshi.compat import forget_streaming_children
 from ttt_speech.moshi.config import infer_moshi_config
 from ttt_speech.moshi.files import save_hybrid
 from ttt_speech.moshi.layer import MODES, BranchConfig, Mode, TTTTransformerLayer, check_gdn_mode
+from ttt_speech.names import is_memory
 
 # tanh(10.0) == 1.0 in fp32: in replace mode the TTT output stands in for attention at full scale.
 REPLACE_GATE_INIT = 10.0
 
 LayerSpec = tp.Union[str, Iterable[int]]
 Branch = tp.Literal["ttt", "gdn", "inplace"]
-# the "branch" field of a checkpoint's "ttt" section -> its config class; a section without it is TTT
+# the "branch" field of a checkpoint's "memory" section -> its config class; a section without it is TTT
 BRANCHES: dict[str, type] = {"ttt": TTTConfig, "gdn": GatedDeltaNetConfig, "inplace": InPlaceConfig}
 
 
@@ -45,7 +46,7 @@ def branch_kind(config: BranchConfig) -> Branch:
 
 @dataclass(frozen=True)
 class HybridSpec:
-    """What `convert` did: saved as the `ttt` section of a hybrid checkpoint's config.json."""
+    """What `convert` did: saved as the "memory" section of a hybrid checkpoint's config.json."""
 
     mode: Mode
     layers: tuple[int, ...]
@@ -67,17 +68,17 @@ class TTTLMModel(LMModel):
     or by `load_hybrid`; never constructed directly.
     """
 
-    ttt_spec: HybridSpec
+    memory_spec: HybridSpec
     moshi_config: dict[str, tp.Any]
 
     def __init__(self, *args: tp.Any, **kwargs: tp.Any) -> None:
         raise TypeError("build a TTTLMModel with ttt_speech.moshi.convert(lm, ...) or load_hybrid(dir)")
 
-    def ttt_layers(self) -> list[TTTTransformerLayer]:
-        return [self.transformer.layers[i] for i in self.ttt_spec.layers]
+    def memory_layers(self) -> list[TTTTransformerLayer]:
+        return [self.transformer.layers[i] for i in self.memory_spec.layers]
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
-        """Write model.safetensors (Moshi's key layout) + config.json (Moshi's keys + a "ttt" section)."""
+        """Write model.safetensors (Moshi's key layout) + config.json (Moshi's keys + a "memory" section)."""
         return save_hybrid(self, out_dir)
 
 
@@ -207,15 +208,15 @@ def convert(
         TTTTransformerLayer.from_layer(lm.transformer.layers[i], cfg, mode, init_from_attention)
     forget_streaming_children(lm)  # streaming children are cached on first use; the tree changed
     hybrid = retype(lm, TTTLMModel)
-    hybrid.ttt_spec = HybridSpec(mode, idx, cfg)
+    hybrid.memory_spec = HybridSpec(mode, idx, cfg)
     hybrid.moshi_config = config
     if attention_window is not None:
         set_attention_window(hybrid, attention_window)
     return hybrid
 
 
-def ttt_parameters(model: nn.Module) -> tp.Iterator[tuple[str, nn.Parameter]]:
-    """The parameters that conversion added (for optimisers that train only the TTT branches)."""
+def memory_parameters(model: nn.Module) -> tp.Iterator[tuple[str, nn.Parameter]]:
+    """The parameters that conversion added (for optimisers that train only the memory branches)."""
     for name, p in model.named_parameters():
-        if ".ttt." in f".{name}":
+        if is_memory(name):
             yield name, p

@@ -3,7 +3,7 @@
 A released Moshi checkpoint directory holds config.json (`LMModel` kwargs plus the names of the files
 beside it: `mimi_name`, `mimi_config_name`, `tokenizer_name`), model.safetensors (attention weights
 fused: `...self_attn.in_proj_weight`, `...self_attn.out_proj.weight`), the Mimi codec and the text
-tokenizer. A hybrid's config.json adds a "ttt" section (see `moshi.checkpoint`). Everything in
+tokenizer. A hybrid's config.json adds a "memory" section (see `moshi.checkpoint`). Everything in
 ttt_speech that names or reads these files takes the names from here.
 """
 
@@ -26,10 +26,11 @@ from torch import Tensor
 
 from ttt_speech.errors import UsageError, check_safetensors
 from ttt_speech.moshi.config import read_moshi_config
+from ttt_speech.names import MEMORY
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-TTT_SECTION = "ttt"
+MEMORY_SECTION = MEMORY
 HYBRID_FORMAT = "ttt-speech/moshi-hybrid"
 HYBRID_VERSION = 1
 MIMI_WEIGHTS_NAME = "mimi.safetensors"
@@ -111,10 +112,10 @@ def copy_companions(source_dir: str | Path, out_dir: str | Path, config: dict[st
 
 
 def save_hybrid(model: LMModel, out_dir: str | Path) -> Path:
-    """A hybrid (`convert`'s TTTLMModel): config.json = the Moshi config + {"ttt": {format, version, branch, mode,
-    layers, config}}."""
-    section = {"format": HYBRID_FORMAT, "version": HYBRID_VERSION, **model.ttt_spec.to_dict()}
-    return save_moshi_checkpoint(model, model.moshi_config, out_dir, {TTT_SECTION: section})
+    """A hybrid (`convert`'s TTTLMModel): config.json = the Moshi config + {"memory": {format, version, branch,
+    mode, layers, config}}."""
+    section = {"format": HYBRID_FORMAT, "version": HYBRID_VERSION, **model.memory_spec.to_dict()}
+    return save_moshi_checkpoint(model, model.moshi_config, out_dir, {MEMORY_SECTION: section})
 
 
 def checkpoint_info(path: str, mimi_config: str | None = None) -> CheckpointInfo:

@@ -6,8 +6,8 @@ layer's own streaming state, so `with lm_gen.streaming(B)`, `reset_streaming(mas
 `set_exec_mask` reach it through Moshi's machinery; it is updated in place (CUDA-graph safe).
 The branch is a `TTTLayer` or, given a `GatedDeltaNetConfig`, a `GatedDeltaNetLayer` (hybrid mode
 only), or, given an `InPlaceConfig`, an `InPlaceLayer` that turns the layer's own gated MLP into
-per-stream fast weights (the attention half stays moshi's); either way it is the `.ttt` submodule,
-so parameter names and checkpoint keys keep one layout.
+per-stream fast weights (the attention half stays moshi's); either way it is the `.memory` submodule
+(`names.MEMORY`), so parameter names and checkpoint keys keep one layout.
 """
 
 from __future__ import annotations
@@ -42,13 +42,13 @@ MODES: tuple[str, ...] = ("hybrid", "replace")
 class TTTLayerState(LayerStreamingState):
     """Moshi's per-layer streaming state plus the memory of this layer's branch (TTT or Gated DeltaNet)."""
 
-    ttt: LayerState | None = None
-    ttt_layer: StreamingLayer | None = None  # resetting needs the layer (TTT: its learnable initial weights)
+    memory: LayerState | None = None
+    memory_layer: StreamingLayer | None = None  # resetting needs the layer (TTT: its learnable initial weights)
 
     def reset(self, reset_mask: Tensor) -> None:
         super().reset(reset_mask)
-        assert self.ttt is not None and self.ttt_layer is not None
-        self.ttt_layer.reset_state(self.ttt, reset_mask)
+        assert self.memory is not None and self.memory_layer is not None
+        self.memory_layer.reset_state(self.memory, reset_mask)
 
 
 def attention_projections(attn: nn.Module) -> dict[str, nn.Linear]:
@@ -118,33 +118,33 @@ def check_shared_qkv(attn: nn.Module, cfg: TTTConfig, mode: str, init_from_atten
 class TTTTransformerLayer(HookedTransformerLayer):
     """A Moshi transformer layer whose attention gains (hybrid) or is replaced by (replace) a TTT layer.
 
-    hybrid:  x + layer_scale_1(attn(norm1(x))) + ttt(norm1(x)); the TTT output carries its own
+    hybrid:  x + layer_scale_1(attn(norm1(x))) + memory(norm1(x)); the TTT output carries its own
              gate tanh(alpha), so with alpha = 0 the layer equals the original bit for bit.
              With `TTTConfig.shared_qkv` the branch has no projections: it reads the attention's
              q/k/v projection and adds tanh(alpha) * its heads to the attention's heads before the
              attention's output projection (no extra weights to read per frame: the fast hybrid).
-    replace: x + layer_scale_1(ttt(norm1(x))); no attention, no KV cache.
+    replace: x + layer_scale_1(memory(norm1(x))); no attention, no KV cache.
     """
 
-    ttt: TTTLayer | GatedDeltaNetLayer | InPlaceLayer
-    ttt_mode: Mode
+    memory: TTTLayer | GatedDeltaNetLayer | InPlaceLayer
+    memory_mode: Mode
 
     def __init__(self, *args: tp.Any, ttt: BranchConfig, ttt_mode: Mode = "hybrid",
                  init_from_attention: bool = False, **kwargs: tp.Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._attach_ttt(ttt, ttt_mode, init_from_attention)
+        super().__init__(*args, **kwargs)  # `ttt=`: the branch config, named as `convert`'s argument
+        self._attach_memory(ttt, ttt_mode, init_from_attention)
 
     @classmethod
-    def from_layer(cls, layer: StreamingTransformerLayer, ttt: BranchConfig, mode: Mode = "hybrid",
+    def from_layer(cls, layer: StreamingTransformerLayer, memory: BranchConfig, mode: Mode = "hybrid",
                    init_from_attention: bool = False) -> "TTTTransformerLayer":
         """Turn an existing layer into this class in place, keeping its modules (no weight copies)."""
         if type(layer) is not StreamingTransformerLayer:
             raise TypeError(f"expected a moshi StreamingTransformerLayer, got {type(layer).__name__}")
         hybrid = retype(layer, cls)
-        hybrid._attach_ttt(ttt, mode, init_from_attention)
+        hybrid._attach_memory(memory, mode, init_from_attention)
         return hybrid
 
-    def _attach_ttt(self, cfg: BranchConfig, mode: Mode, init_from_attention: bool) -> None:
+    def _attach_memory(self, cfg: BranchConfig, mode: Mode, init_from_attention: bool) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not isinstance(cfg, (TTTConfig, GatedDeltaNetConfig, InPlaceConfig)):
@@ -166,36 +166,36 @@ class TTTTransformerLayer(HookedTransformerLayer):
         projections = attention_projections(self.self_attn) if init_from_attention else {}
         with torch.device(ref.device):
             if isinstance(cfg, InPlaceConfig):
-                ttt: StreamingLayer = InPlaceLayer(cfg, GatedMLP.moshi(self.gating), host_owned=True)
+                branch: StreamingLayer = InPlaceLayer(cfg, GatedMLP.moshi(self.gating), host_owned=True)
             else:
-                ttt = TTTLayer(cfg, **projections) if isinstance(cfg, TTTConfig) else GatedDeltaNetLayer(cfg)
-        self.ttt = ttt.to(dtype=ref.dtype)
-        self.ttt_mode = mode
+                branch = TTTLayer(cfg, **projections) if isinstance(cfg, TTTConfig) else GatedDeltaNetLayer(cfg)
+        self.memory = branch.to(dtype=ref.dtype)
+        self.memory_mode = mode
         if mode == "replace":
             del self.self_attn
 
     def init_streaming_state(self, batch_size: int) -> TTTLayerState:
-        device = next(self.ttt.parameters()).device
+        device = next(self.memory.parameters()).device
         return TTTLayerState(batch_size, device, offset_cpu=0,
-                             ttt=self.ttt.init_state(batch_size, device), ttt_layer=self.ttt)
+                             memory=self.memory.init_state(batch_size, device), memory_layer=self.memory)
 
     @property
     def shares_attention_projections(self) -> bool:
-        return bool(getattr(self.ttt.config, "shared_qkv", False))
+        return bool(getattr(self.memory.config, "shared_qkv", False))
 
     @property
     def memory_in_mlp(self) -> bool:
         """The branch is the layer's own MLP with in-place fast weights (not a branch beside attention)."""
-        return isinstance(self.ttt, InPlaceLayer)
+        return isinstance(self.memory, InPlaceLayer)
 
-    def _ttt_branch(self, h: Tensor, **host: Tensor) -> Tensor:
+    def _memory_branch(self, h: Tensor, **host: Tensor) -> Tensor:
         """Chunked (differentiable) form on whole sequences; in-place streaming step otherwise."""
         state = streaming_state(self)
         if state is None:
-            y, _ = self.ttt(h, **host)
+            y, _ = self.memory(h, **host)
             return y
-        assert isinstance(state, TTTLayerState) and state.ttt is not None
-        y, _ = self.ttt.step(h, state.ttt, exec_mask=state.exec_mask, **host)
+        assert isinstance(state, TTTLayerState) and state.memory is not None
+        y, _ = self.memory.step(h, state.memory, exec_mask=state.exec_mask, **host)
         return y
 
     def _moshi_attention(self, h: Tensor, mix: Mix | None) -> Tensor:
@@ -221,15 +221,15 @@ class TTTTransformerLayer(HookedTransformerLayer):
                 handle.remove()
 
     def attention_block(self, x: Tensor) -> Tensor:
-        return residual_block(self, x, self._moshi_attention, self._ttt_branch)
+        return residual_block(self, x, self._moshi_attention, self._memory_branch)
 
     def feed_forward_block(self, x: Tensor) -> Tensor:
         if not self.memory_in_mlp:
             return super().feed_forward_block(x)
-        return feed_forward_block(self, x, self._ttt_branch)
+        return feed_forward_block(self, x, self._memory_branch)
 
     def extra_repr(self) -> str:
-        return f"ttt_mode={self.ttt_mode!r}"
+        return f"memory_mode={self.memory_mode!r}"
 
 
 def residual_block(layer: nn.Module, x: Tensor, attend: Attend, remember: Remember) -> Tensor:
@@ -241,7 +241,7 @@ def residual_block(layer: nn.Module, x: Tensor, attend: Attend, remember: Rememb
     """
     h = layer.norm1(x)
     # an in-place branch lives in the feed-forward half (`feed_forward_block`): this half is moshi's
-    mode = None if getattr(layer, "memory_in_mlp", False) else getattr(layer, "ttt_mode", None)
+    mode = None if getattr(layer, "memory_in_mlp", False) else getattr(layer, "memory_mode", None)
     if mode == "replace":
         update = remember(h)
         return x.to(update) + layer.layer_scale_1(update)
@@ -274,7 +274,7 @@ def reset_memories(lm: nn.Module) -> int:
     n = 0
     for module in lm.modules():
         state = streaming_state(module) if isinstance(module, TTTTransformerLayer) else None
-        if isinstance(state, TTTLayerState) and state.ttt is not None and state.ttt_layer is not None:
-            state.ttt_layer.reset_state(state.ttt)
+        if isinstance(state, TTTLayerState) and state.memory is not None and state.memory_layer is not None:
+            state.memory_layer.reset_state(state.memory)
             n += 1
     return n

@@ -80,7 +80,7 @@ def layer_segment(layer: nn.Module, x: Tensor, past: KV | None, memory: LayerSta
 
     def remember(h: Tensor, **host: Tensor) -> Tensor:
         nonlocal memory
-        y, memory = layer.ttt(h, memory, **host)
+        y, memory = layer.memory(h, memory, **host)
         return y
 
     return feed_forward_block(layer, residual_block(layer, x, attend, remember), remember), kv, memory

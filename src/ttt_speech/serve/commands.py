@@ -22,6 +22,7 @@ from ttt_speech.errors import (OFF, UsageError, check_safetensors, existing_dir,
                                output_dir, port, positive_float, positive_float_or_off, positive_int,
                                positive_int_or_off, read_json_object, seconds_or_off)
 from ttt_speech.moshi.commands import add_quantize_argument, check_quantize, quantize_or_exit
+from ttt_speech.names import memory_section
 from ttt_speech.threads import add_threads_argument, use_cpu_threads
 
 if tp.TYPE_CHECKING:
@@ -96,7 +97,6 @@ def _model_dir(spec: str | None) -> Path:
 def check_model(spec: str | None) -> dict[str, tp.Any]:
     """The config.json of --model (a hybrid or vanilla Moshi directory; {} for tiny), after checking its files."""
     from ttt_speech.moshi.checkpoint import check_hybrid_dir, check_moshi_weights
-    from ttt_speech.moshi.files import TTT_SECTION
     from ttt_speech.moshi.config import read_moshi_config
 
     if spec == "tiny":
@@ -105,7 +105,7 @@ def check_model(spec: str | None) -> dict[str, tp.Any]:
     if not (root / CONFIG_NAME).is_file():
         raise UsageError(f"--model {root}: no {CONFIG_NAME}; give a hybrid or Moshi checkpoint directory, or 'tiny'")
     raw = read_moshi_config(root / CONFIG_NAME)
-    if TTT_SECTION in raw:
+    if memory_section(raw) is not None:
         return check_hybrid_dir(root)
     weights = _first_existing(root, [raw.get("moshi_name"), WEIGHTS_NAME])
     if weights is None:
@@ -119,7 +119,6 @@ def load_model(spec: str | None, device: torch.device, dtype: torch.dtype, seed:
     from moshi.models.loaders import get_moshi_lm
 
     from ttt_speech.moshi.checkpoint import load_hybrid
-    from ttt_speech.moshi.files import TTT_SECTION
     from ttt_speech.moshi.config import lm_kwargs
     from ttt_speech.moshi.tiny import build_tiny_hybrid
 
@@ -129,7 +128,7 @@ def load_model(spec: str | None, device: torch.device, dtype: torch.dtype, seed:
     root = _model_dir(spec)
     text = (root / CONFIG_NAME).read_text()
     model_id = f"{root.resolve().name}/{hashlib.sha256(text.encode()).hexdigest()[:16]}/{dtype}"
-    if TTT_SECTION in raw:
+    if memory_section(raw) is not None:
         return load_hybrid(root, device=device, dtype=dtype), model_id, raw
     weights = _first_existing(root, [raw.get("moshi_name"), WEIGHTS_NAME])
     return get_moshi_lm(weights, lm_kwargs=lm_kwargs(raw), device=device, dtype=dtype), model_id, raw
@@ -244,7 +243,7 @@ def run(args: argparse.Namespace) -> None:
 
     from ttt_speech.serve.capacity import check_fits, session_bytes
     from ttt_speech.serve.sessions import Admission, Limits, SessionManager
-    from ttt_speech.serve.store import StateStore, fingerprint
+    from ttt_speech.serve.store import StateStore, fingerprint, legacy_fingerprint
     from ttt_speech.serve.streams import BatchedStreams
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -266,7 +265,7 @@ def run(args: argparse.Namespace) -> None:
         streams = BatchedStreams(lm.eval(), mimi.eval(), args.max_sessions, sampling)
         streams.warmup()
         store = StateStore(args.state_dir, fingerprint(model_id, streams.layout), args.max_kept,
-                           args.keep_hours * 3600)
+                           args.keep_hours * 3600, legacy_fingerprint(model_id, streams.layout))
         manager = SessionManager(streams, store, tokenizer, Limits(max_message_bytes=args.max_message_bytes,
                                                                      idle_timeout_s=args.idle_timeout),
                                  Admission(max_load=args.max_load))

@@ -6,7 +6,9 @@ single-use: taking one renames it first (two connections cannot resume the same 
 then deletes it. A kept conversation expires after `max_age_s` (and so do files a crash left half
 written or half taken): a client that never comes back must not hold a place in a bounded store
 forever. The metadata carries a fingerprint of the model and of the state layout, so a
-state is never poured into a model it was not made by.
+state is never poured into a model it was not made by. A conversation kept before issue 20 names its
+memory branch's tensors `...ttt...`: it matches the model's `legacy_fingerprint` and resumes under
+today's names.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from ttt_speech.names import current_keys, legacy_name
 from ttt_speech.serve.protocol import Close, ProtocolError, check_token
 from ttt_speech.serve.streams import Layout
 
@@ -37,15 +40,23 @@ def fingerprint(model_id: str, layout: Layout) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
-class StateStore:
-    """Save and take kept conversations; at most `max_files` at once, each for at most `max_age_s`."""
+def legacy_fingerprint(model_id: str, layout: Layout) -> str:
+    """The fingerprint the same model's states had before issue 20 (memory tensors named `ttt`)."""
+    return fingerprint(model_id, {legacy_name(k): v for k, v in layout.items()})
 
-    def __init__(self, root: str | Path, fingerprint: str, max_files: int = 100, max_age_s: float = 24 * 3600) -> None:
+
+class StateStore:
+    """Save and take kept conversations; at most `max_files` at once, each for at most `max_age_s`.
+    `legacy_fingerprint`: also take those this model kept before issue 20 (renaming their tensors)."""
+
+    def __init__(self, root: str | Path, fingerprint: str, max_files: int = 100, max_age_s: float = 24 * 3600,
+                 legacy_fingerprint: str | None = None) -> None:
         if max_files < 1 or max_age_s <= 0:
             raise ValueError(f"a state store keeps >= 1 file for > 0 s, got {max_files} files, {max_age_s} s")
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.fingerprint = fingerprint
+        self.legacy_fingerprint = legacy_fingerprint
         self.max_files = max_files
         self.max_age_s = max_age_s
 
@@ -100,8 +111,10 @@ class StateStore:
             raise ProtocolError(Close.POLICY_VIOLATION, "corrupt_state", "the kept conversation is unreadable") from e
         finally:
             claimed.unlink(missing_ok=True)
-        if (meta.get("format"), meta.get("version"), meta.get("fingerprint")) != (
-                STATE_FORMAT, STATE_VERSION, self.fingerprint):
+        known = (meta.get("format"), meta.get("version")) == (STATE_FORMAT, STATE_VERSION)
+        if known and self.legacy_fingerprint is not None and meta.get("fingerprint") == self.legacy_fingerprint:
+            return current_keys(tensors), meta
+        if not known or meta.get("fingerprint") != self.fingerprint:
             raise ProtocolError(Close.POLICY_VIOLATION, "foreign_state",
                                 "this conversation was kept by a different model or server version")
         return tensors, meta

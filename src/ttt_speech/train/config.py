@@ -7,6 +7,7 @@ not silently fall back to a default); `configs/*.yaml` are annotated examples.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing as tp
 from dataclasses import dataclass, field
@@ -19,10 +20,11 @@ from ttt_speech.engine.config import (
     Stage,
     build_config,
     load_yaml_config,
+    rename_keys,
 )
 
 Family = tp.Literal["moshi", "hf"]
-Trainable = tp.Literal["ttt", "lora", "all"]
+Trainable = tp.Literal["memory", "lora", "all", "ttt"]  # "ttt": the old spelling of "memory"
 Branch = tp.Literal["ttt", "gdn", "inplace"]
 Parallel = tp.Literal["auto", "none", "ddp", "fsdp"]
 FAMILIES: tuple[str, ...] = tp.get_args(Family)
@@ -30,11 +32,11 @@ FAMILIES: tuple[str, ...] = tp.get_args(Family)
 
 @dataclass
 class ModelConfig:
-    """Where the model comes from and how it is turned into a TTT hybrid.
+    """Where the model comes from and how it is turned into a hybrid with a memory branch.
 
     Exactly one source: `hybrid` (a directory written by convert-moshi / hf convert: already has its
     TTT layers), `pretrained` (a vanilla model: Moshi checkpoint directory or HF repo id / a
-    transformers directory; converted here with `layers`, `mode`, `ttt`), or `tiny` (a tiny random
+    transformers directory; converted here with `layers`, `mode`, `branch`, `memory`), or `tiny` (a tiny random
     model built in code, for tests and demos). `layers: []` keeps the model without TTT (baselines).
     """
 
@@ -48,7 +50,8 @@ class ModelConfig:
     # ttt | gdn: a Gated DeltaNet branch instead (the linear-memory rival; Moshi only) | inplace: the
     # layers' own MLPs become fast weights (docs/ttt.md)
     branch: Branch = "ttt"
-    ttt: dict[str, tp.Any] = field(default_factory=dict)  # TTTConfig (GatedDeltaNetConfig, InPlaceConfig) overrides
+    # TTTConfig (GatedDeltaNetConfig, InPlaceConfig) overrides; `model.ttt` is its old name (KEY_ALIASES)
+    memory: dict[str, tp.Any] = field(default_factory=dict)
     dtype: str = "auto"  # auto: bfloat16 for frozen weights on CUDA, float32 on CPU
     mimi_config: str | None = None  # Mimi config JSON when the checkpoint's config.json does not name one
 
@@ -56,8 +59,8 @@ class ModelConfig:
         sources = [s for s in ("hybrid", "pretrained", "tiny") if getattr(self, s)]
         if len(sources) != 1:
             raise ValueError(f"model: give exactly one of hybrid / pretrained / tiny, got {sources or 'none'}")
-        if self.hybrid and (self.layers != "all" or self.ttt):
-            raise ValueError("model: a hybrid checkpoint already has its TTT layers; drop layers/ttt")
+        if self.hybrid and (self.layers != "all" or self.memory):
+            raise ValueError("model: a hybrid checkpoint already has its memory layers; drop layers/memory")
         if self.branch == "gdn" and self.family != "moshi":
             raise ValueError("model.branch: gdn (Gated DeltaNet) is implemented for Moshi models only")
 
@@ -152,7 +155,7 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    trainable: Trainable = "ttt"
+    trainable: Trainable = "memory"
     lora: LoraConfig = field(default_factory=LoraConfig)
     batch_size: int = 1  # global: sequences per optimizer step over all processes
     segment_len: int | None = None  # frames per forward/backward (TTT state + attention window carried); None: whole
@@ -168,6 +171,8 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.trainable == "ttt":
+            self.trainable = "memory"
         if self.batch_size < 1:
             raise ValueError(f"train.batch_size must be >= 1, got {self.batch_size}")
         if not self.memory_lr_scale > 0:
@@ -203,10 +208,16 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# Keys written before issue 20 named the memory branch `ttt` whatever its design; they still load.
+KEY_ALIASES = {"model.ttt": "model.memory"}
+
+
 def config_from_dict(d: dict[str, tp.Any]) -> Config:
+    d = copy.deepcopy(d)
+    rename_keys(d, KEY_ALIASES, "config")
     return build_config(Config, d)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """The trainer's config from YAML plus `--set` overrides."""
-    return load_yaml_config(Config, path, overrides)
+    """The trainer's config from YAML plus `--set` overrides (old spellings: `KEY_ALIASES`)."""
+    return load_yaml_config(Config, path, overrides, KEY_ALIASES)

@@ -20,6 +20,7 @@ from ttt_speech.hf import convert
 from ttt_speech.hf.checkpoint import check_llm_dir
 from ttt_speech.hf.section import section_of
 from ttt_speech.hf.segments import layer_segment
+from ttt_speech.names import MEMORY
 from ttt_speech.train.config import ModelConfig
 from ttt_speech.train.model import Batch, LayerCarry, SegmentLM
 
@@ -53,8 +54,8 @@ def load_hf(cfg: ModelConfig, window: int | None, device: torch.device, dtype: t
     n = model.config.num_hidden_layers
     layers = range(n) if cfg.layers == "all" else [i % n for i in tp.cast(list, cfg.layers)]
     mc = model.config
-    ttt = (InPlaceConfig(**({"dim": mc.hidden_size, "hidden": mc.intermediate_size} | cfg.ttt)) if cfg.branch == "inplace"
-           else TTTConfig(**({"dim": mc.hidden_size, "num_heads": mc.num_attention_heads} | cfg.ttt)))
+    ttt = (InPlaceConfig(**({"dim": mc.hidden_size, "hidden": mc.intermediate_size} | cfg.memory)) if cfg.branch == "inplace"
+           else TTTConfig(**({"dim": mc.hidden_size, "num_heads": mc.num_attention_heads} | cfg.memory)))
     torch.manual_seed(cfg.seed)  # the new TTT layers' initialisation
     return convert(model, layers, tp.cast(tp.Any, cfg.mode), ttt,
                    attention_window=window or getattr(model.config, "sliding_window", None) or DEFAULT_WINDOW)
@@ -78,8 +79,8 @@ class HFSegmentLM(SegmentLM):
     def layer_list(self) -> nn.ModuleList:
         return self.model.model.layers
 
-    def ttt_layer_count(self) -> int:
-        return sum(hasattr(layer.self_attn, "ttt") or hasattr(layer.mlp, "ttt") for layer in self.layers())
+    def memory_layer_count(self) -> int:
+        return sum(hasattr(layer.self_attn, MEMORY) or hasattr(layer.mlp, MEMORY) for layer in self.layers())
 
     def prepare(self, codes: Tensor) -> Batch:
         codes = codes.view(codes.shape[0], 1, -1)
@@ -92,7 +93,7 @@ class HFSegmentLM(SegmentLM):
         return self.model.model.embed_tokens(inputs[:, 0])
 
     def layer_forward(self, layer: nn.Module, x: Tensor, carry: LayerCarry, pos: int) -> tuple[Tensor, LayerCarry]:
-        x, kv, memory = layer_segment(self.model, layer, x, carry.kv, carry.ttt, pos, self.window, self.chunk)
+        x, kv, memory = layer_segment(self.model, layer, x, carry.kv, carry.memory, pos, self.window, self.chunk)
         return x, LayerCarry(memory, kv)
 
     def logits(self, x: Tensor, batch: Batch) -> list[Tensor]:

@@ -127,8 +127,8 @@ class Trainer(StagedTrainer):
         p.barrier()
         self.metrics = Metrics(self.run_dir, cfg.log.tensorboard) if p.main else None
         n_train = sum(q.numel() for q in params)
-        log.info("model: %s (%d TTT layers), %.3fM trainable parameters (%s), window %d, %d process(es) [%s], %s",
-                 cfg.model.family, self.seg.ttt_layer_count(), n_train / 1e6, cfg.train.trainable, self.seg.window,
+        log.info("model: %s (%d memory layers), %.3fM trainable parameters (%s), window %d, %d process(es) [%s], %s",
+                 cfg.model.family, self.seg.memory_layer_count(), n_train / 1e6, cfg.train.trainable, self.seg.window,
                  p.world, type(self.model).__name__, p.device)
         log.info("data: %d training documents, %d validation documents", len(train_docs), len(val_docs))
 
@@ -204,7 +204,7 @@ class Trainer(StagedTrainer):
 
     def begin_stage(self, state: TrainState, stage: Stage) -> None:
         segment = stage.segment_len or self.cfg.train.segment_len
-        if stage.seq_len <= self.seg.window and self.seg.ttt_layer_count():
+        if stage.seq_len <= self.seg.window and self.seg.memory_layer_count():
             warnings.warn(f"stage {state.stage}: sequences of {stage.seq_len} steps are no longer than the "
                           f"attention window ({self.seg.window}): attention sees everything, so TTT is never "
                           f"needed and learns nothing about memory; lengthen the stage or set "

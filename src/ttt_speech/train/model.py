@@ -29,13 +29,13 @@ from ttt_speech.layers.state import LayerState
 
 @dataclass
 class LayerCarry:
-    """What one layer hands to the next segment: its TTT state and its last window - 1 keys/values."""
+    """What one layer hands to the next segment: its memory state and its last window - 1 keys/values."""
 
-    ttt: LayerState | None = None  # the TTT (or Gated DeltaNet) branch state carried across segments
+    memory: LayerState | None = None  # the memory branch's state (TTT, Gated DeltaNet, in-place) across segments
     kv: tuple[Tensor, Tensor] | None = None
 
     def detach(self) -> LayerCarry:
-        return LayerCarry(None if self.ttt is None else self.ttt.detach(),
+        return LayerCarry(None if self.memory is None else self.memory.detach(),
                           None if self.kv is None else (self.kv[0].detach(), self.kv[1].detach()))
 
 
@@ -117,7 +117,7 @@ class SegmentLM(nn.Module):
         """One logits tensor per term, [B, rows of the term, T, V]."""
         raise NotImplementedError
 
-    def ttt_layer_count(self) -> int:
+    def memory_layer_count(self) -> int:
         raise NotImplementedError
 
     def export(self, out_dir: str) -> None:

@@ -23,6 +23,7 @@ from ttt_speech.moshi import (TTTLMModel, convert, default_branch_config, load_h
 from ttt_speech.moshi.files import checkpoint_info, save_moshi_checkpoint
 from ttt_speech.moshi.config import infer_moshi_config
 from ttt_speech.moshi.tiny import build_tiny_lm, tiny_lm_config
+from ttt_speech.names import MEMORY
 from ttt_speech.train.config import LossConfig, ModelConfig
 from ttt_speech.train.model import Batch, LayerCarry, SegmentLM
 
@@ -42,7 +43,7 @@ def load_moshi(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> LM
     if cfg.layers == []:
         return lm
     torch.manual_seed(cfg.seed)  # the new TTT layers' initialisation
-    ttt = default_branch_config(lm, tp.cast(tp.Any, cfg.mode), cfg.branch, **cfg.ttt)
+    ttt = default_branch_config(lm, tp.cast(tp.Any, cfg.mode), cfg.branch, **cfg.memory)
     return convert(lm, cfg.layers, tp.cast(tp.Any, cfg.mode), ttt, moshi_config=config)
 
 
@@ -76,8 +77,8 @@ class MoshiSegmentLM(SegmentLM):
     def layer_list(self) -> nn.ModuleList:
         return self.model.transformer.layers
 
-    def ttt_layer_count(self) -> int:
-        return sum(hasattr(layer, "ttt") for layer in self.layers())
+    def memory_layer_count(self) -> int:
+        return sum(hasattr(layer, MEMORY) for layer in self.layers())
 
     def prepare(self, codes: Tensor) -> Batch:
         lm = self.model
@@ -105,7 +106,7 @@ class MoshiSegmentLM(SegmentLM):
         return segments.embed(self.model, inputs, pos)
 
     def layer_forward(self, layer: nn.Module, x: Tensor, carry: LayerCarry, pos: int) -> tuple[Tensor, LayerCarry]:
-        x, kv, memory = segments.layer_segment(layer, x, carry.kv, carry.ttt, pos, self.window, self.chunk)
+        x, kv, memory = segments.layer_segment(layer, x, carry.kv, carry.memory, pos, self.window, self.chunk)
         return x, LayerCarry(memory, kv)
 
     def logits(self, x: Tensor, batch: Batch) -> list[Tensor]:

@@ -1,8 +1,8 @@
-"""What trains: the TTT branches only (default), + LoRA adapters on attention/MLP, or everything.
+"""What trains: the memory branches only (default), + LoRA adapters on attention/MLP, or everything.
 
 TTT fast weights are state (`TTTState`), never parameters; what trains in a TTT layer are its
 projections, step-size net, norms, gate and the initial weights every stream starts from.
-LoRA adapters wrap the sequence layers' own linears (not those inside a TTT branch) and are merged
+LoRA adapters wrap the sequence layers' own linears (not those inside a memory branch) and are merged
 back into plain `nn.Linear`s before an inference checkpoint is written, so the checkpoint loads
 with the integrations' ordinary loaders.
 """
@@ -14,6 +14,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ttt_speech.names import MEMORY, is_memory
 from ttt_speech.train.config import LoraConfig, Trainable
 
 
@@ -41,10 +42,10 @@ class LoRALinear(nn.Module):
 
 
 def _children(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
-    """(parent, name, child) for every module under `module`, not descending into TTT branches."""
+    """(parent, name, child) for every module under `module`, not descending into memory branches."""
     out = []
     for name, child in module.named_children():
-        if name == "ttt":
+        if name == MEMORY:
             continue
         out.append((module, name, child))
         out += _children(child)
@@ -52,7 +53,7 @@ def _children(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
 
 
 def add_lora(layers: list[nn.Module], cfg: LoraConfig) -> int:
-    """Wrap every nn.Linear of the given sequence layers (outside their TTT branch); returns how many."""
+    """Wrap every nn.Linear of the given sequence layers (outside their memory branch); returns how many."""
     found = [(p, n, c) for layer in layers for p, n, c in _children(layer) if type(c) is nn.Linear]
     for parent, name, child in found:
         setattr(parent, name, LoRALinear(child, cfg.rank, cfg.scaling))
@@ -67,13 +68,8 @@ def merge_lora(model: nn.Module) -> int:
     return len(found)
 
 
-def is_memory(name: str) -> bool:
-    """Whether the parameter `name` belongs to a memory branch (TTT, Gated DeltaNet or in-place)."""
-    return ".ttt." in f".{name}"
-
-
 def is_trainable(name: str, what: Trainable) -> bool:
-    """Whether the parameter `name` trains under `what` ("ttt" | "lora" | "all")."""
+    """Whether the parameter `name` trains under `what` ("memory" | "lora" | "all")."""
     if what == "all" or is_memory(name):
         return True
     return what == "lora" and (".lora_a." in name or ".lora_b." in name)
@@ -88,5 +84,5 @@ def set_trainable(model: nn.Module, what: Trainable) -> list[str]:
             p.data = p.data.float()
             names.append(name)
     if not names:
-        raise ValueError(f"trainable={what!r} selects no parameter (a model without TTT layers needs 'lora' or 'all')")
+        raise ValueError(f"trainable={what!r} selects no parameter (a model without memory layers needs 'lora' or 'all')")
     return names
