@@ -79,8 +79,12 @@ def test_copy_and_control_differ_only_at_the_source() -> None:
         assert torch.equal(copied[i, :, 20:], original[:, 20:])
         assert torch.equal(control[i, :, 4:10], seqs[0].tokens[:, lo + L:lo + L + 6])  # never seen before
         assert torch.equal(control[i, :, 10:], copied[i, :, 10:]) and torch.equal(control[i, :, :4], copied[i, :, :4])
-    with pytest.raises(ValueError, match="needs"):
-        memory_probe.copy_and_control(seqs, gap=30, span=6, context=4)
+    with pytest.raises(ValueError, match="a, the longest held-out sequence: 80 frames; gap 30 needs 86"):
+        memory_probe.copy_and_control(seqs, gap=30, span=6, context=4)  # 2 excerpts of 40 + a stand-in span
+    longer = Sequence("b", torch.arange(3 * 100).view(3, 100))
+    copied, _ = memory_probe.copy_and_control([*seqs, longer], gap=30, span=6, context=4)
+    assert copied.shape == (2, 3, 40)  # only the sequence long enough for this gap
+    assert torch.equal(copied[0, :, :34], longer.tokens[:, :34]) and torch.equal(copied[1, :, :4], longer.tokens[:, 40:44])
     with pytest.raises(ValueError, match="overlap"):
         memory_probe.copy_and_control(seqs, gap=4, span=6, context=4)
 

@@ -22,8 +22,9 @@ The per-frame loss is what the design's write minimises:
 percentile bootstrap over excerpts (copy and control resampled in pairs). Per gap there is a row per
 memory layer and one for their mean (each layer's change weighted equally). Gaps are frames
 (`--gaps`) or multiples of the model's attention window (`--gaps-windows 1,4,10,40`). Each excerpt
-is rounded up to whole mini-batches (only those are replayed); the first mini-batch (chunk) of each
-span is left out (it holds the splice). Linear TTT inner models only.
+is rounded up to whole mini-batches (only those are replayed); the first mini-batch (TTT) or chunk
+(in-place) of each span is left out, as it holds the splice (at most half the span; one frame for
+Gated DeltaNet, which writes every frame). Linear TTT inner models only.
 
 A Moshi model runs its temporal transformer segment by segment (the training path, which equals
 streaming frame by frame; the depformer is not needed), on the CPU or the GPU alike (the chunked
@@ -54,7 +55,7 @@ from ttt_speech.layers.gated_deltanet import GatedDeltaNetLayer
 from ttt_speech.layers.inplace import InPlaceLayer
 from ttt_speech.layers.ttt import TTTLayer
 from ttt_speech.ops.gated_deltanet.reference import l2_normalize
-from ttt_speech.ops.inplace import inplace_parallel
+from ttt_speech.ops.inplace import inplace_chunked
 from ttt_speech.ops.ttt.reference import inner_forward, layer_norm, ttt_chunked
 
 # id(layer) -> per call: TTT [k, v, a, c], each [B, H, t, D] / [B, H, t]; GDN [k, v, g, beta], the same;
@@ -132,11 +133,12 @@ def replay_delta_losses(layer: GatedDeltaNetLayer, calls: Calls) -> tuple[Tensor
 
 def replay_read_errors(layer: InPlaceLayer, calls: Calls) -> Tensor:
     """Each frame's read error 1 - cos(Delta_{c(t)} k_t, v_t) [B, T] for an in-place layer: its recorded pairs
-    written chunk by chunk from a zero delta (`ops.inplace.parallel` with the keys as queries)."""
+    written chunk by chunk from a zero delta (`ops.inplace.reference` with the keys as queries: O(T) where the
+    attention form is O(T^2))."""
     k, v = _recorded(layer, calls, 1)
     (B, _, Fh), D, C = k.shape, v.shape[-1], layer.config.chunk
-    read, *_ = inplace_parallel(k, k, v, k.new_zeros(B, D, Fh), k.new_zeros(B, C, Fh), v.new_zeros(B, C, D),
-                                torch.zeros(B, dtype=torch.long, device=k.device), C)
+    read, *_ = inplace_chunked(k, k, v, k.new_zeros(B, D, Fh), k.new_zeros(B, C, Fh), v.new_zeros(B, C, D),
+                               torch.zeros(B, dtype=torch.long, device=k.device), C)
     return 1 - F.cosine_similarity(read, v, dim=-1)  # a zero read (nothing written yet) has cosine 0
 
 
@@ -172,18 +174,22 @@ def design_name(layers: list[MemoryLayer]) -> str:
 def copy_and_control(sequences: list[Sequence], gap: int, span: int, context: int,
                      mini_batch: int = 1, per_sequence: int = 2) -> tuple[Tensor, Tensor]:
     """([N, rows, L] excerpts with the span at `context` copied `gap` later; the same with that source
-    replaced by the `span` frames after the excerpt), `per_sequence` excerpts per sequence. L is context +
-    gap + span rounded up to whole mini-batches (only those are replayed), the copy followed by the original."""
+    replaced by the `span` frames after the excerpt), `per_sequence` excerpts from each sequence long enough
+    for them (the others are left out at this gap). L is context + gap + span rounded up to whole
+    mini-batches (only those are replayed), the copy followed by the original."""
     if gap < span:
         raise UsageError(f"gap {gap} < span {span}: the copy would overlap its source")
     L = -(-(context + gap + span) // mini_batch) * mini_batch
+    need = per_sequence * L + span
+    long_enough = [seq for seq in sequences if seq.length >= need]
+    if not long_enough:
+        longest = max(sequences, key=lambda seq: seq.length)
+        raise UsageError(f"{longest.name}, the longest held-out sequence: {longest.length} frames; gap {gap} needs "
+                         f"{need} ({per_sequence} excerpts of context {context} + gap + span {span}, and a stand-in "
+                         "span): give shorter gaps, fewer --excerpts or longer held-out sequences")
     src, dst = context, context + gap
     copied, control = [], []
-    for seq in sequences:
-        if seq.length < per_sequence * L + span:
-            raise UsageError(f"{seq.name}: {seq.length} frames; gap {gap} needs {per_sequence * L + span} "
-                             f"({per_sequence} excerpts of context {context} + gap + span {span}, and a stand-in "
-                             "span): give shorter gaps, fewer --excerpts or longer held-out sequences")
+    for seq in long_enough:
         for lo in range(0, per_sequence * L, L):
             x = seq.tokens[:, lo:lo + L].clone()
             x[:, dst:dst + span] = x[:, src:src + span]
@@ -251,7 +257,8 @@ def probe(scorer: Scorer, sequences: list[Sequence], gaps: list[int], span: int 
         raise UsageError(f"{scorer.name}: no TTT, Gated DeltaNet or in-place layers")
     design, window = design_name(layers), scorer.attention_window
     K = write_period(layers[0])
-    first = slice(context + K, context + span)  # the source span, past its first mini-batch
+    skip = min(K, span // 2)  # the splice: the span's first mini-batch, or half of a span shorter than two
+    first = slice(context + skip, context + span)
     rows = []
     for gap in gaps:
         again = slice(first.start + gap, first.stop + gap)
