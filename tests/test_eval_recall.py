@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from ttt_speech.eval.recall import RecallModel, RecallTask, evaluate, train
+from ttt_speech.eval.recall import RecallModel, RecallTask, compare, evaluate, train
 
 
 def test_stream_asks_each_shown_pair_once_in_a_new_order():
@@ -37,3 +37,24 @@ def test_inplace_memory_trained_by_the_outer_loss_stores(one_thread):
 def test_unknown_design_is_named():
     with pytest.raises(ValueError, match=r"design must be one of .*got 'lstm'"):
         RecallModel("lstm", 80)
+
+
+def test_window_attention_reaches_exactly_its_window():
+    """Frame t's attention output moves when frame t - W + 1 changes and not when frame t - W does."""
+    from ttt_speech.eval.recall import WindowAttention
+
+    torch.manual_seed(0)
+    attn = WindowAttention(8, window=4)
+    x = torch.randn(1, 12, 8)
+    base = attn(x)[0, 9]
+    inside, outside = x.clone(), x.clone()
+    inside[0, 6] += 1.0
+    outside[0, 5] += 1.0
+    assert not torch.allclose(attn(inside)[0, 9], base) and torch.equal(attn(outside)[0, 9], base)
+
+
+def test_compare_reports_the_training_curve(one_thread):
+    rows, curve = compare(("inplace",), (32,), RecallTask(pairs=2), curve_gap=32, every=5, steps=10, window=4)
+    assert [(r["design"], r["gap"]) for r in rows] == [("inplace", 32)]
+    assert [(c["step"], c["gap"]) for c in curve] == [(5, 32), (10, 32)]
+    assert all(c["low_pct"] <= c["change_pct"] <= c["high_pct"] for c in rows + curve)

@@ -3,29 +3,36 @@
 Does a memory branch *store*? Each sequence shows P random pairs ``k_1 v_1 ... k_P v_P``, then G
 filler frames, then asks every key again in a new order (``k_i`` followed by ``v_i``). At the first
 showing the value cannot be predicted (chance: 1 / n_values); at the query it can, but only from
-what the memory kept: the model sees the current frame and the one before it (the stand-in for an
-attention window far shorter than the gap) and has no other path to frames G back.
+what the model still reaches: the current frame and the one before it, plus (with `window` W > 0)
+one attention head over the last W frames, the stand-in for a speech LM's attention window. The
+query block starts 2P + G frames after the shown block (every pair's mean distance), so with a
+window, gaps below about W are recalled by attention and gaps far beyond it by the memory only.
 
-The models are one residual block over those two frames: ``x_t = E[tok_t] + E'[tok_{t-1}]``,
-``h = x + MLP(n) + memory(n)`` with ``n = RMSNorm(x)``, logits ``= head(RMSNorm(h))``. For the
-in-place design the memory *is* the MLP (`InPlaceLayer` around the same gated MLP). Everything is
-trained from scratch by the outer loss (cross-entropy of the values), with new pairs
+The models are one residual block: ``x_t = E[tok_t] + E'[tok_{t-1}]``,
+``h = x + attention_W(n) + MLP(n) + memory(n)`` with ``n = RMSNorm(x)``, logits ``= head(RMSNorm(h))``.
+For the in-place design the memory *is* the MLP (`InPlaceLayer` around the same gated MLP).
+Everything is trained from scratch by the outer loss (cross-entropy of the values), with new pairs
 in every sequence, so nothing can be memorised in the slow weights.
 
 `compare` trains each design and reports, per gap, the query loss against the first-showing loss
-(the "copy vs never seen" change of `probe-memory`) and the query accuracy.
+(the "copy vs never seen" change of `probe-memory`, with a bootstrap 95 % interval over sequences),
+the query accuracy, and optionally the change at one gap every few steps (is it still improving?).
 """
 
 from __future__ import annotations
 
 import time
+import typing as tp
 from dataclasses import dataclass
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ttt_speech.config import GatedDeltaNetConfig, InPlaceConfig, TTTConfig
+from ttt_speech.eval.copies import ratio_interval
 from ttt_speech.layers.inplace import fresh_mlp
 
 DESIGNS = ("none", "ttt", "ttt-next", "gdn", "inplace")
@@ -58,14 +65,32 @@ class RecallTask:
         return torch.cat([shown, filler, asked], 1), first, query
 
 
-class RecallModel(nn.Module):
-    """One residual block over the current and previous frame, with one memory design beside (or in) its MLP."""
+class WindowAttention(nn.Module):
+    """One causal attention head over the last `window` frames (the frame itself included), no positions: the
+    current frame's key finds the frame whose previous token it is and reads that frame's value."""
 
-    def __init__(self, design: str, vocab: int, dim: int = 64, hidden: int = 128, chunk: int = 8) -> None:
+    def __init__(self, dim: int, window: int) -> None:
+        super().__init__()
+        self.window = window
+        self.qkv, self.out = nn.Linear(dim, 3 * dim, bias=False), nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        i = torch.arange(x.shape[1], device=x.device)
+        seen = (i[None] <= i[:, None]) & (i[None] > i[:, None] - self.window)
+        return self.out(F.scaled_dot_product_attention(*self.qkv(x).chunk(3, -1), attn_mask=seen))
+
+
+class RecallModel(nn.Module):
+    """One residual block over the current and previous frame (and, with `window` > 0, an attention head over the
+    last `window` frames), with one memory design beside (or in) its MLP."""
+
+    def __init__(self, design: str, vocab: int, dim: int = 64, hidden: int = 128, chunk: int = 8,
+                 window: int = 0) -> None:
         super().__init__()
         if design not in DESIGNS:
             raise ValueError(f"design must be one of {DESIGNS}, got {design!r}")
         self.design = design
+        self.attn = WindowAttention(dim, window) if window else None
         self.emb, self.emb_prev = nn.Embedding(vocab, dim), nn.Embedding(vocab, dim)
         self.norm, self.head_norm = nn.RMSNorm(dim), nn.RMSNorm(dim)
         mlp = fresh_mlp(dim, hidden, dim**-0.5)
@@ -88,6 +113,8 @@ class RecallModel(nn.Module):
         y = self.mlp(n)[0] if self.design == "inplace" else self.mlp(n)
         if self.memory is not None:
             y = y + self.memory(n)[0]
+        if self.attn is not None:
+            y = y + self.attn(n)
         return self.head(self.head_norm(x + y))
 
 
@@ -104,15 +131,19 @@ def value_losses(model: RecallModel, tokens: Tensor, first: Tensor, query: Tenso
     return l_first, l_query, hit.float()
 
 
+Watch = tp.Callable[[int, RecallModel], None]
+
+
 def train(design: str, task: RecallTask, steps: int = 300, batch: int = 32, gaps: tuple[int, int] = (8, 48),
-          lr: float = 3e-3, seed: int = 0) -> RecallModel:
+          lr: float = 3e-3, seed: int = 0, window: int = 0, watch: Watch | None = None,
+          every: int = 0) -> RecallModel:
     """Train on the value losses (first showing: learns chance; query: learns to recall), a new gap in
-    [gaps] each step."""
+    [gaps] each step; `watch(step, model)` every `every` steps."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    model = RecallModel(design, task.vocab)
+    model = RecallModel(design, task.vocab, window=window)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         gap = int(torch.randint(gaps[0], gaps[1] + 1, (1,), generator=g))
         tokens, first, query = task.sample(batch, gap, g)
         l_first, l_query, _ = value_losses(model, tokens, first, query)
@@ -120,27 +151,39 @@ def train(design: str, task: RecallTask, steps: int = 300, batch: int = 32, gaps
         (l_first.mean() + l_query.mean()).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if watch is not None and every and step % every == 0:
+            watch(step, model)
+            model.train()
     return model
 
 
 @torch.no_grad()
 def evaluate(model: RecallModel, task: RecallTask, gap: int, batch: int = 256, seed: int = 1) -> dict[str, float]:
-    """Query vs first-showing loss (change in %, < 0: stored) and query accuracy, on new sequences."""
+    """Query vs first-showing loss (change in %, < 0: stored; its bootstrap 95 % interval over sequences) and
+    query accuracy, on new sequences."""
     tokens, first, query = task.sample(batch, gap, torch.Generator().manual_seed(seed))
     l_first, l_query, hit = value_losses(model.eval(), tokens, first, query)
-    change = (l_query.mean() / l_first.mean() - 1) * 100
+    ones = np.ones(batch)
+    change, low, high = (100 * (x - 1) for x in tp.cast(tuple[float, float, float], ratio_interval(
+        l_query.sum(1).double().numpy(), ones, l_first.sum(1).double().numpy(), ones)))
     return {"gap": gap, "loss_first": float(l_first.mean()), "loss_query": float(l_query.mean()),
-            "change_pct": float(change), "accuracy": float(hit.mean())}
+            "change_pct": change, "low_pct": low, "high_pct": high, "accuracy": float(hit.mean())}
 
 
 def compare(designs: tuple[str, ...] = DESIGNS, eval_gaps: tuple[int, ...] = (16, 64, 160, 640),
-            task: RecallTask | None = None, **train_kw) -> list[dict[str, float | str]]:
-    """Train every design on the same stream and seed; one row per (design, gap)."""
+            task: RecallTask | None = None, curve_gap: int | None = None, every: int = 0,
+            **train_kw: tp.Any) -> tuple[list[dict[str, tp.Any]], list[dict[str, tp.Any]]]:
+    """Train every design on the same stream and seed: one row per (design, gap) after training, and one per
+    (design, step) at `curve_gap` every `every` steps (the training curve)."""
     task = task or RecallTask()
-    rows: list[dict[str, float | str]] = []
+    rows: list[dict[str, tp.Any]] = []
+    curve: list[dict[str, tp.Any]] = []
     for design in designs:
+        def watch(step: int, model: RecallModel) -> None:
+            curve.append({"design": design, "step": step, **evaluate(model, task, tp.cast(int, curve_gap))})
+
         start = time.perf_counter()
-        model = train(design, task, **train_kw)
+        model = train(design, task, watch=watch if curve_gap is not None else None, every=every, **train_kw)
         seconds = time.perf_counter() - start
         rows += [{"design": design, "train_s": round(seconds, 1), **evaluate(model, task, gap)} for gap in eval_gaps]
-    return rows
+    return rows, curve
