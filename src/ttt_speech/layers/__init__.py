@@ -1,4 +1,5 @@
-"""nn.Modules and their explicit streaming state."""
+"""nn.Modules and their explicit streaming state. Importing any of its modules imports them all, so every config in
+`layers/config.py` finds the layer it builds."""
 
 from ttt_speech.layers.gated_deltanet import GatedDeltaNetLayer, GatedDeltaNetState
 from ttt_speech.layers.inplace import InPlaceLayer, InPlaceState

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ttt_speech.config import GatedDeltaNetConfig
+from ttt_speech.layers.config import GatedDeltaNetConfig, builds
 from ttt_speech.layers.state import LayerState, Spec
 from ttt_speech.layers.ttt import StreamingLayer, causal_depthwise_conv, check_input
 from ttt_speech.ops.gated_deltanet import gated_delta_chunked, gated_delta_step_
@@ -53,6 +53,7 @@ def _mamba2_decay_init(H: int, dt_min: float = 1e-3, dt_max: float = 0.1, floor:
     return A_log, dt + torch.log(-torch.expm1(-dt))
 
 
+@builds(GatedDeltaNetConfig)
 class GatedDeltaNetLayer(StreamingLayer):
     """Gated DeltaNet sequence layer with TTTLayer's interface (forward / step / init_state / reset_state)."""
 

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ttt_speech.config import InPlaceConfig
+from ttt_speech.layers.config import InPlaceConfig, builds
 from ttt_speech.layers.state import LayerState, Spec
 from ttt_speech.layers.ttt import StreamingLayer, causal_depthwise_conv, check_input
 from ttt_speech.ops.inplace import inplace_chunked, inplace_parallel, inplace_step_
@@ -127,6 +127,7 @@ class InPlaceState(LayerState):
         return spec
 
 
+@builds(InPlaceConfig)
 class InPlaceLayer(StreamingLayer):
     """A gated MLP with in-place fast weights: x [B, T, dim] -> y [B, T, dim] with an explicit `InPlaceState`.
 

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ttt_speech.config import TTTConfig
+from ttt_speech.layers.config import TTTConfig
 
 STATE_FORMAT = "ttt-speech/state"
 STATE_VERSION = 1

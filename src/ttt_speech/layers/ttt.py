@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ttt_speech.config import TTTConfig
+from ttt_speech.layers.config import TTTConfig, builds
 from ttt_speech.layers.state import TTTState, inner_shapes
 from ttt_speech.ops.ttt.fla import fla_available, ttt_linear_fla
 from ttt_speech.ops.ttt.reference import ttt_chunked
@@ -151,6 +151,7 @@ class StreamingLayer(nn.Module):
         return (y[:, 0] if squeeze else y), state
 
 
+@builds(TTTConfig)
 class TTTLayer(StreamingLayer):
     """TTT sequence layer. Projections may be supplied (e.g. an attention's) instead of created.
 
