@@ -54,7 +54,7 @@ run_dir: $R/long
 model: {family: moshi, pretrained: $R/moshi_medium, layers: all, ttt: {variant: fla, mini_batch: 16}}
 data: {train: [$R/long_0.npy, $R/long_1.npy, $R/long_2.npy, $R/long_3.npy]}
 train: {batch_size: 2, segment_len: 16384, attention_window: 750, grad_checkpointing: true, parallel: fsdp,
-        trainable: ttt}
+        trainable: memory}
 stages:
   - {seq_len: 8192, steps: 3, lr: 1.0e-4}
   - {seq_len: 16384, steps: 3, lr: 1.0e-4}
