@@ -23,14 +23,15 @@ BRANCHES = {"b": ("inplace", {"chunk": 8, "target_init_std": 0.5, "base_lr": 30.
 
 
 def arm_exports(root: Path) -> Path:
-    """root/arm_{d,b,a,c}/export as the trainer exports them, from one tiny Moshi (attention window 8)."""
+    """root/arm_{b,a,c}/export as the trainer exports them and arm_d's plain model in root/arm_d itself (as
+    carried back from the device), from one tiny Moshi (attention window 8)."""
     from ttt_speech.moshi import convert
     from ttt_speech.moshi.config import infer_moshi_config
     from ttt_speech.moshi.convert import default_branch_config
     from ttt_speech.moshi.files import save_moshi_checkpoint
     from ttt_speech.moshi.tiny import build_tiny_lm
 
-    save_moshi_checkpoint(build_tiny_lm(0), infer_moshi_config(build_tiny_lm(0)), root / "arm_d" / "export")
+    save_moshi_checkpoint(build_tiny_lm(0), infer_moshi_config(build_tiny_lm(0)), root / "arm_d")  # carried alone
     for arm, (branch, overrides) in BRANCHES.items():
         lm = build_tiny_lm(0)
         torch.manual_seed(0)
@@ -72,5 +73,5 @@ def test_probe_arms_writes_one_table_for_every_arm(tmp_path) -> None:
 def test_probe_arms_names_a_directory_without_arms(tmp_path) -> None:
     env = os.environ | {"ARMS": str(tmp_path), "VAL": str(tmp_path), "PYTHON": sys.executable}
     done = subprocess.run(["bash", str(RECIPE)], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 2 and done.stderr.strip().endswith("no arm_d, arm_b, arm_a or arm_c with an export/ "
-                                                                 "directory"), done.stderr
+    assert done.returncode == 2 and done.stderr.strip().endswith(
+        "no arm_d, arm_b, arm_a or arm_c with an export/ directory (or a config.json of its own)"), done.stderr

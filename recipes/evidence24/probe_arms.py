@@ -5,7 +5,8 @@ window, one table. recipes/evidence24/probe_arms.sh runs it with the section-7 s
         [--context 64] [--excerpts 1] [--max-sequences N] [--device cpu] [--threads N]
 
 ARMS_DIR holds any of arm_d, arm_b, arm_a, arm_c, each with export/ (what export_last.py writes: a Moshi
-hybrid directory; arm_d's plain model has no memory to probe and gets a row saying so). VAL_DIR: the
+hybrid directory) or being such a directory itself; arm_d's plain model has no memory to probe and gets
+a row saying so. VAL_DIR: the
 held-out tokens. Writes OUT_DIR/probe_arms.md (the table: per arm and gap the mean over memory layers of
 "copy vs never seen" with its bootstrap 95 % interval, and the layer that keeps most), probe_arms.json
 (every row of every layer) and probe_arms.png (change vs gap per arm). Issue 23's bar: a design that
@@ -29,6 +30,15 @@ from ttt_speech.threads import add_threads_argument, use_cpu_threads
 
 ARMS = {"d": "no memory", "b": "in-place", "a": "TTT-Linear", "c": "Gated DeltaNet"}
 BAR = -0.20  # issue 23: a design that stores keeps >= 20 % at 10x the window
+
+
+def export_of(arm: Path) -> Path | None:
+    """An arm's model directory: its export/ (a trainer run directory), or the arm directory itself when it
+    holds the model (config.json: an export carried back on its own)."""
+    for path in (arm / "export", arm):
+        if (path / "config.json").is_file():
+            return path
+    return None
 
 
 def cell(rows: list[ProbeRow]) -> str:
@@ -72,9 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     add_threads_argument(p)
     args = p.parse_args(argv)
     try:
-        found = {f"arm_{a}": args.arms / f"arm_{a}" / "export" for a in ARMS if (args.arms / f"arm_{a}" / "export").is_dir()}
+        found = {f"arm_{a}": path for a in ARMS if (path := export_of(args.arms / f"arm_{a}")) is not None}
         if not found:
-            raise UsageError(f"{args.arms}: no arm_d, arm_b, arm_a or arm_c with an export/ directory")
+            raise UsageError(f"{args.arms}: no arm_d, arm_b, arm_a or arm_c with an export/ directory (or a "
+                             "config.json of its own)")
         use_cpu_threads(args.threads)
         sequences = load_sequences(args.val, args.max_sequences)
         results: dict[str, list[ProbeRow] | None] = {}
