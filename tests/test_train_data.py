@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 from pathlib import Path
@@ -256,6 +258,25 @@ def test_a_copied_span_repeats_all_streams_between_min_and_max_gap_later_without
         assert dst - src >= cfg.min_gap and src + n <= dst and dst + n <= real, (seed, span, real)
         assert cfg.max_gap is None or dst - src <= cfg.max_gap, (seed, span)
         assert np.array_equal(after[:, dst:dst + n], before[:, src:src + n])
+
+
+def test_a_shuffled_source_holds_the_same_frames_reordered_and_its_copy_repeats_it() -> None:
+    base = RepeatConfig(1.0, min_gap=16, min_len=16, max_len=32, max_gap=60)
+    shuffled = dataclasses.replace(base, source="shuffled")
+    for seed in range(50):
+        before = random_tokens(np.random.default_rng(seed), 120, 120)
+        plain, after = (copy_span(before, np.random.default_rng([seed, 1]), c) for c in (base, shuffled))
+        src, dst, n = copied_span(before, plain)  # same draws: the same place, length and gap as without
+        changed = np.flatnonzero((before != after).any(axis=0))
+        assert src <= changed[0] and changed[-1] < dst + n and src + n <= dst
+        assert np.array_equal(after[:, dst:dst + n], after[:, src:src + n])  # the copy repeats what is there now
+        frames = lambda a: sorted(map(tuple, a.T.tolist()))  # noqa: E731
+        assert frames(after[:, src:src + n]) == frames(before[:, src:src + n])  # the source's own frames, reordered
+        assert not np.array_equal(after[:, src:src + n], before[:, src:src + n])
+        assert np.array_equal(np.delete(after, np.r_[src:src + n, dst:dst + n], 1),
+                              np.delete(before, np.r_[src:src + n, dst:dst + n], 1))
+    with pytest.raises(ValueError, match="data.repeat.source"):
+        RepeatConfig(1.0, 16, 16, 32, source="random")
 
 
 def test_too_short_sequences_and_their_padding_are_left_unchanged() -> None:

@@ -7,42 +7,52 @@
 # 16-60 frames after their source (inside the 64-frame window), odd blocks FAR frames after (beyond it).
 # Carried: .exp24/whl (moshi), .whl/f*.whl (FLA), .exp24/arms/pack.tar.xz (35 h of the training split +
 # held out, int16) and .exp24/arms/base (the base, bf16, without its codec: the shipped one).
+# An arm's first letter picks its branch; arms named in SHUFFLED copy shuffled spans (data.repeat.source);
+# FROM=dir continues arm_<letter>/export there (a hybrid) instead of converting the base.
 # Runs (docs/results.md section 7): first look  DEADLINE=240 PROBES=30 (defaults otherwise);
 #   long run  call 1: ARMS="d b c" LR=3e-4 MEMLR=10 DEADLINE=530 PHASE=train GPUTESTS=1,
-#             call 2: the same with DEADLINE=<rest> PHASE=all PROBES=30 GAPS=32,96,160,320,640,1280
+#             call 2: the same with DEADLINE=340 PHASE=all PROBES=30 GAPS=32,96,160,320,640,1280
+#   shuffled  ARMS="b bs" SHUFFLED=bs FROM=.exp24/cont LR=3e-4 MEMLR=10 WARMUP=0.001 (the long run's B, continued)
 set -uo pipefail
-X=$PWD/recipes/evidence24 B=$PWD/.exp24 W=/tmp/w
+X=$PWD/recipes/evidence24 B=$PWD/.exp24 W=${W:-/tmp/w}
 ARMS=${ARMS:-d b a} DEADLINE=${DEADLINE:-240} LR=${LR:-5.0e-4} MEMLR=${MEMLR:-1} PHASE=${PHASE:-all}
 COPIES=${COPIES:-2} FAR=${FAR:-96, 700} SEQ=${SEQ:-1536} GAPS=${GAPS:-32,96,160,320,640}
+SHUFFLED=${SHUFFLED:-} FROM=${FROM:-} WARMUP=${WARMUP:-0.005}
 S0=$SECONDS; t() { echo "[t=$((SECONDS - S0))s] $*"; }
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $B/whl/*.whl .whl/f*.whl 2>/dev/null || exit 1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $B/whl/*.whl $(ls .whl/f*.whl 2>/dev/null) || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src NO_TORCH_COMPILE=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
 # the base's codec is the shipped one (byte for byte): not carried twice
-cp src/ttt_speech/assets/small_moshi/mimi.safetensors src/ttt_speech/assets/small_moshi/mimi_config.json $B/arms/base/
+for d in $B/arms/base ${FROM:+$FROM/arm_*/export}; do
+  [ -d $d ] && cp src/ttt_speech/assets/small_moshi/mimi.safetensors src/ttt_speech/assets/small_moshi/mimi_config.json $d/
+done
 [ -d $W/tok ] || { mkdir -p $W && tar xJf $B/arms/pack.tar.xz -C $W && python3 $X/tok24.py unpack $W/pack $W/tok || exit 1; }
 t data ready
 if [ "${GPUTESTS:-0}" = 1 ]; then  # sphn is not carried: its three serve/codec test modules fail to collect
   (python3 -m pytest -m gpu tests -p no:cacheprovider -o addopts= -rfE --continue-on-collection-errors \
     > $OUT/gpu_tests.log 2>&1; echo "rc=$?" >> $OUT/gpu_tests.log) &
 fi
-REPEAT="{prob: 1.0, min_gap: 16, max_gap: 60, min_len: 16, max_len: 48, copies: $COPIES, far_gap: [$FAR]}"
-STAGES="[{seq_len: $SEQ, steps: 20000, lr: $LR, warmup: 0.005, min_lr_ratio: 1.0}]"
-extra() {
-  case $1 in
+STAGES="[{seq_len: $SEQ, steps: 20000, lr: $LR, warmup: $WARMUP, min_lr_ratio: 1.0}]"
+extra() {  # one argument per line
+  local source=speech
+  [[ " $SHUFFLED " == *" $1 "* ]] && source=shuffled
+  printf -- '--set\n%s\n' "data.repeat={prob: 1.0, min_gap: 16, max_gap: 60, min_len: 16, max_len: 48, copies: $COPIES, far_gap: [$FAR], source: $source}"
+  if [ -n "$FROM" ]; then printf -- '--set\n%s\n' model.pretrained=null model.layers=all model.hybrid=$FROM/arm_${1:0:1}/export; return; fi
+  printf -- '--set\n%s\n' model.pretrained=$B/arms/base
+  case ${1:0:1} in
     d) ;;
-    b) echo --set model.layers=all --set model.branch=inplace ;;
-    a) echo --set model.layers=all --set model.ttt.variant=ttt-lm --set model.ttt.gate_init=0.1 --set model.ttt.use_rope=false ;;
-    c) echo --set model.layers=all --set model.branch=gdn --set model.ttt.gate_init=0.1 ;;
+    b) printf -- '--set\n%s\n' model.layers=all model.branch=inplace ;;
+    a) printf -- '--set\n%s\n' model.layers=all model.memory.variant=ttt-lm model.memory.gate_init=0.1 model.memory.use_rope=false ;;
+    c) printf -- '--set\n%s\n' model.layers=all model.branch=gdn model.memory.gate_init=0.1 ;;
   esac
 }
 PIDS=()
 for arm in $ARMS; do
+  mapfile -t EXTRA < <(extra $arm)
   timeout -s TERM $DEADLINE python3 -m ttt_speech.train $X/arms.yaml --run-dir $W/arm_$arm \
-    --set model.pretrained=$B/arms/base --set "data.train=[$W/tok/train]" --set "data.eval=[$W/tok/val]" \
+    --set "data.train=[$W/tok/train]" --set "data.eval=[$W/tok/val]" \
     --set train.batch_size=${BATCH:-64} --set train.segment_len=1536 --set train.memory_lr_scale=$MEMLR \
-    --set "data.repeat=$REPEAT" --set "stages=$STAGES" \
-    --set checkpoint.every=100 --set log.every=25 --set log.eval_every=0 --set log.progress=false $(extra $arm) \
-    >> $W/arm_$arm.log 2>&1 &
+    --set "stages=$STAGES" --set checkpoint.every=100 --set log.every=25 --set log.eval_every=0 \
+    --set log.progress=false "${EXTRA[@]}" >> $W/arm_$arm.log 2>&1 &
   PIDS+=($!)
 done
 wait "${PIDS[@]}"; t trained

@@ -78,6 +78,10 @@ class RepeatConfig:
     another's source (one span per sequence starves induction of signal, issue 24). `far_gap`
     [lo, hi] (with copies > 1): every second block draws its distance from lo..hi instead, so half
     the copies lie beyond the window and half inside, in one data order for every arm (issue 24).
+    `source: shuffled` puts the source span's frames in a random order first (both occurrences then
+    hold the same shuffled frames): after many epochs of a small corpus the weights recite a copied
+    stretch of speech, so nothing rewards looking back; a shuffled span exists only in this sequence,
+    and only attention (inside the window) or a memory (beyond it) predicts its copy.
     """
 
     prob: float
@@ -87,8 +91,11 @@ class RepeatConfig:
     max_gap: int | None = None
     copies: int = 1
     far_gap: list[int] | None = None
+    source: tp.Literal["speech", "shuffled"] = "speech"
 
     def __post_init__(self) -> None:
+        if self.source not in ("speech", "shuffled"):
+            raise ValueError(f"data.repeat.source must be speech or shuffled, got {self.source!r}")
         if not 0.0 <= self.prob <= 1.0:
             raise ValueError(f"data.repeat.prob must be in [0, 1], got {self.prob}")
         if self.min_gap < 1:

@@ -252,7 +252,10 @@ def copy_span(tokens: np.ndarray, rng: np.random.Generator, cfg: RepeatConfig) -
     last = length - n if cfg.max_gap is None else min(length - n, src + cfg.max_gap)
     dst = int(rng.integers(src + gap, last + 1))
     out = tokens.copy()
-    out[:, dst:dst + n] = tokens[:, src:src + n]
+    span = tokens[:, src:src + n]
+    if cfg.source == "shuffled":
+        span = out[:, src:src + n] = span[:, rng.permutation(n)]
+    out[:, dst:dst + n] = span
     return out
 
 
