@@ -78,7 +78,7 @@ def test_greedy_generate_equals_a_manual_forward_loop(family):
     prompt = ids(2, 5)
     out = generate(model, prompt, 3 * W, do_sample=False)
     assert isinstance(output_cache(out), TTTCache)  # generate's own DynamicCache, adopted
-    assert sorted(output_cache(out).ttt_states) == [1, 2]
+    assert sorted(output_cache(out).memory_states) == [1, 2]
     cache, tokens, logits = TTTCache(model.config), prompt, []
     eos = torch.tensor([model.generation_config.eos_token_id])
     with torch.no_grad():
@@ -110,7 +110,7 @@ def test_sampled_generate_equals_replaying_its_tokens():
 
 
 def state_rows(cache: TTTCache, layer: int, row: int) -> dict[str, torch.Tensor]:
-    return {k: t[row] for k, t in cache.ttt_states[layer].tensors.items()}
+    return {k: t[row] for k, t in cache.memory_states[layer].tensors.items()}
 
 
 def test_left_padding_never_updates_the_ttt_state():
@@ -154,8 +154,8 @@ def test_generating_ten_windows_keeps_cache_and_state_bytes_constant(mode):
     assert len(after_fill) >= 9 * W and len(set(after_fill)) == 1
     attn_layers = 3 if mode == "hybrid" else 1  # replace mode: layers 1, 2 have no KV at all
     kv = attn_layers * 2 * B * KV_HEADS * W * (HIDDEN // HEADS) * 4  # fp32 keys + values, W tokens
-    ttt = 2 * cache.ttt_states[1].nbytes
-    assert cache.kv_nbytes == kv and cache.ttt_nbytes == ttt and after_fill[0] == kv + ttt
+    ttt = 2 * cache.memory_states[1].nbytes
+    assert cache.kv_nbytes == kv and cache.memory_nbytes == ttt and after_fill[0] == kv + ttt
     # control: the original model's cache grows with every token
     original, dyn = tiny_model("llama"), DynamicCache()
     probe = BytesProbe(dyn)

@@ -73,11 +73,11 @@ def test_chunked_forward_equals_token_by_token_decoding_and_generate_carries_the
             for s, e in zip(bounds, bounds[1:]):
                 out.append(model(x[:, s:e], use_cache=True, **cache_kwargs(cache)).logits)
         assert (torch.cat(out, 1) - full).abs().max().item() <= 1e-4
-        assert sorted(cache.ttt_states) == [1, 2] and isinstance(cache.ttt_states[1], InPlaceState)
+        assert sorted(cache.memory_states) == [1, 2] and isinstance(cache.memory_states[1], InPlaceState)
     gen = model.generate(x[:, :5], max_new_tokens=12, min_new_tokens=12, do_sample=False,
                          return_dict_in_generate=True, output_logits=True)
     cache = output_cache(gen)
-    assert isinstance(cache, TTTCache) and cache.ttt_states[2]["offset"].tolist() == [(5 + 11) % CHUNK] * 2
+    assert isinstance(cache, TTTCache) and cache.memory_states[2]["offset"].tolist() == [(5 + 11) % CHUNK] * 2
     replay = logits(model, gen.sequences[:, :-1])[:, 4:]
     assert (torch.stack(gen.logits, 1) - replay).abs().max().item() <= 1e-4
     assert model.model.layers[1].mlp.memory_context == (None, None)  # no cache outlives a forward
@@ -135,7 +135,7 @@ def test_left_padding_never_reaches_the_fast_weights():
         model(batch, attention_mask=mask, use_cache=True, **cache_kwargs(cache))
         model(short, use_cache=True, **cache_kwargs(alone))
     for layer in (1, 2):
-        got, ref = cache.ttt_states[layer], alone.ttt_states[layer]
+        got, ref = cache.memory_states[layer], alone.memory_states[layer]
         assert got["offset"][1].item() == 6 % CHUNK and ref["delta"].abs().max() > 0
         assert max((got[k][1] - ref[k][0]).abs().max().item() for k in ref) <= 1e-5
     out = model.generate(batch, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)

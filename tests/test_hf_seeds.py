@@ -123,7 +123,7 @@ def test_qwen2_audio_generate_with_audio_inputs():
     open_gates(model)
     out = model.generate(**inputs, **dict(kw, max_new_tokens=3 * W, min_new_tokens=3 * W))
     cache = output_cache(out)
-    assert isinstance(cache, TTTCache) and sorted(cache.ttt_states) == [1, 2]
+    assert isinstance(cache, TTTCache) and sorted(cache.memory_states) == [1, 2]
     assert cache.kv_nbytes == 3 * 2 * B * KV_HEADS * W * (HIDDEN // HEADS) * 4  # 3 layers, fp32 K and V, W tokens
     with torch.no_grad():  # teacher-forced over the generated tokens, the audio read once in the prefill
         full = model(**dict(inputs, input_ids=out.sequences, attention_mask=torch.ones_like(out.sequences)),
@@ -205,7 +205,7 @@ def test_mixtral_generate_is_bounded():
     after_fill = [b for length, b in probe.rows if length > W]
     assert len(after_fill) >= 9 * W and len(set(after_fill)) == 1
     assert cache.kv_nbytes == 3 * 2 * B * KV_HEADS * W * (HIDDEN // HEADS) * 4  # 3 layers, fp32 K and V
-    assert sorted(cache.ttt_states) == [1, 2]
+    assert sorted(cache.memory_states) == [1, 2]
 
 
 def test_mixtral_round_trip_in_its_own_save_format(tmp_path):
@@ -358,7 +358,7 @@ def test_a_mini_omni_object_converts_decodes_in_its_own_loop_and_round_trips(tmp
         steps = [model(s[..., t : t + 1], cache=cache, use_cache=True) for t in range(20)]
     assert max_diff(torch.cat([o[0] for o in steps], 1), text) <= 1e-4
     assert max_diff(torch.cat([o[1] for o in steps], 2), audio) <= 1e-4
-    assert sorted(cache.ttt_states) == [1, 2]
+    assert sorted(cache.memory_states) == [1, 2]
 
     model.save_pretrained(tmp_path)
     fresh = convert.load(tmp_path, model=tiny_mini_omni(seed=5))

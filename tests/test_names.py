@@ -176,3 +176,29 @@ def test_training_configs_written_with_ttt_still_load(tmp_path: Path) -> None:
     both.write_text(path.read_text().replace("model: {", "model: {memory: {}, "))
     with pytest.raises(UsageError, match="give model.memory or its old name model.ttt, not both"):
         load_config(both)
+
+
+def test_the_converters_take_memory_and_their_old_keyword_ttt() -> None:
+    pytest.importorskip("moshi")
+    pytest.importorskip("transformers")
+    from helpers.hf import tiny_model, ttt_config
+    from ttt_speech.hf import convert as convert_hf
+    from ttt_speech.moshi import convert, default_gdn_config
+    from ttt_speech.moshi.layer import TTTTransformerLayer
+    from ttt_speech.moshi.tiny import build_tiny_lm
+
+    lm = build_tiny_lm(0)
+    cfg = default_gdn_config(lm, gate_init=0.3)
+    torch.manual_seed(1)
+    new = convert(build_tiny_lm(0), "all", "hybrid", memory=cfg)
+    torch.manual_seed(1)
+    old = convert(build_tiny_lm(0), "all", "hybrid", ttt=cfg)
+    assert new.memory_spec == old.memory_spec and new.memory_spec.branch == "gdn"
+    assert all(torch.equal(a, b) for a, b in zip(new.state_dict().values(), old.state_dict().values()))
+    with pytest.raises(TypeError, match="give memory= or its old name ttt=, not both"):
+        convert(build_tiny_lm(0), memory=cfg, ttt=cfg)
+    with pytest.raises(TypeError, match="give memory= or its old name ttt=, not both"):
+        convert_hf(tiny_model("llama"), layers=[1], memory=ttt_config(), ttt=ttt_config())
+    assert hasattr(convert_hf(tiny_model("llama"), layers=[1], memory=ttt_config()).model.layers[1].self_attn, "memory")
+    with pytest.raises(TypeError, match="needs memory="):
+        TTTTransformerLayer(d_model=32, num_heads=4, dim_feedforward=64, causal=True)

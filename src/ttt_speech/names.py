@@ -56,3 +56,11 @@ def current_section(config: dict[str, tp.Any]) -> dict[str, tp.Any]:
 def memory_section(config: dict[str, tp.Any]) -> tp.Any | None:
     """A config.json's memory section under either name (None: not a hybrid)."""
     return current_section(config).get(MEMORY)
+
+
+def either(value: V | None, old: V | None, name: str, old_name: str) -> V | None:
+    """A keyword argument given under today's name or under the one it had before issue 20 (`ttt=`); both at
+    once is a TypeError naming them."""
+    if value is not None and old is not None:
+        raise TypeError(f"give {name}= or its old name {old_name}=, not both")
+    return value if old is None else old

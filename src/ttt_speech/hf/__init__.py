@@ -1,7 +1,7 @@
 """Hugging Face integration: TTT hybrids of transformers decoder LLMs (Llama-3.1, Qwen2/Qwen2.5, LLaMA-Omni).
 
     from ttt_speech.hf import convert
-    model = convert(model, layers=range(24, 32), mode="hybrid", ttt=TTTConfig(...), attention_window=4096)
+    model = convert(model, layers=range(24, 32), mode="hybrid", memory=TTTConfig(...), attention_window=4096)
     model.generate(ids, max_new_tokens=200_000)   # memory bounded by the window + the TTT states
     model.save_pretrained("out/"); model = convert.load("out/")
 

@@ -32,10 +32,10 @@ def _section(config: PreTrainedConfig) -> TTTSection:
 
 
 class TTTCache(DynamicCache):
-    """Sliding-window KV cache + the TTT states of a converted model (`TTTCache(model.config)`)."""
+    """Sliding-window KV cache + the memory states of a converted model (`TTTCache(model.config)`)."""
 
     attention_window: int
-    ttt_states: dict[int, TTTState]
+    memory_states: dict[int, TTTState]
 
     def __init__(self, config: PreTrainedConfig) -> None:
         super().__init__(config=config)
@@ -43,7 +43,7 @@ class TTTCache(DynamicCache):
 
     def _attach(self, section: TTTSection) -> None:
         self.attention_window = section.attention_window
-        self.ttt_states = {}
+        self.memory_states = {}
         if section.mode == "replace":
             for i in section.layers:
                 self.layers[i] = DummyLayer()
@@ -72,13 +72,13 @@ class TTTCache(DynamicCache):
         cache._attach(section)
         return cache
 
-    def ttt_state(self, layer_idx: int, layer: TTTLayer, batch_size: int, device: torch.device) -> TTTState:
-        """The state of TTT layer `layer_idx`, created from the layer's initial weights on first use."""
-        state = self.ttt_states.get(layer_idx)
+    def memory_state(self, layer_idx: int, layer: TTTLayer, batch_size: int, device: torch.device) -> TTTState:
+        """The state of memory layer `layer_idx`, created from the layer's initial weights on first use."""
+        state = self.memory_states.get(layer_idx)
         if state is None:
-            state = self.ttt_states[layer_idx] = layer.init_state(batch_size, device)
+            state = self.memory_states[layer_idx] = layer.init_state(batch_size, device)
         elif state.batch_size != batch_size:
-            raise ValueError(f"TTT state of layer {layer_idx} holds {state.batch_size} streams, input has {batch_size}")
+            raise ValueError(f"memory state of layer {layer_idx} holds {state.batch_size} streams, input has {batch_size}")
         return state
 
     @property
@@ -91,21 +91,21 @@ class TTTCache(DynamicCache):
         return total
 
     @property
-    def ttt_nbytes(self) -> int:
-        return sum(s.nbytes for s in self.ttt_states.values())
+    def memory_nbytes(self) -> int:
+        return sum(s.nbytes for s in self.memory_states.values())
 
     @property
     def nbytes(self) -> int:
-        return self.kv_nbytes + self.ttt_nbytes
+        return self.kv_nbytes + self.memory_nbytes
 
     def reset(self) -> None:
         super().reset()
-        self.ttt_states.clear()
+        self.memory_states.clear()
 
     def _reindex_states(self, pick: tp.Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply a batch re-indexing (beam reorder, expansion, selection) to every TTT state's streams."""
-        for i, state in self.ttt_states.items():
-            self.ttt_states[i] = state.replace(**{name: pick(state[name]) for name in state})
+        for i, state in self.memory_states.items():
+            self.memory_states[i] = state.replace(**{name: pick(state[name]) for name in state})
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: each beam continues from the state of the beam it was chosen from."""

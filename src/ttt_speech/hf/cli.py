@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> None:
         raise UsageError(f"{args.model}: checkpoint lacks language-model parameters: {report.missing_keys}")
     config = decoder_of(model).config  # the language model's (Qwen2-Audio: its text_config)
     branch = memory_config(args, config.hidden_size, config.num_attention_heads, getattr(config, "intermediate_size", None))
-    convert(model, layers=args.layers, mode=args.mode, ttt=branch, attention_window=args.attention_window)
+    convert(model, layers=args.layers, mode=args.mode, memory=branch, attention_window=args.attention_window)
 
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)

@@ -40,7 +40,7 @@ from ttt_speech.hf.modules import (TOKEN_MASK_KWARG, TTTAttention, drop_memory_c
 from ttt_speech.hf.section import Mode, TTTSection, section_of
 from ttt_speech.layers.inplace import GatedMLP, InPlaceLayer
 from ttt_speech.layers.ttt import TTTLayer
-from ttt_speech.names import MEMORY, current_name, legacy_name, memory_section
+from ttt_speech.names import MEMORY, current_name, either, legacy_name, memory_section
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -163,8 +163,10 @@ class Converter:
         model: PreTrainedModel,
         layers: Iterable[int],
         mode: Mode = "hybrid",
-        ttt: TTTConfig | InPlaceConfig | None = None,
+        memory: TTTConfig | InPlaceConfig | None = None,
         attention_window: int = 4096,
+        *,
+        ttt: TTTConfig | InPlaceConfig | None = None,
     ) -> PreTrainedModel:
         """Convert `model` in place and return it.
 
@@ -172,9 +174,9 @@ class Converter:
         mode: "hybrid" keeps attention and adds a gated TTT branch (gate 0 at start: same logits as the
             original while sequences fit the window); "replace" swaps attention for TTT initialised from
             its projections (GQA K/V heads expanded).
-        ttt: the TTT layer config; default TTTConfig(dim=hidden_size, num_heads=num_attention_heads). An
+        memory: the branch's config; default TTTConfig(dim=hidden_size, num_heads=num_attention_heads). An
             InPlaceConfig instead gives the layers' own MLPs in-place fast weights (hybrid mode; identical
-            logits until its target projection is trained; docs/ttt.md).
+            logits until its target projection is trained; docs/ttt.md). `ttt=` is its old name.
         attention_window: keys/values every attention layer sees and caches (sliding window, tokens).
         """
         base = decoder_of(model)
@@ -196,7 +198,7 @@ class Converter:
             raise ValueError(f"layers must be a non-empty set of indices in [0, {n}), got {idx}")
         if mode == "replace" and len(idx) == n:
             raise ValueError("replace mode needs at least one attention layer left (it keeps track of positions)")
-        cfg = ttt or TTTConfig(dim=config.hidden_size, num_heads=config.num_attention_heads)
+        cfg = either(memory, ttt, "memory", "ttt") or TTTConfig(dim=config.hidden_size, num_heads=config.num_attention_heads)
         if cfg.dim != config.hidden_size:
             raise ValueError(f"TTTConfig.dim ({cfg.dim}) must equal the model's hidden_size ({config.hidden_size})")
         if isinstance(cfg, InPlaceConfig) and mode != "hybrid":

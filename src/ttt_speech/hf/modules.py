@@ -69,13 +69,13 @@ def _masked(layer: StreamingLayer, x: Tensor, state: LayerState, token_mask: Ten
     return torch.cat(ys, dim=1), state
 
 
-def ttt_branch(layer: StreamingLayer, x: Tensor, cache: Any, layer_idx: int, token_mask: Tensor | None) -> Tensor:
-    """Output of TTT layer `layer_idx` for x [B, T, dim], carrying its state in `cache` when it is a TTTCache.
+def memory_branch(layer: StreamingLayer, x: Tensor, cache: Any, layer_idx: int, token_mask: Tensor | None) -> Tensor:
+    """Output of memory layer `layer_idx` for x [B, T, dim], carrying its state in `cache` when it is a TTTCache.
 
     Without a TTTCache (training, or use_cache=False) each call starts from the layer's initial
     weights and uses the chunked form; trailing padding is harmless there (causal, state dropped).
     """
-    state = cache.ttt_state(layer_idx, layer, x.shape[0], x.device) if isinstance(cache, TTTCache) else None
+    state = cache.memory_state(layer_idx, layer, x.shape[0], x.device) if isinstance(cache, TTTCache) else None
     if state is None:
         if token_mask is None or not _pads_before_tokens(token_mask):
             return layer(x)[0]
@@ -86,7 +86,7 @@ def ttt_branch(layer: StreamingLayer, x: Tensor, cache: Any, layer_idx: int, tok
         y, state = layer.step(x, state)  # in place: the decode hot path
     else:
         y, state = layer(x, state)
-    cache.ttt_states[layer_idx] = state
+    cache.memory_states[layer_idx] = state
     return y
 
 
@@ -102,7 +102,7 @@ class HybridAttentionMixin:
         attention = super().forward  # type: ignore[misc]
         return hybrid_attention(
             self, hidden, lambda h: attention(*args, **kwargs),
-            lambda h: ttt_branch(self.memory, h, get_cache(kwargs), self.layer_idx, token_mask))
+            lambda h: memory_branch(self.memory, h, get_cache(kwargs), self.layer_idx, token_mask))
 
 
 _HYBRID_CLASSES: dict[type, type] = {}
@@ -126,7 +126,7 @@ class InPlaceMLPMixin:
 
     def forward(self, x: Tensor) -> Tensor:
         cache, token_mask = self.memory_context
-        return ttt_branch(self.memory, x, cache, self.layer_idx, token_mask).to(x.dtype)
+        return memory_branch(self.memory, x, cache, self.layer_idx, token_mask).to(x.dtype)
 
 
 def pass_memory_context(layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -161,7 +161,7 @@ class TTTAttention(nn.Module):
     def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, None]:
         token_mask = kwargs.get(TOKEN_MASK_KWARG)
         return hybrid_attention(
-            self, hidden_states, None, lambda h: ttt_branch(self.memory, h, get_cache(kwargs), self.layer_idx, token_mask))
+            self, hidden_states, None, lambda h: memory_branch(self.memory, h, get_cache(kwargs), self.layer_idx, token_mask))
 
 
 def hybrid_attention(attn: nn.Module, hidden: Tensor, attend: Callable[[Tensor], tuple[Tensor, Any]] | None,

@@ -1,7 +1,7 @@
 """Moshi integration: TTT hybrids of a pretrained Moshi that stream in constant memory.
 
     from ttt_speech.moshi import convert, load_hybrid
-    hybrid = convert(lm, layers="all", mode="hybrid", ttt=TTTConfig(...))
+    hybrid = convert(lm, layers="all", mode="hybrid", memory=TTTConfig(...))
     hybrid.save_pretrained("out/")
     gen = LMGen(load_hybrid("out/"))
 

@@ -25,7 +25,7 @@ from ttt_speech.moshi.compat import forget_streaming_children
 from ttt_speech.moshi.config import infer_moshi_config
 from ttt_speech.moshi.files import save_hybrid
 from ttt_speech.moshi.layer import MODES, BranchConfig, Mode, TTTTransformerLayer, check_gdn_mode
-from ttt_speech.names import is_memory
+from ttt_speech.names import either, is_memory
 
 # tanh(10.0) == 1.0 in fp32: in replace mode the TTT output stands in for attention at full scale.
 REPLACE_GATE_INIT = 10.0
@@ -164,14 +164,15 @@ def set_attention_window(lm: LMModel, window: int) -> None:
 
 
 def convert(
-    lm: LMModel, layers: LayerSpec = "all", mode: Mode = "hybrid", ttt: BranchConfig | None = None, *,
+    lm: LMModel, layers: LayerSpec = "all", mode: Mode = "hybrid", memory: BranchConfig | None = None, *,
     init_from_attention: bool | None = None, moshi_config: dict[str, tp.Any] | None = None,
-    attention_window: int | None = None,
+    attention_window: int | None = None, ttt: BranchConfig | None = None,
 ) -> TTTLMModel:
-    """Give the chosen temporal-transformer layers a TTT layer; modifies and returns `lm`.
+    """Give the chosen temporal-transformer layers a memory branch; modifies and returns `lm`.
 
-    ttt: a TTTConfig (default: `default_ttt_config`) or a GatedDeltaNetConfig, which gives the
-        layers a gated Gated DeltaNet branch instead (mode="hybrid" only, never from attention).
+    memory: a TTTConfig (default: `default_ttt_config`), a GatedDeltaNetConfig, which gives the
+        layers a gated Gated DeltaNet branch instead (mode="hybrid" only, never from attention), or an
+        InPlaceConfig (the layers' own MLPs get in-place fast weights). `ttt=` is its old name.
 
     mode="hybrid": attention and its ring KV cache stay; a gated TTT branch reads the same normed
         input and is added to the residual. With gate_init=0 the logits equal the original's.
@@ -191,7 +192,7 @@ def convert(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     idx = select_layers(layers, len(lm.transformer.layers))
-    cfg = default_ttt_config(lm, mode) if ttt is None else ttt
+    cfg = either(memory, ttt, "memory", "ttt") or default_ttt_config(lm, mode)
     if isinstance(cfg, GatedDeltaNetConfig):
         check_gdn_mode(mode, bool(init_from_attention))
     else:

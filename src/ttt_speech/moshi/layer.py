@@ -26,6 +26,7 @@ from ttt_speech.layers.inplace import GatedMLP, InPlaceLayer
 from ttt_speech.layers.state import LayerState
 from ttt_speech.layers.ttt import StreamingLayer, TTTLayer
 from ttt_speech.moshi.compat import HookedTransformerLayer, LayerStreamingState, feed_forward, streaming_state
+from ttt_speech.names import either
 
 BranchConfig = tp.Union[TTTConfig, GatedDeltaNetConfig, InPlaceConfig]
 # mix(qkv, heads) -> heads: a shared_qkv branch reading the attention's projection and joining its heads
@@ -129,10 +130,16 @@ class TTTTransformerLayer(HookedTransformerLayer):
     memory: TTTLayer | GatedDeltaNetLayer | InPlaceLayer
     memory_mode: Mode
 
-    def __init__(self, *args: tp.Any, ttt: BranchConfig, ttt_mode: Mode = "hybrid",
-                 init_from_attention: bool = False, **kwargs: tp.Any) -> None:
-        super().__init__(*args, **kwargs)  # `ttt=`: the branch config, named as `convert`'s argument
-        self._attach_memory(ttt, ttt_mode, init_from_attention)
+    def __init__(self, *args: tp.Any, memory: BranchConfig | None = None, memory_mode: Mode | None = None,
+                 init_from_attention: bool = False, ttt: BranchConfig | None = None, ttt_mode: Mode | None = None,
+                 **kwargs: tp.Any) -> None:
+        """moshi's layer arguments, and the branch: `memory` (`ttt` before issue 20) in `memory_mode` (default hybrid)."""
+        super().__init__(*args, **kwargs)
+        cfg = either(memory, ttt, "memory", "ttt")
+        if cfg is None:
+            raise TypeError("TTTTransformerLayer needs memory= (a TTTConfig, GatedDeltaNetConfig or InPlaceConfig)")
+        self._attach_memory(cfg, either(memory_mode, ttt_mode, "memory_mode", "ttt_mode") or "hybrid",
+                            init_from_attention)
 
     @classmethod
     def from_layer(cls, layer: StreamingTransformerLayer, memory: BranchConfig, mode: Mode = "hybrid",
