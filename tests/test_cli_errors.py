@@ -74,6 +74,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out["truncated_hybrid"] = moshi_dir("truncated_hybrid", config, out["truncated"])
     out["no_weights"] = moshi_dir("no_weights", vanilla, None)
     out["bad_section"] = moshi_dir("bad_section", {**config, "memory": {**config["memory"], "mode": "both"}})
+    out["both_sections"] = moshi_dir("both_sections", {**config, "ttt": config["memory"]})  # today's name + the old
     held = d / "held_out"
     held.mkdir()
     n_rows = 1 + vanilla["n_q"]
@@ -154,6 +155,7 @@ ROWS: list[tuple[str, str]] = [
     ("generate --hybrid {vanilla}", "has no 'memory' section"),
     ("generate --hybrid {truncated_hybrid}", "truncated_hybrid/model.safetensors: truncated"),
     ("generate --hybrid {bad_section}", "memory.mode must be one of"),
+    ("generate --hybrid {both_sections}", "both_sections/config.json has both a 'memory' section and its old name"),
     ("generate --hybrid {dir}", "config.json: no such Moshi config.json"),
     ("generate --moshi-weights {truncated} --config {vanilla}/config.json", "truncated.safetensors: "),
     ("generate --moshi-weights {good_st} --config {vanilla}/config.json",
@@ -188,6 +190,7 @@ ROWS: list[tuple[str, str]] = [
     ("serve --device cpu --model {misspelled}", "unknown key 'num_layer'"),
     ("serve --device cpu --model {no_weights}", "no Moshi weights"),
     ("serve --device cpu --model {truncated_hybrid}", "model.safetensors: truncated"),
+    ("serve --device cpu --model {both_sections}", "both_sections/config.json has both a 'memory' section"),
     ("serve --device cpu --model tiny --mimi /nonexistent.safetensors", "/nonexistent.safetensors: no such"),
     ("serve --device cpu --model tiny --mimi {garbage}", "garbage.safetensors: not a safetensors"),
     ("serve --device cpu --model tiny --tokenizer {a_file}", "a_file: not a SentencePiece model"),

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import typing as tp
 
+from ttt_speech.errors import UsageError
+
 MEMORY = "memory"
 LEGACY = "ttt"  # the name the branch had before issue 20 (files written then use it)
 
@@ -42,20 +44,20 @@ def current_keys(state: tp.Mapping[str, V]) -> dict[str, V]:
     return {current_name(k): v for k, v in state.items()}
 
 
-def current_section(config: dict[str, tp.Any]) -> dict[str, tp.Any]:
+def current_section(config: dict[str, tp.Any], where: str = "config") -> dict[str, tp.Any]:
     """A config.json mapping with an old "ttt" section moved to "memory" (a copy; the rest as it was).
 
-    Both at once is refused: which one describes the tensors cannot be told."""
+    Both at once is a UsageError naming `where`: which one describes the tensors cannot be told."""
     if LEGACY not in config:
         return config
     if MEMORY in config:
-        raise ValueError(f"config has both a '{MEMORY}' section and its old name '{LEGACY}'; keep '{MEMORY}'")
+        raise UsageError(f"{where} has both a '{MEMORY}' section and its old name '{LEGACY}'; keep one")
     return {(MEMORY if k == LEGACY else k): v for k, v in config.items()}
 
 
-def memory_section(config: dict[str, tp.Any]) -> tp.Any | None:
+def memory_section(config: dict[str, tp.Any], where: str = "config") -> tp.Any | None:
     """A config.json's memory section under either name (None: not a hybrid)."""
-    return current_section(config).get(MEMORY)
+    return current_section(config, where).get(MEMORY)
 
 
 def either(value: V | None, old: V | None, name: str, old_name: str) -> V | None:

@@ -260,7 +260,7 @@ def check_spec(spec: str) -> Spec:
         from ttt_speech.moshi.checkpoint import check_hybrid_dir, check_moshi_weights
         from ttt_speech.moshi.config import read_moshi_config
 
-        if memory_section(raw) is not None:
+        if memory_section(raw, str(root / "config.json")) is not None:
             return Spec(name, path, "moshi", check_hybrid_dir(root))
         raw = read_moshi_config(root / "config.json")
         check_moshi_weights(root / "model.safetensors", raw, root / "config.json")

@@ -121,10 +121,7 @@ def check_hybrid_dir(path: str | Path) -> dict[str, tp.Any]:
     the directory, a Moshi config with a "memory" section (or its old name, "ttt"), a whole model.safetensors
     (else a UsageError). The section comes back under "memory"."""
     root = existing_dir(path, "hybrid checkpoint directory")
-    try:
-        raw = current_section(read_moshi_config(root / CONFIG_NAME))
-    except ValueError as e:
-        raise UsageError(f"{root / CONFIG_NAME}: {e}") from None
+    raw = current_section(read_moshi_config(root / CONFIG_NAME), str(root / CONFIG_NAME))
     if MEMORY_SECTION not in raw:
         raise UsageError(f"{root / CONFIG_NAME} has no '{MEMORY_SECTION}' section: it is a vanilla Moshi checkpoint "
                          "(give it as --moshi-weights/--config, or convert it with convert-moshi)")

@@ -105,7 +105,7 @@ def check_model(spec: str | None) -> dict[str, tp.Any]:
     if not (root / CONFIG_NAME).is_file():
         raise UsageError(f"--model {root}: no {CONFIG_NAME}; give a hybrid or Moshi checkpoint directory, or 'tiny'")
     raw = read_moshi_config(root / CONFIG_NAME)
-    if memory_section(raw) is not None:
+    if memory_section(raw, str(root / CONFIG_NAME)) is not None:
         return check_hybrid_dir(root)
     weights = _first_existing(root, [raw.get("moshi_name"), WEIGHTS_NAME])
     if weights is None:
