@@ -1,8 +1,8 @@
-"""The trainer: stages of growing sequence length, segments carrying TTT state, checkpoints that survive kills.
+"""The trainer: stages of growing sequence length, segments carrying memory state, checkpoints that survive kills.
 
 One process or `torchrun --nproc-per-node N` (DDP or FSDP2 `fully_shard`, on PyTorch's own engine).
 Per optimizer step, each process takes its share of the global batch; a sequence is run in
-segments (TTT state and attention window carried, detached in between) with a backward per
+segments (memory state and attention window carried, detached in between) with a backward per
 segment, gradients synchronised on the last one. Loss terms are normalised by their total weight
 over the whole global batch, so N processes compute the same loss and gradients as one process
 with the same global batch.
@@ -206,8 +206,8 @@ class Trainer(StagedTrainer):
         segment = stage.segment_len or self.cfg.train.segment_len
         if stage.seq_len <= self.seg.window and self.seg.memory_layer_count():
             warnings.warn(f"stage {state.stage}: sequences of {stage.seq_len} steps are no longer than the "
-                          f"attention window ({self.seg.window}): attention sees everything, so TTT is never "
-                          f"needed and learns nothing about memory; lengthen the stage or set "
+                          f"attention window ({self.seg.window}): attention sees everything, so the memory is never"
+                          f" needed and learns nothing; lengthen the stage or set "
                           f"train.attention_window below {stage.seq_len}", stacklevel=1)
         misaligned = sorted(k for k in kernel_mini_batches(self.model) if segment and segment % k)
         if misaligned:
