@@ -11,6 +11,7 @@ import pytest
 import sentencepiece
 
 pytest.importorskip("moshi")
+pytest.importorskip("sphn")  # not on the GPU device image (serve tests run on CI)
 aiohttp = pytest.importorskip("aiohttp")
 
 from aiohttp import WSMsgType, web  # noqa: E402

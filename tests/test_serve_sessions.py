@@ -13,6 +13,7 @@ import sentencepiece
 import torch
 
 pytest.importorskip("moshi")
+pytest.importorskip("sphn")  # not on the GPU device image (serve tests run on CI)
 
 from helpers.serve import audio, listening_mimi  # noqa: E402
 

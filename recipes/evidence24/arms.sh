@@ -27,7 +27,7 @@ for d in $B/arms/base ${FROM:+$FROM/arm_*/export}; do
 done
 [ -d $W/tok ] || { mkdir -p $W && tar xJf $B/arms/pack.tar.xz -C $W && python3 $X/tok24.py unpack $W/pack $W/tok || exit 1; }
 t data ready
-if [ "${GPUTESTS:-0}" = 1 ]; then  # sphn is not carried: its three serve/codec test modules fail to collect
+if [ "${GPUTESTS:-0}" = 1 ]; then  # sphn is not carried: the serve test modules skip
   (python3 -m pytest -m gpu tests -p no:cacheprovider -o addopts= -rfE --continue-on-collection-errors \
     > $OUT/gpu_tests.log 2>&1; echo "rc=$?" >> $OUT/gpu_tests.log) &
 fi
