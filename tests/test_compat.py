@@ -107,6 +107,36 @@ def test_layer_hooks_are_called_by_moshis_layer(tiny_lm):
     assert moshi_compat.streaming_state(layer) is None
 
 
+def test_temporal_transformer_stands_in_inside_forward_text(tiny_lm):
+    """forward_text sums the embeddings, calls `self.transformer`, then out_norm and the text head: with a
+    stand-in it sees exactly the embedding sum and its output is what the heads read."""
+    class Double(nn.Module):
+        def forward(self, x, cross_attention_src=None):
+            seen.append(x)
+            return 2 * x
+
+    seen: list[torch.Tensor] = []
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, tiny_lm.card, (2, tiny_lm.num_codebooks, 5), generator=g)
+    own = tiny_lm.transformer
+    with torch.no_grad():
+        with moshi_compat.temporal_transformer(tiny_lm, Double()):
+            out, text = tiny_lm.forward_text(codes)
+        assert tiny_lm.transformer is own
+        summed = tiny_lm.text_emb(codes[:, 0]) + sum(tiny_lm.emb[k](codes[:, k + 1]) for k in range(tiny_lm.n_q))
+        assert len(seen) == 1
+        torch.testing.assert_close(seen[0], summed)
+        torch.testing.assert_close(out, tiny_lm.out_norm(2 * summed))
+        torch.testing.assert_close(text, tiny_lm.text_linear(out)[:, None])
+    with pytest.raises(RuntimeError, match="did not call lm.transformer"):
+        with moshi_compat.temporal_transformer(tiny_lm, Double()):
+            pass  # a forward that never reaches the stand-in
+    with pytest.raises(KeyError):
+        with moshi_compat.temporal_transformer(tiny_lm, Double()):
+            raise KeyError("the caller's own error comes through")
+    assert tiny_lm.transformer is own
+
+
 def test_layer_streaming_state_resets_offsets():
     state = moshi_compat.LayerStreamingState(2, torch.device("cpu"), offset_cpu=5)
     state.offset_cpu = 5

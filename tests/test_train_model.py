@@ -20,7 +20,7 @@ from moshi.models.lm_utils import _undelay_sequence  # noqa: E402
 from ttt_speech.moshi import convert, default_gdn_config, default_inplace_config, default_ttt_config  # noqa: E402
 from ttt_speech.moshi.tiny import build_tiny_lm  # noqa: E402
 from ttt_speech.train.config import LossConfig  # noqa: E402
-from ttt_speech.train.model import Carry, LayerCarry, SegmentLM  # noqa: E402
+from ttt_speech.train.model import SegmentLM  # noqa: E402
 from ttt_speech.train.moshi_model import MoshiSegmentLM  # noqa: E402
 
 T = 40  # tiny Moshi's attention window (context) is 8
@@ -56,16 +56,11 @@ def random_codes(lm: LMModel, B: int = 2, seed: int = 1) -> torch.Tensor:
 def segment_logits(seg: SegmentLM, codes: torch.Tensor, cuts: list[int]) -> list[torch.Tensor]:
     """The segment loop of SegmentLM.forward, keeping the logits (per term, concatenated over time)."""
     batch = seg.prepare(codes)
-    carry, at, parts = Carry(0, [LayerCarry() for _ in seg.layers()]), 0, []
+    carry, at, parts = None, 0, []
     for n in cuts:
-        sb = batch.segment(at, at + n)
-        x = seg.embed(sb.inputs[..., :-1], carry.pos)
-        layers = []
-        for layer, c in zip(seg.layers(), carry.layers):
-            x, c = seg.layer_forward(layer, x, c, carry.pos)
-            layers.append(c.detach())
-        parts.append(seg.logits(x, sb))
-        carry, at = Carry(at + n, layers), at + n
+        logits, carry = seg.segment_logits(batch.segment(at, at + n), carry)
+        parts.append(logits)
+        at += n
     return [torch.cat(p, dim=2) for p in zip(*parts)]
 
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import typing as tp
 from pathlib import Path
@@ -209,17 +210,22 @@ def run_trunk(scorer: Scorer, tokens: Tensor, segment: int = 256) -> None:
         scorer.score(tokens, torch.full((tokens.shape[0], len(scorer.streams), tokens.shape[-1]), torch.nan),
                      lambda step: None)
         return
-    from ttt_speech.moshi.segments import delayed_inputs, embed, layer_segment
+    from ttt_speech.moshi.segments import delayed_inputs, forward_segment, layer_segment
 
     lm = scorer.model
     T = tokens.shape[-1]
     inputs = delayed_inputs(lm, tokens[:, :lm.num_codebooks].to(lm.device))  # frame t reads column t
     window = scorer.attention_window or T  # None: unbounded attention; 0: no attention layers
-    carry: list[tuple[tp.Any, tp.Any]] = [(None, None)] * len(lm.transformer.layers)
-    for pos in range(0, T, segment):
-        x = embed(lm, inputs[:, :, pos:min(pos + segment, T)], pos)
-        for i, layer in enumerate(lm.transformer.layers):
+    layers = list(lm.transformer.layers)
+    carry: list[tuple[tp.Any, tp.Any]] = [(None, None)] * len(layers)
+
+    def run_layers(x: Tensor, pos: int) -> Tensor:
+        for i, layer in enumerate(layers):
             x, *carry[i] = layer_segment(layer, x, *carry[i], pos, window, None)
+        return x
+
+    for pos in range(0, T, segment):
+        forward_segment(lm, inputs[:, :, pos:min(pos + segment, T)], pos, functools.partial(run_layers, pos=pos))
 
 
 @dataclasses.dataclass

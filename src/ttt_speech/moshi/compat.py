@@ -9,6 +9,7 @@ No other module may touch a moshi object's `_private` (a test greps the source f
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import typing as tp
 
@@ -20,7 +21,7 @@ from moshi.modules.gating import _get_activation
 from moshi.modules.streaming import StreamingModule
 from moshi.modules.transformer import StreamingTransformerLayer, _LayerState
 from moshi.quantization.core_vq import EuclideanCodebook
-from torch import Tensor
+from torch import Tensor, nn
 
 # moshi's per-layer streaming state (KV cache offsets, exec mask): the base of a hybrid layer's state.
 LayerStreamingState = _LayerState
@@ -70,6 +71,28 @@ class HookedLMGen(LMGen):
 def feed_forward(layer: StreamingTransformerLayer, x: Tensor) -> Tensor:
     """The feed-forward half of a layer's residual block (norm2, gating or MLP, layer scale, residual)."""
     return layer._ff_block(x)
+
+
+@contextlib.contextmanager
+def temporal_transformer(lm: LMModel, stand_in: nn.Module) -> tp.Iterator[None]:
+    """Inside the block `lm.transformer` is `stand_in`, so `lm.forward_text` (embeddings, then
+    `self.transformer(x)`, then `out_norm` and the text head) runs another stack of layers.
+
+    moshi's forward_text calls its transformer by attribute; a release that stops doing so would
+    silently run the real layers, so the block raises when the stand-in was never called.
+    """
+    own = lm.transformer
+    calls: list[None] = []
+    hook = stand_in.register_forward_pre_hook(lambda module, args: calls.append(None))
+    lm.transformer = stand_in
+    try:
+        yield
+    finally:
+        lm.transformer = own
+        hook.remove()
+    if not calls:
+        raise RuntimeError("LMModel.forward_text did not call lm.transformer: this moshi release composes its "
+                           "forward another way; ttt_speech.moshi.compat.temporal_transformer needs updating")
 
 
 def streaming_state(module: StreamingModule) -> tp.Any:

@@ -4,22 +4,28 @@ moshi's `LMModel.forward` attends through a dense [B, 1, T, T] mask, which long 
 cannot afford. Here the temporal transformer runs on one segment with windowed attention, each layer
 starting from the keys/values and branch state the previous segment left. The layer itself is
 composed by `residual_block` (the same composition that streams), so only how attention reaches its
-past differs; embeddings and logits are `LMModel.forward_text`'s, split where the layers go between.
+past differs. Embeddings and the text head are moshi's own: `LMModel.forward_text` runs with its
+temporal transformer stood in for by `SegmentStack` (the sin positional embedding at the segment's
+position, then the caller's loop over the layers); the audio logits are `forward_depformer_training`'s.
 """
 
 from __future__ import annotations
 
+import typing as tp
+
 import torch
 from moshi.models.lm import LMModel
-from moshi.modules.transformer import StreamingMultiheadAttention, create_sin_embedding, expand_repeated_kv
+from moshi.modules.transformer import (StreamingMultiheadAttention, StreamingTransformer, create_sin_embedding,
+                                       expand_repeated_kv)
 from torch import Tensor, nn
 
 from ttt_speech.layers.attention import windowed_attention
 from ttt_speech.layers.state import LayerState
-from ttt_speech.moshi.compat import delay_sequence, initial_token
+from ttt_speech.moshi.compat import delay_sequence, initial_token, temporal_transformer
 from ttt_speech.moshi.layer import Mix, feed_forward_block, residual_block
 
 KV = tuple[Tensor, Tensor]
+Layers = tp.Callable[[Tensor], Tensor]
 
 
 def delayed_inputs(lm: LMModel, codes: Tensor) -> Tensor:
@@ -29,24 +35,45 @@ def delayed_inputs(lm: LMModel, codes: Tensor) -> Tensor:
     return torch.cat([initial, delay_sequence(lm.delays, codes, initial)], dim=2)
 
 
-def embed(lm: LMModel, inputs: Tensor, pos: int) -> Tensor:
-    """inputs [B, K, T] starting at absolute position `pos` -> the temporal transformer's input [B, T, dim]."""
-    x = lm.emb[0](inputs[:, 1])  # moshi's order: audio codebooks, then text
-    for cb in range(1, lm.n_q):
-        x = x + lm.emb[cb](inputs[:, cb + 1])
-    x = x + lm.text_emb(inputs[:, 0])
-    tr = lm.transformer
-    if tr.positional_embedding in ("sin", "sin_rope"):
-        positions = pos + torch.arange(x.shape[1], device=x.device).view(1, -1, 1)
-        x = x + tr.positional_scale * create_sin_embedding(positions, x.shape[-1], tr.max_period, x.dtype)
-    return x
+class SegmentStack(nn.Module):
+    """Stands in for moshi's temporal transformer inside `LMModel.forward_text` on one segment.
+
+    moshi's `StreamingTransformer.forward` adds its sin positional embedding at the streaming offset
+    (0 outside streaming) and loops its layers itself; a segment starts at absolute position `pos`
+    and its layers run with the state the previous segment left, one unit at a time (checkpointed,
+    FSDP-sharded: `train.model.SegmentLM`). So this adds the embedding at `pos` and hands the
+    hidden states to `layers`.
+    """
+
+    def __init__(self, transformer: StreamingTransformer, pos: int, layers: Layers) -> None:
+        super().__init__()
+        self.sin = transformer.positional_embedding in ("sin", "sin_rope")
+        self.scale, self.max_period = transformer.positional_scale, transformer.max_period
+        self.pos = pos
+        self.run_layers = layers
+
+    def forward(self, x: Tensor, cross_attention_src: Tensor | None = None) -> Tensor:
+        if cross_attention_src is not None:
+            raise ValueError("segments run Moshi without cross-attention conditioning")
+        if self.sin:
+            positions = self.pos + torch.arange(x.shape[1], device=x.device).view(1, -1, 1)
+            x = x + self.scale * create_sin_embedding(positions, x.shape[-1], self.max_period, x.dtype)
+        return self.run_layers(x)
 
 
-def logits(lm: LMModel, x: Tensor, inputs: Tensor) -> list[Tensor]:
-    """Text logits [B, 1, T, V] and the depformer's audio logits [B, dep_q, T, card], teacher-forced
-    on inputs [B, K, T + 1] (the depformer reads the next frame's tokens)."""
-    out = lm.out_norm(x) if lm.out_norm else x
-    return [lm.text_linear(out)[:, None], lm.forward_depformer_training(inputs[:, :, 1:], out)]
+def forward_segment(lm: LMModel, inputs: Tensor, pos: int, layers: Layers) -> tuple[Tensor, Tensor]:
+    """`lm.forward_text` on inputs [B, K, T] starting at absolute position `pos`, with `layers` (hidden
+    states [B, T, dim] -> [B, T, dim]) as the temporal transformer's layers: the output after `out_norm`
+    [B, T, dim] and the text logits [B, 1, T, V]."""
+    with temporal_transformer(lm, SegmentStack(lm.transformer, pos, layers)):
+        return lm.forward_text(inputs)
+
+
+def logits(lm: LMModel, inputs: Tensor, pos: int, layers: Layers) -> list[Tensor]:
+    """Text logits [B, 1, T, V] and the depformer's audio logits [B, dep_q, T, card] of a segment at `pos`,
+    teacher-forced on inputs [B, K, T + 1] (the depformer reads the next frame's tokens)."""
+    out, text = forward_segment(lm, inputs[..., :-1], pos, layers)
+    return [text, lm.forward_depformer_training(inputs[:, :, 1:], out)]
 
 
 def windowed_self_attention(attn: StreamingMultiheadAttention, h: Tensor, past: KV | None, pos: int, window: int,

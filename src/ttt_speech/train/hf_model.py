@@ -89,14 +89,12 @@ class HFSegmentLM(SegmentLM):
             raise ValueError(f"data has token {top}; this model's vocabulary has {vocab} entries")
         return Batch(codes.clamp_min(0), (codes[:, :, 1:] >= 0).float())
 
-    def embed(self, inputs: Tensor, pos: int) -> Tensor:
-        return self.model.model.embed_tokens(inputs[:, 0])
-
     def layer_forward(self, layer: nn.Module, x: Tensor, carry: LayerCarry, pos: int) -> tuple[Tensor, LayerCarry]:
         x, kv, memory = layer_segment(self.model, layer, x, carry.kv, carry.memory, pos, self.window, self.chunk)
         return x, LayerCarry(memory, kv)
 
-    def logits(self, x: Tensor, batch: Batch) -> list[Tensor]:
+    def logits(self, batch: Batch, pos: int, layers: tp.Callable[[Tensor], Tensor]) -> list[Tensor]:
+        x = layers(self.model.model.embed_tokens(batch.inputs[:, 0, :-1]))
         return [self.model.lm_head(self.model.model.norm(x))[:, None]]
 
     def export(self, out_dir: str) -> None:

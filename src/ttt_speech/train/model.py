@@ -6,9 +6,10 @@ window - 1 positions, plus the absolute position (RoPE). Between segments the ca
 (truncated backpropagation through time), so memory is bounded by the segment length while the
 model sees exactly what one forward over the whole sequence would show it.
 
-The families (Moshi, transformers Llama/Qwen2) differ in how tokens become hidden states, how one
-layer runs and how logits are made; `moshi_model.py` and `hf_model.py` implement those three
-pieces. The loss is a weighted cross-entropy per *term* (Moshi: text and audio, each normalised by
+The families (Moshi, transformers Llama/Qwen2) differ in how one layer runs on a segment and in
+the model forward around the layers (tokens to hidden states, hidden states to logits), which
+`logits` runs with `SegmentLM`'s per-layer loop in place of the model's layer stack (Moshi: moshi's
+own `forward_text`); `moshi_model.py` and `hf_model.py` implement those two pieces. The loss is a weighted cross-entropy per *term* (Moshi: text and audio, each normalised by
 its own total weight as moshi-finetune does); the forward returns each term's weighted sum so that
 the loop can normalise by totals over all segments and all processes.
 """
@@ -106,15 +107,13 @@ class SegmentLM(nn.Module):
         """Tokens [B, K, L] from the data (-1 = nothing there) -> inputs and loss weights."""
         raise NotImplementedError
 
-    def embed(self, inputs: Tensor, pos: int) -> Tensor:
-        """inputs [B, K, T] -> hidden states [B, T, dim]."""
-        raise NotImplementedError
-
     def layer_forward(self, layer: nn.Module, x: Tensor, carry: LayerCarry, pos: int) -> tuple[Tensor, LayerCarry]:
         raise NotImplementedError
 
-    def logits(self, x: Tensor, batch: Batch) -> list[Tensor]:
-        """One logits tensor per term, [B, rows of the term, T, V]."""
+    def logits(self, batch: Batch, pos: int, layers: tp.Callable[[Tensor], Tensor]) -> list[Tensor]:
+        """One logits tensor per term [B, rows of the term, T, V] for the segment `batch` starting at
+        absolute position `pos`: the model's own forward, with `layers` (hidden states [B, T, dim] in
+        and out) standing in for its loop over the sequence layers."""
         raise NotImplementedError
 
     def memory_layer_count(self) -> int:
@@ -133,19 +132,30 @@ class SegmentLM(nn.Module):
             x, carry = self.layer_forward(layer, x, carry, pos)
         return x, carry.detach()
 
+    def segment_logits(self, batch: Batch, carry: Carry | None = None) -> tuple[list[Tensor], Carry]:
+        """The logits per term for this segment, and the carry for the next one."""
+        carry = carry or Carry(0, [LayerCarry() for _ in self.layers()])
+        start = carry.pos
+        new: list[LayerCarry] = []
+
+        def layers(x: Tensor) -> Tensor:
+            for step, c in zip(self.steps, carry.layers):
+                x, c = step(x, c, start)
+                new.append(c)
+            return x
+
+        logits = self.logits(batch, start, layers)
+        if len(new) != len(carry.layers):
+            raise RuntimeError(f"{type(self).__name__}.logits ran {len(new)} of {len(carry.layers)} layers")
+        return logits, Carry(start + batch.length, new)
+
     def forward(self, batch: Batch, carry: Carry | None = None) -> tuple[Tensor, Carry]:
         """Weighted loss sums per term [len(terms)] for this segment, and the carry for the next one."""
-        layers = self.layers()
-        carry = carry or Carry(0, [LayerCarry() for _ in layers])
-        x = self.embed(batch.inputs[..., :-1], carry.pos)
-        new = []
-        for step, c in zip(self.steps, carry.layers):
-            x, c = step(x, c, carry.pos)
-            new.append(c)
+        logits, carry = self.segment_logits(batch, carry)
         targets = batch.targets
-        sums = [weighted_ce_sum(logits, targets[:, a:b], batch.weights[:, a:b])
-                for logits, (a, b) in zip(self.logits(x, batch), self.terms.values())]
-        return torch.stack(sums), Carry(carry.pos + batch.length, new)
+        sums = [weighted_ce_sum(term, targets[:, a:b], batch.weights[:, a:b])
+                for term, (a, b) in zip(logits, self.terms.values())]
+        return torch.stack(sums), carry
 
     def term_weights(self, batch: Batch) -> Tensor:
         """Total loss weight of each term in `batch` [len(terms)] (the normalisers)."""

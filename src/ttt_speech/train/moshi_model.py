@@ -102,15 +102,12 @@ class MoshiSegmentLM(SegmentLM):
         weights[:, 1] *= self.loss.first_codebook_weight
         return Batch(inputs, weights)
 
-    def embed(self, inputs: Tensor, pos: int) -> Tensor:
-        return segments.embed(self.model, inputs, pos)
-
     def layer_forward(self, layer: nn.Module, x: Tensor, carry: LayerCarry, pos: int) -> tuple[Tensor, LayerCarry]:
         x, kv, memory = segments.layer_segment(layer, x, carry.kv, carry.memory, pos, self.window, self.chunk)
         return x, LayerCarry(memory, kv)
 
-    def logits(self, x: Tensor, batch: Batch) -> list[Tensor]:
-        return segments.logits(self.model, x, batch.inputs)
+    def logits(self, batch: Batch, pos: int, layers: tp.Callable[[Tensor], Tensor]) -> list[Tensor]:
+        return segments.logits(self.model, batch.inputs, pos, layers)
 
     def export(self, out_dir: str) -> None:
         lm = self.model
