@@ -9,9 +9,10 @@ model sees exactly what one forward over the whole sequence would show it.
 The families (Moshi, transformers Llama/Qwen2) differ in how one layer runs on a segment and in
 the model forward around the layers (tokens to hidden states, hidden states to logits), which
 `logits` runs with `SegmentLM`'s per-layer loop in place of the model's layer stack (Moshi: moshi's
-own `forward_text`); `moshi_model.py` and `hf_model.py` implement those two pieces. The loss is a weighted cross-entropy per *term* (Moshi: text and audio, each normalised by
-its own total weight as moshi-finetune does); the forward returns each term's weighted sum so that
-the loop can normalise by totals over all segments and all processes.
+own `forward_text`); `moshi_model.py` and `hf_model.py` implement those two pieces. The loss is a
+weighted cross-entropy per *term* (Moshi: text and audio, each normalised by its own total weight
+as moshi-finetune does); the forward returns each term's weighted sum so that the loop can
+normalise by totals over all segments and all processes.
 """
 
 from __future__ import annotations
