@@ -51,7 +51,7 @@ fi
 
 cat > $R/long.yaml <<EOF
 run_dir: $R/long
-model: {family: moshi, pretrained: $R/moshi_medium, layers: all, ttt: {variant: fla, mini_batch: 16}}
+model: {family: moshi, pretrained: $R/moshi_medium, layers: all, branch: ttt, ttt: {variant: fla, mini_batch: 16}}
 data: {train: [$R/long_0.npy, $R/long_1.npy, $R/long_2.npy, $R/long_3.npy]}
 train: {batch_size: 2, segment_len: 16384, attention_window: 750, grad_checkpointing: true, parallel: fsdp,
         trainable: memory}

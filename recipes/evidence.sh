@@ -46,7 +46,7 @@ ttt-speech tokenize runs/corpus_lm2/train_nooverlap.jsonl --out runs/tokens_lm2/
 #    (a) vanilla, (b) TTT hybrid, (d) Gated DeltaNet hybrid - equal budgets; then (c) = (a) converted.
 python -m ttt_speech.train configs/small_moshi.yaml --run-dir runs/lm_vanilla
 python -m ttt_speech.train configs/small_moshi.yaml --run-dir runs/lm_ttt \
-    --set model.layers=all --set 'model.memory={variant: fla, gate_init: 0.1}'
+    --set model.layers=all --set model.branch=ttt --set 'model.memory={variant: fla, gate_init: 0.1}'
 python -m ttt_speech.train configs/small_moshi.yaml --run-dir runs/lm_gdn \
     --set model.layers=all --set model.branch=gdn --set 'model.memory={gate_init: 0.1}'
 python -m ttt_speech.train configs/small_moshi_convert.yaml --run-dir runs/lm_converted
@@ -94,7 +94,7 @@ ttt-speech probe-memory --data runs/tokens_lm/val --gaps 48,160 --span 48 ttt_ft
 #    the same with the ttt-lm variant's step sizes: vanilla_ft converted, 60 steps on copies
 python -m ttt_speech.train configs/small_moshi.yaml --run-dir runs/cpu7/ttt_lm_conv "${COPIES[@]}" \
     --set 'stages=[{seq_len: 1600, steps: 60, lr: 1.0e-3, warmup: 0.1, min_lr_ratio: 0.1}]' \
-    --set model.pretrained=runs/cpu7/vanilla/export --set model.layers=all --set 'model.memory={variant: ttt-lm, gate_init: 0.1}'
+    --set model.pretrained=runs/cpu7/vanilla/export --set model.layers=all --set model.branch=ttt --set 'model.memory={variant: ttt-lm, gate_init: 0.1}'
 ttt-speech probe-memory --data runs/tokens_lm/val --gaps 300,1000 ttt_lm_conv=runs/cpu7/ttt_lm_conv/export
 
 # 7. (g) memory-targeted training from scratch at full budget (GPU: the four at once, ~4 min on one
@@ -103,9 +103,9 @@ ttt-speech probe-memory --data runs/tokens_lm/val --gaps 300,1000 ttt_lm_conv=ru
 REP='data.repeat={prob: 1.0, min_gap: 300, min_len: 200, max_len: 800}'
 python -m ttt_speech.train configs/small_moshi.yaml --run-dir runs/lm_vanilla_rep --set "$REP"
 python -m ttt_speech.train configs/small_moshi.yaml --run-dir runs/lm_ttt_rep --set "$REP" \
-    --set model.layers=all --set 'model.memory={variant: fla, gate_init: 0.1}'
+    --set model.layers=all --set model.branch=ttt --set 'model.memory={variant: fla, gate_init: 0.1}'
 python -m ttt_speech.train configs/small_moshi.yaml --run-dir runs/lm_ttt_lm_rep --set "$REP" \
-    --set model.layers=all --set 'model.memory={variant: ttt-lm, gate_init: 0.1}'
+    --set model.layers=all --set model.branch=ttt --set 'model.memory={variant: ttt-lm, gate_init: 0.1}'
 python -m ttt_speech.train configs/small_moshi.yaml --run-dir runs/lm_gdn_rep --set "$REP" \
     --set model.layers=all --set model.branch=gdn --set 'model.memory={gate_init: 0.1}'
 python -m ttt_speech.train configs/small_moshi.yaml --run-dir runs/lm_vanilla_in \

@@ -114,6 +114,12 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         if weights is not None:
             shutil.copyfile(weights, root / "model.safetensors")
         out[name] = root
+    mixtral = d / "mixtral"  # a mixture of experts: no in-place branch, and in-place is the default
+    mixtral.mkdir()
+    (mixtral / "config.json").write_text(json.dumps({"model_type": "mixtral", "hidden_size": 64, "num_hidden_layers": 2,
+                                                     "num_attention_heads": 4, "num_local_experts": 4}))
+    shutil.copyfile(out["good_st"], mixtral / "model.safetensors")
+    out["mixtral"] = mixtral
     corpus = d / "corpus"
     corpus.mkdir()
     (corpus / "corpus.json").write_text(json.dumps({"recordings": []}))
@@ -215,8 +221,10 @@ ROWS: list[tuple[str, str]] = [
      "--chunk is an option of --branch inplace; it does not apply to --branch ttt"),
     ("convert-moshi --moshi-weights {vanilla_st} --config {vanilla}/config.json --out {dir}/o --branch gdn --mode replace",
      "replace"),
-    ("convert-moshi --moshi-weights {vanilla_st} --config {vanilla}/config.json --out {dir}/o --mode replace --gate-init 0",
+    ("convert-moshi --moshi-weights {vanilla_st} --config {vanilla}/config.json --out {dir}/o --branch ttt --mode replace --gate-init 0",
      "gate_init=0"),
+    ("convert-moshi --moshi-weights {vanilla_st} --config {vanilla}/config.json --out {dir}/o --variant fla",
+     "--variant is an option of --branch ttt, not of --branch inplace (the default branch since issue 23): add --branch ttt"),
     ("convert-moshi --moshi-weights {vanilla_st} --config {vanilla}/config.json --out {dir}/o --ttt-config {broken_json}",
      "broken.json: not valid JSON"),  # --ttt-config: the old name of --memory-config
     ("convert-moshi --moshi-weights {vanilla_st} --config {vanilla}/config.json --out {dir}/o --memory-config {vanilla}/config.json",
@@ -233,6 +241,8 @@ ROWS: list[tuple[str, str]] = [
     ("convert-hf --model {unknown_llm} --layers 1 --out {dir}/o --attention-window 0", "--attention-window: 0"),
     ("convert-hf --model {unknown_llm} --layers 1 --out {dir}/o --mini-batch -1", "--mini-batch: -1"),
     ("convert-hf --model {unknown_llm} --layers 1 --out {dir}/o --dtype fp8", "--dtype: invalid choice: 'fp8'"),
+    ("convert-hf --model {mixtral} --layers 1 --out {dir}/o", "mixtures of experts, which have no one down_proj to make "
+     "in-place fast weights of (in-place is the default branch): use --branch ttt"),
     # eval-long: data judged before any model loads
     ("eval-long --model tiny --data {held_out} --lengths 1000,2000", "--lengths 1000,2000: the longest held-out"),
     ("eval-long --model tiny --data {held_out} --lengths 64,1000", "--lengths 1000:"),
@@ -402,6 +412,7 @@ def test_help_and_refused_arguments_import_no_torch() -> None:
 def test_literal_names_and_defaults_match_their_modules() -> None:
     """The commands spell some names and defaults out so `--help` imports nothing heavy; they must agree."""
     pytest.importorskip("moshi")
+    from ttt_speech import branches
     from ttt_speech.eval import commands as eval_commands
     from ttt_speech.eval.gibberish import FRAMES_PER_MINUTE
     from ttt_speech.moshi import commands, files
@@ -411,7 +422,7 @@ def test_literal_names_and_defaults_match_their_modules() -> None:
     from ttt_speech.serve.sampling import SamplingConfig
     from ttt_speech.serve.sessions import Limits
 
-    assert commands.BRANCH_NAMES == tuple(BRANCHES) and commands.QUANT_MODES == MODES
+    assert branches.BRANCH_NAMES == tuple(BRANCHES) and commands.QUANT_MODES == MODES
     assert eval_commands.FRAMES_PER_MINUTE == FRAMES_PER_MINUTE
     assert (serve.CONFIG_NAME, serve.WEIGHTS_NAME) == (files.CONFIG_NAME, files.WEIGHTS_NAME)
     assert (serve.MIMI_WEIGHTS_NAME, serve.MIMI_CONFIG_NAME, serve.TOKENIZER_NAME) == (

@@ -122,7 +122,7 @@ def test_cli_converts_a_llama_omni_directory(tmp_path, capsys):
     omni.save_pretrained(src)
     (src / "tokenizer_config.json").write_text("{}")
     cli_main(["convert-hf", "--model", str(src), "--layers", "1-2", "--out", str(out), "--attention-window", "32",
-              "--mini-batch", "4", "--dtype", "float32"])
+              "--branch", "ttt", "--mini-batch", "4", "--dtype", "float32"])
     printed = capsys.readouterr().out
     assert "left alone 8 tensors" in printed and "speech_encoder_ds_rate" in printed
 

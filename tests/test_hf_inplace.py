@@ -105,17 +105,25 @@ def test_convert_hf_command_with_an_inplace_branch(tmp_path, capsys):
     src, out = tmp_path / "llama", tmp_path / "out"
     original = tiny_model("llama")
     original.save_pretrained(src)
-    base = ["convert-hf", "--model", str(src), "--layers", "1-2", "--attention-window", str(W), "--dtype", "float32",
-            "--branch", "inplace"]
-    cli_main([*base, "--out", str(out), "--chunk", "8"])
-    assert "inplace branch" in capsys.readouterr().out
+    base = ["convert-hf", "--model", str(src), "--layers", "1-2", "--attention-window", str(W), "--dtype", "float32"]
+    cli_main([*base, "--out", str(out), "--chunk", "8"])  # in-place: the default branch
+    printed = capsys.readouterr().out
     model = convert.load(out)
     assert model.model.layers[2].mlp.memory.config == InPlaceConfig(HIDDEN, 128, chunk=8)
+    state = model.model.layers[2].mlp.memory.init_state(1)
+    assert "inplace branch" in printed and f"{2 * state.nbytes / 2**20:.0f} MiB per session" in printed
+    assert "MiB per layer x 2, fp32)" in printed
     assert (logits(model, ids(2, W)) - logits(original, ids(2, W))).abs().max().item() <= 1e-5
-    for extra, msg in ((["--mini-batch", "4"], "--mini-batch does not apply to --branch inplace"),
-                       (["--mode", "replace"], "--branch inplace keeps the attention and changes the MLPs")):
+    named = [*base, "--branch", "inplace"]
+    for argv, msg in (([*named, "--mini-batch", "4"], "--mini-batch is an option of --branch ttt; it does not apply to "
+                                                      "--branch inplace"),
+                      ([*named, "--mode", "replace"], "--mode replace is an option of --branch ttt; it does not apply"),
+                      ([*base, "--mini-batch", "4"], "--mini-batch is an option of --branch ttt, not of --branch "
+                                                     "inplace (the default branch since issue 23): add --branch ttt"),
+                      ([*base, "--branch", "ttt", "--chunk", "8"], "--chunk is an option of --branch inplace; it does "
+                                                                   "not apply to --branch ttt")):
         with pytest.raises(SystemExit) as e:
-            cli_main([*base, "--out", str(tmp_path / "bad"), *extra])
+            cli_main([*argv, "--out", str(tmp_path / "bad")])
         assert e.value.code == 2 and msg in capsys.readouterr().err
     with pytest.raises(ValueError, match="mode='replace' is not supported with an in-place branch"):
         convert(tiny_model("llama"), layers=[1], mode="replace", ttt=InPlaceConfig(HIDDEN, 128))

@@ -136,7 +136,7 @@ def test_convert_hf_cli_on_a_qwen2_audio_directory(tmp_path, capsys):
     original = tiny_qwen2_audio()
     original.save_pretrained(src)
     cli_main(["convert-hf", "--model", str(src), "--layers", "1-2", "--out", str(out), "--attention-window", "32",
-              "--mini-batch", "4", "--dtype", "float32"])
+              "--branch", "ttt", "--mini-batch", "4", "--dtype", "float32"])
     assert "converted layers [1, 2]" in capsys.readouterr().out
     model = convert.load(out)
     assert type(model) is Qwen2AudioForConditionalGeneration and len(ttt_modules(model)) == 2
@@ -290,7 +290,7 @@ def test_convert_hf_reads_a_spirit_lm_release_in_bin_shards(tmp_path, capsys):
     weight_map = {k: name for name, part in shards.items() for k in part}
     (src / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     cli_main(["convert-hf", "--model", str(src), "--layers", "1-2", "--out", str(out), "--attention-window", "64",
-              "--mini-batch", "4", "--dtype", "float32"])
+              "--branch", "ttt", "--mini-batch", "4", "--dtype", "float32"])
     assert "converted layers [1, 2]" in capsys.readouterr().out
     assert "model.safetensors" in os.listdir(out)
     model, prompt = convert.load(out), ids(2, 12, high=VOCAB + SPEECH_UNITS)

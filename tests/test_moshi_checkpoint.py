@@ -121,15 +121,15 @@ def test_load_hybrid_refuses_a_vanilla_checkpoint(tiny_ckpt: TinyCheckpoint) -> 
 def test_convert_moshi_command(tiny_ckpt: TinyCheckpoint, tmp_path: Path) -> None:
     out = convert_moshi("--moshi-weights", str(tiny_ckpt.moshi_weights), "--config", str(tiny_ckpt.config),
                         "--out", str(tmp_path / "out"), "--layers", "1", "--mode", "replace",
-                        "--mini-batch", "8", "--dtype", "float32")
+                        "--branch", "ttt", "--mini-batch", "8", "--dtype", "float32")
     lm = load_hybrid(out, dtype=torch.float32)
     assert lm.memory_spec.mode == "replace" and lm.memory_spec.layers == (1,)
     assert lm.memory_spec.config.mini_batch == 8 and lm.memory_spec.config.num_heads == 4
     assert not hasattr(lm.transformer.layers[1], "self_attn")
     assert json.loads((out / "config.json").read_text())["mimi_name"] == "mimi.safetensors"
     shared = load_hybrid(convert_moshi("--moshi-weights", str(tiny_ckpt.moshi_weights), "--config",
-                                       str(tiny_ckpt.config), "--out", str(tmp_path / "shared"), "--shared-qkv",
-                                       "--dtype", "float32"), dtype=torch.float32)
+                                       str(tiny_ckpt.config), "--out", str(tmp_path / "shared"), "--branch", "ttt",
+                                       "--shared-qkv", "--dtype", "float32"), dtype=torch.float32)
     assert shared.memory_spec.config.shared_qkv and shared.transformer.layers[0].memory.q_proj is None
     assert not any(".memory.q_proj" in k for k in shared.state_dict())
     assert parse_layers("all") == "all" and parse_layers("24-27,3") == [24, 25, 26, 27, 3]

@@ -19,7 +19,8 @@ from helpers.moshi import (  # noqa: E402
 )
 from ttt_speech.config import InPlaceConfig  # noqa: E402
 from ttt_speech.errors import UsageError  # noqa: E402
-from ttt_speech.layers import InPlaceLayer  # noqa: E402
+from ttt_speech.branches import inplace_cost  # noqa: E402
+from ttt_speech.layers import InPlaceLayer, InPlaceState  # noqa: E402
 from ttt_speech.moshi import TTTLMModel, TTTTransformerLayer, convert, default_inplace_config, load_hybrid  # noqa: E402
 from ttt_speech.moshi.tiny import TinyCheckpoint, build_tiny_lm, tiny_lm_config, write_tiny_checkpoint  # noqa: E402
 
@@ -96,21 +97,38 @@ def test_save_then_load_gives_identical_logits_and_one_key_per_weight(tiny_ckpt:
     torch.testing.assert_close(sample(loaded)[1], sample(model.eval())[1], rtol=0, atol=0)
 
 
-def test_convert_moshi_command_with_an_inplace_branch(tiny_ckpt: TinyCheckpoint, tmp_path: Path) -> None:
-    base = ["--moshi-weights", str(tiny_ckpt.moshi_weights), "--config", str(tiny_ckpt.config),
-            "--dtype", "float32", "--branch", "inplace"]
-    out = convert_moshi(*base, "--out", str(tmp_path / "out"), "--layers", "1", "--chunk", "8")
+def test_convert_moshi_command_with_an_inplace_branch(tiny_ckpt: TinyCheckpoint, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["--moshi-weights", str(tiny_ckpt.moshi_weights), "--config", str(tiny_ckpt.config), "--dtype", "float32"]
+    out = convert_moshi(*base, "--out", str(tmp_path / "out"), "--layers", "1", "--chunk", "8")  # the default branch
     lm = load_hybrid(out, dtype=torch.float32)
     assert lm.memory_spec.branch == "inplace" and lm.memory_spec.layers == (1,) and lm.memory_spec.config.chunk == 8
     assert isinstance(lm.transformer.layers[1].memory, InPlaceLayer)
+    assert "MiB per layer x 1, fp32); at Moshi-7B all 32 layers cost 1.85x" in capsys.readouterr().out
+    state = lm.transformer.layers[1].memory.init_state(3)
+    assert InPlaceState.spec_nbytes(lm.memory_spec.config, 3) == state.nbytes > 0  # told before allocating
+    # what convert-moshi --layers all prints at Moshi-7B shape: the measured 5754 MiB (docs/benchmarks.md)
+    assert inplace_cost(32, InPlaceState.spec_nbytes(InPlaceConfig(4096, 11264))).startswith(
+        "in-place state: 5754 MiB per session (179.8 MiB per layer x 32, fp32)")
     vanilla = tiny_ckpt.checkpoint_info().get_moshi(dtype=torch.float32)
     codes = random_codes(vanilla, 1, 3 * CONTEXT)
     with torch.no_grad():
         torch.testing.assert_close(lm(codes).logits, vanilla(codes).logits, rtol=0, atol=0, equal_nan=True)
-    for extra, msg in ((["--mini-batch", "8"], "--mini-batch is an option of --branch ttt"),
-                       (["--gate-init", "0.1"], "--gate-init is an option of --branch ttt/gdn"),
-                       (["--mode", "replace"], "mode='replace' is not supported with an in-place branch")):
+    named = [*base, "--branch", "inplace"]
+    for argv, msg in (([*named, "--mini-batch", "8"], "--mini-batch is an option of --branch ttt; it does not apply to "
+                                                      "--branch inplace"),
+                      ([*named, "--gate-init", "0.1"], "--gate-init is an option of --branch ttt/gdn; it does not"),
+                      ([*named, "--mode", "replace"], "--mode replace is an option of --branch ttt; it does not"),
+                      # commands written when TTT was the default: one line naming the option and its branch
+                      ([*base, "--mini-batch", "8"], r"--mini-batch is an option of --branch ttt, not of --branch "
+                                                     r"inplace \(the default branch since issue 23\): add --branch ttt"),
+                      ([*base, "--mode", "replace"], r"--mode replace is an option of --branch ttt, not of --branch "
+                                                     r"inplace \(the default"),
+                      ([*base, "--branch", "ttt", "--chunk", "8"], "--chunk is an option of --branch inplace; it does "
+                                                                   "not apply to --branch ttt")):
         with pytest.raises(UsageError, match=msg):
-            convert_moshi(*base, "--out", str(tmp_path / "bad"), *extra)
-    with pytest.raises(UsageError, match="--chunk is an option of --branch inplace; it does not apply to --branch ttt"):
-        convert_moshi(*base[:-1], "ttt", "--out", str(tmp_path / "bad"), "--chunk", "8")
+            convert_moshi(*argv, "--out", str(tmp_path / "bad"))
+    ttt_json = tmp_path / "ttt.json"
+    ttt_json.write_text('{"mini_batch": 8}')
+    with pytest.raises(UsageError, match=r"ttt.json: mini_batch is an option of --branch ttt, not of --branch inplace"):
+        convert_moshi(*base, "--memory-config", str(ttt_json), "--out", str(tmp_path / "bad"))

@@ -164,14 +164,20 @@ def test_training_configs_written_with_ttt_still_load(tmp_path: Path) -> None:
     from ttt_speech.train.config import config_from_dict, load_config
 
     path = tmp_path / "old.yaml"
-    path.write_text("run_dir: r\nmodel: {tiny: true, ttt: {gate_init: 0.5, mini_batch: 4}}\n"
+    path.write_text("run_dir: r\nmodel: {tiny: true, branch: ttt, ttt: {gate_init: 0.5, mini_batch: 4}}\n"
                     "data: {train: [d]}\nstages: [{seq_len: 8, steps: 1, lr: 0.001}]\ntrain: {trainable: ttt}\n")
     cfg = load_config(path, ["model.ttt.gate_init=0.25"])
     assert cfg.model.memory == {"gate_init": 0.25, "mini_batch": 4} and cfg.train.trainable == "memory"
     assert load_config(path, ["model.memory.mini_batch=8"]).model.memory == {"gate_init": 0.5, "mini_batch": 8}
-    new = config_from_dict({"run_dir": "r", "model": {"tiny": True, "memory": {"gate_init": 0.5}},
+    new = config_from_dict({"run_dir": "r", "model": {"tiny": True, "branch": "ttt", "memory": {"gate_init": 0.5}},
                             "data": {"train": ["d"]}, "stages": [{"seq_len": 8, "steps": 1, "lr": 1e-3}]})
     assert new.model.memory == {"gate_init": 0.5} and new.train.trainable == "memory"
+    unnamed = tmp_path / "unnamed.yaml"  # TTT options and no branch: TTT is no longer the default (issue 23)
+    unnamed.write_text(path.read_text().replace("branch: ttt, ", ""))
+    with pytest.raises(UsageError, match=r"unnamed.yaml: model.memory.gate_init is an option of model.branch: ttt/gdn, "
+                                         r"not of model.branch: inplace \(the default branch since issue 23\): add "
+                                         r"model.branch: ttt"):
+        load_config(unnamed)
     both = tmp_path / "both.yaml"
     both.write_text(path.read_text().replace("model: {", "model: {memory: {}, "))
     with pytest.raises(UsageError, match="give model.memory or its old name model.ttt, not both"):

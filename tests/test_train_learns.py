@@ -34,7 +34,7 @@ def recall_loss(trainer: Trainer, segment: int | None) -> float:
 def train(tmp: Path, layers: list[int]) -> Trainer:
     model = {"family": "moshi", "tiny": True, "layers": layers}
     if layers:
-        model["memory"] = {"gate_init": 0.5, "mini_batch": 8}
+        model |= {"branch": "ttt", "memory": {"gate_init": 0.5, "mini_batch": 8}}
     cfg = config_from_dict({
         "run_dir": str(tmp / f"run_{bool(layers)}"), "model": model,
         "data": {"train": [str(tmp / "train.safetensors")], "eval": [str(tmp / "val.safetensors")]},

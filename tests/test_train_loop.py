@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.numpy import save_file
 
 pytest.importorskip("moshi")
@@ -105,7 +106,8 @@ def test_a_transformers_hybrid_trains_on_flat_token_streams(tmp_path: Path) -> N
     for i in range(3):
         np.save(tmp_path / "tokens" / f"doc{i}.npy", np.random.default_rng(i).integers(0, 64, 50))
     cfg = config_from_dict({
-        "run_dir": str(tmp_path / "run"), "model": {"family": "hf", "tiny": True, "layers": [1], "memory": {"mini_batch": 4}},
+        "run_dir": str(tmp_path / "run"), "model": {"family": "hf", "tiny": True, "layers": [1], "branch": "ttt",
+                                     "memory": {"mini_batch": 4}},
         "data": {"train": [str(tmp_path / "tokens")]}, "train": {"batch_size": 2, "segment_len": 10, "device": "cpu"},
         "stages": [{"seq_len": 25, "steps": 3, "lr": 1e-2}], "log": {"progress": False}})
     trainer = Trainer(cfg)
@@ -180,6 +182,12 @@ def test_config_files_parse_and_typos_are_errors(tmp_path: Path) -> None:
     moshi = load_config(CONFIGS / "moshi_long.yaml", ["train.batch_size=4", "stages=[{seq_len: 100, steps: 2, lr: 1}]"])
     assert moshi.train.batch_size == 4 and moshi.stages == [Stage(100, 2, 1.0)]
     assert [s.seq_len for s in load_config(CONFIGS / "moshi_long.yaml").stages] == [8192, 16384, 32768, 65536]
+    # moshi_long shows the default branch (in-place, named nowhere in it); the configs with TTT options name ttt
+    assert "branch" not in yaml.safe_load((CONFIGS / "moshi_long.yaml").read_text())["model"]
+    assert moshi.model.branch == "inplace" and moshi.model.memory == {"chunk": 64} and moshi.model.layers == [28, 29, 30, 31]
+    assert {p.name: load_config(p).model.branch for p in CONFIGS.glob("*.yaml") if "memory:" in p.read_text()
+            and not p.name.startswith("codec_")} == {"moshi_long.yaml": "inplace", "tiny_recall.yaml": "ttt",
+                                                    "hf_long.yaml": "ttt", "small_moshi_convert.yaml": "ttt"}
     bad = tmp_path / "bad.yaml"
     bad.write_text((CONFIGS / "tiny_recall.yaml").read_text().replace("batch_size", "batch_sise"))
     with pytest.raises(ValueError, match=r"train: unknown keys \['batch_sise'\]"):

@@ -41,7 +41,7 @@ extra() {  # one argument per line
   case ${1:0:1} in
     d) ;;
     b) printf -- '--set\n%s\n' model.layers=all model.branch=inplace ;;
-    a) printf -- '--set\n%s\n' model.layers=all model.memory.variant=ttt-lm model.memory.gate_init=0.1 model.memory.use_rope=false ;;
+    a) printf -- '--set\n%s\n' model.layers=all model.branch=ttt model.memory.variant=ttt-lm model.memory.gate_init=0.1 model.memory.use_rope=false ;;
     c) printf -- '--set\n%s\n' model.layers=all model.branch=gdn model.memory.gate_init=0.1 ;;
   esac
 }

@@ -34,7 +34,7 @@ def write_codes(root: Path, docs: int = 6, length: int = 80, seed: int = 0) -> P
 def tiny_config(tmp: Path, **over: object) -> dict:
     cfg = {
         "run_dir": str(tmp / "run"),
-        "model": {"family": "moshi", "tiny": True, "memory": {"gate_init": 0.5, "mini_batch": 4}},
+        "model": {"family": "moshi", "tiny": True, "branch": "ttt", "memory": {"gate_init": 0.5, "mini_batch": 4}},
         "data": {"train": [str(write_codes(tmp / "data"))]},
         "train": {"batch_size": 2, "segment_len": 12, "device": "cpu"},  # exact comparisons: fp32, not CUDA's bf16
         "stages": [{"seq_len": 24, "steps": 4, "lr": 1e-3, "warmup": 0.25}, {"seq_len": 40, "steps": 3, "lr": 5e-4}],

@@ -1,4 +1,4 @@
-"""`ttt-speech convert-hf`: convert a local transformers checkpoint into a TTT hybrid.
+"""`ttt-speech convert-hf`: convert a local transformers checkpoint into a memory hybrid (in-place by default, or TTT).
 
 Llama, Qwen2, Mixtral and Qwen2-Audio directories, and LLaMA-Omni's and VITA's (a Llama or Mixtral
 with speech/vision modules beside it); `layouts.py` says where each keeps its decoder.
@@ -16,6 +16,7 @@ import shutil
 import typing as tp
 from pathlib import Path
 
+from ttt_speech.branches import DEFAULT_BRANCH, inplace_cost, wrong_branch
 from ttt_speech.errors import UsageError, output_dir, positive_int
 
 if tp.TYPE_CHECKING:
@@ -40,14 +41,16 @@ def parse_layers(spec: str) -> list[int]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, type=Path, help="local transformers directory (config.json + safetensors)")
-    p.add_argument("--layers", required=True, type=parse_layers, help="decoder layers to convert, e.g. 24-31")
+    p.add_argument("--layers", required=True, type=parse_layers,
+                   help="decoder layers to convert, e.g. 28-31 (in-place: 229 MiB of state per layer and session at "
+                        "Llama-8B shape; at Moshi-7B all 32 layers cost 1.85x vanilla's step, 28-31 1.115x)")
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--mode", choices=["hybrid", "replace"], default="hybrid")
     p.add_argument("--attention-window", type=positive_int, default=4096,
                    help="sliding-window size of every attention layer")
-    p.add_argument("--branch", choices=["ttt", "inplace"], default="ttt",
-                   help="ttt: a TTT branch beside attention (default); inplace: the layers' own MLPs become "
-                        "per-stream fast weights (docs/ttt.md; --mode hybrid only)")
+    p.add_argument("--branch", choices=["ttt", "inplace"], default=None,
+                   help="inplace (default): the layers' own MLPs become per-stream fast weights (docs/ttt.md; "
+                        "--mode hybrid, gated MLPs, not Mixtral's MoE); ttt: a TTT branch beside attention")
     p.add_argument("--chunk", type=positive_int, default=None, help="in-place branch: tokens per fast-weight write "
                                                                     "(default 64)")
     p.add_argument("--mini-batch", type=positive_int, default=None, help="TTT mini-batch size (default 16)")
@@ -83,13 +86,16 @@ def memory_config(args: argparse.Namespace, hidden_size: int, attention_heads: i
     """The branch config the options make for a decoder of this width (the MLP's, for --branch inplace)."""
     from ttt_speech.config import InPlaceConfig, TTTConfig
 
-    flags = [k for k in (TTT_ONLY if args.branch == "inplace" else ("chunk",)) if getattr(args, k) is not None]
-    if flags:
-        flag = "--" + flags[0].replace("_", "-")
-        raise ValueError(f"{flag} does not apply to --branch {args.branch}")
-    if args.branch == "inplace":
+    branch = args.branch or DEFAULT_BRANCH
+    own = ("chunk",) if branch == "inplace" else TTT_ONLY
+    for key in ("chunk", *TTT_ONLY):
+        if getattr(args, key) is not None and key not in own:
+            raise ValueError(wrong_branch("--" + key.replace("_", "-"), ["ttt" if branch == "inplace" else "inplace"],
+                                          branch, "--branch", args.branch is not None))
+    if branch == "inplace":
         if args.mode != "hybrid":
-            raise ValueError("--branch inplace keeps the attention and changes the MLPs: use --mode hybrid")
+            raise ValueError(wrong_branch(f"--mode {args.mode}", ["ttt"], branch, "--branch", args.branch is not None)
+                             + " (in-place keeps the attention and changes the MLPs)")
         extra = {} if args.base_lr is None else {"base_lr": args.base_lr}
         return InPlaceConfig(dim=hidden_size, hidden=intermediate_size or 0, chunk=args.chunk or 64, **extra)
     return TTTConfig(dim=hidden_size, num_heads=args.num_heads or attention_heads, inner=args.inner or "linear",
@@ -107,6 +113,10 @@ def check_options(args: argparse.Namespace, cfg: dict[str, tp.Any]) -> None:
         raise UsageError(f"--layers {','.join(map(str, args.layers))}: the model has decoder layers 0-{n - 1}")
     if args.mode == "replace" and isinstance(n, int) and len(set(args.layers)) == n:
         raise UsageError("--mode replace needs at least one attention layer left (it keeps track of positions)")
+    if (args.branch or DEFAULT_BRANCH) == "inplace" and decoder.get("num_local_experts"):
+        raise UsageError(f"--model {args.model}: its MLPs are mixtures of experts, which have no one down_proj to make "
+                         f"in-place fast weights of{'' if args.branch else ' (in-place is the default branch)'}: "
+                         "use --branch ttt")
     width, heads = decoder.get("hidden_size"), decoder.get("num_attention_heads")
     if isinstance(width, int) and isinstance(heads, int):
         try:
@@ -121,9 +131,11 @@ def run(args: argparse.Namespace) -> None:
     """Run `ttt-speech convert-hf` with the arguments `add_arguments` declared."""
     from safetensors.torch import save_file
 
+    from ttt_speech.config import InPlaceConfig
     from ttt_speech.hf.checkpoint import load_llm, read_tensors
     from ttt_speech.hf.conversion import convert
     from ttt_speech.hf.layouts import decoder_of
+    from ttt_speech.layers.inplace import InPlaceState
 
     cfg = check_source(args.model)
     check_options(args, cfg)
@@ -146,5 +158,7 @@ def run(args: argparse.Namespace) -> None:
     print(report)
     if report.left_alone_keys:
         print(f"copied the {len(report.left_alone_keys)} left-alone tensors to {args.out / LEFT_ALONE_FILE}")
-    print(f"converted layers {args.layers} ({args.mode}, {args.branch} branch, attention window "
+    print(f"converted layers {args.layers} ({args.mode}, {args.branch or DEFAULT_BRANCH} branch, attention window "
           f"{args.attention_window}) -> {args.out}")
+    if isinstance(branch, InPlaceConfig):
+        print(inplace_cost(len(set(args.layers)), InPlaceState.spec_nbytes(branch)))

@@ -174,7 +174,8 @@ class Converter:
         mode: "hybrid" keeps attention and adds a gated TTT branch (gate 0 at start: same logits as the
             original while sequences fit the window); "replace" swaps attention for TTT initialised from
             its projections (GQA K/V heads expanded).
-        memory: the branch's config; default TTTConfig(dim=hidden_size, num_heads=num_attention_heads). An
+        memory: the branch's config; default TTTConfig(dim=hidden_size, num_heads=num_attention_heads) (code written
+            against this function keeps its meaning; `convert-hf` and the trainer default to in-place). An
             InPlaceConfig instead gives the layers' own MLPs in-place fast weights (hybrid mode; identical
             logits until its target projection is trained; docs/ttt.md). `ttt=` is its old name.
         attention_window: keys/values every attention layer sees and caches (sliding window, tokens).

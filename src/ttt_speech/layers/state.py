@@ -13,6 +13,7 @@ boundary, each stream's position inside its mini-batch, the tails of causal conv
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -145,6 +146,11 @@ class LayerState:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    @classmethod
+    def spec_nbytes(cls, config: Any, batch_size: int = 1) -> int:
+        """What `nbytes` will be for `batch_size` streams, told before anything is allocated (the converters say it)."""
+        return sum(math.prod(shape) * dtype.itemsize for shape, dtype in cls.spec(config, batch_size).values())
 
     # -- making new states -------------------------------------------------------------------
     def _with(self: S, tensors: dict[str, Tensor]) -> S:

@@ -19,6 +19,7 @@ from moshi.models.lm import LMModel
 from moshi.modules.transformer import StreamingMultiheadAttention
 from torch import nn
 
+from ttt_speech.branches import DEFAULT_BRANCH
 from ttt_speech.compat import retype
 from ttt_speech.config import GatedDeltaNetConfig, InPlaceConfig, TTTConfig
 from ttt_speech.moshi.compat import forget_streaming_children
@@ -107,9 +108,10 @@ def default_inplace_config(lm: LMModel, **overrides: tp.Any) -> InPlaceConfig:
     return InPlaceConfig(**(kw | overrides))
 
 
-def default_branch_config(lm: LMModel, mode: Mode = "hybrid", branch: Branch = "ttt",
+def default_branch_config(lm: LMModel, mode: Mode = "hybrid", branch: Branch = tp.cast(Branch, DEFAULT_BRANCH),
                           **overrides: tp.Any) -> BranchConfig:
-    """`default_ttt_config`, `default_gdn_config` or `default_inplace_config` by branch kind."""
+    """`default_ttt_config`, `default_gdn_config` or `default_inplace_config` by branch kind (default: in-place,
+    as for the commands and the trainer)."""
     if branch == "ttt":
         return default_ttt_config(lm, mode, **overrides)
     if branch == "gdn":
@@ -170,7 +172,8 @@ def convert(
 ) -> TTTLMModel:
     """Give the chosen temporal-transformer layers a memory branch; modifies and returns `lm`.
 
-    memory: a TTTConfig (default: `default_ttt_config`), a GatedDeltaNetConfig, which gives the
+    memory: a TTTConfig (default: `default_ttt_config`; code written against this function keeps its meaning,
+        while the commands and the trainer default to in-place), a GatedDeltaNetConfig, which gives the
         layers a gated Gated DeltaNet branch instead (mode="hybrid" only, never from attention), or an
         InPlaceConfig (the layers' own MLPs get in-place fast weights). `ttt=` is its old name.
 

@@ -13,6 +13,7 @@ import typing as tp
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ttt_speech.branches import DEFAULT_BRANCH, misplaced, wrong_branch
 from ttt_speech.engine.config import (
     CheckpointConfig,
     LogConfig,
@@ -47,9 +48,9 @@ class ModelConfig:
     seed: int = 0  # initialisation of tiny models and of new TTT layers
     layers: str | list[int] = "all"
     mode: str = "hybrid"
-    # ttt | gdn: a Gated DeltaNet branch instead (the linear-memory rival; Moshi only) | inplace: the
-    # layers' own MLPs become fast weights (docs/ttt.md)
-    branch: Branch = "ttt"
+    # inplace (default, issue 23's pick): the layers' own MLPs become fast weights (docs/ttt.md) | ttt: a
+    # TTT branch beside attention (also mode: replace) | gdn: Gated DeltaNet, the linear-memory rival (Moshi only)
+    branch: Branch = tp.cast(Branch, DEFAULT_BRANCH)
     # TTTConfig (GatedDeltaNetConfig, InPlaceConfig) overrides; `model.ttt` is its old name (KEY_ALIASES)
     memory: dict[str, tp.Any] = field(default_factory=dict)
     dtype: str = "auto"  # auto: bfloat16 for frozen weights on CUDA, float32 on CPU
@@ -63,6 +64,13 @@ class ModelConfig:
             raise ValueError("model: a hybrid checkpoint already has its memory layers; drop layers/memory")
         if self.branch == "gdn" and self.family != "moshi":
             raise ValueError("model.branch: gdn (Gated DeltaNet) is implemented for Moshi models only")
+        # configs written before the default moved to in-place name TTT options and no branch: say which
+        named = self.branch != DEFAULT_BRANCH  # the default may be named too; then the hint to name another is moot
+        wrong = misplaced(self.memory, self.branch)
+        if wrong:
+            raise ValueError(wrong_branch(f"model.memory.{wrong[0]}", wrong[1], self.branch, "model.branch:", named))
+        if self.mode == "replace" and self.branch == "inplace":
+            raise ValueError(wrong_branch("model.mode: replace", ["ttt"], self.branch, "model.branch:", named))
 
 
 @dataclass
