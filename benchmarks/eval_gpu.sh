@@ -26,6 +26,6 @@ for i in range(2):
     codes = np.concatenate([rng.integers(0, 32000, (1, longest + 8)), rng.integers(0, 2048, (16, longest + 8))])
     np.save(f"{root}/data/seq{i}.npy", codes.astype(np.int32))
 PY
-python3 -m ttt_speech convert-moshi --moshi-weights $R/vanilla/model.safetensors --config $R/vanilla/config.json --out $R/hybrid --gate-init 0.05 --dtype bfloat16
+python3 -m ttt_speech convert-moshi --moshi-weights $R/vanilla/model.safetensors --config $R/vanilla/config.json --out $R/hybrid --branch ttt --gate-init 0.05 --dtype bfloat16
 python3 -m ttt_speech eval-long --model vanilla=$R/vanilla --model hybrid=$R/hybrid --data $R/data --lengths "$LENGTHS" \
   --max-sequences 1 --minutes 1 --no-asr --out "$OUT/report"

@@ -184,7 +184,7 @@ def test_config_files_parse_and_typos_are_errors(tmp_path: Path) -> None:
     assert [s.seq_len for s in load_config(CONFIGS / "moshi_long.yaml").stages] == [8192, 16384, 32768, 65536]
     # moshi_long shows the default branch (in-place, named nowhere in it); the configs with TTT options name ttt
     assert "branch" not in yaml.safe_load((CONFIGS / "moshi_long.yaml").read_text())["model"]
-    assert moshi.model.branch == "inplace" and moshi.model.memory == {"chunk": 64} and moshi.model.layers == [28, 29, 30, 31]
+    assert (moshi.model.branch, moshi.model.memory, moshi.model.layers) == ("inplace", {"chunk": 64}, [28, 29, 30, 31])
     assert {p.name: load_config(p).model.branch for p in CONFIGS.glob("*.yaml") if "memory:" in p.read_text()
             and not p.name.startswith("codec_")} == {"moshi_long.yaml": "inplace", "tiny_recall.yaml": "ttt",
                                                     "hf_long.yaml": "ttt", "small_moshi_convert.yaml": "ttt"}

@@ -20,11 +20,13 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "generate": ("ttt_speech.moshi.commands", "add_generate_arguments", "run_generate",
                  "stream N minutes from a TTT hybrid (default: the small hybrid + codec shipped in the package)"),
     "convert-moshi": ("ttt_speech.moshi.commands", "add_convert_arguments", "run_convert",
-                      "convert a Moshi checkpoint into a TTT hybrid"),
+                      "convert a Moshi checkpoint into a memory hybrid (in-place fast weights by default; "
+                      "--branch ttt|gdn)"),
     "init-moshi": ("ttt_speech.scratch.commands", "add_init_arguments", "run_init",
                    "write a new small Moshi-architecture LM (random weights) with a trained codec and a text tokenizer"),
     "convert-hf": ("ttt_speech.hf.cli", "add_arguments", "run",
-                   "convert a local transformers Llama/Qwen2 (or LLaMA-Omni) checkpoint into a TTT hybrid"),
+                   "convert a local transformers Llama/Qwen2 (or LLaMA-Omni) checkpoint into a memory hybrid (in-place by "
+                   "default; --branch ttt)"),
     "serve": ("ttt_speech.serve.commands", "add_arguments", "run",
               "serve Moshi's websocket protocol: sessions batched in one step, suspend/resume"),
     "talk": ("ttt_speech.serve.client", "add_arguments", "run",
