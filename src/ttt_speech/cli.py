@@ -25,8 +25,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "init-moshi": ("ttt_speech.scratch.commands", "add_init_arguments", "run_init",
                    "write a new small Moshi-architecture LM (random weights) with a trained codec and a text tokenizer"),
     "convert-hf": ("ttt_speech.hf.cli", "add_arguments", "run",
-                   "convert a local transformers Llama/Qwen2 (or LLaMA-Omni) checkpoint into a memory hybrid (in-place by "
-                   "default; --branch ttt)"),
+                   "convert a local transformers Llama/Qwen2 (or LLaMA-Omni) checkpoint into a memory hybrid "
+                   "(in-place by default; --branch ttt)"),
     "serve": ("ttt_speech.serve.commands", "add_arguments", "run",
               "serve Moshi's websocket protocol: sessions batched in one step, suspend/resume"),
     "talk": ("ttt_speech.serve.client", "add_arguments", "run",
