@@ -72,6 +72,37 @@ def test_attention_implementation_reads_the_config():
     assert attention_implementation(transformers.LlamaConfig(attn_implementation="eager")) == "eager"
 
 
+def test_attention_implementation_as_switches_the_attention_function_and_back():
+    transformers = pytest.importorskip("transformers")
+    from ttt_speech.hf.compat import attention_implementation, attention_implementation_as
+
+    calls = []
+
+    def recorded(module, query, key, value, attention_mask, **kwargs):
+        calls.append(query.shape)
+        return transformers.integrations.sdpa_attention.sdpa_attention_forward(module, query, key, value,
+                                                                                attention_mask, **kwargs)
+
+    transformers.AttentionInterface.register("ttt_speech_test_recorded", recorded)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, attn_implementation="sdpa")
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 16, (1, 5))
+    with torch.no_grad():
+        expected = model(ids).logits
+        with attention_implementation_as(model.config, "ttt_speech_test_recorded"):
+            assert attention_implementation(model.config) == "ttt_speech_test_recorded"
+            torch.testing.assert_close(model(ids).logits, expected)
+    assert calls == [(1, 2, 5, 8)]  # the layer's attention went through the registered function
+    assert attention_implementation(model.config) == "sdpa"
+    composite = transformers.Qwen2AudioConfig()
+    composite.text_config._attn_implementation, composite.audio_config._attn_implementation = "eager", "sdpa"
+    with attention_implementation_as(composite, "ttt_speech_test_recorded"):
+        assert attention_implementation(composite.text_config) == "ttt_speech_test_recorded"
+    assert [attention_implementation(c) for c in (composite.text_config, composite.audio_config)] == ["eager", "sdpa"]
+
+
 # -- moshi --------------------------------------------------------------------------------------
 moshi_compat = pytest.importorskip("ttt_speech.moshi.compat")
 

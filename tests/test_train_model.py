@@ -181,3 +181,26 @@ def test_hf_segments_equal_converted_model_forward(mode: str, layers: list[int])
             for layer in model.model.layers:
                 layer.mlp.memory.target_proj.weight.zero_()
             assert (model(ids[:, :-1], use_cache=False).logits - ref)[:, 4:].abs().max() > 1e-2
+
+
+def test_hf_segments_equal_a_mixtral_hybrids_forward() -> None:
+    """Mixtral's decoder layers (attention, then the experts; their router logits are only recorded by the
+    model forward's output hooks, which segments do not ask for) run their own forward on segments."""
+    transformers = pytest.importorskip("transformers", minversion="5.23")
+    from ttt_speech import TTTConfig
+    from ttt_speech.hf import convert as hf_convert
+    from ttt_speech.train.hf_model import HFSegmentLM
+
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                        num_experts_per_tok=2, max_position_embeddings=1024, attn_implementation="sdpa")
+    model = hf_convert(transformers.MixtralForCausalLM(config), [1], "hybrid",
+                       TTTConfig(dim=32, num_heads=4, mini_batch=4, gate_init=0.5), attention_window=8).train()
+    ids = torch.randint(0, 64, (2, T + 1), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(ids[:, :-1], use_cache=False)
+        seg = HFSegmentLM(model, None, None, False)
+        for cuts in CUTS[1:3]:
+            (logits,) = segment_logits(seg, ids[:, None], cuts)
+            assert (logits[:, 0] - ref.logits).abs().max() < 2e-5

@@ -12,7 +12,8 @@ test per private, and fails when any other module touches one).
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 from packaging.version import Version
 from transformers import PreTrainedConfig
@@ -50,3 +51,18 @@ def output_cache(output: Any) -> Any:
 def attention_implementation(config: PreTrainedConfig) -> str | None:
     """The attention kernel the model was loaded with ("sdpa", "eager", ...)."""
     return config._attn_implementation
+
+
+@contextlib.contextmanager
+def attention_implementation_as(config: PreTrainedConfig, name: str) -> Iterator[None]:
+    """Inside the block the attention layers built from `config` call the `AttentionInterface` function
+    registered as `name`. Their forward looks the function up, per call, by the config's private
+    `_attn_implementation`; the public `set_attn_implementation` re-checks a whole model, for load time.
+    Setting it sets every sub-config's too; each gets its own back."""
+    subs = {key: getattr(config, key) for key in config.sub_configs if getattr(config, key, None) is not None}
+    own = {"": config._attn_implementation} | {key: sub._attn_implementation for key, sub in subs.items()}
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = own

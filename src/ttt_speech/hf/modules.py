@@ -14,10 +14,14 @@ Padding: the model's forward hook passes `memory_token_mask` [B, T] (False = pad
 decoder layers' kwargs. Padded tokens never touch a TTT state: columns where every stream has a
 real token run through the chunked form, the other columns through the streaming step with
 `exec_mask` (so left-padded prompts give each stream exactly the state it would have alone).
+
+Training segments (`hf.segments`) pass a `Segment` down the same kwargs (`memory_segment=`): the
+branch reads and leaves its state there instead of in a cache.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -31,6 +35,25 @@ from ttt_speech.layers.ttt import StreamingLayer, TTTLayer
 from ttt_speech.names import MEMORY
 
 TOKEN_MASK_KWARG = "memory_token_mask"
+SEGMENT_KWARG = "memory_segment"
+KV = tuple[Tensor, Tensor]
+
+
+@dataclass
+class Segment:
+    """A training segment's view of one decoder layer, passed down its forward as `memory_segment=`.
+
+    Attention reaches `past` (the previous segment's last window - 1 keys/values) through a window of
+    `window` positions (`hf.segments.segment_attention`); the memory branch starts from `memory`
+    instead of a `TTTCache`. The layer's forward leaves what the next segment starts from in `kv`
+    and `memory`.
+    """
+
+    past: KV | None
+    memory: LayerState | None
+    window: int
+    chunk: int | None
+    kv: KV | None = None
 
 
 def _pads_before_tokens(token_mask: Tensor) -> bool:
@@ -70,11 +93,15 @@ def _masked(layer: StreamingLayer, x: Tensor, state: LayerState, token_mask: Ten
 
 
 def memory_branch(layer: StreamingLayer, x: Tensor, cache: Any, layer_idx: int, token_mask: Tensor | None) -> Tensor:
-    """Output of memory layer `layer_idx` for x [B, T, dim], carrying its state in `cache` when it is a TTTCache.
+    """Output of memory layer `layer_idx` for x [B, T, dim], carrying its state in `cache` when it is a TTTCache
+    or a training `Segment`.
 
-    Without a TTTCache (training, or use_cache=False) each call starts from the layer's initial
-    weights and uses the chunked form; trailing padding is harmless there (causal, state dropped).
+    Without either (use_cache=False) each call starts from the layer's initial weights and uses the
+    chunked form; trailing padding is harmless there (causal, state dropped).
     """
+    if isinstance(cache, Segment):
+        y, cache.memory = layer(x, cache.memory)
+        return y
     state = cache.memory_state(layer_idx, layer, x.shape[0], x.device) if isinstance(cache, TTTCache) else None
     if state is None:
         if token_mask is None or not _pads_before_tokens(token_mask):
@@ -90,6 +117,13 @@ def memory_branch(layer: StreamingLayer, x: Tensor, cache: Any, layer_idx: int, 
     return y
 
 
+def memory_carrier(kwargs: dict[str, Any]) -> Any:
+    """What carries a memory state across the forwards of a decoder layer given these kwargs: a training
+    `Segment`, else the cache (a `TTTCache` while generating)."""
+    segment = kwargs.get(SEGMENT_KWARG)
+    return get_cache(kwargs) if segment is None else segment
+
+
 class HybridAttentionMixin:
     """Mixed in front of an attention class: attention output + gated TTT output."""
 
@@ -102,7 +136,7 @@ class HybridAttentionMixin:
         attention = super().forward  # type: ignore[misc]
         return hybrid_attention(
             self, hidden, lambda h: attention(*args, **kwargs),
-            lambda h: memory_branch(self.memory, h, get_cache(kwargs), self.layer_idx, token_mask))
+            lambda h: memory_branch(self.memory, h, memory_carrier(kwargs), self.layer_idx, token_mask))
 
 
 _HYBRID_CLASSES: dict[type, type] = {}
@@ -132,7 +166,7 @@ class InPlaceMLPMixin:
 def pass_memory_context(layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
     """Forward pre-hook of a decoder layer whose mlp has in-place fast weights: the mlp gets the cache and
     padding mask that reach the layer (and its attention) as keyword arguments."""
-    layer.mlp.memory_context = (get_cache(kwargs), kwargs.get(TOKEN_MASK_KWARG))
+    layer.mlp.memory_context = (memory_carrier(kwargs), kwargs.get(TOKEN_MASK_KWARG))
 
 
 def drop_memory_context(layer: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
@@ -161,7 +195,8 @@ class TTTAttention(nn.Module):
     def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, None]:
         token_mask = kwargs.get(TOKEN_MASK_KWARG)
         return hybrid_attention(
-            self, hidden_states, None, lambda h: memory_branch(self.memory, h, get_cache(kwargs), self.layer_idx, token_mask))
+            self, hidden_states, None,
+            lambda h: memory_branch(self.memory, h, memory_carrier(kwargs), self.layer_idx, token_mask))
 
 
 def hybrid_attention(attn: nn.Module, hidden: Tensor, attend: Callable[[Tensor], tuple[Tensor, Any]] | None,

@@ -1,72 +1,52 @@
-"""A transformers Llama/Qwen2 (hybrid or plain) run one segment of a long sequence at a time.
+"""A transformers Llama/Qwen2/Mixtral (hybrid or plain) run one segment of a long sequence at a time.
 
 The converted model's own forward windows attention through a dense [T, T] sliding-window mask; here
-a decoder layer runs on one segment with `windowed_attention`, starting from the keys/values and the
-branch state the previous segment left. The branch joins attention through `hybrid_attention`, the
-composition the model's own forward uses; only how attention reaches its past differs. An in-place
-branch is the layer's MLP (`mlp.memory`), run here with the carried state instead of the cache.
+each decoder layer runs its own forward (norms, residuals, MLP or experts, the branch joined by
+`hybrid_attention`) on one segment, and only its attention function is swapped: `segment_attention`,
+registered with transformers' `AttentionInterface`, runs `windowed_attention` over the keys/values
+the previous segment left and this segment's. The branch state rides down the layer's kwargs in a
+`Segment` (`hf.modules`), in place of the `TTTCache` that carries it while generating; an in-place
+branch is the layer's MLP (`mlp.memory`), which reads the same `Segment`.
 """
 
 from __future__ import annotations
 
-import sys
-import typing as tp
+from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import PreTrainedModel
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import repeat_kv
 
-from ttt_speech.hf.modules import hybrid_attention
+from ttt_speech.hf.compat import attention_implementation_as
+from ttt_speech.hf.modules import KV, SEGMENT_KWARG, Segment
 from ttt_speech.layers.attention import windowed_attention
 from ttt_speech.layers.state import LayerState
-from ttt_speech.names import MEMORY
 
-KV = tuple[Tensor, Tensor]
-
-
-def _rope_functions(attn: nn.Module) -> tuple[tp.Callable, tp.Callable]:
-    """apply_rotary_pos_emb and repeat_kv of the transformers model file the attention class comes from."""
-    for cls in type(attn).__mro__:
-        module = sys.modules.get(cls.__module__)
-        if module is not None and hasattr(module, "apply_rotary_pos_emb") and hasattr(module, "repeat_kv"):
-            return module.apply_rotary_pos_emb, module.repeat_kv
-    raise TypeError(f"{type(attn).__name__}: not a Llama/Qwen2-style attention (no apply_rotary_pos_emb/repeat_kv)")
+SEGMENT_ATTENTION = "ttt_speech_segment"
 
 
-def windowed_self_attention(model: PreTrainedModel, attn: nn.Module, h: Tensor, past: KV | None, pos: int,
-                            window: int, chunk: int | None) -> tuple[Tensor, KV]:
-    """The attention's projections and RoPE, `windowed_attention` over [past; this segment]."""
-    B, T, _ = h.shape
-    rotate, repeat_kv = _rope_functions(attn)
-    q, k, v = (proj(h).view(B, T, -1, attn.head_dim).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-    positions = pos + torch.arange(T, device=h.device).view(1, T)
-    cos, sin = model.model.rotary_emb(h, positions)
-    q, k = rotate(q, k, cos, sin)
-    groups = attn.num_key_value_groups
-    o, kv = windowed_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), window, past, chunk, scale=attn.scaling)
-    return attn.o_proj(o.transpose(1, 2).reshape(B, T, -1)), kv
+def segment_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                      scaling: float | None = None, **kwargs: Any) -> tuple[Tensor, None]:
+    """An `AttentionInterface` function: `windowed_attention` over [the segment's past; this segment] for
+    query [B, H, T, D] and key/value [B, H_kv, T, D] (RoPE applied); the keys/values it leaves go to the
+    `Segment`. Returns [B, T, H, D], as transformers' attention functions do."""
+    segment: Segment = kwargs[SEGMENT_KWARG]
+    groups = module.num_key_value_groups
+    out, segment.kv = windowed_attention(query, repeat_kv(key, groups), repeat_kv(value, groups), segment.window,
+                                         segment.past, segment.chunk, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
 
 
 def layer_segment(model: PreTrainedModel, layer: nn.Module, x: Tensor, past: KV | None, memory: LayerState | None,
                   pos: int, window: int, chunk: int | None) -> tuple[Tensor, KV | None, LayerState | None]:
-    """One decoder layer on one segment: output, and the keys/values and branch state it leaves."""
-    attn = layer.self_attn
-    kv: KV | None = None
-
-    def attend(h: Tensor) -> tuple[Tensor, None]:
-        nonlocal kv
-        out, kv = windowed_self_attention(model, attn, h, past, pos, window, chunk)
-        return out, None
-
-    def remember(h: Tensor) -> Tensor:
-        nonlocal memory
-        y, memory = attn.memory(h, memory)
-        return y
-
-    out, _ = hybrid_attention(attn, layer.input_layernorm(x), attend, remember)
-    x = x + out.to(x.dtype)
-    h = layer.post_attention_layernorm(x)
-    if not hasattr(layer.mlp, MEMORY):
-        return x + layer.mlp(h), kv, memory
-    y, memory = layer.mlp.memory(h, memory)  # in-place fast weights: the MLP is the memory, its state carried
-    return x + y.to(x.dtype), kv, memory
+    """One decoder layer's own forward on one segment: output, and the keys/values and branch state it leaves."""
+    segment = Segment(past, memory, window, chunk)
+    positions = pos + torch.arange(x.shape[1], device=x.device).view(1, -1)
+    with attention_implementation_as(model.config, SEGMENT_ATTENTION):
+        x = layer(x, position_ids=positions, position_embeddings=model.model.rotary_emb(x, positions),
+                  **{SEGMENT_KWARG: segment})
+    return x, segment.kv, segment.memory
