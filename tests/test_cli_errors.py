@@ -419,6 +419,7 @@ def test_literal_names_and_defaults_match_their_modules() -> None:
     from ttt_speech.moshi.convert import BRANCHES
     from ttt_speech.quantize import MODES
     from ttt_speech.serve import commands as serve
+    from ttt_speech.serve.opus import SESSIONS_PER_WORKER
     from ttt_speech.serve.sampling import SamplingConfig
     from ttt_speech.serve.sessions import Limits
 
@@ -430,6 +431,7 @@ def test_literal_names_and_defaults_match_their_modules() -> None:
     assert (serve.MAX_MESSAGE_BYTES, serve.IDLE_TIMEOUT_S) == (Limits.max_message_bytes, Limits.idle_timeout_s)
     assert (serve.TEMP, serve.TEMP_TEXT, serve.TOP_K, serve.TOP_K_TEXT) == (
         SamplingConfig.temp, SamplingConfig.temp_text, SamplingConfig.top_k, SamplingConfig.top_k_text)
+    assert serve.SESSIONS_PER_WORKER == SESSIONS_PER_WORKER
 
 
 def test_limits_refuse_zero_and_take_none_for_off() -> None:

@@ -8,6 +8,9 @@ with a tiny TTT hybrid, tiny Mimi and tokenizer written in Moshi's checkpoint fo
   mid-frame each end only their own session while a healthy one keeps streaming, and the server's
   memory comes back;
 - /health and /metrics.
+
+The tests that code audio run twice: Opus on the server's event loop (--opus-workers 0) and in two
+worker processes (2), where a killed worker ends only its own session and shutdown leaves no process.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ class Server:
     proc: subprocess.Popen
     port: int
     root: Path
+    opus_workers: int
 
     @property
     def states(self) -> Path:
@@ -77,6 +81,24 @@ class Server:
 
     def rss(self) -> int:
         return int(Path(f"/proc/{self.proc.pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def children(self) -> list[int]:
+        """Pids of the server's child processes (Opus workers, multiprocessing's resource tracker)."""
+        return [int(p) for p in Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()]
+
+    def opus_workers_pids(self) -> list[int]:
+        return [p for p in self.children() if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+
+def gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+BOTH = pytest.mark.parametrize("server", [0, 2], indirect=True, ids=["opus-on-loop", "opus-workers"])
+LOOP = pytest.mark.parametrize("server", [0], indirect=True, ids=["opus-on-loop"])  # the same server as BOTH's first
 
 
 def write_model_dir(root: Path) -> Path:
@@ -91,8 +113,9 @@ def write_model_dir(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> tp.Iterator[Server]:
-    root = tmp_path_factory.mktemp("serve")
+def server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> tp.Iterator[Server]:
+    workers = getattr(request, "param", 0)
+    root = tmp_path_factory.mktemp(f"serve{workers}")
     model = write_model_dir(root / "model")
     log = root / "server.log"
     env = dict(os.environ, PYTHONPATH=str(Path(ttt_speech.__file__).parents[1]), OMP_NUM_THREADS="1",
@@ -102,14 +125,16 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> tp.Iterator[Server]:
             [sys.executable, "-m", "ttt_speech.serve.commands", "--model", str(model), "--host", "127.0.0.1",
              "--port", "0", "--max-sessions", str(MAX_SESSIONS), "--state-dir", str(root / "states"),
              "--max-message-bytes", str(MAX_MESSAGE), "--idle-timeout", str(IDLE_S), "--shutdown-after", "600",
-             "--max-load", "off"],  # a busy test host must not refuse sessions here (test_serve_admission.py)
+             "--max-load", "off", "--opus-workers", str(workers)],  # a busy test host must not refuse sessions here (test_serve_admission.py)
             stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 60
         while not (m := re.search(r"listening on http://127\.0\.0\.1:(\d+)", log.read_text())):
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.1)
-        yield Server(proc, int(m.group(1)), root)
+        yield (started := Server(proc, int(m.group(1)), root, workers))
+        children = started.children()
+        assert len(started.opus_workers_pids()) == workers
     finally:
         proc.terminate()
         try:
@@ -117,6 +142,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> tp.Iterator[Server]:
         except subprocess.TimeoutExpired:
             proc.kill()
     assert proc.returncode == 0, log.read_text()[-3000:]  # SIGTERM: sessions closed, clean exit
+    deadline = time.monotonic() + 10
+    while not all(gone(p) for p in children):  # the resource tracker leaves once the server has
+        assert time.monotonic() < deadline, f"processes left behind: {[p for p in children if not gone(p)]}"
+        time.sleep(0.05)
 
 
 async def metrics(server: Server) -> dict[str, float]:
@@ -225,6 +254,7 @@ def moshi_client(monkeypatch: pytest.MonkeyPatch) -> tp.Iterator[tuple[types.Mod
             del moshi.client
 
 
+@LOOP
 def test_moshi_client_streams_30s_and_gets_audio_and_text_back(
         server: Server, moshi_client: tuple[types.ModuleType, FakeSoundDevice]) -> None:
     client, device = moshi_client
@@ -323,6 +353,7 @@ class Client:
         return self.ws.close_code, errors[-1].decode() if errors else ""
 
 
+@BOTH
 def test_suspend_and_resume_over_the_wire(server: Server) -> None:
     async def main() -> None:
         async with aiohttp.ClientSession() as http:
@@ -366,6 +397,7 @@ def test_suspend_and_resume_over_the_wire(server: Server) -> None:
     asyncio.run(main())
 
 
+@BOTH
 def test_refuses_sessions_beyond_max_sessions(server: Server) -> None:
     async def main() -> None:
         async with aiohttp.ClientSession() as http:
@@ -442,6 +474,7 @@ async def bad_session(http: tp.Any, server: Server, reason: str, i: int) -> int:
     return code
 
 
+@BOTH
 def test_bad_frames_and_vanishing_clients_end_only_themselves(server: Server) -> None:
     per_reason, vanished = 100, 50  # 6 x 100 fatal bad frames + >= 400 unknown-kind ones, 50 vanishing clients
 
@@ -491,6 +524,7 @@ def test_bad_frames_and_vanishing_clients_end_only_themselves(server: Server) ->
             await storm(http, 3)  # warm-up: allocator pools and aiohttp buffers reach steady state
             for j in range(5):
                 await vanish(server, frames_before=j)
+                await wait_sessions(server, 2)  # its slot is back (with Opus workers it takes a few round trips)
             await wait_sessions(server, 2)
             m0, rss0 = await metrics(server), server.rss()
 
@@ -500,6 +534,8 @@ def test_bad_frames_and_vanishing_clients_end_only_themselves(server: Server) ->
             seen = await storm(http, per_reason)
             for j in range(vanished):
                 await vanish(server, frames_before=(j % 2) * 3)  # half mid-conversation
+                if j % 2:  # two slots are free for them
+                    await wait_sessions(server, 2)
             stop.set()
             await noiser
             m1 = await wait_sessions(server, 2)
@@ -533,6 +569,7 @@ def test_bad_frames_and_vanishing_clients_end_only_themselves(server: Server) ->
     asyncio.run(main())
 
 
+@LOOP
 def test_idle_client_gives_its_slot_back(server: Server) -> None:
     async def main() -> float:
         async with aiohttp.ClientSession() as http:
@@ -549,6 +586,7 @@ def test_idle_client_gives_its_slot_back(server: Server) -> None:
     assert IDLE_S <= waited < IDLE_S + 3, waited
 
 
+@BOTH
 def test_health_and_metrics(server: Server) -> None:
     async def main() -> None:
         async with aiohttp.ClientSession() as http:
@@ -564,5 +602,44 @@ def test_health_and_metrics(server: Server) -> None:
         assert m["frames_per_second"] > 0 and 0 < m["real_time_factor"] < 1
         assert m["state_bytes"] == MAX_SESSIONS * m["state_bytes_per_session"] > 0
         assert m["rss_bytes"] > 0 and m["frames_total"] >= 25
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("server", [2], indirect=True, ids=["opus-workers"])
+def test_a_dead_opus_worker_ends_only_its_session(server: Server) -> None:
+    async def main() -> None:
+        async with aiohttp.ClientSession() as http:
+            before = ended(await metrics(server))
+            a, b = await Client.connect(http, server), await Client.connect(http, server)  # one per worker
+            pcm = speech_like(10 * FRAME / SR)
+            await asyncio.gather(a.send_frames(pcm), b.send_frames(pcm))
+            await asyncio.gather(a.read(10 - DELAY), b.read(10 - DELAY))
+            workers = server.opus_workers_pids()
+            os.kill(workers[0], 9)
+            await asyncio.gather(a.send_frames(pcm), b.send_frames(pcm), return_exceptions=True)
+            closes = {asyncio.create_task(c.refused()): c for c in (a, b)}
+            done, waiting = await asyncio.wait(closes, timeout=WAIT_S, return_when=asyncio.FIRST_COMPLETED)
+            assert len(done) == 1 and [t.result() for t in done] == [
+                (Close.INTERNAL_ERROR, "the server's audio worker stopped; reconnect")]
+            survivor = closes[waiting.pop()]
+            await asyncio.sleep(0.5)  # the survivor's connection stays open
+            assert not survivor.ws.closed
+            for t in closes:
+                t.cancel()
+            await asyncio.gather(*closes, return_exceptions=True)
+            heard = survivor.audio
+            await survivor.send_frames(pcm)
+            while survivor.audio < heard + 5:
+                assert await survivor.read(1)
+            assert ended(await metrics(server)) - before == Counter({"opus_worker_lost": 1})
+            replaced = server.opus_workers_pids()
+            assert len(replaced) == 2 and workers[0] not in replaced and workers[1] in replaced
+            fresh = await Client.connect(http, server)
+            await fresh.send_frames(speech_like(5 * FRAME / SR))
+            while fresh.audio < 5 - DELAY:
+                assert await fresh.read(1)
+            await asyncio.gather(survivor.ws.close(), fresh.ws.close())
+            await wait_sessions(server, 0)
 
     asyncio.run(main())

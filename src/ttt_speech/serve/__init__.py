@@ -7,6 +7,7 @@ sampling.py  per-session seeded sampling inside moshi's LMGen
 streams.py   the batch of sessions one Mimi + LMGen step advances; per-session state snapshots
 store.py     kept conversations: safetensors files named by unguessable tokens
 sessions.py  sessions, limits, metrics and the engine task that batches them
+opus.py      Opus coding of every session's audio, on the event loop or in worker processes (--opus-workers)
 server.py    the aiohttp app: /api/chat, /health, /metrics
 commands.py  the command line (add_arguments / run)
 capacity.py  how many sessions keep real time: a ramp through the batched step (benchmarks/serve_capacity.py)

@@ -136,6 +136,58 @@ def opus_cpu_ms(sample_rate: int, frame_size: int, frames: int = 250, seed: int 
     return (time.process_time() - t0) * 1e3 / frames
 
 
+@dataclass(frozen=True)
+class OpusRate:
+    """What one server process makes of the host's cores for Opus (`opus_sessions_per_frame`)."""
+
+    workers: int
+    sessions_per_frame: float  # sessions coded per 80 ms of wall clock: the real-time ceiling of Opus
+    loop_cpu_ms: float  # CPU ms of the server process (event loop and pipe threads) per session-frame
+
+
+def opus_sessions_per_frame(workers: int, sample_rate: int, frame_size: int, sessions: int = 64, frames: int = 100,
+                            warmup: int = 5, seed: int = 0) -> OpusRate:
+    """Sessions whose Opus work one server codes per 80 ms frame in real time with `workers` processes
+    (0: on the event loop), by wall clock: `sessions` sessions each encode a frame of output and decode a
+    frame of client Ogg/Opus per frame, through the server's own `OpusCoding`, for `frames` frames.
+
+    `opus_cpu_ms` is the cost of one session on one core; this is what the pool makes of the host's cores
+    (pickling and pipes included). With workers, `loop_cpu_ms` is what stays on the server process: it
+    bounds the sessions one process can feed to any number of workers (80 / loop_cpu_ms).
+    """
+    import asyncio
+
+    import sphn
+
+    from ttt_speech.serve.opus import OpusCoding
+
+    rng = np.random.default_rng(seed)
+    pcm = (0.1 * rng.standard_normal((warmup + frames, frame_size))).astype(np.float32)
+    client = sphn.OpusStreamWriter(sample_rate)
+    pages = [client.append_pcm(frame) for frame in pcm]  # what one client sends per frame
+
+    async def run() -> float:
+        coding = OpusCoding(sample_rate, workers)
+        try:
+            keys = [coding.open() for _ in range(sessions)]
+
+            async def frame(i: int) -> None:
+                decodes = [coding.decode(k, pages[i]) for k in keys] if pages[i] else []
+                await asyncio.gather(coding.encode({k: pcm[i] for k in keys}), *decodes)
+
+            for i in range(warmup):  # workers start and import sphn
+                await frame(i)
+            t0, cpu0 = time.perf_counter(), time.process_time()
+            for i in range(warmup, warmup + frames):
+                await frame(i)
+            return time.perf_counter() - t0, time.process_time() - cpu0
+        finally:
+            await coding.aclose()
+
+    wall_s, cpu_s = asyncio.run(run())
+    return OpusRate(workers, sessions * frames * FRAME_MS / (wall_s * 1e3), cpu_s * 1e3 / (sessions * frames))
+
+
 def check_fits(sessions: int, state_bytes: int, free_bytes: int) -> None:
     """Refuse (UsageError) a batch of `sessions` whose streaming state alone exceeds the free device memory."""
     if sessions * state_bytes > free_bytes:

@@ -40,6 +40,12 @@ CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 MIMI_WEIGHTS_NAME, MIMI_CONFIG_NAME, TOKENIZER_NAME = "mimi.safetensors", "mimi_config.json", "tokenizer.model"
 MAX_MESSAGE_BYTES, IDLE_TIMEOUT_S, MAX_LOAD = 1 << 16, 30.0, 1.0
 TEMP, TEMP_TEXT, TOP_K, TOP_K_TEXT = 0.8, 0.7, 250, 25
+AUTO, SESSIONS_PER_WORKER = "auto", 64  # serve/opus.py's SESSIONS_PER_WORKER (tests/test_serve_opus.py)
+
+
+def opus_workers(text: str) -> int | None:
+    """An integer >= 0, or "auto" (None: chosen from --max-sessions and the CPU count)."""
+    return None if text == AUTO else nonnegative_int(text)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,6 +74,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-load", type=positive_float_or_off, default=MAX_LOAD,
                    help="refuse new sessions (1013) while the batched step's p90 over the last 10 s is at or above "
                         f"this fraction of the 80 ms frame: the server is not keeping real time; '{OFF}': never")
+    p.add_argument("--opus-workers", type=opus_workers, default=AUTO,
+                   help="processes that Opus-code the sessions' audio (~0.8 ms CPU per session-frame: one process "
+                        f"codes ~100 sessions in real time); 0: on the event loop; '{AUTO}' (default): 0 up to "
+                        f"{SESSIONS_PER_WORKER} --max-sessions, else one per {SESSIONS_PER_WORKER} sessions, "
+                        "at most the CPU count - 2")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: bfloat16 on CUDA, float32 on CPU")
     add_quantize_argument(p)
@@ -241,7 +252,10 @@ def run(args: argparse.Namespace) -> None:
     from ttt_speech.serve.sampling import SamplingConfig
     import torch
 
+    import os
+
     from ttt_speech.serve.capacity import check_fits, session_bytes
+    from ttt_speech.serve.opus import auto_workers
     from ttt_speech.serve.sessions import Admission, Limits, SessionManager
     from ttt_speech.serve.store import StateStore, fingerprint, legacy_fingerprint
     from ttt_speech.serve.streams import BatchedStreams
@@ -252,6 +266,7 @@ def run(args: argparse.Namespace) -> None:
     check_quantize(args.quantize, device, dtype, args.quantize_compile)
     check_serve(args)
     use_cpu_threads(args.threads)
+    workers = auto_workers(args.max_sessions, os.cpu_count()) if args.opus_workers is None else args.opus_workers
     lm, model_id, raw = load_model(args.model, device, dtype, args.seed)
     if args.quantize:
         log.info("%s", quantize_or_exit(lm, args.quantize, args.quantize_compile))
@@ -268,9 +283,10 @@ def run(args: argparse.Namespace) -> None:
                            args.keep_hours * 3600, legacy_fingerprint(model_id, streams.layout))
         manager = SessionManager(streams, store, tokenizer, Limits(max_message_bytes=args.max_message_bytes,
                                                                      idle_timeout_s=args.idle_timeout),
-                                 Admission(max_load=args.max_load))
-        log.info("%s on %s: %d sessions, %.1f KiB of streaming state each", model_id, device,
-                 args.max_sessions, streams.slot_bytes / 1024)
+                                 Admission(max_load=args.max_load), workers)
+        log.info("%s on %s: %d sessions, %.1f KiB of streaming state each, Opus on %s", model_id, device,
+                 args.max_sessions, streams.slot_bytes / 1024,
+                 f"{workers} worker processes" if workers else "the event loop")
         asyncio.run(serve(manager, args.host, args.port, args.shutdown_after))
 
 

@@ -115,7 +115,7 @@ async def _receive_messages(ws: web.WebSocketResponse, manager: SessionManager, 
             continue
         kind, payload = parsed
         if kind == Kind.AUDIO:
-            await manager.feed(session, session.decode(payload))
+            await manager.feed(session, await session.decode(payload))
         elif kind == Kind.CONTROL and payload[0] == Control.SUSPEND:
             token = await manager.suspend(session)
             session.outbox.put_nowait(protocol.metadata({"resume_token": token, "frames": session.frames}))

@@ -4,7 +4,8 @@ Each websocket connection gets a `Session` bound to one row ("slot") of `Batched
 connection's handler decodes Opus into 80 ms frames and queues them; the engine task takes one frame
 from every session that has one, runs one batched step on a single worker thread (all model work is
 serialized there, so slot resets, snapshots and steps never interleave and the event loop stays
-free), and queues each session's audio and text. Input queues are bounded, so a client sending
+free), and queues each session's audio and text. Opus coding (`opus.OpusCoding`) runs on the event
+loop or in worker processes; a frame's output is encoded while the next frame is stepped. Input queues are bounded, so a client sending
 faster than real time is slowed down by TCP back-pressure; a client that does not read its output
 is closed.
 """
@@ -20,10 +21,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-import sphn
 import torch
 
 from ttt_speech.serve import protocol
+from ttt_speech.serve.opus import OpusCoding, worker_lost
 from ttt_speech.serve.protocol import Close, ProtocolError
 from ttt_speech.serve.store import StateStore
 from ttt_speech.serve.streams import BatchedStreams, StepResult
@@ -94,25 +95,23 @@ INTERNAL = Ending(Close.INTERNAL_ERROR, "internal", "internal server error")
 class Session:
     """One conversation: its slot, its queued input frames and its queued output messages."""
 
-    def __init__(self, slot: int, sample_rate: int, limits: Limits) -> None:
+    def __init__(self, slot: int, opus: OpusCoding, limits: Limits) -> None:
         self.slot = slot
+        self.opus, self.opus_key = opus, opus.open()  # its Ogg reader and writer, on the event loop or a worker
         self.frames = 0  # frames stepped: this conversation's generator offset
         self.pending = np.zeros(0, np.float32)
         self.inbox: asyncio.Queue[np.ndarray] = asyncio.Queue(limits.max_queued_frames)
         self.outbox: asyncio.Queue[bytes | Ending] = asyncio.Queue()
-        self.settled = asyncio.Event()  # set while no frame of this session is queued or being stepped
+        self.settled = asyncio.Event()  # set while no frame of this session is queued, stepped or being coded
         self.settled.set()
+        self.in_flight = 0  # frames taken by the engine whose output is not delivered yet
         self.ending: Ending | None = None
         self.ended = asyncio.Event()
         self.live = True  # holds its slot
-        self.opus_in = sphn.OpusStreamReader(sample_rate)
-        self.opus_out = sphn.OpusStreamWriter(sample_rate)
 
-    def decode(self, opus: bytes) -> np.ndarray:
-        try:
-            return self.opus_in.append_bytes(opus)
-        except ValueError as e:
-            raise ProtocolError(Close.INVALID_PAYLOAD, "bad_audio", f"invalid Ogg/Opus audio: {e}") from None
+    async def decode(self, opus: bytes) -> np.ndarray:
+        """The client's audio; ProtocolError (1007, bad_audio) when it is not Ogg/Opus."""
+        return await self.opus.decode(self.opus_key, opus)
 
     def end(self, ending: Ending, flush: bool) -> None:
         """Queue the end of the session (the first ending wins); without `flush`, queued output is dropped."""
@@ -169,7 +168,7 @@ class SessionManager:
     """Owns the slots, the model worker thread and the engine task."""
 
     def __init__(self, streams: BatchedStreams, store: StateStore, tokenizer: Tokenizer,
-                 limits: Limits = Limits(), admission: Admission = Admission()) -> None:
+                 limits: Limits = Limits(), admission: Admission = Admission(), opus_workers: int = 0) -> None:
         self.streams, self.store, self.tokenizer, self.limits = streams, store, tokenizer, limits
         self.admission = admission
         self.sample_rate = streams.mimi.sample_rate
@@ -181,6 +180,8 @@ class SessionManager:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="ttt-serve-model")
         self._work = asyncio.Event()
         self._engine: asyncio.Task[None] | None = None
+        self._delivery: asyncio.Task[None] | None = None  # the last stepped frame's output, being coded
+        self.opus = OpusCoding(self.sample_rate, opus_workers, lost=self._opus_lost)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -190,6 +191,10 @@ class SessionManager:
         if self._engine is not None:
             self._engine.cancel()
             await asyncio.gather(self._engine, return_exceptions=True)
+        if self._delivery is not None:
+            self._delivery.cancel()
+            await asyncio.gather(self._delivery, return_exceptions=True)
+        await self.opus.aclose()
         self._pool.shutdown(wait=True)
         self.streams.close()
 
@@ -224,7 +229,7 @@ class SessionManager:
             raise ProtocolError(Close.TRY_AGAIN_LATER, "server_full",
                                 f"server full ({len(self.slots)} sessions); try again later")
         self._admit()
-        session = self.slots[free] = Session(free, self.sample_rate, self.limits)
+        session = self.slots[free] = Session(free, self.opus, self.limits)
         return session
 
     async def open(self, seed: int) -> Session:
@@ -276,6 +281,7 @@ class SessionManager:
             return
         session.live = False
         self.slots[session.slot] = None
+        self.opus.close(session.opus_key)
         while not session.inbox.empty():
             session.inbox.get_nowait()
         if slug is not None:
@@ -291,6 +297,12 @@ class SessionManager:
             await session.inbox.put(pcm[i * self.frame_size:(i + 1) * self.frame_size])
             self._work.set()
 
+    def _opus_lost(self, keys: set[int]) -> None:
+        """A worker died with these sessions' Opus streams: they cannot go on."""
+        for s in self.slots:
+            if s is not None and s.opus_key in keys:
+                s.end(Ending.of(worker_lost()), flush=False)
+
     # -- the engine --------------------------------------------------------------------------
     async def _run_engine(self) -> None:
         B, F = len(self.slots), self.frame_size
@@ -305,6 +317,7 @@ class SessionManager:
             for s in batch:
                 pcm[s.slot] = s.inbox.get_nowait()
                 active[s.slot], first[s.slot] = True, s.frames == 0
+                s.in_flight += 1
             t0 = time.perf_counter()
             try:
                 result = await self._call(self.streams.step, pcm, active, first)
@@ -312,31 +325,54 @@ class SessionManager:
                 log.exception("batched step failed; ending the sessions in it")
                 for s in batch:
                     s.end(INTERNAL, flush=False)
+                    self._settle(s)
             else:
                 self.metrics.record(time.perf_counter() - t0, len(batch))
                 for s in batch:
                     s.frames += 1
-                    try:
-                        self._deliver(s, result)
-                    except Exception:
-                        log.exception("output of the session in slot %d failed", s.slot)
-                        s.end(INTERNAL, flush=False)
-            for s in batch:
-                if s.inbox.empty():
-                    s.settled.set()
+                if self._delivery is not None:  # the previous frame's output was coded while this one stepped
+                    await self._delivery
+                self._delivery = asyncio.get_running_loop().create_task(self._deliver_frame(batch, result))
             if any(s is not None and not s.inbox.empty() for s in self.slots):
                 self._work.set()
+
+    def _settle(self, s: Session) -> None:
+        s.in_flight -= 1
+        if s.in_flight == 0 and s.inbox.empty():
+            s.settled.set()
+
+    async def _deliver_frame(self, batch: list[Session], result: StepResult) -> None:
+        """Encode the frame's audio of every generating session at once, then queue each one's messages."""
+        speaking = [s for s in batch if s.live and s.ending is None and result.generated[s.slot]]
+        try:
+            coded = await self.opus.encode({s.opus_key: result.pcm[s.slot] for s in speaking})
+        except Exception:
+            log.exception("encoding a frame's audio failed; ending the sessions in it")
+            coded = {}
+        for s in batch:
+            try:
+                if s in speaking:
+                    self._deliver(s, coded.get(s.opus_key), result)
+            except Exception:
+                log.exception("output of the session in slot %d failed", s.slot)
+                s.end(INTERNAL, flush=False)
+            finally:
+                self._settle(s)
 
     def _text(self, token: int) -> str | None:
         if token in self._silent_text or not 0 <= token < self.tokenizer.vocab_size():
             return None
         return self.tokenizer.id_to_piece(token).replace("\u2581", " ")
 
-    def _deliver(self, s: Session, result: StepResult) -> None:
-        if not s.live or s.ending is not None or not result.generated[s.slot]:
+    def _deliver(self, s: Session, opus: bytes | ProtocolError | None, result: StepResult) -> None:
+        if not s.live or s.ending is not None:
             return
+        if isinstance(opus, ProtocolError):
+            s.end(Ending.of(opus), flush=False)
+            return
+        if opus is None:
+            raise RuntimeError("no encoded audio for a session that spoke")
         messages = []
-        opus = s.opus_out.append_pcm(result.pcm[s.slot])
         if opus:
             messages.append(protocol.audio(opus))
         piece = self._text(int(result.tokens[s.slot, 0]))

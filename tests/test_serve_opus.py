@@ -1,0 +1,147 @@
+"""Opus coding in worker processes (`serve/opus.py`) against the same coding on the event loop: equal bytes
+and samples, one round trip per worker per frame, bad input refused the same way, a killed worker ending
+only its own sessions, and no process left after `aclose`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import numpy as np
+import pytest
+
+sphn = pytest.importorskip("sphn")  # not on the GPU device image (serve tests run on CI)
+
+from ttt_speech.serve import opus  # noqa: E402
+from ttt_speech.serve.capacity import opus_sessions_per_frame  # noqa: E402
+from ttt_speech.serve.opus import OpusCoding, auto_workers  # noqa: E402
+from ttt_speech.serve.protocol import Close, ProtocolError  # noqa: E402
+
+SR, FRAME = 24000, 1920
+
+
+def noise(frames: int, seed: int) -> np.ndarray:
+    return (0.1 * np.random.default_rng(seed).standard_normal((frames, FRAME))).astype(np.float32)
+
+
+def client_pages(frames: int, seed: int) -> list[bytes]:
+    writer = sphn.OpusStreamWriter(SR)
+    return [writer.append_pcm(f) for f in noise(frames, seed)]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = open(f"/proc/{pid}/stat").read().split()[2]
+    return status != "Z"
+
+
+async def code(coding: OpusCoding, sessions: int, frames: int) -> tuple[list[list[bytes]], list[list[np.ndarray]]]:
+    """Each session's encoded output and decoded input per frame, every frame's ops issued together."""
+    keys = [coding.open() for _ in range(sessions)]
+    out = noise(frames, 1)
+    pages = [client_pages(frames, 10 + s) for s in range(sessions)]
+    encoded: list[list[bytes]] = [[] for _ in keys]
+    decoded: list[list[np.ndarray]] = [[] for _ in keys]
+    for f in range(frames):
+        enc, *dec = await asyncio.gather(coding.encode({k: out[f] * (1 + s) for s, k in enumerate(keys)}),
+                                         *(coding.decode(k, pages[s][f]) for s, k in enumerate(keys)))
+        for s, k in enumerate(keys):
+            encoded[s].append(enc[k])
+            decoded[s].append(dec[s])
+    return encoded, decoded
+
+
+def test_workers_code_exactly_what_the_event_loop_codes_in_one_round_trip_per_worker_per_frame(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    trips: list[int] = []
+    round_trip = opus._round_trip
+
+    def counted(conn: object, batch: list) -> list:
+        trips.append(len(batch))
+        return round_trip(conn, batch)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(opus, "_round_trip", counted)
+
+    async def main() -> None:
+        inline = OpusCoding(SR, 0)
+        pool = OpusCoding(SR, 2)
+        try:
+            want, got = await code(inline, 5, 6), await code(pool, 5, 6)
+        finally:
+            await asyncio.gather(inline.aclose(), pool.aclose())
+        assert inline.workers == 0 and pool.workers == 2
+        assert want[0] == got[0] and sum(len(b) for s in got[0] for b in s) > 5 * 6 * 100  # real pages
+        for a, b in zip(want[1], got[1]):
+            assert all(np.array_equal(x, y) for x, y in zip(a, b))
+        assert sum(x.size for s in got[1] for x in s) >= 5 * 5 * FRAME  # decoded samples came back
+        # 6 frames x 2 workers; each frame's 5 encodes + 5 decodes split 3 / 2 over the workers
+        assert len(trips) == 12 and sorted(set(trips)) == [4, 6]
+
+    asyncio.run(main())
+
+
+def refusal(workers: int) -> ProtocolError:
+    async def main() -> ProtocolError:
+        coding = OpusCoding(SR, workers)
+        try:
+            key = coding.open()
+            await coding.decode(key, client_pages(2, 0)[0])
+            with pytest.raises(ProtocolError) as e:
+                await coding.decode(key, np.random.default_rng(0).bytes(64))  # a whole page's worth, not Ogg
+            return e.value
+        finally:
+            await coding.aclose()
+
+    return asyncio.run(main())
+
+
+def test_bad_audio_is_refused_the_same_way_with_and_without_workers() -> None:
+    inline, pooled = refusal(0), refusal(1)
+    assert (inline.code, inline.slug) == (Close.INVALID_PAYLOAD, "bad_audio")
+    assert inline.reason.startswith("invalid Ogg/Opus audio: unexpected ogg capture pattern")
+    assert (pooled.code, pooled.slug, pooled.reason) == (inline.code, inline.slug, inline.reason)
+
+
+def test_a_dead_worker_ends_only_its_sessions_and_shutdown_leaves_no_process() -> None:
+    async def main() -> None:
+        lost: list[set[int]] = []
+        coding = OpusCoding(SR, 2, lost=lost.append)
+        try:
+            a, b = coding.open(), coding.open()  # one per worker
+            page = client_pages(1, 0)[0]
+            await asyncio.gather(coding.decode(a, page), coding.decode(b, page))
+            victim, spared = coding.pids()
+            os.kill(victim, 9)
+            with pytest.raises(ProtocolError) as e:
+                await coding.decode(a, page)
+            assert (e.value.code, e.value.slug) == (Close.INTERNAL_ERROR, "opus_worker_lost")
+            assert lost == [{a}]
+            assert (await coding.encode({b: noise(1, 0)[0]}))[b]  # the other session goes on
+            with pytest.raises(ProtocolError):
+                await coding.decode(a, page)  # still pinned to the dead worker
+            c = coding.open()  # a new session lands on the replacement worker
+            replaced = coding.pids()
+            assert spared in replaced and victim not in replaced
+            assert (await coding.decode(c, page)).dtype == np.float32
+        finally:
+            await coding.aclose()
+        assert not any(alive(pid) for pid in replaced + [victim])
+
+    asyncio.run(main())
+
+
+def test_auto_workers_keep_small_servers_on_the_event_loop() -> None:
+    assert auto_workers(4, 64) == 0 and auto_workers(64, 64) == 0
+    assert auto_workers(65, 64) == 2 and auto_workers(240, 128) == 4
+    assert auto_workers(240, 4) == 2 and auto_workers(240, 2) == 1  # two cores kept for the loop and the model
+
+
+def test_opus_sessions_per_frame_counts_sessions_coded_per_80_ms() -> None:
+    rate = opus_sessions_per_frame(1, SR, FRAME, sessions=4, frames=5, warmup=2)
+    assert rate.workers == 1 and 1 < rate.sessions_per_frame < 10_000
+    inline = opus_sessions_per_frame(0, SR, FRAME, sessions=4, frames=5, warmup=2)
+    assert 0.05 < inline.loop_cpu_ms < 50  # all of Opus on the server process
+    assert rate.loop_cpu_ms < inline.loop_cpu_ms  # with a worker only pickling and pipes stay there
