@@ -135,6 +135,7 @@ class OpusCoding:
         self._threads = ThreadPoolExecutor(max(1, workers), thread_name_prefix="ttt-serve-opus")
         self._pinned: dict[int, _Worker] = {}
         self._next_key = 0
+        self._closed = False  # after `aclose`: nothing is sent or respawned any more
 
     @property
     def workers(self) -> int:
@@ -166,7 +167,7 @@ class OpusCoding:
             self._inline.run([(CLOSE, key, None)])
             return
         worker = self._pinned.pop(key, None)
-        if worker is not None and worker.alive:
+        if worker is not None and worker.alive and not self._closed:
             worker.keys.discard(key)
             self._queue(worker, (CLOSE, key, None), None)
 
@@ -198,7 +199,7 @@ class OpusCoding:
     def _submit(self, key: int, op: Op) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
         worker = self._pinned.get(key)
-        if worker is None or not worker.alive:
+        if worker is None or not worker.alive or self._closed:
             future.set_exception(worker_lost())
         else:
             self._queue(worker, op, future)
@@ -237,13 +238,15 @@ class OpusCoding:
         worker.queue = []
         worker.conn.close()
         worker.proc.join(0.1)
-        self._workers[self._workers.index(worker)] = self._spawn()
+        if not self._closed:
+            self._workers[self._workers.index(worker)] = self._spawn()
         keys, worker.keys = worker.keys, set()
         if self.lost is not None and keys:
             self.lost(keys)
 
     async def aclose(self) -> None:
         """Stop every worker: finish the round trips in flight, ask them to exit, kill any that do not."""
+        self._closed = True
         flushing = [w.flushing for w in self._workers if w.flushing is not None]
         if flushing:
             await asyncio.wait(flushing, timeout=JOIN_S)
