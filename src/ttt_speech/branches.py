@@ -47,5 +47,5 @@ def inplace_cost(layers: int, layer_bytes: int) -> str:
     """What the convert commands print after an in-place conversion: the state every session will hold, and
     the measured price of many layers at 7B (docs/benchmarks.md), since `--layers` defaults to all of them."""
     return (f"in-place state: {layers * layer_bytes / 2**20:.0f} MiB per session ({layer_bytes / 2**20:.1f} MiB per "
-            f"layer x {layers}, fp32); at Moshi-7B all 32 layers cost 1.85x vanilla's ms/frame and 5.75 GB per "
-            f"session, --layers 28-31 1.115x and 0.72 GB")
+            f"layer x {layers}, fp32); at Moshi-7B all 32 layers cost 1.85x vanilla's ms/frame and 5754 MiB "
+            f"per session, --layers 28-31 1.115x and 719 MiB")

@@ -72,7 +72,7 @@ def _memory_overrides(args: argparse.Namespace) -> dict[str, tp.Any]:
 def add_memory_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=parse_layers, default="all",
                    help="temporal-transformer layers to convert: all, 24-31, 0,2,5-7 (default: all; in-place at 7B: "
-                        "all 32 = 1.85x vanilla's ms/frame and 5.75 GB state per session, 28-31 = 1.115x and 0.72 GB)")
+                        "all 32 = 1.85x vanilla's ms/frame and 5754 MiB state per session, 28-31 = 1.115x and 719 MiB)")
     p.add_argument("--mode", choices=("hybrid", "replace"), default="hybrid",
                    help="hybrid: attention + memory branch (default); replace: TTT instead of attention (--branch ttt)")
     p.add_argument("--branch", choices=BRANCH_NAMES, default=None,
