@@ -209,3 +209,15 @@ def test_bad_config_mlp_source_and_foreign_state():
         layer(torch.randn(2, 3, 16), layer.init_state(3))
     with pytest.raises(TypeError, match="state must be a InPlaceState, got TTTState"):
         layer(torch.randn(2, 3, 16), TTTConfig(dim=16, num_heads=2).build().init_state(2))
+
+
+def test_forward_under_bf16_autocast_keeps_fp32_state_close_to_fp32():
+    # autocast turns the value projection into bf16; the state (and its buffered values) must stay fp32
+    layer = InPlaceLayer(InPlaceConfig(dim=16, hidden=32, chunk=4, target_init_std=0.3))
+    x = torch.randn(2, 10, 16, generator=torch.Generator().manual_seed(0))
+    y, state = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16, state16 = layer(x)
+    assert state16["values"].dtype == state16["delta"].dtype == torch.float32
+    assert (state16["delta"] - state["delta"]).abs().max() < 0.02 * state["delta"].abs().max()
+    assert (y16.float() - y).abs().max() < 0.05 * y.abs().max()

@@ -99,3 +99,17 @@ def test_sigterm_checkpoints_the_current_step_and_resumes(tmp_path: Path, uninte
     assert train_losses(tmp_path / "termed") == uninterrupted
     # the progress bar: steps done/total [elapsed<ETA, rate, loss, tokens/s]
     assert re.search(r"30/30 \[\d\d:\d\d<00:00, .*step/s, loss=\d+\.\d+, stage=1, tok_s=[\d,]+\]", log), log[-500:]
+
+
+def test_resuming_with_another_memory_branch_is_one_line_naming_the_started_one(tmp_path: Path) -> None:
+    from ttt_speech.errors import UsageError
+    from ttt_speech.train.config import config_from_dict
+    from ttt_speech.train.loop import Trainer
+
+    one_step = {"stages": [{"seq_len": 24, "steps": 1, "lr": 1e-3}], "checkpoint": {"every": 1, "keep": 1}}
+    Trainer(config_from_dict(tiny_config(tmp_path, **one_step))).run()  # started as a TTT hybrid
+    assert latest_checkpoint(tmp_path / "run") is not None
+    default = tiny_config(tmp_path, **one_step)
+    default["model"] = {"family": "moshi", "tiny": True}  # an old config naming no branch: now in-place
+    with pytest.raises(UsageError, match=r"started with model.branch ttt, this config builds inplace.*--set model.branch=ttt"):
+        Trainer(config_from_dict(default))

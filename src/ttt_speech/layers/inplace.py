@@ -209,7 +209,7 @@ class InPlaceLayer(StreamingLayer):
         else:
             u = s.to(cd) * self.target_conv_weight[:, 0].to(cd) + self.target_conv_bias.to(cd)
         eta = torch.sigmoid(s.to(cd) @ self.lr_weight.to(cd) + self.lr_bias.to(cd)) * (cfg.base_lr / cfg.hidden)
-        v = F.linear(u, self.target_proj.weight.to(cd)) * eta[..., None]
+        v = (F.linear(u, self.target_proj.weight.to(cd)) * eta[..., None]).to(cd)  # autocast made it bf16
         q = z.to(cd)
         k = torch.cat([state["z_prev"][:, None], q[:, :-1]], 1)
         tails["z_prev"] = q[:, -1].clone()  # not a view of z: states are written in place later

@@ -19,13 +19,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import yaml
 from torch import Tensor, nn
 
-from ttt_speech.engine.checkpoint import TrainState, load_trainable
+from ttt_speech.engine.checkpoint import TrainState, latest_checkpoint, load_trainable
 from ttt_speech.engine.config import Stage
 from ttt_speech.engine.loop import EXPORT_DIR, RunResult, StagedTrainer, adamw, prepare_run_dir, setup_logging
 from ttt_speech.engine.metrics import Metrics
 from ttt_speech.engine.skips import BadInputError, SkipLog
+from ttt_speech.errors import UsageError
 from ttt_speech.layers.ttt import TTTLayer
 from ttt_speech.train.config import Config
 from ttt_speech.train.data import TokenData, check_streams, find_documents, split_by_source
@@ -70,12 +72,28 @@ def kernel_mini_batches(model: nn.Module) -> set[int]:
     return {m.config.mini_batch for m in model.modules() if isinstance(m, TTTLayer) and m.config.inner == "linear"}
 
 
+def check_resumed_branch(run_dir: Path, cfg: Config) -> None:
+    """A run resumed with another memory branch than it started with stops with one line. The default branch
+    became in-place (issue 23), so an old config that names none would otherwise rebuild the model with
+    another branch and fail on the checkpoint's parameter names."""
+    saved = run_dir / "config.yaml"
+    if cfg.model.hybrid or cfg.model.layers == [] or latest_checkpoint(run_dir) is None or not saved.exists():
+        return
+    started = (yaml.safe_load(saved.read_text()) or {}).get("model", {})
+    branch = started.get("branch", "ttt")
+    if started.get("layers") != [] and branch != cfg.model.branch:
+        raise UsageError(f"{run_dir} was started with model.branch {branch}, this config builds "
+                         f"{cfg.model.branch} (the default since issue 23): add model.branch: {branch} "
+                         f"(or --set model.branch={branch}) to resume it")
+
+
 class Trainer(StagedTrainer):
     """The LM trainer: a step is one global batch, each sequence run in segments carrying state."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
+        check_resumed_branch(self.run_dir, cfg)
         self.procs = start_processes(cfg.train.device)
         p = self.procs
         if cfg.train.batch_size % p.world:
