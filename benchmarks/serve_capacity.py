@@ -104,9 +104,9 @@ def write(out: Path, ramps: list[Ramp], meta: dict, frames: int, budget_ms: floa
     (out / "capacity.json").write_text(json.dumps({**meta, "ramps": [r.to_dict() for r in ramps]}, indent=1) + "\n")
     title = f"{meta['shape']}, {meta['device']}, {meta['date']}"
     opus_ms = meta["opus_cpu_ms_per_session_frame"]
-    opus = (f"Host Opus encode + decode: {opus_ms:.3f} ms of CPU per session-frame, on the server's event-loop "
-            f"thread: one server process codes at most {int(budget_ms // opus_ms)} sessions in real time, whatever "
-            "the GPU does.")
+    opus = (f"Host Opus encode + decode: {opus_ms:.3f} ms of CPU per session-frame: one core codes at most "
+            f"{int(budget_ms // opus_ms)} sessions in real time, whatever the GPU does; `serve --opus-workers N` "
+            "spreads it over N processes (benchmarks/opus_pool.py).")
     (out / "capacity.md").write_text(f"{title}; `{meta['command']}`\n\n{table(ramps, frames, budget_ms)}\n{opus}\n")
     plot(ramps, out / "capacity.png", title)
 

@@ -4,8 +4,11 @@ only its own sessions, and no process left after `aclose`."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import importlib.util
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,3 +148,23 @@ def test_opus_sessions_per_frame_counts_sessions_coded_per_80_ms() -> None:
     inline = opus_sessions_per_frame(0, SR, FRAME, sessions=4, frames=5, warmup=2)
     assert 0.05 < inline.loop_cpu_ms < 50  # all of Opus on the server process
     assert rate.loop_cpu_ms < inline.loop_cpu_ms  # with a worker only pickling and pipes stay there
+
+
+def test_opus_pool_benchmark_prints_a_row_per_worker_count(capsys: pytest.CaptureFixture[str]) -> None:
+    spec = importlib.util.spec_from_file_location("opus_pool", Path(__file__).parents[1] / "benchmarks" / "opus_pool.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rates = bench.main(["--workers", "0,1", "--sessions-per-worker", "3", "--frames", "4", "--rounds", "1"])
+    assert [r.workers for r in rates[0] + rates[1]] == [0, 1]
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 0 |") or line.startswith("| 1 |")]
+    assert len(rows) == 2 and rows[0].split(" | ")[4] == "1.00x"
+
+
+def test_opus_workers_argument_takes_auto_or_a_count() -> None:
+    from ttt_speech.serve.commands import opus_workers
+
+    assert opus_workers("auto") is None and opus_workers("0") == 0 and opus_workers("3") == 3
+    for bad in ("-1", "two"):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"'{bad}' is not an integer >= 0 or 'auto'"):
+            opus_workers(bad)

@@ -118,10 +118,10 @@ def session_bytes(lm: LMModel, mimi: MimiModel) -> tuple[int, int]:
 
 def opus_cpu_ms(sample_rate: int, frame_size: int, frames: int = 250, seed: int = 0) -> float:
     """CPU milliseconds one session's Opus work costs per frame on this host: encoding the model's frame and
-    decoding the client's (sphn, as the server's event loop does), measured on noise of RMS 0.1.
+    decoding the client's (sphn, as the server does), measured on noise of RMS 0.1.
 
-    The server codes every session's audio on its one event-loop thread, so one server process codes at
-    most frame / this many sessions in real time, whatever the GPU does.
+    One core codes at most frame / this many sessions in real time, whatever the GPU does: with
+    `--opus-workers 0` that core is the server's event loop; `opus_sessions_per_frame` measures the pool.
     """
     import sphn
 

@@ -45,7 +45,12 @@ AUTO, SESSIONS_PER_WORKER = "auto", 64  # serve/opus.py's SESSIONS_PER_WORKER (t
 
 def opus_workers(text: str) -> int | None:
     """An integer >= 0, or "auto" (None: chosen from --max-sessions and the CPU count)."""
-    return None if text == AUTO else nonnegative_int(text)
+    if text == AUTO:
+        return None
+    try:
+        return nonnegative_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 0 or '{AUTO}'") from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
