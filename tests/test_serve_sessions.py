@@ -26,11 +26,12 @@ from ttt_speech.serve.streams import BatchedStreams  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def manager(tmp: Path, limits: Limits) -> SessionManager:
+def manager(tmp: Path, limits: Limits, opus_workers: int = 0) -> SessionManager:
     lm = build_tiny_hybrid(0)
     tokenizer = sentencepiece.SentencePieceProcessor(
         model_file=str(write_tiny_tokenizer(tmp / "tok.model", lm.text_card)))
-    return SessionManager(BatchedStreams(lm, listening_mimi(0), 2), StateStore(tmp / "kept", "fp"), tokenizer, limits)
+    return SessionManager(BatchedStreams(lm, listening_mimi(0), 2), StateStore(tmp / "kept", "fp"), tokenizer, limits,
+                          opus_workers=opus_workers)
 
 
 async def drain(session: Session, into: list[bytes | Ending]) -> None:
@@ -43,10 +44,11 @@ async def settle(*sessions: Session) -> None:
     await asyncio.wait_for(asyncio.gather(*(s.settled.wait() for s in sessions)), 30)
 
 
+@pytest.mark.parametrize("opus_workers", [0, 1])
 @torch.no_grad()
-def test_a_client_that_does_not_read_is_ended_and_its_neighbour_is_not(tmp_path: Path) -> None:
+def test_a_client_that_does_not_read_is_ended_and_its_neighbour_is_not(tmp_path: Path, opus_workers: int) -> None:
     async def main() -> None:
-        m = manager(tmp_path, Limits(max_outbox=20))
+        m = manager(tmp_path, Limits(max_outbox=20), opus_workers)
         m.start()
         try:
             lazy, reader = await m.open(1), await m.open(2)
