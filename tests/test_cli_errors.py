@@ -412,6 +412,8 @@ def test_help_and_refused_arguments_import_no_torch() -> None:
 def test_literal_names_and_defaults_match_their_modules() -> None:
     """The commands spell some names and defaults out so `--help` imports nothing heavy; they must agree."""
     pytest.importorskip("moshi")
+    from moshi.models import loaders
+
     from ttt_speech import branches
     from ttt_speech.eval import commands as eval_commands
     from ttt_speech.eval.gibberish import FRAMES_PER_MINUTE
@@ -425,9 +427,8 @@ def test_literal_names_and_defaults_match_their_modules() -> None:
 
     assert branches.BRANCH_NAMES == tuple(BRANCHES) and commands.QUANT_MODES == MODES
     assert eval_commands.FRAMES_PER_MINUTE == FRAMES_PER_MINUTE
-    assert (serve.CONFIG_NAME, serve.WEIGHTS_NAME) == (files.CONFIG_NAME, files.WEIGHTS_NAME)
-    assert (serve.MIMI_WEIGHTS_NAME, serve.MIMI_CONFIG_NAME, serve.TOKENIZER_NAME) == (
-        files.MIMI_WEIGHTS_NAME, files.MIMI_CONFIG_NAME, files.TOKENIZER_NAME)
+    assert (files.MOSHI_WEIGHTS_NAME, files.MOSHI_MIMI_NAME, files.MOSHI_TOKENIZER_NAME) == (
+        loaders.MOSHI_NAME, loaders.MIMI_NAME, loaders.TEXT_TOKENIZER_NAME)
     assert (serve.MAX_MESSAGE_BYTES, serve.IDLE_TIMEOUT_S) == (Limits.max_message_bytes, Limits.idle_timeout_s)
     assert (serve.TEMP, serve.TEMP_TEXT, serve.TOP_K, serve.TOP_K_TEXT) == (
         SamplingConfig.temp, SamplingConfig.temp_text, SamplingConfig.top_k, SamplingConfig.top_k_text)

@@ -36,6 +36,7 @@ if tp.TYPE_CHECKING:
     from ttt_speech.eval.free_run import AudioScoring, FreeRunResult
     from ttt_speech.eval.models import Loaded, Spec
     from ttt_speech.eval.report import Report
+    from ttt_speech.moshi.files import MoshiDir
 
 DEFAULT_LENGTHS = "4096,8192,16384,32768,65536"
 FRAMES_PER_MINUTE = 750  # eval/gibberish.py's, literal so that --help imports no numpy (a test holds them equal)
@@ -114,8 +115,7 @@ def _add_audio_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _audio_scoring(args: argparse.Namespace, device: torch.device, notes: list[str], *, n_codebooks: int, card: int,
-                   text_card: int, mimi_path: Path | None = None, mimi_config: dict[str, tp.Any] | None = None,
-                   tokenizer_path: Path | None = None) -> AudioScoring:
+                   text_card: int, found: MoshiDir | None = None) -> AudioScoring:
     """Mimi, tokenizer, ASR and speaker embedder, each only if available (--mimi, --tokenizer over a model
     directory's files); ASR and embedder only with a Mimi, as they need its audio."""
     from ttt_speech.eval.asr import Recognizer, asr_available
@@ -129,14 +129,14 @@ def _audio_scoring(args: argparse.Namespace, device: torch.device, notes: list[s
         from ttt_speech.moshi.tiny import build_tiny_mimi, tiny_mimi_config
 
         mimi = build_tiny_mimi(args.seed, tiny_mimi_config(n, card), device=device, num_codebooks=n)
-    elif args.mimi or mimi_path:
+    elif args.mimi or (found is not None and found.mimi is not None):
         from moshi.models.loaders import get_mimi
 
-        path = args.mimi or str(mimi_path)
-        cfg = json.loads(args.mimi_config.read_text()) if args.mimi_config else (None if args.mimi else mimi_config)
-        mimi = get_mimi(path, cfg, device=device, num_codebooks=n)
+        path, config = (args.mimi, args.mimi_config) if args.mimi else (found.mimi, found.mimi_config)
+        cfg = read_json_object(config, "Mimi config") if config else None
+        mimi = get_mimi(str(path), cfg, device=device, num_codebooks=n)
     scoring = AudioScoring(mimi=mimi)
-    tokenizer = args.tokenizer or tokenizer_path
+    tokenizer = args.tokenizer or (found.tokenizer if found is not None else None)
     if tokenizer:
         scoring.tokenizer = load_text_tokenizer(tokenizer, text_card)
     if mimi is None:
@@ -154,8 +154,7 @@ def _model_scoring(args: argparse.Namespace, loaded: Loaded, device: torch.devic
     """`_audio_scoring` for a loaded Moshi model and the files its directory provides."""
     lm = loaded.scorer.model
     return _audio_scoring(args, device, notes, n_codebooks=max(lm.dep_q, lm.n_q - lm.dep_q), card=lm.card,
-                          text_card=lm.text_card, mimi_path=loaded.mimi_path, mimi_config=loaded.mimi_config,
-                          tokenizer_path=loaded.tokenizer_path)
+                          text_card=lm.text_card, found=loaded.moshi_dir)
 
 
 def _free(device: torch.device) -> None:
@@ -183,7 +182,6 @@ def check_data(specs: list[Spec], sequences: list[Sequence], args: argparse.Name
     window [L/2, L) lies beyond every sequence (the report would say "holds" on no data), tokens a model's
     vocabulary does not have (an IndexError deep in the model, minutes in), a tokenizer smaller than the
     model's text vocabulary."""
-    from ttt_speech.eval.models import moshi_extras
     from ttt_speech.moshi.checkpoint import load_text_tokenizer
 
     longest = max(s.length for s in sequences)
@@ -199,8 +197,7 @@ def check_data(specs: list[Spec], sequences: list[Sequence], args: argparse.Name
         if limits is None:
             continue
         text_card, card = limits
-        tokenizer = args.tokenizer or (moshi_extras(Path(spec.path), spec.config).get("tokenizer_path")
-                                       if spec.kind == "moshi" else None)
+        tokenizer = args.tokenizer or (spec.moshi_dir.tokenizer if spec.moshi_dir is not None else None)
         if tokenizer:  # decoding a generated token the tokenizer lacks would end the run after the model's turn
             load_text_tokenizer(tokenizer, text_card)
         for seq in sequences:
@@ -358,17 +355,14 @@ def run_score(args: argparse.Namespace) -> dict[str, Path]:
     import numpy as np
 
     from ttt_speech.eval.free_run import audio_notes, score_saved_run
-    from ttt_speech.eval.models import moshi_extras
     from ttt_speech.eval.report import saved_run_md
-    from ttt_speech.moshi.config import read_moshi_config
+    from ttt_speech.moshi.files import MIMI_WEIGHTS_NAME, MoshiDir
 
     device = torch_device(args.device)
     use_cpu_threads(args.threads)
     existing_file(args.tokens, "free-run tokens file (free_run_<name>.npy)")
-    config = existing_dir(args.model, "--model directory") / "config.json"
-    if not config.is_file():
-        raise UsageError(f"--model {args.model}: no config.json (the run's Moshi checkpoint directory is needed)")
-    raw = read_moshi_config(config)
+    found = MoshiDir.read(args.model, "--model", weights=False)  # only its config, Mimi and tokenizer are needed
+    raw = found.config
     check_audio_options(args)
     if args.out:
         output_dir(args.out)
@@ -381,9 +375,10 @@ def run_score(args: argparse.Namespace) -> dict[str, Path]:
         raise UsageError(f"{args.tokens}: {tokens.shape} tokens, {args.model} generates [1 + {dep_q}, frames]")
     notes: list[str] = []
     scoring = _audio_scoring(args, device, notes, card=raw.get("card", 1024), text_card=raw.get("text_card", 32000),
-                             n_codebooks=max(dep_q, raw.get("n_q", 8) - dep_q), **moshi_extras(args.model, raw))
+                             n_codebooks=max(dep_q, raw.get("n_q", 8) - dep_q), found=found)
     if scoring.mimi is None:
-        raise UsageError(f"{args.model}: no Mimi weights ({raw.get('mimi_name', 'mimi.safetensors')}); give --mimi")
+        raise UsageError(f"{args.model}: no Mimi weights beside it (its config.json names none, nor is there "
+                         f"{MIMI_WEIGHTS_NAME}); give --mimi")
     pad_ids = (raw.get("existing_text_padding_id", 3), raw.get("existing_text_end_padding_id", 0))  # LMModel's defaults
     out = args.out or args.tokens.parent
     out.mkdir(parents=True, exist_ok=True)

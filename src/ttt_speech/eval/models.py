@@ -17,7 +17,6 @@ model.safetensors), or a transformers directory; `NAME=SPEC` names a model in th
 
 from __future__ import annotations
 
-import json
 import typing as tp
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -28,6 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ttt_speech.names import memory_section
+
+if tp.TYPE_CHECKING:
+    from ttt_speech.moshi.files import MoshiDir
 
 Tick = tp.Callable[[int], None]
 BUILTINS = ("tiny", "tiny-vanilla")
@@ -199,9 +201,7 @@ class Loaded:
     """A model ready to evaluate and what else its directory provides."""
 
     scorer: Scorer
-    mimi_path: Path | None = None
-    mimi_config: dict[str, tp.Any] | None = None
-    tokenizer_path: Path | None = None
+    moshi_dir: MoshiDir | None = None  # a Moshi directory's: its Mimi and tokenizer decode and score the audio
 
 
 def split_spec(spec: str) -> tuple[str, str]:
@@ -212,20 +212,6 @@ def split_spec(spec: str) -> tuple[str, str]:
     return (Path(spec).name or spec), spec
 
 
-def moshi_extras(root: Path, raw: dict[str, tp.Any]) -> dict[str, tp.Any]:
-    """The Mimi and tokenizer files a Moshi directory names (as write_tiny_checkpoint lays them out)."""
-    extras: dict[str, tp.Any] = {}
-    mimi = root / str(raw.get("mimi_name", "mimi.safetensors"))
-    if mimi.is_file():
-        extras["mimi_path"] = mimi
-        cfg = root / str(raw.get("mimi_config_name", "mimi_config.json"))
-        extras["mimi_config"] = json.loads(cfg.read_text()) if cfg.is_file() else None
-    tok = root / str(raw.get("tokenizer_name", "tokenizer.model"))
-    if tok.is_file():
-        extras["tokenizer_path"] = tok
-    return extras
-
-
 @dataclass(frozen=True)
 class Spec:
     """A command-line model spec, checked: its files are there and whole, its config.json is one we can build."""
@@ -234,6 +220,7 @@ class Spec:
     path: str
     kind: str  # "builtin", "moshi" or "hf"
     config: dict[str, tp.Any]
+    moshi_dir: MoshiDir | None = None  # kind "moshi": the directory as read
 
     def token_limits(self) -> tuple[int, int] | None:
         """(text vocabulary, audio codebook size) the model reads (HF: text only, audio 0); None: built in code."""
@@ -257,14 +244,10 @@ def check_spec(spec: str) -> Spec:
                          f"{', '.join(BUILTINS)}")
     raw = read_json_object(root / "config.json", "config.json")
     if "dep_q" in raw and "n_q" in raw:
-        from ttt_speech.moshi.checkpoint import check_hybrid_dir, check_moshi_weights
-        from ttt_speech.moshi.config import read_moshi_config
+        from ttt_speech.moshi.files import MoshiDir
 
-        if memory_section(raw, str(root / "config.json")) is not None:
-            return Spec(name, path, "moshi", check_hybrid_dir(root))
-        raw = read_moshi_config(root / "config.json")
-        check_moshi_weights(root / "model.safetensors", raw, root / "config.json")
-        return Spec(name, path, "moshi", raw)
+        found = MoshiDir.read(root, "--model")
+        return Spec(name, path, "moshi", found.config, found)
     from ttt_speech.hf.checkpoint import check_llm_dir
 
     return Spec(name, path, "hf", check_llm_dir(root))
@@ -280,20 +263,21 @@ def load_model(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype
 
         lm = build_tiny_hybrid(seed, device, dtype) if path == "tiny" else build_tiny_lm(seed, device=device, dtype=dtype)
         return Loaded(MoshiScorer(lm, name))
-    root, raw = Path(path), checked.config
-    section = memory_section(raw)
-    if checked.kind == "moshi":
+    if checked.moshi_dir is not None:
         from ttt_speech.moshi import load_hybrid
         from ttt_speech.moshi.config import lm_kwargs
 
-        if section is not None:
-            lm = load_hybrid(root, device=device, dtype=dtype)
+        found = checked.moshi_dir
+        if found.hybrid:
+            lm = load_hybrid(found.root, device=device, dtype=dtype)
         else:
             from moshi.models.loaders import get_moshi_lm
 
-            lm = get_moshi_lm(str(root / "model.safetensors"), lm_kwargs=lm_kwargs(raw), device=device, dtype=dtype)
-        return Loaded(MoshiScorer(lm, name), **moshi_extras(root, raw))
+            lm = get_moshi_lm(str(found.weights), lm_kwargs=lm_kwargs(found.config), device=device, dtype=dtype)
+        return Loaded(MoshiScorer(lm, name), found)
     from ttt_speech.hf import convert, load_llm
 
-    model = convert.load(root, dtype=dtype) if section is not None else load_llm(root, dtype=dtype)[0]
+    root = Path(path)
+    converted = memory_section(checked.config) is not None
+    model = convert.load(root, dtype=dtype) if converted else load_llm(root, dtype=dtype)[0]
     return Loaded(HFScorer(model.to(device), name, chunk))

@@ -21,34 +21,15 @@ from moshi.models.loaders import get_moshi_lm
 from safetensors.torch import load_file
 from torch import Tensor
 
-from ttt_speech.errors import UsageError, check_safetensors, existing_dir, existing_file
-from ttt_speech.moshi.config import lm_kwargs, read_moshi_config
+from ttt_speech.errors import UsageError, existing_file
+from ttt_speech.moshi.config import lm_kwargs
 from ttt_speech.moshi.convert import BRANCHES, MODES, TTTLMModel, convert
-from ttt_speech.moshi.files import CONFIG_NAME, HYBRID_FORMAT, HYBRID_VERSION, MEMORY_SECTION, WEIGHTS_NAME, to_moshi_layout
+from ttt_speech.moshi.files import (CONFIG_NAME, HYBRID_FORMAT, HYBRID_VERSION, MEMORY_SECTION, WEIGHTS_NAME, MoshiDir,
+                                    to_moshi_layout)
 from ttt_speech.moshi.layer import BranchConfig
-from ttt_speech.names import current_keys, current_section
+from ttt_speech.names import current_keys
 
 _MEMORY_KEY = re.compile(r"^transformer\.layers\.(\d+)\.memory\.")
-
-
-def check_moshi_weights(weights: str | Path, raw: dict[str, tp.Any], config_path: str | Path) -> None:
-    """Refuse a vanilla Moshi weights file that moshi's strict load would reject (another model's file, another
-    size), naming the file and the first differences, before the gigabytes are read: its header against a
-    weightless (meta) build of `raw`. LoRA and quantized checkpoints are left to moshi (other tensor names)."""
-    header = check_safetensors(weights)
-    found = {re.sub(r"in_proj\.weight$", "in_proj_weight", k): tuple(v["shape"]) for k, v in header.items()
-             if k != "__metadata__"}
-    if raw.get("lora") or raw.get("quantize") or any(k.endswith("_scb") for k in found):
-        return
-    with torch.device("meta"):
-        meta = get_moshi_lm(None, lm_kwargs=lm_kwargs(raw), device="meta", dtype=torch.float32)
-    expected = {k: tuple(v.shape) for k, v in to_moshi_layout(meta.state_dict()).items()}
-    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-    shapes = [f"{k} {found[k]} vs {expected[k]}" for k in sorted(set(expected) & set(found)) if found[k] != expected[k]]
-    if missing or unexpected or shapes:
-        what = "; ".join(f"{name} ({len(keys)}): {', '.join(keys[:3])}" for name, keys in
-                         (("shapes differ", shapes), ("missing", missing), ("not in the model", unexpected)) if keys)
-        raise UsageError(f"{weights}: not the weights of the model {config_path} describes ({what})")
 
 
 def load_text_tokenizer(path: str | Path, text_card: int) -> tp.Any:
@@ -117,16 +98,9 @@ def _mismatch(where: Path, expected: dict[str, tuple[int, ...]], found: dict[str
 
 
 def check_hybrid_dir(path: str | Path) -> dict[str, tp.Any]:
-    """The config.json of a hybrid directory, after checking what can be checked without building the model:
-    the directory, a Moshi config with a "memory" section (or its old name, "ttt"), a whole model.safetensors
-    (else a UsageError). The section comes back under "memory"."""
-    root = existing_dir(path, "hybrid checkpoint directory")
-    raw = current_section(read_moshi_config(root / CONFIG_NAME), str(root / CONFIG_NAME))
-    if MEMORY_SECTION not in raw:
-        raise UsageError(f"{root / CONFIG_NAME} has no '{MEMORY_SECTION}' section: it is a vanilla Moshi checkpoint "
-                         "(give it as --moshi-weights/--config, or convert it with convert-moshi)")
-    check_safetensors(root / WEIGHTS_NAME)
-    return raw
+    """The config.json of a hybrid directory (its section under "memory"), after `MoshiDir.read` checked what
+    can be checked without building the model (else a UsageError)."""
+    return MoshiDir.read(path, "hybrid checkpoint", hybrid=True).config
 
 
 def load_hybrid(path: str | Path, device: torch.device | str = "cpu",

@@ -105,15 +105,12 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
 def run_convert(args: argparse.Namespace) -> Path:
     """Load a released Moshi, convert it, save the hybrid checkpoint. Everything the options decide is tried
     first on a weightless (meta) copy of the model, so a bad option is refused before gigabytes are read."""
-    import json
-
     import torch
     from moshi.models.loaders import get_moshi_lm
 
-    from ttt_speech.moshi.checkpoint import check_moshi_weights
     from ttt_speech.moshi.config import lm_kwargs, read_moshi_config
     from ttt_speech.moshi.convert import convert, default_branch_config
-    from ttt_speech.moshi.files import CONFIG_NAME, companion, copy_companions
+    from ttt_speech.moshi.files import MoshiDir, check_moshi_weights, copy_companions
 
     raw = read_moshi_config(args.config)
     check_moshi_weights(args.moshi_weights, raw, args.config)
@@ -134,9 +131,10 @@ def run_convert(args: argparse.Namespace) -> Path:
     hybrid = convert(lm, args.layers, args.mode, cfg, moshi_config=raw, attention_window=args.attention_window)
     out = hybrid.save_pretrained(args.out)
     carried = copy_companions(Path(args.config).parent, out, raw)  # generate / serve on `out` decode and speak as is
-    for key, what, flag in (("mimi_name", "Mimi", "--mimi-weights / serve --mimi"),
-                            ("tokenizer_name", "tokenizer", "serve --tokenizer")):
-        if companion(out, json.loads((out / CONFIG_NAME).read_text()), key) is None:
+    written = MoshiDir.read(out, "--out")
+    for found, what, flag in ((written.mimi, "Mimi", "--mimi-weights / serve --mimi"),
+                              (written.tokenizer, "tokenizer", "serve --tokenizer")):
+        if found is None:
             print(f"convert-moshi: no {what} beside {args.config}; generate/serve on {out} need {flag}",
                   file=sys.stderr)
     n = sum(p.numel() for layer in hybrid.memory_layers() for p in layer.memory.parameters())
@@ -220,8 +218,8 @@ def check_generate(args: argparse.Namespace) -> None:
 
         check_hybrid_dir(args.hybrid)
     if args.moshi_weights:
-        from ttt_speech.moshi.checkpoint import check_moshi_weights
         from ttt_speech.moshi.config import read_moshi_config
+        from ttt_speech.moshi.files import check_moshi_weights
 
         check_moshi_weights(args.moshi_weights, read_moshi_config(args.config), args.config)
     if args.mimi_weights:
@@ -232,15 +230,13 @@ def check_generate(args: argparse.Namespace) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> dict[str, Path]:
-    import json
-
     import torch
     from moshi.models.loaders import get_mimi, get_moshi_lm
 
     from ttt_speech.audio import FRAME_RATE
     from ttt_speech.moshi.checkpoint import load_hybrid
-    from ttt_speech.moshi.config import lm_kwargs
-    from ttt_speech.moshi.files import CONFIG_NAME, SHIPPED_DIR, companion
+    from ttt_speech.moshi.config import lm_kwargs, read_moshi_config
+    from ttt_speech.moshi.files import SHIPPED_DIR, MoshiDir, companion
     from ttt_speech.moshi.generate import WavSink, stream, wav_paths, write_outputs
     from ttt_speech.moshi.tiny import build_tiny_hybrid, build_tiny_mimi, tiny_mimi_config
 
@@ -253,11 +249,12 @@ def run_generate(args: argparse.Namespace) -> dict[str, Path]:
     mimi_weights, mimi_config = args.mimi_weights, args.mimi_config
     model_dir: Path | None = None  # a checkpoint directory: its config.json names the Mimi to decode with
     if args.hybrid or not (args.moshi_weights or args.tiny):
-        model_dir = Path(args.hybrid) if args.hybrid else SHIPPED_DIR
-        lm, raw = load_hybrid(model_dir, device=device, dtype=dtype), json.loads((model_dir / CONFIG_NAME).read_text())
+        hybrid = MoshiDir.read(args.hybrid or SHIPPED_DIR, "hybrid checkpoint", hybrid=True)
+        model_dir, raw = hybrid.root, hybrid.config
+        lm = load_hybrid(model_dir, device=device, dtype=dtype)
         name = f"hybrid {model_dir.resolve().name}" if args.hybrid else "the shipped small TTT hybrid"
     elif args.moshi_weights:
-        model_dir, raw = Path(args.config).parent, json.loads(Path(args.config).read_text())
+        model_dir, raw = Path(args.config).parent, read_moshi_config(args.config)
         lm = get_moshi_lm(args.moshi_weights, lm_kwargs=lm_kwargs(raw), device=device, dtype=dtype)
         name = f"vanilla Moshi {Path(args.moshi_weights).name}"
     else:
@@ -273,7 +270,7 @@ def run_generate(args: argparse.Namespace) -> dict[str, Path]:
         name += f", {args.quantize} weights"
     mimi = None
     if mimi_weights:
-        mimi_cfg = json.loads(Path(mimi_config).read_text()) if mimi_config else None
+        mimi_cfg = read_json_object(mimi_config, "Mimi config") if mimi_config else None
         mimi = get_mimi(mimi_weights, mimi_cfg, device=device, num_codebooks=max(lm.dep_q, lm.n_q - lm.dep_q))
     elif args.tiny_mimi:
         n = max(lm.dep_q, lm.n_q - lm.dep_q)

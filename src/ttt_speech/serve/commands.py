@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import json
 import logging
 import signal
 import socket
@@ -18,11 +17,11 @@ import typing as tp
 from pathlib import Path
 
 from ttt_speech.devices import DTYPE_NAMES, torch_device, torch_dtype
-from ttt_speech.errors import (OFF, UsageError, check_safetensors, existing_dir, nonnegative_float, nonnegative_int,
-                               output_dir, port, positive_float, positive_float_or_off, positive_int,
-                               positive_int_or_off, read_json_object, seconds_or_off)
+from ttt_speech.errors import (OFF, UsageError, check_safetensors, nonnegative_float, nonnegative_int, output_dir,
+                               port, positive_float, positive_float_or_off, positive_int, positive_int_or_off,
+                               read_json_object, seconds_or_off)
 from ttt_speech.moshi.commands import add_quantize_argument, check_quantize, quantize_or_exit
-from ttt_speech.names import memory_section
+from ttt_speech.moshi.files import MIMI_CONFIG_NAME, MIMI_WEIGHTS_NAME, SHIPPED_DIR, TOKENIZER_NAME, MoshiDir
 from ttt_speech.threads import add_threads_argument, use_cpu_threads
 
 if tp.TYPE_CHECKING:
@@ -34,10 +33,8 @@ if tp.TYPE_CHECKING:
     from ttt_speech.serve.sessions import SessionManager
 
 log = logging.getLogger("ttt_speech.serve")
-# the package's file names and defaults, literal so that `--help` imports nothing heavy (tests/test_cli_errors.py
-# holds them equal to moshi/files.py, serve/sessions.py and serve/sampling.py)
-CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
-MIMI_WEIGHTS_NAME, MIMI_CONFIG_NAME, TOKENIZER_NAME = "mimi.safetensors", "mimi_config.json", "tokenizer.model"
+# the package's defaults, literal so that `--help` imports nothing heavy (tests/test_cli_errors.py holds them
+# equal to serve/sessions.py, serve/sampling.py and serve/opus.py)
 MAX_MESSAGE_BYTES, IDLE_TIMEOUT_S, MAX_LOAD = 1 << 16, 30.0, 1.0
 TEMP, TEMP_TEXT, TOP_K, TOP_K_TEXT = 0.8, 0.7, 250, 25
 AUTO, SESSIONS_PER_WORKER = "auto", 64  # serve/opus.py's SESSIONS_PER_WORKER (tests/test_serve_opus.py)
@@ -98,106 +95,80 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"stop after this many seconds (default, '{OFF}': at SIGINT/SIGTERM)")
 
 
-def _first_existing(root: Path, names: list[str | None]) -> Path | None:
-    return next((root / n for n in names if n and (root / n).exists()), None)
+def model_dir(spec: str | None) -> MoshiDir | None:
+    """--model read and checked (the shipped small hybrid when not given); None for tiny."""
+    return None if spec == "tiny" else MoshiDir.read(SHIPPED_DIR if spec is None else spec, "--model")
 
 
-def _model_dir(spec: str | None) -> Path:
-    if spec is None:
-        from ttt_speech.moshi.files import SHIPPED_DIR
-
-        return SHIPPED_DIR
-    return Path(spec)
-
-
-def check_model(spec: str | None) -> dict[str, tp.Any]:
-    """The config.json of --model (a hybrid or vanilla Moshi directory; {} for tiny), after checking its files."""
-    from ttt_speech.moshi.checkpoint import check_hybrid_dir, check_moshi_weights
-    from ttt_speech.moshi.config import read_moshi_config
-
-    if spec == "tiny":
-        return {}
-    root = existing_dir(_model_dir(spec), "--model directory")
-    if not (root / CONFIG_NAME).is_file():
-        raise UsageError(f"--model {root}: no {CONFIG_NAME}; give a hybrid or Moshi checkpoint directory, or 'tiny'")
-    raw = read_moshi_config(root / CONFIG_NAME)
-    if memory_section(raw, str(root / CONFIG_NAME)) is not None:
-        return check_hybrid_dir(root)
-    weights = _first_existing(root, [raw.get("moshi_name"), WEIGHTS_NAME])
-    if weights is None:
-        raise UsageError(f"--model {root}: no Moshi weights ({raw.get('moshi_name') or WEIGHTS_NAME})")
-    check_moshi_weights(weights, raw, root / CONFIG_NAME)
-    return raw
-
-
-def load_model(spec: str | None, device: torch.device, dtype: torch.dtype, seed: int) -> tuple[LMModel, str, dict]:
-    """(model, an identity string for state fingerprints, the directory's config.json or {})."""
+def load_model(spec: str | None, device: torch.device, dtype: torch.dtype,
+               seed: int) -> tuple[LMModel, str, MoshiDir | None]:
+    """(model, an identity string for state fingerprints, its directory or None for tiny)."""
     from moshi.models.loaders import get_moshi_lm
 
     from ttt_speech.moshi.checkpoint import load_hybrid
     from ttt_speech.moshi.config import lm_kwargs
     from ttt_speech.moshi.tiny import build_tiny_hybrid
 
-    raw = check_model(spec)
-    if spec == "tiny":
-        return build_tiny_hybrid(seed, device, dtype), f"tiny-hybrid/seed={seed}", {}
-    root = _model_dir(spec)
-    text = (root / CONFIG_NAME).read_text()
-    model_id = f"{root.resolve().name}/{hashlib.sha256(text.encode()).hexdigest()[:16]}/{dtype}"
-    if memory_section(raw) is not None:
-        return load_hybrid(root, device=device, dtype=dtype), model_id, raw
-    weights = _first_existing(root, [raw.get("moshi_name"), WEIGHTS_NAME])
-    return get_moshi_lm(weights, lm_kwargs=lm_kwargs(raw), device=device, dtype=dtype), model_id, raw
+    found = model_dir(spec)
+    if found is None:
+        return build_tiny_hybrid(seed, device, dtype), f"tiny-hybrid/seed={seed}", None
+    text = found.config_path.read_text()
+    model_id = f"{found.root.resolve().name}/{hashlib.sha256(text.encode()).hexdigest()[:16]}/{dtype}"
+    if found.hybrid:
+        return load_hybrid(found.root, device=device, dtype=dtype), model_id, found
+    return get_moshi_lm(found.weights, lm_kwargs=lm_kwargs(found.config), device=device, dtype=dtype), model_id, found
 
 
-def mimi_files(args: argparse.Namespace, raw: dict) -> tuple[Path, Path | None] | None:
+def mimi_files(args: argparse.Namespace, found: MoshiDir | None) -> tuple[Path, Path | None] | None:
     """(weights, config or None) of the Mimi to load, checked; None for --mimi tiny."""
-    spec = args.mimi or ("tiny" if args.model == "tiny" else None)
+    spec = args.mimi or ("tiny" if found is None else None)
     if spec == "tiny":
         return None
-    path = Path(spec) if spec else _first_existing(_model_dir(args.model), [raw.get("mimi_name"), MIMI_WEIGHTS_NAME])
-    if path is None:
+    given = Path(args.mimi_config) if args.mimi_config else None
+    if spec:
+        path, config_path = Path(spec), given or Path(spec).parent / MIMI_CONFIG_NAME
+    elif found is not None and found.mimi is not None:
+        path, config_path = found.mimi, given or found.mimi_config
+    else:
         raise UsageError("no Mimi found beside the model: give --mimi FILE (or --mimi tiny)")
     check_safetensors(path)
-    config_path = Path(args.mimi_config) if args.mimi_config else path.parent / MIMI_CONFIG_NAME
-    if args.mimi_config or config_path.exists():
+    if args.mimi_config or (config_path is not None and config_path.exists()):
         read_json_object(config_path, "Mimi config")
         return path, config_path
     return path, None
 
 
-def load_mimi(args: argparse.Namespace, lm: LMModel, raw: dict, device: torch.device) -> MimiModel:
+def load_mimi(args: argparse.Namespace, lm: LMModel, found: MoshiDir | None, device: torch.device) -> MimiModel:
     from moshi.models.loaders import get_mimi
 
     from ttt_speech.moshi.tiny import build_tiny_mimi, tiny_mimi_config
 
     n = max(lm.dep_q, lm.n_q - lm.dep_q)
-    files = mimi_files(args, raw)
+    files = mimi_files(args, found)
     if files is None:
         return build_tiny_mimi(args.seed, tiny_mimi_config(n, lm.card), device=device, num_codebooks=n)
     path, config_path = files
-    config = json.loads(config_path.read_text()) if config_path else None
+    config = read_json_object(config_path, "Mimi config") if config_path else None
     return get_mimi(path, config, device=device, num_codebooks=n)
 
 
-def tokenizer_file(args: argparse.Namespace, raw: dict) -> Path | None:
+def tokenizer_file(args: argparse.Namespace, found: MoshiDir | None) -> Path | None:
     """The SentencePiece model to load, checked to exist; None for --model tiny (one is written)."""
     if args.tokenizer:
         return Path(args.tokenizer)
-    if args.model == "tiny":
+    if found is None:
         return None
-    path = _first_existing(_model_dir(args.model), [raw.get("tokenizer_name"), TOKENIZER_NAME])
-    if path is None:
+    if found.tokenizer is None:
         raise UsageError("no tokenizer found beside the model: give --tokenizer FILE")
-    return path
+    return found.tokenizer
 
 
-def load_tokenizer(args: argparse.Namespace, lm: LMModel, raw: dict,
+def load_tokenizer(args: argparse.Namespace, lm: LMModel, found: MoshiDir | None,
                    workdir: Path) -> sentencepiece.SentencePieceProcessor:
     from ttt_speech.moshi.checkpoint import load_text_tokenizer
     from ttt_speech.moshi.tiny import write_tiny_tokenizer
 
-    path = tokenizer_file(args, raw) or write_tiny_tokenizer(workdir / TOKENIZER_NAME, lm.text_card)
+    path = tokenizer_file(args, found) or write_tiny_tokenizer(workdir / TOKENIZER_NAME, lm.text_card)
     return load_text_tokenizer(path, lm.text_card)
 
 
@@ -224,18 +195,18 @@ async def serve(manager: SessionManager, host: str, port: int, shutdown_after: f
         await runner.cleanup()
 
 
-def check_serve(args: argparse.Namespace) -> dict[str, tp.Any]:
-    """Every file `run` will read, checked before anything is loaded; returns the model's config.json ({}: tiny)."""
-    raw = check_model(args.model)
-    mimi_files(args, raw)
-    tokenizer = tokenizer_file(args, raw)
+def check_serve(args: argparse.Namespace) -> MoshiDir | None:
+    """Every file `run` will read, checked before anything is loaded; returns the model's directory (None: tiny)."""
+    found = model_dir(args.model)
+    mimi_files(args, found)
+    tokenizer = tokenizer_file(args, found)
     if tokenizer is not None:
         from ttt_speech.moshi.checkpoint import load_text_tokenizer
 
-        load_text_tokenizer(tokenizer, raw.get("text_card", 0))
+        load_text_tokenizer(tokenizer, found.config.get("text_card", 0) if found is not None else 0)
     output_dir(args.state_dir)
     check_address(args.host, args.port)
-    return raw
+    return found
 
 
 def check_address(host: str, port: int) -> None:
@@ -272,14 +243,14 @@ def run(args: argparse.Namespace) -> None:
     check_serve(args)
     use_cpu_threads(args.threads)
     workers = auto_workers(args.max_sessions, os.cpu_count()) if args.opus_workers is None else args.opus_workers
-    lm, model_id, raw = load_model(args.model, device, dtype, args.seed)
+    lm, model_id, found = load_model(args.model, device, dtype, args.seed)
     if args.quantize:
         log.info("%s", quantize_or_exit(lm, args.quantize, args.quantize_compile))
         model_id += f"/{args.quantize}"  # kept conversations resume only on the weights that made them
-    mimi = load_mimi(args, lm, raw, device)
+    mimi = load_mimi(args, lm, found, device)
     sampling = SamplingConfig(args.temp, args.temp_text, args.top_k, args.top_k_text, args.greedy)
     with tempfile.TemporaryDirectory(prefix="ttt-serve-") as work:
-        tokenizer = load_tokenizer(args, lm, raw, Path(work))
+        tokenizer = load_tokenizer(args, lm, found, Path(work))
         if device.type == "cuda":  # a clear refusal instead of an out-of-memory error halfway through allocating
             check_fits(args.max_sessions, session_bytes(lm.eval(), mimi.eval())[0], torch.cuda.mem_get_info(device)[0])
         streams = BatchedStreams(lm.eval(), mimi.eval(), args.max_sessions, sampling)

@@ -106,7 +106,7 @@ class MoshiTokenizer:
         """From a Moshi checkpoint directory (config.json naming Mimi and the tokenizer) or hub repo."""
         from ttt_speech.moshi.files import checkpoint_info
 
-        info = checkpoint_info(path, mimi_config)
+        info = checkpoint_info(path, mimi_config, weights=False)
         cfg = info.lm_config or {}
         text = info.get_text_tokenizer()
         if "text_card" in cfg and text.vocab_size() > cfg["text_card"]:
