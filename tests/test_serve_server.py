@@ -595,13 +595,15 @@ def test_health_and_metrics(server: Server) -> None:
                 assert await r.json() == {"status": "ok", "sessions": 0, "max_sessions": MAX_SESSIONS}
             c = await Client.connect(http, server)
             await c.send_frames(speech_like(25 * FRAME / SR))
-            await c.read(25 - DELAY)
+            while c.audio < 25 - DELAY:  # every frame stepped (text messages come too)
+                assert await c.read(1)
             m = await metrics(server)
             await c.ws.close()
         assert m["sessions"] == 1 and m["max_sessions"] == MAX_SESSIONS
         assert m["frames_per_second"] > 0 and 0 < m["real_time_factor"] < 1
         assert m["state_bytes"] == MAX_SESSIONS * m["state_bytes_per_session"] > 0
         assert m["rss_bytes"] > 0 and m["frames_total"] >= 25
+        assert m["opus_workers"] == server.opus_workers
 
     asyncio.run(main())
 

@@ -202,6 +202,8 @@ def render_metrics(manager: SessionManager) -> str:
          [("", manager.streams.slot_bytes)]),
         ("state_bytes", "gauge", "streaming state held for all slots",
          [("", manager.streams.slot_bytes * len(manager.slots))]),
+        ("opus_workers", "gauge", "processes Opus-coding the sessions' audio (0: the event loop)",
+         [("", manager.opus.workers)]),
         ("kept_conversations", "gauge", "suspended conversations on disk", [("", manager.store.count())]),
         ("sessions_opened_total", "counter", "sessions started or resumed", [("", m.opened)]),
         ("sessions_resumed_total", "counter", "sessions resumed from a token", [("", m.resumed)]),
