@@ -8,6 +8,8 @@ import argparse
 import asyncio
 import importlib.util
 import os
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +134,33 @@ def test_a_dead_worker_ends_only_its_sessions_and_shutdown_leaves_no_process() -
         finally:
             await coding.aclose()
         assert not any(alive(pid) for pid in replaced + [victim])
+
+    asyncio.run(main())
+
+
+def test_a_stuck_worker_is_killed_and_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(opus, "ROUND_TRIP_S", 0.5)
+
+    async def main() -> None:
+        lost: list[set[int]] = []
+        coding = OpusCoding(SR, 1, lost=lost.append)
+        try:
+            key = coding.open()
+            page = client_pages(1, 0)[0]
+            await coding.decode(key, page)
+            (stuck,) = coding.pids()
+            os.kill(stuck, signal.SIGSTOP)
+            with pytest.raises(ProtocolError, match="audio worker stopped"):
+                await coding.decode(key, page)
+            assert lost == [{key}] and coding.pids() != [stuck]
+            assert (await coding.decode(coding.open(), page)).size > 0
+            replaced = coding.pids()
+        finally:
+            await coding.aclose()
+        deadline = time.monotonic() + 5
+        while alive(stuck) or alive(replaced[0]):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
 
     asyncio.run(main())
 

@@ -37,7 +37,7 @@ log = logging.getLogger("ttt_speech.serve")
 # equal to serve/sessions.py, serve/sampling.py and serve/opus.py)
 MAX_MESSAGE_BYTES, IDLE_TIMEOUT_S, MAX_LOAD = 1 << 16, 30.0, 1.0
 TEMP, TEMP_TEXT, TOP_K, TOP_K_TEXT = 0.8, 0.7, 250, 25
-AUTO, SESSIONS_PER_WORKER = "auto", 64  # serve/opus.py's SESSIONS_PER_WORKER (tests/test_serve_opus.py)
+AUTO, SESSIONS_PER_WORKER = "auto", 64
 
 
 def opus_workers(text: str) -> int | None:

@@ -9,8 +9,9 @@ the handlers' decodes) goes in the next, so a frame costs one or two round trips
 per session. The same `OpusStreams.run` codes a batch in a worker and on the event loop, so the two
 modes give the same bytes and samples (tests/test_serve_opus.py holds them equal).
 
-A worker that dies ends only its own sessions (`lost` is called with their keys; they close with 1011
-and one line) and is replaced for new sessions; `aclose` leaves no process behind.
+A worker that dies, or does not answer a batch within `ROUND_TRIP_S`, ends only its own sessions
+(`lost` is called with their keys; they close with 1011 and one line) and is replaced for new sessions;
+`aclose` leaves no process behind.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ DECODE, ENCODE, CLOSE = "decode", "encode", "close"
 Op = tuple[str, int, tp.Any]  # (kind, session key, Ogg bytes to decode | pcm frame to encode | None)
 SESSIONS_PER_WORKER = 64  # 64 x 0.8 ms = 51 ms of the 80 ms frame: headroom for pickling and a busy host
 JOIN_S = 5.0  # how long shutdown waits for a worker before killing it
+ROUND_TRIP_S = 5.0  # a worker that takes longer to code one batch (~1 ms per op) is stuck: it is killed
 
 
 @dataclass(frozen=True)
@@ -215,10 +217,11 @@ class OpusCoding:
         try:
             while worker.queue and worker.alive:
                 batch, worker.queue = worker.queue, []
+                trip = loop.run_in_executor(self._threads, _round_trip, worker.conn, [op for op, _ in batch])
                 try:
-                    results = await loop.run_in_executor(self._threads, _round_trip, worker.conn,
-                                                         [op for op, _ in batch])
-                except (EOFError, OSError):
+                    results = await asyncio.wait_for(trip, ROUND_TRIP_S)
+                except (EOFError, OSError, asyncio.TimeoutError):
+                    worker.proc.kill()  # a stuck worker; its pipe thread then sees the end of the pipe
                     self._lose(worker, [f for _, f in batch])
                     return
                 for (_, future), result in zip(batch, results):
