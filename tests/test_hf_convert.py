@@ -3,6 +3,7 @@
 Tiny Llama/Qwen2 models are built from config (tests/helpers/hf.py), never downloaded.
 """
 
+import argparse
 import copy
 import dataclasses
 
@@ -16,7 +17,10 @@ from transformers.models.llama.modeling_llama import repeat_kv  # noqa: E402
 
 from ttt_speech import TTTConfig  # noqa: E402
 from helpers.hf import FAMILIES, HEADS, HIDDEN, KV_HEADS, VOCAB, perturb_ttt, tiny_model, ttt_config, ttt_modules  # noqa: E402
-from ttt_speech.hf import convert  # noqa: E402
+from ttt_speech.branches import DEFAULT_BRANCH  # noqa: E402
+from ttt_speech.hf import convert, default_inplace_config  # noqa: E402
+from ttt_speech.hf.cli import add_arguments, memory_config  # noqa: E402
+from ttt_speech.hf.section import section_of  # noqa: E402
 from ttt_speech.hf.modules import TTTAttention, expand_kv_heads  # noqa: E402
 
 
@@ -131,3 +135,23 @@ def test_convert_rejects_what_it_cannot_do():
         convert(model, layers=[0])
     with pytest.raises(TypeError, match="model.model.layers"):
         convert(nn.Linear(2, 2), layers=[0])
+
+
+def test_without_memory_the_branch_is_convert_hfs_default():
+    """One default for one thing: convert(model, layers) builds what convert-hf builds without --branch (in-place,
+    shaped like the MLPs); replace mode, TTT's only, asked without memory= is one error naming memory=TTTConfig."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cli = memory_config(parser.parse_args(["--model", "m", "--layers", "1", "--out", "o"]), HIDDEN, HEADS, 128)
+    model = convert(tiny_model(), layers=[1])
+    section = section_of(model.config)
+    assert section.branch == DEFAULT_BRANCH == "inplace"
+    assert section.memory == cli == default_inplace_config(HIDDEN, 128)
+    assert [hasattr(layer.mlp, "memory") for layer in model.model.layers] == [False, True, False]
+    assert not any(hasattr(layer.self_attn, "memory") for layer in model.model.layers)
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"mode='replace' needs a TTT branch, and the default branch is inplace .*"
+                                         r"pass memory=TTTConfig\(dim=64, num_heads=4\)"):
+        convert(model, layers=[0], mode="replace")
+    assert section_of(model.config) is None  # refused before anything changed
+    assert section_of(convert(model, layers=[0], mode="replace", memory=ttt_config(10.0)).config).branch == "ttt"

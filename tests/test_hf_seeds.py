@@ -159,6 +159,15 @@ def tiny_mixtral(seed: int = 0) -> MixtralForCausalLM:
     return MixtralForCausalLM(tiny_mixtral_config()).eval()
 
 
+def test_mixtral_without_memory_is_one_error_naming_ttt() -> None:
+    """In-place (the default) needs one gated MLP per layer; Mixtral's are mixtures of experts."""
+    model = tiny_mixtral()
+    with pytest.raises(ValueError, match=r"this model's are MixtralSparseMoeBlock \(mixture of experts\): pass "
+                                         r"memory=TTTConfig\(dim=64, num_heads=4\)"):
+        convert(model, layers=[1])
+    assert not hasattr(model.config, "memory")
+
+
 class TinyVitaConfig(MixtralConfig):
     model_type = "tiny-vita-mixtral"
 

@@ -17,9 +17,13 @@ from moshi.modules.transformer import StreamingTransformer, StreamingTransformer
 
 from helpers.moshi import assert_same_model, greedy_generate, open_gates, random_codes, streamed_logits  # noqa: E402
 from ttt_speech import TTTConfig  # noqa: E402
+from ttt_speech.branches import DEFAULT_BRANCH  # noqa: E402
+from ttt_speech.config import InPlaceConfig  # noqa: E402
+from ttt_speech.layers.inplace import InPlaceLayer  # noqa: E402
 from ttt_speech.moshi import (  # noqa: E402
     TTTTransformerLayer,
     convert,
+    default_branch_config,
     default_ttt_config,
     infer_moshi_config,
     memory_parameters,
@@ -91,8 +95,8 @@ def test_replace_mode_starts_from_attention_and_drops_the_kv_cache() -> None:
     lm = build_tiny_lm(0)
     attn_in = [layer.self_attn.in_projs[0].weight.detach().clone() for layer in lm.transformer.layers]
     attn_out = [layer.self_attn.out_projs[0].weight.detach().clone() for layer in lm.transformer.layers]
-    hybrid_bytes = _state_bytes(convert(copy.deepcopy(lm), layers=[0]))
-    model = convert(lm, layers=[0], mode="replace")
+    hybrid_bytes = _state_bytes(convert(copy.deepcopy(lm), layers=[0], memory=default_ttt_config(lm)))
+    model = convert(lm, layers=[0], mode="replace", memory=default_ttt_config(lm, "replace"))
     layer = model.transformer.layers[0]
     assert not hasattr(layer, "self_attn") and hasattr(model.transformer.layers[1], "self_attn")
     assert not any(k.startswith("transformer.layers.0.self_attn.") for k in model.state_dict())
@@ -129,6 +133,26 @@ def test_layer_selection_and_errors() -> None:
         convert(build_tiny_lm(0), ttt=shared, init_from_attention=True)
     with pytest.raises(ValueError, match="TTTConfig.num_heads must be 4, got 2"):
         convert(build_tiny_lm(0), ttt=TTTConfig(dim=32, num_heads=2, shared_qkv=True))
+
+
+def test_without_memory_the_branch_is_the_commands_default() -> None:
+    """One default for one thing: convert(lm, layers) builds what convert-moshi builds without --branch (in-place,
+    shaped like the gated MLPs); what only TTT does, asked without memory=, is one error naming memory=TTTConfig."""
+    model = convert(build_tiny_lm(0), layers=[1])
+    assert model.memory_spec.branch == DEFAULT_BRANCH == "inplace"
+    assert model.memory_spec.config == default_branch_config(build_tiny_lm(0)) == InPlaceConfig(dim=32, hidden=88)
+    assert [isinstance(getattr(layer, "memory", None), InPlaceLayer) for layer in model.transformer.layers] == [
+        False, True]
+    for asked in ({"mode": "replace"}, {"init_from_attention": True}):
+        lm = build_tiny_lm(0)
+        with pytest.raises(ValueError, match=r"needs a TTT branch, and the default branch is inplace .*: pass "
+                                             r"memory=TTTConfig\(\.\.\.\)"):
+            convert(lm, layers=[0], **asked)
+        assert not hasattr(lm, "memory_spec")  # refused before anything changed
+    with pytest.raises(ValueError, match=r"one gated MLP \(gating\); for this model pass memory=TTTConfig"):
+        convert(build_tiny_lm(0, tiny_lm_config(gating="none")), layers=[0])
+    lm = build_tiny_lm(0)  # named, the same asks keep their meaning
+    assert convert(lm, [0], "replace", default_ttt_config(lm, "replace")).memory_spec.branch == "ttt"
 
 
 def test_layer_class_hook_of_streaming_transformer() -> None:

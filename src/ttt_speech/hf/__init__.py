@@ -1,8 +1,9 @@
-"""Hugging Face integration: TTT hybrids of transformers decoder LLMs (Llama-3.1, Qwen2/Qwen2.5, LLaMA-Omni).
+"""Hugging Face integration: memory hybrids of transformers decoder LLMs (Llama-3.1, Qwen2/Qwen2.5, LLaMA-Omni).
 
     from ttt_speech.hf import convert
-    model = convert(model, layers=range(24, 32), mode="hybrid", memory=TTTConfig(...), attention_window=4096)
-    model.generate(ids, max_new_tokens=200_000)   # memory bounded by the window + the TTT states
+    model = convert(model, layers=range(24, 32), attention_window=4096)  # in-place (the default branch)
+    model = convert(model, layers=range(24, 32), memory=TTTConfig(...))  # or TTT (replace mode, Mixtral)
+    model.generate(ids, max_new_tokens=200_000)   # memory bounded by the window + the memory states
     model.save_pretrained("out/"); model = convert.load("out/")
 
 The names above import transformers on first use, so `ttt-speech convert-hf --help` does not wait for it;
@@ -21,11 +22,11 @@ require("transformers")  # refuses a missing or untested release (hf/compat.py r
 if tp.TYPE_CHECKING:
     from ttt_speech.hf.cache import TTTCache
     from ttt_speech.hf.checkpoint import LoadReport, load_llm
-    from ttt_speech.hf.conversion import Converter, convert
+    from ttt_speech.hf.conversion import Converter, convert, default_inplace_config
     from ttt_speech.hf.section import TTTSection
 
 _LAZY = {"TTTCache": "cache", "LoadReport": "checkpoint", "load_llm": "checkpoint", "Converter": "conversion",
-         "convert": "conversion", "TTTSection": "section"}
+         "convert": "conversion", "default_inplace_config": "conversion", "TTTSection": "section"}
 __all__ = sorted(_LAZY)
 
 

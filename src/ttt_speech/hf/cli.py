@@ -84,7 +84,8 @@ TTT_ONLY = ("mini_batch", "inner", "variant", "num_heads", "gate_init")
 def memory_config(args: argparse.Namespace, hidden_size: int, attention_heads: int,
                intermediate_size: int | None = None) -> TTTConfig | InPlaceConfig:
     """The branch config the options make for a decoder of this width (the MLP's, for --branch inplace)."""
-    from ttt_speech.config import InPlaceConfig, TTTConfig
+    from ttt_speech.config import TTTConfig
+    from ttt_speech.hf.conversion import default_inplace_config
 
     branch = args.branch or DEFAULT_BRANCH
     own = ("chunk",) if branch == "inplace" else TTT_ONLY
@@ -96,8 +97,8 @@ def memory_config(args: argparse.Namespace, hidden_size: int, attention_heads: i
         if args.mode != "hybrid":
             raise ValueError(wrong_branch(f"--mode {args.mode}", ["ttt"], branch, "--branch", args.branch is not None)
                              + " (in-place keeps the attention and changes the MLPs)")
-        extra = {} if args.base_lr is None else {"base_lr": args.base_lr}
-        return InPlaceConfig(dim=hidden_size, hidden=intermediate_size or 0, chunk=args.chunk or 64, **extra)
+        extra = {k: v for k, v in (("chunk", args.chunk), ("base_lr", args.base_lr)) if v is not None}
+        return default_inplace_config(hidden_size, intermediate_size or 0, **extra)
     return TTTConfig(dim=hidden_size, num_heads=args.num_heads or attention_heads, inner=args.inner or "linear",
                      mini_batch=args.mini_batch or 16, variant=args.variant or "ttt-lm", base_lr=args.base_lr,
                      gate_init=args.gate_init or 0.0)

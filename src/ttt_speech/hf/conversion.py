@@ -27,6 +27,7 @@ from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_sliding_window_causal_mask
 
+from ttt_speech.branches import DEFAULT_BRANCH
 from ttt_speech.compat import retype
 from ttt_speech.config import InPlaceConfig, TTTConfig
 from ttt_speech.hf.cache import TTTCache
@@ -141,6 +142,26 @@ def _make_inplace(layer: nn.Module, cfg: InPlaceConfig, idx: int) -> None:
     layer.register_forward_hook(drop_memory_context, with_kwargs=True)
 
 
+def default_inplace_config(hidden_size: int, intermediate_size: int, **overrides: Any) -> InPlaceConfig:
+    """In-place shaped like a decoder's gated MLPs (its width, their hidden width): what `convert` builds when
+    given no config, as `convert-hf` and the trainer do by default, so the three cannot drift apart."""
+    return InPlaceConfig(**({"dim": hidden_size, "hidden": intermediate_size} | overrides))
+
+
+def _unnamed_branch(config: PreTrainedConfig, base: nn.Module, mode: Mode) -> InPlaceConfig:
+    """The branch `convert` builds when given none: the default (in-place, `DEFAULT_BRANCH`). What in-place cannot
+    do (replace mode, mixtures of experts) is refused by name rather than quietly given TTT: one default."""
+    ttt = f"memory=TTTConfig(dim={config.hidden_size}, num_heads={config.num_attention_heads})"
+    if mode != "hybrid":
+        raise ValueError(f"mode={mode!r} needs a TTT branch, and the default branch is {DEFAULT_BRANCH} (since "
+                         f"issue 23): pass {ttt}")
+    mlp = base.layers[0].mlp
+    if getattr(config, "num_local_experts", None) or not hasattr(mlp, "down_proj"):
+        raise ValueError(f"the default branch ({DEFAULT_BRANCH}) makes fast weights of each layer's one gated MLP, "
+                         f"and this model's are {type(mlp).__name__} (mixture of experts): pass {ttt}")
+    return default_inplace_config(config.hidden_size, config.intermediate_size)
+
+
 def _load_by_name(model: nn.Module, path: str | Path, keys: set[str]) -> set[str]:
     """Load these state-dict keys from the directory's files, under the names save_pretrained gives them.
 
@@ -170,14 +191,16 @@ class Converter:
     ) -> PreTrainedModel:
         """Convert `model` in place and return it.
 
-        layers: decoder layer indices that get TTT (e.g. range(24, 32)).
-        mode: "hybrid" keeps attention and adds a gated TTT branch (gate 0 at start: same logits as the
-            original while sequences fit the window); "replace" swaps attention for TTT initialised from
-            its projections (GQA K/V heads expanded).
-        memory: the branch's config; default TTTConfig(dim=hidden_size, num_heads=num_attention_heads) (code written
-            against this function keeps its meaning; `convert-hf` and the trainer default to in-place). An
-            InPlaceConfig instead gives the layers' own MLPs in-place fast weights (hybrid mode; identical
-            logits until its target projection is trained; docs/ttt.md). `ttt=` is its old name.
+        layers: decoder layer indices that get a memory branch (e.g. range(24, 32)).
+        mode: "hybrid" keeps attention and adds the branch (TTT: gated, gate 0 at start: same logits as the
+            original while sequences fit the window); "replace" (TTT only) swaps attention for TTT initialised
+            from its projections (GQA K/V heads expanded).
+        memory: the branch's config. An InPlaceConfig gives the layers' own MLPs in-place fast weights (hybrid
+            mode; identical logits until its target projection is trained; docs/ttt.md); it is the default
+            when none is given (`default_inplace_config(hidden_size, intermediate_size)`, as for `convert-hf`
+            and the trainer). A TTTConfig (e.g. TTTConfig(dim=hidden_size, num_heads=num_attention_heads))
+            gives a TTT branch beside or instead of attention. mode="replace" and mixture-of-experts models
+            (Mixtral) need a TTTConfig: without memory= they raise, naming it. `ttt=` is its old name.
         attention_window: keys/values every attention layer sees and caches (sliding window, tokens).
         """
         base = decoder_of(model)
@@ -199,7 +222,7 @@ class Converter:
             raise ValueError(f"layers must be a non-empty set of indices in [0, {n}), got {idx}")
         if mode == "replace" and len(idx) == n:
             raise ValueError("replace mode needs at least one attention layer left (it keeps track of positions)")
-        cfg = either(memory, ttt, "memory", "ttt") or TTTConfig(dim=config.hidden_size, num_heads=config.num_attention_heads)
+        cfg = either(memory, ttt, "memory", "ttt") or _unnamed_branch(config, base, mode)
         if cfg.dim != config.hidden_size:
             raise ValueError(f"TTTConfig.dim ({cfg.dim}) must equal the model's hidden_size ({config.hidden_size})")
         if isinstance(cfg, InPlaceConfig) and mode != "hybrid":

@@ -1,7 +1,7 @@
-"""Moshi integration: TTT hybrids of a pretrained Moshi that stream in constant memory.
+"""Moshi integration: memory hybrids of a pretrained Moshi that stream in constant memory.
 
     from ttt_speech.moshi import convert, load_hybrid
-    hybrid = convert(lm, layers="all", mode="hybrid", memory=TTTConfig(...))
+    hybrid = convert(lm, layers=range(28, 32))  # in-place (the default branch); memory=TTTConfig(...) for TTT
     hybrid.save_pretrained("out/")
     gen = LMGen(load_hybrid("out/"))
 

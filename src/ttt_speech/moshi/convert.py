@@ -1,8 +1,9 @@
-"""`convert`: turn a pretrained Moshi `LMModel` into a TTT hybrid (or TTT-replaced) model in place.
+"""`convert`: give a pretrained Moshi `LMModel` memory layers in place.
 
-Given a `GatedDeltaNetConfig` instead of a `TTTConfig`, the hybrid slots get a Gated DeltaNet branch
-(the linear-memory rival), hybrid mode only. Given an `InPlaceConfig`, the chosen layers' own gated
-MLPs get in-place fast weights (their W_down plus a per-stream delta; docs/ttt.md), hybrid mode only.
+By default (no config given, or an `InPlaceConfig`) the chosen layers' own gated MLPs get in-place fast
+weights (their W_down plus a per-stream delta; docs/ttt.md), hybrid mode only. Given a `TTTConfig`, they
+get a TTT branch beside attention (hybrid) or instead of it (replace); given a `GatedDeltaNetConfig`, a
+Gated DeltaNet branch (the linear-memory rival), hybrid mode only.
 
 Only the temporal transformer (`lm.transformer`) is touched, never the depformer: the depformer
 restarts every frame, so it has no long context to remember.
@@ -103,7 +104,8 @@ def default_inplace_config(lm: LMModel, **overrides: tp.Any) -> InPlaceConfig:
     at zero, so the converted model is the original until trained."""
     gating = lm.transformer.layers[0].gating
     if gating is None or not hasattr(gating, "linear_out"):
-        raise ValueError("an in-place branch needs a Moshi whose layers have one gated MLP (gating)")
+        raise ValueError("an in-place branch needs a Moshi whose layers have one gated MLP (gating); for this model "
+                         "pass memory=TTTConfig(...) (e.g. default_ttt_config(lm)) to convert")
     kw: dict[str, tp.Any] = {"dim": lm.dim, "hidden": gating.linear_out.weight.shape[1]}
     return InPlaceConfig(**(kw | overrides))
 
@@ -123,6 +125,16 @@ def default_branch_config(lm: LMModel, mode: Mode = "hybrid", branch: Branch = t
                              "and changes the layer's MLP; use mode='hybrid'")
         return default_inplace_config(lm, **overrides)
     raise ValueError(f"branch must be one of {tuple(BRANCHES)}, got {branch!r}")
+
+
+def _unnamed_branch(lm: LMModel, mode: Mode, init_from_attention: bool | None) -> BranchConfig:
+    """The branch `convert` builds when given none: the default (in-place, `DEFAULT_BRANCH`, as the commands and
+    the trainer build it). What only TTT can do is refused by name rather than quietly given TTT: one default."""
+    for asked, given in ((f"mode={mode!r}", mode != "hybrid"), ("init_from_attention=True", bool(init_from_attention))):
+        if given:
+            raise ValueError(f"{asked} needs a TTT branch, and the default branch is {DEFAULT_BRANCH} (since issue "
+                             f"23): pass memory=TTTConfig(...), e.g. memory=default_ttt_config(lm, {mode!r})")
+    return default_branch_config(lm, mode)
 
 
 def select_layers(layers: LayerSpec, num_layers: int) -> tuple[int, ...]:
@@ -172,10 +184,12 @@ def convert(
 ) -> TTTLMModel:
     """Give the chosen temporal-transformer layers a memory branch; modifies and returns `lm`.
 
-    memory: a TTTConfig (default: `default_ttt_config`; code written against this function keeps its meaning,
-        while the commands and the trainer default to in-place), a GatedDeltaNetConfig, which gives the
-        layers a gated Gated DeltaNet branch instead (mode="hybrid" only, never from attention), or an
-        InPlaceConfig (the layers' own MLPs get in-place fast weights). `ttt=` is its old name.
+    memory: an InPlaceConfig (the layers' own MLPs get in-place fast weights; the default when none is given:
+        `default_inplace_config(lm)`, as for the commands and the trainer), a TTTConfig (a gated TTT branch
+        beside attention; `default_ttt_config(lm, mode)` is shaped like the model), or a GatedDeltaNetConfig
+        (a gated Gated DeltaNet branch, mode="hybrid" only, never from attention). mode="replace" and
+        init_from_attention=True are TTT's: without memory= they raise, naming memory=TTTConfig(...).
+        `ttt=` is its old name.
 
     mode="hybrid": attention and its ring KV cache stay; a gated TTT branch reads the same normed
         input and is added to the residual. With gate_init=0 the logits equal the original's.
@@ -195,7 +209,7 @@ def convert(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     idx = select_layers(layers, len(lm.transformer.layers))
-    cfg = either(memory, ttt, "memory", "ttt") or default_ttt_config(lm, mode)
+    cfg = either(memory, ttt, "memory", "ttt") or _unnamed_branch(lm, mode, init_from_attention)
     if isinstance(cfg, GatedDeltaNetConfig):
         check_gdn_mode(mode, bool(init_from_attention))
     else:

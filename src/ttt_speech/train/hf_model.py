@@ -15,8 +15,8 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from ttt_speech.config import InPlaceConfig, TTTConfig
-from ttt_speech.hf import convert
+from ttt_speech.config import TTTConfig
+from ttt_speech.hf import convert, default_inplace_config
 from ttt_speech.hf.checkpoint import check_llm_dir
 from ttt_speech.hf.section import section_of
 from ttt_speech.hf.segments import layer_segment
@@ -54,7 +54,7 @@ def load_hf(cfg: ModelConfig, window: int | None, device: torch.device, dtype: t
     n = model.config.num_hidden_layers
     layers = range(n) if cfg.layers == "all" else [i % n for i in tp.cast(list, cfg.layers)]
     mc = model.config
-    ttt = (InPlaceConfig(**({"dim": mc.hidden_size, "hidden": mc.intermediate_size} | cfg.memory)) if cfg.branch == "inplace"
+    ttt = (default_inplace_config(mc.hidden_size, mc.intermediate_size, **cfg.memory) if cfg.branch == "inplace"
            else TTTConfig(**({"dim": mc.hidden_size, "num_heads": mc.num_attention_heads} | cfg.memory)))
     torch.manual_seed(cfg.seed)  # the new TTT layers' initialisation
     return convert(model, layers, tp.cast(tp.Any, cfg.mode), ttt,
