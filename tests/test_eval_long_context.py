@@ -12,7 +12,6 @@ pytest.importorskip("moshi")
 
 from moshi.models.lm import LMModel
 
-from helpers.moshi import random_codes
 from helpers.recall import GUESSES, recall_data, recall_model
 from ttt_speech import TTTConfig
 from ttt_speech.eval.data import Sequence

@@ -230,7 +230,6 @@ def check_generate(args: argparse.Namespace) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> dict[str, Path]:
-    import torch
     from moshi.models.loaders import get_mimi, get_moshi_lm
 
     from ttt_speech.audio import FRAME_RATE
