@@ -6,7 +6,7 @@
 
 Weights are random (built on the meta device, then `to_empty` on the device), so only speed and
 memory mean anything. For each context the model is prefilled (the original in one forward, the
-hybrid in window-sized chunks through its TTTCache), then decodes `--steps` tokens one at a time.
+hybrid in window-sized chunks through its MemoryCache), then decodes `--steps` tokens one at a time.
 Prints markdown table rows: decode ms/token, peak allocated memory, cache (+ TTT state) size, and
 prefill tokens/s at the `--prefill-context`.
 """
@@ -20,7 +20,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from ttt_speech import TTTConfig
-from ttt_speech.hf import TTTCache, convert
+from ttt_speech.hf import MemoryCache, convert
 from ttt_speech.hf.cli import parse_layers
 from ttt_speech.hf.compat import cache_kwargs
 
@@ -57,7 +57,7 @@ def sync(device: torch.device) -> None:
 
 
 def cache_bytes(cache) -> int:
-    if isinstance(cache, TTTCache):
+    if isinstance(cache, MemoryCache):
         return cache.nbytes
     return sum(layer.keys.untyped_storage().nbytes() * 2 for layer in cache.layers if layer.is_initialized)
 
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
                             mini_batch=args.mini_batch, variant=args.variant)
             convert(model, layers=layers, ttt=ttt, attention_window=window)
         for ctx in contexts:
-            cache = TTTCache(model.config) if label.startswith("hybrid") else DynamicCache(config=model.config)
+            cache = MemoryCache(model.config) if label.startswith("hybrid") else DynamicCache(config=model.config)
             chunk = window if label.startswith("hybrid") else ctx
             r = run(model, cache, ctx, chunk, args.steps, device)
             del cache

@@ -51,7 +51,7 @@ from moshi.utils.compile import no_cuda_graph
 from ttt_speech.layers.inplace import InPlaceLayer, InPlaceState
 from ttt_speech.moshi.compat import streaming_state
 from ttt_speech.moshi.generate import streaming_state_bytes
-from ttt_speech.moshi.layer import TTTLayerState
+from ttt_speech.moshi.layer import HybridLayerState
 from ttt_speech.moshi.tiny import tiny_lm_config
 
 PATHS = ("cuda_graph", "eager")
@@ -104,7 +104,7 @@ def inplace_states(lm) -> list[InPlaceState]:
     out = []
     for layer in getattr(lm, "memory_layers", lambda: [])():
         state = streaming_state(layer)
-        if isinstance(state, TTTLayerState) and isinstance(state.memory, InPlaceState):
+        if isinstance(state, HybridLayerState) and isinstance(state.memory, InPlaceState):
             out.append(state.memory)
     return out
 

@@ -29,7 +29,7 @@ def hf_hybrid():
 
 
 def test_hf_scorer_equals_the_windowed_forward():
-    """Chunks of 5 through the TTTCache (window 8, 30 tokens) give the losses of one windowed forward."""
+    """Chunks of 5 through the MemoryCache (window 8, 30 tokens) give the losses of one windowed forward."""
     model = hf_hybrid()
     ids = torch.randint(3, 97, (2, 30), generator=torch.Generator().manual_seed(0))
     scorer = HFScorer(model, "hf", chunk=5)

@@ -43,7 +43,7 @@ def test_hybrid_at_gate_zero_gives_the_original_logits(family):
     perturb_ttt(model)
     with torch.no_grad():
         assert (model(ids).logits - ref).abs().max().item() > 1e-2
-    assert type(model.model.layers[1].self_attn).__name__.startswith("TTTHybrid")
+    assert type(model.model.layers[1].self_attn).__name__.startswith("Hybrid")
     assert not hasattr(model.model.layers[0].self_attn, "memory")
 
 

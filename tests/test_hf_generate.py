@@ -17,7 +17,7 @@ from transformers import DynamicCache, LogitsProcessorList  # noqa: E402
 from helpers.hf import (  # noqa: E402
     FAMILIES, HEADS, HIDDEN, KV_HEADS, VOCAB, BytesProbe, perturb_ttt, tiny_model, ttt_config,
 )
-from ttt_speech.hf import TTTCache, convert  # noqa: E402
+from ttt_speech.hf import MemoryCache, convert  # noqa: E402
 from ttt_speech.hf.compat import cache_kwargs, output_cache  # noqa: E402
 
 W, K = 8, 4  # attention window, TTT mini-batch
@@ -53,10 +53,10 @@ def test_teacher_forced_logits_equal_incremental_decoding(family, mode):
     x = ids(2, 21)
     with torch.no_grad():
         full = model(x, use_cache=False).logits
-    cache = TTTCache(model.config)
+    cache = MemoryCache(model.config)
     stepwise = feed(model, x, cache)
     assert (stepwise - full).abs().max().item() <= 1e-4
-    mixed = feed(model, x, TTTCache(model.config), chunks=[0, 11, 12, 13, 19, 21])
+    mixed = feed(model, x, MemoryCache(model.config), chunks=[0, 11, 12, 13, 19, 21])
     assert (mixed - full).abs().max().item() <= 1e-4
     cache.reset()  # a reset cache is a fresh one
     assert (feed(model, x[:, :5], cache) - full[:, :5]).abs().max().item() <= 1e-4
@@ -77,9 +77,9 @@ def test_greedy_generate_equals_a_manual_forward_loop(family):
     model = converted(family)
     prompt = ids(2, 5)
     out = generate(model, prompt, 3 * W, do_sample=False)
-    assert isinstance(output_cache(out), TTTCache)  # generate's own DynamicCache, adopted
+    assert isinstance(output_cache(out), MemoryCache)  # generate's own DynamicCache, adopted
     assert sorted(output_cache(out).memory_states) == [1, 2]
-    cache, tokens, logits = TTTCache(model.config), prompt, []
+    cache, tokens, logits = MemoryCache(model.config), prompt, []
     eos = torch.tensor([model.generation_config.eos_token_id])
     with torch.no_grad():
         step = model(prompt, past_key_values=cache).logits[:, -1]  # the pre-5.24 spelling works on every release
@@ -102,14 +102,14 @@ def test_sampled_generate_equals_replaying_its_tokens():
     prompt = ids(2, 4, seed=3)
     torch.manual_seed(0)
     out = generate(model, prompt, 2 * W, do_sample=True, top_k=0, temperature=1.0)
-    replay = feed(model, out.sequences[:, :-1], TTTCache(model.config), chunks=[0, 4, *range(5, 4 + 2 * W)])
+    replay = feed(model, out.sequences[:, :-1], MemoryCache(model.config), chunks=[0, 4, *range(5, 4 + 2 * W)])
     assert (torch.stack(out.logits, 1) - replay[:, 3:]).abs().max().item() <= 1e-5
     torch.manual_seed(1)
     other = generate(model, prompt, 2 * W, do_sample=True, top_k=0, temperature=1.0)
     assert not torch.equal(other.sequences, out.sequences)  # it really sampled
 
 
-def state_rows(cache: TTTCache, layer: int, row: int) -> dict[str, torch.Tensor]:
+def state_rows(cache: MemoryCache, layer: int, row: int) -> dict[str, torch.Tensor]:
     return {k: t[row] for k, t in cache.memory_states[layer].tensors.items()}
 
 
@@ -120,16 +120,16 @@ def test_left_padding_never_updates_the_ttt_state():
     batch = torch.cat([long, torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1)])
     mask = torch.tensor([[1] * 6, [0, 0, 0, 1, 1, 1]])
 
-    cache = TTTCache(model.config)
+    cache = MemoryCache(model.config)
     feed(model, batch, cache, mask, chunks=[0, 6])
-    alone = TTTCache(model.config)
+    alone = MemoryCache(model.config)
     feed(model, short, alone, chunks=[0, 3])
     for layer in (1, 2):
         got, ref = state_rows(cache, layer, 1), state_rows(alone, layer, 0)
         assert got["offset"].item() == 3 % K
         assert max((got[k] - ref[k]).abs().max().item() for k in ref) <= 1e-5
     # control: the same prompt with its pads counted as tokens ends elsewhere
-    counted = TTTCache(model.config)
+    counted = MemoryCache(model.config)
     feed(model, batch, counted, torch.ones_like(mask), chunks=[0, 6])
     assert state_rows(counted, 1, 1)["offset"].item() == 6 % K != 3 % K
 
@@ -145,7 +145,7 @@ def test_left_padding_never_updates_the_ttt_state():
 def test_generating_ten_windows_keeps_cache_and_state_bytes_constant(mode):
     B, n = 2, 10 * W
     model = converted("llama", mode)
-    cache = TTTCache(model.config)
+    cache = MemoryCache(model.config)
     probe = BytesProbe(cache)
     out = generate(model, ids(B, 4), n, do_sample=False, past_key_values=cache,
                    logits_processor=LogitsProcessorList([probe]))
@@ -171,7 +171,7 @@ def test_generate_refuses_caches_it_cannot_bound():
     with pytest.raises(ValueError, match="already holds tokens"):
         model(ids(1, 1), past_key_values=filled)
     with pytest.raises(NotImplementedError, match="crop"):
-        TTTCache(model.config).crop(1)
+        MemoryCache(model.config).crop(1)
 
 
 @pytest.mark.parametrize("mode", ["hybrid", "replace"])
@@ -192,13 +192,13 @@ def test_beam_search_scores_equal_a_fresh_pass_over_each_beam(mode):
 
 
 def test_training_forward_uses_no_cache_and_right_padding_is_harmless():
-    """In train mode the hook makes no TTTCache; trailing pads do not change the real tokens' logits."""
+    """In train mode the hook makes no MemoryCache; trailing pads do not change the real tokens' logits."""
     model = converted("llama").train()
     x = ids(2, 12)
     mask = torch.ones_like(x)
     mask[1, 9:] = 0
     out = model(x, attention_mask=mask, labels=x)
-    assert not isinstance(output_cache(out), TTTCache)
+    assert not isinstance(output_cache(out), MemoryCache)
     with torch.no_grad():
         alone = model(x[1:, :9], use_cache=False).logits
     assert (out.logits[1, :9] - alone[0]).abs().max().item() <= 1e-5

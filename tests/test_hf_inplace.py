@@ -1,6 +1,6 @@
 """convert(..., ttt=InPlaceConfig) on transformers Llama/Qwen2: the layers' own MLPs get in-place fast weights.
 Identical logits until the memory writes, a chunked forward equal to token-by-token decoding through the
-TTTCache, generate carrying the state, save/load with one key per weight, and convert-hf --branch inplace."""
+MemoryCache, generate carrying the state, save/load with one key per weight, and convert-hf --branch inplace."""
 
 import copy
 import json
@@ -14,7 +14,7 @@ from helpers.hf import FAMILIES, HIDDEN, VOCAB, tiny_model, ttt_config  # noqa: 
 from safetensors import safe_open  # noqa: E402
 from ttt_speech.cli import main as cli_main  # noqa: E402
 from ttt_speech.config import InPlaceConfig  # noqa: E402
-from ttt_speech.hf import TTTCache, convert  # noqa: E402
+from ttt_speech.hf import MemoryCache, convert  # noqa: E402
 from ttt_speech.hf.compat import cache_kwargs, output_cache  # noqa: E402
 from ttt_speech.layers import InPlaceLayer, InPlaceState  # noqa: E402
 
@@ -68,7 +68,7 @@ def test_chunked_forward_equals_token_by_token_decoding_and_generate_carries_the
     x = ids(2, 21)
     full = logits(model, x)
     for bounds in (list(range(22)), [0, 5, 6, 13, 21]):
-        cache, out = TTTCache(model.config), []
+        cache, out = MemoryCache(model.config), []
         with torch.no_grad():
             for s, e in zip(bounds, bounds[1:]):
                 out.append(model(x[:, s:e], use_cache=True, **cache_kwargs(cache)).logits)
@@ -77,7 +77,7 @@ def test_chunked_forward_equals_token_by_token_decoding_and_generate_carries_the
     gen = model.generate(x[:, :5], max_new_tokens=12, min_new_tokens=12, do_sample=False,
                          return_dict_in_generate=True, output_logits=True)
     cache = output_cache(gen)
-    assert isinstance(cache, TTTCache) and cache.memory_states[2]["offset"].tolist() == [(5 + 11) % CHUNK] * 2
+    assert isinstance(cache, MemoryCache) and cache.memory_states[2]["offset"].tolist() == [(5 + 11) % CHUNK] * 2
     replay = logits(model, gen.sequences[:, :-1])[:, 4:]
     assert (torch.stack(gen.logits, 1) - replay).abs().max().item() <= 1e-4
     assert model.model.layers[1].mlp.memory_context == (None, None)  # no cache outlives a forward
@@ -138,7 +138,7 @@ def test_left_padding_never_reaches_the_fast_weights():
     long, short = ids(1, 9, seed=4), ids(1, 6, seed=5)
     batch = torch.cat([long, torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1)])
     mask = torch.tensor([[1] * 9, [0, 0, 0] + [1] * 6])
-    cache, alone = TTTCache(model.config), TTTCache(model.config)
+    cache, alone = MemoryCache(model.config), MemoryCache(model.config)
     with torch.no_grad():
         model(batch, attention_mask=mask, use_cache=True, **cache_kwargs(cache))
         model(short, use_cache=True, **cache_kwargs(alone))

@@ -25,7 +25,7 @@ from helpers.hf import (  # noqa: E402
     HEADS, HIDDEN, KV_HEADS, VOCAB, BytesProbe, perturb_ttt, tiny_config, tiny_model, ttt_config, ttt_modules,
 )
 from ttt_speech.cli import main as cli_main  # noqa: E402
-from ttt_speech.hf import TTTCache, convert  # noqa: E402
+from ttt_speech.hf import MemoryCache, convert  # noqa: E402
 from ttt_speech.hf.compat import cache_kwargs, output_cache  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -123,7 +123,7 @@ def test_qwen2_audio_generate_with_audio_inputs():
     open_gates(model)
     out = model.generate(**inputs, **dict(kw, max_new_tokens=3 * W, min_new_tokens=3 * W))
     cache = output_cache(out)
-    assert isinstance(cache, TTTCache) and sorted(cache.memory_states) == [1, 2]
+    assert isinstance(cache, MemoryCache) and sorted(cache.memory_states) == [1, 2]
     assert cache.kv_nbytes == 3 * 2 * B * KV_HEADS * W * (HIDDEN // HEADS) * 4  # 3 layers, fp32 K and V, W tokens
     with torch.no_grad():  # teacher-forced over the generated tokens, the audio read once in the prefill
         full = model(**dict(inputs, input_ids=out.sequences, attention_mask=torch.ones_like(out.sequences)),
@@ -195,7 +195,7 @@ def test_mixtral_hybrid_is_the_identity_at_gate_zero_and_leaves_the_moe_alone():
     for new, old in zip(model.model.layers, original.model.layers, strict=True):
         assert type(new.mlp) is type(old.mlp)
         assert all(torch.equal(a, b) for a, b in zip(new.mlp.state_dict().values(), old.mlp.state_dict().values()))
-    assert type(model.model.layers[1].self_attn).__name__ == "TTTHybridMixtralAttention"
+    assert type(model.model.layers[1].self_attn).__name__ == "HybridMixtralAttention"
     open_gates(model)
     with torch.no_grad():
         assert max_diff(model(x, use_cache=False).logits, ref.logits) > 1e-2
@@ -206,7 +206,7 @@ def test_mixtral_generate_is_bounded():
     B, W, n = 2, 8, 80
     model = convert(tiny_mixtral(), layers=[1, 2], ttt=ttt_config(0.0), attention_window=W)
     open_gates(model)
-    cache = TTTCache(model.config)
+    cache = MemoryCache(model.config)
     probe = BytesProbe(cache)
     out = model.generate(ids(B, 4), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                          logits_processor=LogitsProcessorList([probe]), **cache_kwargs(cache))
@@ -363,7 +363,7 @@ def test_a_mini_omni_object_converts_decodes_in_its_own_loop_and_round_trips(tmp
     s = streams(20)  # 2.5 windows, 5 TTT mini-batches
     with torch.no_grad():
         text, audio, _ = model(s)
-        cache = TTTCache(model.config)  # Mini-Omni's own decoding loop, one frame of 8 tokens at a time
+        cache = MemoryCache(model.config)  # Mini-Omni's own decoding loop, one frame of 8 tokens at a time
         steps = [model(s[..., t : t + 1], cache=cache, use_cache=True) for t in range(20)]
     assert max_diff(torch.cat([o[0] for o in steps], 1), text) <= 1e-4
     assert max_diff(torch.cat([o[1] for o in steps], 2), audio) <= 1e-4

@@ -18,7 +18,7 @@ from safetensors import safe_open  # noqa: E402
 
 from helpers.moshi import convert_moshi, hybrid_from, sample  # noqa: E402
 from ttt_speech import TTTConfig  # noqa: E402
-from ttt_speech.moshi import TTTLMModel, load_hybrid  # noqa: E402
+from ttt_speech.moshi import HybridLMModel, load_hybrid  # noqa: E402
 from ttt_speech.moshi.commands import parse_layers  # noqa: E402
 from ttt_speech.moshi.tiny import TinyCheckpoint, build_tiny_lm, tiny_lm_config, write_tiny_checkpoint  # noqa: E402
 
@@ -70,7 +70,7 @@ def test_save_pretrained_then_load_hybrid_generates_identically(tiny_ckpt: TinyC
         k for k in shapes if ".memory." in k}
 
     loaded = load_hybrid(out, dtype=torch.float32)
-    assert isinstance(loaded, TTTLMModel) and not loaded.training
+    assert isinstance(loaded, HybridLMModel) and not loaded.training
     assert loaded.memory_spec == model.memory_spec
     want = model.state_dict()
     assert loaded.state_dict().keys() == want.keys()

@@ -21,7 +21,7 @@ from ttt_speech.branches import DEFAULT_BRANCH  # noqa: E402
 from ttt_speech.config import InPlaceConfig  # noqa: E402
 from ttt_speech.layers.inplace import InPlaceLayer  # noqa: E402
 from ttt_speech.moshi import (  # noqa: E402
-    TTTTransformerLayer,
+    HybridTransformerLayer,
     convert,
     default_branch_config,
     default_ttt_config,
@@ -50,8 +50,8 @@ def test_hybrid_with_closed_gate_is_the_original_exactly(shared_qkv: bool) -> No
     ref = copy.deepcopy(lm)
     hybrid = convert(lm, layers="all", mode="hybrid",
                      ttt=TTTConfig(dim=32, num_heads=4, mini_batch=4, shared_qkv=shared_qkv))
-    assert hybrid is lm and all(isinstance(layer, TTTTransformerLayer) for layer in hybrid.transformer.layers)
-    assert not any(isinstance(layer, TTTTransformerLayer) for layer in hybrid.depformer.layers)
+    assert hybrid is lm and all(isinstance(layer, HybridTransformerLayer) for layer in hybrid.transformer.layers)
+    assert not any(isinstance(layer, HybridTransformerLayer) for layer in hybrid.depformer.layers)
     logits_ref = assert_same_model(ref, hybrid, 4 * CONTEXT)
     open_gates(hybrid)  # the comparison above must be able to fail: an open gate changes the logits
     assert not torch.equal(greedy_generate(hybrid, 4 * CONTEXT)[1], logits_ref)
@@ -161,7 +161,7 @@ def test_layer_class_hook_of_streaming_transformer() -> None:
     cfg = TTTConfig(dim=32, num_heads=4, mini_batch=4, gate_init=0.5)
     tr = StreamingTransformer(d_model=32, num_heads=4, num_layers=2, dim_feedforward=64, causal=True,
                               context=CONTEXT, positional_embedding="rope",
-                              layer_class=functools.partial(TTTTransformerLayer, ttt=cfg))
+                              layer_class=functools.partial(HybridTransformerLayer, ttt=cfg))
     assert all(isinstance(layer, StreamingTransformerLayer) for layer in tr.layers)
     x = torch.randn(2, 3 * CONTEXT, 32)
     with torch.no_grad():

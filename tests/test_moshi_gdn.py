@@ -28,7 +28,7 @@ from helpers.moshi import (  # noqa: E402
 from ttt_speech import TTTConfig  # noqa: E402
 from ttt_speech.config import GatedDeltaNetConfig  # noqa: E402
 from ttt_speech.layers import GatedDeltaNetLayer, GatedDeltaNetState  # noqa: E402
-from ttt_speech.moshi import TTTLMModel, TTTTransformerLayer, convert, default_gdn_config, load_hybrid  # noqa: E402
+from ttt_speech.moshi import HybridLMModel, HybridTransformerLayer, convert, default_gdn_config, load_hybrid  # noqa: E402
 from ttt_speech.errors import UsageError  # noqa: E402
 from ttt_speech.moshi.generate import streaming_state_bytes  # noqa: E402
 from ttt_speech.moshi.tiny import TinyCheckpoint, build_tiny_lm, tiny_lm_config, write_tiny_checkpoint  # noqa: E402
@@ -45,7 +45,7 @@ def gdn_config(**kw) -> GatedDeltaNetConfig:
     return GatedDeltaNetConfig(**({"dim": 32, "num_heads": 4, "chunk_size": 8} | kw))
 
 
-def gdn_hybrid(layers="all", gate_init: float = 0.7) -> TTTLMModel:
+def gdn_hybrid(layers="all", gate_init: float = 0.7) -> HybridLMModel:
     return convert(build_tiny_lm(0), layers=layers, ttt=gdn_config(gate_init=gate_init))
 
 
@@ -54,7 +54,7 @@ def test_gdn_hybrid_with_closed_gate_is_the_original_exactly() -> None:
     ref = copy.deepcopy(lm)
     hybrid = convert(lm, layers="all", mode="hybrid", ttt=default_gdn_config(lm))
     assert hybrid.memory_spec.branch == "gdn" and hybrid.memory_spec.config.gate_init == 0.0
-    assert all(isinstance(layer, TTTTransformerLayer) and isinstance(layer.memory, GatedDeltaNetLayer)
+    assert all(isinstance(layer, HybridTransformerLayer) and isinstance(layer.memory, GatedDeltaNetLayer)
                for layer in hybrid.transformer.layers)
     codes = random_codes(ref, 2, 4 * CONTEXT)
     with torch.no_grad():
@@ -181,7 +181,7 @@ def test_convert_moshi_command_with_a_gdn_branch(tiny_ckpt: TinyCheckpoint, tmp_
     lm = load_hybrid(out, dtype=torch.float32)
     assert lm.memory_spec.branch == "gdn" and lm.memory_spec.layers == (1,) and lm.memory_spec.config.num_heads == 4
     assert isinstance(lm.transformer.layers[1].memory, GatedDeltaNetLayer)
-    assert not isinstance(lm.transformer.layers[0], TTTTransformerLayer)
+    assert not isinstance(lm.transformer.layers[0], HybridTransformerLayer)
     for extra in (["--mini-batch", "8"], ["--mode", "replace"]):
         with pytest.raises(UsageError, match="--branch gdn|hybrid"):
             convert_moshi(*base, "--out", str(tmp_path / "bad"), *extra)

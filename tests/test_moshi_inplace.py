@@ -21,7 +21,7 @@ from ttt_speech.config import InPlaceConfig  # noqa: E402
 from ttt_speech.errors import UsageError  # noqa: E402
 from ttt_speech.branches import inplace_cost  # noqa: E402
 from ttt_speech.layers import InPlaceLayer, InPlaceState  # noqa: E402
-from ttt_speech.moshi import TTTLMModel, TTTTransformerLayer, convert, default_inplace_config, load_hybrid  # noqa: E402
+from ttt_speech.moshi import HybridLMModel, HybridTransformerLayer, convert, default_inplace_config, load_hybrid  # noqa: E402
 from ttt_speech.moshi.tiny import TinyCheckpoint, build_tiny_lm, tiny_lm_config, write_tiny_checkpoint  # noqa: E402
 
 CONTEXT = tiny_lm_config()["context"]
@@ -33,7 +33,7 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> TinyCheckpoint:
     return write_tiny_checkpoint(tmp_path_factory.mktemp("moshi"), seed=0)
 
 
-def open_memory(model: TTTLMModel, lr: float = 300.0) -> None:
+def open_memory(model: HybridLMModel, lr: float = 300.0) -> None:
     """A nonzero target projection and a large step: what training would give, so writes change logits."""
     with torch.no_grad():
         for i, layer in enumerate(model.memory_layers()):
@@ -42,7 +42,7 @@ def open_memory(model: TTTLMModel, lr: float = 300.0) -> None:
             layer.memory.config.base_lr = lr
 
 
-def inplace_hybrid(layers="all") -> TTTLMModel:
+def inplace_hybrid(layers="all") -> HybridLMModel:
     lm = build_tiny_lm(0)
     return convert(lm, layers=layers, ttt=default_inplace_config(lm, chunk=CHUNK))
 
@@ -52,7 +52,7 @@ def test_converted_model_is_the_original_bit_for_bit() -> None:
     ref = copy.deepcopy(lm)
     hybrid = convert(lm, layers="all", ttt=default_inplace_config(lm, chunk=CHUNK))
     assert hybrid.memory_spec.branch == "inplace" and hybrid.memory_spec.config.hidden == lm.transformer.layers[0].gating.linear_out.weight.shape[1]
-    assert all(isinstance(layer, TTTTransformerLayer) and isinstance(layer.memory, InPlaceLayer) and layer.memory_in_mlp
+    assert all(isinstance(layer, HybridTransformerLayer) and isinstance(layer.memory, InPlaceLayer) and layer.memory_in_mlp
                for layer in hybrid.transformer.layers)
     assert hybrid.transformer.layers[0].memory.mlp.down is hybrid.transformer.layers[0].gating.linear_out  # no copy
     logits_ref = assert_same_model(ref, hybrid, 4 * CONTEXT)

@@ -12,14 +12,14 @@ from moshi.models.lm import LMGen  # noqa: E402
 
 from helpers.moshi import Session, ttt_states, user_stream  # noqa: E402
 from ttt_speech import TTTConfig  # noqa: E402
-from ttt_speech.moshi import TTTLMModel, convert  # noqa: E402
+from ttt_speech.moshi import HybridLMModel, convert  # noqa: E402
 from ttt_speech.moshi.generate import streaming_state_bytes  # noqa: E402
 from ttt_speech.moshi.tiny import build_tiny_lm, tiny_lm_config  # noqa: E402
 
 CONTEXT = tiny_lm_config()["context"]
 
 
-def tiny_hybrid(layers="all", shared_qkv: bool = False) -> TTTLMModel:
+def tiny_hybrid(layers="all", shared_qkv: bool = False) -> HybridLMModel:
     """Gates open, so a TTT state that is wrong shows in the logits."""
     return convert(build_tiny_lm(0), layers=layers, ttt=TTTConfig(dim=32, num_heads=4, mini_batch=4, gate_init=0.7,
                                                                   shared_qkv=shared_qkv))

@@ -6,6 +6,7 @@ conversation (serve), a training config. Each must load to exactly what the new 
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -190,7 +191,7 @@ def test_the_converters_take_memory_and_their_old_keyword_ttt() -> None:
     from helpers.hf import tiny_model, ttt_config
     from ttt_speech.hf import convert as convert_hf
     from ttt_speech.moshi import convert, default_gdn_config
-    from ttt_speech.moshi.layer import TTTTransformerLayer
+    from ttt_speech.moshi.layer import HybridTransformerLayer
     from ttt_speech.moshi.tiny import build_tiny_lm
 
     lm = build_tiny_lm(0)
@@ -207,4 +208,19 @@ def test_the_converters_take_memory_and_their_old_keyword_ttt() -> None:
         convert_hf(tiny_model("llama"), layers=[1], memory=ttt_config(), ttt=ttt_config())
     assert hasattr(convert_hf(tiny_model("llama"), layers=[1], memory=ttt_config()).model.layers[1].self_attn, "memory")
     with pytest.raises(TypeError, match="needs memory="):
-        TTTTransformerLayer(d_model=32, num_heads=4, dim_feedforward=64, causal=True)
+        HybridTransformerLayer(d_model=32, num_heads=4, dim_feedforward=64, causal=True)
+
+
+@pytest.mark.parametrize("package, old, new", [
+    ("ttt_speech.moshi", "TTTLMModel", "HybridLMModel"),
+    ("ttt_speech.moshi", "TTTLayerState", "HybridLayerState"),
+    ("ttt_speech.moshi", "TTTTransformerLayer", "HybridTransformerLayer"),
+    ("ttt_speech.hf", "TTTCache", "MemoryCache"),
+    ("ttt_speech.hf", "TTTSection", "MemorySection"),
+])
+def test_class_names_before_the_rename_still_import_as_the_new_classes(package: str, old: str, new: str) -> None:
+    pytest.importorskip(package.split(".")[1].replace("hf", "transformers"))
+    module = importlib.import_module(package)
+    cls = getattr(module, new)
+    assert isinstance(cls, type) and cls.__name__ == new and getattr(module, old) is cls
+    assert old not in module.__all__  # importable, not advertised

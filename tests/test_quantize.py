@@ -37,18 +37,18 @@ pytest.importorskip("moshi")
 from helpers.moshi import random_codes  # noqa: E402
 from ttt_speech.errors import UsageError  # noqa: E402
 from ttt_speech.moshi.commands import add_generate_arguments, run_generate  # noqa: E402
-from ttt_speech.moshi.convert import TTTLMModel  # noqa: E402
+from ttt_speech.moshi.convert import HybridLMModel  # noqa: E402
 from ttt_speech.moshi.generate import stream  # noqa: E402
-from ttt_speech.moshi.layer import TTTLayerState  # noqa: E402
+from ttt_speech.moshi.layer import HybridLayerState  # noqa: E402
 from ttt_speech.moshi.tiny import build_tiny_hybrid  # noqa: E402
 
 
-def ttt_state_layout(lm: TTTLMModel) -> list[dict[str, tuple[tuple[int, ...], torch.dtype]]]:
+def ttt_state_layout(lm: HybridLMModel) -> list[dict[str, tuple[tuple[int, ...], torch.dtype]]]:
     with lm.streaming(2):
         layout = []
         for layer in lm.memory_layers():
             state = layer._streaming_state
-            assert isinstance(state, TTTLayerState) and state.memory is not None
+            assert isinstance(state, HybridLayerState) and state.memory is not None
             layout.append({name: (tuple(t.shape), t.dtype) for name, t in state.memory.tensors.items()})
         return layout
 

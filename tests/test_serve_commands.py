@@ -13,7 +13,7 @@ pytest.importorskip("moshi")
 pytest.importorskip("aiohttp")
 
 from ttt_speech.errors import UsageError  # noqa: E402
-from ttt_speech.moshi import TTTLMModel  # noqa: E402
+from ttt_speech.moshi import HybridLMModel  # noqa: E402
 from ttt_speech.moshi.tiny import build_tiny_hybrid, write_tiny_checkpoint  # noqa: E402
 from ttt_speech.moshi.files import MIMI_WEIGHTS_NAME  # noqa: E402
 from ttt_speech.serve.commands import add_arguments, load_mimi, load_model, load_tokenizer  # noqa: E402
@@ -34,7 +34,7 @@ def test_model_mimi_and_tokenizer_are_found_for_each_kind_of_model(tmp_path: Pat
     args = parse("--model", "tiny")
     assert (args.host, args.port, args.max_sessions) == ("127.0.0.1", 8998, 4)
     lm, model_id, mimi, tok = load(args, tmp_path)
-    assert isinstance(lm, TTTLMModel) and model_id == "tiny-hybrid/seed=0"
+    assert isinstance(lm, HybridLMModel) and model_id == "tiny-hybrid/seed=0"
     assert mimi.cardinality == lm.card and tok.vocab_size() == lm.text_card
 
     vanilla_dir = write_tiny_checkpoint(tmp_path / "vanilla").root
@@ -43,7 +43,7 @@ def test_model_mimi_and_tokenizer_are_found_for_each_kind_of_model(tmp_path: Pat
 
     build_tiny_hybrid(0).save_pretrained(vanilla_dir)  # the same directory, now with a hybrid's config
     lm, hybrid_id, _, _ = load(parse("--model", str(vanilla_dir)), tmp_path)
-    assert isinstance(lm, TTTLMModel) and hybrid_id != vanilla_id  # the config hash names the model
+    assert isinstance(lm, HybridLMModel) and hybrid_id != vanilla_id  # the config hash names the model
 
     (vanilla_dir / MIMI_WEIGHTS_NAME).unlink()
     with pytest.raises(UsageError, match="--mimi"):
@@ -54,5 +54,5 @@ def test_model_mimi_and_tokenizer_are_found_for_each_kind_of_model(tmp_path: Pat
 
 def test_the_default_model_is_the_shipped_small_hybrid_with_its_codec(tmp_path: Path) -> None:
     lm, _, mimi, tok = load(parse(), tmp_path)
-    assert isinstance(lm, TTTLMModel) and (lm.n_q, lm.dep_q, lm.card) == (16, 8, 1024)
+    assert isinstance(lm, HybridLMModel) and (lm.n_q, lm.dep_q, lm.card) == (16, 8, 1024)
     assert mimi.num_codebooks == 8 and mimi.cardinality == 1024 and tok.vocab_size() <= lm.text_card

@@ -9,7 +9,7 @@ pytest.importorskip("transformers", minversion="5.23")  # pyproject's hf extra
 from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 from ttt_speech import TTTConfig  # noqa: E402
-from ttt_speech.hf import TTTCache  # noqa: E402
+from ttt_speech.hf import MemoryCache  # noqa: E402
 from ttt_speech.hf.layouts import decoder_of  # noqa: E402
 
 VOCAB, HIDDEN, HEADS, KV_HEADS = 97, 64, 4, 2
@@ -54,7 +54,7 @@ class BytesProbe(LogitsProcessor):
         self.cache, self.rows = cache, []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        nbytes = self.cache.nbytes if isinstance(self.cache, TTTCache) else sum(
+        nbytes = self.cache.nbytes if isinstance(self.cache, MemoryCache) else sum(
             layer.keys.untyped_storage().nbytes() * 2 for layer in self.cache.layers)
         self.rows.append((input_ids.shape[1], nbytes))
         return scores

@@ -14,7 +14,7 @@ from moshi.models.lm import LMGen, LMModel  # noqa: E402
 from moshi.models.lm_utils import _delay_sequence, _undelay_sequence  # noqa: E402
 
 from ttt_speech import TTTConfig  # noqa: E402
-from ttt_speech.moshi import TTTLayerState, TTTLMModel, convert  # noqa: E402
+from ttt_speech.moshi import HybridLayerState, HybridLMModel, convert  # noqa: E402
 from ttt_speech.moshi.commands import add_convert_arguments, run_convert  # noqa: E402
 from ttt_speech.moshi.tiny import TinyCheckpoint  # noqa: E402
 
@@ -108,7 +108,7 @@ def sample(lm: LMModel, steps: int = 30, seed: int = 0) -> tuple[torch.Tensor, t
     return torch.cat(outs, -1), torch.cat(logits, 2)
 
 
-def hybrid_from(ckpt: TinyCheckpoint, shared_qkv: bool = False) -> TTTLMModel:
+def hybrid_from(ckpt: TinyCheckpoint, shared_qkv: bool = False) -> HybridLMModel:
     info = ckpt.checkpoint_info()
     lm = info.get_moshi(dtype=torch.float32)
     model = convert(lm, layers="all", ttt=TTTConfig(dim=32, num_heads=4, mini_batch=4, gate_init=0.5,
@@ -124,11 +124,11 @@ def user_stream(lm: LMModel, B: int, T: int, seed: int = 3) -> torch.Tensor:
     return torch.randint(0, lm.card, (B, lm.n_q - lm.dep_q, T), generator=torch.Generator().manual_seed(seed))
 
 
-def ttt_states(lm: TTTLMModel) -> list[dict[str, torch.Tensor]]:
+def ttt_states(lm: HybridLMModel) -> list[dict[str, torch.Tensor]]:
     out = []
     for layer in lm.memory_layers():
         state = layer._streaming_state
-        assert isinstance(state, TTTLayerState) and state.memory is not None
+        assert isinstance(state, HybridLayerState) and state.memory is not None
         out.append(state.memory.tensors)
     return out
 

@@ -6,7 +6,7 @@ A scorer teacher-forces a held-out sequence through the model the way it runs wh
   `RingKVCache` is a correct sliding window only when fed one step per call (a longer call
   overwrites keys its own earlier queries still need), so frames are never batched in time. The
   depformer restarts every frame, so it runs in its (exact) training form on that frame.
-- HF (vanilla or converted): chunks through `forward` with the model's cache (a `TTTCache` with
+- HF (vanilla or converted): chunks through `forward` with the model's cache (a `MemoryCache` with
   sliding-window KV layers for a converted model, a growing `DynamicCache` for a vanilla one);
   chunked feeding through these caches equals token-by-token decoding (tests/test_hf_generate.py).
 
@@ -175,9 +175,9 @@ class HFScorer(Scorer):
     def new_cache(self) -> tp.Any:
         from transformers import DynamicCache
 
-        from ttt_speech.hf import TTTCache
+        from ttt_speech.hf import MemoryCache
 
-        return TTTCache(self.model.config) if self.converted else DynamicCache(config=self.model.config)
+        return MemoryCache(self.model.config) if self.converted else DynamicCache(config=self.model.config)
 
     @torch.no_grad()
     def score(self, tokens: Tensor, out: Tensor, tick: Tick) -> None:

@@ -20,17 +20,20 @@ from ttt_speech.deps import require
 require("transformers")  # refuses a missing or untested release (hf/compat.py reads the same check)
 
 if tp.TYPE_CHECKING:
-    from ttt_speech.hf.cache import TTTCache
+    from ttt_speech.hf.cache import MemoryCache
     from ttt_speech.hf.checkpoint import LoadReport, load_llm
     from ttt_speech.hf.conversion import Converter, convert, default_inplace_config
-    from ttt_speech.hf.section import TTTSection
+    from ttt_speech.hf.section import MemorySection
 
-_LAZY = {"TTTCache": "cache", "LoadReport": "checkpoint", "load_llm": "checkpoint", "Converter": "conversion",
-         "convert": "conversion", "default_inplace_config": "conversion", "TTTSection": "section"}
+_LAZY = {"MemoryCache": "cache", "LoadReport": "checkpoint", "load_llm": "checkpoint", "Converter": "conversion",
+         "convert": "conversion", "default_inplace_config": "conversion", "MemorySection": "section"}
 __all__ = sorted(_LAZY)
+# the class names before issue 20 (they said TTT for any branch): still importable, the same classes
+_OLD_NAMES = {"TTTCache": "MemoryCache", "TTTSection": "MemorySection"}
 
 
 def __getattr__(name: str) -> tp.Any:
+    name = _OLD_NAMES.get(name, name)
     if name in _LAZY:
         return getattr(importlib.import_module(f"ttt_speech.hf.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'ttt_speech.hf' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""`TTTCache`: the bounded memory of a converted model during `generate`.
+"""`MemoryCache`: the bounded memory of a converted model during `generate`.
 
 It is transformers' own `DynamicCache` built from the converted config, so every attention layer
 gets a `DynamicSlidingWindowLayer` that keeps `attention_window - 1` past keys/values, plus one
@@ -7,7 +7,7 @@ gets a `DynamicSlidingWindowLayer` that keeps `attention_window - 1` past keys/v
 stream has run.
 
 `generate` builds a plain `DynamicCache`; the converted model's forward hook adopts it (the same
-object becomes a `TTTCache`), so `generate` keeps working without any extra argument.
+object becomes a `MemoryCache`), so `generate` keeps working without any extra argument.
 """
 
 from __future__ import annotations
@@ -19,20 +19,20 @@ from transformers import Cache, DynamicCache, PreTrainedConfig
 from transformers.cache_utils import DummyLayer, DynamicSlidingWindowLayer
 
 from ttt_speech.compat import retype
-from ttt_speech.hf.section import TTTSection, section_of
+from ttt_speech.hf.section import MemorySection, section_of
 from ttt_speech.layers.state import TTTState
 from ttt_speech.layers.ttt import TTTLayer
 
 
-def _section(config: PreTrainedConfig) -> TTTSection:
+def _section(config: PreTrainedConfig) -> MemorySection:
     section = section_of(config)
     if section is None:
-        raise ValueError("TTTCache needs the config of a model converted with ttt_speech.hf.convert")
+        raise ValueError("MemoryCache needs the config of a model converted with ttt_speech.hf.convert")
     return section
 
 
-class TTTCache(DynamicCache):
-    """Sliding-window KV cache + the memory states of a converted model (`TTTCache(model.config)`)."""
+class MemoryCache(DynamicCache):
+    """Sliding-window KV cache + the memory states of a converted model (`MemoryCache(model.config)`)."""
 
     attention_window: int
     memory_states: dict[int, TTTState]
@@ -41,7 +41,7 @@ class TTTCache(DynamicCache):
         super().__init__(config=config)
         self._attach(_section(config))
 
-    def _attach(self, section: TTTSection) -> None:
+    def _attach(self, section: MemorySection) -> None:
         self.attention_window = section.attention_window
         self.memory_states = {}
         if section.mode == "replace":
@@ -49,24 +49,24 @@ class TTTCache(DynamicCache):
                 self.layers[i] = DummyLayer()
 
     @classmethod
-    def adopt(cls, cache: Cache, config: PreTrainedConfig) -> TTTCache:
-        """Turn a fresh `DynamicCache` (e.g. the one `generate` made) into a `TTTCache`, in place.
+    def adopt(cls, cache: Cache, config: PreTrainedConfig) -> MemoryCache:
+        """Turn a fresh `DynamicCache` (e.g. the one `generate` made) into a `MemoryCache`, in place.
 
         In place, because `generate` keeps its own reference to the object. Refused for other cache
-        classes (static caches, quantized, ...) and for a cache already holding tokens without TTT
-        state: continuing from it would silently start the TTT layers from scratch.
+        classes (static caches, quantized, ...) and for a cache already holding tokens without memory
+        states: continuing from it would silently start the memory layers from scratch.
         """
-        if isinstance(cache, TTTCache):
+        if isinstance(cache, MemoryCache):
             return cache
         section = _section(config)
         if type(cache) is not DynamicCache:
             raise TypeError(
-                f"converted models run with a TTTCache (or a fresh DynamicCache); got {type(cache).__name__}"
+                f"converted models run with a MemoryCache (or a fresh DynamicCache); got {type(cache).__name__}"
             )
         if cache.get_seq_length() > 0:
-            raise ValueError("this DynamicCache already holds tokens but no TTT state; start from a new TTTCache")
-        fresh = TTTCache(config)
-        cache = retype(cache, TTTCache)
+            raise ValueError("this DynamicCache already holds tokens but no TTT state; start from a new MemoryCache")
+        fresh = MemoryCache(config)
+        cache = retype(cache, MemoryCache)
         cache.layers = fresh.layers
         cache.layer_class_to_replicate = None
         cache._attach(section)
@@ -122,5 +122,5 @@ class TTTCache(DynamicCache):
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(
-            "TTTCache cannot crop (assisted/speculative decoding): a TTT state has no history to roll back to; "
+            "MemoryCache cannot crop (assisted/speculative decoding): a TTT state has no history to roll back to; "
             "use greedy, sampling or beam search")

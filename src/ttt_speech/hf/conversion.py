@@ -10,7 +10,7 @@ Mixtral causal LMs; `model.model.language_model` for Qwen2-Audio). What a conver
   (1) replaces the 2D padding mask by transformers' sliding-window causal mask, so attention is
       windowed in prefill and training too, even for models whose own code only builds full causal
       masks (Llama);
-  (2) makes sure a `TTTCache` carries the TTT states (creating one in eval mode, or adopting
+  (2) makes sure a `MemoryCache` carries the TTT states (creating one in eval mode, or adopting
       `generate`'s cache);
   (3) hands the padding mask of the current tokens to the memory branches (`memory_token_mask`).
 """
@@ -30,7 +30,7 @@ from transformers.masking_utils import create_sliding_window_causal_mask
 from ttt_speech.branches import DEFAULT_BRANCH
 from ttt_speech.compat import retype
 from ttt_speech.config import InPlaceConfig, TTTConfig
-from ttt_speech.hf.cache import TTTCache
+from ttt_speech.hf.cache import MemoryCache
 from ttt_speech.hf.compat import CACHE_KWARG, attention_implementation, cache_kwargs, pop_cache
 from ttt_speech.hf.checkpoint import (
     LoadReport, checkpoint_keys, load_llm, log_report, read_config, read_tensors, satisfied, saved_names,
@@ -38,7 +38,7 @@ from ttt_speech.hf.checkpoint import (
 from ttt_speech.hf.layouts import config_model_type, decoder_config_dict, decoder_of
 from ttt_speech.hf.modules import (TOKEN_MASK_KWARG, TTTAttention, drop_memory_context, expand_kv_heads, hybrid_class,
                                    inplace_class, pass_memory_context)
-from ttt_speech.hf.section import Mode, TTTSection, section_of
+from ttt_speech.hf.section import Mode, MemorySection, section_of
 from ttt_speech.layers.inplace import GatedMLP, InPlaceLayer
 from ttt_speech.layers.ttt import TTTLayer
 from ttt_speech.names import MEMORY, current_name, either, legacy_name, memory_section
@@ -80,9 +80,9 @@ def _prepare_forward(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> 
     use_cache = kwargs.get("use_cache")
     use_cache = config.use_cache if use_cache is None else use_cache
     if cache is None and use_cache and not module.training:  # training forwards carry no TTT state
-        cache = TTTCache(config)
+        cache = MemoryCache(config)
     elif cache is not None:
-        cache = TTTCache.adopt(cache, config)
+        cache = MemoryCache.adopt(cache, config)
     if cache is not None:
         kwargs[CACHE_KWARG] = cache
 
@@ -244,7 +244,7 @@ class Converter:
             else:
                 base.layers[i].self_attn = TTTAttention(ttt_layer, i)
         _apply_window(base, attention_window)
-        setattr(config, MEMORY, TTTSection(mode, tuple(idx), attention_window, cfg, config_model_type(config)).to_dict())
+        setattr(config, MEMORY, MemorySection(mode, tuple(idx), attention_window, cfg, config_model_type(config)).to_dict())
         base.register_forward_pre_hook(_prepare_forward, with_kwargs=True)
         return model
 
@@ -269,7 +269,7 @@ class Converter:
         d = memory_section(decoder_config_dict(read_config(path)))
         if d is None:
             raise ValueError(f"{path}: config.json has no '{MEMORY}' section; convert the model with `convert(...)` first")
-        section = TTTSection.from_dict(d)
+        section = MemorySection.from_dict(d)
         llm, report = load_llm(path, dtype=dtype)
         before = set(llm.state_dict())
         self._convert_as(llm, section, path)
@@ -292,7 +292,7 @@ class Converter:
         log_report(report)
         return (model, report) if output_loading_info else model
 
-    def _convert_as(self, model: PreTrainedModel, section: TTTSection, path: str | Path) -> None:
+    def _convert_as(self, model: PreTrainedModel, section: MemorySection, path: str | Path) -> None:
         """Convert `model` as `section` says, unless it already is (then it must match)."""
         if section_of(model.config) is None:
             self(model, section.layers, section.mode, section.memory, section.attention_window)

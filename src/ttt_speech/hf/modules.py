@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ttt_speech.hf.cache import TTTCache
+from ttt_speech.hf.cache import MemoryCache
 from ttt_speech.hf.compat import get_cache
 from ttt_speech.layers.inplace import InPlaceLayer
 from ttt_speech.layers.state import LayerState
@@ -45,7 +45,7 @@ class Segment:
 
     Attention reaches `past` (the previous segment's last window - 1 keys/values) through a window of
     `window` positions (`hf.segments.segment_attention`); the memory branch starts from `memory`
-    instead of a `TTTCache`. The layer's forward leaves what the next segment starts from in `kv`
+    instead of a `MemoryCache`. The layer's forward leaves what the next segment starts from in `kv`
     and `memory`.
     """
 
@@ -76,7 +76,7 @@ def _masked(layer: StreamingLayer, x: Tensor, state: LayerState, token_mask: Ten
     """TTT over x where padded tokens neither read nor write the state (no grad: uses `step`)."""
     if torch.is_grad_enabled():
         raise ValueError(
-            "padding before real tokens (or any padding while a TTTCache carries the state) needs the no-grad "
+            "padding before real tokens (or any padding while a MemoryCache carries the state) needs the no-grad "
             "streaming step, so the TTT state can skip the padded tokens: run inference under torch.no_grad(), "
             "and train with right padding and use_cache=False (or model.train())."
         )
@@ -93,7 +93,7 @@ def _masked(layer: StreamingLayer, x: Tensor, state: LayerState, token_mask: Ten
 
 
 def memory_branch(layer: StreamingLayer, x: Tensor, cache: Any, layer_idx: int, token_mask: Tensor | None) -> Tensor:
-    """Output of memory layer `layer_idx` for x [B, T, dim], carrying its state in `cache` when it is a TTTCache
+    """Output of memory layer `layer_idx` for x [B, T, dim], carrying its state in `cache` when it is a MemoryCache
     or a training `Segment`.
 
     Without either (use_cache=False) each call starts from the layer's initial weights and uses the
@@ -102,7 +102,7 @@ def memory_branch(layer: StreamingLayer, x: Tensor, cache: Any, layer_idx: int, 
     if isinstance(cache, Segment):
         y, cache.memory = layer(x, cache.memory)
         return y
-    state = cache.memory_state(layer_idx, layer, x.shape[0], x.device) if isinstance(cache, TTTCache) else None
+    state = cache.memory_state(layer_idx, layer, x.shape[0], x.device) if isinstance(cache, MemoryCache) else None
     if state is None:
         if token_mask is None or not _pads_before_tokens(token_mask):
             return layer(x)[0]
@@ -119,13 +119,13 @@ def memory_branch(layer: StreamingLayer, x: Tensor, cache: Any, layer_idx: int, 
 
 def memory_carrier(kwargs: dict[str, Any]) -> Any:
     """What carries a memory state across the forwards of a decoder layer given these kwargs: a training
-    `Segment`, else the cache (a `TTTCache` while generating)."""
+    `Segment`, else the cache (a `MemoryCache` while generating)."""
     segment = kwargs.get(SEGMENT_KWARG)
     return get_cache(kwargs) if segment is None else segment
 
 
 class HybridAttentionMixin:
-    """Mixed in front of an attention class: attention output + gated TTT output."""
+    """Mixed in front of an attention class: attention output + the gated memory branch's output."""
 
     memory: TTTLayer
     layer_idx: int
@@ -143,15 +143,15 @@ _HYBRID_CLASSES: dict[type, type] = {}
 
 
 def hybrid_class(cls: type[nn.Module]) -> type[nn.Module]:
-    """`TTTHybrid<cls>`: one subclass per attention class, so isinstance checks on the original still hold."""
+    """`Hybrid<cls>`: one subclass per attention class, so isinstance checks on the original still hold."""
     if cls not in _HYBRID_CLASSES:
-        _HYBRID_CLASSES[cls] = type(f"TTTHybrid{cls.__name__}", (HybridAttentionMixin, cls), {"__module__": __name__})
+        _HYBRID_CLASSES[cls] = type(f"Hybrid{cls.__name__}", (HybridAttentionMixin, cls), {"__module__": __name__})
     return _HYBRID_CLASSES[cls]
 
 
 class InPlaceMLPMixin:
     """Mixed in front of a gated MLP class (gate_proj, up_proj, down_proj, act_fn): the MLP with in-place
-    fast weights, its state carried in the TTTCache like a TTT layer's."""
+    fast weights, its state carried in the MemoryCache like a TTT layer's."""
 
     memory: InPlaceLayer
     layer_idx: int

@@ -23,7 +23,7 @@ BRANCHES: dict[str, type] = {"ttt": TTTConfig, "inplace": InPlaceConfig}
 
 
 @dataclass(frozen=True)
-class TTTSection:
+class MemorySection:
     """What a conversion did to a transformers causal LM."""
 
     mode: Mode
@@ -49,7 +49,7 @@ class TTTSection:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TTTSection:
+    def from_dict(cls, d: dict[str, Any]) -> MemorySection:
         if d.get("format") != SECTION_FORMAT:
             raise ValueError(f"config '{MEMORY}' section: expected format {SECTION_FORMAT!r}, got {d.get('format')!r}")
         if d.get("version") != SECTION_VERSION:
@@ -68,7 +68,7 @@ class TTTSection:
         )
 
 
-def section_of(config: PreTrainedConfig) -> TTTSection | None:
+def section_of(config: PreTrainedConfig) -> MemorySection | None:
     """The section of a converted model's config, or None for a model that was never converted.
 
     It lives on the language model's config: the config itself for a causal LM, its `text_config`
@@ -76,4 +76,4 @@ def section_of(config: PreTrainedConfig) -> TTTSection | None:
     """
     text = config.get_text_config(decoder=True)
     d = memory_section({name: getattr(text, name) for name in (MEMORY, LEGACY) if hasattr(text, name)})
-    return None if d is None else TTTSection.from_dict(d)
+    return None if d is None else MemorySection.from_dict(d)

@@ -5,7 +5,7 @@ each decoder layer runs its own forward (norms, residuals, MLP or experts, the b
 `hybrid_attention`) on one segment, and only its attention function is swapped: `segment_attention`,
 registered with transformers' `AttentionInterface`, runs `windowed_attention` over the keys/values
 the previous segment left and this segment's. The branch state rides down the layer's kwargs in a
-`Segment` (`hf.modules`), in place of the `TTTCache` that carries it while generating; an in-place
+`Segment` (`hf.modules`), in place of the `MemoryCache` that carries it while generating; an in-place
 branch is the layer's MLP (`mlp.memory`), which reads the same `Segment`.
 """
 

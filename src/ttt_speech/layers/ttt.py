@@ -28,7 +28,7 @@ from ttt_speech.ops.ttt.fla import fla_available, ttt_linear_fla
 from ttt_speech.ops.ttt.reference import ttt_chunked
 from ttt_speech.ops.ttt.step import ttt_step_
 
-# hook(layer, q, k, v, a, c): see TTTLayer.register_inner_hook
+# hook(layer, q, k, v, step_scale, grad_scale): see TTTLayer.register_inner_hook
 InnerHook = tp.Callable[..., None]
 
 if tp.TYPE_CHECKING:
@@ -280,12 +280,13 @@ class TTTLayer(StreamingLayer):
         return [q, k, self.v_proj(h)], h, tails
 
     def register_inner_hook(self, hook: InnerHook) -> RemovableHandle:
-        """Call `hook(layer, q, k, v, a, c)` with the inner model's inputs each time the layer runs.
+        """Call `hook(layer, q, k, v, step_scale, grad_scale)` with the inner model's inputs at each run.
 
-        q, k, v: [B, H, T, head_dim] after RoPE, a, c: [B, H, T] (the step size of token i's update for
-        token j's gradient is a_i * c_j), in the state's dtype: what the TTT math of `ops.ttt.reference`
-        reads. Fired by `forward` and by the unfused `step` (CUDA's fused step kernel computes them inside
-        itself). `handle.remove()` detaches the hook. This is how a probe observes a layer's memory.
+        q, k, v: [B, H, T, head_dim] after RoPE; step_scale, grad_scale: [B, H, T], the a_i and c_j of
+        `ops.ttt.reference`'s step size a_i * c_j (how far the weights read at token i move, how much token
+        j's gradient counts), in the state's dtype: what the TTT math of `ops.ttt.reference` reads. Fired by
+        `forward` and by the unfused `step` (CUDA's fused step kernel computes them inside itself).
+        `handle.remove()` detaches the hook. This is how a probe observes a layer's memory.
         """
         handle = RemovableHandle(self.inner_hooks)
         self.inner_hooks[handle.id] = hook
@@ -296,7 +297,8 @@ class TTTLayer(StreamingLayer):
         return self.ttt_norm_weight.to(self.state_dtype), self.ttt_norm_bias.to(self.state_dtype)
 
     def _inner_inputs(self, q: Tensor, k: Tensor, v: Tensor, h: Tensor, state: TTTState) -> list[Tensor]:
-        """RoPE and step sizes: [q, k, v, a, c] per head in the state's dtype (fp32); shown to the inner hooks."""
+        """RoPE and step sizes: [q, k, v, step_scale, grad_scale] per head in the state's dtype (fp32); shown to
+        the inner hooks."""
         inputs = self._rope_and_steps(q, k, v, h, state)
         for hook in list(self.inner_hooks.values()):
             hook(self, *inputs)
@@ -317,11 +319,11 @@ class TTTLayer(StreamingLayer):
         if cfg.variant == "ttt-lm":  # eta[i, j] = token_eta(i) * lr(j)
             base = 1.0 / torch.arange(1, cfg.mini_batch + 1, device=h.device, dtype=cd)
             tok = (base + self.token_idx.to(cd)).clamp_min(0.0)[pos]
-            a, c = tok[:, None, :].expand(B, H, T), lr
+            step_scale, grad_scale = tok[:, None, :].expand(B, H, T), lr
         else:  # fla: eta[i, j] = lr(i), q scaled like FLA's default 1/sqrt(D)
             q = q * D**-0.5
-            a, c = lr, torch.ones_like(lr)
-        return [q, k, v, a, c]
+            step_scale, grad_scale = lr, torch.ones_like(lr)
+        return [q, k, v, step_scale, grad_scale]
 
     def _finish(self, o: Tensor, h: Tensor, dtype: torch.dtype, heads: Tensor | None) -> Tensor:
         """o [B, T, dim] per-head outputs -> the layer output (shared_qkv: mixed into the host's heads)."""
@@ -337,7 +339,9 @@ class TTTLayer(StreamingLayer):
         return (self.o_proj(o.to(proj_dtype)).to(cd) * gate).to(dtype)
 
     @property
-    def _inner_args(self) -> dict:
+    def _inner_loop_options(self) -> dict:
+        """The non-tensor arguments every form of the inner loop takes (reference, kernels, step), read from
+        the config in this one place so the forms cannot run different loops."""
         cfg = self.config
         return dict(mini_batch=cfg.mini_batch, residual="q" if cfg.variant == "ttt-lm" else "z", eps=cfg.eps)
 
@@ -352,19 +356,19 @@ class TTTLayer(StreamingLayer):
         if x.shape[1] == 0:
             return (x.new_zeros(x.shape) if heads is None else heads.clone()), state.clone()
         projected, h, tails = self._project(x, state, qkv)
-        q, k, v, a, c = self._inner_inputs(*projected, h, state)
+        q, k, v, step_scale, grad_scale = self._inner_inputs(*projected, h, state)
         weights, grads, offset = state.weights(), state.grads(), state.offset
         outs = []
         kernel = self._chunk_kernel(x, state)
         if kernel is not None:  # whole mini-batches through a kernel, the tail through the reference
             T0 = x.shape[1] // self.config.mini_batch * self.config.mini_batch
-            o, W, b = kernel(*(t[:, :, :T0] for t in (q, k, v, a, c)), *weights)
+            o, W, b = kernel(*(t[:, :, :T0] for t in (q, k, v, step_scale, grad_scale)), *weights)
             outs.append(o)
             weights = [W, b]
-            q, k, v, a, c = (t[:, :, T0:] for t in (q, k, v, a, c))
+            q, k, v, step_scale, grad_scale = (t[:, :, T0:] for t in (q, k, v, step_scale, grad_scale))
         if q.shape[2]:
-            o, weights, grads, offset = ttt_chunked(q, k, v, a, c, *self.inner_norm(), weights, grads, offset,
-                                                    **self._inner_args)
+            o, weights, grads, offset = ttt_chunked(q, k, v, step_scale, grad_scale, *self.inner_norm(), weights,
+                                                    grads, offset, **self._inner_loop_options)
             outs.append(o)
         else:
             offset = offset.clone()
@@ -376,8 +380,8 @@ class TTTLayer(StreamingLayer):
     def _chunk_kernel(self, x: Tensor, state: TTTState) -> tp.Callable[..., tuple[Tensor, Tensor, Tensor]] | None:
         """The kernel for this run's whole mini-batches, or None (reference). Both kernels need
         TTT-Linear, a fresh mini-batch start, at least one whole mini-batch, and a mini-batch of 16, 32
-        or 64 (tl.dot's smallest tile is 16): FLA's for variant="fla" (c = 1), ours for either variant,
-        with bf16 products for bf16/fp16 models and fp32 ones for fp32 models (tf32 where
+        or 64 (tl.dot's smallest tile is 16): FLA's for variant="fla" (grad_scale = 1), ours for either
+        variant, with bf16 products for bf16/fp16 models and fp32 ones for fp32 models (tf32 where
         torch.backends.cuda.matmul.allow_tf32 says so)."""
         cfg = self.config
         if (cfg.inner != "linear" or x.shape[1] < cfg.mini_batch or state.dtype != torch.float32
@@ -385,13 +389,14 @@ class TTTLayer(StreamingLayer):
             return None
         ln, eps, dt = self.inner_norm(), cfg.eps, x.dtype
         if cfg.variant == "fla" and x.is_cuda and cfg.mini_batch in (16, 32, 64) and fla_available():
-            def run(q, k, v, a, c, W, b):
-                return ttt_linear_fla(q.to(dt), k.to(dt), v.to(dt), a, *ln, W, b, cfg.mini_batch, eps)
+            def run(q, k, v, step_scale, grad_scale, W, b):
+                return ttt_linear_fla(q.to(dt), k.to(dt), v.to(dt), step_scale, *ln, W, b, cfg.mini_batch, eps)
         elif _triton_enabled and _triton_chunk() is not None and _triton_chunk().supported(cfg.head_dim, cfg.mini_batch):
             precision = "bf16" if dt != torch.float32 else "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
-            def run(q, k, v, a, c, W, b):
-                return _triton_chunk().ttt_linear_chunked_triton(q, k, v, a, c, *ln, W, b, **self._inner_args,
+            def run(q, k, v, step_scale, grad_scale, W, b):
+                return _triton_chunk().ttt_linear_chunked_triton(q, k, v, step_scale, grad_scale, *ln, W, b,
+                                                                **self._inner_loop_options,
                                                                 precision=precision)
         else:
             return None
@@ -425,8 +430,8 @@ class TTTLayer(StreamingLayer):
             out = fused(*projected, h, params, state.weights(), state.grads(), state.offset, exec_mask, heads)
             state.write_(tails, exec_mask)
             return out if heads is not None else self._finish(out, h, x.dtype, None)
-        q, k, v, a, c = self._inner_inputs(*projected, h, state)
-        out = ttt_step_(q, k, v, a, c, *self.inner_norm(), state.weights(), state.grads(), state.offset,
-                        exec_mask=exec_mask, **self._inner_args)
+        q, k, v, step_scale, grad_scale = self._inner_inputs(*projected, h, state)
+        out = ttt_step_(q, k, v, step_scale, grad_scale, *self.inner_norm(), state.weights(), state.grads(),
+                        state.offset, exec_mask=exec_mask, **self._inner_loop_options)
         state.write_(tails, exec_mask)
         return self._finish(heads_to_channels(out), h, x.dtype, heads)

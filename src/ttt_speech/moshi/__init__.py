@@ -39,22 +39,26 @@ if tp.TYPE_CHECKING:
     from ttt_speech.moshi.checkpoint import load_hybrid
     from ttt_speech.moshi.files import save_moshi_checkpoint
     from ttt_speech.moshi.config import infer_moshi_config
-    from ttt_speech.moshi.convert import (HybridSpec, TTTLMModel, convert, default_branch_config,
+    from ttt_speech.moshi.convert import (HybridLMModel, HybridSpec, convert, default_branch_config,
                                           default_gdn_config, default_inplace_config, default_ttt_config,
                                           memory_parameters, set_attention_window)
-    from ttt_speech.moshi.layer import TTTLayerState, TTTTransformerLayer
+    from ttt_speech.moshi.layer import HybridLayerState, HybridTransformerLayer
 
 _LAZY = {
     "load_hybrid": "checkpoint", "save_moshi_checkpoint": "files", "infer_moshi_config": "config",
-    "HybridSpec": "convert", "TTTLMModel": "convert", "convert": "convert", "default_branch_config": "convert",
+    "HybridSpec": "convert", "HybridLMModel": "convert", "convert": "convert", "default_branch_config": "convert",
     "default_gdn_config": "convert", "default_inplace_config": "convert", "default_ttt_config": "convert",
     "memory_parameters": "convert", "set_attention_window": "convert",
-    "TTTLayerState": "layer", "TTTTransformerLayer": "layer",
+    "HybridLayerState": "layer", "HybridTransformerLayer": "layer",
 }
 __all__ = sorted(_LAZY)
+# the class names before issue 20 (they said TTT for any branch): still importable, the same classes
+_OLD_NAMES = {"TTTLMModel": "HybridLMModel", "TTTLayerState": "HybridLayerState",
+              "TTTTransformerLayer": "HybridTransformerLayer"}
 
 
 def __getattr__(name: str) -> tp.Any:
+    name = _OLD_NAMES.get(name, name)
     if name in _LAZY:
         return getattr(importlib.import_module(f"ttt_speech.moshi.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'ttt_speech.moshi' has no attribute {name!r}")

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ttt_speech.errors import UsageError, existing_file
 from ttt_speech.moshi.config import lm_kwargs
-from ttt_speech.moshi.convert import BRANCHES, MODES, TTTLMModel, convert
+from ttt_speech.moshi.convert import BRANCHES, MODES, HybridLMModel, convert
 from ttt_speech.moshi.files import (CONFIG_NAME, HYBRID_FORMAT, HYBRID_VERSION, MEMORY_SECTION, WEIGHTS_NAME, MoshiDir,
                                     to_moshi_layout)
 from ttt_speech.moshi.layer import BranchConfig
@@ -104,7 +104,7 @@ def check_hybrid_dir(path: str | Path) -> dict[str, tp.Any]:
 
 
 def load_hybrid(path: str | Path, device: torch.device | str = "cpu",
-                dtype: torch.dtype = torch.bfloat16) -> TTTLMModel:
+                dtype: torch.dtype = torch.bfloat16) -> HybridLMModel:
     """Load a checkpoint written by `save_pretrained` (a directory with config.json + model.safetensors).
 
     Builds the Moshi model and its memory layers on the meta device, checks every tensor name and
@@ -137,7 +137,7 @@ def _cast(key: str, value: Tensor, dtype: torch.dtype) -> Tensor:
     return value.float() if key.startswith(("condition_provider.", "fuser.")) else value.to(dtype)
 
 
-def _check_materialized(model: TTTLMModel) -> None:
+def _check_materialized(model: HybridLMModel) -> None:
     """Built on meta and filled by assignment: anything still on meta was missing from the file."""
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:

@@ -26,7 +26,7 @@ from ttt_speech.config import GatedDeltaNetConfig, InPlaceConfig, TTTConfig
 from ttt_speech.moshi.compat import forget_streaming_children
 from ttt_speech.moshi.config import infer_moshi_config
 from ttt_speech.moshi.files import save_hybrid
-from ttt_speech.moshi.layer import MODES, BranchConfig, Mode, TTTTransformerLayer, check_gdn_mode
+from ttt_speech.moshi.layer import MODES, BranchConfig, Mode, HybridTransformerLayer, check_gdn_mode
 from ttt_speech.names import either, is_memory
 
 # tanh(10.0) == 1.0 in fp32: in replace mode the TTT output stands in for attention at full scale.
@@ -63,8 +63,8 @@ class HybridSpec:
                 "config": self.config.to_dict()}
 
 
-class TTTLMModel(LMModel):
-    """An `LMModel` whose temporal transformer has TTT layers; `LMGen` uses it unchanged.
+class HybridLMModel(LMModel):
+    """An `LMModel` whose temporal transformer has memory layers (`HybridTransformerLayer`); `LMGen` uses it unchanged.
 
     Made by `convert` (which re-classes the given model in place instead of copying a 7B model)
     or by `load_hybrid`; never constructed directly.
@@ -74,9 +74,9 @@ class TTTLMModel(LMModel):
     moshi_config: dict[str, tp.Any]
 
     def __init__(self, *args: tp.Any, **kwargs: tp.Any) -> None:
-        raise TypeError("build a TTTLMModel with ttt_speech.moshi.convert(lm, ...) or load_hybrid(dir)")
+        raise TypeError("build a HybridLMModel with ttt_speech.moshi.convert(lm, ...) or load_hybrid(dir)")
 
-    def memory_layers(self) -> list[TTTTransformerLayer]:
+    def memory_layers(self) -> list[HybridTransformerLayer]:
         return [self.transformer.layers[i] for i in self.memory_spec.layers]
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
@@ -173,7 +173,7 @@ def set_attention_window(lm: LMModel, window: int) -> None:
         if isinstance(m, StreamingMultiheadAttention):
             m.context = window
     lm.context = window
-    if isinstance(lm, TTTLMModel):
+    if isinstance(lm, HybridLMModel):
         lm.moshi_config["context"] = window
 
 
@@ -181,7 +181,7 @@ def convert(
     lm: LMModel, layers: LayerSpec = "all", mode: Mode = "hybrid", memory: BranchConfig | None = None, *,
     init_from_attention: bool | None = None, moshi_config: dict[str, tp.Any] | None = None,
     attention_window: int | None = None, ttt: BranchConfig | None = None,
-) -> TTTLMModel:
+) -> HybridLMModel:
     """Give the chosen temporal-transformer layers a memory branch; modifies and returns `lm`.
 
     memory: an InPlaceConfig (the layers' own MLPs get in-place fast weights; the default when none is given:
@@ -202,7 +202,7 @@ def convert(
     attention_window: frames every temporal attention sees and caches (`set_attention_window`; saved as
         the config's `context`); default: the model's own context (Moshi-7B: 3000 frames = 4 min).
     """
-    if not isinstance(lm, LMModel) or isinstance(lm, TTTLMModel):
+    if not isinstance(lm, LMModel) or isinstance(lm, HybridLMModel):
         raise TypeError(f"convert expects a vanilla moshi LMModel, got {type(lm).__name__}")
     if lm.is_streaming:
         raise RuntimeError("convert the model before entering streaming mode")
@@ -223,9 +223,9 @@ def convert(
         check_attention_window(attention_window)
     config = dict(moshi_config) if moshi_config is not None else infer_moshi_config(lm)
     for i in idx:
-        TTTTransformerLayer.from_layer(lm.transformer.layers[i], cfg, mode, init_from_attention)
+        HybridTransformerLayer.from_layer(lm.transformer.layers[i], cfg, mode, init_from_attention)
     forget_streaming_children(lm)  # streaming children are cached on first use; the tree changed
-    hybrid = retype(lm, TTTLMModel)
+    hybrid = retype(lm, HybridLMModel)
     hybrid.memory_spec = HybridSpec(mode, idx, cfg)
     hybrid.moshi_config = config
     if attention_window is not None:

@@ -199,7 +199,7 @@ def copy_companions(source_dir: str | Path, out_dir: str | Path, config: dict[st
 
 
 def save_hybrid(model: LMModel, out_dir: str | Path) -> Path:
-    """A hybrid (`convert`'s TTTLMModel): config.json = the Moshi config + {"memory": {format, version, branch,
+    """A hybrid (`convert`'s HybridLMModel): config.json = the Moshi config + {"memory": {format, version, branch,
     mode, layers, config}}."""
     section = {"format": HYBRID_FORMAT, "version": HYBRID_VERSION, **model.memory_spec.to_dict()}
     return save_moshi_checkpoint(model, model.moshi_config, out_dir, {MEMORY_SECTION: section})

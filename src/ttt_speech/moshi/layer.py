@@ -1,7 +1,7 @@
-"""`TTTTransformerLayer`: Moshi's transformer layer with a TTT branch beside (or instead of) attention.
+"""`HybridTransformerLayer`: Moshi's transformer layer with a memory branch beside (or instead of) attention.
 
 It subclasses moshi's `StreamingTransformerLayer`, so moshi-finetune's FSDP wrapping (which keys on
-that class) and `StreamingTransformer(layer_class=...)` keep working. The TTT state lives in the
+that class) and `StreamingTransformer(layer_class=...)` keep working. The branch's state lives in the
 layer's own streaming state, so `with lm_gen.streaming(B)`, `reset_streaming(mask)` and
 `set_exec_mask` reach it through Moshi's machinery; it is updated in place (CUDA-graph safe).
 The branch is a `TTTLayer` or, given a `GatedDeltaNetConfig`, a `GatedDeltaNetLayer` (hybrid mode
@@ -40,7 +40,7 @@ MODES: tuple[str, ...] = ("hybrid", "replace")
 
 
 @dataclass
-class TTTLayerState(LayerStreamingState):
+class HybridLayerState(LayerStreamingState):
     """Moshi's per-layer streaming state plus the memory of this layer's branch (TTT or Gated DeltaNet)."""
 
     memory: LayerState | None = None
@@ -116,10 +116,10 @@ def check_shared_qkv(attn: nn.Module, cfg: TTTConfig, mode: str, init_from_atten
                          f"got {cfg.num_heads}")
 
 
-class TTTTransformerLayer(HookedTransformerLayer):
-    """A Moshi transformer layer whose attention gains (hybrid) or is replaced by (replace) a TTT layer.
+class HybridTransformerLayer(HookedTransformerLayer):
+    """A Moshi transformer layer whose attention gains a memory branch (hybrid) or is replaced by a TTT layer (replace).
 
-    hybrid:  x + layer_scale_1(attn(norm1(x))) + memory(norm1(x)); the TTT output carries its own
+    hybrid:  x + layer_scale_1(attn(norm1(x))) + memory(norm1(x)); the branch's output carries its own
              gate tanh(alpha), so with alpha = 0 the layer equals the original bit for bit.
              With `TTTConfig.shared_qkv` the branch has no projections: it reads the attention's
              q/k/v projection and adds tanh(alpha) * its heads to the attention's heads before the
@@ -137,13 +137,13 @@ class TTTTransformerLayer(HookedTransformerLayer):
         super().__init__(*args, **kwargs)
         cfg = either(memory, ttt, "memory", "ttt")
         if cfg is None:
-            raise TypeError("TTTTransformerLayer needs memory= (a TTTConfig, GatedDeltaNetConfig or InPlaceConfig)")
+            raise TypeError("HybridTransformerLayer needs memory= (a TTTConfig, GatedDeltaNetConfig or InPlaceConfig)")
         self._attach_memory(cfg, either(memory_mode, ttt_mode, "memory_mode", "ttt_mode") or "hybrid",
                             init_from_attention)
 
     @classmethod
     def from_layer(cls, layer: StreamingTransformerLayer, memory: BranchConfig, mode: Mode = "hybrid",
-                   init_from_attention: bool = False) -> "TTTTransformerLayer":
+                   init_from_attention: bool = False) -> "HybridTransformerLayer":
         """Turn an existing layer into this class in place, keeping its modules (no weight copies)."""
         if type(layer) is not StreamingTransformerLayer:
             raise TypeError(f"expected a moshi StreamingTransformerLayer, got {type(layer).__name__}")
@@ -181,9 +181,9 @@ class TTTTransformerLayer(HookedTransformerLayer):
         if mode == "replace":
             del self.self_attn
 
-    def init_streaming_state(self, batch_size: int) -> TTTLayerState:
+    def init_streaming_state(self, batch_size: int) -> HybridLayerState:
         device = next(self.memory.parameters()).device
-        return TTTLayerState(batch_size, device, offset_cpu=0,
+        return HybridLayerState(batch_size, device, offset_cpu=0,
                              memory=self.memory.init_state(batch_size, device), memory_layer=self.memory)
 
     @property
@@ -201,7 +201,7 @@ class TTTTransformerLayer(HookedTransformerLayer):
         if state is None:
             y, _ = self.memory(h, **host)
             return y
-        assert isinstance(state, TTTLayerState) and state.memory is not None
+        assert isinstance(state, HybridLayerState) and state.memory is not None
         y, _ = self.memory.step(h, state.memory, exec_mask=state.exec_mask, **host)
         return y
 
@@ -241,7 +241,7 @@ class TTTTransformerLayer(HookedTransformerLayer):
 
 def residual_block(layer: nn.Module, x: Tensor, attend: Attend, remember: Remember) -> Tensor:
     """The attention half of a Moshi layer's residual block, with its memory branch: the one place where
-    a branch is composed with attention. `layer` is a `TTTTransformerLayer` or a plain moshi layer (then
+    a branch is composed with attention. `layer` is a `HybridTransformerLayer` or a plain moshi layer (then
     this is moshi's own `x + layer_scale_1(attn(norm1(x)))`). Streaming and whole sequences pass moshi's
     attention and the layer's streaming state; segment training passes windowed attention and the
     states carried from the previous segment.
@@ -280,8 +280,8 @@ def reset_memories(lm: nn.Module) -> int:
     Returns the number of states reset (0 for a model without memory or not streaming)."""
     n = 0
     for module in lm.modules():
-        state = streaming_state(module) if isinstance(module, TTTTransformerLayer) else None
-        if isinstance(state, TTTLayerState) and state.memory is not None and state.memory_layer is not None:
+        state = streaming_state(module) if isinstance(module, HybridTransformerLayer) else None
+        if isinstance(state, HybridLayerState) and state.memory is not None and state.memory_layer is not None:
             state.memory_layer.reset_state(state.memory)
             n += 1
     return n

@@ -25,7 +25,7 @@ from ttt_speech import TTTConfig
 from ttt_speech.moshi.compat import default_mimi_config
 from ttt_speech.moshi.files import (CONFIG_NAME, FILE_NAMES, MIMI_CONFIG_NAME, MIMI_WEIGHTS_NAME, TOKENIZER_NAME,
                                     WEIGHTS_NAME, save_moshi_checkpoint, train_text_tokenizer)
-from ttt_speech.moshi.convert import LayerSpec, TTTLMModel, convert
+from ttt_speech.moshi.convert import LayerSpec, HybridLMModel, convert
 
 # The released moshiko config's keys and layout, at ~40k parameters. 2 generated + 2 user audio
 # codebooks (Moshi: 8 + 8), delays as in Moshi (text and the first codebook of each side undelayed).
@@ -65,7 +65,7 @@ def build_tiny_lm(seed: int = 0, config: dict[str, tp.Any] | None = None, device
 
 
 def build_tiny_hybrid(seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                      layers: LayerSpec = "all", gate_init: float = 0.5) -> TTTLMModel:
+                      layers: LayerSpec = "all", gate_init: float = 0.5) -> HybridLMModel:
     """`build_tiny_lm` with TTT hybrid layers whose gate is open (`gate_init`), so the TTT path is live."""
     lm = build_tiny_lm(seed, device=device, dtype=dtype)
     torch.manual_seed(seed)

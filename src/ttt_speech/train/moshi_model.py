@@ -18,7 +18,7 @@ from moshi.models.lm import LMModel
 from moshi.modules.transformer import StreamingMultiheadAttention
 from torch import Tensor, nn
 
-from ttt_speech.moshi import (TTTLMModel, convert, default_branch_config, load_hybrid, segments,
+from ttt_speech.moshi import (HybridLMModel, convert, default_branch_config, load_hybrid, segments,
                               set_attention_window)
 from ttt_speech.moshi.files import checkpoint_info, save_moshi_checkpoint
 from ttt_speech.moshi.config import infer_moshi_config
@@ -111,7 +111,7 @@ class MoshiSegmentLM(SegmentLM):
 
     def export(self, out_dir: str) -> None:
         lm = self.model
-        if isinstance(lm, TTTLMModel):
+        if isinstance(lm, HybridLMModel):
             lm.save_pretrained(out_dir)
         else:
             save_moshi_checkpoint(lm, infer_moshi_config(lm) | {"context": self.window}, out_dir)

@@ -23,8 +23,9 @@ def _f_res(x: Tensor, weights: list[Tensor]) -> Tensor:
     return x
 
 
-def _ln(x: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
-    """LayerNorm with per-head affine; w, b: [H, D]."""
+def _per_head_layer_norm(x: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
+    """LayerNorm with per-head affine; w, b: [H, D]. torch's own normalisation (not `reference.layer_norm`),
+    so that the oracle shares no LayerNorm code with the form it checks."""
     return F.layer_norm(x, x.shape[-1:], eps=eps) * w[:, None, :] + b[:, None, :]
 
 
@@ -45,12 +46,12 @@ def ttt_naive(
         # so the gradient of the sum is each one's own gradient
         with torch.enable_grad():
             w0 = [w if w.requires_grad else w.detach().requires_grad_() for w in weights]
-            loss = 0.5 * (_ln(_f_res(kt, w0), ln_w, ln_b, eps) - (vt - kt)).pow(2).sum()
+            loss = 0.5 * (_per_head_layer_norm(_f_res(kt, w0), ln_w, ln_b, eps) - (vt - kt)).pow(2).sum()
             step_grads = torch.autograd.grad(loss, w0, create_graph=differentiable)
         grads = [G + ct * g for G, g in zip(grads, step_grads)]
         w_bar = [W - at * G for W, G in zip(weights, grads)]
         z = _f_res(qt, w_bar)
-        outs.append((qt if residual == "q" else z) + _ln(z, ln_w, ln_b, eps))
+        outs.append((qt if residual == "q" else z) + _per_head_layer_norm(z, ln_w, ln_b, eps))
         done = (pos == mini_batch - 1).view(B, 1, 1, 1)
         weights = [torch.where(done, Wb, W) for Wb, W in zip(w_bar, weights)]
         grads = [torch.where(done, torch.zeros_like(G), G) for G in grads]
