@@ -252,7 +252,7 @@ def test_read_errors_show_storage_where_an_inplace_layer_stores() -> None:
         assert err.shape == (4, 160) and torch.equal(err[:, :16], torch.ones(4, 16))
         errors.append(err[:, 81:112].mean().item())  # the copy, past its first (spliced) pair
     assert errors[0] < 0.8 * errors[1]  # measured: 0.59 vs 1.04 (-43 %)
-    assert not layer.pair_hooks  # the recorder is gone
+    assert not layer.inner_hooks  # the recorder is gone
 
 
 def test_probe_memory_command_on_an_inplace_hybrid(tmp_path, capsys) -> None:

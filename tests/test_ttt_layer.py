@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from helpers.layers import assert_splits_equal_one_shot
+from helpers.layers import assert_forward_leaves_state, assert_splits_equal_one_shot
 
 from ttt_speech import TTTConfig, TTTLayer
 
@@ -44,11 +44,7 @@ def test_fresh_layer_outputs_exact_zero(name):
 
 
 def test_forward_does_not_mutate_input_state():
-    layer = build("linear")
-    state = layer.init_state(2)
-    before = {k: t.clone() for k, t in state.tensors.items()}
-    layer(torch.randn(2, 7, 16), state)
-    assert all(torch.equal(state[k], before[k]) for k in before)
+    assert_forward_leaves_state(build("linear"))
 
 
 def test_reset_mask_restarts_only_chosen_streams():

@@ -26,6 +26,16 @@ def assert_splits_equal_one_shot(layer, T: int, cuts: list[tuple[int, bool]], di
         torch.testing.assert_close(state[k], s_ref[k], rtol=0, atol=1e-5)
 
 
+def assert_forward_leaves_state(layer, warm: int = 0, dim: int = 16) -> None:
+    """The chunked forward returns a new state: the one it was given (after `warm` streamed frames) stays bit for bit."""
+    state = layer.init_state(2)
+    if warm:
+        layer.step(torch.randn(2, warm, dim), state)
+    before = {k: t.clone() for k, t in state.tensors.items()}
+    layer(torch.randn(2, 7, dim), state)
+    assert all(torch.equal(state[k], before[k]) for k in before)
+
+
 def assert_exec_mask_freezes_streams(layer, dim: int = 16) -> dict:
     """Steps (one frame and a run) with stream 1 masked off: its state stays bit for bit, stream 0's moves.
     Returns the state (for layer-specific checks)."""

@@ -69,15 +69,13 @@ MEMORY_LAYERS = (TTTLayer, InPlaceLayer, GatedDeltaNetLayer)
 @contextlib.contextmanager
 def record_inner_inputs(layers: tp.Iterable[MemoryLayer]) -> tp.Iterator[Calls]:
     """Record what each layer's memory learns from while inside: a TTT layer's inner k, v and step sizes, a Gated
-    DeltaNet's k, v, decay and write strength (their `register_inner_hook`), an in-place layer's keys and values
-    (its `register_pair_hook`)."""
+    DeltaNet's k, v, decay and write strength, an in-place layer's keys and values (`register_inner_hook`)."""
     calls: Calls = {}
 
     def keep(layer: MemoryLayer, q: Tensor, k: Tensor, v: Tensor, *steps: Tensor) -> None:
         calls.setdefault(id(layer), []).append([t.clone() for t in (k, v, *steps)])
 
-    handles = [layer.register_pair_hook(keep) if isinstance(layer, InPlaceLayer) else layer.register_inner_hook(keep)
-               for layer in layers]
+    handles = [layer.register_inner_hook(keep) for layer in layers]
     try:
         yield calls
     finally:

@@ -12,13 +12,10 @@ so inserting it into a pretrained model changes nothing until trained).
 from __future__ import annotations
 
 import math
-import typing as tp
-from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from ttt_speech.layers.config import GatedDeltaNetConfig, builds
 from ttt_speech.layers.state import LayerState, Spec
@@ -26,7 +23,6 @@ from ttt_speech.layers.ttt import StreamingLayer, causal_depthwise_conv, check_i
 from ttt_speech.ops.gated_deltanet import gated_delta_chunked, gated_delta_step_
 
 CONVS = ("q", "k", "v")
-InnerHook = tp.Callable[..., None]  # hook(layer, q, k, v, g, beta): see GatedDeltaNetLayer.register_inner_hook
 
 
 class GatedDeltaNetState(LayerState):
@@ -55,7 +51,11 @@ def _mamba2_decay_init(H: int, dt_min: float = 1e-3, dt_max: float = 0.1, floor:
 
 @builds(GatedDeltaNetConfig)
 class GatedDeltaNetLayer(StreamingLayer):
-    """Gated DeltaNet sequence layer with TTTLayer's interface (forward / step / init_state / reset_state)."""
+    """Gated DeltaNet sequence layer with TTTLayer's interface (forward / step / init_state / reset_state).
+
+    Inner hooks (`register_inner_hook`) see q, k [B, H, T, Dk] (before their L2 norm), v [B, H, T, Dv],
+    decay g and write strength beta [B, H, T].
+    """
 
     def __init__(self, config: GatedDeltaNetConfig) -> None:
         super().__init__()
@@ -80,16 +80,6 @@ class GatedDeltaNetLayer(StreamingLayer):
                 self.register_parameter(f"conv_{name}_bias", nn.Parameter(torch.zeros(width)))
         self.o_norm_weight = nn.Parameter(torch.ones(Dv))
         self.gate_alpha = nn.Parameter(torch.full((C,), float(cfg.gate_init)))
-        self.inner_hooks: OrderedDict[int, InnerHook] = OrderedDict()  # see register_inner_hook
-
-    def register_inner_hook(self, hook: InnerHook) -> RemovableHandle:
-        """Call `hook(layer, q, k, v, g, beta)` with what the delta rule reads each time the layer runs: q, k
-        [B, H, T, Dk] (before their L2 norm), v [B, H, T, Dv], decay g and write strength beta [B, H, T], in
-        the state's dtype (what `ops.gated_deltanet` takes). Fired by `forward` and `step` alike;
-        `handle.remove()` detaches it. This is how a probe observes the memory (`probe-memory`)."""
-        handle = RemovableHandle(self.inner_hooks)
-        self.inner_hooks[handle.id] = hook
-        return handle
 
     # -- state -------------------------------------------------------------------------------
     @property
@@ -127,8 +117,7 @@ class GatedDeltaNetLayer(StreamingLayer):
         g = -self.A_log.to(cd).exp() * F.softplus(self.a_proj(x).to(cd) + self.dt_bias.to(cd))
         beta = torch.sigmoid(self.b_proj(x).to(cd))
         inputs = [*qkv, g.transpose(1, 2), beta.transpose(1, 2)]
-        for hook in list(self.inner_hooks.values()):
-            hook(self, *inputs)
+        self._show_inner(inputs)
         return inputs, tails
 
     def _finish(self, o: Tensor, x: Tensor) -> Tensor:

@@ -39,12 +39,10 @@ layer and stream, so ~5–6 ms per frame for all 32 layers at batch 1, ~0.7 ms f
 from __future__ import annotations
 
 import typing as tp
-from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from ttt_speech.layers.config import InPlaceConfig, builds
 from ttt_speech.layers.state import LayerState, Spec
@@ -52,8 +50,6 @@ from ttt_speech.layers.ttt import StreamingLayer, causal_depthwise_conv, check_i
 from ttt_speech.ops.inplace import inplace_chunked, inplace_parallel, inplace_step_
 
 Activation = tp.Callable[[Tensor], Tensor]
-# hook(layer, q, k, v): see InPlaceLayer.register_pair_hook
-PairHook = tp.Callable[..., None]
 
 
 class GatedMLP(nn.Module):
@@ -136,6 +132,9 @@ class InPlaceLayer(StreamingLayer):
     are not re-initialised here. `host_owned`: the host model already registers the MLP's modules
     (a converted Moshi layer's `gating`), so this layer only refers to them: each weight keeps one
     name in state dicts and checkpoints, and this layer's parameters are the memory's alone.
+
+    Inner hooks (`register_inner_hook`) see queries z_t [B, T, hidden], keys z_{t-1} and step-scaled
+    values [B, T, dim].
     """
 
     mlp: GatedMLP
@@ -163,16 +162,6 @@ class InPlaceLayer(StreamingLayer):
         nn.init.normal_(self.target_proj.weight, std=cfg.target_init_std)
         self.lr_weight = nn.Parameter(torch.randn(D) * cfg.init_std)
         self.lr_bias = nn.Parameter(torch.zeros(()))
-        self.pair_hooks: OrderedDict[int, PairHook] = OrderedDict()  # see register_pair_hook
-
-    def register_pair_hook(self, hook: PairHook) -> RemovableHandle:
-        """Call `hook(layer, q, k, v)` with what the memory reads and writes each time the layer runs: queries
-        z_t [B, T, hidden], keys z_{t-1} and step-scaled values [B, T, dim], in the state's dtype (what
-        `ops.inplace` takes). Fired by `forward` and `step` alike; `handle.remove()` detaches it. This is
-        how a probe observes the memory (`probe-memory`)."""
-        handle = RemovableHandle(self.pair_hooks)
-        self.pair_hooks[handle.id] = hook
-        return handle
 
     # -- state -------------------------------------------------------------------------------
     @property
@@ -213,8 +202,7 @@ class InPlaceLayer(StreamingLayer):
         q = z.to(cd)
         k = torch.cat([state["z_prev"][:, None], q[:, :-1]], 1)
         tails["z_prev"] = q[:, -1].clone()  # not a view of z: states are written in place later
-        for hook in list(self.pair_hooks.values()):
-            hook(self, q, k, v)
+        self._show_inner((q, k, v))
         return base, q, k, v, tails
 
     # -- the two forms -----------------------------------------------------------------------

@@ -28,7 +28,7 @@ from ttt_speech.ops.ttt.fla import fla_available, ttt_linear_fla
 from ttt_speech.ops.ttt.reference import ttt_chunked
 from ttt_speech.ops.ttt.step import ttt_step_
 
-# hook(layer, q, k, v, step_scale, grad_scale): see TTTLayer.register_inner_hook
+# hook(layer, *inputs): what a layer's memory math reads (each layer's docstring says which tensors)
 InnerHook = tp.Callable[..., None]
 
 if tp.TYPE_CHECKING:
@@ -126,6 +126,23 @@ def check_input(x: object, dim: int) -> None:
 class StreamingLayer(nn.Module):
     """A sequence layer with a fixed-size state: chunked `forward` for training, in-place `step` for streaming."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner_hooks: OrderedDict[int, InnerHook] = OrderedDict()  # see register_inner_hook
+
+    def register_inner_hook(self, hook: InnerHook) -> RemovableHandle:
+        """Call `hook(layer, *inputs)` with what the layer's memory reads and writes each time it runs (the
+        tensors its class docstring lists under "Inner hooks", in the state's dtype: what its ops take). Fired by `forward`
+        and `step` alike; `handle.remove()` detaches it. This is how a probe observes the memory
+        (`probe-memory`)."""
+        handle = RemovableHandle(self.inner_hooks)
+        self.inner_hooks[handle.id] = hook
+        return handle
+
+    def _show_inner(self, inputs: tp.Sequence[Tensor]) -> None:
+        for hook in list(self.inner_hooks.values()):
+            hook(self, *inputs)
+
     def _step_token(self, x: Tensor, state: tp.Any, exec_mask: Tensor | None, **host: Tensor) -> Tensor:
         raise NotImplementedError
 
@@ -159,6 +176,11 @@ class TTTLayer(StreamingLayer):
     fused q/k/v projection `qkv` [B, T, 3*dim] and that attention's per-head output `heads`
     [B, T, dim] (before its output projection), and gets back heads + tanh(alpha) * TTT output, for
     the host's output projection. x is then the attention's input (it sets the step sizes).
+
+    Inner hooks (`register_inner_hook`) see q, k, v [B, H, T, head_dim] after RoPE and step_scale,
+    grad_scale [B, H, T], the a_i and c_j of `ops.ttt.reference`'s step size a_i * c_j (how far the
+    weights read at token i move, how much token j's gradient counts); fired by `forward` and by the
+    unfused `step` (CUDA's fused step kernel computes them inside itself).
     """
 
     def __init__(
@@ -167,7 +189,6 @@ class TTTLayer(StreamingLayer):
     ) -> None:
         super().__init__()
         self.config = cfg = config
-        self.inner_hooks: OrderedDict[int, InnerHook] = OrderedDict()  # see register_inner_hook
         H, D, C = cfg.num_heads, cfg.head_dim, cfg.dim
 
         def linear(given: nn.Module | None, name: str = "") -> nn.Module:
@@ -279,19 +300,6 @@ class TTTLayer(StreamingLayer):
             q, k = self.q_proj(h), self.k_proj(h)
         return [q, k, self.v_proj(h)], h, tails
 
-    def register_inner_hook(self, hook: InnerHook) -> RemovableHandle:
-        """Call `hook(layer, q, k, v, step_scale, grad_scale)` with the inner model's inputs at each run.
-
-        q, k, v: [B, H, T, head_dim] after RoPE; step_scale, grad_scale: [B, H, T], the a_i and c_j of
-        `ops.ttt.reference`'s step size a_i * c_j (how far the weights read at token i move, how much token
-        j's gradient counts), in the state's dtype: what the TTT math of `ops.ttt.reference` reads. Fired by
-        `forward` and by the unfused `step` (CUDA's fused step kernel computes them inside itself).
-        `handle.remove()` detaches the hook. This is how a probe observes a layer's memory.
-        """
-        handle = RemovableHandle(self.inner_hooks)
-        self.inner_hooks[handle.id] = hook
-        return handle
-
     def inner_norm(self) -> tuple[Tensor, Tensor]:
         """Weight and bias [H, head_dim] of the LayerNorm inside the inner model's loss, in the state's dtype."""
         return self.ttt_norm_weight.to(self.state_dtype), self.ttt_norm_bias.to(self.state_dtype)
@@ -300,8 +308,7 @@ class TTTLayer(StreamingLayer):
         """RoPE and step sizes: [q, k, v, step_scale, grad_scale] per head in the state's dtype (fp32); shown to
         the inner hooks."""
         inputs = self._rope_and_steps(q, k, v, h, state)
-        for hook in list(self.inner_hooks.values()):
-            hook(self, *inputs)
+        self._show_inner(inputs)
         return inputs
 
     def _rope_and_steps(self, q: Tensor, k: Tensor, v: Tensor, h: Tensor, state: TTTState) -> list[Tensor]:
