@@ -332,6 +332,22 @@ def test_far_gap_puts_every_second_copy_beyond_the_window_and_the_others_inside(
     assert 96 <= min(seen[1]) and max(seen[1]) <= 1536 and max(seen[1]) > 1000  # 1.5x to 24x beyond it
 
 
+def test_far_len_lengthens_only_the_far_copies() -> None:
+    cfg = RepeatConfig(1.0, min_gap=16, min_len=16, max_len=48, max_gap=60, copies=2, far_gap=[96, 700],
+                       far_len=[64, 256])
+    lengths: dict[int, list[int]] = {0: [], 1: []}
+    for seed in range(60):
+        before = random_tokens(np.random.default_rng(seed), 1536, 1536)
+        after = copy_spans(before, np.random.default_rng([seed, 1]), cfg)
+        for b in range(2):
+            src, dst, n = copied_span(before[:, b * 768:(b + 1) * 768], after[:, b * 768:(b + 1) * 768])
+            lengths[b].append(n)
+            assert (16 <= dst - src <= 60) if b == 0 else (max(96, n) <= dst - src <= 700)
+    assert 16 <= min(lengths[0]) and max(lengths[0]) <= 48
+    assert 64 <= min(lengths[1]) and max(lengths[1]) <= 256 and max(lengths[1]) > 200
+    assert sum(lengths[1]) / (60 * 1536) > 0.08  # ~4x the far targets of 16-48-frame spans (~2 %)
+
+
 def test_one_copy_draws_exactly_as_copy_span() -> None:
     cfg = RepeatConfig(1.0, min_gap=8, min_len=4, max_len=12)
     before = random_tokens(np.random.default_rng(0), 64, 50)
@@ -382,6 +398,9 @@ def test_eval_batches_never_get_copied_spans(tmp_path: Path) -> None:
     ((0.5, 10, 5, 20, None, 0), "data.repeat.copies must be >= 1, got 0"),
     ((0.5, 10, 5, 20, None, 1, [100, 200]), "data.repeat.far_gap needs copies >= 2"),
     ((0.5, 10, 5, 20, None, 2, [100, 10]), r"data.repeat.far_gap must be \[lo, hi\] .* got \[100, 10\]"),
+    ((0.5, 10, 5, 20, None, 2, None, [20, 40]), "data.repeat.far_len needs far_gap"),
+    ((0.5, 10, 5, 20, None, 2, [100, 200], [40, 20]), r"data.repeat.far_len must be \[lo, hi\] .* got \[40, 20\]"),
+    ((0.5, 10, 5, 20, None, 2, [100, 200], [40, 300]), r"far_gap's hi \(200\), got \[40, 300\]"),
 ])
 def test_repeat_config_rejects_bad_values_naming_the_field(values: tuple, why: str) -> None:
     with pytest.raises(ValueError, match=why):
@@ -399,6 +418,10 @@ def test_repeat_config_loads_from_yaml_and_set_and_round_trips() -> None:
     mixed = load_config(CONFIGS / "small_moshi.yaml", ["data.repeat={prob: 1, min_gap: 16, max_gap: 60, min_len: 16, "
                                                        "max_len: 48, copies: 4, far_gap: [96, 1536]}"])
     assert mixed.data.repeat.far() == RepeatConfig(1.0, 96, 16, 48, 1536)
+    longer = load_config(CONFIGS / "small_moshi.yaml", ["data.repeat={prob: 1, min_gap: 16, max_gap: 60, min_len: 16, "
+                                                        "max_len: 48, copies: 2, far_gap: [96, 700], far_len: [64, 256]}"])
+    assert longer.data.repeat.far() == RepeatConfig(1.0, 96, 64, 256, 700)
+    assert config_from_dict(yaml.safe_load(yaml.safe_dump(longer.to_dict()))) == longer
     assert config_from_dict(yaml.safe_load(yaml.safe_dump(mixed.to_dict()))) == mixed
     with pytest.raises(ValueError, match=r"data.repeat: unknown keys \['gap'\]"):
         load_config(CONFIGS / "small_moshi.yaml", ["data.repeat={prob: 0.5, gap: 300, min_len: 100, max_len: 400}"])

@@ -13,11 +13,15 @@
 #   long run  call 1: ARMS="d b c" LR=3e-4 MEMLR=10 DEADLINE=530 PHASE=train GPUTESTS=1,
 #             call 2: the same with DEADLINE=340 PHASE=all PROBES=30 GAPS=32,96,160,320,640,1280
 #   shuffled  ARMS="b bs" SHUFFLED=bs FROM=.exp24/cont LR=3e-4 MEMLR=10 WARMUP=0.001 (the long run's B, continued)
+#   far_len   ARMS="d b bs" SHUFFLED=bs FARLEN=16,320 LR=3e-4 MEMLR=10 (section 9: 11 % of the targets far
+#             copies instead of 2 %), call 1 DEADLINE=540 PHASE=train, call 2 DEADLINE=330 PHASE=all KEEP="b bs"
+# FARLEN=lo,hi sets data.repeat.far_len (the far copies' span lengths); KEEP names arms whose export comes
+# back in $OUT (bf16, without the codec) for probe-memory and shipping.
 set -uo pipefail
 X=$PWD/recipes/evidence24 B=$PWD/.exp24 W=${W:-/tmp/w}
 ARMS=${ARMS:-d b a} DEADLINE=${DEADLINE:-240} LR=${LR:-5.0e-4} MEMLR=${MEMLR:-1} PHASE=${PHASE:-all}
 COPIES=${COPIES:-2} FAR=${FAR:-96, 700} SEQ=${SEQ:-1536} GAPS=${GAPS:-32,96,160,320,640}
-SHUFFLED=${SHUFFLED:-} FROM=${FROM:-} WARMUP=${WARMUP:-0.005}
+SHUFFLED=${SHUFFLED:-} FROM=${FROM:-} WARMUP=${WARMUP:-0.005} FARLEN=${FARLEN:-} KEEP=${KEEP:-}
 S0=$SECONDS; t() { echo "[t=$((SECONDS - S0))s] $*"; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $B/whl/*.whl $(ls .whl/f*.whl 2>/dev/null) || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src NO_TORCH_COMPILE=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
@@ -35,7 +39,7 @@ STAGES="[{seq_len: $SEQ, steps: 20000, lr: $LR, warmup: $WARMUP, min_lr_ratio: 1
 extra() {  # one argument per line
   local source=speech
   [[ " $SHUFFLED " == *" $1 "* ]] && source=shuffled
-  printf -- '--set\n%s\n' "data.repeat={prob: 1.0, min_gap: 16, max_gap: 60, min_len: 16, max_len: 48, copies: $COPIES, far_gap: [$FAR], source: $source}"
+  printf -- '--set\n%s\n' "data.repeat={prob: 1.0, min_gap: 16, max_gap: 60, min_len: 16, max_len: 48, copies: $COPIES, far_gap: [$FAR],${FARLEN:+ far_len: [$FARLEN],} source: $source}"
   if [ -n "$FROM" ]; then printf -- '--set\n%s\n' model.pretrained=null model.layers=all model.hybrid=$FROM/arm_${1:0:1}/export; return; fi
   printf -- '--set\n%s\n' model.pretrained=$B/arms/base
   case ${1:0:1} in
@@ -69,5 +73,6 @@ if [ "$PHASE" = all ]; then
   wait; t evaluated
 fi
 wait
+for arm in $KEEP; do [ -d $W/arm_$arm/export ] && python3 $X/bf16.py $W/arm_$arm/export $OUT/export_$arm; done
 cd $W && tar cf $OUT/arms.tar arm_*.log arm_*/metrics.jsonl arm_*/config.yaml eval_* 2>/dev/null
 ls -la $OUT; tail -3 $OUT/gpu_tests.log 2>/dev/null

@@ -86,6 +86,9 @@ class RepeatConfig:
     another's source (one span per sequence starves induction of signal, issue 24). `far_gap`
     [lo, hi] (with copies > 1): every second block draws its distance from lo..hi instead, so half
     the copies lie beyond the window and half inside, in one data order for every arm (issue 24).
+    `far_len` [lo, hi] (with far_gap): those far blocks' span lengths instead of min_len..max_len. One
+    32-frame far copy per 1536 frames is ~2 % of the targets, too little signal for a memory to learn
+    from (issue 24, results section 8); longer far spans raise it without touching the inside copies.
     `source: shuffled` puts the source span's frames in a random order first (both occurrences then
     hold the same shuffled frames): after many epochs of a small corpus the weights recite a copied
     stretch of speech, so nothing rewards looking back; a shuffled span exists only in this sequence,
@@ -99,6 +102,7 @@ class RepeatConfig:
     max_gap: int | None = None
     copies: int = 1
     far_gap: list[int] | None = None
+    far_len: list[int] | None = None
     source: tp.Literal["speech", "shuffled"] = "speech"
 
     def __post_init__(self) -> None:
@@ -123,12 +127,20 @@ class RepeatConfig:
             if len(self.far_gap) != 2 or not 1 <= self.far_gap[0] <= self.far_gap[1] or self.far_gap[1] < self.max_len:
                 raise ValueError(f"data.repeat.far_gap must be [lo, hi] with 1 <= lo <= hi and hi >= max_len, "
                                  f"got {self.far_gap}")
+        if self.far_len is not None:
+            if self.far_gap is None:
+                raise ValueError("data.repeat.far_len needs far_gap (it sets the far blocks' span lengths)")
+            if len(self.far_len) != 2 or not 1 <= self.far_len[0] <= self.far_len[1] <= self.far_gap[1]:
+                raise ValueError(f"data.repeat.far_len must be [lo, hi] with 1 <= lo <= hi <= far_gap's hi "
+                                 f"({self.far_gap[1]}), got {self.far_len}")
 
     def far(self) -> RepeatConfig:
-        """The draw of a far block: one copy lo..hi frames after its source."""
+        """The draw of a far block: one copy far_gap frames after its source, far_len frames long."""
         assert self.far_gap is not None
         lo, hi = self.far_gap
-        return dataclasses.replace(self, min_gap=lo, max_gap=hi, copies=1, far_gap=None)
+        n_lo, n_hi = self.far_len or (self.min_len, self.max_len)
+        return dataclasses.replace(self, min_gap=lo, max_gap=hi, min_len=n_lo, max_len=n_hi, copies=1,
+                                   far_gap=None, far_len=None)
 
 
 @dataclass
