@@ -2,19 +2,24 @@
 
 Ramps concurrent sessions through the server's own batched step (`BatchedStreams.step`: Mimi encode,
 per-session-seeded LMGen, Mimi decode; `ttt_speech.serve.capacity`) until the step's p90 or p99 reaches
-80 ms, for vanilla Moshi first, then the same random weights converted in place into a hybrid and run at
-each attention window (each window allocates only its KV: `set_attention_window`). Random weights, bf16
-LM, fp32 Mimi, moshi's CUDA graphs, NO_TORCH_COMPILE=1 (as benchmarks/serve_sessions.py).
+80 ms, for vanilla Moshi first, then the same random weights converted in place into a hybrid (`--hybrid`,
+named explicitly: the default branch of convert-moshi is in-place in all layers, 5.6 GiB of state per session
+at 7B, no serving design) and run at each attention window in the order given (each window allocates only
+its KV: `set_attention_window`). Random weights, bf16 LM, fp32 Mimi, moshi's CUDA graphs, NO_TORCH_COMPILE=1
+(as benchmarks/serve_sessions.py).
 
     python benchmarks/serve_capacity.py --out capacity/                  # Moshi-7B shape on CUDA (H200)
     python benchmarks/serve_capacity.py --out capacity/ --models vanilla --append   # one model per call
     python benchmarks/serve_capacity.py --tiny --frames 20 --counts 1,2,4 --out /tmp/capacity   # CPU check
+    bash recipes/capacity21/device.sh                                    # the device call (its header: budgets)
 
 At 7B shape each count first runs a 150-frame probe; the gap between the last passing and the first failing
 probe is halved to within 1/8, and the largest passing count is confirmed over --frames (1500 = 2 min of
 audio), stepping down by 1/8 until one holds (--probe-frames 0: every count runs --frames). A row takes about
-(probes x 150 + confirmations x 1500) x step time; --models and --append split the rows across calls.
-Writes capacity.json, capacity.md (the table) and capacity.png (sessions vs window) into --out.
+(probes x 150 + confirmations x 1500) x step time. --seconds and --row-seconds bound the wall clock: a row
+skips what would not end in its time (`ramp(deadline=)`) and a row with no time left is not started (listed
+under the table). capacity.json and capacity.md (the table) in --out are rewritten after every count, so a run
+killed mid-row keeps what it measured; capacity.png (sessions vs window) after every row.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import json
 import os
 import shlex
 import sys
+import time
+import typing as tp
 from pathlib import Path
 
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
@@ -32,13 +39,14 @@ os.environ.setdefault("NO_TORCH_COMPILE", "1")
 import torch  # noqa: E402
 from moshi.models.loaders import _lm_kwargs, get_mimi, get_moshi_lm  # noqa: E402
 
-from ttt_speech.moshi import convert, default_ttt_config, set_attention_window  # noqa: E402
+from ttt_speech.moshi import convert, default_inplace_config, default_ttt_config, set_attention_window  # noqa: E402
 from ttt_speech.moshi.commands import parse_layers  # noqa: E402
 from ttt_speech.moshi.tiny import build_tiny_lm, build_tiny_mimi, tiny_lm_config, tiny_mimi_config  # noqa: E402
 from ttt_speech.serve.capacity import FRAME_MS, Point, Ramp, Timer, opus_cpu_ms, plot, ramp, table  # noqa: E402
 
-COUNTS_7B = "1,16,32,48,64,80,96,112,128,160,192,224,256,288,320,384"
-WINDOWS_7B, WINDOWS_TINY = "3000,1500,750", "24,12,6"
+# coarse: bisection closes the gap to 1/8 and each probe costs seconds of set-up (state, CUDA graphs)
+COUNTS_7B = "1,32,64,128,192,256,320,384"
+WINDOWS_7B, WINDOWS_TINY = "750,1500,3000", "6,12,24"  # the order rows run in: the one that can win first
 VANILLA = "vanilla"
 PROBE_FRAMES_7B = 150  # 12 s of frames per probe: a 1500-frame run only at the count that decides
 
@@ -57,10 +65,12 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny random models on the CPU (a smoke run)")
     p.add_argument("--counts", type=ints, help=f"session counts to ramp through (default 7B: {COUNTS_7B}; tiny: 1,2,4)")
-    p.add_argument("--windows", type=ints, help=f"hybrid attention windows, frames (default {WINDOWS_7B}; "
-                                                f"tiny {WINDOWS_TINY})")
-    p.add_argument("--hybrid", default="all:shared",
-                   help="hybrid design: TTT layers (all, 24-31, ...), ':shared' for shared q/k/v (default all:shared)")
+    p.add_argument("--windows", type=ints, help=f"hybrid attention windows, frames, run in this order (default "
+                                                f"{WINDOWS_7B}; tiny {WINDOWS_TINY})")
+    p.add_argument("--hybrid", type=hybrid_spec, default="all:shared",
+                   help="hybrid design: layers (all, 28-31, ...) then the branch: ':shared' TTT reading the "
+                        "attention's q/k/v (129 MiB of state per session at 7B), ':inplace' in-place fast weights "
+                        "(188.5 MB per layer), nothing: TTT with its own projections (default all:shared)")
     p.add_argument("--models", help="comma list of what to run: vanilla and/or windows (default: all of them)")
     p.add_argument("--frames", type=int, default=1500, help="timed steps per count (1500 = 2 min of audio)")
     p.add_argument("--probe-frames", type=int,
@@ -71,7 +81,32 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for capacity.json / .md / .png")
     p.add_argument("--append", action="store_true",
                    help="merge into an existing capacity.json (rows of the same model and window are replaced)")
+    p.add_argument("--seconds", type=float, help="wall-clock budget of the whole run from its start, model build "
+                                                 "included (default: none)")
+    p.add_argument("--row-seconds", type=floats,
+                   help="budget of each row in the order they run (vanilla first), comma-separated; a row ends "
+                        "by min(its start + this, --seconds)")
     return p
+
+
+def hybrid_spec(text: str) -> str:
+    """LAYERS[:shared|:inplace], checked before minutes go into building the model."""
+    layers, _, kind = text.partition(":")
+    if kind not in ("", "shared", "inplace"):
+        raise argparse.ArgumentTypeError(f"{text!r}: the branch is ':shared', ':inplace' or nothing (TTT with its "
+                                         "own projections), e.g. all:shared or 28-31:inplace")
+    parse_layers(layers)
+    return text
+
+
+def floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated seconds, got {text!r}") from None
+    if any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive seconds, got {text!r}")
+    return values
 
 
 def build(tiny: bool, windows: list[int]):  # type: ignore[no-untyped-def]
@@ -87,31 +122,43 @@ def build(tiny: bool, windows: list[int]):  # type: ignore[no-untyped-def]
 
 
 def hybridize(lm, spec: str):  # type: ignore[no-untyped-def]
-    """The same weights with TTT branches added in place (gate open, so the branch's output is used)."""
+    """The same weights with memory branches added in place, their outputs used (TTT gate open; in-place
+    target projections random, std 0.02, as after training; benchmarks/moshi_stream.py builds them alike)."""
     layers, _, kind = spec.partition(":")
-    cfg = default_ttt_config(lm, "hybrid", gate_init=0.1, shared_qkv=kind == "shared")
+    if kind == "inplace":
+        cfg = default_inplace_config(lm, target_init_std=0.02)
+    else:
+        cfg = default_ttt_config(lm, "hybrid", gate_init=0.1, shared_qkv=kind == "shared")
     return convert(lm, parse_layers(layers), "hybrid", cfg)
 
 
-def report(name: str, point: Point) -> None:
-    verdict = "real time" if point.real_time else point.failure
-    print(f"{name}: {point.sessions} sessions, {point.frames} frames, step p50/p90/p99 {point.p50_ms:.1f}/"
-          f"{point.p90_ms:.1f}/{point.p99_ms:.1f} ms: {verdict}", flush=True)
-
-
-def write(out: Path, ramps: list[Ramp], meta: dict, frames: int, budget_ms: float) -> None:
+def write(out: Path, ramps: list[Ramp], meta: dict, frames: int, budget_ms: float, figure: bool = True) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "capacity.json").write_text(json.dumps({**meta, "ramps": [r.to_dict() for r in ramps]}, indent=1) + "\n")
     title = f"{meta['shape']}, {meta['device']}, {meta['date']}"
     opus_ms = meta["opus_cpu_ms_per_session_frame"]
     opus = (f"Host Opus encode + decode: {opus_ms:.3f} ms of CPU per session-frame: one core codes at most "
             f"{int(budget_ms // opus_ms)} sessions in real time, whatever the GPU does; `serve --opus-workers N` "
-            "spreads it over N processes (benchmarks/opus_pool.py).")
-    (out / "capacity.md").write_text(f"{title}; `{meta['command']}`\n\n{table(ramps, frames, budget_ms)}\n{opus}\n")
-    plot(ramps, out / "capacity.png", title)
+            "spreads it over N processes (benchmarks/opus_pool.py)." if opus_ms is not None else
+            "Host Opus cost not measured: sphn is not installed.")
+    skipped = "".join(f"\nNot run, out of time (--seconds, --row-seconds): {name}." for name in meta.get("not_run", []))
+    (out / "capacity.md").write_text(f"{title}; `{meta['command']}`\n\n{table(ramps, frames, budget_ms)}\n{opus}\n"
+                                     f"{skipped}")
+    if figure:
+        plot(ramps, out / "capacity.png", title)
 
 
-def main(argv: list[str] | None = None, timer: Timer | None = None) -> list[Ramp]:
+def host_opus_ms(sample_rate: int, frame_size: int) -> float | None:
+    """`opus_cpu_ms` on this host, or None without sphn (the device image has none unless its wheel is carried)."""
+    try:
+        return round(opus_cpu_ms(sample_rate, frame_size), 3)
+    except ImportError:
+        return None
+
+
+def main(argv: list[str] | None = None, timer: Timer | None = None,
+         clock: tp.Callable[[], float] = time.monotonic) -> list[Ramp]:
+    t0 = clock()
     args = parser().parse_args(argv)
     counts = args.counts or ints("1,2,4" if args.tiny else COUNTS_7B)
     probe_frames = args.probe_frames or None  # 0: off
@@ -131,34 +178,58 @@ def main(argv: list[str] | None = None, timer: Timer | None = None) -> list[Ramp
     command = shlex.join(["python", "benchmarks/serve_capacity.py", *(sys.argv[1:] if argv is None else argv)])
     meta = {"shape": "tiny" if args.tiny else "Moshi-7B shape", "device": device, "torch": torch.__version__,
             "date": datetime.date.today().isoformat(), "frames": args.frames, "probe_frames": probe_frames,
-            "budget_ms": args.budget_ms, "hybrid": args.hybrid, "command": command}
-    opus_ms = opus_cpu_ms(mimi.sample_rate, mimi.frame_size)
-    meta["opus_cpu_ms_per_session_frame"] = round(opus_ms, 3)
+            "budget_ms": args.budget_ms, "hybrid": args.hybrid, "command": command,
+            "opus_cpu_ms_per_session_frame": host_opus_ms(mimi.sample_rate, mimi.frame_size), "not_run": []}
     print(f"{meta['shape']}, {device}, torch {torch.__version__}: {args.frames} frames per count, "
           f"real time = step p90 and p99 < {args.budget_ms:g} ms", flush=True)
-    ramps: list[Ramp] = []
-
-    def run(name: str) -> None:
-        ramps.append(ramp(name, lm, mimi, counts, args.frames, args.warmup, args.budget_ms, timer, report,
-                          probe_frames))
-
-    if VANILLA in wanted:
-        run(VANILLA)
-    if wanted - {VANILLA}:
-        lm = hybridize(lm, args.hybrid)
-        for window in sorted(windows, reverse=True):
-            if str(window) in wanted:
-                set_attention_window(lm, window)
-                run(f"hybrid {args.hybrid}")
     out = Path(args.out)
+    kept: list[Ramp] = []
     if args.append and (out / "capacity.json").exists():
         kept = [Ramp.from_dict(d) for d in json.loads((out / "capacity.json").read_text())["ramps"]]
-        new = {(r.model, r.window) for r in ramps}
-        ramps = [r for r in kept if (r.model, r.window) not in new] + ramps
-    ramps.sort(key=lambda r: (r.model != VANILLA, r.model, -(r.window or 0)))  # vanilla first: the baseline
-    write(out, ramps, meta, args.frames, args.budget_ms)
+    ramps: list[Ramp] = []
+
+    def save(figure: bool, current: Ramp | None = None) -> list[Ramp]:
+        """Every row so far (kept rows of the same model and window replaced), written to --out."""
+        new = ramps + ([current] if current is not None else [])  # the row being measured
+        rows = [r for r in kept if (r.model, r.window) not in {(n.model, n.window) for n in new}] + new
+        rows.sort(key=lambda r: (r.model != VANILLA, r.model, -(r.window or 0)))  # vanilla first: the baseline
+        write(out, rows, meta, args.frames, args.budget_ms, figure)
+        return rows
+
+    def progress(current: Ramp, point: Point) -> None:
+        verdict = "real time" if point.real_time else point.failure
+        print(f"{current.model}, window {current.window}{', probe' if point.probe else ''}: {point.sessions} sessions, "
+              f"{point.frames} frames, step p50/p90/p99 {point.p50_ms:.1f}/{point.p90_ms:.1f}/{point.p99_ms:.1f} ms: "
+              f"{verdict}", flush=True)
+        save(False, current)
+
+    rows = [VANILLA] * (VANILLA in wanted) + [str(w) for w in windows if str(w) in wanted]
+    row_seconds = args.row_seconds or []
+    end = t0 + args.seconds if args.seconds is not None else None
+    converted = False
+    for i, row in enumerate(rows):
+        name = VANILLA if row == VANILLA else f"hybrid {args.hybrid}"
+        label = name if row == VANILLA else f"{name}, window {row}"
+        deadline = end
+        if i < len(row_seconds):
+            deadline = min(deadline or float("inf"), clock() + row_seconds[i])
+        if deadline is not None and clock() >= deadline:
+            meta["not_run"].append(label)
+            continue
+        if row != VANILLA:
+            if not converted:
+                lm, converted = hybridize(lm, args.hybrid), True
+            set_attention_window(lm, int(row))
+        done = ramp(name, lm, mimi, counts, args.frames, args.warmup, args.budget_ms, timer, progress, probe_frames,
+                    deadline, clock)
+        if done.points:
+            ramps.append(done)
+        else:  # not even its first count fitted in the time left
+            meta["not_run"].append(f"{label} ({done.note})")
+        save(True)
+    rows_written = save(True)
     print(f"\n{(out / 'capacity.md').read_text()}\nwrote {out}/capacity.json, capacity.md, capacity.png")
-    return ramps
+    return rows_written
 
 
 if __name__ == "__main__":

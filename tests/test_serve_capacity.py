@@ -103,3 +103,58 @@ def test_probes_locate_the_limit_and_only_the_deciding_counts_run_in_full() -> N
         (7, False, 70, False),  # the full run meets its 2nd spike at frame 70: p99 over budget
         (6, False, 100, True)]  # one count lower (steps of max(1, 7 // 8)) holds over the full run
     assert r.capacity == 6 and r.best.p90_ms == 60.0 and r.first_failure.sessions == 7
+
+
+class Clock:
+    """A wall clock that advances only by the step times the injected timer reports (set-up costs nothing)."""
+
+    def __init__(self, ms_per_session: float) -> None:
+        self.now, self.ms_per_session = 0.0, ms_per_session
+
+    def __call__(self) -> float:
+        return self.now
+
+    def timer(self, step: tp.Callable[[], object], sessions: int) -> float:
+        ms = self.ms_per_session * sessions
+        self.now += ms / 1e3
+        return ms
+
+
+def test_a_deadline_stops_probing_where_the_confirmation_would_not_fit_and_still_confirms() -> None:
+    lm, mimi = build_tiny_lm(0), listening_mimi(0)
+    clock = Clock(10.0)
+    # probe 1 runs alone (nothing measured to plan with); then probe + confirmation on the line through the
+    # passing probes: 2 -> 20 ms (10 + 100 frames: 2.2 s), 4 -> 40 ms (4.4 s), 8 -> 80 ms: 8.8 s from t = 0.7 is past 9
+    r = ramp("m", lm, mimi, [1, 2, 4, 8, 16], frames=100, warmup=0, timer=clock.timer, probe_frames=10, deadline=9.0,
+             clock=clock)
+    assert [(p.sessions, p.probe, p.frames) for p in r.points] == [(1, True, 10), (2, True, 10), (4, True, 10),
+                                                                   (4, False, 100)]
+    assert r.capacity == 4 and clock.now == pytest.approx(0.7 + 4.0)
+    assert r.note == "time budget: stopped before probing 8 sessions (~8.8 s more needed)"
+    unlimited = ramp("m", lm, mimi, [1, 2, 4, 8, 16], frames=100, warmup=0, timer=Clock(10.0).timer, probe_frames=10)
+    assert unlimited.capacity == 7 and unlimited.note == ""  # 8 fails (80 ms), 6 and 7 pass their probes
+    assert ramp("m", lm, mimi, [1, 2], frames=100, warmup=0, timer=clock.timer, probe_frames=10, deadline=0.7,
+                clock=Clock(10.0)).points == []  # not even the first probe fits: 10 frames costed at 80 ms
+
+
+def test_rows_out_of_time_are_listed_and_a_killed_run_keeps_the_counts_it_measured(tmp_path: Path) -> None:
+    bench = benchmark()
+    common = ["--tiny", "--counts", "1,2,4", "--frames", "10", "--probe-frames", "5", "--warmup", "1",
+              "--windows", "12,6", "--out", str(tmp_path)]
+    clock = Clock(30.0)  # 30 ms per session: 1 and 2 keep real time, 4 does not
+    # vanilla and window 12 have 100 s each; window 6 has 0.3 s, less than its first probe (5 x 80 ms)
+    ramps = bench.main([*common, "--row-seconds", "100,100,0.3"], timer=clock.timer, clock=clock)
+    assert [(r.model, r.window, r.capacity) for r in ramps] == [("vanilla", 12, 2), ("hybrid all:shared", 12, 2)]
+    md = (tmp_path / "capacity.md").read_text()
+    assert md.endswith("\nNot run, out of time (--seconds, --row-seconds): hybrid all:shared, window 6 (time "
+                       "budget: stopped before probing 1 sessions (~0.4 s more needed)).")
+
+    def killed_at_the_third_count(step: tp.Callable[[], object], sessions: int) -> float:
+        if sessions == 4:
+            raise KeyboardInterrupt  # what the device call's timeout does to a row in progress
+        return 30.0 * sessions
+
+    with pytest.raises(KeyboardInterrupt):
+        bench.main([*common, "--models", "vanilla"], timer=killed_at_the_third_count)
+    saved = json.loads((tmp_path / "capacity.json").read_text())
+    assert [[(p["sessions"], p["probe"]) for p in r["points"]] for r in saved["ramps"]] == [[(1, True), (2, True)]]

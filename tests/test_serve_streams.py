@@ -209,3 +209,30 @@ def test_slot_state_is_fixed_size_and_restored_in_place() -> None:
     assert sum(sizes.values()) == streams.slot_bytes
     assert any(".memory.W1" in n for n in sizes) and any(".kv_cache.cache" in n for n in sizes)
     assert snap1["gen.offsets"].item() == 5 * CONTEXT and snap1["gen.seeds"].item() == 3
+
+
+def test_starting_slots_together_equals_starting_them_one_by_one() -> None:
+    """`start_many` (one masked reset, what the capacity ramp uses for hundreds of slots) leaves every row's
+    state exactly as `start` slot by slot does, the rows it does not name included."""
+    pcm = audio(3, 6)
+    together, one_by_one = make_streams(), make_streams()
+    for streams in (together, one_by_one):
+        for slot in range(B):
+            streams.start(slot, 100 + slot)
+        for frame in pcm[:5]:  # every row has state worth resetting
+            streams.step(np.repeat(frame[None], B, 0), np.ones(B, bool), np.zeros(B, bool))
+    before = together.snapshot(0)
+    together.start_many({0: 7, 2: 9})
+    assert any(not torch.equal(before[k], v) for k, v in together.snapshot(0).items() if k != "gen.seeds")
+    one_by_one.start(0, 7)
+    one_by_one.start(2, 9)
+    for slot in range(B):
+        a, b = together.snapshot(slot), one_by_one.snapshot(slot)
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.equal(a[name], b[name]), (slot, name)
+    reset = one_by_one.snapshot(0)
+    assert int(reset["gen.seeds"]) == 7 and int(together.snapshot(2)["gen.seeds"]) == 9
+    assert not torch.equal(reset["gen.seeds"], together.snapshot(1)["gen.seeds"])  # row 1 kept its seed
+    together.close()
+    one_by_one.close()

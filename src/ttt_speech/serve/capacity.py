@@ -7,7 +7,8 @@ the step's p90 and p99 stay under the frame budget (80 ms); the ramp stops at th
 not (or that does not fit in memory), so `Ramp.capacity` is the last count before it. A run that already
 has more than 1 % of its frames over budget cannot end with p99 under it and stops early. At 7B shape a
 full run per count takes minutes, so the ramp can locate the limit with short probes and confirm only
-the largest passing count over the full run (`ramp(..., probe_frames=)`).
+the largest passing count over the full run (`ramp(..., probe_frames=)`), and keep inside a wall-clock
+deadline (`ramp(..., deadline=)`): a device call has minutes, and a row cut off by a kill reports nothing.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class Ramp:
     state_bytes: int  # one session's streaming state (LM KV windows, memory branches, Mimi), fixed size
     kv_bytes: int  # of which the temporal transformer's ring KV caches
     points: list[Point] = field(default_factory=list)
+    note: str = ""  # why the ramp ended before it was done (its time budget), "" when it was not cut short
 
     @property
     def best(self) -> Point | None:
@@ -92,11 +94,13 @@ class Ramp:
 
     def to_dict(self) -> dict[str, tp.Any]:
         return {"model": self.model, "window": self.window, "state_bytes": self.state_bytes,
-                "kv_bytes": self.kv_bytes, "capacity": self.capacity, "points": [asdict(p) for p in self.points]}
+                "kv_bytes": self.kv_bytes, "capacity": self.capacity, "points": [asdict(p) for p in self.points],
+                "note": self.note}
 
     @classmethod
     def from_dict(cls, d: dict[str, tp.Any]) -> Ramp:
-        return cls(d["model"], d["window"], d["state_bytes"], d["kv_bytes"], [Point(**p) for p in d["points"]])
+        return cls(d["model"], d["window"], d["state_bytes"], d["kv_bytes"], [Point(**p) for p in d["points"]],
+                   d.get("note", ""))
 
 
 def attention_window(lm: LMModel) -> int | None:
@@ -243,8 +247,7 @@ def measure(lm: LMModel, mimi: MimiModel, sessions: int, frames: int, warmup: in
         rng = np.random.default_rng(seed)
         pcm = (0.1 * rng.standard_normal((sessions, mimi.frame_size))).astype(np.float32)
         active, first, later = np.ones(sessions, bool), np.ones(sessions, bool), np.zeros(sessions, bool)
-        for slot in range(sessions):
-            streams.start(slot, seed=seed + slot)
+        streams.start_many({slot: seed + slot for slot in range(sessions)})
         for i in range(warmup):
             streams.step(pcm, active, first if i == 0 else later)
         over = 0
@@ -264,31 +267,70 @@ def measure(lm: LMModel, mimi: MimiModel, sessions: int, frames: int, warmup: in
         _free(device)
 
 
+def step_estimate(points: tp.Sequence[Point], n: int, budget_ms: float) -> float:
+    """The step p90 (ms) expected at `n` sessions: the line through the two largest passing counts measured
+    (the step grows about linearly with the batch), capped at the budget (a count that is over it fails early)."""
+    passing = sorted((p for p in points if p.real_time), key=lambda p: p.sessions)
+    if not passing:
+        return budget_ms
+    last = passing[-1]
+    if len(passing) == 1 or n <= last.sessions:
+        return min(budget_ms, last.p90_ms * max(1.0, n / last.sessions))
+    prev = passing[-2]
+    slope = max(0.0, (last.p90_ms - prev.p90_ms) / (last.sessions - prev.sessions))
+    return min(budget_ms, last.p90_ms + slope * (n - last.sessions))
+
+
 def ramp(name: str, lm: LMModel, mimi: MimiModel, counts: tp.Sequence[int], frames: int, warmup: int = 3,
          budget_ms: float = FRAME_MS, timer: Timer | None = None,
-         progress: tp.Callable[[str, Point], None] | None = None, probe_frames: int | None = None) -> Ramp:
+         progress: tp.Callable[[Ramp, Point], None] | None = None, probe_frames: int | None = None,
+         deadline: float | None = None, clock: tp.Callable[[], float] = time.monotonic) -> Ramp:
     """Measure ascending session counts until the first that is not real time.
 
     With `probe_frames`, the ramp runs that many frames per count (a probe); the gap between the last
     passing and the first failing count is then halved with probes to within 1/8 of the passing count,
     and the largest passing count is confirmed over `frames`, stepping down by 1/8 until one holds.
     Without, every count runs `frames`.
+
+    With `deadline` (a `clock()` time), a probe runs only if it and the confirmation after it are expected to
+    end by then (the first probe only if it is: nothing is measured yet to plan with), and a full run only if
+    it is: `step_estimate` x frames, plus the slowest set-up seen so far (allocating the batch, starting its
+    slots, capturing CUDA graphs). What the deadline skipped goes in `note`.
     """
     state, kv = session_bytes(lm, mimi)
     out = Ramp(name, attention_window(lm), state, kv)
+    setup_s = 0.0  # the most seconds a count spent outside its timed frames
+
+    def cost_s(n: int, f: int) -> float:
+        return f * step_estimate(out.points, n, budget_ms) / 1e3 + setup_s
+
+    def affordable(n: int, probe: bool) -> bool:
+        if deadline is None:
+            return True
+        need = cost_s(n, probe_frames or frames) if probe else cost_s(n, frames)
+        if probe and out.points:  # the first probe runs alone: nothing measured yet to plan with
+            need += cost_s(n, frames)
+        if clock() + need <= deadline:
+            return True
+        out.note = out.note or (f"time budget: stopped before {'probing' if probe else 'a full run of'} {n} "
+                                f"sessions (~{need:.3g} s more needed)")
+        return False
 
     def run(n: int, probe: bool) -> bool:
+        nonlocal setup_s
+        t0 = clock()
         point = measure(lm, mimi, n, probe_frames if probe and probe_frames else frames, warmup, budget_ms, timer,
                         state_bytes=state)
+        setup_s = max(setup_s, clock() - t0 - point.frames * point.p50_ms / 1e3)
         point = replace(point, probe=probe)
         out.points.append(point)
         if progress is not None:
-            progress(f"{name}, window {out.window}{', probe' if probe else ''}", point)
+            progress(out, point)
         return point.real_time
 
     probing = probe_frames is not None
     for n in sorted(counts):
-        if not run(n, probing):
+        if not affordable(n, probing) or not run(n, probing):
             break
     if not probing:
         return out
@@ -296,11 +338,12 @@ def ramp(name: str, lm: LMModel, mimi: MimiModel, counts: tp.Sequence[int], fram
     failed = out.first_failure
     if passed and failed is not None:
         lo, hi = passed[-1], failed.sessions
-        while hi - lo > max(1, lo // 8):
+        while hi - lo > max(1, lo // 8) and affordable((lo + hi) // 2, True):
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if run(mid, True) else (lo, mid)
     n = max((p.sessions for p in out.points if p.real_time), default=0)
-    while n >= 1 and not run(n, False):  # a failing full run stops early: stepping down is cheap
+    # a failing full run stops early: stepping down is cheap
+    while n >= 1 and affordable(n, False) and not run(n, False):
         n -= max(1, n // 8)
     return out
 
@@ -321,10 +364,13 @@ def table(ramps: tp.Sequence[Ramp], frames: int, budget_ms: float = FRAME_MS) ->
         steps = f"{best.p50_ms:.1f} / {best.p90_ms:.1f} / {best.p99_ms:.1f}" if best else "-"
         peak = f"{best.peak_bytes / 2**30:.1f}" if best and best.peak_bytes is not None else "-"
         ratio = f"{r.capacity / base:.2f}x" if base else "-"
-        failing = f"{fail.sessions} ({fail.failure})" if fail else "none: ramp ended, count more"
+        failing = "; ".join(filter(None, [f"{fail.sessions} ({fail.failure})" if fail else "", r.note]))
         capacity = f"{r.capacity}" if fail else f">= {r.capacity}"
+        probed = max((p.sessions for p in r.points if p.real_time), default=0)
+        if best is None and probed:
+            capacity = f"none confirmed ({probed} passed a probe)"
         rows.append(f"| {r.model} | {r.window if r.window is not None else '-'} | {_mib(r.state_bytes)} | "
-                    f"{_mib(r.kv_bytes)} | {capacity} | {steps} | {peak} | {ratio} | {failing} |")
+                    f"{_mib(r.kv_bytes)} | {capacity} | {steps} | {peak} | {ratio} | {failing or 'none: count more'} |")
     return "\n".join(rows) + "\n"
 
 
