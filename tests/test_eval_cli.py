@@ -85,7 +85,12 @@ def test_eval_long_end_to_end(tmp_path, capsys):
     tiny, w1, hf_res = res["long_context"]
     groups = {"text words", "codebook 0", "codebooks 1-7"}
     assert set(tiny["copy_loss"]["20"]["again"]) == groups and tiny["copy_loss"]["20"]["probes"] == 2
-    assert set(tiny["copy_loss"]["20"]) == {"probes", "first", "again", "ratio", "again/replaced", "again/reset"}
+    assert set(tiny["copy_loss"]["20"]) == {"probes", "first", "again", "ratio", "again/replaced", "again/reset",
+                                            "again (replaced)", "again (reset)"}
+    for control in ("replaced", "reset"):  # a control's own loss on the copy: the copy's over the ratio
+        for group, (ratio, _, _) in tiny["copy_loss"]["20"][f"again/{control}"].items():
+            own = tiny["copy_loss"]["20"][f"again ({control})"][group]
+            assert own == pytest.approx(tiny["copy_loss"]["20"]["again"][group] / ratio), (control, group)
     assert hf_res["copy_loss"]["20"]["first"]["codebook 0"] is None and "again/reset" not in hf_res["copy_loss"]["20"]
     assert (tiny["attention_window"], w1["attention_window"], hf_res["attention_window"]) == (8, 1, 8)
     assert hf_res["streams"] == ["text"] and w1["streams"] == ["text", "audio0", "audio1"]

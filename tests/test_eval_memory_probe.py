@@ -163,6 +163,36 @@ def test_the_segment_path_records_what_streaming_does(name: str) -> None:
         torch.testing.assert_close(segmented, streamed, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", [*BRANCHES, "vanilla"])
+def test_segmented_scoring_equals_streaming_with_and_without_a_memory_reset(name: str) -> None:
+    """MoshiScorer(segment=N) (the training path, a segment ending at the reset) gives every loss the frame-by-frame
+    scorer gives, before and after a memory reset mid-segment; the reset changes the losses only with a memory."""
+    from ttt_speech.eval.models import MoshiScorer
+    from ttt_speech.moshi.tiny import build_tiny_lm
+
+    model = build_tiny_lm(0) if name == "vanilla" else tiny_branch_hybrid(name)[1]
+    with torch.no_grad():  # a TTT branch starts shut (gate 0): open it, so its state shows in the losses
+        for layer in getattr(model, "memory_layers", list)():
+            if hasattr(layer.memory, "gate_alpha"):
+                layer.memory.gate_alpha.fill_(0.5)
+    tokens = torch.cat([torch.randint(0, model.text_card, (2, 1, 45)),
+                        torch.randint(0, model.card, (2, model.num_audio_codebooks, 45))], 1)
+    outs = {}
+    for segment in (None, 7, 16):
+        for reset in (None, 23):
+            outs[segment, reset] = torch.full((2, 1 + model.dep_q, 45), torch.nan)
+            ticks: list[int] = []
+            MoshiScorer(model, name, segment).score(tokens, outs[segment, reset], ticks.append, reset_at=reset)
+            assert ticks[-1] == 45 and (reset is None or reset in ticks)
+    for (segment, reset), out in outs.items():
+        torch.testing.assert_close(out, outs[None, reset], rtol=1e-5, atol=1e-5, equal_nan=True)
+    changed = (outs[None, 23] - outs[None, None]).abs().nan_to_num()
+    assert changed[..., :22].max() == 0  # the reset acts after frame 23 streamed in (position 22 of delayed rows)
+    assert (changed.max() == 0) == (name == "vanilla")
+    if name != "vanilla":
+        assert changed.max() > 1e-4
+
+
 def test_delta_replay_reaches_the_layers_own_state() -> None:
     from ttt_speech.config import GatedDeltaNetConfig
     from ttt_speech.layers.gated_deltanet import GatedDeltaNetLayer

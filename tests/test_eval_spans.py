@@ -98,15 +98,13 @@ class _PerfectMemory(MoshiScorer):
     """Loss 0 where the frame (every row) already occurred more than `attention_window` positions back and
     after the last memory reset, else 1: an ideal memory beyond the window, to check what the scores measure."""
 
-    def reset_memory(self) -> None:
-        self._forget = self._t + 1
-
-    def score(self, tokens: torch.Tensor, out: torch.Tensor, tick) -> None:
-        W, self._forget = self.attention_window, 0
+    def score(self, tokens: torch.Tensor, out: torch.Tensor, tick, reset_at: int | None = None) -> None:
+        W, forget = self.attention_window, 0
         for t in range(tokens.shape[-1]):
-            self._t = t
-            seen = (tokens[:, :, self._forget:max(t - W, self._forget)] == tokens[:, :, t:t + 1]).all(1).any(-1)
+            seen = (tokens[:, :, forget:max(t - W, forget)] == tokens[:, :, t:t + 1]).all(1).any(-1)
             out[:, :, t] = (~seen).float()[:, None]
+            if t + 1 == reset_at:
+                forget = t + 1
             tick(t + 1)
 
 

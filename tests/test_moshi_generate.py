@@ -18,6 +18,7 @@ from helpers.moshi import convert_moshi  # noqa: E402
 from ttt_speech import TTTConfig  # noqa: E402
 from ttt_speech.moshi import convert  # noqa: E402
 from ttt_speech.moshi.commands import add_generate_arguments, run_generate  # noqa: E402
+from ttt_speech.moshi.files import SHIPPED_DIR  # noqa: E402
 from moshi.models.lm import LMGen  # noqa: E402
 
 from ttt_speech.moshi.generate import stream, streaming_state_finite  # noqa: E402
@@ -30,7 +31,8 @@ def generate(*argv: str) -> dict[str, Path]:
     return run_generate(parser.parse_args(list(argv)))
 
 
-def test_generate_on_the_embedded_default_speaks_with_its_own_codec(tmp_path: Path) -> None:
+def test_generate_on_the_embedded_default_speaks_with_its_own_codec(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     files = generate("--minutes", "0.05", "--out", str(tmp_path), "--device", "cpu")
     frames = 38
     tokens = np.load(files["tokens"])
@@ -40,11 +42,24 @@ def test_generate_on_the_embedded_default_speaks_with_its_own_codec(tmp_path: Pa
         assert w.getframerate() == 24000 and w.getnframes() == (frames - 1) * 1920
         pcm = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)
     assert np.abs(pcm).max() > 0  # the shipped codec decodes to sound, not silence
-    assert json.loads(files["stats"].read_text())["state_finite"] is True
+    stats = json.loads(files["stats"].read_text())
+    assert stats["state_finite"] is True
+    # the memory line: the shipped clip's passage heard again 10 windows later (the window read from the model)
+    window = json.loads((SHIPPED_DIR / "config.json").read_text())["context"]
+    check = stats["memory_check"]
+    assert (check["status"], check["window"], check["gap"]) == ("ok", window, 10 * window)
+    for group in ("text words", "codebook 0"):
+        assert 0 < check["with_memory"][group] < 20 and 0 < check["reset"][group] < 20
+        assert check["change"][group] == pytest.approx(check["with_memory"][group] / check["reset"][group] - 1)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].startswith("memory: a 2.6 s passage heard again ") and "frames/s" in lines[-2]
+    assert f"{check['with_memory']['text words']:.2f} nats/word with the memory" in lines[-1]
 
 
-def test_generate_on_the_tiny_model(tmp_path: Path) -> None:
+def test_generate_on_the_tiny_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     files = generate("--minutes", "0.2", "--tiny", "--tiny-mimi", "--out", str(tmp_path), "--device", "cpu")
+    assert capsys.readouterr().out.splitlines()[-1] == ("memory check skipped: the model is built in code; the shipped "
+                                                        "clip holds the shipped codec's tokens")
     frames = 150  # 0.2 min at 12.5 Hz
     tokens = np.load(files["tokens"])
     assert tokens.shape == (1, 3, frames - 1)  # text + 2 codebooks; the acoustic delay costs one frame
@@ -56,6 +71,10 @@ def test_generate_on_the_tiny_model(tmp_path: Path) -> None:
     assert stats["frames"] == frames and stats["state_bytes_first"] == stats["state_bytes_last"] > 0
     assert stats["state_finite"] is True
     assert stats["frames_per_s"] > 0 and stats["rtf"] > 0 and stats["p90_ms"] >= stats["p50_ms"] > 0
+    assert stats["memory_check"]["status"] == "skipped"
+    quiet = generate("--minutes", "0.05", "--tiny", "--no-memory-check", "--out", str(tmp_path / "q"), "--device", "cpu")
+    assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("memory")]
+    assert "memory_check" not in json.loads(quiet["stats"].read_text())
 
 
 def test_generate_is_deterministic_and_loads_real_weights(tmp_path: Path) -> None:

@@ -98,18 +98,24 @@ def ratio_interval(num_sums: np.ndarray, num_counts: np.ndarray, den_sums: np.nd
     return point, float(lo), float(hi)
 
 
+def _means(sums: np.ndarray, counts: np.ndarray, kind: int) -> dict[str, float | None]:
+    """group -> mean loss over the probes' spans of one kind (pooled: loss sum / token count)."""
+    return {g: (float(sums[:, kind, i].sum() / counts[:, kind, i].sum()) if counts[:, kind, i].sum() else None)
+            for i, g in enumerate(GROUPS)}
+
+
 def summarize(probes: ProbeLosses, controls: dict[str, ProbeLosses] | None = None, boot: int = 2000,
               seed: int = 0) -> dict[int, dict[str, tp.Any]]:
     """gap -> {"probes": n, "first"/"again": {group: mean loss}, "ratio": {group: [r, lo, hi]} (again / first),
-    and per control c: "again/<c>": {group: [r, lo, hi]} (again / the control's again, probe by probe)}."""
+    and per control c: "again/<c>": {group: [r, lo, hi]} (again / the control's again, probe by probe) and
+    "again (<c>)": {group: the control's own mean loss on the copy}}."""
     out: dict[int, dict[str, tp.Any]] = {}
     for gap in sorted(set(probes.gaps.tolist())):
         sel = probes.gaps == gap
         s, c = probes.sums[sel], probes.counts[sel]
         entry: dict[str, tp.Any] = {"probes": int(sel.sum())}
         for k, kind in enumerate(KINDS):
-            entry[kind] = {g: (float(s[:, k, i].sum() / c[:, k, i].sum()) if c[:, k, i].sum() else None)
-                           for i, g in enumerate(GROUPS)}
+            entry[kind] = _means(s, c, k)
         entry["ratio"] = {g: list(ratio_interval(s[:, 1, i], c[:, 1, i], s[:, 0, i], c[:, 0, i], boot, seed))
                           for i, g in enumerate(GROUPS)}
         for name, ctrl in (controls or {}).items():
@@ -119,6 +125,7 @@ def summarize(probes: ProbeLosses, controls: dict[str, ProbeLosses] | None = Non
             if csel.sum() != sel.sum():
                 raise ValueError(f"control {name!r}: {int(csel.sum())} probes at gap {gap}, expected {int(sel.sum())}")
             cs, cc = ctrl.sums[csel], ctrl.counts[csel]
+            entry[f"again ({name})"] = _means(cs, cc, 1)
             entry[f"again/{name}"] = {g: list(ratio_interval(s[:, 1, i], c[:, 1, i], cs[:, 1, i], cc[:, 1, i], boot,
                                                              seed)) for i, g in enumerate(GROUPS)}
         out[gap] = entry

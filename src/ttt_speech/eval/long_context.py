@@ -305,7 +305,7 @@ def score_copy_probes(scorer: Scorer, probes: list[Sequence], spans: dict[str, l
     """Each probe's loss per group on its source and copy spans (`copy_probes`' [first, again] per probe).
 
     reset_after: restart every memory branch's state once the stream has run that many positions
-    (attention keeps its window): the memory-reset control (`Scorer.reset_memory`).
+    (attention keeps its window): the memory-reset control (`Scorer.score`'s `reset_at`).
     """
     pads = text_pads(scorer)
     acc = ProbeLosses.empty()
@@ -314,11 +314,7 @@ def score_copy_probes(scorer: Scorer, probes: list[Sequence], spans: dict[str, l
     for group, tokens in batches(probes, scorer.rows(), longest + scorer.lookahead, batch_size, scorer.pad_value()):
         out = torch.full((tokens.shape[0], len(scorer.streams), tokens.shape[-1]), torch.nan)
 
-        def tick(step: int) -> None:
-            if step == reset_after:
-                scorer.reset_memory()
-
-        scorer.score(tokens, out, tick)
+        scorer.score(tokens, out, lambda step: None, reset_at=reset_after)
         for seq, losses in zip(group, out):
             first, again = spans[seq.source]
             acc.add(losses[:, :seq.length], seq.tokens[:, :seq.length], first, again, pads)

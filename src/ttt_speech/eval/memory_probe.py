@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import json
 import typing as tp
 from pathlib import Path
@@ -208,22 +207,14 @@ def run_trunk(scorer: Scorer, tokens: Tensor, segment: int = 256) -> None:
         scorer.score(tokens, torch.full((tokens.shape[0], len(scorer.streams), tokens.shape[-1]), torch.nan),
                      lambda step: None)
         return
-    from ttt_speech.moshi.segments import delayed_inputs, forward_segment, layer_segment
+    from ttt_speech.moshi.segments import SegmentRunner, delayed_inputs, forward_segment
 
     lm = scorer.model
     T = tokens.shape[-1]
     inputs = delayed_inputs(lm, tokens[:, :lm.num_codebooks].to(lm.device))  # frame t reads column t
-    window = scorer.attention_window or T  # None: unbounded attention; 0: no attention layers
-    layers = list(lm.transformer.layers)
-    carry: list[tuple[tp.Any, tp.Any]] = [(None, None)] * len(layers)
-
-    def run_layers(x: Tensor, pos: int) -> Tensor:
-        for i, layer in enumerate(layers):
-            x, *carry[i] = layer_segment(layer, x, *carry[i], pos, window, None)
-        return x
-
+    runner = SegmentRunner(lm, scorer.attention_window or T)  # None: unbounded attention; 0: no attention layers
     for pos in range(0, T, segment):
-        forward_segment(lm, inputs[:, :, pos:min(pos + segment, T)], pos, functools.partial(run_layers, pos=pos))
+        forward_segment(lm, inputs[:, :, pos:min(pos + segment, T)], pos, runner.layers_at(pos))
 
 
 @dataclasses.dataclass

@@ -5,7 +5,9 @@ A scorer teacher-forces a held-out sequence through the model the way it runs wh
   mode, so the ring KV cache and the TTT states evolve exactly as under `LMGen`. moshi's
   `RingKVCache` is a correct sliding window only when fed one step per call (a longer call
   overwrites keys its own earlier queries still need), so frames are never batched in time. The
-  depformer restarts every frame, so it runs in its (exact) training form on that frame.
+  depformer restarts every frame, so it runs in its (exact) training form on that frame. With
+  `segment`, the same losses come from the training path instead (`moshi.segments`: windowed
+  attention over segments, state carried), for the probes where speed matters more than the form.
 - HF (vanilla or converted): chunks through `forward` with the model's cache (a `MemoryCache` with
   sliding-window KV layers for a converted model, a growing `DynamicCache` for a vanilla one);
   chunked feeding through these caches equals token-by-token decoding (tests/test_hf_generate.py).
@@ -61,15 +63,13 @@ class Scorer(ABC):
     def pad_value(self) -> int:
         """Token that fills the tail of sequences shorter than their batch; never scored."""
 
-    def reset_memory(self) -> None:
-        """Restart the memory branches' states mid-stream, attention keeping its window (called from `tick`)."""
-        raise ValueError(f"{self.name}: the memory-reset control needs a model streamed frame by frame (Moshi)")
-
     @abstractmethod
-    def score(self, tokens: Tensor, out: Tensor, tick: Tick) -> None:
+    def score(self, tokens: Tensor, out: Tensor, tick: Tick, reset_at: int | None = None) -> None:
         """Fill `out` [B, len(streams), T] (NaN-initialised) with the loss (nats) of each token of
-        `tokens` [B, rows, T]; call `tick(steps_done)` as the stream advances. May raise an
-        out-of-memory error: what was written before it stays valid."""
+        `tokens` [B, rows, T]; call `tick(steps_done)` as the stream advances. `reset_at`: restart the
+        memory branches' states once that many positions have streamed in, attention keeping its window
+        (the memory-reset control; Moshi only). May raise an out-of-memory error: what was written
+        before it stays valid."""
 
 
 def moshi_attention_window(lm: nn.Module) -> int | None:
@@ -88,13 +88,18 @@ def _cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
 
 
 class MoshiScorer(Scorer):
-    """A moshi `LMModel` (or TTT hybrid): text + its own `dep_q` audio codebooks, frame by frame."""
+    """A moshi `LMModel` (or TTT hybrid): text + its own `dep_q` audio codebooks, frame by frame.
+
+    `segment`: instead, `segment` frames per forward through `moshi.segments` (the training path, 20x
+    faster on a CPU; the tests hold its losses equal to streaming's); it ticks once per segment.
+    """
 
     kind = "moshi"
 
-    def __init__(self, lm: nn.Module, name: str) -> None:
+    def __init__(self, lm: nn.Module, name: str, segment: int | None = None) -> None:
         self.model = lm.eval()
         self.name = name
+        self.segment = segment
         self.streams = ("text", *(f"audio{k}" for k in range(lm.dep_q)))
         self.attention_window = moshi_attention_window(lm)
 
@@ -108,15 +113,11 @@ class MoshiScorer(Scorer):
     def pad_value(self) -> int:
         return self.model.zero_token_id
 
-    def reset_memory(self) -> None:
-        from ttt_speech.moshi.layer import reset_memories
-
-        reset_memories(self.model)
-
     @torch.no_grad()
-    def score(self, tokens: Tensor, out: Tensor, tick: Tick) -> None:
+    def score(self, tokens: Tensor, out: Tensor, tick: Tick, reset_at: int | None = None) -> None:
         from moshi.utils.compile import CUDAGraphed
 
+        from ttt_speech.moshi.layer import reset_memories
         from ttt_speech.moshi.segments import delayed_inputs
 
         lm = self.model
@@ -125,6 +126,8 @@ class MoshiScorer(Scorer):
         # the model's input at step j is column j; its targets are column j + 1 (as LMModel.forward)
         delayed = delayed_inputs(lm, tokens[:, :lm.num_codebooks].to(lm.device))
         delays = lm.delays[:S]
+        if self.segment is not None:
+            return self._score_segments(delayed, out, tick, reset_at)
 
         def frame(inputs: Tensor, targets: Tensor) -> Tensor:
             """[B, S] losses of one frame; only the temporal transformer streams, the depformer restarts anyway."""
@@ -143,7 +146,32 @@ class MoshiScorer(Scorer):
                 for s, delay in enumerate(delays):
                     if j >= delay:  # before that, column j + 1 of a delayed codebook is padding
                         out[:, s, j - delay] = losses[:, s]
+                if j + 1 == reset_at:
+                    reset_memories(lm)
                 tick(j + 1)
+
+    def _score_segments(self, delayed: Tensor, out: Tensor, tick: Tick, reset_at: int | None) -> None:
+        """`score` through `moshi.segments`: a segment ends at every multiple of `segment` and at `reset_at`."""
+        from ttt_speech.moshi.segments import SegmentRunner, logits
+
+        lm = self.model
+        T = delayed.shape[-1] - 1
+        S = len(self.streams)
+        runner = SegmentRunner(lm, self.attention_window or T)  # None: unbounded attention; 0: no attention
+        ends = sorted({*range(self.segment, T, self.segment), T} | ({reset_at} if reset_at and reset_at < T else set()))
+        start = 0
+        for end in ends:
+            text, audio = logits(lm, delayed[:, :, start:end + 1], start, runner.layers_at(start))
+            targets = delayed[:, :S, start + 1:end + 1]
+            losses = torch.cat([_cross_entropy(text[:, 0], targets[:, 0])[:, None],
+                                _cross_entropy(audio, targets[:, 1:S])], dim=1).cpu()  # [B, S, end - start]
+            for s, delay in enumerate(lm.delays[:S]):  # step j scores position j - delay of stream s
+                lo = max(start, delay)
+                out[:, s, lo - delay:end - delay] = losses[:, s, lo - start:]
+            if end == reset_at:
+                runner.forget_memory()
+            tick(end)
+            start = end
 
 
 class HFScorer(Scorer):
@@ -180,7 +208,9 @@ class HFScorer(Scorer):
         return MemoryCache(self.model.config) if self.converted else DynamicCache(config=self.model.config)
 
     @torch.no_grad()
-    def score(self, tokens: Tensor, out: Tensor, tick: Tick) -> None:
+    def score(self, tokens: Tensor, out: Tensor, tick: Tick, reset_at: int | None = None) -> None:
+        if reset_at is not None:
+            raise ValueError(f"{self.name}: the memory-reset control needs a Moshi model (its streaming state)")
         ids = tokens[:, 0].to(self.device)
         T = ids.shape[-1]
         from ttt_speech.hf.compat import cache_kwargs

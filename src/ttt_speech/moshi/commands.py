@@ -169,6 +169,9 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="default: bfloat16 on CUDA for real weights or int4, float32 otherwise")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="skip the line on the memory (a held-out passage heard again 10 attention windows later, "
+                        "scored with the memory and with it reset: a few seconds)")
     add_quantize_argument(p)
     add_threads_argument(p)
 
@@ -285,11 +288,19 @@ def run_generate(args: argparse.Namespace) -> dict[str, Path]:
     finally:
         if sink is not None:
             sink.close()
-    files = write_outputs(result, out, title=f"{name}: {frames} frames, batch {args.batch_size}")
+    check = None
+    if not args.no_memory_check:
+        from ttt_speech.eval.memory_check import check_memory
+
+        check = check_memory(lm, model_dir, raw if model_dir is not None else None)
+    files = write_outputs(result, out, title=f"{name}: {frames} frames, batch {args.batch_size}",
+                          extra={"memory_check": check.to_dict()} if check else None)
     files |= {p.stem: p for p in (sink.paths if sink is not None else [])}
     s = result.stats()
     print(f"{s['frames_per_s']:.1f} frames/s, RTF {s['rtf']:.3f}, p50 {s['p50_ms']:.2f} ms, p90 {s['p90_ms']:.2f} ms, "
           f"state {s['state_bytes_last'] / 2**20:.2f} MiB -> {', '.join(str(f) for f in files.values())}")
+    if check:
+        print(check.line())
     return files
 
 

@@ -218,12 +218,14 @@ def wav_paths(out_dir: Path, batch_size: int) -> list[Path]:
     return [out_dir / "audio.wav"] if batch_size == 1 else [out_dir / f"audio_{b}.wav" for b in range(batch_size)]
 
 
-def write_outputs(result: StreamResult, out_dir: str | Path, title: str = "") -> dict[str, Path]:
-    """tokens.npy, latency_memory.png and stats.json (the wavs are written while streaming)."""
+def write_outputs(result: StreamResult, out_dir: str | Path, title: str = "",
+                  extra: dict[str, tp.Any] | None = None) -> dict[str, Path]:
+    """tokens.npy, latency_memory.png and stats.json (the wavs are written while streaming; `extra`: more
+    entries for stats.json)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {"tokens": out / "tokens.npy", "plot": out / "latency_memory.png", "stats": out / "stats.json"}
     np.save(files["tokens"], result.tokens)
     plot(result, files["plot"], title)
-    files["stats"].write_text(json.dumps(result.stats(), indent=2) + "\n")
+    files["stats"].write_text(json.dumps(result.stats() | (extra or {}), indent=2) + "\n")
     return files

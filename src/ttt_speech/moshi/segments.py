@@ -111,3 +111,29 @@ def layer_segment(layer: nn.Module, x: Tensor, past: KV | None, memory: LayerSta
         return y
 
     return feed_forward_block(layer, residual_block(layer, x, attend, remember), remember), kv, memory
+
+
+class SegmentRunner:
+    """The temporal transformer of `lm` over one long input, a segment per call, every layer starting from the
+    keys/values and memory state its previous segment left (the training path, without gradients).
+
+    `layers_at(pos)` is the `layers` argument of `forward_segment` / `logits` for the segment at `pos`;
+    `forget_memory()` restarts every memory branch's state before the next segment, attention keeping its
+    window: the memory-reset control of the copy probes (issue 24), as `layer.reset_memories` does while streaming.
+    """
+
+    def __init__(self, lm: LMModel, window: int) -> None:
+        self.window = window
+        self.layers = list(lm.transformer.layers)
+        self.carry: list[tuple[KV | None, LayerState | None]] = [(None, None)] * len(self.layers)
+
+    def layers_at(self, pos: int) -> Layers:
+        def run(x: Tensor) -> Tensor:
+            for i, layer in enumerate(self.layers):
+                x, *self.carry[i] = layer_segment(layer, x, *self.carry[i], pos, self.window, None)
+            return x
+
+        return run
+
+    def forget_memory(self) -> None:
+        self.carry = [(kv, None) for kv, _ in self.carry]
