@@ -31,7 +31,8 @@ from ttt_speech.hf.cache import MemoryCache
 from ttt_speech.hf.compat import get_cache
 from ttt_speech.layers.inplace import InPlaceLayer
 from ttt_speech.layers.state import LayerState
-from ttt_speech.layers.ttt import StreamingLayer, TTTLayer
+from ttt_speech.layers.streaming import StreamingLayer
+from ttt_speech.layers.ttt import TTTLayer
 from ttt_speech.names import MEMORY
 
 TOKEN_MASK_KWARG = "memory_token_mask"

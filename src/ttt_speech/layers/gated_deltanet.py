@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ttt_speech.layers.config import GatedDeltaNetConfig, builds
 from ttt_speech.layers.state import LayerState, Spec
-from ttt_speech.layers.ttt import StreamingLayer, causal_depthwise_conv, check_input
+from ttt_speech.layers.streaming import StreamingLayer, causal_depthwise_conv
 from ttt_speech.ops.gated_deltanet import gated_delta_chunked, gated_delta_step_
 
 CONVS = ("q", "k", "v")
@@ -51,11 +51,14 @@ def _mamba2_decay_init(H: int, dt_min: float = 1e-3, dt_max: float = 0.1, floor:
 
 @builds(GatedDeltaNetConfig)
 class GatedDeltaNetLayer(StreamingLayer):
-    """Gated DeltaNet sequence layer with TTTLayer's interface (forward / step / init_state / reset_state).
+    """Gated DeltaNet sequence layer with every memory layer's interface (`StreamingLayer`: forward, step, init_state, reset_state).
 
     Inner hooks (`register_inner_hook`) see q, k [B, H, T, Dk] (before their L2 norm), v [B, H, T, Dv],
     decay g and write strength beta [B, H, T].
     """
+
+    state_cls = GatedDeltaNetState
+    state_param = "A_log"
 
     def __init__(self, config: GatedDeltaNetConfig) -> None:
         super().__init__()
@@ -80,25 +83,6 @@ class GatedDeltaNetLayer(StreamingLayer):
                 self.register_parameter(f"conv_{name}_bias", nn.Parameter(torch.zeros(width)))
         self.o_norm_weight = nn.Parameter(torch.ones(Dv))
         self.gate_alpha = nn.Parameter(torch.full((C,), float(cfg.gate_init)))
-
-    # -- state -------------------------------------------------------------------------------
-    @property
-    def state_dtype(self) -> torch.dtype:
-        """fp32 whatever the model dtype (bf16 state would drift over hours); fp64 for gradcheck."""
-        return torch.float64 if self.A_log.dtype == torch.float64 else torch.float32
-
-    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> GatedDeltaNetState:
-        device = self.A_log.device if device is None else device
-        return GatedDeltaNetState.zeros(self.config, batch_size, self.state_dtype, device)
-
-    def reset_state(self, state: GatedDeltaNetState, mask: Tensor | None = None) -> GatedDeltaNetState:
-        return state.reset(mask)
-
-    def _check(self, x: Tensor, state: GatedDeltaNetState | None) -> GatedDeltaNetState:
-        check_input(x, self.config.dim)
-        if state is None:
-            return self.init_state(x.shape[0], x.device)
-        return GatedDeltaNetState.check_state(state, self.config, x.shape[0])
 
     # -- shared pieces of both forms ---------------------------------------------------------
     def _prepare(self, x: Tensor, state: GatedDeltaNetState) -> tuple[list[Tensor], dict[str, Tensor]]:

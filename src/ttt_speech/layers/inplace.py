@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from ttt_speech.layers.config import InPlaceConfig, builds
 from ttt_speech.layers.state import LayerState, Spec
-from ttt_speech.layers.ttt import StreamingLayer, causal_depthwise_conv, check_input
+from ttt_speech.layers.streaming import StreamingLayer, causal_depthwise_conv
 from ttt_speech.ops.inplace import inplace_chunked, inplace_parallel, inplace_step_
 
 Activation = tp.Callable[[Tensor], Tensor]
@@ -138,6 +138,8 @@ class InPlaceLayer(StreamingLayer):
     """
 
     mlp: GatedMLP
+    state_cls = InPlaceState
+    state_param = "lr_weight"  # the memory's own (the MLP's may be the host's, in its dtype)
 
     def __init__(self, config: InPlaceConfig, mlp: GatedMLP | None = None, host_owned: bool = False) -> None:
         super().__init__()
@@ -163,26 +165,11 @@ class InPlaceLayer(StreamingLayer):
         self.lr_weight = nn.Parameter(torch.randn(D) * cfg.init_std)
         self.lr_bias = nn.Parameter(torch.zeros(()))
 
-    # -- state -------------------------------------------------------------------------------
-    @property
-    def state_dtype(self) -> torch.dtype:
-        """fp32 whatever the model dtype; fp64 for gradcheck."""
-        return torch.float64 if self.lr_weight.dtype == torch.float64 else torch.float32
-
-    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> InPlaceState:
-        device = self.lr_weight.device if device is None else device
-        return InPlaceState.zeros(self.config, batch_size, self.state_dtype, device)
-
-    def reset_state(self, state: InPlaceState, mask: Tensor | None = None) -> InPlaceState:
-        return state.reset(mask)
-
     def _check(self, x: Tensor, state: InPlaceState | None, source: Tensor | None = None) -> InPlaceState:
-        check_input(x, self.config.dim)
+        checked = super()._check(x, state)
         if source is not None and source.shape != x.shape:
             raise ValueError(f"source: expected the shape of x {list(x.shape)}, got {list(source.shape)}")
-        if state is None:
-            return self.init_state(x.shape[0], x.device)
-        return InPlaceState.check_state(state, self.config, x.shape[0])
+        return checked
 
     # -- shared pieces of both forms ---------------------------------------------------------
     def _pairs(self, x: Tensor, state: InPlaceState, source: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, dict[str, Tensor]]:

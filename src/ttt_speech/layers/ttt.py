@@ -15,15 +15,14 @@ import functools
 import math
 import os
 import typing as tp
-from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from ttt_speech.layers.config import TTTConfig, builds
 from ttt_speech.layers.state import TTTState, inner_shapes
+from ttt_speech.layers.streaming import StreamingLayer, causal_depthwise_conv
 from ttt_speech.ops.ttt.fla import fla_available, ttt_linear_fla
 from ttt_speech.ops.ttt.reference import ttt_chunked
 from ttt_speech.ops.ttt.step import ttt_step_
@@ -103,71 +102,6 @@ def heads_to_channels(out: Tensor) -> Tensor:
     return out.transpose(1, 2).reshape(B, T, H * D)
 
 
-def causal_depthwise_conv(x: Tensor, tail: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
-    """Causal depthwise conv over time continuing from `tail` (the previous kernel-1 inputs).
-
-    x: [B, T, C]; tail: [B, kernel-1, C]; weight: [C, kernel]. Returns (y [B, T, C], new tail).
-    """
-    xx = torch.cat([tail.to(x.dtype), x], dim=1)
-    y = F.conv1d(xx.transpose(1, 2), weight.to(x.dtype)[:, None, :], bias.to(x.dtype), groups=x.shape[-1])
-    return y.transpose(1, 2), xx[:, xx.shape[1] - tail.shape[1]:]
-
-
-def check_input(x: object, dim: int) -> None:
-    """Raise TypeError/ValueError naming what is wrong with a layer input that should be [B, T, dim]."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be floating point, got dtype {x.dtype}")
-    if x.dim() != 3 or x.shape[-1] != dim:
-        raise ValueError(f"x: expected shape [B, T, {dim}], got {list(x.shape)}")
-
-
-class StreamingLayer(nn.Module):
-    """A sequence layer with a fixed-size state: chunked `forward` for training, in-place `step` for streaming."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inner_hooks: OrderedDict[int, InnerHook] = OrderedDict()  # see register_inner_hook
-
-    def register_inner_hook(self, hook: InnerHook) -> RemovableHandle:
-        """Call `hook(layer, *inputs)` with what the layer's memory reads and writes each time it runs (the
-        tensors its class docstring lists under "Inner hooks", in the state's dtype: what its ops take). Fired by `forward`
-        and `step` alike; `handle.remove()` detaches it. This is how a probe observes the memory
-        (`probe-memory`)."""
-        handle = RemovableHandle(self.inner_hooks)
-        self.inner_hooks[handle.id] = hook
-        return handle
-
-    def _show_inner(self, inputs: tp.Sequence[Tensor]) -> None:
-        for hook in list(self.inner_hooks.values()):
-            hook(self, *inputs)
-
-    def _step_token(self, x: Tensor, state: tp.Any, exec_mask: Tensor | None, **host: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def step(self, x: Tensor, state: tp.Any, exec_mask: Tensor | None = None,
-             **host: Tensor) -> tuple[Tensor, tp.Any]:
-        """Streaming: outputs for x [B, T, dim] (or [B, dim]) at once; `state` is updated in place.
-
-        For one token this is the layer's graph-capturable recurrent step; for longer runs the chunked
-        form's result is copied into `state`. Streams with exec_mask False keep their state unchanged.
-        `host`: what a layer that shares its host attention's projections reads from it (TTT's
-        `shared_qkv`: qkv and heads, shaped like x).
-        """
-        squeeze = x.dim() == 2
-        if squeeze:
-            x, host = x[:, None], {k: t[:, None] for k, t in host.items()}
-        state = self._check(x, state, **host)
-        if x.shape[1] != 1:
-            y, new = self.forward(x, state, **host)
-            state.copy_(new, exec_mask)
-        else:
-            y = self._step_token(x, state, exec_mask, **host)
-        return (y[:, 0] if squeeze else y), state
-
-
 @builds(TTTConfig)
 class TTTLayer(StreamingLayer):
     """TTT sequence layer. Projections may be supplied (e.g. an attention's) instead of created.
@@ -182,6 +116,9 @@ class TTTLayer(StreamingLayer):
     weights read at token i move, how much token j's gradient counts); fired by `forward` and by the
     unfused `step` (CUDA's fused step kernel computes them inside itself).
     """
+
+    state_cls = TTTState
+    state_param = "W1"  # the weights every stream starts from
 
     def __init__(
         self, config: TTTConfig, q_proj: nn.Module | None = None, k_proj: nn.Module | None = None,
@@ -235,25 +172,12 @@ class TTTLayer(StreamingLayer):
         self.gate_alpha = nn.Parameter(torch.full((C,), float(cfg.gate_init)))
 
     # -- state -------------------------------------------------------------------------------
-    @property
-    def state_dtype(self) -> torch.dtype:
-        """fp32 whatever the model dtype (bf16 state would drift over hours); fp64 for gradcheck."""
-        return torch.float64 if self.W1.dtype == torch.float64 else torch.float32
-
     def initial_tensors(self) -> dict[str, Tensor]:
         return {name: getattr(self, name).detach() for name in inner_shapes(self.config)}
 
-    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> TTTState:
-        device = self.ttt_norm_weight.device if device is None else device
-        return TTTState.zeros(self.config, batch_size, self.state_dtype, device, self.initial_tensors).reset()
-
-    def reset_state(self, state: TTTState, mask: Tensor | None = None) -> TTTState:
-        state._initial = self.initial_tensors
-        return state.reset(mask)
-
     def _check(self, x: Tensor, state: TTTState | None, qkv: Tensor | None = None,
                heads: Tensor | None = None) -> TTTState:
-        check_input(x, self.config.dim)
+        checked = super()._check(x, state)
         host = {k: t for k, t in (("qkv", qkv), ("heads", heads)) if t is not None}
         if host or self.config.shared_qkv:
             C = self.config.dim
@@ -263,11 +187,10 @@ class TTTLayer(StreamingLayer):
                 raise ValueError(f"shared_qkv={self.config.shared_qkv}: expected host inputs {want or 'none'} "
                                  f"for x of shape {list(x.shape)}, got {got or 'none'}")
         if state is None:  # start from the live initial weights, so they get gradients
-            fresh = self.init_state(x.shape[0], x.device)
             B = x.shape[0]
-            return fresh.replace(**{n: w.to(self.state_dtype).expand(B, *w.shape)
-                                    for n, w in ((n, getattr(self, n)) for n in fresh.weight_names)})
-        return TTTState.check_state(state, self.config, x.shape[0])
+            return checked.replace(**{n: w.to(self.state_dtype).expand(B, *w.shape)
+                                      for n, w in ((n, getattr(self, n)) for n in checked.weight_names)})
+        return checked
 
     # -- shared pieces of both forms ---------------------------------------------------------
     def _project(self, x: Tensor, state: TTTState, qkv: Tensor | None) -> tuple[list[Tensor], Tensor, dict[str, Tensor]]:

@@ -24,7 +24,8 @@ from ttt_speech.compat import retype
 from ttt_speech.layers.gated_deltanet import GatedDeltaNetLayer
 from ttt_speech.layers.inplace import GatedMLP, InPlaceLayer
 from ttt_speech.layers.state import LayerState
-from ttt_speech.layers.ttt import StreamingLayer, TTTLayer
+from ttt_speech.layers.streaming import StreamingLayer
+from ttt_speech.layers.ttt import TTTLayer
 from ttt_speech.moshi.compat import HookedTransformerLayer, LayerStreamingState, feed_forward, streaming_state
 from ttt_speech.names import either
 
