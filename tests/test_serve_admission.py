@@ -1,6 +1,7 @@
 """Admission control against the server in-process on loopback: a new session is refused with 1013 and a
-one-line reason while the measured batched step is over its budget, and admitted again once it is not;
-a --max-sessions whose streaming state cannot fit in device memory is refused at start with the most that do."""
+one-line reason while the measured batched step is over its budget, or while the Opus coder it would join would
+be over it with one more session, and admitted again once it is not; a --max-sessions whose streaming state
+cannot fit in device memory is refused at start with the most that do."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from helpers.serve import listening_mimi  # noqa: E402
 from ttt_speech.errors import UsageError  # noqa: E402
 from ttt_speech.moshi.tiny import build_tiny_hybrid, write_tiny_tokenizer  # noqa: E402
 from ttt_speech.serve.capacity import check_fits  # noqa: E402
-from ttt_speech.serve.protocol import Close, Kind  # noqa: E402
+from ttt_speech.serve.opus import Load  # noqa: E402
+from ttt_speech.serve.protocol import Close, Kind, ProtocolError  # noqa: E402
 from ttt_speech.serve.server import build_app, render_metrics  # noqa: E402
 from ttt_speech.serve.sessions import Admission, SessionManager  # noqa: E402
 from ttt_speech.serve.store import StateStore  # noqa: E402
@@ -78,6 +80,49 @@ def test_a_server_behind_real_time_refuses_new_sessions_with_1013(tmp_path: Path
             await runner.cleanup()
 
     asyncio.run(asyncio.wait_for(main(), 4 * WAIT_S))
+
+
+def test_a_session_the_opus_coder_could_not_keep_up_with_is_refused_with_1013(tmp_path: Path) -> None:
+    lm = build_tiny_hybrid(0)
+    tokenizer = sentencepiece.SentencePieceProcessor(
+        model_file=str(write_tiny_tokenizer(tmp_path / "tok.model", lm.text_card)))
+    manager = SessionManager(BatchedStreams(lm, listening_mimi(0), 4), StateStore(tmp_path / "kept", "fp"),
+                             tokenizer, admission=Admission(max_load=0.5), opus_workers=0)  # codes on the event loop
+    manager.metrics.window_s = 1.0
+    busy = manager.opus._inline_busy  # what the event loop's Opus calls record, written here as a known series
+
+    async def main() -> None:
+        runner = web.AppRunner(build_app(manager), handle_signals=False)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        port = runner.addresses[0][1]
+        try:
+            async with aiohttp.ClientSession() as client:
+                async with client.ws_connect(f"http://127.0.0.1:{port}/api/chat?seed=1") as held:  # stays connected
+                    assert (await asyncio.wait_for(held.receive(), WAIT_S)).data[0] == Kind.HANDSHAKE
+                    busy.record(0.2)  # 20 % of the last 1 s for its 1 session: 40 % with a 2nd, under 50 %
+                    first, code, _ = await first_reply(client, port)
+                    assert first[0] == Kind.HANDSHAKE and code is None
+                    busy.record(0.1)  # 30 %: 60 % with a 2nd
+                    first, code, reason = await first_reply(client, port)
+                    want = ("Opus coding behind real time (the event loop: 30% busy over 1 s, 1 sessions; 60% with one "
+                            "more); try again later")
+                    assert code == Close.TRY_AGAIN_LATER and reason == want and first[1:].decode() == want
+                    assert "ttt_serve_opus_busy_fraction 0.3" in render_metrics(manager)
+                    await asyncio.sleep(1.1)  # the busy spell leaves the window
+                    first, code, _ = await first_reply(client, port)
+                    assert first[0] == Kind.HANDSHAKE and code is None
+                assert manager.metrics.ended["opus_not_real_time"] == 1
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(asyncio.wait_for(main(), 4 * WAIT_S))
+    manager.metrics.window_s = 10.0
+    manager.opus.load = lambda window_s: Load("Opus worker 13", 1.0, 256)  # type: ignore[method-assign]
+    with pytest.raises(ProtocolError) as e:
+        manager._admit()
+    assert e.value.slug == "opus_not_real_time" and e.value.code == Close.TRY_AGAIN_LATER
+    assert len(e.value.reason.encode()) <= 123  # a websocket close reason's limit: the whole line reaches the client
 
 
 def test_admission_settings_are_checked() -> None:

@@ -19,7 +19,7 @@ sphn = pytest.importorskip("sphn")  # not on the GPU device image (serve tests r
 
 from ttt_speech.serve import opus  # noqa: E402
 from ttt_speech.serve.capacity import opus_sessions_per_frame  # noqa: E402
-from ttt_speech.serve.opus import OpusCoding, auto_workers  # noqa: E402
+from ttt_speech.serve.opus import Busy, Load, OpusCoding, auto_workers  # noqa: E402
 from ttt_speech.serve.protocol import Close, ProtocolError  # noqa: E402
 
 SR, FRAME = 24000, 1920
@@ -197,3 +197,34 @@ def test_opus_workers_argument_takes_auto_or_a_count() -> None:
     for bad in ("-1", "two"):
         with pytest.raises(argparse.ArgumentTypeError, match=f"'{bad}' is not an integer >= 0 or 'auto'"):
             opus_workers(bad)
+
+
+def test_load_is_the_busy_fraction_and_sessions_of_the_coder_a_new_session_joins() -> None:
+    async def main() -> None:
+        inline, pool = OpusCoding(SR, 0), OpusCoding(SR, 2)
+        try:
+            t0 = time.perf_counter()
+            await code(inline, 3, 4)
+            elapsed = time.perf_counter() - t0
+            loop = inline.load(10.0)
+            assert (loop.coder, loop.sessions) == ("the event loop", 3)
+            assert 0 < loop.busy * 10.0 <= elapsed  # the seconds spent inside the coding calls, over 10 s
+            inline.close(0)
+            assert inline.load(10.0).sessions == 2
+            await code(pool, 3, 2)  # keys 0 and 2 on worker 0, key 1 on worker 1: a new session joins worker 1
+            worker = pool.load(10.0)
+            assert (worker.coder, worker.sessions) == ("Opus worker 1", 1) and worker.busy > 0
+        finally:
+            await asyncio.gather(inline.aclose(), pool.aclose())
+
+    asyncio.run(main())
+
+
+def test_busy_spans_leave_the_window_and_one_more_session_scales_the_load() -> None:
+    busy = Busy()
+    busy.record(0.03)
+    busy.record(0.01)
+    assert busy.fraction(0.1) == pytest.approx(0.4)
+    time.sleep(0.06)
+    assert busy.fraction(0.05) == 0.0 and busy.fraction(10.0) == 0.0  # forgotten once out of a window
+    assert Load("w", 0.6, 3).with_one_more == pytest.approx(0.8) and Load("w", 0.6, 0).with_one_more == 0.6

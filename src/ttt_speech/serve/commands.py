@@ -75,7 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"seconds without a message after which a session is closed; '{OFF}': never")
     p.add_argument("--max-load", type=positive_float_or_off, default=MAX_LOAD,
                    help="refuse new sessions (1013) while the batched step's p90 over the last 10 s is at or above "
-                        f"this fraction of the 80 ms frame: the server is not keeping real time; '{OFF}': never")
+                        "this fraction of the 80 ms frame, or the Opus coder a new session would join (the event "
+                        "loop or a worker) would be busy this fraction of the time with it: the server would not "
+                        f"keep real time; '{OFF}': never")
     p.add_argument("--opus-workers", type=opus_workers, default=AUTO,
                    help="processes that Opus-code the sessions' audio (~0.8 ms CPU per session-frame: one process "
                         f"codes ~100 sessions in real time); 0: on the event loop; '{AUTO}' (default): 0 up to "

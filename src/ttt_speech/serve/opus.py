@@ -12,6 +12,10 @@ modes give the same bytes and samples (tests/test_serve_opus.py holds them equal
 A worker that dies, or does not answer a batch within `ROUND_TRIP_S`, ends only its own sessions
 (`lost` is called with their keys; they close with 1011 and one line) and is replaced for new sessions;
 `aclose` leaves no process behind.
+
+Each coder (the event loop, or each worker) keeps the wall-clock seconds it spent coding (`Busy`): a coder
+busy nearly all the time falls behind real time for every session it holds, however fast the GPU steps.
+`load` says how busy the coder a new session would join is, for admission control (`sessions.Admission`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ import logging
 import math
 import multiprocessing as mp
 import signal
+import time
 import typing as tp
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -44,6 +50,38 @@ class Failed:
     """A decode the client's bytes made fail (the message of sphn's ValueError)."""
 
     message: str
+
+
+class Busy:
+    """Seconds one coder spent coding (an inline batch, or a worker's round trip), over a sliding window."""
+
+    def __init__(self) -> None:
+        self._spans: deque[tuple[float, float]] = deque()  # (end time, seconds)
+
+    def record(self, seconds: float) -> None:
+        self._spans.append((time.monotonic(), seconds))
+
+    def fraction(self, window_s: float) -> float:
+        """Seconds busy over the last `window_s` / `window_s`: 1.0 is a coder that never rests. A coder that
+        began less than `window_s` ago reads low until the window fills (as the step p90 needs its steps)."""
+        now = time.monotonic()
+        while self._spans and self._spans[0][0] < now - window_s:
+            self._spans.popleft()
+        return sum(s for _, s in self._spans) / window_s
+
+
+@dataclass(frozen=True)
+class Load:
+    """The coder a new session would join: which, how busy over the window, with how many sessions."""
+
+    coder: str  # "the event loop" or "Opus worker N"
+    busy: float  # `Busy.fraction`
+    sessions: int
+
+    @property
+    def with_one_more(self) -> float:
+        """The busy fraction after one more session: coding time grows with the sessions coded."""
+        return self.busy * (self.sessions + 1) / self.sessions if self.sessions else self.busy
 
 
 def worker_lost() -> ProtocolError:
@@ -112,6 +150,7 @@ class _Worker:
     keys: set[int] = field(default_factory=set)
     flushing: asyncio.Task | None = None
     alive: bool = True
+    busy: Busy = field(default_factory=Busy)
 
 
 def auto_workers(max_sessions: int, cpus: int | None) -> int:
@@ -132,6 +171,7 @@ class OpusCoding:
             raise ValueError(f"opus workers must be >= 0, got {workers}")
         self.sample_rate, self.lost = sample_rate, lost
         self._inline = OpusStreams(sample_rate) if workers == 0 else None
+        self._inline_busy, self._inline_keys = Busy(), set[int]()
         self._ctx = mp.get_context("spawn")  # not fork: the server holds threads (torch, the model thread)
         self._workers = [self._spawn() for _ in range(workers)]
         self._threads = ThreadPoolExecutor(max(1, workers), thread_name_prefix="ttt-serve-opus")
@@ -154,18 +194,39 @@ class OpusCoding:
         theirs.close()
         return _Worker(proc, ours)
 
+    def _next_worker(self) -> _Worker:
+        return min(self._workers, key=lambda w: len(w.keys))
+
     def open(self) -> int:
         """A key for a new session, pinned to the worker with the fewest sessions."""
         key, self._next_key = self._next_key, self._next_key + 1
         if self._workers:
-            worker = min(self._workers, key=lambda w: len(w.keys))
+            worker = self._next_worker()
             worker.keys.add(key)
             self._pinned[key] = worker
+        else:
+            self._inline_keys.add(key)
         return key
+
+    def load(self, window_s: float) -> Load:
+        """How busy the coder that the next `open` pins to was over the last `window_s`, and its sessions."""
+        if not self._workers:
+            return Load("the event loop", self._inline_busy.fraction(window_s), len(self._inline_keys))
+        worker = self._next_worker()
+        return Load(f"Opus worker {self._workers.index(worker)}", worker.busy.fraction(window_s), len(worker.keys))
+
+    def _run_inline(self, batch: list[Op]) -> list[tp.Any]:
+        assert self._inline is not None
+        t0 = time.perf_counter()
+        try:
+            return self._inline.run(batch)
+        finally:
+            self._inline_busy.record(time.perf_counter() - t0)
 
     def close(self, key: int) -> None:
         """Forget the session's streams (no answer awaited)."""
         if self._inline is not None:
+            self._inline_keys.discard(key)
             self._inline.run([(CLOSE, key, None)])
             return
         worker = self._pinned.pop(key, None)
@@ -176,7 +237,7 @@ class OpusCoding:
     async def decode(self, key: int, opus: bytes) -> np.ndarray:
         """The pcm in the client's Ogg/Opus bytes; ProtocolError (1007) when they are not Ogg/Opus."""
         if self._inline is not None:
-            out = self._inline.run([(DECODE, key, opus)])[0]
+            out = self._run_inline([(DECODE, key, opus)])[0]
         else:
             out = await self._submit(key, (DECODE, key, opus))
         if isinstance(out, Failed):
@@ -187,7 +248,7 @@ class OpusCoding:
         """Each session's next Ogg/Opus bytes (b"" while a page fills), or the error that ends it."""
         if self._inline is not None:
             keys = list(frames)
-            return dict(zip(keys, self._inline.run([(ENCODE, k, frames[k]) for k in keys])))
+            return dict(zip(keys, self._run_inline([(ENCODE, k, frames[k]) for k in keys])))
         pending = {k: self._submit(k, (ENCODE, k, pcm)) for k, pcm in frames.items()}
         done = await asyncio.gather(*pending.values(), return_exceptions=True)
         out: dict[int, bytes | ProtocolError] = {}
@@ -218,12 +279,14 @@ class OpusCoding:
             while worker.queue and worker.alive:
                 batch, worker.queue = worker.queue, []
                 trip = loop.run_in_executor(self._threads, _round_trip, worker.conn, [op for op, _ in batch])
+                t0 = time.perf_counter()
                 try:
                     results = await asyncio.wait_for(trip, ROUND_TRIP_S)
                 except (EOFError, OSError, asyncio.TimeoutError):
                     worker.proc.kill()  # a stuck worker; its pipe thread then sees the end of the pipe
                     self._lose(worker, [f for _, f in batch])
                     return
+                worker.busy.record(time.perf_counter() - t0)
                 for (_, future), result in zip(batch, results):
                     if future is not None and not future.done():
                         future.set_result(result)

@@ -60,12 +60,16 @@ class Limits:
 class Admission:
     """When the server refuses a new session (1013, try again later) that it could not serve in real time.
 
-    Every slot is stepped in each batch whether or not a session holds it, so the step time measured over
-    the last seconds is what a new session would get: while its p90 is at or above `max_load` x the frame
-    (80 ms), the sessions already connected are falling behind and a new one would too.
+    Two things must keep up with every 80 ms frame. The batched step: every slot is stepped in each batch
+    whether or not a session holds it, so the step time measured over the last seconds is what a new
+    session would get: while its p90 is at or above `max_load` x the frame, the sessions already connected
+    are falling behind and a new one would too. And Opus: the coder a new session would be pinned to (the
+    event loop, or the Opus worker with the fewest sessions) spends wall-clock time per session; when its
+    busy fraction over the metrics window, scaled by (sessions + 1) / sessions, reaches `max_load`, one more
+    session would leave it no time to code everyone's frame, and the engine waits on it (`opus.Load`).
     """
 
-    max_load: float | None = 1.0  # step p90 / frame duration above which new sessions are refused (None: never)
+    max_load: float | None = 1.0  # step p90 / frame, and Opus busy fraction, at which sessions are refused (None: never)
     min_steps: int = 25  # steps measured in the metrics window (2 s of frames) before the rule applies
 
     def __post_init__(self) -> None:
@@ -222,6 +226,12 @@ class SessionManager:
             raise ProtocolError(Close.TRY_AGAIN_LATER, "not_real_time",
                                 f"server behind real time (step p90 {p90_s * 1e3:.0f} ms, budget "
                                 f"{budget_s * 1e3:.0f} ms per frame); try again later")
+        window_s = self.metrics.window_s
+        opus = self.opus.load(window_s)
+        if opus.with_one_more >= max_load:
+            raise ProtocolError(Close.TRY_AGAIN_LATER, "opus_not_real_time",
+                                f"Opus coding behind real time ({opus.coder}: {opus.busy:.0%} busy over {window_s:g} "
+                                f"s, {opus.sessions} sessions; {opus.with_one_more:.0%} with one more); try again later")
 
     def _claim(self) -> Session:
         free = next((i for i, s in enumerate(self.slots) if s is None), None)
