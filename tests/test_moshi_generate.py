@@ -56,6 +56,25 @@ def test_generate_on_the_embedded_default_speaks_with_its_own_codec(tmp_path: Pa
     assert f"{check['with_memory']['text words']:.2f} nats/word with the memory" in lines[-1]
 
 
+def test_generate_hybrid_dir_gets_the_memory_line_when_it_reads_the_shipped_tokens(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--hybrid DIR: probed when its Mimi and tokenizer are the shipped ones; another tokenizer: a one-line reason."""
+    hybrid = tmp_path / "hybrid"
+    hybrid.mkdir()
+    for f in SHIPPED_DIR.iterdir():
+        (hybrid / f.name).symlink_to(f)
+    files = generate("--minutes", "0.02", "--hybrid", str(hybrid), "--out", str(tmp_path / "a"), "--device", "cpu")
+    assert json.loads(files["stats"].read_text())["memory_check"]["status"] == "ok"
+    assert capsys.readouterr().out.splitlines()[-1].startswith("memory: a 2.6 s passage heard again")
+    (hybrid / "tokenizer.model").unlink()
+    (hybrid / "tokenizer.model").write_bytes(b"not the shipped tokenizer")
+    generate("--minutes", "0.02", "--hybrid", str(hybrid), "--out", str(tmp_path / "b"), "--device", "cpu",
+             "--tiny-mimi")
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"memory check skipped: the text tokenizer beside {hybrid} is not the shipped one, so its tokens are not the "
+        "shipped clip's")
+
+
 def test_generate_on_the_tiny_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     files = generate("--minutes", "0.2", "--tiny", "--tiny-mimi", "--out", str(tmp_path), "--device", "cpu")
     assert capsys.readouterr().out.splitlines()[-1] == ("memory check skipped: the model is built in code; the shipped "

@@ -111,7 +111,7 @@ def layout_problem(lm: nn.Module, clip: np.ndarray, model_dir: Path | None, conf
         if mine is None:
             return f"no {what} beside {model_dir}: cannot tell whether it reads the shipped clip's tokens"
         if ours is None or not filecmp.cmp(mine, ours, shallow=False):
-            return f"the {what} beside {model_dir} is not the shipped one: the shipped clip's tokens are not its tokens"
+            return f"the {what} beside {model_dir} is not the shipped one, so its tokens are not the shipped clip's"
     return None
 
 
