@@ -81,6 +81,18 @@ def test_the_reset_restarts_the_memory_and_only_the_memory(tmp_path: Path) -> No
     assert shut.with_memory == shut.reset and shut.change("text words") == 0.0
 
 
+def test_a_model_without_attention_is_probed_as_far_back_as_the_clip_reaches(tmp_path: Path) -> None:
+    from ttt_speech import TTTConfig
+    from ttt_speech.moshi import convert
+
+    clip_path, model_dir = tiny_clip(tmp_path, CONTEXT + 100 + SPAN)
+    lm = convert(build_tiny_lm(0), "all", "replace", TTTConfig(dim=32, num_heads=4, mini_batch=16, gate_init=10.0))
+    check = check_memory(lm, model_dir, {}, clip_path)
+    assert (check.status, check.window, check.gap) == ("ok", 0, 100)
+    assert check.change("text words") != 0  # nothing but the memory carries the past
+    assert "heard again 8.0 s later (no attention: only the memory reaches back)" in check.line()
+
+
 def test_a_model_without_memory_says_it_has_none(tmp_path: Path) -> None:
     check = check_memory(build_tiny_lm(0))
     assert (check.status, check.window, check.with_memory) == ("none", 8, {})

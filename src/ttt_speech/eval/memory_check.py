@@ -141,6 +141,5 @@ def check_memory(lm: nn.Module, model_dir: Path | None = None, config: dict[str,
                                 CONTEXT, 1)
     scorer = MoshiScorer(lm, "generate", segment=SEGMENT)
     entry = evaluate_copies(scorer, probes, spans, reset=True, progress=False, boot=1)[gap]
-    pick = lambda means: {g: means[g] for g in GROUPS}  # noqa: E731
-    return MemoryCheck("ok", "", window, gap, SPAN, pick(entry["again"]), pick(entry["again (reset)"]),
-                       pick(entry["first"]), time.perf_counter() - start)
+    again, reset, first = ({g: entry[key][g] for g in GROUPS} for key in ("again", "again (reset)", "first"))
+    return MemoryCheck("ok", "", window, gap, SPAN, again, reset, first, time.perf_counter() - start)
