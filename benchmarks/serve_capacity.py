@@ -17,7 +17,7 @@ At 7B shape each count first runs a 150-frame probe; the gap between the last pa
 probe is halved to within 1/8, and the largest passing count is confirmed over --frames (1500 = 2 min of
 audio), stepping down by 1/8 until one holds (--probe-frames 0: every count runs --frames). A row takes about
 (probes x 150 + confirmations x 1500) x step time. --seconds and --row-seconds bound the wall clock: a row
-skips what would not end in its time (`ramp(deadline=)`) and a row with no time left is not started (listed
+skips what would not end in its time (`capacity.search`) and a row with no time left is not started (listed
 under the table). capacity.json and capacity.md (the table) in --out are rewritten after every count, so a run
 killed mid-row keeps what it measured; capacity.png (sessions vs window) after every row.
 """
@@ -42,7 +42,8 @@ from moshi.models.loaders import _lm_kwargs, get_mimi, get_moshi_lm  # noqa: E40
 from ttt_speech.moshi import convert, default_inplace_config, default_ttt_config, set_attention_window  # noqa: E402
 from ttt_speech.moshi.commands import parse_layers  # noqa: E402
 from ttt_speech.moshi.tiny import build_tiny_lm, build_tiny_mimi, tiny_lm_config, tiny_mimi_config  # noqa: E402
-from ttt_speech.serve.capacity import FRAME_MS, Point, Ramp, Timer, opus_cpu_ms, plot, ramp, table  # noqa: E402
+from ttt_speech.serve.capacity import (  # noqa: E402
+    FRAME_MS, Point, Ramp, Timer, opus_cpu_ms, plot, ramp, row_deadline, table)
 
 # coarse: bisection closes the gap to 1/8 and each probe costs seconds of set-up (state, CUDA graphs)
 COUNTS_7B = "1,32,64,128,192,256,320,384"
@@ -140,7 +141,7 @@ def write(out: Path, ramps: list[Ramp], meta: dict, frames: int, budget_ms: floa
     opus = (f"Host Opus encode + decode: {opus_ms:.3f} ms of CPU per session-frame: one core codes at most "
             f"{int(budget_ms // opus_ms)} sessions in real time, whatever the GPU does; `serve --opus-workers N` "
             "spreads it over N processes (benchmarks/opus_pool.py)." if opus_ms is not None else
-            "Host Opus cost not measured: sphn is not installed.")
+            "Host Opus cost not measured (sphn missing or failing: see the log).")
     skipped = "".join(f"\nNot run, out of time (--seconds, --row-seconds): {name}." for name in meta.get("not_run", []))
     (out / "capacity.md").write_text(f"{title}; `{meta['command']}`\n\n{table(ramps, frames, budget_ms)}\n{opus}\n"
                                      f"{skipped}")
@@ -149,10 +150,12 @@ def write(out: Path, ramps: list[Ramp], meta: dict, frames: int, budget_ms: floa
 
 
 def host_opus_ms(sample_rate: int, frame_size: int) -> float | None:
-    """`opus_cpu_ms` on this host, or None without sphn (the device image has none unless its wheel is carried)."""
+    """`opus_cpu_ms` on this host, or None without a working sphn (the device image has none unless its wheel is
+    carried): one line under the table, not worth losing the GPU rows for."""
     try:
         return round(opus_cpu_ms(sample_rate, frame_size), 3)
-    except ImportError:
+    except Exception as e:  # noqa: BLE001
+        print(f"host Opus not measured: {type(e).__name__}: {e}", flush=True)
         return None
 
 
@@ -210,9 +213,7 @@ def main(argv: list[str] | None = None, timer: Timer | None = None,
     for i, row in enumerate(rows):
         name = VANILLA if row == VANILLA else f"hybrid {args.hybrid}"
         label = name if row == VANILLA else f"{name}, window {row}"
-        deadline = end
-        if i < len(row_seconds):
-            deadline = min(deadline or float("inf"), clock() + row_seconds[i])
+        deadline = row_deadline(clock(), end, row_seconds[i] if i < len(row_seconds) else None)
         if deadline is not None and clock() >= deadline:
             meta["not_run"].append(label)
             continue

@@ -17,7 +17,8 @@ pytest.importorskip("moshi")
 from helpers.serve import listening_mimi  # noqa: E402
 
 from ttt_speech.moshi.tiny import build_tiny_lm  # noqa: E402
-from ttt_speech.serve.capacity import measure, ramp  # noqa: E402
+from ttt_speech.serve import capacity  # noqa: E402
+from ttt_speech.serve.capacity import measure, ramp, session_bytes  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "serve_capacity.py"
@@ -135,6 +136,28 @@ def test_a_deadline_stops_probing_where_the_confirmation_would_not_fit_and_still
     assert unlimited.capacity == 7 and unlimited.note == ""  # 8 fails (80 ms), 6 and 7 pass their probes
     assert ramp("m", lm, mimi, [1, 2], frames=100, warmup=0, timer=clock.timer, probe_frames=10, deadline=0.7,
                 clock=Clock(10.0)).points == []  # not even the first probe fits: 10 frames costed at 80 ms
+
+
+def test_under_a_deadline_counts_refused_for_memory_cost_nothing_and_a_lone_baseline_is_not_confirmed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    lm, mimi = build_tiny_lm(0), listening_mimi(0)
+    state = session_bytes(lm, mimi)[0]
+    monkeypatch.setattr(capacity, "free_bytes", lambda device: int(3.5 * state))  # 3 sessions fit, 4 do not
+    clock = Clock(10.0)
+    # 4 is refused at once (costed, probe + confirmation would need 4.4 s from t = 0.3: past 3); bisecting to 3
+    # would need 3.3 s; the confirmation of 2 (2 s) fits
+    r = ramp("m", lm, mimi, [1, 2, 4, 8], frames=100, warmup=0, timer=clock.timer, probe_frames=10, deadline=3.0,
+             clock=clock)
+    assert [(p.sessions, p.probe, p.frames, p.real_time) for p in r.points] == [
+        (1, True, 10, True), (2, True, 10, True), (4, True, 0, False), (2, False, 100, True)]
+    assert r.points[2].failure.startswith("out of memory (") and r.capacity == 2
+    assert r.note == "time budget: stopped before probing 3 sessions (~3.3 s more needed)"
+    monkeypatch.undo()
+    clock = Clock(10.0)  # 2 would need 2.2 s from t = 0.1: past 2; a capacity of 1 is not worth a full run
+    lone = ramp("m", lm, mimi, [1, 2, 4], frames=100, warmup=0, timer=clock.timer, probe_frames=10, deadline=2.0,
+                clock=clock)
+    assert [(p.sessions, p.probe) for p in lone.points] == [(1, True)] and lone.capacity == 0
+    assert "| none confirmed (1 passed a probe) |" in capacity.table([lone], 100)
 
 
 def test_rows_out_of_time_are_listed_and_a_killed_run_keeps_the_counts_it_measured(tmp_path: Path) -> None:

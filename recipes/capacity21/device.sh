@@ -17,23 +17,25 @@
 # the weights, vanilla ~83. In-place on layers 28-31 (719 MiB per session: ~1.1 GiB at 750, ~110 fit) is the
 # runner-up (HYBRID=28-31:inplace).
 #
-# Row time estimates (not measured: from issue 21's H200 table, server step p90 22.4 ms + ~0.45 ms per vanilla
-# session, of which ~0.33 ms reads the session's 1.57 GB of KV at ~4.8 TB/s; a shared-hybrid session at window
-# W then costs ~0.12 + 0.33 x W/3000 + 0.06 ms (its TTT state read and written); ~4 s of set-up per count):
-#   set-up (wheels, imports, random 7B on the GPU, Opus line)                           ~40 s
-#   vanilla: probes 1,32,64,80 (96 and 88 refused at once: state > free memory),
-#            1500-frame confirmation of ~80 at ~58 ms                                   ~2.1 min   (ROW_S 180)
-#   750:  probes 1,32,64,128,192,256 (fails),224,208; confirmation of ~208 at ~78 ms    ~3.6 min,  5.3 with one
-#         step down (compute-bound near (80 - 23.5) / 0.26 ~ 215)                                  (ROW_S 300)
-#   1500: probes 1,32,64,128,136 (memory-bound ~140); confirmation at ~71 ms            ~2.8 min   (what is left)
-#   3000: probes 1,32,64,72 (memory-bound ~77); confirmation at ~61 ms                  ~2.3 min   (what is left)
-# So one call is expected to bring vanilla, 750 and most likely 1500; 3000 comes from a second call that
-# appends to the first's table (copy capacity.json into a git-ignored carried folder):
+# Row time estimates (not measured). Step model from issue 21's H200 table: server step p90 22.4 ms + 0.45 ms
+# per vanilla session, of which ~0.33 ms reads the session's 1.57 GB of KV at ~4.8 TB/s; a shared-hybrid session
+# at window W then costs ~0.12 + 0.33 x W/3000 + 0.06 ms (its TTT state read and written); memory caps ~83 /
+# 240 / 140 / 77 sessions. Replayed through the ramp's own search and budgets by recipes/capacity21/plan.py
+# (~40 s of set-up first; 4 s / 10 s per count outside its timed frames, unknown until measured):
+#   vanilla  probes 1,32,64,128 (refused: memory),96 (refused),80,88 (refused); confirms 80   133 s / 163 s
+#   750      probes 1,32,64,128,192,256 (over),224 (over),208 (over); confirms 192         180 s / 228 s
+#   1500     probes 1,32,64,128,192 (refused),160 (refused),144 (refused); confirms 128   149 s / cut
+#   3000     cut by the deadline after its batch-1 probe                                   8 s / 14 s
+# all done by 510 s / 459 s of the 570.
+# So one call is expected to bring vanilla, 750 and likely 1500; the rest comes from a second call that appends
+# to the first's table (copy capacity.json into a git-ignored carried folder; first plan it on the CPU with the
+# step and set-up times just measured: python recipes/capacity21/plan.py --from .cap21/capacity.json
+# --models 1500,3000 --row-seconds 240,240):
 #   echo /.cap21/ >> .git/info/exclude; mkdir -p .cap21; cp <files_at>/capacity21/capacity.json .cap21/
 #   run(command="MODELS=1500,3000 ROW_S=240,240 PREV=.cap21/capacity.json bash recipes/capacity21/device.sh",
 #       carry=[".whl", ".cap21"], timeout_s=600)
 # (a row already in PREV is replaced when measured again). Each row stops probing where its 1500-frame
-# confirmation would not end inside its budget (ramp(deadline=)), and the table says so. int8 (item 3:
+# confirmation would not end inside its budget (capacity.search's deadline), and the table says so. int8 (item 3:
 # benchmarks/quantize.py --compile, batch 1 and 64) does not fit beside these rows: its own call.
 # Then, with >= 45 s left, the host's Opus over worker processes (benchmarks/opus_pool.py): CPU only, the
 # device host's per-core figure that bounds the server beside the GPU.

@@ -7,8 +7,10 @@ the step's p90 and p99 stay under the frame budget (80 ms); the ramp stops at th
 not (or that does not fit in memory), so `Ramp.capacity` is the last count before it. A run that already
 has more than 1 % of its frames over budget cannot end with p99 under it and stops early. At 7B shape a
 full run per count takes minutes, so the ramp can locate the limit with short probes and confirm only
-the largest passing count over the full run (`ramp(..., probe_frames=)`), and keep inside a wall-clock
-deadline (`ramp(..., deadline=)`): a device call has minutes, and a row cut off by a kill reports nothing.
+the largest passing count over the full run (`search(..., probe_frames=)`), and keep inside a wall-clock
+deadline (`search(..., deadline=)`): a device call has minutes, and a row cut off by a kill reports nothing.
+`search` takes the measurement as a function, so recipes/capacity21/plan.py replays it against a step model
+to plan a device call's budgets on the CPU.
 """
 
 from __future__ import annotations
@@ -59,6 +61,13 @@ class Point:
     peak_bytes: int | None  # most CUDA memory allocated while this count ran (None: CPU)
     failure: str = ""  # why it is not real time ("" when it is)
     probe: bool = False  # a short run that only located the limit; capacity counts full runs only
+    wall_s: float | None = None  # the whole count's wall clock: set-up (state, slots, CUDA graphs) and frames
+
+    @property
+    def setup_s(self) -> float:
+        """Seconds this count spent outside its timed frames (0 when its wall clock was not taken)."""
+        timed_s = self.frames * self.p50_ms / 1e3 if self.frames else 0.0  # (a refused count has no frames)
+        return 0.0 if self.wall_s is None else max(0.0, self.wall_s - timed_s)
 
     @property
     def real_time(self) -> bool:
@@ -208,6 +217,20 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def free_bytes(device: torch.device) -> int | None:
+    """Device memory free for a batch's state once caches are released (None on a CPU: not checked)."""
+    _free(device)
+    return int(torch.cuda.mem_get_info(device)[0]) if device.type == "cuda" else None
+
+
+def too_big(sessions: int, state_bytes: int | None, device: torch.device) -> str:
+    """Why a batch of `sessions` cannot be allocated ("" when it may be): its state alone exceeds free memory."""
+    free = free_bytes(device)
+    if free is None or state_bytes is None or sessions * state_bytes <= free:
+        return ""
+    return f"out of memory ({sessions * state_bytes / 2**30:.1f} GiB of state, {free / 2**30:.1f} GiB free)"
+
+
 def _summary(ms: list[float], sessions: int, peak: int | None, budget_ms: float, failure: str = "") -> Point:
     a = np.asarray(ms) if ms else np.full(1, np.nan)
     p50, p90, p99 = (float(np.percentile(a, q)) for q in (50, 90, 99))
@@ -216,6 +239,22 @@ def _summary(ms: list[float], sessions: int, peak: int | None, budget_ms: float,
     elif not failure and p99 >= budget_ms:
         failure = f"p99 {p99:.1f} ms >= {budget_ms:g}"
     return Point(sessions, len(ms), p50, p90, p99, float(a.max()), peak, failure)
+
+
+def time_frames(step_ms: tp.Callable[[], float], sessions: int, frames: int, budget_ms: float = FRAME_MS,
+                peak: tp.Callable[[], int | None] = lambda: None) -> Point:
+    """`frames` steps (each call of `step_ms` runs one and returns its milliseconds), summarised. Stops once
+    more than 1 % of `frames` are over budget: p99 over `frames` is then over budget whatever follows."""
+    over_limit = int(0.01 * frames) + 1
+    ms: list[float] = []
+    over = 0
+    for _ in range(frames):
+        ms.append(step_ms())
+        over += ms[-1] >= budget_ms
+        if over >= over_limit:
+            return _summary(ms, sessions, peak(), budget_ms,
+                            f"p99 >= {budget_ms:g} ms ({over} of the first {len(ms)} frames over)")
+    return _summary(ms, sessions, peak(), budget_ms)
 
 
 @torch.no_grad()
@@ -230,17 +269,12 @@ def measure(lm: LMModel, mimi: MimiModel, sessions: int, frames: int, warmup: in
     device = lm.device
     timer = timer or wall_timer(device)
     cuda = device.type == "cuda"
-    _free(device)
-    if cuda and state_bytes is not None:
-        free = torch.cuda.mem_get_info(device)[0]
-        if sessions * state_bytes > free:
-            return _summary([], sessions, None, budget_ms, f"out of memory ({sessions * state_bytes / 2**30:.1f} "
-                                                           f"GiB of state, {free / 2**30:.1f} GiB free)")
+    refused = too_big(sessions, state_bytes, device)
+    if refused:
+        return _summary([], sessions, None, budget_ms, refused)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     peak = (lambda: int(torch.cuda.max_memory_allocated())) if cuda else (lambda: None)
-    over_limit = int(0.01 * frames) + 1  # this many frames over budget: p99 over `frames` is over budget too
-    ms: list[float] = []
     streams = None
     try:
         streams = BatchedStreams(lm, mimi, sessions)
@@ -250,16 +284,11 @@ def measure(lm: LMModel, mimi: MimiModel, sessions: int, frames: int, warmup: in
         streams.start_many({slot: seed + slot for slot in range(sessions)})
         for i in range(warmup):
             streams.step(pcm, active, first if i == 0 else later)
-        over = 0
-        for _ in range(frames):
-            ms.append(timer(lambda: streams.step(pcm, active, later), sessions))
-            over += ms[-1] >= budget_ms
-            if over >= over_limit:
-                return _summary(ms, sessions, peak(), budget_ms,
-                                f"p99 >= {budget_ms:g} ms ({over} of the first {len(ms)} frames over)")
-        return _summary(ms, sessions, peak(), budget_ms)
+        timed = streams  # the closure's own name: `streams` is unbound in `finally`
+        return time_frames(lambda: timer(lambda: timed.step(pcm, active, later), sessions), sessions, frames,
+                           budget_ms, peak)
     except torch.OutOfMemoryError:
-        return _summary(ms, sessions, peak(), budget_ms, "out of memory")
+        return _summary([], sessions, peak(), budget_ms, "out of memory")
     finally:
         if streams is not None:
             streams.close()
@@ -281,11 +310,32 @@ def step_estimate(points: tp.Sequence[Point], n: int, budget_ms: float) -> float
     return min(budget_ms, last.p90_ms + slope * (n - last.sessions))
 
 
+Measure = tp.Callable[[int, int], Point]  # (sessions, frames) -> that count's Point
+
+
+def row_deadline(now: float, end: float | None, budget_s: float | None) -> float | None:
+    """When a row started at `now` must end: its own budget, and never past the run's `end` (None: no limit)."""
+    limits = [t for t in (end, None if budget_s is None else now + budget_s) if t is not None]
+    return min(limits) if limits else None
+
+
 def ramp(name: str, lm: LMModel, mimi: MimiModel, counts: tp.Sequence[int], frames: int, warmup: int = 3,
          budget_ms: float = FRAME_MS, timer: Timer | None = None,
          progress: tp.Callable[[Ramp, Point], None] | None = None, probe_frames: int | None = None,
          deadline: float | None = None, clock: tp.Callable[[], float] = time.monotonic) -> Ramp:
-    """Measure ascending session counts until the first that is not real time.
+    """`search` the session counts of `lm` + `mimi` through the server's batched step (`measure`)."""
+    state, kv = session_bytes(lm, mimi)
+    out = Ramp(name, attention_window(lm), state, kv)
+    return search(out, counts, frames,
+                  lambda n, f: measure(lm, mimi, n, f, warmup, budget_ms, timer, state_bytes=state), budget_ms,
+                  probe_frames, deadline, clock, lambda n: not too_big(n, state, lm.device), progress)
+
+
+def search(out: Ramp, counts: tp.Sequence[int], frames: int, measure: Measure, budget_ms: float = FRAME_MS,
+           probe_frames: int | None = None, deadline: float | None = None,
+           clock: tp.Callable[[], float] = time.monotonic, fits: tp.Callable[[int], bool] = lambda n: True,
+           progress: tp.Callable[[Ramp, Point], None] | None = None) -> Ramp:
+    """Measure ascending session counts until the first that is not real time, adding the points to `out`.
 
     With `probe_frames`, the ramp runs that many frames per count (a probe); the gap between the last
     passing and the first failing count is then halved with probes to within 1/8 of the passing count,
@@ -295,17 +345,15 @@ def ramp(name: str, lm: LMModel, mimi: MimiModel, counts: tp.Sequence[int], fram
     With `deadline` (a `clock()` time), a probe runs only if it and the confirmation after it are expected to
     end by then (the first probe only if it is: nothing is measured yet to plan with), and a full run only if
     it is: `step_estimate` x frames, plus the slowest set-up seen so far (allocating the batch, starting its
-    slots, capturing CUDA graphs). What the deadline skipped goes in `note`.
+    slots, capturing CUDA graphs); a count that does not `fit` in memory is refused at once, so it costs
+    nothing. What the deadline skipped goes in `note`; a ramp it cut before any count beyond 1 passed is not
+    confirmed (a capacity of 1 says nothing about capacity; the time is the next row's).
     """
-    state, kv = session_bytes(lm, mimi)
-    out = Ramp(name, attention_window(lm), state, kv)
-    setup_s = 0.0  # the most seconds a count spent outside its timed frames
-
-    def cost_s(n: int, f: int) -> float:
-        return f * step_estimate(out.points, n, budget_ms) / 1e3 + setup_s
+    def cost_s(n: int, f: int) -> float:  # plus the most set-up seen: the next count's is alike
+        return f * step_estimate(out.points, n, budget_ms) / 1e3 + max((p.setup_s for p in out.points), default=0.0)
 
     def affordable(n: int, probe: bool) -> bool:
-        if deadline is None:
+        if deadline is None or not fits(n):  # a count refused for memory costs nothing
             return True
         need = cost_s(n, probe_frames or frames) if probe else cost_s(n, frames)
         if probe and out.points:  # the first probe runs alone: nothing measured yet to plan with
@@ -317,12 +365,9 @@ def ramp(name: str, lm: LMModel, mimi: MimiModel, counts: tp.Sequence[int], fram
         return False
 
     def run(n: int, probe: bool) -> bool:
-        nonlocal setup_s
         t0 = clock()
-        point = measure(lm, mimi, n, probe_frames if probe and probe_frames else frames, warmup, budget_ms, timer,
-                        state_bytes=state)
-        setup_s = max(setup_s, clock() - t0 - point.frames * point.p50_ms / 1e3)
-        point = replace(point, probe=probe)
+        point = measure(n, probe_frames if probe and probe_frames else frames)
+        point = replace(point, probe=probe, wall_s=round(clock() - t0, 3))
         out.points.append(point)
         if progress is not None:
             progress(out, point)
@@ -342,6 +387,8 @@ def ramp(name: str, lm: LMModel, mimi: MimiModel, counts: tp.Sequence[int], fram
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if run(mid, True) else (lo, mid)
     n = max((p.sessions for p in out.points if p.real_time), default=0)
+    if out.note and failed is None and n <= 1:  # cut before any count beyond the batch-1 baseline: no capacity
+        return out
     # a failing full run stops early: stepping down is cheap
     while n >= 1 and affordable(n, False) and not run(n, False):
         n -= max(1, n // 8)

@@ -69,7 +69,7 @@ class Admission:
     session would leave it no time to code everyone's frame, and the engine waits on it (`opus.Load`).
     """
 
-    max_load: float | None = 1.0  # step p90 / frame, and Opus busy fraction, at which sessions are refused (None: never)
+    max_load: float | None = 1.0  # step p90 / frame, Opus busy fraction: sessions refused at this (None: never)
     min_steps: int = 25  # steps measured in the metrics window (2 s of frames) before the rule applies
 
     def __post_init__(self) -> None:
@@ -230,8 +230,9 @@ class SessionManager:
         opus = self.opus.load(window_s)
         if opus.with_one_more >= max_load:
             raise ProtocolError(Close.TRY_AGAIN_LATER, "opus_not_real_time",
-                                f"Opus coding behind real time ({opus.coder}: {opus.busy:.0%} busy over {window_s:g} "
-                                f"s, {opus.sessions} sessions; {opus.with_one_more:.0%} with one more); try again later")
+                                f"Opus coding behind real time ({opus.coder}: {opus.busy:.0%} busy over "
+                                f"{window_s:g} s, {opus.sessions} sessions; {opus.with_one_more:.0%} with one more); "
+                                "try again later")
 
     def _claim(self) -> Session:
         free = next((i for i, s in enumerate(self.slots) if s is None), None)
