@@ -100,16 +100,20 @@ def test_a_session_the_opus_coder_could_not_keep_up_with_is_refused_with_1013(tm
             async with aiohttp.ClientSession() as client:
                 async with client.ws_connect(f"http://127.0.0.1:{port}/api/chat?seed=1") as held:  # stays connected
                     assert (await asyncio.wait_for(held.receive(), WAIT_S)).data[0] == Kind.HANDSHAKE
-                    busy.record(0.2)  # 20 % of the last 1 s for its 1 session: 40 % with a 2nd, under 50 %
+                    busy.record(0.4)  # no steps measured yet (fewer than min_steps): not judged
                     first, code, _ = await first_reply(client, port)
                     assert first[0] == Kind.HANDSHAKE and code is None
-                    busy.record(0.1)  # 30 %: 60 % with a 2nd
+                    for _ in range(25):  # 25 fast steps: 2 s of frames, 0.4 s of coding = 20 % of each frame for
+                        manager.metrics.record(0.010, 1)  # its 1 session, 40 % with a 2nd: under 50 %
+                    first, code, _ = await first_reply(client, port)
+                    assert first[0] == Kind.HANDSHAKE and code is None
+                    busy.record(0.2)  # 30 % of each frame: 60 % with a 2nd
                     first, code, reason = await first_reply(client, port)
-                    want = ("Opus coding behind real time (the event loop: 30% busy over 1 s, 1 sessions; 60% with one "
-                            "more); try again later")
+                    want = ("Opus coding behind real time (the event loop: 30% of each frame, 1 sessions; 60% with "
+                            "one more); try again later")
                     assert code == Close.TRY_AGAIN_LATER and reason == want and first[1:].decode() == want
                     assert "ttt_serve_opus_busy_fraction 0.3" in render_metrics(manager)
-                    await asyncio.sleep(1.1)  # the busy spell leaves the window
+                    await asyncio.sleep(1.1)  # the steps and the busy spell leave the window
                     first, code, _ = await first_reply(client, port)
                     assert first[0] == Kind.HANDSHAKE and code is None
                 assert manager.metrics.ended["opus_not_real_time"] == 1
@@ -118,7 +122,9 @@ def test_a_session_the_opus_coder_could_not_keep_up_with_is_refused_with_1013(tm
 
     asyncio.run(asyncio.wait_for(main(), 4 * WAIT_S))
     manager.metrics.window_s = 10.0
-    manager.opus.load = lambda window_s: Load("Opus worker 13", 1.0, 256)  # type: ignore[method-assign]
+    for _ in range(25):
+        manager.metrics.record(0.010, 1)
+    manager.opus.load = lambda window_s, audio_s: Load("Opus worker 13", 1.0, 256)  # type: ignore[method-assign]
     with pytest.raises(ProtocolError) as e:
         manager._admit()
     assert e.value.slug == "opus_not_real_time" and e.value.code == Close.TRY_AGAIN_LATER

@@ -199,20 +199,22 @@ def test_opus_workers_argument_takes_auto_or_a_count() -> None:
             opus_workers(bad)
 
 
-def test_load_is_the_busy_fraction_and_sessions_of_the_coder_a_new_session_joins() -> None:
+def test_load_is_the_coding_time_per_frame_and_sessions_of_the_coder_a_new_session_joins() -> None:
     async def main() -> None:
         inline, pool = OpusCoding(SR, 0), OpusCoding(SR, 2)
         try:
             t0 = time.perf_counter()
             await code(inline, 3, 4)
             elapsed = time.perf_counter() - t0
-            loop = inline.load(10.0)
+            loop = inline.load(10.0, 4 * 0.08)  # 4 frames stepped: 0.32 s of audio
             assert (loop.coder, loop.sessions) == ("the event loop", 3)
-            assert 0 < loop.busy * 10.0 <= elapsed  # the seconds spent inside the coding calls, over 10 s
+            assert 0 < loop.busy * 0.32 <= elapsed  # the seconds spent inside the coding calls, per 0.32 s
+            assert inline.load(10.0, 2 * 0.32).busy == pytest.approx(loop.busy / 2)
+            assert inline.load(10.0, 0.0).busy == 0.0  # nothing stepped: nothing to judge
             inline.close(0)
-            assert inline.load(10.0).sessions == 2
+            assert inline.load(10.0, 0.32).sessions == 2
             await code(pool, 3, 2)  # keys 0 and 2 on worker 0, key 1 on worker 1: a new session joins worker 1
-            worker = pool.load(10.0)
+            worker = pool.load(10.0, 0.16)
             assert (worker.coder, worker.sessions) == ("Opus worker 1", 1) and worker.busy > 0
         finally:
             await asyncio.gather(inline.aclose(), pool.aclose())
@@ -224,7 +226,7 @@ def test_busy_spans_leave_the_window_and_one_more_session_scales_the_load() -> N
     busy = Busy()
     busy.record(0.03)
     busy.record(0.01)
-    assert busy.fraction(0.1) == pytest.approx(0.4)
+    assert busy.seconds(0.1) == pytest.approx(0.04)
     time.sleep(0.06)
-    assert busy.fraction(0.05) == 0.0 and busy.fraction(10.0) == 0.0  # forgotten once out of a window
+    assert busy.seconds(0.05) == 0.0 and busy.seconds(10.0) == 0.0  # forgotten once out of a window
     assert Load("w", 0.6, 3).with_one_more == pytest.approx(0.8) and Load("w", 0.6, 0).with_one_more == 0.6

@@ -76,7 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-load", type=positive_float_or_off, default=MAX_LOAD,
                    help="refuse new sessions (1013) while the batched step's p90 over the last 10 s is at or above "
                         "this fraction of the 80 ms frame, or the Opus coder a new session would join (the event "
-                        "loop or a worker) would be busy this fraction of the time with it: the server would not "
+                        "loop or a worker) would need this fraction of each frame with it: the server would not "
                         f"keep real time; '{OFF}': never")
     p.add_argument("--opus-workers", type=opus_workers, default=AUTO,
                    help="processes that Opus-code the sessions' audio (~0.8 ms CPU per session-frame: one process "

@@ -14,8 +14,9 @@ A worker that dies, or does not answer a batch within `ROUND_TRIP_S`, ends only 
 `aclose` leaves no process behind.
 
 Each coder (the event loop, or each worker) keeps the wall-clock seconds it spent coding (`Busy`): a coder
-busy nearly all the time falls behind real time for every session it holds, however fast the GPU steps.
-`load` says how busy the coder a new session would join is, for admission control (`sessions.Admission`).
+that needs nearly a frame's 80 ms per frame falls behind real time for every session it holds, however fast
+the GPU steps. `load` says how busy the coder a new session would join is, for admission control
+(`sessions.Admission`).
 """
 
 from __future__ import annotations
@@ -61,13 +62,12 @@ class Busy:
     def record(self, seconds: float) -> None:
         self._spans.append((time.monotonic(), seconds))
 
-    def fraction(self, window_s: float) -> float:
-        """Seconds busy over the last `window_s` / `window_s`: 1.0 is a coder that never rests. A coder that
-        began less than `window_s` ago reads low until the window fills (as the step p90 needs its steps)."""
+    def seconds(self, window_s: float) -> float:
+        """Seconds spent coding over the last `window_s` of wall clock."""
         now = time.monotonic()
         while self._spans and self._spans[0][0] < now - window_s:
             self._spans.popleft()
-        return sum(s for _, s in self._spans) / window_s
+        return sum(s for _, s in self._spans)
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class Load:
     """The coder a new session would join: which, how busy over the window, with how many sessions."""
 
     coder: str  # "the event loop" or "Opus worker N"
-    busy: float  # `Busy.fraction`
+    busy: float  # seconds coding per second of audio stepped: 1.0 is a coder that needs all of every frame
     sessions: int
 
     @property
@@ -208,12 +208,17 @@ class OpusCoding:
             self._inline_keys.add(key)
         return key
 
-    def load(self, window_s: float) -> Load:
-        """How busy the coder that the next `open` pins to was over the last `window_s`, and its sessions."""
+    def load(self, window_s: float, audio_s: float) -> Load:
+        """How busy the coder that the next `open` pins to was over the last `window_s`, in which the engine
+        stepped `audio_s` seconds of frames, and its sessions. Per frame stepped, not per second of wall
+        clock: an idle spell (no frames, no coding) does not dilute it, and a coder that slows the engine
+        down (fewer frames) reads higher, as it should."""
         if not self._workers:
-            return Load("the event loop", self._inline_busy.fraction(window_s), len(self._inline_keys))
-        worker = self._next_worker()
-        return Load(f"Opus worker {self._workers.index(worker)}", worker.busy.fraction(window_s), len(worker.keys))
+            busy, coder, sessions = self._inline_busy, "the event loop", len(self._inline_keys)
+        else:
+            worker = self._next_worker()
+            busy, coder, sessions = worker.busy, f"Opus worker {self._workers.index(worker)}", len(worker.keys)
+        return Load(coder, busy.seconds(window_s) / audio_s if audio_s > 0 else 0.0, sessions)
 
     def _run_inline(self, batch: list[Op]) -> list[tp.Any]:
         assert self._inline is not None

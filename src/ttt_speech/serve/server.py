@@ -204,9 +204,10 @@ def render_metrics(manager: SessionManager) -> str:
          [("", manager.streams.slot_bytes * len(manager.slots))]),
         ("opus_workers", "gauge", "processes Opus-coding the sessions' audio (0: the event loop)",
          [("", manager.opus.workers)]),
-        ("opus_busy_fraction", "gauge", f"time spent Opus-coding over {m.window_s:g} s by the coder a new session "
-                                        "would join (new sessions are refused where one more would reach the "
-                                        "admission budget)", [("", manager.opus.load(m.window_s).busy)]),
+        ("opus_busy_fraction", "gauge", f"Opus-coding time per frame stepped over {m.window_s:g} s, of the coder "
+                                        "a new session would join, as a fraction of the frame (new sessions are "
+                                        "refused where one more would reach the admission budget)",
+         [("", manager.opus_load().busy)]),
         ("kept_conversations", "gauge", "suspended conversations on disk", [("", manager.store.count())]),
         ("sessions_opened_total", "counter", "sessions started or resumed", [("", m.opened)]),
         ("sessions_resumed_total", "counter", "sessions resumed from a token", [("", m.resumed)]),

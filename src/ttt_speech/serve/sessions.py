@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ttt_speech.serve import protocol
-from ttt_speech.serve.opus import OpusCoding, worker_lost
+from ttt_speech.serve.opus import Load, OpusCoding, worker_lost
 from ttt_speech.serve.protocol import Close, ProtocolError
 from ttt_speech.serve.store import StateStore
 from ttt_speech.serve.streams import BatchedStreams, StepResult
@@ -64,9 +64,10 @@ class Admission:
     whether or not a session holds it, so the step time measured over the last seconds is what a new
     session would get: while its p90 is at or above `max_load` x the frame, the sessions already connected
     are falling behind and a new one would too. And Opus: the coder a new session would be pinned to (the
-    event loop, or the Opus worker with the fewest sessions) spends wall-clock time per session; when its
-    busy fraction over the metrics window, scaled by (sessions + 1) / sessions, reaches `max_load`, one more
-    session would leave it no time to code everyone's frame, and the engine waits on it (`opus.Load`).
+    event loop, or the Opus worker with the fewest sessions) spends wall-clock time per session and frame;
+    when its coding time per frame stepped over the metrics window, as a fraction of the frame and scaled
+    by (sessions + 1) / sessions, reaches `max_load`, one more session would leave it no time to code every
+    frame, and the engine would wait on it (`opus.Load`). Both rules wait for `min_steps` steps.
     """
 
     max_load: float | None = 1.0  # step p90 / frame, Opus busy fraction: sessions refused at this (None: never)
@@ -226,13 +227,17 @@ class SessionManager:
             raise ProtocolError(Close.TRY_AGAIN_LATER, "not_real_time",
                                 f"server behind real time (step p90 {p90_s * 1e3:.0f} ms, budget "
                                 f"{budget_s * 1e3:.0f} ms per frame); try again later")
-        window_s = self.metrics.window_s
-        opus = self.opus.load(window_s)
-        if opus.with_one_more >= max_load:
+        opus = self.opus_load()
+        if steps >= self.admission.min_steps and opus.with_one_more >= max_load:
             raise ProtocolError(Close.TRY_AGAIN_LATER, "opus_not_real_time",
-                                f"Opus coding behind real time ({opus.coder}: {opus.busy:.0%} busy over "
-                                f"{window_s:g} s, {opus.sessions} sessions; {opus.with_one_more:.0%} with one more); "
+                                f"Opus coding behind real time ({opus.coder}: {opus.busy:.0%} of each frame, "
+                                f"{opus.sessions} sessions; {opus.with_one_more:.0%} with one more); "
                                 "try again later")
+
+    def opus_load(self) -> Load:
+        """The Opus coder a new session would join: its coding time per frame the engine stepped (metrics window)."""
+        _, steps = self.metrics.step_p90()
+        return self.opus.load(self.metrics.window_s, steps * self.metrics.frame_s)
 
     def _claim(self) -> Session:
         free = next((i for i, s in enumerate(self.slots) if s is None), None)
