@@ -49,6 +49,7 @@ from ttt_speech.serve.capacity import (  # noqa: E402
 COUNTS_7B = "1,32,64,128,192,256,320,384"
 WINDOWS_7B, WINDOWS_TINY = "750,1500,3000", "6,12,24"  # the order rows run in: the one that can win first
 VANILLA = "vanilla"
+CALL = ("device", "torch", "date", "command")  # what identifies a call whose rows a later --append keeps
 PROBE_FRAMES_7B = 150  # 12 s of frames per probe: a 1500-frame run only at the count that decides
 
 
@@ -143,8 +144,10 @@ def write(out: Path, ramps: list[Ramp], meta: dict, frames: int, budget_ms: floa
             "spreads it over N processes (benchmarks/opus_pool.py)." if opus_ms is not None else
             "Host Opus cost not measured (sphn missing or failing: see the log).")
     skipped = "".join(f"\nNot run, out of time (--seconds, --row-seconds): {name}." for name in meta.get("not_run", []))
+    earlier = "".join(f"\nEarlier call, rows kept unless measured again: {c.get('device')}, {c.get('date')}; "
+                      f"`{c.get('command')}`" for c in meta.get("earlier", []))
     (out / "capacity.md").write_text(f"{title}; `{meta['command']}`\n\n{table(ramps, frames, budget_ms)}\n{opus}\n"
-                                     f"{skipped}")
+                                     f"{skipped}{earlier}")
     if figure:
         plot(ramps, out / "capacity.png", title)
 
@@ -188,7 +191,10 @@ def main(argv: list[str] | None = None, timer: Timer | None = None,
     out = Path(args.out)
     kept: list[Ramp] = []
     if args.append and (out / "capacity.json").exists():
-        kept = [Ramp.from_dict(d) for d in json.loads((out / "capacity.json").read_text())["ramps"]]
+        before = json.loads((out / "capacity.json").read_text())
+        kept = [Ramp.from_dict(d) for d in before["ramps"]]
+        # where the kept rows come from: each earlier call's device, date and command
+        meta["earlier"] = before.get("earlier", []) + [{k: before[k] for k in CALL if k in before}]
     ramps: list[Ramp] = []
 
     def save(figure: bool, current: Ramp | None = None) -> list[Ramp]:

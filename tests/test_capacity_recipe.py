@@ -31,7 +31,8 @@ def test_the_device_call_at_tiny_shape_appends_its_rows_to_the_previous_call(tmp
                "note": "", "points": [{"sessions": 9, "frames": 6, "p50_ms": 5.0, "p90_ms": 6.0, "p99_ms": 7.0,
                                        "max_ms": 7.0, "peak_bytes": None, "failure": "", "probe": False,
                                        "wall_s": 3.5}]}
-    prev.write_text(json.dumps({"ramps": [earlier]}))
+    prev.write_text(json.dumps({"ramps": [earlier], "device": "NVIDIA H200", "date": "2026-12-03",
+                                "command": "python benchmarks/serve_capacity.py --out x"}))
     out = tmp_path / "out"
     env = {**os.environ, "TINY": "1", "OUT": str(out), "PYTHON": sys.executable, "MODELS": "vanilla,6",
            "PREV": str(prev), "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
@@ -45,6 +46,10 @@ def test_the_device_call_at_tiny_shape_appends_its_rows_to_the_previous_call(tmp
     assert saved["ramps"][1] == earlier  # kept as the previous call measured it
     assert all(x["points"] for x in saved["ramps"]) and saved["not_run"] == []  # (real CPU step times: not asserted)
     assert "--append" in saved["command"] and "--row-seconds 180,300" in saved["command"]
+    assert saved["earlier"] == [{"device": "NVIDIA H200", "date": "2026-12-03",
+                                 "command": "python benchmarks/serve_capacity.py --out x"}]
+    assert (r / "capacity.md").read_text().endswith("\nEarlier call, rows kept unless measured again: NVIDIA H200, "
+                                                     "2026-12-03; `python benchmarks/serve_capacity.py --out x`")
     log = (r / "log.txt").read_text()
     assert "serve_capacity rc=0" in log and "opus_pool rc=0" in log
     assert "| opus workers | sessions |" in (r / "opus_pool.md").read_text()

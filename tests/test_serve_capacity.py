@@ -70,7 +70,9 @@ def test_the_ramp_stops_at_the_first_failing_count_and_writes_the_table(tmp_path
     assert 0 < opus_ms < 80 and lines[7:] == [
         "", f"Host Opus encode + decode: {opus_ms:.3f} ms of CPU per session-frame: one core codes at most "
         f"{int(80 // opus_ms)} sessions in real time, whatever the GPU does; `serve --opus-workers N` spreads it "
-        "over N processes (benchmarks/opus_pool.py)."]
+        "over N processes (benchmarks/opus_pool.py).", "",
+        f"Earlier call, rows kept unless measured again: CPU, {saved['date']}; `python benchmarks/serve_capacity.py "
+        f"{' '.join(common)} --models vanilla,12`"]  # the first call's rows, kept by the --append
 
 
 def test_p99_allows_one_slow_frame_in_a_hundred_and_stops_at_the_second() -> None:
