@@ -183,3 +183,16 @@ def test_rows_out_of_time_are_listed_and_a_killed_run_keeps_the_counts_it_measur
         bench.main([*common, "--models", "vanilla"], timer=killed_at_the_third_count)
     saved = json.loads((tmp_path / "capacity.json").read_text())
     assert [[(p["sessions"], p["probe"]) for p in r["points"]] for r in saved["ramps"]] == [[(1, True), (2, True)]]
+
+
+def test_the_figure_leaves_out_a_row_cut_before_any_confirmed_count_and_keeps_a_measured_zero() -> None:
+    def point(sessions: int, probe: bool, failure: str = "") -> capacity.Point:
+        return capacity.Point(sessions, 150, 20.0, 21.0, 22.0, 23.0, None, failure, probe)
+
+    vanilla = capacity.Ramp("vanilla", 3000, 1, 1, [point(1, True), point(80, False)])
+    cut = capacity.Ramp("hybrid", 3000, 1, 1, [point(1, True)], note="time budget: stopped before probing 32")
+    none_real_time = capacity.Ramp("hybrid", 6, 1, 1, [point(1, True, "p90 >= 80 ms")])  # measured: 0
+    short = capacity.Ramp("hybrid", 750, 1, 1, [point(208, False), point(224, True, "p99 >= 80 ms")],
+                          note="time budget: stopped before a full run of 216")
+    assert capacity.plotted([vanilla, cut, none_real_time, short]) == {"vanilla": [(3000, 80)],
+                                                                       "hybrid": [(6, 0), (750, 208)]}

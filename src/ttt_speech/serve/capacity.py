@@ -421,6 +421,17 @@ def table(ramps: tp.Sequence[Ramp], frames: int, budget_ms: float = FRAME_MS) ->
     return "\n".join(rows) + "\n"
 
 
+def plotted(ramps: tp.Sequence[Ramp]) -> dict[str, list[tuple[int, int]]]:
+    """design -> [(window, real-time sessions)] by window: what `plot` draws. A ramp cut short by its time
+    budget before any count was confirmed is left out: its capacity is unknown, not 0 (the table says where
+    it stopped)."""
+    series: dict[str, list[tuple[int, int]]] = {}
+    for r in ramps:
+        if r.window is not None and not (r.note and r.best is None):
+            series.setdefault(r.model, []).append((r.window, r.capacity))
+    return {design: sorted(points) for design, points in series.items()}
+
+
 def plot(ramps: tp.Sequence[Ramp], path: Path, title: str) -> None:
     """Real-time sessions against the attention window, one series per design (vanilla a single point)."""
     import matplotlib
@@ -429,15 +440,10 @@ def plot(ramps: tp.Sequence[Ramp], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    series: dict[str, list[Ramp]] = {}
-    for r in ramps:
-        series.setdefault(r.model, []).append(r)
-    for i, (design, rs) in enumerate(series.items()):
-        rs = sorted((r for r in rs if r.window is not None), key=lambda r: r.window or 0)
-        ax.plot([r.window for r in rs], [r.capacity for r in rs], marker="o", color=f"C{i}", label=design)
-        for r in rs:
-            ax.annotate(str(r.capacity), (r.window, r.capacity), textcoords="offset points", xytext=(4, 4),
-                        fontsize=8)
+    for i, (design, points) in enumerate(plotted(ramps).items()):
+        ax.plot(*zip(*points), marker="o", color=f"C{i}", label=design)
+        for window, sessions in points:
+            ax.annotate(str(sessions), (window, sessions), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("attention window (frames; 12.5 frames = 1 s)")
     ax.set_ylabel(f"sessions in real time (p90 & p99 < {FRAME_MS:g} ms)")
     ax.set_ylim(bottom=0)
