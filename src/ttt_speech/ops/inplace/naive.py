@@ -13,6 +13,7 @@ from torch import Tensor
 
 def inplace_naive(
     q: Tensor, k: Tensor, v: Tensor, delta: Tensor, buf_k: Tensor, buf_v: Tensor, offset: Tensor, chunk: int,
+    decay: float | Tensor = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Same contract as `reference.inplace_chunked`."""
     B, T, _ = q.shape
@@ -24,7 +25,8 @@ def inplace_naive(
         for t in range(T):
             ys.append(torch.mv(W, q[b, t]))  # read with the weights of the chunk's start
             pairs.append((k[b, t], v[b, t]))
-            if len(pairs) == chunk:  # the chunk's last frame: write its pairs
+            if len(pairs) == chunk:  # the chunk's last frame: fade the old memory, then write its pairs
+                W = W * decay
                 for kk, vv in pairs:
                     W = W + torch.outer(vv, kk)
                 pairs = []

@@ -10,10 +10,15 @@ from the start of the stream, chunk length ``C``). Frame t reads
 and at the end of chunk c the chunk's pairs are written (apply-then-update: chunk c reads only
 what chunks < c wrote, so every pair of chunk c may use anything up to the chunk's last frame):
 
-    Delta_{c+1} = Delta_c + sum_{tau in chunk c} v_tau k_tau^T          Delta_0 = 0
+    Delta_{c+1} = lambda Delta_c + sum_{tau in chunk c} v_tau k_tau^T          Delta_0 = 0
 
 This is one gradient step per chunk on the in-place paper's loss ``-<V, Z Delta^T>_F`` (whose
-gradient is ``-V^T Z``); the step size is folded into ``v`` by the caller. The layer pairs the key of
+gradient is ``-V^T Z``); the step size is folded into ``v`` by the caller. The decay ``lambda`` in
+(0, 1] (`decay`; 1: none, the in-place paper's rule) fades what earlier chunks wrote once per chunk,
+as GLA, RetNet, Mamba-2 and Gated DeltaNet gate their states: with lambda < 1 the delta stays below
+``max_c ||sum_chunk v k^T|| / (1 - lambda)`` however long the stream, where lambda = 1 lets it grow
+without bound (issue 24: a memory trained on 1536 frames broke past ~4700). It may be a 0-dim
+tensor that needs grad (the layer learns it). The layer pairs the key of
 frame tau-1 with a value built from frame tau (``k_tau = z_{tau-1}``, see `layers/inplace.py`), so
 the memory maps "what the MLP saw" to "what came next", aligned with next-frame prediction.
 
@@ -31,12 +36,13 @@ from torch import Tensor
 
 def inplace_chunked(
     q: Tensor, k: Tensor, v: Tensor, delta: Tensor, buf_k: Tensor, buf_v: Tensor, offset: Tensor, chunk: int,
+    decay: float | Tensor = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """In-place fast weights over T frames per stream, each stream starting `offset[b]` frames into a chunk.
 
     q, k: [B, T, F] (queries z_t, keys); v: [B, T, D] (values, step size included); delta: [B, D, F];
     buf_k: [B, C, F], buf_v: [B, C, D] (the current chunk's earlier pairs, rows < offset valid);
-    offset: [B] int64 in [0, C). Returns (o [B, T, D], delta, buf_k, buf_v, new offset).
+    offset: [B] int64 in [0, C); decay: lambda (a float or a 0-dim tensor). Returns (o [B, T, D], delta, buf_k, buf_v, new offset).
     Streams are aligned on a grid of whole chunks: the buffer fills each stream's first rows, the
     new frames follow at their positions, and the rest is zeros (a zero pair writes nothing).
     """
@@ -60,7 +66,7 @@ def inplace_chunked(
         s = slice(n * C, (n + 1) * C)
         outs.append(qg[:, s] @ delta.transpose(1, 2))
         done = ((n + 1) * C <= end).view(B, 1, 1)  # this stream reached the chunk's last frame
-        delta = torch.where(done, delta + vg[:, s].transpose(1, 2) @ kg[:, s], delta)
+        delta = torch.where(done, decay * delta + vg[:, s].transpose(1, 2) @ kg[:, s], delta)
     o = torch.cat(outs, 1).gather(1, pos[..., None].expand(B, T, delta.shape[1]))
     # the pairs of each stream's unfinished chunk (the spare chunk when it ended on a boundary)
     rows = ((end // C) * C)[:, None] + ar  # [B, C]
