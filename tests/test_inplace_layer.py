@@ -15,7 +15,8 @@ from ttt_speech.config import InPlaceConfig, TTTConfig
 from ttt_speech.layers import InPlaceLayer, InPlaceState, TTTState
 from ttt_speech.layers.inplace import GatedMLP
 
-CONFIGS = {"conv2": dict(), "conv3-chunk1": dict(conv_kernel=3, chunk=1, base_lr=0.5), "no-conv-chunk5": dict(conv_kernel=1, chunk=5)}
+CONFIGS = {"conv2": dict(), "conv3-chunk1": dict(conv_kernel=3, chunk=1, base_lr=0.5), "no-conv-chunk5": dict(conv_kernel=1, chunk=5),
+           "decay": dict(chunk=3, decay=0.7)}
 
 
 def build(name: str = "conv2", seed: int = 0, **kw) -> InPlaceLayer:
@@ -162,8 +163,9 @@ def test_save_load_round_trip_and_mismatches_are_named(tmp_path):
         InPlaceState.load(tmp_path / "bad.st")
 
 
-def test_gradients_reach_every_parameter():
-    layer = build()
+@pytest.mark.parametrize("name", ["conv2", "decay"])
+def test_gradients_reach_every_parameter(name):
+    layer = build(name)
     _, carried = layer(torch.randn(2, 6, 16))
     y, s = layer(torch.randn(2, 9, 16), carried)
     (y.square().sum() + s["delta"].square().sum()).backward()
@@ -171,10 +173,12 @@ def test_gradients_reach_every_parameter():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, n
 
 
-def test_gradcheck_through_layer_with_carried_state():
-    layer = build(chunk=3).to(torch.float64)
+@pytest.mark.parametrize("name", ["conv2", "decay"])
+def test_gradcheck_through_layer_with_carried_state(name):
+    layer = build(name, chunk=3).to(torch.float64)
     _, carried = layer(torch.randn(1, 5, 16, dtype=torch.float64))
     names = ["target_proj.weight", "target_conv_weight", "lr_weight", "lr_bias", "mlp.linear_in.weight"]
+    names += ["decay_logit"] if name == "decay" else []
     params = dict(layer.named_parameters())
     leaves = [torch.randn(1, 7, 16, dtype=torch.float64, requires_grad=True)]
     leaves += [params[n].detach().clone().requires_grad_() for n in names]
@@ -195,6 +199,9 @@ def test_bad_input(x, err, msg):
 def test_bad_config_mlp_source_and_foreign_state():
     with pytest.raises(ValueError, match="chunk must be >= 1 frame, got 0"):
         InPlaceConfig(dim=16, hidden=24, chunk=0)
+    for bad in (0.0, 1.5, -0.1, float("nan")):
+        with pytest.raises(ValueError, match=r"decay must be in \(0, 1\] \(1.0: no decay.*got"):
+            InPlaceConfig(dim=16, hidden=24, decay=bad)
     with pytest.raises(ValueError, match=r"weight shape \(16, 48\), the config says \(dim, hidden\) = \(16, 24\)"):
         InPlaceConfig(dim=16, hidden=24).build(GatedMLP.moshi(moshi_gating(16, 72)))
     layer = build()
@@ -216,3 +223,20 @@ def test_forward_under_bf16_autocast_keeps_fp32_state_close_to_fp32():
     assert state16["values"].dtype == state16["delta"].dtype == torch.float32
     assert (state16["delta"] - state["delta"]).abs().max() < 0.02 * state["delta"].abs().max()
     assert (y16.float() - y).abs().max() < 0.05 * y.abs().max()
+
+
+def test_decay_is_a_learned_per_layer_parameter_only_below_one():
+    """decay 1.0: no parameter, so state dicts of layers from before the decay load strictly and the numbers
+    are the same; decay 0.9: lambda = sigmoid(decay_logit) starts at 0.9, and it fades what was written."""
+    plain, decayed = build(), build(decay=0.9)
+    assert "decay_logit" not in dict(plain.named_parameters()) and plain.decay(torch.float32) == 1.0
+    assert set(decayed.state_dict()) == set(plain.state_dict()) | {"decay_logit"}
+    torch.testing.assert_close(decayed.decay(torch.float64), torch.tensor(0.9, dtype=torch.float64), rtol=0, atol=1e-7)
+    decayed.load_state_dict({**plain.state_dict(), "decay_logit": decayed.decay_logit.detach()}, strict=True)
+    x = torch.randn(2, 11, 16)
+    (y1, s1), (y2, s2) = plain(x), decayed(x)
+    assert torch.equal(y1[:, :8], y2[:, :8])  # chunks 0 and 1 read a delta nothing faded yet
+    assert not torch.equal(y1[:, 8:], y2[:, 8:])  # chunk 2 reads 0.9 x chunk 0's write + chunk 1's
+    with torch.no_grad():  # the delta after two chunks: 0.9 (chunk 0) + chunk 1, so chunk 0 alone is the gap
+        _, s_first = plain(x[:, :4])
+    torch.testing.assert_close(s1["delta"] - s2["delta"], 0.1 * s_first["delta"], rtol=0, atol=1e-5)

@@ -157,7 +157,9 @@ class InPlaceConfig(DictConfig):
     value built from the source of frame t through a causal depthwise conv of `conv_kernel` taps and
     a projection); the write strength is base_lr * sigmoid(theta . source_t + b) / hidden. With
     `target_init_std = 0` the projection starts at zero: every write is zero, so a converted
-    pretrained model is unchanged until trained (see docs/ttt.md).
+    pretrained model is unchanged until trained (see docs/ttt.md). `decay` < 1: at each chunk end the
+    delta is first scaled by a learned per-layer lambda in (0, 1) starting at `decay`, so a stream of
+    any length keeps a bounded delta (1.0: no decay and no parameter, the in-place paper's rule).
     """
 
     dim: int
@@ -167,6 +169,7 @@ class InPlaceConfig(DictConfig):
     base_lr: float = 1.0
     target_init_std: float = 0.0
     init_std: float = 0.02
+    decay: float = 1.0
 
     def __post_init__(self) -> None:
         if self.dim <= 0 or self.hidden <= 0:
@@ -175,3 +178,5 @@ class InPlaceConfig(DictConfig):
             raise ValueError(f"chunk must be >= 1 frame, got {self.chunk}")
         if self.conv_kernel < 1:
             raise ValueError(f"conv_kernel must be >= 1, got {self.conv_kernel}")
+        if not 0.0 < self.decay <= 1.0:
+            raise ValueError(f"decay must be in (0, 1] (1.0: no decay; e.g. 0.95 keeps ~20 chunks), got {self.decay}")

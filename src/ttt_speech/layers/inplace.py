@@ -9,7 +9,9 @@ is written once per chunk of frames (math: `ops/inplace/reference.py` and docs/t
   passes another, e.g. the model's input embeddings) through a causal depthwise conv ending at
   frame t and a projection; ``eta_t = base_lr * sigmoid(theta . s_t + b) / hidden``;
 - the pair (k_t, v_t) joins the chunk of frame t; at the chunk's last frame all its pairs are added
-  to the delta, which the *next* chunk reads (apply-then-update).
+  to the delta, which the *next* chunk reads (apply-then-update);
+- with `decay` < 1, the delta is first scaled by this layer's lambda = sigmoid(decay_logit) (learned,
+  starting at `decay`): a bounded state for streams of any length (issue 24).
 
 So the memory learns "after what the MLP saw at t-1 comes (a projection of) frame t", the
 next-frame alignment of the in-place paper, and it is causal at chunk ends without padding: a pair
@@ -38,6 +40,7 @@ layer and stream, so ~5–6 ms per frame for all 32 layers at batch 1, ~0.7 ms f
 
 from __future__ import annotations
 
+import math
 import typing as tp
 
 import torch
@@ -164,6 +167,15 @@ class InPlaceLayer(StreamingLayer):
         nn.init.normal_(self.target_proj.weight, std=cfg.target_init_std)
         self.lr_weight = nn.Parameter(torch.randn(D) * cfg.init_std)
         self.lr_bias = nn.Parameter(torch.zeros(()))
+        if cfg.decay < 1.0:  # only then: a layer without decay keeps the state dict of before the decay existed
+            self.decay_logit = nn.Parameter(torch.tensor(math.log(cfg.decay / (1.0 - cfg.decay))))
+
+    def decay(self, dtype: torch.dtype) -> float | Tensor:
+        """lambda in (0, 1]: the float 1.0 without decay (the ops then compute exactly what they did before the
+        decay existed), else the sigmoid of the learned logit, a 0-dim tensor that gets gradients."""
+        if self.config.decay == 1.0:
+            return 1.0
+        return torch.sigmoid(self.decay_logit.to(dtype))
 
     def _check(self, x: Tensor, state: InPlaceState | None, source: Tensor | None = None) -> InPlaceState:
         checked = super()._check(x, state)
@@ -211,7 +223,7 @@ class InPlaceLayer(StreamingLayer):
         base, q, k, v, tails = self._pairs(x, state, source)
         run = inplace_parallel if x.shape[1] <= self.parallel_max else inplace_chunked
         o, delta, keys, values, offset = run(q, k, v, state["delta"], state["keys"], state["values"],
-                                             state.tensors["offset"], self.config.chunk)
+                                             state.tensors["offset"], self.config.chunk, self.decay(q.dtype))
         y = (base.to(o.dtype) + o).to(base.dtype)
         return y, state.replace(delta=delta, keys=keys, values=values, offset=offset, **tails)
 
@@ -219,6 +231,6 @@ class InPlaceLayer(StreamingLayer):
                     source: Tensor | None = None) -> Tensor:
         base, q, k, v, tails = self._pairs(x, state, source)
         o = inplace_step_(q[:, 0], k[:, 0], v[:, 0], state["delta"], state["keys"], state["values"],
-                          state.tensors["offset"], self.config.chunk, exec_mask=exec_mask)
+                          state.tensors["offset"], self.config.chunk, exec_mask=exec_mask, decay=self.decay(q.dtype))
         state.write_(tails, exec_mask)
         return (base.to(o.dtype) + o[:, None]).to(base.dtype)
