@@ -155,3 +155,10 @@ def test_without_memory_the_branch_is_convert_hfs_default():
         convert(model, layers=[0], mode="replace")
     assert section_of(model.config) is None  # refused before anything changed
     assert section_of(convert(model, layers=[0], mode="replace", memory=ttt_config(10.0)).config).branch == "ttt"
+    args = ["--model", "m", "--layers", "1", "--out", "o", "--decay", "0.9", "--chunk", "8"]
+    assert memory_config(parser.parse_args(args), HIDDEN, HEADS, 128) == default_inplace_config(HIDDEN, 128, decay=0.9,
+                                                                                               chunk=8)
+    with pytest.raises(ValueError, match="--decay is an option of --branch inplace; it does not apply to --branch ttt"):
+        memory_config(parser.parse_args([*args[:-2], "--branch", "ttt"]), HIDDEN, HEADS, 128)
+    decayed = convert(tiny_model(), layers=[1], memory=default_inplace_config(HIDDEN, 128, decay=0.9))
+    assert "model.layers.1.mlp.memory.decay_logit" in dict(decayed.named_parameters())

@@ -21,10 +21,10 @@ from ttt_speech.layers import InPlaceLayer, InPlaceState  # noqa: E402
 CHUNK, W = 4, 32
 
 
-def inplace(family: str = "llama", layers=(1, 2), base_lr: float = 100.0):
+def inplace(family: str = "llama", layers=(1, 2), base_lr: float = 100.0, decay: float = 1.0):
     """Converted with a large write step (the target projection still starts at zero: see open_memory)."""
-    return convert(tiny_model(family), layers=layers, ttt=InPlaceConfig(HIDDEN, 128, chunk=CHUNK, base_lr=base_lr),
-                   attention_window=W)
+    return convert(tiny_model(family), layers=layers,
+                   ttt=InPlaceConfig(HIDDEN, 128, chunk=CHUNK, base_lr=base_lr, decay=decay), attention_window=W)
 
 
 @torch.no_grad()
@@ -62,8 +62,9 @@ def test_converted_model_is_the_windowed_original_bit_for_bit(family):
     assert (opened[:, CHUNK:] - logits(gate0, x)[:, CHUNK:]).abs().max().item() > 1e-2
 
 
-def test_chunked_forward_equals_token_by_token_decoding_and_generate_carries_the_state():
-    model = inplace()
+@pytest.mark.parametrize("decay", [1.0, 0.6])
+def test_chunked_forward_equals_token_by_token_decoding_and_generate_carries_the_state(decay):
+    model = inplace(decay=decay)
     open_memory(model)
     x = ids(2, 21)
     full = logits(model, x)
@@ -83,18 +84,20 @@ def test_chunked_forward_equals_token_by_token_decoding_and_generate_carries_the
     assert model.model.layers[1].mlp.memory_context == (None, None)  # no cache outlives a forward
 
 
-def test_save_and_load_round_trip_with_one_key_per_weight(tmp_path):
-    model = inplace("qwen2", base_lr=10.0)
+@pytest.mark.parametrize("decay", [1.0, 0.6])
+def test_save_and_load_round_trip_with_one_key_per_weight(tmp_path, decay):
+    model = inplace("qwen2", base_lr=10.0, decay=decay)
     open_memory(model)
     model.save_pretrained(tmp_path)
     section = json.loads((tmp_path / "config.json").read_text())["memory"]
     assert section["branch"] == "inplace" and section["config"]["chunk"] == CHUNK and section["config"]["base_lr"] == 10
+    assert section["config"]["decay"] == decay
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
         keys = set(f.keys())
     mlp_keys = {k for k in keys if k.startswith("model.layers.1.mlp.")}
     assert mlp_keys == {f"model.layers.1.mlp.{n}" for n in ("gate_proj.weight", "up_proj.weight", "down_proj.weight",
                         "memory.target_conv_weight", "memory.target_conv_bias", "memory.target_proj.weight", "memory.lr_weight",
-                        "memory.lr_bias")}
+                        "memory.lr_bias", *(["memory.decay_logit"] if decay < 1 else []))}
     loaded = convert.load(tmp_path)
     x = ids(2, 19)
     assert torch.equal(logits(loaded, x), logits(model, x))

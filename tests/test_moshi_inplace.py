@@ -132,3 +132,52 @@ def test_convert_moshi_command_with_an_inplace_branch(tiny_ckpt: TinyCheckpoint,
     ttt_json.write_text('{"mini_batch": 8}')
     with pytest.raises(UsageError, match=r"ttt.json: mini_batch is an option of --branch ttt, not of --branch inplace"):
         convert_moshi(*base, "--memory-config", str(ttt_json), "--out", str(tmp_path / "bad"))
+
+
+def test_decay_converts_trains_through_set_and_round_trips(tiny_ckpt: TinyCheckpoint, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """model.memory.decay (a --set override) and convert-moshi --decay make layers with a learned lambda; the
+    hybrid saves it (config and decay_logit), loads strictly and computes the same logits; streaming equals
+    the training path with the decay; a bad value is one line naming it."""
+    from ttt_speech.train.config import ModelConfig, load_config
+    from ttt_speech.train.moshi_model import load_moshi
+
+    assert load_config(Path(__file__).parents[1] / "configs" / "moshi_long.yaml",
+                       ["model.memory.decay=0.95"]).model.memory == {"chunk": 64, "decay": 0.95}
+    model = load_moshi(ModelConfig(tiny=True, memory={"chunk": CHUNK, "decay": 0.95}), torch.device("cpu"),
+                       torch.float32)
+    assert model.memory_spec.config.decay == 0.95
+    for layer in model.memory_layers():
+        torch.testing.assert_close(layer.memory.decay(torch.float32), torch.tensor(0.95), rtol=0, atol=1e-6)
+    open_memory(model)
+    with torch.no_grad():  # lambdas of their own per layer, as training would leave them
+        for i, layer in enumerate(model.memory_layers()):
+            layer.memory.decay_logit.fill_(0.5 + i)
+    codes = random_codes(model, 2, 5 * CONTEXT)
+    with torch.no_grad():
+        train = model(codes)
+    logits, _ = streamed_logits(model, codes)
+    torch.testing.assert_close(logits, train.logits, rtol=1e-5, atol=2e-5, equal_nan=True)
+    out = model.save_pretrained(tmp_path / "decay")
+    raw = json.loads((out / "config.json").read_text())
+    assert raw["memory"]["config"]["decay"] == 0.95
+    loaded = load_hybrid(out, dtype=torch.float32)  # strict: decay_logit is in the file and in the rebuilt model
+    assert loaded.memory_spec == model.memory_spec
+    assert [layer.memory.decay_logit.item() for layer in loaded.memory_layers()] == [0.5 + i for i in range(
+        len(list(model.memory_layers())))]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(codes).logits, train.logits, rtol=0, atol=0, equal_nan=True)
+        ref = convert(build_tiny_lm(0), "all", "hybrid", default_inplace_config(build_tiny_lm(0), chunk=CHUNK))
+        ref.load_state_dict({k: v for k, v in model.state_dict().items() if "decay_logit" not in k})
+        assert (ref(codes).logits - train.logits).nan_to_num().abs().max() > 1e-3  # the decay changed the model
+
+    base = ["--moshi-weights", str(tiny_ckpt.moshi_weights), "--config", str(tiny_ckpt.config), "--dtype", "float32"]
+    out = convert_moshi(*base, "--out", str(tmp_path / "cli"), "--layers", "1", "--decay", "0.9")
+    lm = load_hybrid(out, dtype=torch.float32)
+    assert lm.memory_spec.config.decay == 0.9 and hasattr(lm.transformer.layers[1].memory, "decay_logit")
+    with pytest.raises(UsageError, match="--decay is an option of --branch inplace; it does not apply to --branch ttt"):
+        convert_moshi(*base, "--branch", "ttt", "--decay", "0.9", "--out", str(tmp_path / "bad"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        convert_moshi(*base, "--decay", "1.5", "--out", str(tmp_path / "bad"))
+    assert "error: argument --decay: 1.5 is not a number in (0, 1]" in capsys.readouterr().err

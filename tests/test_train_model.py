@@ -36,6 +36,9 @@ def tiny(mode: str | None, seed: int = 0) -> LMModel:
         return convert(lm, "all", "hybrid", default_gdn_config(lm, gate_init=0.6, chunk_size=4))
     if mode == "inplace":  # every layer's MLP with fast weights whose writes matter, chunks not aligned to the cuts
         return convert(lm, "all", "hybrid", default_inplace_config(lm, chunk=4, target_init_std=1.0, base_lr=300.0))
+    if mode == "inplace-decay":  # ... whose delta fades by 0.5 at each chunk end
+        return convert(lm, "all", "hybrid", default_inplace_config(lm, chunk=4, target_init_std=1.0, base_lr=300.0,
+                                                                   decay=0.5))
     if mode == "shared":  # TTT reading the attention's q/k/v, mixed into its heads
         return convert(lm, "all", "hybrid", default_ttt_config(lm, gate_init=0.6, mini_batch=4, shared_qkv=True))
     layers = "all" if mode == "hybrid" else [1]
@@ -90,7 +93,7 @@ def finetune_losses(out: LMOutput, codes: torch.Tensor, lm: LMModel, pad_w: floa
     return torch.stack([masked_ce(out.text_logits, text_t, text_w), masked_ce(out.logits, audio_t, audio_w)])
 
 
-@pytest.mark.parametrize("mode", ["hybrid", "shared", "replace", "gdn", "inplace", None])
+@pytest.mark.parametrize("mode", ["hybrid", "shared", "replace", "gdn", "inplace", "inplace-decay", None])
 def test_moshi_segments_equal_lmmodel_forward(mode: str | None) -> None:
     lm = tiny(mode)
     codes = random_codes(lm)

@@ -100,6 +100,11 @@ def fraction(text: str) -> float:
     return _in_range(text, float, "a number in [0, 1]", 0, 1)
 
 
+def unit_interval(text: str) -> float:
+    """A number in (0, 1] (a decay factor: 1 is none)."""
+    return _in_range(text, float, "a number in (0, 1]", 0, 1, strict=True)
+
+
 def port(text: str) -> int:
     """A TCP port, 0..65535 (0: the system picks a free one)."""
     return int(_in_range(text, int, "a port number (0-65535; 0 picks a free one)", 0, 65535))

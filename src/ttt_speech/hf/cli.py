@@ -17,7 +17,7 @@ import typing as tp
 from pathlib import Path
 
 from ttt_speech.branches import DEFAULT_BRANCH, inplace_cost, wrong_branch
-from ttt_speech.errors import UsageError, output_dir, positive_int
+from ttt_speech.errors import UsageError, output_dir, positive_int, unit_interval
 
 if tp.TYPE_CHECKING:
     from ttt_speech.config import InPlaceConfig, TTTConfig
@@ -53,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "--mode hybrid, gated MLPs, not Mixtral's MoE); ttt: a TTT branch beside attention")
     p.add_argument("--chunk", type=positive_int, default=None, help="in-place branch: tokens per fast-weight write "
                                                                     "(default 64)")
+    p.add_argument("--decay", type=unit_interval, default=None,
+                   help="in-place branch: the delta's initial per-chunk decay, learned per layer (default 1: none; "
+                        "< 1 bounds the state for inputs of any length, e.g. 0.95)")
     p.add_argument("--mini-batch", type=positive_int, default=None, help="TTT mini-batch size (default 16)")
     p.add_argument("--inner", choices=["linear", "mlp"], default=None, help="TTT inner model (default linear)")
     p.add_argument("--variant", choices=["ttt-lm", "fla"], default=None, help="TTT update rule (default ttt-lm)")
@@ -79,6 +82,7 @@ def check_source(path: Path) -> dict[str, tp.Any]:
 
 
 TTT_ONLY = ("mini_batch", "inner", "variant", "num_heads", "gate_init")
+INPLACE_ONLY = ("chunk", "decay")
 
 
 def memory_config(args: argparse.Namespace, hidden_size: int, attention_heads: int,
@@ -88,8 +92,8 @@ def memory_config(args: argparse.Namespace, hidden_size: int, attention_heads: i
     from ttt_speech.hf.conversion import default_inplace_config
 
     branch = args.branch or DEFAULT_BRANCH
-    own = ("chunk",) if branch == "inplace" else TTT_ONLY
-    for key in ("chunk", *TTT_ONLY):
+    own = INPLACE_ONLY if branch == "inplace" else TTT_ONLY
+    for key in (*INPLACE_ONLY, *TTT_ONLY):
         if getattr(args, key) is not None and key not in own:
             raise ValueError(wrong_branch("--" + key.replace("_", "-"), ["ttt" if branch == "inplace" else "inplace"],
                                           branch, "--branch", args.branch is not None))
@@ -97,7 +101,7 @@ def memory_config(args: argparse.Namespace, hidden_size: int, attention_heads: i
         if args.mode != "hybrid":
             raise ValueError(wrong_branch(f"--mode {args.mode}", ["ttt"], branch, "--branch", args.branch is not None)
                              + " (in-place keeps the attention and changes the MLPs)")
-        extra = {k: v for k, v in (("chunk", args.chunk), ("base_lr", args.base_lr)) if v is not None}
+        extra = {k: getattr(args, k) for k in (*INPLACE_ONLY, "base_lr") if getattr(args, k) is not None}
         return default_inplace_config(hidden_size, intermediate_size or 0, **extra)
     return TTTConfig(dim=hidden_size, num_heads=args.num_heads or attention_heads, inner=args.inner or "linear",
                      mini_batch=args.mini_batch or 16, variant=args.variant or "ttt-lm", base_lr=args.base_lr,
@@ -124,7 +128,7 @@ def check_options(args: argparse.Namespace, cfg: dict[str, tp.Any]) -> None:
             memory_config(args, width, heads, decoder.get("intermediate_size"))
         except ValueError as e:
             raise UsageError(f"convert-hf: {e} (see --branch, --num-heads, --inner, --variant, --mini-batch, "
-                             "--chunk)") from None
+                             "--chunk, --decay)") from None
     output_dir(args.out)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from ttt_speech.branches import BRANCH_NAMES, DEFAULT_BRANCH, inplace_cost, misplaced, wrong_branch
 from ttt_speech.devices import DTYPE_NAMES, torch_device, torch_dtype
 from ttt_speech.errors import (UsageError, check_safetensors, nonnegative_float, output_dir,
-                               positive_float, positive_int, read_json_object)
+                               positive_float, positive_int, read_json_object, unit_interval)
 from ttt_speech.threads import add_threads_argument, use_cpu_threads
 
 if tp.TYPE_CHECKING:
@@ -42,7 +42,8 @@ def parse_layers(text: str) -> str | list[int]:
 
 TTT_ONLY_FLAGS = ("inner", "mini_batch", "variant", "shared_qkv")
 # flag -> the branches it applies to (a flag not listed applies to every branch)
-FLAG_BRANCHES = {**{k: ("ttt",) for k in TTT_ONLY_FLAGS}, "gate_init": ("ttt", "gdn"), "chunk": ("inplace",)}
+FLAG_BRANCHES = {**{k: ("ttt",) for k in TTT_ONLY_FLAGS}, "gate_init": ("ttt", "gdn"), "chunk": ("inplace",),
+                 "decay": ("inplace",)}
 
 
 def branch_of(args: argparse.Namespace) -> str:
@@ -82,6 +83,9 @@ def add_memory_arguments(p: argparse.ArgumentParser) -> None:
                    help="JSON file of TTTConfig (or, with --branch gdn / inplace, GatedDeltaNetConfig / InPlaceConfig) "
                         "fields (dims default to the model's); --ttt-config is its old name")
     p.add_argument("--chunk", type=positive_int, help="in-place branch: frames per fast-weight write (default 64)")
+    p.add_argument("--decay", type=unit_interval,
+                   help="in-place branch: the delta's initial per-chunk decay, learned per layer (default 1: none; "
+                        "< 1 bounds the state for streams of any length, e.g. 0.95)")
     p.add_argument("--inner", choices=("linear", "mlp"), help="TTT inner model")
     p.add_argument("--mini-batch", type=positive_int, help="TTT mini-batch size")
     p.add_argument("--variant", choices=("ttt-lm", "fla"), help="TTT update rule")
