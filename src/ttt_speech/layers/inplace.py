@@ -33,7 +33,9 @@ its neighbours. The price is that every frame pays for a write: ~553 MB and 6 GF
 stream, ~0.12 ms of HBM traffic on an H200 (4.8 TB/s; H100 0.17 ms) and 0.09 ms of fp32 math (67
 TFLOPS; TF32, off by default in torch, would make it 0.01 ms), partly overlapped: ~0.15–0.2 ms per
 layer and stream, so ~5–6 ms per frame for all 32 layers at batch 1, ~0.7 ms for 4 layers, ~5 ms for
-8 streams x 4 layers, against the 80 ms frame. An estimate from bytes and FLOPs;
+8 streams x 4 layers, against the 80 ms frame. A decay < 1 scales the delta every frame the same way
+(by lambda at a chunk end, by 1 elsewhere): one more 184.5 MB read and write, ~0.08 ms more per layer
+and stream on an H200. An estimate from bytes and FLOPs;
 `benchmarks/inplace_stream.py` measures it in Moshi-7B's real `LMGen.step`, chunk-end frames apart
 (docs/benchmarks.md), `benchmarks/inplace_step.py` for one layer.
 """
