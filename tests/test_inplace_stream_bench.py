@@ -16,6 +16,7 @@ pytest.importorskip("moshi")
 
 import torch  # noqa: E402
 
+from ttt_speech.config import InPlaceConfig  # noqa: E402
 from ttt_speech.layers.inplace import InPlaceState  # noqa: E402
 from ttt_speech.moshi.tiny import tiny_lm_config  # noqa: E402
 
@@ -88,6 +89,23 @@ def test_capture_check_compares_replay_with_eager_and_names_a_failure(bench: tp.
 
     assert bench.capture_check(layer, 2, 6, capture=fails) == {
         "capturable": False, "reason": "RuntimeError: operation not permitted when stream is capturing"}
+
+
+def decaying_layer(device: str) -> tp.Any:
+    """A layer whose writes matter and whose delta fades by 0.8 per chunk (the decay's scale runs in the graph)."""
+    torch.manual_seed(0)
+    return InPlaceConfig(dim=16, hidden=32, chunk=4, decay=0.8, target_init_std=0.5, base_lr=10.0).build().to(device)
+
+
+def test_capture_check_of_a_decaying_layer_writes_and_fades(bench: tp.Any) -> None:
+    assert bench.capture_check(decaying_layer("cpu"), 2, 10, capture=lambda fn: fn)["delta_written"]
+
+
+@pytest.mark.gpu
+def test_a_decaying_inplace_step_replays_from_a_cuda_graph_as_it_steps_eager(bench: tp.Any) -> None:
+    out = bench.capture_check(decaying_layer("cuda"), 2, 10)  # two writes, each after a fade
+    assert out["capturable"] and out["delta_written"], out
+    assert out["max_abs_diff_out"] <= 1e-5 and out["max_abs_diff_delta"] <= 1e-6, out
 
 
 @pytest.mark.gpu
