@@ -4,6 +4,7 @@ of the chunked form beside the plain MLP and a TTT-Linear layer (docs/ttt.md, "F
 
     python benchmarks/inplace_step.py                       # CUDA: dim 4096, hidden 11264, chunk 64, B 1 and 8
     python benchmarks/inplace_step.py --dim 64 --hidden 176 --frames 64 --train-T 128   # small, also on CPU
+    python benchmarks/inplace_step.py --decay 0.95          # the same with a per-chunk decay (its extra scale pass)
 
 Each frame is timed alone (CUDA: events around one graph replay / eager step), so the chunk-end frames,
 where the delta is written, show in the max and in their own column. Prints markdown rows.
@@ -75,11 +76,12 @@ def bench_step(mlp: GatedMLP, cfg: InPlaceConfig, B: int, frames: int, device: t
     return row(t_plain), row(t_step) | {"chunk_end_max": max(ends) if ends else float("nan")}, state.nbytes // B
 
 
-def bench_train(dim: int, hidden: int, chunk: int, B: int, T: int, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+def bench_train(dim: int, hidden: int, chunk: int, decay: float, B: int, T: int, device: torch.device,
+                dtype: torch.dtype) -> dict[str, float]:
     """Forward+backward tokens/s: the plain MLP, the in-place layer (chunked form), a TTT-Linear layer of the width."""
     torch.manual_seed(0)
     mlp = fresh_mlp(dim, hidden, dim**-0.5).to(device, dtype)
-    inplace = InPlaceConfig(dim, hidden, chunk=chunk, target_init_std=0.02).build(mlp).to(device, dtype)
+    inplace = InPlaceConfig(dim, hidden, chunk=chunk, target_init_std=0.02, decay=decay).build(mlp).to(device, dtype)
     ttt = TTTConfig(dim=dim, num_heads=max(1, dim // 128), gate_init=0.1).build().to(device, dtype)
     x = torch.randn(B, T, dim, device=device, dtype=dtype, requires_grad=True)
     run = timer(device.type == "cuda")
@@ -98,6 +100,7 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=4096)
     p.add_argument("--hidden", type=int, default=11264)
     p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--decay", type=float, default=1.0, help="InPlaceConfig.decay (1: none)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--frames", type=int, default=256, help="timed frames per row (several chunks)")
     p.add_argument("--train-T", type=int, default=2048, help="training sequence length (0: skip)")
@@ -105,7 +108,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
-          f"dim {args.dim}, hidden {args.hidden}, chunk {args.chunk}, {dtype}, delta fp32")
+          f"dim {args.dim}, hidden {args.hidden}, chunk {args.chunk}, decay {args.decay}, {dtype}, delta fp32")
     print("| B | path | MLP ms p50/p90/max | in-place ms p50/p90/max | chunk-end max ms | state MB/stream | peak GiB |\n"
           "|---|---|---|---|---|---|---|")
     for B in args.batch:
@@ -114,7 +117,7 @@ def main() -> None:
             mlp = fresh_mlp(args.dim, args.hidden, args.dim**-0.5).to(device, dtype)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            cfg = InPlaceConfig(args.dim, args.hidden, chunk=args.chunk)
+            cfg = InPlaceConfig(args.dim, args.hidden, chunk=args.chunk, decay=args.decay)
             plain, step, nbytes = bench_step(mlp, cfg, B, args.frames, device, dtype, use_graph)
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
             fmt = lambda r: f"{r['p50']:.3f} / {r['p90']:.3f} / {r['max']:.3f}"  # noqa: E731
@@ -124,7 +127,7 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     if args.train_T:
-        tps = bench_train(args.dim, args.hidden, args.chunk, 1, args.train_T, device, dtype)
+        tps = bench_train(args.dim, args.hidden, args.chunk, args.decay, 1, args.train_T, device, dtype)
         print(f"\n| training, B=1, T={args.train_T} | MLP | in-place | TTT-Linear |\n|---|---|---|---|\n"
               f"| fwd+bwd ktok/s | {tps['mlp'] / 1e3:.1f} | {tps['inplace'] / 1e3:.1f} | {tps['ttt-linear'] / 1e3:.1f} |")
 
