@@ -348,6 +348,24 @@ def test_far_len_lengthens_only_the_far_copies() -> None:
     assert sum(lengths[1]) / (60 * 1536) > 0.08  # ~4x the far targets of 16-48-frame spans (~2 %)
 
 
+def test_random_far_blocks_put_far_sources_in_either_half_and_odd_keeps_the_old_draws() -> None:
+    odd = RepeatConfig(1.0, min_gap=16, min_len=16, max_len=48, max_gap=60, copies=2, far_gap=[96, 700])
+    rand = dataclasses.replace(odd, far_blocks="random")
+    far_sources = []
+    for seed in range(80):
+        before = random_tokens(np.random.default_rng(seed), 1536, 1536)
+        g = np.random.default_rng([seed, 1])  # "odd" draws as before far_blocks existed: inside, then far
+        by_hand = np.concatenate([copy_span(before[:, :768], g, odd), copy_span(before[:, 768:], g, odd.far())], 1)
+        assert np.array_equal(copy_spans(before, np.random.default_rng([seed, 1]), odd), by_hand)
+        after = copy_spans(before, np.random.default_rng([seed, 1]), rand)
+        for b in range(2):
+            src, dst, n = copied_span(before[:, b * 768:(b + 1) * 768], after[:, b * 768:(b + 1) * 768])
+            if dst - src > 60:
+                far_sources.append(b * 768 + src)
+    first_half = sum(s < 768 for s in far_sources)
+    assert 0.3 < first_half / len(far_sources) < 0.7 and 50 < len(far_sources) < 110  # ~80 far of 160 blocks
+
+
 def test_one_copy_draws_exactly_as_copy_span() -> None:
     cfg = RepeatConfig(1.0, min_gap=8, min_len=4, max_len=12)
     before = random_tokens(np.random.default_rng(0), 64, 50)
@@ -399,6 +417,8 @@ def test_eval_batches_never_get_copied_spans(tmp_path: Path) -> None:
     ((0.5, 10, 5, 20, None, 1, [100, 200]), "data.repeat.far_gap needs copies >= 2"),
     ((0.5, 10, 5, 20, None, 2, [100, 10]), r"data.repeat.far_gap must be \[lo, hi\] .* got \[100, 10\]"),
     ((0.5, 10, 5, 20, None, 2, None, [20, 40]), "data.repeat.far_len needs far_gap"),
+    ((0.5, 10, 5, 20, None, 2, None, None, "random"), "data.repeat.far_blocks needs far_gap"),
+    ((0.5, 10, 5, 20, None, 2, [100, 200], None, "even"), "data.repeat.far_blocks must be odd or random, got 'even'"),
     ((0.5, 10, 5, 20, None, 2, [100, 200], [40, 20]), r"data.repeat.far_len must be \[lo, hi\] .* got \[40, 20\]"),
     ((0.5, 10, 5, 20, None, 2, [100, 200], [40, 300]), r"far_gap's hi \(200\), got \[40, 300\]"),
 ])

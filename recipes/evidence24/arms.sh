@@ -16,12 +16,17 @@
 #   far_len   ARMS="d b bs" SHUFFLED=bs FARLEN=16,320 LR=3e-4 MEMLR=10 (section 9: 11 % of the targets far
 #             copies instead of 2 %), call 1 DEADLINE=540 PHASE=train, call 2 DEADLINE=330 PHASE=all KEEP="b bs"
 # FARLEN=lo,hi sets data.repeat.far_len (the far copies' span lengths); KEEP names arms whose export comes
-# back in $OUT (bf16, without the codec) for probe-memory and shipping.
+# back in $OUT (bf16, without the codec) for probe-memory and shipping. FARBLOCKS=random sets
+# data.repeat.far_blocks (far sources at every age of the state); arms named in DECAYED get
+# model.memory.decay=$DECAY (a bounded in-place state). Next (section 9, pre-registered there):
+#   ARMS="d b bd" DECAYED=bd DECAY=0.9 FARLEN=16,320 FARBLOCKS=random LR=3e-4 MEMLR=10, two calls as far_len;
+#   then recipes/evidence24/recall_age.py on the exports at contexts 64,1024,4096 and eval-long to 8192 frames.
 set -uo pipefail
 X=$PWD/recipes/evidence24 B=$PWD/.exp24 W=${W:-/tmp/w}
 ARMS=${ARMS:-d b a} DEADLINE=${DEADLINE:-240} LR=${LR:-5.0e-4} MEMLR=${MEMLR:-1} PHASE=${PHASE:-all}
 COPIES=${COPIES:-2} FAR=${FAR:-96, 700} SEQ=${SEQ:-1536} GAPS=${GAPS:-32,96,160,320,640}
 SHUFFLED=${SHUFFLED:-} FROM=${FROM:-} WARMUP=${WARMUP:-0.005} FARLEN=${FARLEN:-} KEEP=${KEEP:-}
+FARBLOCKS=${FARBLOCKS:-odd} DECAYED=${DECAYED:-} DECAY=${DECAY:-0.9}
 S0=$SECONDS; t() { echo "[t=$((SECONDS - S0))s] $*"; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $B/whl/*.whl $(ls .whl/f*.whl 2>/dev/null) || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src NO_TORCH_COMPILE=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
@@ -39,7 +44,8 @@ STAGES="[{seq_len: $SEQ, steps: 20000, lr: $LR, warmup: $WARMUP, min_lr_ratio: 1
 extra() {  # one argument per line
   local source=speech
   [[ " $SHUFFLED " == *" $1 "* ]] && source=shuffled
-  printf -- '--set\n%s\n' "data.repeat={prob: 1.0, min_gap: 16, max_gap: 60, min_len: 16, max_len: 48, copies: $COPIES, far_gap: [$FAR],${FARLEN:+ far_len: [$FARLEN],} source: $source}"
+  printf -- '--set\n%s\n' "data.repeat={prob: 1.0, min_gap: 16, max_gap: 60, min_len: 16, max_len: 48, copies: $COPIES, far_gap: [$FAR],${FARLEN:+ far_len: [$FARLEN],} far_blocks: $FARBLOCKS, source: $source}"
+  [[ " $DECAYED " == *" $1 "* ]] && printf -- '--set\n%s\n' model.memory.decay=$DECAY
   if [ -n "$FROM" ]; then printf -- '--set\n%s\n' model.pretrained=null model.layers=all model.hybrid=$FROM/arm_${1:0:1}/export; return; fi
   printf -- '--set\n%s\n' model.pretrained=$B/arms/base
   case ${1:0:1} in

@@ -103,6 +103,7 @@ class RepeatConfig:
     copies: int = 1
     far_gap: list[int] | None = None
     far_len: list[int] | None = None
+    far_blocks: tp.Literal["odd", "random"] = "odd"
     source: tp.Literal["speech", "shuffled"] = "speech"
 
     def __post_init__(self) -> None:
@@ -127,6 +128,10 @@ class RepeatConfig:
             if len(self.far_gap) != 2 or not 1 <= self.far_gap[0] <= self.far_gap[1] or self.far_gap[1] < self.max_len:
                 raise ValueError(f"data.repeat.far_gap must be [lo, hi] with 1 <= lo <= hi and hi >= max_len, "
                                  f"got {self.far_gap}")
+        if self.far_blocks not in ("odd", "random"):
+            raise ValueError(f"data.repeat.far_blocks must be odd or random, got {self.far_blocks!r}")
+        if self.far_blocks != "odd" and self.far_gap is None:
+            raise ValueError("data.repeat.far_blocks needs far_gap (it picks the blocks whose copies lie far)")
         if self.far_len is not None:
             if self.far_gap is None:
                 raise ValueError("data.repeat.far_len needs far_gap (it sets the far blocks' span lengths)")
@@ -140,7 +145,7 @@ class RepeatConfig:
         lo, hi = self.far_gap
         n_lo, n_hi = self.far_len or (self.min_len, self.max_len)
         return dataclasses.replace(self, min_gap=lo, max_gap=hi, min_len=n_lo, max_len=n_hi, copies=1,
-                                   far_gap=None, far_len=None)
+                                   far_gap=None, far_len=None, far_blocks="odd")
 
 
 @dataclass

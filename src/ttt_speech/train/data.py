@@ -220,15 +220,17 @@ def real_length(tokens: np.ndarray) -> int:
 def copy_spans(tokens: np.ndarray, rng: np.random.Generator, cfg: RepeatConfig) -> np.ndarray:
     """`tokens` [K, T] with up to cfg.copies copied spans: the real part is cut into that many equal
     blocks and `copy_span` draws one inside each, so no copy overwrites another's source; with
-    cfg.far_gap, blocks 1, 3, 5, ... draw their distance from it."""
+    cfg.far_gap, blocks 1, 3, 5, ... (far_blocks "random": each block with probability 1/2) draw their
+    distance from it."""
     if cfg.copies == 1:
         return copy_span(tokens, rng, cfg)
     length = real_length(tokens)
     far = cfg.far() if cfg.far_gap is not None else cfg
     out = tokens.copy()
+    is_far = rng.random(cfg.copies) < 0.5 if cfg.far_blocks == "random" else np.arange(cfg.copies) % 2 == 1
     for b in range(cfg.copies):
         lo, hi = b * length // cfg.copies, (b + 1) * length // cfg.copies
-        out[:, lo:hi] = copy_span(tokens[:, lo:hi], rng, far if b % 2 else cfg)
+        out[:, lo:hi] = copy_span(tokens[:, lo:hi], rng, far if is_far[b] else cfg)
     return out
 
 
