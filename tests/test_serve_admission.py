@@ -6,6 +6,7 @@ cannot fit in device memory is refused at start with the most that do."""
 from __future__ import annotations
 
 import asyncio
+import typing as tp
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,31 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 WAIT_S = 30.0  # bound on every network wait
 
 
+def tiny_manager(tmp_path: Path, admission: Admission, **kwargs: object) -> SessionManager:
+    """A server's session manager over the tiny hybrid (4 slots) whose metrics window is 1 s."""
+    lm = build_tiny_hybrid(0)
+    tokenizer = sentencepiece.SentencePieceProcessor(
+        model_file=str(write_tiny_tokenizer(tmp_path / "tok.model", lm.text_card)))
+    manager = SessionManager(BatchedStreams(lm, listening_mimi(0), 4), StateStore(tmp_path / "kept", "fp"),
+                             tokenizer, admission=admission, **kwargs)
+    manager.metrics.window_s = 1.0  # steps older than 1 s no longer count
+    return manager
+
+
+def serve_on_loopback(manager: SessionManager, body: tp.Callable[[int], tp.Awaitable[None]]) -> None:
+    """Run `body(port)` against the manager's app on a free loopback port, then shut the server down."""
+    async def main() -> None:
+        runner = web.AppRunner(build_app(manager), handle_signals=False)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        try:
+            await body(runner.addresses[0][1])
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(asyncio.wait_for(main(), 4 * WAIT_S))
+
+
 async def first_reply(session: aiohttp.ClientSession, port: int) -> tuple[bytes, int | None, str]:
     """(first binary message, close code, close reason) of one connection; an admitted one is closed by us."""
     async with session.ws_connect(f"http://127.0.0.1:{port}/api/chat?seed=1") as ws:
@@ -45,82 +71,58 @@ async def first_reply(session: aiohttp.ClientSession, port: int) -> tuple[bytes,
 
 
 def test_a_server_behind_real_time_refuses_new_sessions_with_1013(tmp_path: Path) -> None:
-    lm = build_tiny_hybrid(0)
-    tokenizer = sentencepiece.SentencePieceProcessor(
-        model_file=str(write_tiny_tokenizer(tmp_path / "tok.model", lm.text_card)))
-    manager = SessionManager(BatchedStreams(lm, listening_mimi(0), 4), StateStore(tmp_path / "kept", "fp"),
-                             tokenizer, admission=Admission(max_load=0.5, min_steps=25))  # budget: 40 ms per frame
-    manager.metrics.window_s = 1.0  # steps older than 1 s no longer count
+    manager = tiny_manager(tmp_path, Admission(max_load=0.5, min_steps=25))  # budget: 40 ms per frame
 
-    async def main() -> None:
-        runner = web.AppRunner(build_app(manager), handle_signals=False)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        port = runner.addresses[0][1]
-        try:
-            async with aiohttp.ClientSession() as client:
-                first, code, _ = await first_reply(client, port)  # nothing measured yet: admitted
-                assert first[0] == Kind.HANDSHAKE and code is None
-                for _ in range(24):  # the engine's record of 24 steps of 50 ms: too few to judge
-                    manager.metrics.record(0.050, 1)
-                first, code, _ = await first_reply(client, port)
-                assert first[0] == Kind.HANDSHAKE and code is None
-                manager.metrics.record(0.050, 1)  # the 25th: p90 50 ms >= 40 ms
-                first, code, reason = await first_reply(client, port)
-                want = "server behind real time (step p90 50 ms, budget 40 ms per frame); try again later"
-                assert code == Close.TRY_AGAIN_LATER and reason == want and first[1:].decode() == want
-                await asyncio.sleep(1.1)  # the slow steps leave the window; fast ones come in
-                for _ in range(30):
-                    manager.metrics.record(0.030, 1)
-                first, code, _ = await first_reply(client, port)
-                assert first[0] == Kind.HANDSHAKE and code is None
-                assert manager.metrics.ended["not_real_time"] == 1
-                assert "ttt_serve_step_p90_seconds 0.03" in render_metrics(manager)
-        finally:
-            await runner.cleanup()
+    async def body(port: int) -> None:
+        async with aiohttp.ClientSession() as client:
+            first, code, _ = await first_reply(client, port)  # nothing measured yet: admitted
+            assert first[0] == Kind.HANDSHAKE and code is None
+            for _ in range(24):  # the engine's record of 24 steps of 50 ms: too few to judge
+                manager.metrics.record(0.050, 1)
+            first, code, _ = await first_reply(client, port)
+            assert first[0] == Kind.HANDSHAKE and code is None
+            manager.metrics.record(0.050, 1)  # the 25th: p90 50 ms >= 40 ms
+            first, code, reason = await first_reply(client, port)
+            want = "server behind real time (step p90 50 ms, budget 40 ms per frame); try again later"
+            assert code == Close.TRY_AGAIN_LATER and reason == want and first[1:].decode() == want
+            await asyncio.sleep(1.1)  # the slow steps leave the window; fast ones come in
+            for _ in range(30):
+                manager.metrics.record(0.030, 1)
+            first, code, _ = await first_reply(client, port)
+            assert first[0] == Kind.HANDSHAKE and code is None
+            assert manager.metrics.ended["not_real_time"] == 1
+            assert "ttt_serve_step_p90_seconds 0.03" in render_metrics(manager)
 
-    asyncio.run(asyncio.wait_for(main(), 4 * WAIT_S))
+    serve_on_loopback(manager, body)
 
 
 def test_a_session_the_opus_coder_could_not_keep_up_with_is_refused_with_1013(tmp_path: Path) -> None:
-    lm = build_tiny_hybrid(0)
-    tokenizer = sentencepiece.SentencePieceProcessor(
-        model_file=str(write_tiny_tokenizer(tmp_path / "tok.model", lm.text_card)))
-    manager = SessionManager(BatchedStreams(lm, listening_mimi(0), 4), StateStore(tmp_path / "kept", "fp"),
-                             tokenizer, admission=Admission(max_load=0.5), opus_workers=0)  # codes on the event loop
-    manager.metrics.window_s = 1.0
+    manager = tiny_manager(tmp_path, Admission(max_load=0.5), opus_workers=0)  # codes on the event loop
     busy = manager.opus._inline_busy  # what the event loop's Opus calls record, written here as a known series
 
-    async def main() -> None:
-        runner = web.AppRunner(build_app(manager), handle_signals=False)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        port = runner.addresses[0][1]
-        try:
-            async with aiohttp.ClientSession() as client:
-                async with client.ws_connect(f"http://127.0.0.1:{port}/api/chat?seed=1") as held:  # stays connected
-                    assert (await asyncio.wait_for(held.receive(), WAIT_S)).data[0] == Kind.HANDSHAKE
-                    busy.record(0.4)  # no steps measured yet (fewer than min_steps): not judged
-                    first, code, _ = await first_reply(client, port)
-                    assert first[0] == Kind.HANDSHAKE and code is None
-                    for _ in range(25):  # 25 fast steps: 2 s of frames, 0.4 s of coding = 20 % of each frame for
-                        manager.metrics.record(0.010, 1)  # its 1 session, 40 % with a 2nd: under 50 %
-                    first, code, _ = await first_reply(client, port)
-                    assert first[0] == Kind.HANDSHAKE and code is None
-                    busy.record(0.2)  # 30 % of each frame: 60 % with a 2nd
-                    first, code, reason = await first_reply(client, port)
-                    want = ("Opus coding behind real time (the event loop: 30% of each frame, 1 sessions; 60% with "
-                            "one more); try again later")
-                    assert code == Close.TRY_AGAIN_LATER and reason == want and first[1:].decode() == want
-                    assert "ttt_serve_opus_busy_fraction 0.3" in render_metrics(manager)
-                    await asyncio.sleep(1.1)  # the steps and the busy spell leave the window
-                    first, code, _ = await first_reply(client, port)
-                    assert first[0] == Kind.HANDSHAKE and code is None
-                assert manager.metrics.ended["opus_not_real_time"] == 1
-        finally:
-            await runner.cleanup()
+    async def body(port: int) -> None:
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(f"http://127.0.0.1:{port}/api/chat?seed=1") as held:  # stays connected
+                assert (await asyncio.wait_for(held.receive(), WAIT_S)).data[0] == Kind.HANDSHAKE
+                busy.record(0.4)  # no steps measured yet (fewer than min_steps): not judged
+                first, code, _ = await first_reply(client, port)
+                assert first[0] == Kind.HANDSHAKE and code is None
+                for _ in range(25):  # 25 fast steps: 2 s of frames, 0.4 s of coding = 20 % of each frame for
+                    manager.metrics.record(0.010, 1)  # its 1 session, 40 % with a 2nd: under 50 %
+                first, code, _ = await first_reply(client, port)
+                assert first[0] == Kind.HANDSHAKE and code is None
+                busy.record(0.2)  # 30 % of each frame: 60 % with a 2nd
+                first, code, reason = await first_reply(client, port)
+                want = ("Opus coding behind real time (the event loop: 30% of each frame, 1 sessions; 60% with "
+                        "one more); try again later")
+                assert code == Close.TRY_AGAIN_LATER and reason == want and first[1:].decode() == want
+                assert "ttt_serve_opus_busy_fraction 0.3" in render_metrics(manager)
+                await asyncio.sleep(1.1)  # the steps and the busy spell leave the window
+                first, code, _ = await first_reply(client, port)
+                assert first[0] == Kind.HANDSHAKE and code is None
+            assert manager.metrics.ended["opus_not_real_time"] == 1
 
-    asyncio.run(asyncio.wait_for(main(), 4 * WAIT_S))
+    serve_on_loopback(manager, body)
     manager.metrics.window_s = 10.0
     for _ in range(25):
         manager.metrics.record(0.010, 1)
