@@ -1,21 +1,25 @@
 """INT8 / W8A8 / INT4 quantization of a Moshi-7B-shape TTT hybrid: step time, memory, logit error.
 
-    python benchmarks/quantize.py                    # 7B shape, bf16, CUDA graphs (moshi's own), TTT in all 32 layers
-    python benchmarks/quantize.py --compile          # + each mode with its quantized linears torch.compile'd
-    python benchmarks/quantize.py --layers 24-31     # TTT in the top 8 layers only
-    python benchmarks/quantize.py --tiny             # tiny config (CPU where there is no GPU): checks that it runs
-    python benchmarks/quantize.py --shipped          # CPU, no timing: logit error of the shipped small hybrid
-                                                     # (trained) beside a random-weight model of its config
+    python benchmarks/quantize.py                      # 7B shape, bf16, CUDA graphs (moshi's own), TTT in all 32 layers
+    python benchmarks/quantize.py --rows bf16,int8+compile,w8a8+compile --batches 1,64 --seconds 500
+    python benchmarks/quantize.py --layers 24-31       # TTT in the top 8 layers only
+    python benchmarks/quantize.py --tiny               # tiny config (CPU where there is no GPU): checks that it runs
+    python benchmarks/quantize.py --shipped            # CPU, no timing: logit error of the shipped small hybrid
+                                                       # (trained) beside a random-weight model of its config
 
-Rows: vanilla bf16, hybrid bf16, hybrid int8, w8a8, int4 (CUDA + bf16 only), then with --compile the
-same modes compiled (`quantize_weights(..., compile=True)`: the first step compiles). Every model is built
-by moshi_stream.py's `build` from the same seed (same random weights, TTT gate 0.1); the quantized
-rows are then quantized in place by `ttt_speech.quantize.quantize_weights` (torchao). Step time is
-moshi_stream.py's `measure`: LMGen.step up to frame --frames, then p50/p90 over --window frames.
-Weights: bytes of the model's tensors (quantized ones at their real size) and what the CUDA
-allocator holds; peak: the most allocated while streaming. Logit error: one teacher-forced
-`LMModel.forward` on a fixed random batch (4 x 32 frames), each quantized hybrid against the bf16
-hybrid, over the valid positions of the text and audio logits. Needs `pip install -e ".[quant]"`.
+Rows (`--rows`, in the order given): vanilla, the bf16 hybrid, and the hybrid quantized int8 / w8a8 / int4
+(CUDA + bf16 only), each eager or with `+compile` (`quantize_weights(..., compile=True)`: its first step
+compiles). Each model is built once, by moshi_stream.py's `build` from the same seed (same random weights,
+TTT gate 0.1), quantized in place by `ttt_speech.quantize.quantize_weights` (torchao), then timed at every
+batch of `--batches` (a row each; ratios against the bf16 hybrid at the same batch, so put bf16 first),
+then its logit error (a row of its own, after the timing: a compiled model compiles the teacher-forced
+shapes too). Step time is moshi_stream.py's `measure`: LMGen.step up to frame --frames (the seconds this
+takes are printed: eager first step, CUDA graph capture, compilation), then p50/p90 over --window frames.
+Weights: bytes of the model's tensors (quantized ones at their real size) and what the CUDA allocator holds
+after the build; peak: the most allocated while streaming. Logit error: one teacher-forced `LMModel.forward`
+on a fixed random batch (4 x 32 frames) against the bf16 hybrid, over the valid positions of the text and
+audio logits. `--seconds`: nothing new starts after the budget, and a SIGINT ends the run with the rows so
+far printed and the rest named (recipes/quant21/device.sh relies on both). Needs `pip install -e ".[quant]"`.
 Prints markdown table rows.
 """
 
@@ -24,7 +28,9 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import time
 import traceback
+from dataclasses import dataclass
 from importlib.metadata import version
 
 import torch
@@ -73,13 +79,38 @@ def logit_error(ref: list[Tensor], got: list[Tensor]) -> tuple[float, float, flo
     return max_abs, rel, same / sum(r.shape[0] for r in ref)
 
 
-def measure(lm: LMModel, frame: int, window: int, batch: int) -> tuple[float, float]:
-    """(p50, p90) ms of LMGen.step over `window` frames from frame `frame` (moshi_stream.py's timing)."""
+def measure(lm: LMModel, frame: int, window: int, batch: int) -> tuple[float, float, float]:
+    """(p50, p90) ms of LMGen.step over `window` frames from frame `frame` (moshi_stream.py's timing), and the
+    seconds to reach `frame`: the eager first step, CUDA graph capture and, for compiled rows, compilation."""
     stream = Stream("model", lm, batch)
     with stream.gen.streaming(batch):
+        t0 = time.perf_counter()
         stream.reach(frame)
+        warm = time.perf_counter() - t0
         stream.time(frame, window)
-    return stream.p50_p90(frame)
+    return *stream.p50_p90(frame), warm
+
+
+@dataclass(frozen=True)
+class Row:
+    """One model of the table: vanilla, the bf16 (on the CPU fp32) hybrid, or the hybrid quantized by `mode`."""
+
+    kind: str  # "vanilla" or "hybrid"
+    mode: str | None = None
+    compiled: bool = False
+
+    @staticmethod
+    def parse(spec: str) -> Row:
+        """vanilla, bf16 (the unquantized hybrid), or MODE[+compile]."""
+        if spec in ("vanilla", "bf16"):
+            return Row("vanilla" if spec == "vanilla" else "hybrid")
+        mode, plus, extra = spec.partition("+")
+        if mode not in MODES or (plus and extra != "compile"):
+            raise ValueError(f"row {spec!r}: use vanilla, bf16, or one of {', '.join(MODES)} with optional +compile")
+        return Row("hybrid", mode, bool(plus))
+
+    def name(self, dtype_name: str) -> str:
+        return f"{self.kind} {self.mode or dtype_name}{' compiled' if self.compiled else ''}"
 
 
 @torch.no_grad()
@@ -115,27 +146,42 @@ def row(*cells: str) -> None:
     print("| " + " | ".join(cells) + " |", flush=True)
 
 
+DEFAULT_ROWS = "vanilla,bf16,int8,w8a8,int4,int8+compile,w8a8+compile,int4+compile"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny config (CPU check)")
     p.add_argument("--layers", default="all", help="TTT layers of the hybrid: all, or A-B (default: all)")
     p.add_argument("--frames", type=int, default=100, help="frame at which the timed window starts")
     p.add_argument("--window", type=int, default=50, help="frames timed")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batches", default="1", help="comma list of batch sizes, each timed on every model")
     p.add_argument("--mini-batch", type=int, default=16)
-    p.add_argument("--modes", default=",".join(MODES), help=f"quantized rows, comma list of {','.join(MODES)}")
+    p.add_argument("--rows", default=DEFAULT_ROWS,
+                   help="models in the order built: vanilla, bf16 (the unquantized hybrid, the ratios' and logit "
+                        f"errors' reference), MODE or MODE+compile with MODE in {','.join(MODES)} "
+                        f"(default {DEFAULT_ROWS})")
     p.add_argument("--group-size", type=int, help="int4 group size (default 128; 32 with --tiny)")
-    p.add_argument("--compile", action="store_true", help="also each mode with its quantized linears compiled")
+    p.add_argument("--logits", choices=("all", "eager"), default="all",
+                   help="eager: no logit pass for compiled rows (it compiles the teacher-forced shapes, ~as long as "
+                        "a batch's warm-up; the eager row of the same mode measures the quantization's error)")
+    p.add_argument("--backend", default="inductor", help="torch.compile backend of +compile rows (aot_eager: a "
+                   "quick CPU check of the path)")
+    p.add_argument("--seconds", type=float, default=float("inf"),
+                   help="time budget: nothing new starts after it (a SIGINT also ends the run, rows so far printed)")
     p.add_argument("--shipped", action="store_true",
-                   help="only the logit error of the shipped small hybrid vs a random-weight twin (CPU)")
+                   help="only the logit error of the shipped small hybrid vs a random-weight twin (CPU; the "
+                        "eager int8 / w8a8 rows of --rows)")
     args = p.parse_args()
-    modes = [m for m in args.modes.split(",") if m]
-    if not set(modes) <= set(MODES):
-        p.error(f"--modes: choose from {MODES}")
+    try:
+        rows = [Row.parse(spec) for spec in args.rows.split(",") if spec]
+        batches = [int(b) for b in args.batches.split(",") if b]
+    except ValueError as e:
+        p.error(f"--rows / --batches: {e}")
     torchao_quantization()  # fail now, with the install hint, if torchao is missing
     if args.shipped:
         torch.set_num_threads(min(2, torch.get_num_threads()))
-        return shipped_errors([m for m in modes if m != "int4"])  # int4: CUDA only
+        return shipped_errors([r.mode for r in rows if r.mode in ("int8", "w8a8") and not r.compiled])
     group_size = args.group_size or (32 if args.tiny else 128)
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -143,49 +189,83 @@ def main() -> None:
     kwargs = tiny_lm_config() if args.tiny else dict(loaders._lm_kwargs)
     dtype_name = str(dtype).removeprefix("torch.")
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, torchao "
-          f"{version('torchao')}, {'tiny' if args.tiny else 'Moshi-7B'} shape, {dtype_name}, batch {args.batch}, "
+          f"{version('torchao')}, {'tiny' if args.tiny else 'Moshi-7B'} shape, {dtype_name}, batches {batches}, "
           f"hybrid TTT layers {args.layers}, int4 group {group_size}, step time from frame {args.frames} over "
-          f"{args.window} frames, logit error vs hybrid {dtype_name} on {LOGIT_BATCH} x {LOGIT_FRAMES} frames")
-    row("model", "p50 / p90 ms", "p50 vs vanilla", "p50 vs hybrid", "weight tensors", "allocated",
-        "peak while streaming", "max abs Δ logits", "rel Δ logits", "same argmax")
-    print("|---" * 10 + "|")
-    models = [("vanilla", "none", None, False), ("hybrid", args.layers, None, False)]
-    models += [("hybrid", args.layers, m, c) for c in ([False, True] if args.compile else [False]) for m in modes]
-    times: dict[str, float] = {}
+          f"{args.window} frames, ratios vs the hybrid {dtype_name} at the same batch, logit error vs it on "
+          f"{LOGIT_BATCH} x {LOGIT_FRAMES} frames (its own line per model, after the timing; {args.logits} rows), compile "
+          f"backend {args.backend}")
+    row("model", "batch", "p50 / p90 ms", "p50 vs hybrid", "weight tensors", "allocated", "peak while streaming",
+        "build + quantize s", "to frame s", "max abs Δ logits", "rel Δ logits", "same argmax")
+    print("|---" * 12 + "|")
+    start = time.perf_counter()
+    times: dict[int, float] = {}  # batch -> the unquantized hybrid's p50
     ref: list[Tensor] = []
-    for kind, layers, mode, compiled in models:
-        name = f"{kind} {mode or dtype_name}{' compiled' if compiled else ''}"
-        gc.collect()
+    done = 0  # rows started
+    try:
+        while done < len(rows) and time.perf_counter() - start < args.seconds:
+            done += 1
+            ref = run_row(rows[done - 1], args, kwargs, device, dtype, group_size, batches, times, ref, start)
+    except KeyboardInterrupt:
+        print(f"cut by SIGINT after {time.perf_counter() - start:.0f} s, in {rows[done - 1].name(dtype_name)}",
+              flush=True)
+    if done < len(rows):
+        print(f"not run (time budget): {', '.join(r.name(dtype_name) for r in rows[done:])}", flush=True)
+
+
+def run_row(spec: Row, args: argparse.Namespace, kwargs: dict, device: str, dtype: torch.dtype, group_size: int,
+            batches: list[int], times: dict[int, float], ref: list[Tensor], start: float) -> list[Tensor]:
+    """Build one model, time it at every batch (a row each), then its logit error; returns the reference logits
+    (this model's if it is the unquantized hybrid)."""
+    cuda = device == "cuda"
+    name = spec.name(str(dtype).removeprefix("torch."))
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated() if cuda else 0  # what earlier models' graphs still hold
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    lm = build(kwargs, "none" if spec.kind == "vanilla" else args.layers, device, dtype, args.mini_batch)
+    try:
+        if spec.mode is not None:
+            quantize_weights(lm, spec.mode, group_size=group_size, compile=spec.compiled,  # type: ignore[arg-type]
+                             backend=args.backend)
+    except Exception as e:  # a mode this stack cannot run (int4 off CUDA, ...) is a result, not the end
+        failed(name, e)
+        return ref
+    setup = f"{time.perf_counter() - t0:.1f}"
+    allocated = format_bytes(torch.cuda.memory_allocated() - before) if cuda else "n/a"
+    for batch in batches:
+        if time.perf_counter() - start >= args.seconds:
+            row(name, str(batch), "not run: time budget", *[""] * 9)
+            continue
         if cuda:
-            torch.cuda.empty_cache()
-        before = torch.cuda.memory_allocated() if cuda else 0  # what earlier models' graphs still hold
-        torch.manual_seed(0)
-        lm = build(kwargs, layers, device, dtype, args.mini_batch)
+            torch.cuda.reset_peak_memory_stats()
         try:
-            if mode is not None:
-                quantize_weights(lm, mode, group_size=group_size, compile=compiled)
-            allocated = format_bytes(torch.cuda.memory_allocated() - before) if cuda else "n/a"
-            logits = teacher_forced_logits(lm, random_codes(lm))
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            p50, p90 = measure(lm, args.frames, args.window, args.batch)
-        except Exception as e:  # a mode this stack cannot run (int4 off CUDA, ...) is a result, not the end
-            if mode is None:
-                raise
-            if not isinstance(e, ValueError):  # ValueError: refused by quantize_weights, which says why
-                traceback.print_exc()
-            row(name, f"failed: {type(e).__name__}: {str(e).splitlines()[0]}", *[""] * 8)
-            del lm
+            p50, p90, warm = measure(lm, args.frames, args.window, batch)
+        except Exception as e:  # out of memory at a large batch, a kernel refusing a shape: the next batch runs
+            failed(name, e, str(batch))
             continue
         peak = format_bytes(torch.cuda.max_memory_allocated() - before) if cuda else "n/a"
-        times.setdefault(kind, p50)
-        if kind == "hybrid" and mode is None:
-            ref = logits
-        error = ["", "", ""] if kind == "vanilla" else [f"{x:.4f}" for x in logit_error(ref, logits)]
-        row(name, f"{p50:.2f} / {p90:.2f}", f"{p50 / times['vanilla']:.3f}",
-            f"{p50 / times['hybrid']:.3f}" if "hybrid" in times else "", format_bytes(weight_bytes(lm)), allocated, peak,
-            *error)
-        del lm, logits
+        if spec == Row("hybrid"):
+            times[batch] = p50
+        row(name, str(batch), f"{p50:.2f} / {p90:.2f}", f"{p50 / times[batch]:.3f}" if batch in times else "",
+            format_bytes(weight_bytes(lm)), allocated, peak, setup, f"{warm:.1f}", "", "", "")
+        setup = ""
+    if (spec.kind == "vanilla" or (spec.compiled and args.logits == "eager")
+            or time.perf_counter() - start >= args.seconds):
+        return ref
+    logits = teacher_forced_logits(lm, random_codes(lm))
+    if spec == Row("hybrid"):
+        return logits
+    error = [f"{x:.4f}" for x in logit_error(ref, logits)] if ref else ["no bf16 row"] * 3
+    row(name, "logits", *[""] * 7, *error)
+    return ref
+
+
+def failed(name: str, e: Exception, batch: str = "") -> None:
+    if not isinstance(e, ValueError):  # ValueError: refused by quantize_weights, which says why
+        traceback.print_exc()
+    row(name, batch, f"failed: {type(e).__name__}: {str(e).splitlines()[0]}", *[""] * 9)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,75 @@
+"""recipes/quant21/device.sh, the issue-21 int8 device call, with TINY=1 on the CPU: its rows come out in the order
+that matters (bf16, then the compiled modes at both batches), refused modes are rows too, and a cut-off run
+(benchmarks/quantize.py's SIGINT and time budget) still prints what it finished and names what it did not."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("moshi")
+if importlib.util.find_spec("torchao") is None:
+    pytest.skip('torchao not installed: pip install -e ".[quant]"', allow_module_level=True)
+
+ROOT = Path(__file__).parents[1]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "benchmarks"),
+                                                    os.environ.get("PYTHONPATH", "")]),
+       "NO_TORCH_COMPILE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+BENCH = [sys.executable, "benchmarks/quantize.py", "--tiny", "--backend", "aot_eager"]
+
+
+def table(text: str) -> list[list[str]]:
+    """The body rows of the printed markdown table, cells stripped."""
+    return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("| ") and not line.startswith("| model")]
+
+
+def test_the_device_call_at_tiny_shape_times_bf16_then_the_compiled_modes_at_both_batches(tmp_path: Path) -> None:
+    env = {**ENV, "TINY": "1", "OUT": str(tmp_path), "PYTHON": sys.executable,
+           "ROWS": "bf16,int8+compile,w8a8+compile,int4,int8"}
+    done = subprocess.run(["bash", "recipes/quant21/device.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    r = tmp_path / "quant21"
+    assert "quantize rc=0" in (r / "log.txt").read_text()
+    rows = table((r / "quantize.md").read_text())
+    assert [(c[0], c[1]) for c in rows] == [
+        ("hybrid float32", "1"), ("hybrid float32", "3"), ("hybrid int8 compiled", "1"), ("hybrid int8 compiled", "3"),
+        ("hybrid w8a8 compiled", "1"), ("hybrid w8a8 compiled", "3"), ("hybrid int4", ""), ("hybrid int8", "1"),
+        ("hybrid int8", "3"), ("hybrid int8", "logits")]  # compiled rows: no logit pass (--logits eager)
+    assert [c[3] for c in rows[:2]] == ["1.000", "1.000"]  # bf16 is its own reference at each batch
+    assert all(float(c[3]) > 0 for c in rows[2:6] + rows[7:9])
+    assert rows[6][2].startswith("failed: ValueError: int4 needs bfloat16 weights on CUDA")
+    max_abs, rel, same = map(float, rows[-1][-3:])  # tiny int8: ~0.085, ~1.7 %, ~98 % (tests/test_quantize.py)
+    assert 0 < max_abs < 0.25 and 0 < rel < 0.04 and same > 0.9
+
+
+def test_a_run_cut_by_sigint_keeps_its_finished_rows_and_names_the_rest() -> None:
+    # 600 frames per batch (~2.5 s on the CPU): the SIGINT, sent when int8's batch-1 row is out, lands in its batch 3
+    run = subprocess.Popen([*BENCH, "--rows", "bf16,int8,w8a8", "--batches", "1,3", "--frames", "600", "--window", "2"],
+                           cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert run.stdout is not None
+    lines = []
+    for line in run.stdout:
+        lines.append(line)
+        if line.startswith("| hybrid int8 | 1 |"):
+            run.send_signal(signal.SIGINT)
+            break
+    out = "".join(lines) + run.stdout.read()
+    assert run.wait(timeout=60) == 0, out
+    assert [(c[0], c[1]) for c in table(out)] == [("hybrid float32", "1"), ("hybrid float32", "3"), ("hybrid int8", "1")]
+    assert "cut by SIGINT after" in out and "in hybrid int8\n" in out
+    assert out.endswith("not run (time budget): hybrid w8a8\n")
+
+
+def test_nothing_starts_after_the_time_budget() -> None:
+    done = subprocess.run([*BENCH, "--rows", "bf16,int8", "--seconds", "0"], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert table(done.stdout) == [] and "not run (time budget): hybrid float32, hybrid int8" in done.stdout
