@@ -285,6 +285,26 @@ def test_read_errors_show_storage_where_an_inplace_layer_stores() -> None:
     assert not layer.inner_hooks  # the recorder is gone
 
 
+def test_read_errors_of_a_decaying_inplace_layer_fade_its_pairs_as_its_stream_does() -> None:
+    """With decay < 1 the replay reads each pair faded by the layer's own lambda, as the frame-by-frame oracle
+    does, and not as a delta that never forgets."""
+    from ttt_speech.config import InPlaceConfig
+    from ttt_speech.layers.inplace import InPlaceLayer
+    from ttt_speech.ops.inplace.naive import inplace_naive
+
+    torch.manual_seed(0)
+    layer = InPlaceLayer(InPlaceConfig(dim=16, hidden=32, chunk=4, target_init_std=0.3, init_std=0.3, decay=0.3))
+    with memory_probe.record_inner_inputs([layer]) as calls, torch.no_grad():
+        layer(torch.randn(2, 24, 16), layer.init_state(2))
+    k, v = (torch.cat(parts, dim=1) for parts in zip(*calls[id(layer)]))  # what the probe recorded
+    zeros = (k.new_zeros(2, 16, 32), k.new_zeros(2, 4, 32), v.new_zeros(2, 4, 16), torch.zeros(2, dtype=torch.long))
+    faded = inplace_naive(k, k, v, *zeros, 4, decay=torch.sigmoid(layer.decay_logit).item())[0]
+    kept = inplace_naive(k, k, v, *zeros, 4)[0]
+    err = memory_probe.replay_read_errors(layer, calls)
+    torch.testing.assert_close(err, 1 - torch.nn.functional.cosine_similarity(faded, v, dim=-1))
+    assert (err - (1 - torch.nn.functional.cosine_similarity(kept, v, dim=-1))).abs()[:, 8:].max() > 1e-3
+
+
 def test_probe_memory_command_on_an_inplace_hybrid(tmp_path, capsys) -> None:
     """probe-memory streams a converted in-place Moshi and gives one row per gap and in-place layer."""
     lm, model = tiny_branch_hybrid("inplace")

@@ -132,11 +132,11 @@ def replay_delta_losses(layer: GatedDeltaNetLayer, calls: Calls) -> tuple[Tensor
 def replay_read_errors(layer: InPlaceLayer, calls: Calls) -> Tensor:
     """Each frame's read error 1 - cos(Delta_{c(t)} k_t, v_t) [B, T] for an in-place layer: its recorded pairs
     written chunk by chunk from a zero delta (`ops.inplace.reference` with the keys as queries: O(T) where the
-    attention form is O(T^2))."""
+    attention form is O(T^2)), faded by the layer's own decay as its stream fades them."""
     k, v = _recorded(layer, calls, 1)
     (B, _, Fh), D, C = k.shape, v.shape[-1], layer.config.chunk
     read, *_ = inplace_chunked(k, k, v, k.new_zeros(B, D, Fh), k.new_zeros(B, C, Fh), v.new_zeros(B, C, D),
-                               torch.zeros(B, dtype=torch.long, device=k.device), C)
+                               torch.zeros(B, dtype=torch.long, device=k.device), C, layer.decay(k.dtype))
     return 1 - F.cosine_similarity(read, v, dim=-1)  # a zero read (nothing written yet) has cosine 0
 
 
