@@ -17,7 +17,7 @@ pytest.importorskip("moshi")
 from helpers.moshi import convert_moshi  # noqa: E402
 from ttt_speech import TTTConfig  # noqa: E402
 from ttt_speech.moshi import convert  # noqa: E402
-from ttt_speech.moshi.commands import add_generate_arguments, run_generate  # noqa: E402
+from ttt_speech.eval.generate_command import add_generate_arguments, run_generate  # noqa: E402
 from ttt_speech.moshi.files import SHIPPED_DIR  # noqa: E402
 from moshi.models.lm import LMGen  # noqa: E402
 

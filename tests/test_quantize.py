@@ -36,7 +36,7 @@ pytest.importorskip("moshi")
 
 from helpers.moshi import random_codes  # noqa: E402
 from ttt_speech.errors import UsageError  # noqa: E402
-from ttt_speech.moshi.commands import add_generate_arguments, run_generate  # noqa: E402
+from ttt_speech.eval.generate_command import add_generate_arguments, run_generate  # noqa: E402
 from ttt_speech.moshi.convert import HybridLMModel  # noqa: E402
 from ttt_speech.moshi.generate import stream  # noqa: E402
 from ttt_speech.moshi.layer import HybridLayerState  # noqa: E402
