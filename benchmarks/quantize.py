@@ -47,7 +47,8 @@ from ttt_speech.moshi import convert, load_hybrid  # noqa: E402
 from ttt_speech.moshi.config import lm_kwargs  # noqa: E402
 from ttt_speech.moshi.files import SHIPPED_DIR  # noqa: E402
 from ttt_speech.moshi.tiny import tiny_lm_config  # noqa: E402
-from ttt_speech.quantize import MODES, format_bytes, quantize_weights, torchao_quantization, weight_bytes  # noqa: E402
+from ttt_speech.quantize import (MODES, format_bytes, int4_round_trip, linear_layers, quantize_weights,  # noqa: E402
+                                 torchao_quantization, weight_bytes)
 
 LOGIT_BATCH, LOGIT_FRAMES = 4, 32  # two TTT mini-batches of 16 frames per sequence
 
@@ -114,9 +115,11 @@ class Row:
 
 
 @torch.no_grad()
-def shipped_errors(modes: list[str]) -> None:
+def shipped_errors(modes: list[str], group_size: int) -> None:
     """Logit error of each mode on the shipped (trained) small hybrid and on a random-weight model of the same
-    config and TTT layers (moshi's initialisation, seed 0), fp32 on the CPU, the same random input codes."""
+    config and TTT layers (moshi's initialisation, seed 0), fp32 on the CPU, the same random input codes. int4's
+    kernel is CUDA-only: here its rounding (`int4_round_trip`, held equal to the kernel by a GPU test) is applied
+    to the weights of the linears whose in_features `group_size` divides, and the matmuls run in fp32."""
     shipped = load_hybrid(SHIPPED_DIR, dtype=torch.float32)
     spec, raw = shipped.memory_spec, shipped.moshi_config
 
@@ -127,6 +130,18 @@ def shipped_errors(modes: list[str]) -> None:
         lm = loaders.get_moshi_lm(None, lm_kwargs=lm_kwargs(raw), device="cpu", dtype=torch.float32)
         return convert(lm, spec.layers, spec.mode, spec.config, moshi_config=raw).eval()
 
+    def quantized(trained: bool, mode: str) -> tuple[LMModel, str]:
+        lm = fresh(trained)
+        if mode != "int4":
+            quantize_weights(lm, mode)  # type: ignore[arg-type]
+            return lm, mode
+        linears = linear_layers(lm).values()
+        chosen = [m for m in linears if m.in_features % group_size == 0]
+        for m in chosen:
+            m.weight.data = int4_round_trip(m.weight, group_size)
+        return lm, f"int4 (g{group_size}, rounding on the CPU; {len(linears) - len(chosen)} of {len(linears)} " \
+                   "linears not divisible, left fp32)"
+
     print(f"shipped small hybrid ({SHIPPED_DIR.name}: {sum(p.numel() for p in shipped.parameters()) / 1e6:.1f}M "
           f"parameters, TTT layers {list(spec.layers)}), fp32 on the CPU, logit error vs its fp32 self on "
           f"{LOGIT_BATCH} x {LOGIT_FRAMES} random frames")
@@ -136,10 +151,9 @@ def shipped_errors(modes: list[str]) -> None:
         codes = random_codes(fresh(trained))
         ref = teacher_forced_logits(fresh(trained), codes)
         for mode in modes:
-            lm = fresh(trained)
-            quantize_weights(lm, mode)  # type: ignore[arg-type]
+            lm, name = quantized(trained, mode)
             error = logit_error(ref, teacher_forced_logits(lm, codes))
-            row("shipped (trained)" if trained else "random, same config", mode, *(f"{x:.4f}" for x in error))
+            row("shipped (trained)" if trained else "random, same config", name, *(f"{x:.4f}" for x in error))
 
 
 def row(*cells: str) -> None:
@@ -161,7 +175,7 @@ def main() -> None:
                    help="models in the order built: vanilla, bf16 (the unquantized hybrid, the ratios' and logit "
                         f"errors' reference), MODE or MODE+compile with MODE in {','.join(MODES)} "
                         f"(default {DEFAULT_ROWS})")
-    p.add_argument("--group-size", type=int, help="int4 group size (default 128; 32 with --tiny)")
+    p.add_argument("--group-size", type=int, help="int4 group size (default 128; 32 with --tiny, 64 with --shipped)")
     p.add_argument("--logits", choices=("all", "eager"), default="all",
                    help="eager: no logit pass for compiled rows (it compiles the teacher-forced shapes, ~as long as "
                         "a batch's warm-up; the eager row of the same mode measures the quantization's error)")
@@ -171,7 +185,7 @@ def main() -> None:
                    help="time budget: nothing new starts after it (a SIGINT also ends the run, rows so far printed)")
     p.add_argument("--shipped", action="store_true",
                    help="only the logit error of the shipped small hybrid vs a random-weight twin (CPU; the "
-                        "eager int8 / w8a8 rows of --rows)")
+                        "eager modes of --rows, int4 as its rounding)")
     args = p.parse_args()
     try:
         rows = [Row.parse(spec) for spec in args.rows.split(",") if spec]
@@ -181,7 +195,7 @@ def main() -> None:
     torchao_quantization()  # fail now, with the install hint, if torchao is missing
     if args.shipped:
         torch.set_num_threads(min(2, torch.get_num_threads()))
-        return shipped_errors([r.mode for r in rows if r.mode in ("int8", "w8a8") and not r.compiled])
+        return shipped_errors([r.mode for r in rows if r.mode and not r.compiled], args.group_size or 64)
     group_size = args.group_size or (32 if args.tiny else 128)
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"

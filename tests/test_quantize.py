@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
-from ttt_speech.quantize import is_quantized, quantize_weights, weight_bytes
+from ttt_speech.quantize import int4_round_trip, is_quantized, quantize_weights, weight_bytes
 
 needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None,
                                    reason='torchao not installed: pip install -e ".[quant]"')
@@ -30,6 +32,51 @@ def test_missing_torchao_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setitem(sys.modules, "torchao.quantization", None)
     with pytest.raises(ImportError, match=r"\.\[quant\]"):
         quantize_weights(nn.Linear(4, 4), "int8")
+
+
+def test_int4_round_trip_keeps_levels_on_the_grid_and_moves_others_to_the_nearest() -> None:
+    # one group of 16: min 0, max 15, so scale 1 and zero point 8: the levels are 0..15 themselves
+    grid = torch.arange(16.0).reshape(1, 16)
+    assert torch.equal(int4_round_trip(grid, 16), grid)
+    off = grid + torch.tensor([0.0, 0.4, -0.3, 0.6] + [0.0] * 11 + [0.0])
+    assert int4_round_trip(off, 16).tolist() == [[0.0, 1.0, 2.0, 4.0, *range(4, 16)]]
+    with pytest.raises(ValueError, match="in_features 24 is not a multiple of group_size=16"):
+        int4_round_trip(torch.zeros(2, 24), 16)
+
+
+@settings(max_examples=40, deadline=None)
+@given(out=st.integers(1, 6), groups=st.integers(1, 4), group=st.sampled_from([8, 32, 128]),
+       scale=st.floats(1e-3, 10.0), seed=st.integers(0, 2**16))
+def test_int4_round_trip_error_is_half_a_step_per_group_up_to_bf16_rounding(out: int, groups: int, group: int, scale: float,
+                                                       seed: int) -> None:
+    w = torch.randn(out, groups * group, generator=torch.Generator().manual_seed(seed)) * scale
+    got = int4_round_trip(w, group).reshape(out, groups, group)
+    w = w.reshape(out, groups, group)
+    step = (w.amax(-1, keepdim=True) - w.amin(-1, keepdim=True)) / 15
+    # bf16 arithmetic, as torchao's: the level index (up to 15) carries 2^-5 of a step of rounding twice, and the
+    # weights, zero point and result 2^-9 of the group's largest weight each (3000 seeds: at most 0.9x of this
+    # bound with 2^-4 steps; 2^-3 leaves a margin, and a level off by one or a scale of range / 16 still fails)
+    slack = 2**-3 * step + 2**-6 * w.abs().amax(-1, keepdim=True)
+    assert ((got - w).abs() <= step / 2 + slack).all()
+    assert max(len(g.unique()) for g in got.reshape(-1, group)) <= 16
+
+
+@pytest.mark.gpu
+@needs_torchao
+def test_int4_kernel_computes_what_its_rounding_reference_does() -> None:
+    """The tinygemm int4 matmul (mode "int4") against F.linear with int4_round_trip's weights, bf16 on a GPU:
+    equal to bf16 matmul rounding, while int4 itself moves a random layer's output by ~10 %."""
+    torch.manual_seed(0)
+    layer = nn.Linear(1024, 512, bias=False, device="cuda", dtype=torch.bfloat16)
+    nn.init.normal_(layer.weight, std=0.02)
+    x = torch.randn(8, 1024, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        exact = layer(x).float()
+        want = nn.functional.linear(x, int4_round_trip(layer.weight)).float()
+        quantize_weights(layer, "int4")
+        got = layer(x).float()
+    assert (got - want).norm() / want.norm() < 0.01
+    assert 0.05 < (want - exact).norm() / exact.norm() < 0.2
 
 
 pytest.importorskip("moshi")

@@ -133,6 +133,25 @@ def compile_linears(linears: tp.Iterable[nn.Linear], backend: tp.Any = "inductor
         m.forward = lambda x, m=m: linear(x, m.weight, m.bias)  # type: ignore[method-assign]
 
 
+def int4_round_trip(weight: Tensor, group_size: int = INT4_GROUP_SIZE) -> Tensor:
+    """`weight` ([out, in]) rounded as mode "int4" rounds it, back in its own dtype: the slow reference of the
+    tinygemm path (a GPU test holds the two equal), and int4's error measurable on a CPU, where no kernel runs.
+
+    torchao's tinygemm recipe, written out: per group of `group_size` input channels, in bf16, scale =
+    (max - min) / 15 and a float zero point min + 8 * scale; each weight becomes one of 16 levels
+    (q - 8) * scale + zero point, q = round((w - min) / scale) in 0..15.
+    """
+    out_features, in_features = weight.shape
+    if in_features % group_size:
+        raise ValueError(f"int4: in_features {in_features} is not a multiple of group_size={group_size}")
+    w = weight.detach().to(torch.bfloat16).reshape(out_features, in_features // group_size, group_size)
+    low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    scale = ((high - low) / 15).clamp(min=torch.finfo(torch.bfloat16).smallest_normal)
+    zero = low + scale * 8
+    q = ((w - (zero - scale * 8)) / scale).round().clamp(0, 15)
+    return ((q - 8) * scale + zero).reshape(weight.shape).to(weight.dtype)
+
+
 def quantize_weights(model: nn.Module, mode: Mode = "int8", *, group_size: int = INT4_GROUP_SIZE,
                      compile: bool = False, backend: tp.Any = "inductor") -> QuantizeReport:
     """Quantize the weights of `model`'s `nn.Linear` layers in place (torchao, weight-only); for inference.
