@@ -29,6 +29,9 @@
 # eager rows; the rest (if cut) from a second call with ROWS naming them (the ratio needs bf16 in every call):
 #   run(command="ROWS=bf16,int4,int8,w8a8,int4+compile bash recipes/quant21/device.sh", carry=[".whl"],
 #       timeout_s=600)
+# w8a8 at batch 1 may fail or fall back (a result, printed as its row): cuBLAS's int8 GEMM behind torch._int_mm
+# refuses fewer than 17 rows ("self.size(0) needs to be greater than 16"); torchao's eager path then catches it and
+# multiplies in fp32, and compiled, inductor may pick that same aten kernel. w8a8's case is batch 64.
 # Compiled rows skip their logit pass (--logits eager: it would compile the teacher-forced shapes too); the
 # eager row of the same mode gives the quantization's logit error.
 #
