@@ -10,7 +10,9 @@
 # the device has neither; sphn is not needed here):
 #   run(command="bash recipes/quant21/device.sh", carry=[".whl"], timeout_s=600)
 # Results in $OUT/quant21/: quantize.md (the table, one line per finished row, so rows finished before a cut
-# come back), log.txt (the same with warnings and tracebacks, set-up time), nvidia-smi.txt.
+# come back), log.txt (the same with warnings and tracebacks, set-up time), int4_check.log (tests/test_quantize.py's
+# gpu test: the tinygemm kernel equals int4_round_trip, the CPU reference of the docs' int4 logit errors),
+# nvidia-smi.txt.
 #
 # Row time estimates (NOT measured; what dominates is set-up, not the timed frames). Timed frames: 150 steps
 # per batch (100 to reach frame 100, 50 timed): ~4 s at batch 1 (H200 hybrid step ~26 ms, issue 21) and ~9 s
@@ -57,9 +59,13 @@ else
 fi
 export NO_TORCH_COMPILE=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 PYTHONPATH=${PYTHONPATH:-}:$PWD/benchmarks
 echo "set-up $((SECONDS - S0)) s; $(left) s left; rows $ROWS" | tee "$R/log.txt"
-# nothing new starts 40 s before the deadline; SIGINT at it: the row in progress stops, the finished ones are out
-timeout -k 10 -s INT $(($(left) - 10)) "$PY" benchmarks/quantize.py "${SHAPE[@]}" --rows "$ROWS" \
-  --layers "${LAYERS:-all}" --logits eager --seconds $(($(left) - 40)) 2>&1 | tee -a "$R/log.txt"
+# nothing new starts 65 s before the deadline; SIGINT 35 s before it: the row in progress stops, the finished ones
+# are out; the last ~25 s check int4's kernel against its CPU reference (the docs' int4 logit errors rest on it)
+timeout -k 10 -s INT $(($(left) - 35)) "$PY" benchmarks/quantize.py "${SHAPE[@]}" --rows "$ROWS" \
+  --layers "${LAYERS:-all}" --logits eager --seconds $(($(left) - 65)) 2>&1 | tee -a "$R/log.txt"
 echo "quantize rc=${PIPESTATUS[0]} after $((SECONDS - S0)) s" | tee -a "$R/log.txt"
+timeout -k 3 $(($(left) - 3)) "$PY" -m pytest -m gpu tests/test_quantize.py -k int4_kernel -p no:cacheprovider \
+  -o addopts= -rfEs > "$R/int4_check.log" 2>&1
+echo "int4 kernel check rc=$? after $((SECONDS - S0)) s" | tee -a "$R/log.txt"
 grep -E '^(device:|\||cut by|not run)' "$R/log.txt" > "$R/quantize.md"
 ls -la "$R"
