@@ -24,11 +24,13 @@
 #   set-up                                                       ~30 s
 #   bf16        build 25 + b1 6 + b64 11 + logits 2             ~45 s    ends ~75 s
 #   int8+comp   build 30 + (compile 60-120 + time 6-11) x 2      150-290 s ends 225-365 s
-#   w8a8+comp   the same                                         150-290 s ends 375-655 s (cut when slow)
+#   w8a8+comp   the same                                         150-290 s ends 375-655 s
 #   int4        build 35 + b1 6 + b64 11 + logits 2             ~55 s
 #   int8, w8a8  eager, ~50 s each; int4+comp ~150-290 s
-# So one call brings bf16 vs int8 compiled at both batches, most likely w8a8 compiled, maybe int4 and the
-# eager rows; the rest (if cut) from a second call with ROWS naming them (the ratio needs bf16 in every call):
+# Nothing new starts after ~505 s (budget) and SIGINT comes at ~535 s, then the int4 kernel check. So one call
+# brings bf16 vs int8 compiled at both batches; w8a8 compiled at both only if compiling is at the fast end (else
+# its batch-1 row, or nothing); int4 and the eager rows only then. The rest from a second call with ROWS naming
+# them (the ratios need bf16 in every call):
 #   run(command="ROWS=bf16,int4,int8,w8a8,int4+compile bash recipes/quant21/device.sh", carry=[".whl"],
 #       timeout_s=600)
 # w8a8 at batch 1 may fail or fall back (a result, printed as its row): cuBLAS's int8 GEMM behind torch._int_mm
