@@ -19,14 +19,16 @@
 # back in $OUT (bf16, without the codec) for probe-memory and shipping. FARBLOCKS=random sets
 # data.repeat.far_blocks (far sources at every age of the state); arms named in DECAYED get
 # model.memory.decay=$DECAY (a bounded in-place state). Next (section 9, pre-registered there):
-#   ARMS="d b bd" DECAYED=bd DECAY=0.9 FARLEN=16,320 FARBLOCKS=random LR=3e-4 MEMLR=10, two calls as far_len;
-#   then recipes/evidence24/recall_age.py on the exports at contexts 64,1024,4096 and eval-long to 8192 frames.
+#   ARMS="d b bd" DECAYED=bd DECAY=0.9 FARLEN=16,320 FARBLOCKS=random LR=3e-4 MEMLR=10, two calls as far_len,
+#   the second with LENGTHS=64,1024,2048,4096,8192 AGES=64,1024,4096 (eval-long to 8192 frames and
+#   recall_age.py at those contexts, per arm, into eval_<arm>/).
 set -uo pipefail
 X=$PWD/recipes/evidence24 B=$PWD/.exp24 W=${W:-/tmp/w}
 ARMS=${ARMS:-d b a} DEADLINE=${DEADLINE:-240} LR=${LR:-5.0e-4} MEMLR=${MEMLR:-1} PHASE=${PHASE:-all}
 COPIES=${COPIES:-2} FAR=${FAR:-96, 700} SEQ=${SEQ:-1536} GAPS=${GAPS:-32,96,160,320,640}
 SHUFFLED=${SHUFFLED:-} FROM=${FROM:-} WARMUP=${WARMUP:-0.005} FARLEN=${FARLEN:-} KEEP=${KEEP:-}
-FARBLOCKS=${FARBLOCKS:-odd} DECAYED=${DECAYED:-} DECAY=${DECAY:-0.9}
+FARBLOCKS=${FARBLOCKS:-odd} DECAYED=${DECAYED:-} DECAY=${DECAY:-0.9} LENGTHS=${LENGTHS:-64} AGES=${AGES:-}
+AGES_ARMS=$([ -n "$AGES" ] && echo $ARMS)
 S0=$SECONDS; t() { echo "[t=$((SECONDS - S0))s] $*"; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $B/whl/*.whl $(ls .whl/f*.whl 2>/dev/null) || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src NO_TORCH_COMPILE=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
@@ -70,13 +72,18 @@ for arm in $ARMS; do grep -E "step +[0-9]+ |Error|error|resumed" $W/arm_$arm.log
 if [ "$PHASE" = all ]; then
   for arm in $ARMS; do rm -rf $W/arm_$arm/export; python3 $X/export_last.py $W/arm_$arm || true; done
   t exported
-  EV="--data $W/tok/val --lengths 64 --baseline-length 64 --minutes 0 --copy-gaps $GAPS --copy-span 32
+  EV="--data $W/tok/val --lengths $LENGTHS --baseline-length 64 --minutes 0 --copy-gaps $GAPS --copy-span 32
     --copy-context 64 --copy-probes ${PROBES:-20} --copy-controls --batch-size ${EVBATCH:-240} --no-progress"
   for arm in $ARMS; do
     timeout $((${END:-560} - (SECONDS - S0))) python3 -m ttt_speech eval-long $EV --model $arm=$W/arm_$arm/export \
       --out $W/eval_$arm > $W/eval_$arm.log 2>&1 &
   done
   wait; t evaluated
+  for arm in $AGES_ARMS; do  # recall against the memory's age (section 9), gap 640, 3 probes per sequence
+    timeout $((${END:-560} - (SECONDS - S0))) python3 $X/recall_age.py $arm=$W/arm_$arm/export $AGES 640 3 \
+      $W/eval_$arm/recall_age.json $W/tok/val/tokens_00000.safetensors > $W/eval_$arm/recall_age.log 2>&1 &
+  done
+  wait; [ -n "$AGES_ARMS" ] && t ages
 fi
 wait
 for arm in $KEEP; do [ -d $W/arm_$arm/export ] && python3 $X/bf16.py $W/arm_$arm/export $OUT/export_$arm; done

@@ -20,7 +20,8 @@ per = int(sys.argv[4])
 rows = []
 for spec in sys.argv[1].split(","):
     name = spec.split("=")[0]
-    scorer = MoshiScorer(load_model(spec).scorer.model, name, segment=2048)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    scorer = MoshiScorer(load_model(spec, device=device).scorer.model, name, segment=2048)
     for gap in gaps:
         for context in contexts:
             n = min(per, min(s.length for s in seqs) // (context + gap + 32))
