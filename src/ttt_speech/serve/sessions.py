@@ -222,21 +222,25 @@ class SessionManager:
         if max_load is None:
             return
         p90_s, steps = self.metrics.step_p90()
+        if steps < self.admission.min_steps:  # both rules wait for enough measured steps
+            return
         budget_s = max_load * self.metrics.frame_s
-        if steps >= self.admission.min_steps and p90_s >= budget_s:
+        if p90_s >= budget_s:
             raise ProtocolError(Close.TRY_AGAIN_LATER, "not_real_time",
                                 f"server behind real time (step p90 {p90_s * 1e3:.0f} ms, budget "
                                 f"{budget_s * 1e3:.0f} ms per frame); try again later")
-        opus = self.opus_load()
-        if steps >= self.admission.min_steps and opus.with_one_more >= max_load:
+        opus = self.opus_load(steps)
+        if opus.with_one_more >= max_load:
             raise ProtocolError(Close.TRY_AGAIN_LATER, "opus_not_real_time",
                                 f"Opus coding behind real time ({opus.coder}: {opus.busy:.0%} of each frame, "
                                 f"{opus.sessions} sessions; {opus.with_one_more:.0%} with one more); "
                                 "try again later")
 
-    def opus_load(self) -> Load:
-        """The Opus coder a new session would join: its coding time per frame the engine stepped (metrics window)."""
-        _, steps = self.metrics.step_p90()
+    def opus_load(self, steps: int | None = None) -> Load:
+        """The Opus coder a new session would join: its coding time per frame the engine stepped over the metrics
+        window (`steps`: those frames, when the caller has just counted them)."""
+        if steps is None:
+            _, steps = self.metrics.step_p90()
         return self.opus.load(self.metrics.window_s, steps * self.metrics.frame_s)
 
     def _claim(self) -> Session:
