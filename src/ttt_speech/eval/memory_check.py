@@ -31,11 +31,12 @@ import torch
 from torch import nn
 
 from ttt_speech.audio import FRAME_RATE
+from ttt_speech.eval.copies import GROUPS as COPY_GROUPS
 
 CLIP = Path(__file__).resolve().parents[1] / "assets" / "held_out_speech.npy"
 CONTEXT, SPAN, WINDOWS = 64, 32, 10  # frames before the passage, passage frames, gap in attention windows
 SEGMENT = 256  # frames per teacher-forced forward
-GROUPS = ("text words", "codebook 0")
+GROUPS = COPY_GROUPS[:2]  # the copy probe's "text words" and "codebook 0": what the line reports
 COMPANIONS = {"mimi_name": "Mimi (codec)", "tokenizer_name": "text tokenizer"}
 
 
