@@ -276,6 +276,7 @@ ROWS: list[tuple[str, str]] = [
     ("eval-long --model {vanilla} --data {held_out} --lengths 64 --tokenizer {small_tokenizer}",
      "small.model: 64 text tokens, fewer than the model's text_card 1000"),
     ("eval-long --model tiny --data {held_out} --lengths 64 --repeats {dir}/nope", "no such make-corpus directory"),
+    ("eval-long --model tiny --data {held_out} --lengths 64 --repeats {held_out}", "no corpus.json in it or its folders"),
     ("eval-long --model tiny --data {held_out} --lengths 64 --repeats {corpus}", "none of its re-read passages"),
     ("eval-long --model tiny --data {held_out} --lengths 64 --out {a_file}", "a_file: is a file"),
     ("eval-long --model tiny --data {held_out} --device cuda:99", "--device cuda:99"),

@@ -69,6 +69,12 @@ def test_repeat_spans_read_corpus_json_in_frames(tmp_path) -> None:
     assert repeat_spans(tmp_path) == {"readings/r0.wav": [Span("first", 125, 250), Span("again", 8750, 8876)]}
     with pytest.raises(FileNotFoundError, match="make-corpus"):
         repeat_spans(tmp_path / "nowhere")
+    # a directory of corpora (shards packed from several): each source under its corpus's folder
+    for name in ("b", "a"):
+        (tmp_path / "many" / name).mkdir(parents=True)
+        (tmp_path / "many" / name / "corpus.json").write_text(json.dumps({"recordings": recs}))
+    assert list(repeat_spans(tmp_path / "many")) == ["a/readings/r0.wav", "b/readings/r0.wav"]
+    assert repeat_spans(tmp_path / "many")["b/readings/r0.wav"] == repeat_spans(tmp_path)["readings/r0.wav"]
 
 
 @settings(max_examples=40, deadline=None)

@@ -63,7 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tiny | tiny-vanilla | Moshi hybrid dir | vanilla Moshi dir | transformers dir (repeatable)")
     p.add_argument("--data", required=True, type=Path, help="held-out token shards ([K, T] .npy/.safetensors)")
     p.add_argument("--repeats", type=Path, metavar="CORPUS_DIR",
-                   help="make-corpus directory: also score its re-read passages, first time vs again")
+                   help="make-corpus directory (or a directory of them, for shards packed from several): "
+                        "also score its re-read passages, first time vs again")
     p.add_argument("--copy-gaps", type=parse_lengths, metavar="G1,G2,...",
                    help="also score spans copied verbatim G frames after their source in held-out excerpts "
                         "(recall vs distance; e.g. 300,1000,3000,7500)")
@@ -233,7 +234,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     specs = [check_spec(spec) for spec in args.model]
     check_audio_options(args)
     if args.repeats:
-        existing_file(existing_dir(args.repeats, "make-corpus directory") / "corpus.json", "make-corpus corpus.json")
+        existing_dir(args.repeats, "make-corpus directory")
     output_dir(args.out)
     for flag, path in (("--data", args.data), ("--dialogues", args.dialogues)):
         if path is not None and not path.exists():
@@ -243,7 +244,10 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     sequences = load_sequences(args.data, args.max_sequences)
     dialogues = load_sequences(args.dialogues) if args.dialogues else []
     check_data(specs, sequences, args)
-    spans = repeat_spans(args.repeats) if args.repeats else None
+    try:
+        spans = repeat_spans(args.repeats) if args.repeats else None
+    except FileNotFoundError as e:
+        raise UsageError(f"--repeats {e}") from None
     if spans is not None and not any(s.source in spans for s in sequences):
         raise UsageError(f"--repeats {args.repeats}: none of its re-read passages is in {args.data}")
     probes, probe_spans = (copy_probes(sequences, args.copy_gaps, args.copy_span, args.copy_context, args.copy_probes)

@@ -32,16 +32,29 @@ class Span:
 
 
 def repeat_spans(corpus_dir: str | Path, frame_rate: float = FRAME_RATE) -> dict[str, list[Span]]:
-    """source wav (as in the manifest / token index) -> its "first" and "again" spans, in frames."""
-    path = Path(corpus_dir) / "corpus.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{corpus_dir}: no corpus.json (expected a `ttt-speech make-corpus` directory)")
+    """source wav (as in the manifest / token index) -> its "first" and "again" spans, in frames.
+
+    `corpus_dir` is one make-corpus directory, or a directory of them: token shards packed from several
+    corpora name each source under its corpus's folder ("devil/readings/r0.wav"), so that is the key here too.
+    """
+    root = Path(corpus_dir)
+    path = root / "corpus.json"
+    if path.exists():
+        return _spans(path, "", frame_rate)
+    nested = sorted(root.glob("*/corpus.json"))
+    if not nested:
+        raise FileNotFoundError(f"{corpus_dir}: no corpus.json in it or its folders "
+                                "(expected a `ttt-speech make-corpus` directory, or a directory of them)")
+    return {k: v for p in nested for k, v in _spans(p, p.parent.name + "/", frame_rate).items()}
+
+
+def _spans(path: Path, prefix: str, frame_rate: float) -> dict[str, list[Span]]:
     out: dict[str, list[Span]] = {}
     for rec in json.loads(path.read_text())["recordings"]:
         spans = [Span(label, round(rep[label][0] * frame_rate), round(rep[label][1] * frame_rate))
                  for rep in rec.get("repeats", []) for label in ("first", "again")]
         if spans:
-            out[rec["path"]] = spans
+            out[prefix + rec["path"]] = spans
     return out
 
 
