@@ -22,10 +22,16 @@
 #   ARMS="d b bd" DECAYED=bd DECAY=0.9 FARLEN=16,320 FARBLOCKS=random LR=3e-4 MEMLR=10, two calls as far_len,
 #   the second with LENGTHS=64,1024,2048,4096,8192 AGES=64,1024,4096 (eval-long to 8192 frames and
 #   recall_age.py at those contexts, per arm, into eval_<arm>/).
+# SEQ sets the training sequence length, SEGMENT the frames per forward/backward (the state is carried between
+# segments without gradient, so a decay learns only from recall inside one segment: SEGMENT=SEQ for far gaps).
+# Next (docs/results.md section 10, pre-registered there): a memory for minutes,
+#   ARMS="d bd" DECAYED=bd DECAY=0.97 SEQ=6144 SEGMENT=6144 BATCH=16 FAR="96, 2800" FARLEN=16,320 FARBLOCKS=random
+#   LR=3e-4 MEMLR=10, two calls as far_len, the second with GAPS=96,640,1280,2560 LENGTHS=64,1024,4096,8192,14976
+#   AGES=64,1024,4096 and AGE_GAPS=640,2560 (recall_age.py at those gaps).
 set -uo pipefail
 X=$PWD/recipes/evidence24 B=$PWD/.exp24 W=${W:-/tmp/w}
 ARMS=${ARMS:-d b a} DEADLINE=${DEADLINE:-240} LR=${LR:-5.0e-4} MEMLR=${MEMLR:-1} PHASE=${PHASE:-all}
-COPIES=${COPIES:-2} FAR=${FAR:-96, 700} SEQ=${SEQ:-1536} GAPS=${GAPS:-32,96,160,320,640}
+COPIES=${COPIES:-2} FAR=${FAR:-96, 700} SEQ=${SEQ:-1536} SEGMENT=${SEGMENT:-1536} GAPS=${GAPS:-32,96,160,320,640}
 SHUFFLED=${SHUFFLED:-} FROM=${FROM:-} WARMUP=${WARMUP:-0.005} FARLEN=${FARLEN:-} KEEP=${KEEP:-}
 FARBLOCKS=${FARBLOCKS:-odd} DECAYED=${DECAYED:-} DECAY=${DECAY:-0.9} LENGTHS=${LENGTHS:-64} AGES=${AGES:-}
 AGES_ARMS=$([ -n "$AGES" ] && echo $ARMS)
@@ -62,7 +68,7 @@ for arm in $ARMS; do
   mapfile -t EXTRA < <(extra $arm)
   timeout -s TERM $DEADLINE python3 -m ttt_speech.train $X/arms.yaml --run-dir $W/arm_$arm \
     --set "data.train=[$W/tok/train]" --set "data.eval=[$W/tok/val]" \
-    --set train.batch_size=${BATCH:-64} --set train.segment_len=1536 --set train.memory_lr_scale=$MEMLR \
+    --set train.batch_size=${BATCH:-64} --set train.segment_len=$SEGMENT --set train.memory_lr_scale=$MEMLR \
     --set "stages=$STAGES" --set checkpoint.every=100 --set log.every=25 --set log.eval_every=0 \
     --set log.progress=false "${EXTRA[@]}" >> $W/arm_$arm.log 2>&1 &
   PIDS+=($!)
@@ -79,8 +85,8 @@ if [ "$PHASE" = all ]; then
       --out $W/eval_$arm > $W/eval_$arm.log 2>&1 &
   done
   wait; t evaluated
-  for arm in $AGES_ARMS; do  # recall against the memory's age (section 9), gap 640, 3 probes per sequence
-    timeout $((${END:-560} - (SECONDS - S0))) python3 $X/recall_age.py $arm=$W/arm_$arm/export $AGES 640 3 \
+  for arm in $AGES_ARMS; do  # recall against the memory's age (section 9), at AGE_GAPS, 3 probes per sequence
+    timeout $((${END:-560} - (SECONDS - S0))) python3 $X/recall_age.py $arm=$W/arm_$arm/export $AGES ${AGE_GAPS:-640} 3 \
       $W/eval_$arm/recall_age.json $W/tok/val/tokens_00000.safetensors > $W/eval_$arm/recall_age.log 2>&1 &
   done
   wait; [ -n "$AGES_ARMS" ] && t ages

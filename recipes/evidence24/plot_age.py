@@ -1,7 +1,7 @@
 """Issue 24, section 9: recall against the memory's age, and the loss the memory costs past its training length.
 
-    python plot_age.py OUT.png SWEEP.json EVAL_LONG_DIR TRAIN_LEN
-(SWEEP.json: recall_age.py's rows at one gap; EVAL_LONG_DIR: an eval-long report with per-position buckets.)
+    python plot_age.py OUT.png SWEEP.json EVAL_LONG_DIR[,EVAL_LONG_DIR...] TRAIN_LEN
+(SWEEP.json: recall_age.py's rows at one gap; EVAL_LONG_DIR: eval-long reports with per-position buckets.)
 
 Left: text words, copy / source replaced at one gap, against the frames the memory had streamed before the
 source, per model; the copy ends at context + gap + span, shaded past the training sequence length.
@@ -16,7 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-out, sweep, eval_dir, train_len = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+out, sweep, eval_dirs, train_len = sys.argv[1], sys.argv[2], sys.argv[3].split(","), int(sys.argv[4])
 rows = json.load(open(sweep))
 fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
 gap = rows[0]["gap"]
@@ -34,8 +34,7 @@ left.set_xlabel("frames streamed when the copy ends (context + gap + span)")
 left.set_ylabel(f"text words: copy / source replaced, gap {gap}")
 left.set_title(f"recall at {gap} frames against the memory's age", fontsize=9)
 left.legend(fontsize=8)
-report = json.load(open(f"{eval_dir}/results.json"))["long_context"]
-for model in report:
+for model in (m for d in eval_dirs for m in json.load(open(f"{d}/results.json"))["long_context"]):
     ends, losses = model["bucket_edges"][1:], model["bucket_loss"]["text"]
     keep = [(e, v) for e, v in zip(ends, losses) if e > 64 and v is not None]  # past the first window
     right.plot(*zip(*keep), marker="o", label=model["name"])
