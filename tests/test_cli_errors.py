@@ -25,7 +25,6 @@ from hypothesis import strategies as st
 from ttt_speech import cli
 from ttt_speech.errors import (UsageError, fraction, nonnegative_float, port, positive_float, positive_int,
                                seconds_or_off)
-from ttt_speech.names import current_section
 
 SHIPPED = Path(cli.__file__).parent / "assets" / "small_moshi"
 
@@ -36,7 +35,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     with contextlib.suppress(ImportError):  # transformers' import-time warnings land here, not in a row's stderr
         import ttt_speech.hf.checkpoint  # noqa: F401
     d = tmp_path_factory.mktemp("bad_inputs")
-    config = current_section(json.loads((SHIPPED / "config.json").read_text()))  # shipped in the pre-issue-20 layout
+    config = json.loads((SHIPPED / "config.json").read_text())
     good = SHIPPED / "mimi.safetensors"
     out: dict[str, Path] = {"dir": d, "good_st": good}
     (d / "truncated.safetensors").write_bytes(good.read_bytes()[: good.stat().st_size // 2])

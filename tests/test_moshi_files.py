@@ -65,8 +65,27 @@ def test_a_hybrid_in_the_old_layout_reads_under_todays_name(tmp_path: Path) -> N
     found = MoshiDir.read(d, hybrid=True)
     assert found.hybrid and found.config["memory"] == raw["ttt"] and "ttt" not in found.config
     assert found.weights == d / "model.safetensors" and found.mimi is None  # saved without its codec
+
+
+def test_the_shipped_model_is_the_in_place_hybrid_with_a_learned_decay() -> None:
+    """The embedded default (issue 24): all 5 layers in-place with a decay each layer learned away from its
+    initial 0.9, a 64-frame (5.1 s) attention window, fp16 in today's layout, the folder within 25 MB."""
+    import torch
+    from safetensors import safe_open
+
+    from ttt_speech.moshi import load_hybrid
+
     shipped = MoshiDir.read(SHIPPED_DIR)
     assert shipped.hybrid and shipped.mimi is not None and shipped.tokenizer is not None
+    section = json.loads(shipped.config_path.read_text())["memory"]  # today's name, not the pre-issue-20 "ttt"
+    assert (section["branch"], section["layers"], section["config"]["decay"]) == ("inplace", [0, 1, 2, 3, 4], 0.9)
+    assert shipped.config["context"] == 64
+    with safe_open(str(shipped.weights), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    assert sum(p.stat().st_size for p in SHIPPED_DIR.iterdir()) <= 25_000_000
+    lm = load_hybrid(SHIPPED_DIR, dtype=torch.float32)
+    decays = [torch.sigmoid(layer.memory.decay_logit).item() for layer in lm.memory_layers()]
+    assert decays == pytest.approx([0.824, 0.868, 0.850, 0.896, 0.909], abs=1e-3)  # learned from 0.9 each
 
 
 def test_refusals_name_the_file(tiny: TinyCheckpoint, tmp_path: Path) -> None:
@@ -86,3 +105,41 @@ def test_refusals_name_the_file(tiny: TinyCheckpoint, tmp_path: Path) -> None:
     shutil.copy(tiny.moshi_weights, d / "model.safetensors")
     with pytest.raises(UsageError, match=r"model\.safetensors: not the weights of the model .* describes"):
         MoshiDir.read(d)
+
+
+def test_cast_checkpoint_keeps_every_tensor_and_the_learned_decay(tiny: TinyCheckpoint, tmp_path: Path) -> None:
+    """bf16 -> fp16 (how the shipped model was made from its training export): the same tensors under the same
+    names (an in-place branch's decay_logit included), each the bf16 value: exact down to fp16's smallest normal
+    (2^-14), within its subnormal step (2^-24) below it."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from ttt_speech.moshi import load_hybrid
+    from ttt_speech.moshi.convert import convert, default_inplace_config
+    from ttt_speech.moshi.files import cast_checkpoint, copy_companions
+    from ttt_speech.moshi.tiny import build_tiny_lm
+
+    lm = build_tiny_lm(0)
+    model = convert(lm, "all", "hybrid", default_inplace_config(lm, chunk=8, decay=0.9)).to(torch.bfloat16)
+    with torch.no_grad():
+        model.transformer.layers[1].memory.decay_logit.fill_(1.55)  # as if learned: no longer the initial 0.9
+    src = model.save_pretrained(tmp_path / "bf16")
+    copy_companions(tiny.root, src)
+    out = cast_checkpoint(src, tmp_path / "fp16")
+    before, after = load_file(str(src / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert before.keys() == after.keys() and sum(k.endswith("memory.decay_logit") for k in after) == 2
+    assert {v.dtype for v in before.values()} == {torch.bfloat16} and {v.dtype for v in after.values()} == {torch.float16}
+    for k in before:
+        a, b = before[k].float(), after[k].float()
+        normal = a.abs() >= 2**-14
+        assert torch.equal(a[normal], b[normal]) and (a - b).abs().max() <= 2**-25, k
+    assert (out / "config.json").read_bytes() == (src / "config.json").read_bytes()
+    assert all((out / n).read_bytes() == (src / n).read_bytes() for n in ("mimi.safetensors", "tokenizer.model"))
+    loaded = load_hybrid(out, dtype=torch.float32)
+    assert loaded.transformer.layers[1].memory.decay_logit.item() == 1.546875  # 1.55 in bf16, kept exactly
+    assert loaded.memory_spec == model.memory_spec
+    save_file({**before, "text_linear.weight": before["text_linear.weight"] * 1e6}, str(src / "model.safetensors"))
+    with pytest.raises(UsageError, match=r"text_linear\.weight \(and 0 more\) exceeds float16's range"):
+        cast_checkpoint(src, tmp_path / "overflow")
+    with pytest.raises(UsageError, match=r"cast to 'int8': not a floating dtype"):
+        cast_checkpoint(src, tmp_path / "int", "int8")

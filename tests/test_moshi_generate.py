@@ -51,6 +51,7 @@ def test_generate_on_the_embedded_default_speaks_with_its_own_codec(tmp_path: Pa
     for group in ("text words", "codebook 0"):
         assert 0 < check["with_memory"][group] < 20 and 0 < check["reset"][group] < 20
         assert check["change"][group] == pytest.approx(check["with_memory"][group] / check["reset"][group] - 1)
+    assert check["change"]["text words"] < -0.10  # the shipped memory recalls the passage (-15 % measured)
     lines = capsys.readouterr().out.splitlines()
     assert lines[-1].startswith("memory: a 2.6 s passage heard again ") and "frames/s" in lines[-2]
     assert f"{check['with_memory']['text words']:.2f} nats/word with the memory" in lines[-1]
@@ -160,7 +161,7 @@ def test_latency_plot_shows_state_and_memory_apart_with_legends(tmp_path: Path, 
     assert np.max(rss.get_lines()[0].get_ydata()) == pytest.approx(stats["rss_bytes_max"] / 2**20)
     assert state.get_ylabel() == "state (KiB)" and rss.get_ylabel() == "RSS (MiB)"
     title = fig.get_suptitle()
-    assert title.startswith("the shipped small TTT hybrid: 38 frames") and "/" not in title
+    assert title.startswith("the shipped small in-place memory hybrid: 38 frames") and "/" not in title
 
 
 def test_stream_state_is_constant_and_larger_than_vanillas_by_the_ttt_state() -> None:

@@ -55,7 +55,6 @@ def to_old_layout(directory: Path) -> None:
 def test_a_moshi_hybrid_directory_in_the_old_layout_loads_identically(tmp_path: Path) -> None:
     pytest.importorskip("moshi")
     from ttt_speech.moshi import load_hybrid
-    from ttt_speech.moshi.files import SHIPPED_DIR
     from ttt_speech.moshi.tiny import build_tiny_hybrid
 
     model = build_tiny_hybrid(seed=3)
@@ -72,10 +71,6 @@ def test_a_moshi_hybrid_directory_in_the_old_layout_loads_identically(tmp_path: 
     assert sa.keys() == sb.keys() and any(".memory." in k for k in sa)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert float(sb["transformer.layers.0.memory.gate_alpha"].flatten()[0]) == pytest.approx(0.4)
-    # the model shipped in the package was written before issue 20 too
-    shipped = json.loads((SHIPPED_DIR / "config.json").read_text())
-    assert "ttt" in shipped and "memory" not in shipped
-    assert load_hybrid(SHIPPED_DIR, dtype=torch.float32).memory_spec.layers == tuple(shipped["ttt"]["layers"])
 
 
 def test_a_transformers_hybrid_directory_in_the_old_layout_loads_identically(tmp_path: Path) -> None:

@@ -18,7 +18,8 @@ from ttt_speech.errors import DEBUG_ENV, DEBUG_FLAG, OneLineParser, debug_reques
 # command -> (module, function adding its arguments, function running it, help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "generate": ("ttt_speech.eval.generate_command", "add_generate_arguments", "run_generate",
-                 "stream N minutes from a TTT hybrid (default: the small hybrid + codec shipped in the package)"),
+                 "stream N minutes from a memory hybrid (default: the small in-place memory hybrid + codec shipped "
+                 "in the package)"),
     "convert-moshi": ("ttt_speech.moshi.commands", "add_convert_arguments", "run_convert",
                       "convert a Moshi checkpoint into a memory hybrid (in-place fast weights by default; "
                       "--branch ttt|gdn)"),

@@ -1,7 +1,7 @@
 """CPU intra-op threads of a command: one unless asked, because extra threads lose badly on a shared CPU.
 
 Measured on a 2-core machine that six other processes also kept busy (load 4-5; 2026-12-02), back to back:
-the shipped small hybrid streamed 17-19 frames/s on 1 thread and 1.2-1.4 frames/s on 2 (moshi's step is
+the small TTT hybrid then shipped streamed 17-19 frames/s on 1 thread and 1.2-1.4 frames/s on 2 (moshi's step is
 dozens of small ops; each waits at a barrier for a thread the OS has descheduled), and 50 steps of
 configs/tiny_recall.yaml took 11-13 s on 1 thread against 38-59 s on 2. The models run here are small; a
 larger model on a dedicated machine may want more: `--threads N` or OMP_NUM_THREADS=N.

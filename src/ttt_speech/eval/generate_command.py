@@ -20,7 +20,7 @@ from ttt_speech.threads import add_threads_argument, use_cpu_threads
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
-    src = p.add_argument_group("model (default: the small TTT hybrid + codec shipped in the package)")
+    src = p.add_argument_group("model (default: the small in-place memory hybrid + codec shipped in the package)")
     one = src.add_mutually_exclusive_group()
     one.add_argument("--hybrid", help="directory written by convert-moshi / save_pretrained")
     one.add_argument("--tiny", action="store_true", help="a tiny random TTT hybrid built in code (tests, speed)")
@@ -95,7 +95,7 @@ def run_generate(args: argparse.Namespace) -> dict[str, Path]:
         hybrid = MoshiDir.read(args.hybrid or SHIPPED_DIR, "hybrid checkpoint", hybrid=True)
         model_dir, raw = hybrid.root, hybrid.config
         lm = load_hybrid(model_dir, device=device, dtype=dtype)
-        name = f"hybrid {model_dir.resolve().name}" if args.hybrid else "the shipped small TTT hybrid"
+        name = f"hybrid {model_dir.resolve().name}" if args.hybrid else "the shipped small in-place memory hybrid"
     elif args.moshi_weights:
         model_dir, raw = Path(args.config).parent, read_moshi_config(args.config)
         lm = get_moshi_lm(args.moshi_weights, lm_kwargs=lm_kwargs(raw), device=device, dtype=dtype)

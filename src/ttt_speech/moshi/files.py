@@ -45,7 +45,8 @@ MOSHI_TOKENIZER_NAME = "tokenizer_spm_32k_3.model"
 FILE_NAMES = {"model_type": "moshi", "mimi_name": MIMI_WEIGHTS_NAME, "mimi_config_name": MIMI_CONFIG_NAME,
               "tokenizer_name": TOKENIZER_NAME}
 
-# The small TTT hybrid and codec trained here (issue 7, docs/results.md), fp16: the embedded default of
+# The small in-place memory hybrid (5 layers, 64-frame attention window, learned decay; issue 24) and the codec
+# trained here (docs/results.md), fp16 (`cast_checkpoint` of the bf16 training export): the embedded default of
 # `generate` and `serve`. Shipped inside the package so a fresh install has real (small-model) speech.
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "assets" / "small_moshi"
 
@@ -196,6 +197,36 @@ def copy_companions(source_dir: str | Path, out_dir: str | Path, config: dict[st
     written = json.loads((out / CONFIG_NAME).read_text()) | names
     (out / CONFIG_NAME).write_text(json.dumps(written, indent=2) + "\n")
     return list(names.values())
+
+
+def cast_checkpoint(source_dir: str | Path, out_dir: str | Path, dtype: str = "float16") -> Path:
+    """A copy of a Moshi checkpoint directory (hybrid or vanilla) with its model's floating tensors in `dtype`
+    (a name: float16, bfloat16, float32); config.json and the companions as they were. Returns out_dir.
+
+    Why: trainings export bf16, and the package ships fp16 (a CPU computes fp16 weights upcast, not bf16 ones).
+    Casting the file, not a model built from it, keeps every tensor the file has (a learned decay included) under
+    its own name. bf16 -> fp16 is exact down to 6.1e-5 (fp16's smallest normal; below, steps of 6e-8); a value
+    the new dtype cannot hold (bf16 reaches 3e38, fp16 65504) is a UsageError naming it."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    found = MoshiDir.read(source_dir, "checkpoint to cast")
+    target = getattr(torch, dtype, None)
+    if not isinstance(target, torch.dtype) or not target.is_floating_point:
+        raise UsageError(f"cast to {dtype!r}: not a floating dtype; give float16, bfloat16 or float32")
+    state = load_file(str(found.weights))
+    cast = {k: v.to(target) if v.dtype.is_floating_point else v for k, v in state.items()}
+    overflow = [k for k, v in cast.items() if v.dtype.is_floating_point and not bool(torch.isfinite(v).all())
+                and bool(torch.isfinite(state[k]).all())]
+    if overflow:
+        raise UsageError(f"{found.weights}: {overflow[0]} (and {len(overflow) - 1} more) exceeds {dtype}'s range; "
+                         "keep the checkpoint's dtype")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(cast, str(out / found.weights.name), metadata={"format": "pt"})
+    shutil.copyfile(found.config_path, out / CONFIG_NAME)
+    copy_companions(found.root, out, found.config)
+    return out
 
 
 def save_hybrid(model: LMModel, out_dir: str | Path) -> Path:

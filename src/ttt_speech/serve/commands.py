@@ -52,7 +52,7 @@ def opus_workers(text: str) -> int | None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="default: the small TTT hybrid + codec shipped in the package; "
+                   help="default: the small in-place memory hybrid + codec shipped in the package; "
                         "'tiny' (a tiny random TTT hybrid built in code), or a checkpoint directory: a hybrid "
                         "(convert-moshi / save_pretrained) or a vanilla Moshi config.json + weights")
     p.add_argument("--mimi", help="Mimi weights (.safetensors) or 'tiny' (default: the model directory's "
@@ -98,7 +98,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def model_dir(spec: str | None) -> MoshiDir | None:
-    """--model read and checked (the shipped small hybrid when not given); None for tiny."""
+    """--model read and checked (the shipped small in-place memory hybrid when not given); None for tiny."""
     return None if spec == "tiny" else MoshiDir.read(SHIPPED_DIR if spec is None else spec, "--model")
 
 
