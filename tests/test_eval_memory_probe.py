@@ -106,7 +106,7 @@ def test_probe_memory_command(tmp_path, capsys) -> None:
 
     lm = build_tiny_hybrid(0)
     rows = probe_memory(lm, tmp_path, "tiny", "--gaps-windows", "3,3.5", "--span", "24", "--context", "4",
-                        "--out", str(tmp_path / "rows.json"))
+                        "--out", str(tmp_path / "report" / "rows.json"))  # a folder not there yet
     n_layers = sum(isinstance(m, TTTLayer) for m in lm.modules())
     assert lm.transformer.layers[0].self_attn.context == 8  # so 3 and 3.5 windows are gaps of 24 and 28 frames
     assert [(r.gap, r.windows, r.layer) for r in rows] == [
@@ -117,9 +117,9 @@ def test_probe_memory_command(tmp_path, capsys) -> None:
         per_layer = [r.change for r in rows if r.gap == gap and r.layer is not None]
         mean = next(r for r in rows if r.gap == gap and r.layer is None)
         assert mean.never_seen == pytest.approx(1.0) and mean.change == pytest.approx(sum(per_layer) / n_layers)
-    saved = json.loads((tmp_path / "rows.json").read_text())["tiny"]
+    saved = json.loads((tmp_path / "report" / "rows.json").read_text())["tiny"]
     assert (saved[0]["gap"], saved[0]["design"], saved[-1]["layer"]) == (24, "TTT ttt-lm", None)
-    assert (tmp_path / "rows.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "report" / "rows.png").read_bytes()[:4] == b"\x89PNG"
     assert "| 24 | 3 | 0 |" in capsys.readouterr().out
 
 

@@ -340,6 +340,7 @@ def run(args: argparse.Namespace) -> list[ProbeRow]:
                                                args.excerpts, args.batch_size)
         print(table(f"{scorer.name}, inner lr x{args.inner_lr_scale:g}", rows), flush=True)
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)  # a new folder, as eval-long makes: not a traceback after the run
         args.out.write_text(json.dumps({name: [dataclasses.asdict(r) | {"change": r.change} for r in rows]
                                         for name, rows in everything.items()}, indent=1) + "\n")
         plot(everything, args.out.with_suffix(".png"))
