@@ -112,6 +112,28 @@ def test_eval_long_end_to_end(tmp_path, capsys):
     assert "tiny: baseline loss" in capsys.readouterr().err
 
 
+def test_eval_long_segment_scores_what_streaming_does(tmp_path) -> None:
+    """--segment: the training path's losses, per position bucket and per copy probe, equal streaming's."""
+    lm = build_tiny_lm(0)
+    for i, codes in enumerate(random_codes(lm, 2, 70, seed=3)):
+        save_sequence(tmp_path / "held_out" / f"s{i}.npy", codes)
+    parser = argparse.ArgumentParser()
+    commands.add_arguments(parser)
+    results = []
+    for extra in ([], ["--segment", "32"]):
+        args = parser.parse_args(["--model", "tiny", "--data", str(tmp_path / "held_out"), "--lengths", "16,64",
+                                  "--out", str(tmp_path / f"r{len(extra)}"), "--minutes", "0", "--copy-gaps", "20",
+                                  "--copy-span", "8", "--copy-context", "4", "--copy-probes", "2", "--copy-controls",
+                                  "--no-progress", *extra])
+        results.append(json.loads(commands.run(args)["results"].read_text())["long_context"][0])
+    streamed, segmented = results
+    for stream, losses in streamed["bucket_loss"].items():
+        assert segmented["bucket_loss"][stream] == pytest.approx(losses, rel=1e-5), stream
+    for key in ("again", "first", "again (replaced)", "again (reset)"):
+        assert segmented["copy_loss"]["20"][key] == pytest.approx(streamed["copy_loss"]["20"][key], rel=1e-5), key
+    assert load_model("tiny", segment=32).scorer.segment == 32 and load_model("tiny").scorer.segment is None
+
+
 def test_parse_lengths():
     assert commands.parse_lengths("8192,4096, 4096") == [4096, 8192]
     with pytest.raises(argparse.ArgumentTypeError):

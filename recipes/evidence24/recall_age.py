@@ -47,7 +47,7 @@ def main(argv: list[str]) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
     for spec in argv[0].split(","):
-        scorer = MoshiScorer(load_model(spec, device=device).scorer.model, spec.split("=")[0], segment=2048)
+        scorer = load_model(spec, device=device, segment=2048).scorer
         for gap in gaps:
             for context in contexts:
                 rows.append(recall_row(scorer, seqs, gap, context, int(argv[3]), boot=1000))

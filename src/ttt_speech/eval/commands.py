@@ -98,6 +98,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temp", type=nonnegative_float, default=0.8, help="audio sampling temperature (0: argmax)")
     p.add_argument("--temp-text", type=nonnegative_float, default=0.7, help="text sampling temperature (0: argmax)")
     p.add_argument("--hf-chunk", type=positive_int, default=256, help="tokens per forward call for HF models")
+    p.add_argument("--segment", type=positive_int, metavar="FRAMES",
+                   help="score Moshi models through the training path in segments of FRAMES (state and window "
+                        "carried; the same losses as streaming frame by frame, ~20x faster on a CPU); "
+                        "default: streamed frame by frame, the production form")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one)")
     add_threads_argument(p)
@@ -259,7 +263,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     report.thresholds = GibberishThresholds()
     for spec in args.model:
         print(f"eval-long: {spec}", file=sys.stderr)
-        loaded = load_model(spec, device, dtype, args.seed, args.hf_chunk)
+        loaded = load_model(spec, device, dtype, args.seed, args.hf_chunk, args.segment)
         scorer = loaded.scorer
         report.long_context.append(evaluate(
             scorer, sequences, args.lengths, baseline_length=args.baseline_length, threshold=args.threshold,

@@ -284,15 +284,16 @@ def check_spec(spec: str) -> Spec:
 
 
 def load_model(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-               seed: int = 0, chunk: int = 256) -> Loaded:
-    """Build or load the model a command-line spec names (see the module docstring), after `check_spec`."""
+               seed: int = 0, chunk: int = 256, segment: int | None = None) -> Loaded:
+    """Build or load the model a command-line spec names (see the module docstring), after `check_spec`.
+    `segment`: a Moshi model is scored through the training path in segments of that many frames."""
     checked = check_spec(spec)
     name, path = checked.name, checked.path
     if checked.kind == "builtin":
         from ttt_speech.moshi.tiny import build_tiny_hybrid, build_tiny_lm
 
         lm = build_tiny_hybrid(seed, device, dtype) if path == "tiny" else build_tiny_lm(seed, device=device, dtype=dtype)
-        return Loaded(MoshiScorer(lm, name))
+        return Loaded(MoshiScorer(lm, name, segment))
     if checked.moshi_dir is not None:
         from ttt_speech.moshi import load_hybrid
         from ttt_speech.moshi.config import lm_kwargs
@@ -304,7 +305,7 @@ def load_model(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype
             from moshi.models.loaders import get_moshi_lm
 
             lm = get_moshi_lm(str(found.weights), lm_kwargs=lm_kwargs(found.config), device=device, dtype=dtype)
-        return Loaded(MoshiScorer(lm, name), found)
+        return Loaded(MoshiScorer(lm, name, segment), found)
     from ttt_speech.hf import convert, load_llm
 
     root = Path(path)
