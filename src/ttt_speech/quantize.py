@@ -9,9 +9,12 @@ every token, where int8 rounding would be noise added to each update.
 
 Uncompiled, torchao's int8 weight-only matmul casts each int8 weight to the activations' dtype before
 a plain matmul, so it moves more bytes than bf16 (2.05x slower on the device, docs/benchmarks.md).
-Two ways past that, both here: `compile=True` torch.compiles every quantized linear (inductor fuses the
-cast into the matmul, with torchao's recommended inductor settings), and mode "w8a8" quantizes each
-activation row to int8 as well, so the matmul is torch's maintained int8 GEMM (`torch._int_mm`).
+Three ways past that, all here and all measured or to be measured on the device (docs/benchmarks.md):
+`compile=True` torch.compiles every quantized linear (with torchao's recommended inductor settings, inductor
+fuses the cast into a GEMV at one row; 1.8x / 14x bf16 at batch 1 / 64 on an H200), mode "w8a8" quantizes
+each activation row to int8 as well, so the matmul is torch's int8 GEMM (`torch._int_mm`, 17 rows or more),
+and mode "int8pack" keeps int8's weights and scales but multiplies with core PyTorch's fused weight-only
+kernel `torch._weight_int8pack_mm` (CPU, CUDA, MPS, XPU), no bf16 copy of the weight.
 
 torchao is an optional extra: `pip install -e ".[quant]"`.
 """
@@ -31,8 +34,8 @@ from torch import Tensor, nn
 from ttt_speech.compat import allow_recompiles
 from ttt_speech.deps import require
 
-Mode = tp.Literal["int8", "w8a8", "int4"]
-MODES: tuple[str, ...] = ("int8", "w8a8", "int4")
+Mode = tp.Literal["int8", "int8pack", "w8a8", "int4"]
+MODES: tuple[str, ...] = ("int8", "int8pack", "w8a8", "int4")
 # distinct (input, weight) shapes one compiled linear sees: a Moshi step has ~10 per batch size
 COMPILE_SPECIALISATIONS = 64
 INT4_GROUP_SIZE = 128
@@ -119,16 +122,31 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
             and not any(name.startswith(e + ".") for e in embeddings)}
 
 
+Linear = tp.Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+
+
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return F.linear(x, weight, bias)
 
 
-def compile_linears(linears: tp.Iterable[nn.Linear], backend: tp.Any = "inductor") -> None:
-    """Run each layer's matmul through one torch.compile'd `F.linear` (a specialisation per shape, shared
-    by all layers of that shape). Compilation happens at the first call: before CUDA graph capture in
-    moshi's streaming, whose first step runs eagerly."""
-    allow_recompiles(COMPILE_SPECIALISATIONS)
-    linear = torch.compile(_linear, backend=backend, dynamic=False, fullgraph=True)
+def int8pack_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """`F.linear` with an int8 weight-only torchao weight (mode "int8"'s codes and per-channel scales) through
+    `torch._weight_int8pack_mm`: one kernel reads the int8 codes, where torchao's eager path first writes a
+    bf16 copy of the whole weight. Its reference is mode "int8" itself (same weights, tests hold them equal)."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous()  # the kernels take a contiguous 2D input
+    y = torch._weight_int8pack_mm(rows, weight.qdata, weight.scale.reshape(-1).to(x.dtype))
+    y = y.reshape(*x.shape[:-1], y.shape[-1])
+    return y if bias is None else y + bias
+
+
+def route_linears(linears: tp.Iterable[nn.Linear], linear: Linear = _linear, compile: bool = False,
+                  backend: tp.Any = "inductor") -> None:
+    """Run each layer's matmul through `linear`, torch.compile'd when `compile` (one compiled function: a
+    specialisation per shape, shared by all layers of that shape). Compilation happens at the first call:
+    before CUDA graph capture in moshi's streaming, whose first step runs eagerly."""
+    if compile:
+        allow_recompiles(COMPILE_SPECIALISATIONS)
+        linear = torch.compile(linear, backend=backend, dynamic=False, fullgraph=True)
     for m in linears:
         m.forward = lambda x, m=m: linear(x, m.weight, m.bias)  # type: ignore[method-assign]
 
@@ -163,12 +181,13 @@ def quantize_weights(model: nn.Module, mode: Mode = "int8", *, group_size: int =
     dtype: each matmul dequantizes its weight (int8) or runs a mixed kernel (int4).
 
     int8: symmetric, one scale per output channel; any device and dtype.
+    int8pack: int8's weights, multiplied by `torch._weight_int8pack_mm` (`int8pack_linear`), fused.
     w8a8: int8 as above, and each activation row quantized to int8 (symmetric, per token) at every
         matmul: the GEMM runs in int8 (torch._int_mm on CUDA). Not weight-only: adds activation error.
     int4: asymmetric, one scale and zero point per `group_size` input channels, torchao's tinygemm
         layout: CUDA and bfloat16 only. Layers whose in_features is not a multiple of `group_size`
         are skipped (listed in the report).
-    compile: torch.compile the quantized linears (`compile_linears`, `backend` for tests) and apply
+    compile: torch.compile the quantized linears (`route_linears`, `backend` for tests) and apply
         torchao's recommended inductor settings (process-wide inductor flags: only when asked).
     Quantize before streaming: moshi's CUDA graphs capture the weights they were made with.
     """
@@ -194,7 +213,7 @@ def quantize_weights(model: nn.Module, mode: Mode = "int8", *, group_size: int =
     elif mode == "w8a8":
         chosen = linears
         config = ao.Int8DynamicActivationInt8WeightConfig(set_inductor_config=compile)
-    else:
+    else:  # int8, int8pack
         chosen = linears
         config = ao.Int8WeightOnlyConfig(set_inductor_config=compile)  # False: the process's inductor flags stay
     before = sum(tensor_bytes(m.weight) for m in chosen.values())
@@ -203,7 +222,7 @@ def quantize_weights(model: nn.Module, mode: Mode = "int8", *, group_size: int =
     missed = [n for n, m in chosen.items() if not is_quantized(m.weight)]
     if missed:
         raise RuntimeError(f"torchao left these layers unquantized: {missed}")
-    if compile:
-        compile_linears(chosen.values(), backend)
+    if compile or mode == "int8pack":
+        route_linears(chosen.values(), int8pack_linear if mode == "int8pack" else _linear, compile, backend)
     return QuantizeReport(mode, tuple(chosen), tuple(n for n in linears if n not in chosen), before,
                           sum(tensor_bytes(m.weight) for m in chosen.values()), compile)

@@ -22,7 +22,7 @@ if tp.TYPE_CHECKING:
 
 # Literal here (checked against their modules in tests/test_cli_errors.py): importing those modules costs
 # seconds, which `--help` must not.
-QUANT_MODES = ("int8", "w8a8", "int4")
+QUANT_MODES = ("int8", "int8pack", "w8a8", "int4")
 
 
 def parse_layers(text: str) -> str | list[int]:
@@ -153,7 +153,8 @@ def run_convert(args: argparse.Namespace) -> Path:
 def add_quantize_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=QUANT_MODES,
                    help="quantization of the linear layers with torchao: int8 / int4 weights (int4: CUDA + "
-                        "bfloat16), or w8a8 (int8 weights and activations, int8 GEMM); TTT states stay fp32. "
+                        "bfloat16), int8pack (int8 weights through torch._weight_int8pack_mm, no bf16 copy), or "
+                        "w8a8 (int8 weights and activations, int8 GEMM); TTT states stay fp32. "
                         'Needs pip install -e ".[quant]"')
     p.add_argument("--quantize-compile", action="store_true",
                    help="torch.compile the quantized linear layers (fuses int8 dequantization into the matmul; "
