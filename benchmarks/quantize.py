@@ -7,13 +7,15 @@
     python benchmarks/quantize.py --shipped            # CPU, no timing: logit error of the shipped small hybrid
                                                        # (trained) beside a random-weight model of its config
 
-Rows (`--rows`, in the order given): vanilla, the bf16 hybrid, and the hybrid quantized int8 / w8a8 / int4
-(CUDA + bf16 only), each eager or with `+compile` (`quantize_weights(..., compile=True)`: its first step
-compiles). Each model is built once, by moshi_stream.py's `build` from the same seed (same random weights,
-TTT gate 0.1), quantized in place by `ttt_speech.quantize.quantize_weights` (torchao), then timed at every
-batch of `--batches` (a row each; ratios against the bf16 hybrid at the same batch, so put bf16 first),
-then its logit error (a row of its own, after the timing: a compiled model compiles the teacher-forced
-shapes too). Step time is moshi_stream.py's `measure`: LMGen.step up to frame --frames (the seconds this
+Rows (`--rows`, in the order given): vanilla, the bf16 hybrid, and the hybrid quantized int8 / int8pack /
+w8a8 / int4 (CUDA + bf16 only), each eager or with `+compile` (`quantize_weights(..., compile=True)`: its
+first step compiles). Each row runs in a process of its own (this script again, `--child`): a failed CUDA
+graph capture leaves the CUDA context unusable, and on the H200 one such row kept every later row from
+building its model. Each model is built once, by moshi_stream.py's `build` from the same seed (same random
+weights, TTT gate 0.1), quantized in place by `ttt_speech.quantize.quantize_weights` (torchao), then timed at
+every batch of `--batches` (a row each; ratios against the bf16 hybrid at the same batch, so put bf16 first:
+its process leaves its step times and logits in a folder the later rows read), then its logit error (a row
+of its own, after the timing: a compiled model compiles the teacher-forced shapes too). Step time is moshi_stream.py's `measure`: LMGen.step up to frame --frames (the seconds this
 takes are printed: eager first step, CUDA graph capture, compilation), then p50/p90 over --window frames.
 Weights: bytes of the model's tensors (quantized ones at their real size) and what the CUDA allocator holds
 after the build; peak: the most allocated while streaming. Logit error: one teacher-forced `LMModel.forward`
@@ -26,12 +28,16 @@ Prints markdown table rows.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
+import signal
+import subprocess
+import sys
+import tempfile
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import version
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -160,7 +166,29 @@ def row(*cells: str) -> None:
     print("| " + " | ".join(cells) + " |", flush=True)
 
 
-DEFAULT_ROWS = "vanilla,bf16,int8,w8a8,int4,int8+compile,w8a8+compile,int4+compile"
+DEFAULT_ROWS = "vanilla,bf16,int8,int8pack,w8a8,int4,int8+compile,w8a8+compile,int4+compile"
+
+
+@dataclass
+class Reference:
+    """What the bf16 hybrid's row leaves for the later rows, each in its own process: its p50 per batch (the
+    ratios' reference) and its logits (the logit errors' reference), in `folder`."""
+
+    folder: Path
+    times: dict[int, float] = field(default_factory=dict)
+    logits: list[Tensor] = field(default_factory=list)
+
+    @property
+    def path(self) -> Path:
+        return self.folder / "bf16_hybrid.pt"
+
+    @classmethod
+    def load(cls, folder: Path) -> Reference:
+        empty = cls(folder)
+        return cls(folder, **torch.load(empty.path)) if empty.path.exists() else empty
+
+    def save(self) -> None:
+        torch.save({"times": self.times, "logits": [x.cpu() for x in self.logits]}, self.path)
 
 
 def main() -> None:
@@ -186,9 +214,11 @@ def main() -> None:
     p.add_argument("--shipped", action="store_true",
                    help="only the logit error of the shipped small hybrid vs a random-weight twin (CPU; the "
                         "eager modes of --rows, int4 as its rounding)")
+    p.add_argument("--child", type=Path, help=argparse.SUPPRESS)  # run the one row of --rows here; the reference's folder
     args = p.parse_args()
+    specs = [spec for spec in args.rows.split(",") if spec]
     try:
-        rows = [Row.parse(spec) for spec in args.rows.split(",") if spec]
+        rows = [Row.parse(spec) for spec in specs]
         batches = [int(b) for b in args.batches.split(",") if b]
     except ValueError as e:
         p.error(f"--rows / --batches: {e}")
@@ -198,44 +228,60 @@ def main() -> None:
         return shipped_errors([r.mode for r in rows if r.mode and not r.compiled], args.group_size or 64)
     group_size = args.group_size or (32 if args.tiny else 128)
     cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32
-    kwargs = tiny_lm_config() if args.tiny else dict(loaders._lm_kwargs)
+    if args.child is not None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # cut: this process just ends; its finished rows are out
+        kwargs = tiny_lm_config() if args.tiny else dict(loaders._lm_kwargs)
+        run_row(rows[0], args, kwargs, "cuda" if cuda else "cpu", dtype, group_size, batches,
+                Reference.load(args.child), time.perf_counter())
+        return
     dtype_name = str(dtype).removeprefix("torch.")
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, torchao "
           f"{version('torchao')}, {'tiny' if args.tiny else 'Moshi-7B'} shape, {dtype_name}, batches {batches}, "
           f"hybrid TTT layers {args.layers}, int4 group {group_size}, step time from frame {args.frames} over "
           f"{args.window} frames, ratios vs the hybrid {dtype_name} at the same batch, logit error vs it on "
           f"{LOGIT_BATCH} x {LOGIT_FRAMES} frames (its own line per model, after the timing; {args.logits} rows), compile "
-          f"backend {args.backend}")
+          f"backend {args.backend}, each row in its own process")
     row("model", "batch", "p50 / p90 ms", "p50 vs hybrid", "weight tensors", "allocated", "peak while streaming",
         "build + quantize s", "to frame s", "max abs Δ logits", "rel Δ logits", "same argmax")
-    print("|---" * 12 + "|")
+    print("|---" * 12 + "|", flush=True)
     start = time.perf_counter()
-    times: dict[int, float] = {}  # batch -> the unquantized hybrid's p50
-    ref: list[Tensor] = []
     done = 0  # rows started
-    try:
-        while done < len(rows) and time.perf_counter() - start < args.seconds:
-            done += 1
-            ref = run_row(rows[done - 1], args, kwargs, device, dtype, group_size, batches, times, ref, start)
-    except KeyboardInterrupt:
-        print(f"cut by SIGINT after {time.perf_counter() - start:.0f} s, in {rows[done - 1].name(dtype_name)}",
-              flush=True)
+    with tempfile.TemporaryDirectory(prefix="quantize-") as folder:
+        try:
+            while done < len(rows) and time.perf_counter() - start < args.seconds:
+                done += 1
+                run_child(rows[done - 1], specs[done - 1], folder,
+                          args.seconds - (time.perf_counter() - start), dtype_name)
+        except KeyboardInterrupt:
+            print(f"cut by SIGINT after {time.perf_counter() - start:.0f} s, in {rows[done - 1].name(dtype_name)}",
+                  flush=True)
     if done < len(rows):
         print(f"not run (time budget): {', '.join(r.name(dtype_name) for r in rows[done:])}", flush=True)
 
 
+def run_child(spec: Row, text: str, folder: str, seconds: float, dtype_name: str) -> None:
+    """This script again, for the one row `text`, in a new process that prints to our stdout; a SIGINT here is
+    passed on. A process that dies without printing its failure (a crash, an abort) gets a failed row here."""
+    child = subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--rows", text, "--seconds", str(seconds),
+                              "--child", folder])
+    try:
+        code = child.wait()
+    except KeyboardInterrupt:
+        child.send_signal(signal.SIGINT)
+        child.wait()
+        raise
+    if code != 0:
+        row(spec.name(dtype_name), "", f"failed: its process exited with code {code} (output above)", *[""] * 9)
+
+
 def run_row(spec: Row, args: argparse.Namespace, kwargs: dict, device: str, dtype: torch.dtype, group_size: int,
-            batches: list[int], times: dict[int, float], ref: list[Tensor], start: float) -> list[Tensor]:
-    """Build one model, time it at every batch (a row each), then its logit error; returns the reference logits
-    (this model's if it is the unquantized hybrid)."""
+            batches: list[int], ref: Reference, start: float) -> None:
+    """Build one model, time it at every batch (a row each), then its logit error; the unquantized hybrid
+    saves its step times and logits as the reference of the rows after it."""
     cuda = device == "cuda"
     name = spec.name(str(dtype).removeprefix("torch."))
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-    before = torch.cuda.memory_allocated() if cuda else 0  # what earlier models' graphs still hold
+    is_reference = spec == Row("hybrid")
     t0 = time.perf_counter()
     torch.manual_seed(0)
     lm = build(kwargs, "none" if spec.kind == "vanilla" else args.layers, device, dtype, args.mini_batch)
@@ -245,9 +291,9 @@ def run_row(spec: Row, args: argparse.Namespace, kwargs: dict, device: str, dtyp
                              backend=args.backend)
     except Exception as e:  # a mode this stack cannot run (int4 off CUDA, ...) is a result, not the end
         failed(name, e)
-        return ref
+        return
     setup = f"{time.perf_counter() - t0:.1f}"
-    allocated = format_bytes(torch.cuda.memory_allocated() - before) if cuda else "n/a"
+    allocated = format_bytes(torch.cuda.memory_allocated()) if cuda else "n/a"
     for batch in batches:
         if time.perf_counter() - start >= args.seconds:
             row(name, str(batch), "not run: time budget", *[""] * 9)
@@ -259,21 +305,24 @@ def run_row(spec: Row, args: argparse.Namespace, kwargs: dict, device: str, dtyp
         except Exception as e:  # out of memory at a large batch, a kernel refusing a shape: the next batch runs
             failed(name, e, str(batch))
             continue
-        peak = format_bytes(torch.cuda.max_memory_allocated() - before) if cuda else "n/a"
-        if spec == Row("hybrid"):
-            times[batch] = p50
+        peak = format_bytes(torch.cuda.max_memory_allocated()) if cuda else "n/a"
+        if is_reference:
+            ref.times[batch] = p50
+            ref.save()
+        times = ref.times
         row(name, str(batch), f"{p50:.2f} / {p90:.2f}", f"{p50 / times[batch]:.3f}" if batch in times else "",
             format_bytes(weight_bytes(lm)), allocated, peak, setup, f"{warm:.1f}", "", "", "")
         setup = ""
     if (spec.kind == "vanilla" or (spec.compiled and args.logits == "eager")
             or time.perf_counter() - start >= args.seconds):
-        return ref
+        return
     logits = teacher_forced_logits(lm, random_codes(lm))
-    if spec == Row("hybrid"):
-        return logits
-    error = [f"{x:.4f}" for x in logit_error(ref, logits)] if ref else ["no bf16 row"] * 3
+    if is_reference:
+        ref.logits = logits
+        ref.save()
+        return
+    error = [f"{x:.4f}" for x in logit_error(ref.logits, logits)] if ref.logits else ["no bf16 row"] * 3
     row(name, "logits", *[""] * 7, *error)
-    return ref
 
 
 def failed(name: str, e: Exception, batch: str = "") -> None:
