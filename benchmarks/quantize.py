@@ -9,7 +9,7 @@
 
 Rows (`--rows`, in the order given): vanilla, the bf16 hybrid, and the hybrid quantized int8 / int8pack /
 w8a8 / int4 (CUDA + bf16 only), each eager or with `+compile` (`quantize_weights(..., compile=True)`: its
-first step compiles). Each row runs in a process of its own (this script again, `--child`): a failed CUDA
+first step compiles; `+autotune`: compile mode "max-autotune-no-cudagraphs"). Each row runs in a process of its own (this script again, `--child`): a failed CUDA
 graph capture leaves the CUDA context unusable, and on the H200 one such row kept every later row from
 building its model. Each model is built once, by moshi_stream.py's `build` from the same seed (same random
 weights, TTT gate 0.1), quantized in place by `ttt_speech.quantize.quantize_weights` (torchao), then timed at
@@ -104,20 +104,27 @@ class Row:
 
     kind: str  # "vanilla" or "hybrid"
     mode: str | None = None
-    compiled: bool = False
+    compiled: bool | str = False  # quantize_weights' compile: True, or a torch.compile mode
 
     @staticmethod
     def parse(spec: str) -> Row:
-        """vanilla, bf16 (the unquantized hybrid), or MODE[+compile]."""
+        """vanilla, bf16 (the unquantized hybrid), or MODE[+compile | +autotune]."""
         if spec in ("vanilla", "bf16"):
             return Row("vanilla" if spec == "vanilla" else "hybrid")
         mode, plus, extra = spec.partition("+")
-        if mode not in MODES or (plus and extra != "compile"):
-            raise ValueError(f"row {spec!r}: use vanilla, bf16, or one of {', '.join(MODES)} with optional +compile")
-        return Row("hybrid", mode, bool(plus))
+        if mode not in MODES or (plus and extra not in COMPILE_ROWS):
+            raise ValueError(f"row {spec!r}: use vanilla, bf16, or one of {', '.join(MODES)} with optional "
+                             f"{' or '.join('+' + k for k in COMPILE_ROWS)}")
+        return Row("hybrid", mode, COMPILE_ROWS[extra] if plus else False)
 
     def name(self, dtype_name: str) -> str:
-        return f"{self.kind} {self.mode or dtype_name}{' compiled' if self.compiled else ''}"
+        compiled = {False: "", True: " compiled"}.get(self.compiled, f" compiled {self.compiled}")
+        return f"{self.kind} {self.mode or dtype_name}{compiled}"
+
+
+# +compile: torch.compile's default mode; +autotune: inductor also tries its Triton matmul templates (a cast of the
+# int8 weight fused into them as a prologue: what replaced its int8 "mixed mm"), without its own CUDA graphs
+COMPILE_ROWS: dict[str, bool | str] = {"compile": True, "autotune": "max-autotune-no-cudagraphs"}
 
 
 @torch.no_grad()

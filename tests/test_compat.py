@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from ttt_speech.compat import allow_recompiles, fold_weight_norm, retype, share_module_contents
+from ttt_speech.compat import allow_recompiles, fold_weight_norm, retype, share_module_contents, weight_int8pack_mm
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "ttt_speech"
 COMPAT = {SRC / "compat.py", SRC / "moshi" / "compat.py", SRC / "hf" / "compat.py"}
@@ -51,6 +51,16 @@ def test_retype_only_to_a_subclass():
 
 
 # -- transformers -------------------------------------------------------------------------------
+def test_weight_int8pack_mm_is_a_scaled_matmul_with_int8_weights():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 64, generator=g)
+    w = torch.randint(-128, 128, (5, 64), generator=g, dtype=torch.int8)
+    scales = torch.rand(5, generator=g) / 100
+    want = (x @ w.float().T) * scales
+    torch.testing.assert_close(weight_int8pack_mm(x, w, scales), want, rtol=1e-5, atol=1e-5)
+    assert want.abs().max() > 0.1  # integer codes up to 127 over 64 terms: not a near-zero comparison
+
+
 def test_allow_recompiles_raises_dynamo_s_limit_and_never_lowers_it():
     import torch._dynamo.config as dynamo_config
 

@@ -15,8 +15,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch._dynamo.utils import counters
 
-from ttt_speech.quantize import int4_round_trip, int8pack_linear, is_quantized, quantize_weights, weight_bytes
+from ttt_speech.quantize import (Linear, _linear, int4_round_trip, int8_linear, int8pack_linear, is_quantized,
+                                 quantize_weights, route_linears, weight_bytes)
 
 needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None,
                                    reason='torchao not installed: pip install -e ".[quant]"')
@@ -121,8 +123,8 @@ def test_quantized_logits_stay_close_to_fp32(mode: str) -> None:
 
 @needs_torchao
 def test_compiled_quantized_linears_compute_the_same_logits() -> None:
-    """compile=True routes every quantized linear through one compiled F.linear; a backend that records the
-    graphs and runs them as traced shows the path is taken and computes what the eager int8 model does."""
+    """compile=True routes every quantized linear through one compiled int8_linear; a backend that records the
+    graphs and runs them as traced shows the path is taken and computes exactly what the eager int8 model does."""
     graphs: list[torch.fx.GraphModule] = []
 
     def recording(gm: torch.fx.GraphModule, _inputs: list) -> tp.Callable:
@@ -136,10 +138,31 @@ def test_compiled_quantized_linears_compute_the_same_logits() -> None:
         report = quantize_weights(compiled, "int8", compile=True, backend=recording)
         want, got = eager(codes), compiled(codes)
     assert report.compiled and report.summary().startswith("int8, compiled: 29 linear layers")
-    # one graph per distinct (input, weight) shape of the 29 layers: 7 at this model's shapes
-    assert len(graphs) == 7 and all("linear" in gm.code for gm in graphs)
+    # one graph per distinct (input, weight) shape of the 29 layers: 7 at this model's shapes, each the int8
+    # codes cast and multiplied, then scaled
+    assert len(graphs) == 7 and all("qdata.t()" in gm.code and "torch.mm(rows" in gm.code for gm in graphs)
     torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(got.text_logits, want.text_logits, rtol=0, atol=0, equal_nan=True)
+
+
+@needs_torchao
+@pytest.mark.parametrize(("linear", "rewrites"), [(_linear, 1), (int8_linear, 0)])
+def test_inductor_rewrites_torchaos_int8_matmul_into_int8pack_but_not_int8_linear(linear: Linear, rewrites: int) -> None:
+    """The H200's 14x at batch 64: inductor's weight-only-int8 pattern (bf16 activations, int8 weights, bf16 scales;
+    CPU, CUDA and XPU alike) turns torchao's int8 matmul into torch._weight_int8pack_mm, on CUDA a one-thread-per-output
+    loop. int8_linear scales in fp32, which the pattern does not match; both compute int8's bf16 result."""
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 32, dtype=torch.bfloat16)
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        quantize_weights(layer, "int8")
+        want = layer(x).float()
+        route_linears([layer], linear, compile=True)
+        got = layer(x).float()
+    assert counters["inductor"]["woq_matcher_count"] == rewrites
+    torch.testing.assert_close(got, want, rtol=0.01, atol=0.01)  # bf16: one rounding of the scale or the sum
 
 
 @needs_torchao

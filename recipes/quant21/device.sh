@@ -1,41 +1,35 @@
 #!/usr/bin/env bash
-# Issue 21 item 3 in ONE device call (one H200, at most 9.5 min wall clock, hard deadline inside): is int8 faster
-# than bf16 once its matmul is fused? benchmarks/quantize.py at Moshi-7B shape (random weights, bf16, TTT with own
-# projections in all 32 layers, moshi's CUDA graphs, NO_TORCH_COMPILE=1 so only our quantized linears compile), in
-# one process, each model timed at batch 1 then 64, ratios against the bf16 hybrid at the same batch. Rows, the
-# ones that matter most first:
-#   bf16 hybrid (the reference), int8 compiled, w8a8 compiled, int4 (tinygemm: a fused kernel already),
-#   int8 eager (the H100's 2.05x, now on the H200), w8a8 eager, int4 compiled.
+# Issue 21 item 3 in ONE device call (one H200, at most 9.5 min wall clock, hard deadline inside): which int8 path
+# is faster than bf16? benchmarks/quantize.py at Moshi-7B shape (random weights, bf16, TTT with own projections in
+# all 32 layers, moshi's CUDA graphs, NO_TORCH_COMPILE=1 so only our quantized linears compile), each row in a
+# process of its own (a failed CUDA graph capture poisons its process: on 2026-12-02 w8a8's lost every later row),
+# each model timed at batch 1 then 64, ratios against the bf16 hybrid at the same batch. Rows, the ones that
+# matter most first (docs/benchmarks.md "int8 that is not slower" says why):
+#   bf16 hybrid (the reference);
+#   int8pack: torch._weight_int8pack_mm eager, the kernel inductor put into 2026-12-02's int8 compiled row at
+#     batch 64 (14.4x): about as slow there if that is the cause;
+#   int8+autotune: int8_linear (fp32 scale: inductor's rewrite into that kernel does not match) compiled in mode
+#     max-autotune-no-cudagraphs: a GEMV at batch 1, cuBLAS or inductor's Triton matmul with the int8 cast fused
+#     in at 64, whichever its autotuning times faster;
+#   int8+compile: the same without autotuning (cast + cuBLAS at 64); w8a8 eager (torch._int_mm at 64, never timed:
+#     its compiled row's capture failed); int4+compile.
 # Run from the repository root, carrying .whl (moshi 0.2.13 and torchao 0.18.0 py3-none-any wheels, ~1.5 MB;
 # the device has neither; sphn is not needed here):
 #   run(command="bash recipes/quant21/device.sh", carry=[".whl"], timeout_s=600)
 # Results in $OUT/quant21/: quantize.md (the table, one line per finished row, so rows finished before a cut
 # come back), log.txt (the same with warnings and tracebacks, set-up time), int4_check.log (tests/test_quantize.py's
-# gpu test: the tinygemm kernel equals int4_round_trip, the CPU reference of the docs' int4 logit errors),
-# nvidia-smi.txt.
+# gpu test: the tinygemm kernel equals int4_round_trip; passed on the H200 on 2026-12-02), nvidia-smi.txt.
 #
-# Row time estimates (NOT measured; what dominates is set-up, not the timed frames). Timed frames: 150 steps
-# per batch (100 to reach frame 100, 50 timed): ~4 s at batch 1 (H200 hybrid step ~26 ms, issue 21) and ~9 s
-# at batch 64 (~61 ms). Set-up: ~30 s for the wheels, imports and CUDA; each row builds the 7B hybrid from
-# seed 0 (~20-30 s: random init of 7.7B parameters on the GPU plus the TTT conversion; quantizing adds ~5 s)
-# and its first step at each batch captures moshi's CUDA graphs (~2 s). A compiled row compiles one F.linear
-# per distinct (input, weight) shape at each batch size, ~12 shapes, with torchao's inductor settings
-# (coordinate-descent tuning): ~5-10 s each, so ~60-120 s per batch size and row, which is most of its time.
-#   set-up                                                       ~30 s
-#   bf16        build 25 + b1 6 + b64 11 + logits 2             ~45 s    ends ~75 s
-#   int8+comp   build 30 + (compile 60-120 + time 6-11) x 2      150-290 s ends 225-365 s
-#   w8a8+comp   the same                                         150-290 s ends 375-655 s
-#   int4        build 35 + b1 6 + b64 11 + logits 2             ~55 s
-#   int8, w8a8  eager, ~50 s each; int4+comp ~150-290 s
-# Nothing new starts after ~505 s (budget) and SIGINT comes at ~535 s, then the int4 kernel check. So one call
-# brings bf16 vs int8 compiled at both batches; w8a8 compiled at both only if compiling is at the fast end (else
-# its batch-1 row, or nothing); int4 and the eager rows only then. The rest from a second call with ROWS naming
-# them (the ratios need bf16 in every call):
-#   run(command="ROWS=bf16,int4,int8,w8a8,int4+compile bash recipes/quant21/device.sh", carry=[".whl"],
-#       timeout_s=600)
+# Row times on 2026-12-02 (H200, one process): bf16 build 2.4 s, 6 s to frame 100 at batch 1 and 5.5 s at 64;
+# int8 compiled 34 s to frame 100 at batch 1 and 69 s at 64 (inductor's warm-up); eager rows ~20 s in all.
+# Each row's own process adds its imports and CUDA context (~5-10 s, not measured). max-autotune benchmarks
+# several Triton configurations per matmul shape (~12 shapes per batch size): not measured, likely minutes,
+# so int8+autotune may be cut at batch 64 (its batch-1 row comes out first); the rows after it then come from
+# a second call, e.g. ROWS=bf16,int8+compile,w8a8,int4+compile bash recipes/quant21/device.sh
+# Nothing new starts after ~505 s (budget) and SIGINT comes at ~535 s (the row in progress stops, the finished
+# ones are out), then the int4 kernel check.
 # w8a8 at batch 1 may fail or fall back (a result, printed as its row): cuBLAS's int8 GEMM behind torch._int_mm
-# refuses fewer than 17 rows ("self.size(0) needs to be greater than 16"); torchao's eager path then catches it and
-# multiplies in fp32, and compiled, inductor may pick that same aten kernel. w8a8's case is batch 64.
+# refuses fewer than 17 rows ("self.size(0) needs to be greater than 16").
 # Compiled rows skip their logit pass (--logits eager: it would compile the teacher-forced shapes too); the
 # eager row of the same mode gives the quantization's logit error.
 #
@@ -46,7 +40,7 @@ set -uo pipefail
 S0=$SECONDS
 R=$OUT/quant21
 DEADLINE=${DEADLINE:-570} PY=${PYTHON:-python3}
-ROWS=${ROWS:-bf16,int8+compile,w8a8+compile,int4,int8,w8a8,int4+compile}
+ROWS=${ROWS:-bf16,int8pack,int8+autotune,int8+compile,w8a8,int4+compile}
 left() { echo $((DEADLINE - (SECONDS - S0))); }
 mkdir -p "$R"
 if [ "${TINY:-0}" = 1 ]; then

@@ -1,8 +1,8 @@
 """The one door into torch's private attributes, and into changing an object's class.
 
-Three things ttt_speech needs have no public torch API: a module that shares another's parameters,
+Four things ttt_speech needs have no public torch API: a module that shares another's parameters,
 buffers and children without copying them (FSDP2 shards one layer through a stand-in), the
-weight-norm fold, and how many specialisations one compiled function may hold. Swapping an object's class in place (a 7B model is converted, not copied) is
+weight-norm fold, the fused int8 weight-only matmul, and how many specialisations one compiled function may hold. Swapping an object's class in place (a 7B model is converted, not copied) is
 also done here only, with the one check that makes it safe. `tests/test_compat.py` tests each.
 """
 
@@ -27,6 +27,11 @@ def share_module_contents(unit: nn.Module, layer: nn.Module) -> None:
 def fold_weight_norm(v: Tensor, g: Tensor) -> Tensor:
     """The weight `torch.nn.utils.weight_norm(dim=0)` computes from its direction `v` and gain `g`."""
     return torch._weight_norm(v, g, 0)
+
+
+def weight_int8pack_mm(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
+    """`x @ weight.T * scales` in one kernel: `x` [M, K] contiguous, `weight` [N, K] int8, `scales` [N] in x's dtype."""
+    return torch._weight_int8pack_mm(x, weight, scales)
 
 
 def retype(obj: object, cls: type[T]) -> T:

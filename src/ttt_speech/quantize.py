@@ -9,12 +9,13 @@ every token, where int8 rounding would be noise added to each update.
 
 Uncompiled, torchao's int8 weight-only matmul casts each int8 weight to the activations' dtype before
 a plain matmul, so it moves more bytes than bf16 (2.05x slower on the device, docs/benchmarks.md).
-Three ways past that, all here and all measured or to be measured on the device (docs/benchmarks.md):
-`compile=True` torch.compiles every quantized linear (with torchao's recommended inductor settings, inductor
-fuses the cast into a GEMV at one row; 1.8x / 14x bf16 at batch 1 / 64 on an H200), mode "w8a8" quantizes
-each activation row to int8 as well, so the matmul is torch's int8 GEMM (`torch._int_mm`, 17 rows or more),
-and mode "int8pack" keeps int8's weights and scales but multiplies with core PyTorch's fused weight-only
-kernel `torch._weight_int8pack_mm` (CPU, CUDA, MPS, XPU), no bf16 copy of the weight.
+Ways past that, all here, measured or to be measured on the device (docs/benchmarks.md): `compile=True`
+torch.compiles every quantized linear with torchao's recommended inductor settings (at one row inductor fuses
+the cast into a GEMV; `compile="max-autotune-no-cudagraphs"` also lets it fuse the cast into its Triton matmul
+template at more rows), mode "w8a8" quantizes each activation row to int8 as well, so the matmul is torch's
+int8 GEMM (`torch._int_mm`, 17 rows or more), and mode "int8pack" keeps int8's weights but multiplies with
+core PyTorch's fused weight-only kernel `torch._weight_int8pack_mm` (CPU, CUDA, MPS, XPU): no bf16 copy of the
+weight, but on CUDA (torch 2.11-2.13) a one-thread-per-output loop without tensor cores.
 
 torchao is an optional extra: `pip install -e ".[quant]"`.
 """
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ttt_speech.compat import allow_recompiles
+from ttt_speech.compat import allow_recompiles, weight_int8pack_mm
 from ttt_speech.deps import require
 
 Mode = tp.Literal["int8", "int8pack", "w8a8", "int4"]
@@ -129,24 +130,38 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return F.linear(x, weight, bias)
 
 
+def int8_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """Mode int8's matmul (torchao's weight-only path) written out for torch.compile, with the scale applied in
+    fp32. Why: torchao's own `mm(x, w.to(bf16).t()) * scale.to(bf16)` is a pattern inductor rewrites into
+    `torch._weight_int8pack_mm` (fx_passes/quantization.py, CUDA included), whose CUDA kernel is a loop of one
+    thread per output (14x the bf16 step at batch 64 on an H200); an fp32 scale does not match it, so inductor
+    keeps its GEMV reduction at one row and a matmul at more rows. In fp32 it computes exactly what
+    torchao's does (tests); in bf16 only the scale's rounding differs."""
+    rows = x.reshape(-1, x.shape[-1])
+    y = (torch.mm(rows, weight.qdata.t().to(x.dtype)) * weight.scale.reshape(-1)).to(x.dtype)
+    y = y.reshape(*x.shape[:-1], y.shape[-1])
+    return y if bias is None else y + bias
+
+
 def int8pack_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """`F.linear` with an int8 weight-only torchao weight (mode "int8"'s codes and per-channel scales) through
     `torch._weight_int8pack_mm`: one kernel reads the int8 codes, where torchao's eager path first writes a
     bf16 copy of the whole weight. Its reference is mode "int8" itself (same weights, tests hold them equal)."""
     rows = x.reshape(-1, x.shape[-1]).contiguous()  # the kernels take a contiguous 2D input
-    y = torch._weight_int8pack_mm(rows, weight.qdata, weight.scale.reshape(-1).to(x.dtype))
+    y = weight_int8pack_mm(rows, weight.qdata, weight.scale.reshape(-1).to(x.dtype))
     y = y.reshape(*x.shape[:-1], y.shape[-1])
     return y if bias is None else y + bias
 
 
-def route_linears(linears: tp.Iterable[nn.Linear], linear: Linear = _linear, compile: bool = False,
+def route_linears(linears: tp.Iterable[nn.Linear], linear: Linear = _linear, compile: bool | str = False,
                   backend: tp.Any = "inductor") -> None:
-    """Run each layer's matmul through `linear`, torch.compile'd when `compile` (one compiled function: a
-    specialisation per shape, shared by all layers of that shape). Compilation happens at the first call:
-    before CUDA graph capture in moshi's streaming, whose first step runs eagerly."""
+    """Run each layer's matmul through `linear`, torch.compile'd when `compile` (a string: the torch.compile
+    mode) as one compiled function: a specialisation per shape, shared by all layers of that shape. Compilation
+    happens at the first call: before CUDA graph capture in moshi's streaming, whose first step runs eagerly."""
     if compile:
         allow_recompiles(COMPILE_SPECIALISATIONS)
-        linear = torch.compile(linear, backend=backend, dynamic=False, fullgraph=True)
+        mode = compile if isinstance(compile, str) else None
+        linear = torch.compile(linear, backend=backend, mode=mode, dynamic=False, fullgraph=True)
     for m in linears:
         m.forward = lambda x, m=m: linear(x, m.weight, m.bias)  # type: ignore[method-assign]
 
@@ -171,7 +186,7 @@ def int4_round_trip(weight: Tensor, group_size: int = INT4_GROUP_SIZE) -> Tensor
 
 
 def quantize_weights(model: nn.Module, mode: Mode = "int8", *, group_size: int = INT4_GROUP_SIZE,
-                     compile: bool = False, backend: tp.Any = "inductor") -> QuantizeReport:
+                     compile: bool | str = False, backend: tp.Any = "inductor") -> QuantizeReport:
     """Quantize the weights of `model`'s `nn.Linear` layers in place (torchao, weight-only); for inference.
 
     For a Moshi LMModel or TTT hybrid these are the temporal transformer's and the depformer's
@@ -187,7 +202,8 @@ def quantize_weights(model: nn.Module, mode: Mode = "int8", *, group_size: int =
     int4: asymmetric, one scale and zero point per `group_size` input channels, torchao's tinygemm
         layout: CUDA and bfloat16 only. Layers whose in_features is not a multiple of `group_size`
         are skipped (listed in the report).
-    compile: torch.compile the quantized linears (`route_linears`, `backend` for tests) and apply
+    compile: torch.compile the quantized linears (`route_linears`; int8 through `int8_linear`; a string is
+        the torch.compile mode, e.g. "max-autotune-no-cudagraphs"; `backend` for tests) and apply
         torchao's recommended inductor settings (process-wide inductor flags: only when asked).
     Quantize before streaming: moshi's CUDA graphs capture the weights they were made with.
     """
@@ -209,13 +225,13 @@ def quantize_weights(model: nn.Module, mode: Mode = "int8", *, group_size: int =
         if not chosen:
             raise ValueError(f"int4: no linear layer has in_features divisible by group_size={group_size}")
         config = ao.Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d",
-                                         set_inductor_config=compile)
+                                         set_inductor_config=bool(compile))
     elif mode == "w8a8":
         chosen = linears
-        config = ao.Int8DynamicActivationInt8WeightConfig(set_inductor_config=compile)
+        config = ao.Int8DynamicActivationInt8WeightConfig(set_inductor_config=bool(compile))
     else:  # int8, int8pack
         chosen = linears
-        config = ao.Int8WeightOnlyConfig(set_inductor_config=compile)  # False: the process's inductor flags stay
+        config = ao.Int8WeightOnlyConfig(set_inductor_config=bool(compile))  # False: the process's inductor flags stay
     before = sum(tensor_bytes(m.weight) for m in chosen.values())
     ids = {id(m) for m in chosen.values()}
     ao.quantize_(model, config, filter_fn=lambda m, _name: id(m) in ids)
@@ -223,6 +239,7 @@ def quantize_weights(model: nn.Module, mode: Mode = "int8", *, group_size: int =
     if missed:
         raise RuntimeError(f"torchao left these layers unquantized: {missed}")
     if compile or mode == "int8pack":
-        route_linears(chosen.values(), int8pack_linear if mode == "int8pack" else _linear, compile, backend)
+        linear = {"int8pack": int8pack_linear, "int8": int8_linear}.get(mode, _linear)
+        route_linears(chosen.values(), linear, compile, backend)
     return QuantizeReport(mode, tuple(chosen), tuple(n for n in linears if n not in chosen), before,
-                          sum(tensor_bytes(m.weight) for m in chosen.values()), compile)
+                          sum(tensor_bytes(m.weight) for m in chosen.values()), bool(compile))
