@@ -1,8 +1,12 @@
-"""Cast a checkpoint directory's model.safetensors to bf16 (to carry it), keeping the other files."""
-import shutil, sys
-from pathlib import Path
-import torch
-from safetensors.torch import load_file, save_file
-src, dst = map(Path, sys.argv[1:3])
-shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.safetensors", "mimi.safetensors"), dirs_exist_ok=True)
-save_file({k: v.to(torch.bfloat16) for k, v in load_file(src / "model.safetensors").items()}, dst / "model.safetensors")
+"""An export in bf16 to carry back from the device (`moshi.files.cast_checkpoint`), without its codec: the
+codec is the shipped one, carried once (arms.sh copies it back in).
+
+    python bf16.py EXPORT_DIR OUT_DIR
+"""
+
+import sys
+
+from ttt_speech.moshi.files import MIMI_WEIGHTS_NAME, cast_checkpoint
+
+out = cast_checkpoint(sys.argv[1], sys.argv[2], "bfloat16")
+(out / MIMI_WEIGHTS_NAME).unlink(missing_ok=True)
