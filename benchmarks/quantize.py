@@ -156,8 +156,8 @@ def shipped_errors(modes: list[str], group_size: int) -> None:
                    "linears not divisible, left fp32)"
 
     print(f"shipped small hybrid ({SHIPPED_DIR.name}: {sum(p.numel() for p in shipped.parameters()) / 1e6:.1f}M "
-          f"parameters, TTT layers {list(spec.layers)}), fp32 on the CPU, logit error vs its fp32 self on "
-          f"{LOGIT_BATCH} x {LOGIT_FRAMES} random frames")
+          f"parameters, {spec.branch} memory in layers {list(spec.layers)}), fp32 on the CPU, logit error vs its "
+          f"fp32 self on {LOGIT_BATCH} x {LOGIT_FRAMES} random frames")
     row("weights", "mode", "max abs Δ logits", "rel Δ logits", "same argmax")
     print("|---" * 5 + "|")
     for trained in (True, False):
