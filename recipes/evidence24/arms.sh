@@ -24,10 +24,11 @@
 #   recall_age.py at those contexts, per arm, into eval_<arm>/).
 # SEQ sets the training sequence length, SEGMENT the frames per forward/backward (the state is carried between
 # segments without gradient, so a decay learns only from recall inside one segment: SEGMENT=SEQ for far gaps).
-# Next (docs/results.md section 10, pre-registered there): a memory for minutes,
-#   ARMS="d bd" DECAYED=bd DECAY=0.97 SEQ=6144 SEGMENT=6144 BATCH=16 FAR="96, 2800" FARLEN=16,320 FARBLOCKS=random
-#   LR=3e-4 MEMLR=10, two calls as far_len, the second with GAPS=96,640,1280,2560 LENGTHS=64,1024,4096,8192,14976
-#   AGES=64,1024,4096 and AGE_GAPS=640,2560 (recall_age.py at those gaps).
+# Minutes (docs/results.md section 11, pre-registered in section 10; no-go): ARMS="d bd" DECAYED=bd DECAY=0.97
+#   SEQ=6144 SEGMENT=6144 BATCH=16 FAR="96, 2800" FARLEN=16,320 FARBLOCKS=random LR=3e-4 MEMLR=10, call 1
+#   DEADLINE=530 PHASE=train, call 2 DEADLINE=290 PHASE=all PROBES=30 GAPS=96,640,1280,2560
+#   LENGTHS=64,1024,4096,8192,14976 AGES=64,1024,4096 AGE_GAPS=640,2560 END=585 EVBATCH=360 KEEP="d bd" (467 s).
+# EVBATCH sets eval-long's probes per batch (default 240): the same probes, fewer frame-by-frame passes.
 set -uo pipefail
 X=$PWD/recipes/evidence24 B=$PWD/.exp24 W=${W:-/tmp/w}
 ARMS=${ARMS:-d b a} DEADLINE=${DEADLINE:-240} LR=${LR:-5.0e-4} MEMLR=${MEMLR:-1} PHASE=${PHASE:-all}
