@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 import typing as tp
 
 import torch
@@ -25,6 +24,7 @@ from ttt_speech.layers.state import TTTState, inner_shapes
 from ttt_speech.layers.streaming import StreamingLayer, causal_depthwise_conv
 from ttt_speech.ops.ttt.fla import fla_available, ttt_linear_fla
 from ttt_speech.ops.ttt.reference import ttt_chunked
+from ttt_speech.ops.triton_env import triton_runs_on
 from ttt_speech.ops.ttt.step import ttt_step_
 
 # hook(layer, *inputs): what a layer's memory math reads (each layer's docstring says which tensors)
@@ -73,8 +73,6 @@ def _triton_chunk():
     return triton_chunk
 
 
-# Triton reads this when kernels are defined, so reading it once at import agrees with Triton
-_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _triton_enabled = True
 
 
@@ -89,11 +87,6 @@ def use_triton(enabled: bool) -> tp.Iterator[None]:
         yield
     finally:
         _triton_enabled = before
-
-
-def triton_runs_on(x: Tensor) -> bool:
-    """CUDA tensors, or any tensor under Triton's CPU interpreter (how CPU tests run the kernels)."""
-    return x.is_cuda or _TRITON_INTERPRET
 
 
 def heads_to_channels(out: Tensor) -> Tensor:

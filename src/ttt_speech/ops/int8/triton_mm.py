@@ -1,0 +1,165 @@
+"""Weight-only int8 matmul in Triton: y[M, N] = x[M, K] @ (codes[N, K] -> x.dtype)^T * scale[N] (+ bias[N]).
+
+Why: at Moshi-7B shape a streaming step is memory-bound from batch 1 to 64 (at 64 rows, bf16 weights give ~64
+flop per byte against an H200's ~200), so the weight bytes read per step set its time. Torch's paths read more
+than the int8 codes: torchao's eager int8 writes a bf16 copy of each weight per call, inductor's code either
+fuses the cast into a slow GEMV or rewrites the matmul into `torch._weight_int8pack_mm` (one thread per output,
+no tensor cores; docs/benchmarks.md). These kernels load each int8 code once, convert it in registers,
+accumulate in fp32 and apply the per-output-channel scale (and bias) once, at the end.
+
+Two kernels, chosen by the number of rows M:
+- `_gemv_kernel` (M = 1, a streaming step at batch 1): one program per (row, BLOCK_N outputs) walks all of K
+  with multiply-adds on CUDA cores into a [BLOCK_N, BLOCK_K] fp32 tile, summed once at the end. Small
+  BLOCK_N gives a 4096-wide layer 128-512 programs: every SM of an H200 (132) reads weights.
+- `_dot_kernel` (any M, used from 2 rows): [BLOCK_M, BLOCK_N] tiles on tensor cores (tl.dot), BLOCK_M 16 / 32 /
+  64 by M (tl.dot's smallest tile is 16: rows past M are masked), the codes converted to x's dtype per tile.
+Each has a handful of autotuned configs (tile sizes, warps, pipeline stages), keyed on N, K (and the kernel's
+BLOCK_M bucket and the dtypes), timed briefly at the first call of a shape: that call must not be inside a
+CUDA graph capture (moshi's streaming runs its first step eagerly, so the capture after it only launches).
+Under Triton's CPU interpreter nothing is timed: the first config runs (tests pick each config in turn).
+"""
+
+from __future__ import annotations
+
+import typing as tp
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ttt_speech.ops.triton_env import TRITON_INTERPRET
+
+GEMV_MAX_M = 1  # rows up to which the CUDA-core GEMV runs; the tensor-core kernel above
+
+
+def _config(block_n: int, block_k: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
+
+
+# Few on purpose: each is compiled once per specialisation and timed at every new (N, K) (a Moshi step has ~10).
+GEMV_CONFIGS = [_config(16, 512, 4, 2), _config(8, 512, 2, 2), _config(32, 256, 4, 2), _config(64, 128, 4, 1)]
+DOT_CONFIGS = [_config(32, 256, 4, 4), _config(16, 256, 4, 4), _config(64, 128, 4, 4), _config(64, 256, 8, 3),
+               _config(128, 128, 8, 3)]
+
+
+def _quick_bench(fn: tp.Callable[[], tp.Any], quantiles: tp.Sequence[float]) -> tp.Any:
+    """Autotuning's timer, shorter than Triton's default 25 + 100 ms per config: a GEMV takes microseconds."""
+    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+
+_EVEN_K = {"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0}
+
+
+@triton.jit
+def _load(ptrs, inside, EVEN_K: tl.constexpr):
+    """A tile of one K step: unmasked when BLOCK_K divides K, else zeros past K (they add nothing)."""
+    if EVEN_K:
+        tile = tl.load(ptrs)
+    else:
+        tile = tl.load(ptrs, mask=inside, other=0)
+    return tile
+
+
+@triton.heuristics(_EVEN_K)
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym,
+                 HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0)  # rows first: programs that read the same codes run side by side (L2)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + row * stride_xm + rk * stride_xk
+    w_ptrs = w_ptr + (rn % N)[:, None] * stride_wn + rk[None, :] * stride_wk  # rows past N reread row n % N
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        inside = k0 + rk < K
+        x = _load(x_ptrs, inside, EVEN_K)
+        w = _load(w_ptrs, inside[None, :], EVEN_K)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    y = tl.sum(acc, axis=1) * tl.load(s_ptr + rn, mask=rn < N, other=0.0)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
+
+
+@triton.heuristics(_EVEN_K)
+@triton.jit
+def _dot_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym,
+                HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                BLOCK_M: tl.constexpr, FP32: tl.constexpr):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # row tiles first: they share the codes' tile (L2)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    # rows past M / N reread a valid row (their results are never stored): the loads need no row mask
+    x_ptrs = x_ptr + (rm % M)[:, None] * stride_xm + rk[None, :] * stride_xk
+    w_ptrs = w_ptr + (rn % N)[:, None] * stride_wn + rk[None, :] * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        inside = (k0 + rk < K)[None, :]
+        x = _load(x_ptrs, inside, EVEN_K)
+        w = _load(w_ptrs, inside, EVEN_K)
+        w = tl.trans(w.to(x_ptr.dtype.element_ty))  # exact: every int8 is a bf16 / fp16 / fp32 value
+        if FP32:
+            acc = tl.dot(x, w, acc, input_precision="ieee")  # fp32 models get fp32 products, not tf32
+        else:
+            acc = tl.dot(x, w, acc)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    acc *= tl.load(s_ptr + rn, mask=rn < N, other=0.0)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+_TUNED = {
+    "gemv": triton.autotune(GEMV_CONFIGS, key=["N", "K"], do_bench=_quick_bench)(_gemv_kernel),
+    "dot": triton.autotune(DOT_CONFIGS, key=["N", "K", "BLOCK_M"], do_bench=_quick_bench)(_dot_kernel),
+}
+_RAW = {"gemv": (_gemv_kernel, GEMV_CONFIGS), "dot": (_dot_kernel, DOT_CONFIGS)}
+Kernel = tp.Literal["gemv", "dot"]
+
+
+def block_m(rows: int) -> int:
+    """The tensor-core kernel's row tile: the smallest of 16 / 32 / 64 that covers `rows` (64 past that)."""
+    return 16 if rows <= 16 else 32 if rows <= 32 else 64
+
+
+def int8_mm_triton(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None = None, *,
+                   kernel: Kernel | None = None, config: int | None = None) -> Tensor:
+    """`naive.int8_mm_naive` in one kernel launch: x [..., K] (any strides), codes int8 [N, K], scale [N] (or
+    [N, 1]; fp32 in torchao), bias [N] or None; returns [..., N] in x's dtype.
+
+    kernel: "gemv" / "dot" instead of the choice by row count (tests); config: an index into that kernel's
+    configs instead of autotuning (tests; under Triton's interpreter the default is the first).
+    """
+    K, N = x.shape[-1], codes.shape[0]
+    if codes.dtype != torch.int8 or codes.dim() != 2 or codes.shape[1] != K:
+        raise ValueError(f"codes must be int8 [N, {K}] for x [..., {K}], got {codes.dtype} {list(codes.shape)}")
+    rows = x.reshape(-1, K)  # a view wherever the strides allow: the kernels take any row and column stride
+    M = rows.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y.reshape(*x.shape[:-1], N)
+    kernel = kernel or ("gemv" if M <= GEMV_MAX_M else "dot")
+    scale = scale.reshape(-1).float().contiguous()
+    args = (rows, codes, scale, scale if bias is None else bias.contiguous(), y, M, N, K, *rows.stride(),
+            *codes.stride(), y.stride(0))
+    meta: dict[str, tp.Any] = {"HAS_BIAS": bias is not None}
+    if kernel == "dot":
+        meta |= {"BLOCK_M": block_m(M), "FP32": x.dtype == torch.float32}
+
+    def grid(m: dict[str, tp.Any]) -> tuple[int, int]:
+        return triton.cdiv(M, m.get("BLOCK_M", 1)), triton.cdiv(N, m["BLOCK_N"])
+
+    if config is None and TRITON_INTERPRET:
+        config = 0
+    if config is None:
+        _TUNED[kernel][grid](*args, **meta)
+    else:
+        raw, configs = _RAW[kernel]
+        c = configs[config]
+        raw[grid](*args, **meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+    return y.reshape(*x.shape[:-1], N)

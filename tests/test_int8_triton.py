@@ -1,0 +1,121 @@
+"""Our Triton weight-only int8 matmul equals its fp32 reference (on CUDA, or in Triton's CPU interpreter).
+
+Shapes are drawn by hypothesis: M from 0 to 70 rows (both kernels, all three row tiles, rows past a tile), N and K
+not multiples of any block, with and without bias, x contiguous, transposed, column-strided or with leading dims,
+every autotune config. Tolerances: fp32 up to fp32 summation order; fp16 / bf16 up to one rounding of the output
+(the reference rounds the same fp32 sum once: the two may land one unit in the last place apart).
+Triton 3.6's interpreter casts int8 to bf16 as raw bits and multiplies bf16 wrongly, so on the CPU the
+half-precision path is checked in fp16 (same kernel code, 10 mantissa bits instead of 7); bf16 runs on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+triton = pytest.importorskip("triton")
+
+# |got - want| <= RTOL * |want| + ATOL, per dtype: fp32 summation order (measured <= ~2e-6 at |y| ~ 1 below);
+# a half-precision output is one unit in the last place (2^-10 of |y| for fp16, 2^-7 for bf16) away at most
+TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.float16: (2**-10, 1e-4), torch.bfloat16: (2**-7, 1e-3)}
+
+
+def operands(m: int, n: int, k: int, dtype: torch.dtype, layout: str, bias: bool, device: str,
+             seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """x [.., m, k] in `layout`, codes int8 [n, k] over the whole range, per-channel scales that make |y| ~ 1."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    scale = (torch.rand(n, 1, generator=g) + 0.5) / (74 * k**0.5)  # torchao's [N, 1] fp32; 74: rms of a code
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    if layout == "transposed":  # column-major rows: stride (1, m)
+        x = torch.randn(k, m, generator=g).t()
+    elif layout == "strided":  # every other column of a wider tensor
+        x = torch.randn(m, 2 * k, generator=g)[:, ::2]
+    elif layout == "leading":  # [2, m, k] (2m rows)
+        x = torch.randn(2, m, k, generator=g)
+    else:
+        x = torch.randn(m, k, generator=g)
+    return (x.to(device, dtype), codes.to(device), scale.to(device), None if b is None else b.to(device))
+
+
+def check(m: int, n: int, k: int, dtype: torch.dtype, layout: str, bias: bool, kernel: str | None,
+          config: int | None, device: str, seed: int = 0) -> float:
+    """The kernel against `int8_mm_naive`; returns the max abs difference."""
+    from ttt_speech.ops.int8 import int8_mm_naive
+    from ttt_speech.ops.int8.triton_mm import int8_mm_triton
+
+    x, codes, scale, b = operands(m, n, k, dtype, layout, bias, device, seed)
+    want = int8_mm_naive(x, codes, scale, b)
+    got = int8_mm_triton(x, codes, scale, b, kernel=kernel, config=config)  # type: ignore[arg-type]
+    assert got.shape == (*x.shape[:-1], n) and got.dtype == dtype
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol)
+    global largest
+    largest = max(largest, float(want.float().abs().max()) if want.numel() else 0.0)
+    return float((got.float() - want.float()).abs().max()) if got.numel() else 0.0
+
+
+LAYOUTS = ("contiguous", "transposed", "strided", "leading")
+worst: dict[str, float] = {}  # max abs difference per dtype, over the interpreted examples
+covered: dict[str, int] = {}  # examples per kernel ("dot 16": the tensor-core kernel with 16-row tiles)
+largest = 0.0  # max |y| of the reference
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@example(m=20, n=40, k=300, dtype=torch.float32, layout="strided", bias=True, which="auto", config=1, seed=1)
+@example(m=32, n=17, k=512, dtype=torch.float16, layout="transposed", bias=False, which="auto", config=4, seed=2)
+@given(m=st.one_of(st.sampled_from([0, 1, 2, 16, 17, 20, 32, 33, 64, 65]), st.integers(0, 70)),
+       n=st.integers(1, 150), k=st.one_of(st.sampled_from([128, 256, 512, 1024]), st.integers(1, 1100)),
+       dtype=st.sampled_from([torch.float32, torch.float16]), layout=st.sampled_from(LAYOUTS),
+       bias=st.booleans(), which=st.sampled_from(["auto", "gemv", "dot"]), config=st.integers(0, 4),
+       seed=st.integers(0, 2**16))
+def interpreted(m: int, n: int, k: int, dtype: torch.dtype, layout: str, bias: bool, which: str, config: int,
+                seed: int) -> None:
+    """Run by the test below in a subprocess under TRITON_INTERPRET=1 (small shapes: it runs in Python)."""
+    from ttt_speech.ops.int8.triton_mm import DOT_CONFIGS, GEMV_CONFIGS, GEMV_MAX_M, block_m
+
+    kernel = None if which == "auto" else which
+    if kernel == "gemv":
+        m = min(m, 3)  # the GEMV interprets one program per row: keep it quick
+    rows = m * (2 if layout == "leading" else 1)
+    chosen = kernel or ("gemv" if rows <= GEMV_MAX_M else "dot")
+    configs = GEMV_CONFIGS if chosen == "gemv" else DOT_CONFIGS
+    err = check(m, n, k, dtype, layout, bias, kernel, config % len(configs), "cpu", seed)
+    name = "gemv" if chosen == "gemv" else f"dot {block_m(rows)}"
+    covered[name] = covered.get(name, 0) + (rows > 0)
+    worst[str(dtype)] = max(worst.get(str(dtype), 0.0), err)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the gpu tests run the compiled kernel")
+def test_int8_kernels_equal_the_reference_interpreter() -> None:
+    # Triton's interpreter is chosen when kernels are defined, so it needs a fresh process
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "max abs error vs reference" in done.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int8_kernels_equal_the_reference_cuda(dtype: torch.dtype) -> None:
+    """Moshi-7B's shapes (attention in / out, gating in / out, the text head) at batch 1, 16 and 64, autotuned."""
+    for n, k in ((12288, 4096), (4096, 4096), (22528, 4096), (4096, 11264), (32000, 4096)):
+        for m in (1, 16, 64):
+            check(m, n, k, dtype, "contiguous", False, None, None, "cuda", seed=m)
+    check(64, 4096, 4096, dtype, "transposed", True, None, None, "cuda")
+
+
+if __name__ == "__main__":
+    interpreted()
+    print("max abs error vs reference:", worst)
+    print("largest |y|:", largest, "examples per kernel and row tile:", dict(sorted(covered.items())))
+    assert largest > 2  # outputs of size ~1: the tolerances are not vacuous
+    assert {"gemv", "dot 16", "dot 32", "dot 64"} <= covered.keys()
