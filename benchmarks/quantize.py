@@ -8,8 +8,9 @@
                                                        # (trained) beside a random-weight model of its config
 
 Rows (`--rows`, in the order given): vanilla, the bf16 hybrid, and the hybrid quantized int8 / int8pack /
+int8triton (CUDA: our Triton int8 kernel, autotuned in its first step; a CPU run prints its refusal as its row) /
 w8a8 / int4 (CUDA + bf16 only), each eager or with `+compile` (`quantize_weights(..., compile=True)`: its
-first step compiles; `+autotune`: compile mode "max-autotune-no-cudagraphs"). Each row runs in a process of its own (this script again, `--child`): a failed CUDA
+first step compiles; `+autotune`: compile mode "max-autotune-no-cudagraphs"; not for int8triton). Each row runs in a process of its own (this script again, `--child`): a failed CUDA
 graph capture leaves the CUDA context unusable, and on the H200 one such row kept every later row from
 building its model. Each model is built once, by moshi_stream.py's `build` from the same seed (same random
 weights, TTT gate 0.1), quantized in place by `ttt_speech.quantize.quantize_weights` (torchao), then timed at
@@ -173,7 +174,7 @@ def row(*cells: str) -> None:
     print("| " + " | ".join(cells) + " |", flush=True)
 
 
-DEFAULT_ROWS = "vanilla,bf16,int8,int8pack,w8a8,int4,int8+compile,w8a8+compile,int4+compile"
+DEFAULT_ROWS = "vanilla,bf16,int8triton,int8,int8pack,w8a8,int4,int8+compile,w8a8+compile,int4+compile"
 
 
 @dataclass

@@ -93,6 +93,33 @@ def interpreted(m: int, n: int, k: int, dtype: torch.dtype, layout: str, bias: b
     worst[str(dtype)] = max(worst.get(str(dtype), 0.0), err)
 
 
+def routed_equals_int8(device: str, dtype: torch.dtype, widths: tuple[int, ...], rows: tuple[int, ...]) -> float:
+    """A stack of Linear layers (bias on every other) quantized by mode int8triton against the same stack by mode
+    int8 (same codes and scales; torchao's own matmul), on x [2, rows, in] transposed from [2, in, rows]: the max
+    relative difference over `rows`. Routing, weights and strides are the quantize path's; the sums are the kernel's."""
+    from torch import nn
+
+    from ttt_speech.quantize import quantize_weights
+
+    def stack() -> nn.Sequential:
+        torch.manual_seed(0)
+        layers = [nn.Linear(a, b, bias=i % 2 == 0) for i, (a, b) in enumerate(zip(widths, widths[1:]))]
+        return nn.Sequential(*[m for layer in layers for m in (layer, nn.GELU())]).to(device, dtype)
+
+    eager, routed = stack(), stack()
+    assert quantize_weights(eager, "int8").summary() == quantize_weights(routed, "int8triton").summary().replace(
+        "int8triton", "int8")
+    assert all("forward" in vars(m) for m in routed if isinstance(m, nn.Linear))  # routed, not nn.Linear's own
+    worst = 0.0
+    with torch.no_grad():
+        for m in rows:
+            x = torch.randn(2, widths[0], m, device=device, dtype=dtype).transpose(1, 2)
+            want, got = eager(x).float(), routed(x).float()
+            assert got.shape == (2, m, widths[-1])
+            worst = max(worst, float((got - want).abs().max() / want.abs().max()) if m else 0.0)
+    return worst
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the gpu tests run the compiled kernel")
 def test_int8_kernels_equal_the_reference_interpreter() -> None:
     # Triton's interpreter is chosen when kernels are defined, so it needs a fresh process
@@ -113,7 +140,19 @@ def test_int8_kernels_equal_the_reference_cuda(dtype: torch.dtype) -> None:
     check(64, 4096, 4096, dtype, "transposed", True, None, None, "cuda")
 
 
+@pytest.mark.gpu
+def test_int8triton_model_equals_int8_cuda() -> None:
+    """Moshi-7B's gating widths in bf16: the routed stack against torchao's int8, up to bf16 rounding (torchao
+    rounds each product sum to bf16 before scaling; both use the same codes)."""
+    pytest.importorskip("torchao")
+    assert routed_equals_int8("cuda", torch.bfloat16, (4096, 11264, 4096), (1, 16, 64)) < 0.02
+
+
 if __name__ == "__main__":
+    # mode int8triton equals mode int8 in fp32 (both sum exactly-representable products: fp32 summation order)
+    routed = routed_equals_int8("cpu", torch.float32, (48, 40, 33, 24), (0, 1, 5, 17))
+    print(f"int8triton vs int8, fp32 stack of 3 linears: max relative difference {routed:.2e}")
+    assert routed < 1e-5
     interpreted()
     print("max abs error vs reference:", worst)
     print("largest |y|:", largest, "examples per kernel and row tile:", dict(sorted(covered.items())))

@@ -202,6 +202,23 @@ def test_int8pack_linear_takes_any_leading_shape_strides_and_bias() -> None:
 
 
 @needs_torchao
+def test_int8triton_is_refused_where_its_kernel_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our Triton kernel runs on CUDA (tests/test_int8_triton.py runs it in Triton's interpreter): a CPU model, or
+    compile (the kernel is the fusion), is one line naming the fix, and the model is left as it was."""
+    layer = nn.Linear(64, 24)
+    monkeypatch.setattr("ttt_speech.quantize.TRITON_INTERPRET", False)
+    monkeypatch.setattr("ttt_speech.quantize.triton_installed", lambda: True)
+    with pytest.raises(ValueError, match="int8triton needs the weights on CUDA .*, found cpu; use int8 or int8pack"):
+        quantize_weights(layer, "int8triton")
+    with pytest.raises(ValueError, match="int8triton runs its own Triton kernel: give it without compile"):
+        quantize_weights(layer, "int8triton", compile=True)
+    monkeypatch.setattr("ttt_speech.quantize.triton_installed", lambda: False)
+    with pytest.raises(ValueError, match="int8triton needs triton"):
+        quantize_weights(layer, "int8triton")
+    assert not is_quantized(layer.weight)
+
+
+@needs_torchao
 def test_only_linear_weights_are_quantized() -> None:
     lm = build_tiny_hybrid(0)
     linears = [name for name, m in lm.named_modules() if isinstance(m, nn.Linear)]
@@ -259,6 +276,11 @@ def test_generate_with_int8_weights(tmp_path: Path) -> None:
 def test_int4_is_refused_off_cuda(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="--quantize int4 needs --device cuda and bfloat16 weights"):
         generate("--minutes", "0.05", "--quantize", "int4", "--dtype", "bfloat16", "--out", str(tmp_path))
+
+
+def test_int8triton_is_refused_off_cuda(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="--quantize int8triton needs --device cuda .*; use --quantize int8"):
+        generate("--minutes", "0.05", "--quantize", "int8triton", "--out", str(tmp_path))
 
 
 def test_quantize_compile_needs_quantize(tmp_path: Path) -> None:

@@ -6,41 +6,44 @@
 # each model timed at batch 1 then 64, ratios against the bf16 hybrid at the same batch. Rows, the ones that
 # matter most first (docs/benchmarks.md "int8 that is not slower" says why):
 #   bf16 hybrid (the reference);
+#   int8triton: our Triton weight-only int8 kernel (src/ttt_speech/ops/int8/triton_mm.py: the codes read once and
+#     converted in registers; a GEMV at batch 1, tensor-core tiles at 64), autotuned in the first (eager) step of
+#     each batch (its "to frame s" includes that), never run on a GPU before this call: its logit line (eager
+#     rows get one) against int8's 0.0436 relative error of 2026-12-02 says whether it computes int8;
 #   int8pack: torch._weight_int8pack_mm eager, the kernel inductor put into 2026-12-02's int8 compiled row at
 #     batch 64 (14.4x): about as slow there if that is the cause;
-#   int8+autotune: int8_linear (fp32 scale: inductor's rewrite into that kernel does not match) compiled in mode
-#     max-autotune-no-cudagraphs: a GEMV at batch 1, cuBLAS or inductor's Triton matmul with the int8 cast fused
-#     in at 64, whichever its autotuning times faster;
-#   int8+compile: the same without autotuning (cast + cuBLAS at 64); w8a8 eager (torch._int_mm at 64, never timed:
-#     its compiled row's capture failed); int4+compile.
+#   w8a8 eager (torch._int_mm at 64, never timed: its compiled row's capture failed); int4+compile;
+#   int8+compile last (int8_linear, fp32 scale: measured 2026-12-02, 1.654x / 1.345x: here for the same call's
+#     ratio). int8+autotune is not a default row any more: its max-autotune warm-up ran over 7 minutes.
 # Run from the repository root, carrying .whl (moshi 0.2.13 and torchao 0.18.0 py3-none-any wheels, ~1.5 MB;
-# the device has neither; sphn is not needed here):
+# the device has neither; sphn is not needed here; triton comes with the device's torch):
 #   run(command="bash recipes/quant21/device.sh", carry=[".whl"], timeout_s=600)
 # Results in $OUT/quant21/: quantize.md (the table, one line per finished row, so rows finished before a cut
-# come back), log.txt (the same with warnings and tracebacks, set-up time), int4_check.log (tests/test_quantize.py's
-# gpu test: the tinygemm kernel equals int4_round_trip; passed on the H200 on 2026-12-02), nvidia-smi.txt.
+# come back), log.txt (the same with warnings and tracebacks, set-up time), gpu_checks.log (the gpu tests:
+# tests/test_int8_triton.py, our kernel against its fp32 reference at Moshi-7B shapes and the int8triton model
+# against int8, and tests/test_quantize.py's int4 tinygemm kernel against int4_round_trip, passed on the H200 on
+# 2026-12-02), nvidia-smi.txt.
 #
 # Row times on 2026-12-02 (H200, one process): bf16 build 2.4 s, 6 s to frame 100 at batch 1 and 5.5 s at 64;
 # int8 compiled 34 s to frame 100 at batch 1 and 69 s at 64 (inductor's warm-up); eager rows ~20 s in all.
-# Each row's own process adds its imports and CUDA context (~5-10 s, not measured). max-autotune benchmarks
-# several Triton configurations per matmul shape (~12 shapes per batch size): not measured, likely minutes,
-# so int8+autotune may be cut at batch 64 (its batch-1 row comes out first); the rows after it then come from
-# a second call, e.g. ROWS=bf16,int8+compile,w8a8,int4+compile bash recipes/quant21/device.sh
-# Nothing new starts after ~505 s (budget) and SIGINT comes at ~535 s (the row in progress stops, the finished
-# ones are out), then the int4 kernel check.
+# Each row's own process adds its imports and CUDA context (~5-10 s, not measured). int8triton's autotuning
+# (4 GEMV configs at batch 1, 5 tile configs at 64, ~10 weight shapes each, 25 ms a timing, plus compiling ~9
+# kernels) is not measured: expected well under a minute per batch.
+# Nothing new starts after ~475 s (budget) and SIGINT comes at ~505 s (the row in progress stops, the finished
+# ones are out), then the gpu checks (~60 s).
 # w8a8 at batch 1 may fail or fall back (a result, printed as its row): cuBLAS's int8 GEMM behind torch._int_mm
 # refuses fewer than 17 rows ("self.size(0) needs to be greater than 16").
 # Compiled rows skip their logit pass (--logits eager: it would compile the teacher-forced shapes too); the
 # eager row of the same mode gives the quantization's logit error.
 #
 # Knobs (env): DEADLINE (s, whole command, default 570), ROWS, BATCHES (default 1,64), LAYERS (default all).
-# TINY=1: the same steps at the tiny shape on the CPU in seconds, compiled rows through aot_eager
-# (tests/test_quant_recipe.py; PYTHON picks the interpreter, nothing is installed).
+# TINY=1: the same steps at the tiny shape on the CPU in seconds, compiled rows through aot_eager, int8triton
+# refused as its row (tests/test_quant_recipe.py; PYTHON picks the interpreter, nothing is installed).
 set -uo pipefail
 S0=$SECONDS
 R=$OUT/quant21
 DEADLINE=${DEADLINE:-570} PY=${PYTHON:-python3}
-ROWS=${ROWS:-bf16,int8pack,int8+autotune,int8+compile,w8a8,int4+compile}
+ROWS=${ROWS:-bf16,int8triton,int8pack,w8a8,int4+compile,int8+compile}
 left() { echo $((DEADLINE - (SECONDS - S0))); }
 mkdir -p "$R"
 if [ "${TINY:-0}" = 1 ]; then
@@ -55,13 +58,14 @@ else
 fi
 export NO_TORCH_COMPILE=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 PYTHONPATH=${PYTHONPATH:-}:$PWD/benchmarks
 echo "set-up $((SECONDS - S0)) s; $(left) s left; rows $ROWS" | tee "$R/log.txt"
-# nothing new starts 65 s before the deadline; SIGINT 35 s before it: the row in progress stops, the finished ones
-# are out; the last ~25 s check int4's kernel against its CPU reference (the docs' int4 logit errors rest on it)
-timeout -k 10 -s INT $(($(left) - 35)) "$PY" benchmarks/quantize.py "${SHAPE[@]}" --rows "$ROWS" \
-  --layers "${LAYERS:-all}" --logits eager --seconds $(($(left) - 65)) 2>&1 | tee -a "$R/log.txt"
+# nothing new starts 95 s before the deadline; SIGINT 65 s before it: the row in progress stops, the finished ones
+# are out; the last ~55 s check our int8 kernel and int4's against their references (the docs' int4 logit errors
+# rest on the second)
+timeout -k 10 -s INT $(($(left) - 65)) "$PY" benchmarks/quantize.py "${SHAPE[@]}" --rows "$ROWS" \
+  --layers "${LAYERS:-all}" --logits eager --seconds $(($(left) - 95)) 2>&1 | tee -a "$R/log.txt"
 echo "quantize rc=${PIPESTATUS[0]} after $((SECONDS - S0)) s" | tee -a "$R/log.txt"
-timeout -k 3 $(($(left) - 3)) "$PY" -m pytest -m gpu tests/test_quantize.py -k int4_kernel -p no:cacheprovider \
-  -o addopts= -rfEs > "$R/int4_check.log" 2>&1
-echo "int4 kernel check rc=$? after $((SECONDS - S0)) s" | tee -a "$R/log.txt"
+timeout -k 3 $(($(left) - 3)) "$PY" -m pytest -m gpu tests/test_quantize.py tests/test_int8_triton.py \
+  -k "int8 or int4_kernel" -p no:cacheprovider -o addopts= -rfEs > "$R/gpu_checks.log" 2>&1
+echo "gpu checks rc=$? after $((SECONDS - S0)) s" | tee -a "$R/log.txt"
 grep -E '^(device:|\||cut by|not run)' "$R/log.txt" > "$R/quantize.md"
 ls -la "$R"

@@ -15,7 +15,9 @@ the cast into a GEMV; `compile="max-autotune-no-cudagraphs"` also lets it fuse t
 template at more rows), mode "w8a8" quantizes each activation row to int8 as well, so the matmul is torch's
 int8 GEMM (`torch._int_mm`, 17 rows or more), and mode "int8pack" keeps int8's weights but multiplies with
 core PyTorch's fused weight-only kernel `torch._weight_int8pack_mm` (CPU, CUDA, MPS, XPU): no bf16 copy of the
-weight, but on CUDA (torch 2.11-2.13) a one-thread-per-output loop without tensor cores.
+weight, but on CUDA (torch 2.11-2.13) a one-thread-per-output loop without tensor cores. Mode "int8triton" keeps
+int8's weights and multiplies with our own Triton kernel (`ops/int8/triton_mm.py`: the codes read once, converted
+in registers, a GEMV at one row and tensor-core tiles from two; CUDA, autotuned at the first call of each shape).
 
 torchao is an optional extra: `pip install -e ".[quant]"`.
 """
@@ -34,9 +36,10 @@ from torch import Tensor, nn
 
 from ttt_speech.compat import allow_recompiles, weight_int8pack_mm
 from ttt_speech.deps import require
+from ttt_speech.ops.triton_env import TRITON_INTERPRET, triton_installed
 
-Mode = tp.Literal["int8", "int8pack", "w8a8", "int4"]
-MODES: tuple[str, ...] = ("int8", "int8pack", "w8a8", "int4")
+Mode = tp.Literal["int8", "int8pack", "int8triton", "w8a8", "int4"]
+MODES: tuple[str, ...] = ("int8", "int8pack", "int8triton", "w8a8", "int4")
 # distinct (input, weight) shapes one compiled linear sees: a Moshi step has ~10 per batch size
 COMPILE_SPECIALISATIONS = 64
 INT4_GROUP_SIZE = 128
@@ -153,6 +156,27 @@ def int8pack_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return y if bias is None else y + bias
 
 
+def int8_triton_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """`F.linear` with mode "int8"'s torchao weight (its int8 codes and fp32 per-channel scales) through our Triton
+    kernel (`ttt_speech.ops.int8.triton_mm`), which reads each code once. Its reference is mode "int8" itself
+    (tests/test_int8_triton.py holds them equal); the kernel's own is `ops.int8.int8_mm_naive`."""
+    from ttt_speech.ops.int8.triton_mm import int8_mm_triton
+
+    return int8_mm_triton(x, weight.qdata, weight.scale, bias)
+
+
+def int8_triton_refusal(devices: tp.Iterable[torch.device]) -> str | None:
+    """Why mode "int8triton" cannot run on weights on `devices`, or None: it needs triton and CUDA (or Triton's
+    CPU interpreter, TRITON_INTERPRET=1, how the tests run it)."""
+    found = sorted({d.type for d in devices})
+    if not triton_installed():
+        return "int8triton needs triton (it comes with torch's CUDA wheels); use int8 or int8pack"
+    if found != ["cuda"] and not TRITON_INTERPRET:
+        return (f"int8triton needs the weights on CUDA (our Triton kernel), found {', '.join(found)}; "
+                "use int8 or int8pack off CUDA")
+    return None
+
+
 def route_linears(linears: tp.Iterable[nn.Linear], linear: Linear = _linear, compile: bool | str = False,
                   backend: tp.Any = "inductor") -> None:
     """Run each layer's matmul through `linear`, torch.compile'd when `compile` (a string: the torch.compile
@@ -197,6 +221,9 @@ def quantize_weights(model: nn.Module, mode: Mode = "int8", *, group_size: int =
 
     int8: symmetric, one scale per output channel; any device and dtype.
     int8pack: int8's weights, multiplied by `torch._weight_int8pack_mm` (`int8pack_linear`), fused.
+    int8triton: int8's weights, multiplied by our Triton kernel (`int8_triton_linear`): CUDA; not compiled (the
+        kernel is the fusion); each new shape is autotuned at its first call, which must not be inside a CUDA
+        graph capture (moshi's streaming runs its first step eagerly).
     w8a8: int8 as above, and each activation row quantized to int8 (symmetric, per token) at every
         matmul: the GEMM runs in int8 (torch._int_mm on CUDA). Not weight-only: adds activation error.
     int4: asymmetric, one scale and zero point per `group_size` input channels, torchao's tinygemm
@@ -215,6 +242,12 @@ def quantize_weights(model: nn.Module, mode: Mode = "int8", *, group_size: int =
     linears = linear_layers(model)
     if not linears:
         raise ValueError("no unquantized nn.Linear layer in the model")
+    if mode == "int8triton":
+        if compile:
+            raise ValueError("int8triton runs its own Triton kernel: give it without compile")
+        refusal = int8_triton_refusal(m.weight.device for m in linears.values())
+        if refusal:
+            raise ValueError(refusal)
     if mode == "int4":
         found = {(m.weight.device.type, m.weight.dtype) for m in linears.values()}
         if found != {("cuda", torch.bfloat16)}:
@@ -229,7 +262,7 @@ def quantize_weights(model: nn.Module, mode: Mode = "int8", *, group_size: int =
     elif mode == "w8a8":
         chosen = linears
         config = ao.Int8DynamicActivationInt8WeightConfig(set_inductor_config=bool(compile))
-    else:  # int8, int8pack
+    else:  # int8, int8pack, int8triton
         chosen = linears
         config = ao.Int8WeightOnlyConfig(set_inductor_config=bool(compile))  # False: the process's inductor flags stay
     before = sum(tensor_bytes(m.weight) for m in chosen.values())
@@ -238,8 +271,8 @@ def quantize_weights(model: nn.Module, mode: Mode = "int8", *, group_size: int =
     missed = [n for n, m in chosen.items() if not is_quantized(m.weight)]
     if missed:
         raise RuntimeError(f"torchao left these layers unquantized: {missed}")
-    if compile or mode == "int8pack":
-        linear = {"int8pack": int8pack_linear, "int8": int8_linear}.get(mode, _linear)
+    if compile or mode in ("int8pack", "int8triton"):
+        linear = {"int8pack": int8pack_linear, "int8triton": int8_triton_linear, "int8": int8_linear}.get(mode, _linear)
         route_linears(chosen.values(), linear, compile, backend)
     return QuantizeReport(mode, tuple(chosen), tuple(n for n in linears if n not in chosen), before,
                           sum(tensor_bytes(m.weight) for m in chosen.values()), bool(compile))

@@ -22,7 +22,7 @@ if tp.TYPE_CHECKING:
 
 # Literal here (checked against their modules in tests/test_cli_errors.py): importing those modules costs
 # seconds, which `--help` must not.
-QUANT_MODES = ("int8", "int8pack", "w8a8", "int4")
+QUANT_MODES = ("int8", "int8pack", "int8triton", "w8a8", "int4")
 
 
 def parse_layers(text: str) -> str | list[int]:
@@ -153,7 +153,8 @@ def run_convert(args: argparse.Namespace) -> Path:
 def add_quantize_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=QUANT_MODES,
                    help="quantization of the linear layers with torchao: int8 / int4 weights (int4: CUDA + "
-                        "bfloat16), int8pack (int8 weights through torch._weight_int8pack_mm, no bf16 copy), or "
+                        "bfloat16), int8pack (int8 weights through torch._weight_int8pack_mm, no bf16 copy), int8triton "
+                        "(int8 weights through our Triton kernel: CUDA), or "
                         "w8a8 (int8 weights and activations, int8 GEMM); TTT states stay fp32. "
                         'Needs pip install -e ".[quant]"')
     p.add_argument("--quantize-compile", action="store_true",
@@ -172,12 +173,15 @@ def quantize_or_exit(lm: LMModel, mode: str, compile: bool = False) -> str:
 
 
 def check_quantize(mode: str | None, device: torch.device, dtype: torch.dtype, compile: bool = False) -> None:
-    """Refuse --quantize int4 where torchao has no kernel for it, before the model is loaded."""
+    """Refuse --quantize int4 / int8triton where there is no kernel for it, before the model is loaded."""
     import torch
 
     if compile and mode is None:
         raise UsageError("--quantize-compile compiles the quantized layers: give --quantize too")
 
+    if mode == "int8triton" and device.type != "cuda":
+        raise UsageError(f"--quantize int8triton needs --device cuda (our Triton kernel), not {device.type}; "
+                         "use --quantize int8")
     if mode == "int4" and (device.type != "cuda" or dtype != torch.bfloat16):
         raise UsageError(f"--quantize int4 needs --device cuda and bfloat16 weights (torchao's int4 kernel), "
                          f"not {device.type} {str(dtype).removeprefix('torch.')}; use --quantize int8")
