@@ -29,12 +29,19 @@
 #   DEADLINE=530 PHASE=train, call 2 DEADLINE=290 PHASE=all PROBES=30 GAPS=96,640,1280,2560
 #   LENGTHS=64,1024,4096,8192,14976 AGES=64,1024,4096 AGE_GAPS=640,2560 END=585 EVBATCH=360 KEEP="d bd" (467 s).
 # EVBATCH sets eval-long's probes per batch (default 240): the same probes, fewer frame-by-frame passes.
+# Arms named in RARE draw copies into only a REPEATPROB share of their sequences (data.repeat.prob; default 0.25,
+#   the others 1.0): repeats the exception, as in natural speech (section 12: the memory that recalls is the one
+#   that drifts). Next (section 13, pre-registered there): the shipped B-decay continued with rare repeats beside
+#   the same continuation with every sequence's, FROM=.exp24/ship (arm_b/export = the shipped model):
+#   ARMS="bb br" RARE=br FROM=.exp24/ship FARLEN=16,320 FARBLOCKS=random LR=3e-4 MEMLR=10
+#   WARMUP=0.001 DEADLINE=400 PHASE=all PROBES=30 GAPS=96,640 LENGTHS=64,1024,4096,8192 END=585 EVBATCH=360
+#   KEEP="bb br", one call; then CPU free runs of both exports (section 13 gives the commands).
 set -uo pipefail
 X=$PWD/recipes/evidence24 B=$PWD/.exp24 W=${W:-/tmp/w}
 ARMS=${ARMS:-d b a} DEADLINE=${DEADLINE:-240} LR=${LR:-5.0e-4} MEMLR=${MEMLR:-1} PHASE=${PHASE:-all}
 COPIES=${COPIES:-2} FAR=${FAR:-96, 700} SEQ=${SEQ:-1536} SEGMENT=${SEGMENT:-1536} GAPS=${GAPS:-32,96,160,320,640}
 SHUFFLED=${SHUFFLED:-} FROM=${FROM:-} WARMUP=${WARMUP:-0.005} FARLEN=${FARLEN:-} KEEP=${KEEP:-}
-FARBLOCKS=${FARBLOCKS:-odd} DECAYED=${DECAYED:-} DECAY=${DECAY:-0.9} LENGTHS=${LENGTHS:-64} AGES=${AGES:-}
+FARBLOCKS=${FARBLOCKS:-odd} DECAYED=${DECAYED:-} DECAY=${DECAY:-0.9} RARE=${RARE:-} REPEATPROB=${REPEATPROB:-0.25} LENGTHS=${LENGTHS:-64} AGES=${AGES:-}
 AGES_ARMS=$([ -n "$AGES" ] && echo $ARMS)
 S0=$SECONDS; t() { echo "[t=$((SECONDS - S0))s] $*"; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $B/whl/*.whl $(ls .whl/f*.whl 2>/dev/null) || exit 1
@@ -51,9 +58,10 @@ if [ "${GPUTESTS:-0}" = 1 ]; then  # sphn is not carried: the serve test modules
 fi
 STAGES="[{seq_len: $SEQ, steps: 20000, lr: $LR, warmup: $WARMUP, min_lr_ratio: 1.0}]"
 extra() {  # one argument per line
-  local source=speech
+  local source=speech prob=1.0
   [[ " $SHUFFLED " == *" $1 "* ]] && source=shuffled
-  printf -- '--set\n%s\n' "data.repeat={prob: 1.0, min_gap: 16, max_gap: 60, min_len: 16, max_len: 48, copies: $COPIES, far_gap: [$FAR],${FARLEN:+ far_len: [$FARLEN],} far_blocks: $FARBLOCKS, source: $source}"
+  [[ " $RARE " == *" $1 "* ]] && prob=$REPEATPROB
+  printf -- '--set\n%s\n' "data.repeat={prob: $prob, min_gap: 16, max_gap: 60, min_len: 16, max_len: 48, copies: $COPIES, far_gap: [$FAR],${FARLEN:+ far_len: [$FARLEN],} far_blocks: $FARBLOCKS, source: $source}"
   [[ " $DECAYED " == *" $1 "* ]] && printf -- '--set\n%s\n' model.memory.decay=$DECAY
   if [ -n "$FROM" ]; then printf -- '--set\n%s\n' model.pretrained=null model.layers=all model.hybrid=$FROM/arm_${1:0:1}/export; return; fi
   printf -- '--set\n%s\n' model.pretrained=$B/arms/base
