@@ -141,6 +141,22 @@ def test_int8_kernels_equal_the_reference_cuda(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.gpu
+def test_a_shape_first_met_inside_a_cuda_graph_capture_runs_untuned() -> None:
+    """Autotuning would time kernels on the capturing stream and break the capture: a new shape runs config 0."""
+    from ttt_speech.ops.int8 import int8_mm_naive
+    from ttt_speech.ops.int8.triton_mm import int8_mm_triton
+
+    x, codes, scale, _ = operands(3, 1000, 520, torch.bfloat16, "contiguous", False, "cuda", seed=5)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = int8_mm_triton(x, codes, scale)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    want = int8_mm_naive(x, codes, scale)
+    torch.testing.assert_close(y.float(), want.float(), rtol=TOLERANCE[torch.bfloat16][0], atol=1e-3)
+
+
+@pytest.mark.gpu
 def test_int8triton_model_equals_int8_cuda() -> None:
     """Moshi-7B's gating widths in bf16: the routed stack against torchao's int8, up to bf16 rounding (torchao
     rounds each product sum to bf16 before scaling; both use the same codes)."""

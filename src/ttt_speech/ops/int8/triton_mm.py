@@ -9,13 +9,16 @@ accumulate in fp32 and apply the per-output-channel scale (and bias) once, at th
 
 Two kernels, chosen by the number of rows M:
 - `_gemv_kernel` (M = 1, a streaming step at batch 1): one program per (row, BLOCK_N outputs) walks all of K
-  with multiply-adds on CUDA cores into a [BLOCK_N, BLOCK_K] fp32 tile, summed once at the end. Small
-  BLOCK_N gives a 4096-wide layer 128-512 programs: every SM of an H200 (132) reads weights.
+  with multiply-adds on CUDA cores into a [BLOCK_N, BLOCK_K] fp32 tile, summed once at the end, loading the
+  next K tile before multiplying the current one. BLOCK_N of 4-16 gives a 4096-wide layer 256-1024 programs
+  (an H200 has 132 SMs), and long K tiles keep ~N * BLOCK_K * 2 / 132 bytes (32-64 KB) in flight per SM: about
+  what HBM's latency asks for at full bandwidth.
 - `_dot_kernel` (any M, used from 2 rows): [BLOCK_M, BLOCK_N] tiles on tensor cores (tl.dot), BLOCK_M 16 / 32 /
   64 by M (tl.dot's smallest tile is 16: rows past M are masked), the codes converted to x's dtype per tile.
 Each has a handful of autotuned configs (tile sizes, warps, pipeline stages), keyed on N, K (and the kernel's
 BLOCK_M bucket and the dtypes), timed briefly at the first call of a shape: that call must not be inside a
-CUDA graph capture (moshi's streaming runs its first step eagerly, so the capture after it only launches).
+CUDA graph capture (moshi's streaming runs its first step eagerly, so the capture after it only launches; a shape
+first met inside a capture runs the first config, untimed, rather than break the capture).
 Under Triton's CPU interpreter nothing is timed: the first config runs (tests pick each config in turn).
 """
 
@@ -38,7 +41,7 @@ def _config(block_n: int, block_k: int, warps: int, stages: int) -> triton.Confi
 
 
 # Few on purpose: each is compiled once per specialisation and timed at every new (N, K) (a Moshi step has ~10).
-GEMV_CONFIGS = [_config(16, 512, 4, 2), _config(8, 512, 2, 2), _config(32, 256, 4, 2), _config(64, 128, 4, 1)]
+GEMV_CONFIGS = [_config(8, 1024, 4, 1), _config(16, 512, 4, 1), _config(4, 2048, 4, 1), _config(16, 1024, 8, 1)]
 DOT_CONFIGS = [_config(32, 256, 4, 4), _config(16, 256, 4, 4), _config(64, 128, 4, 4), _config(64, 256, 8, 3),
                _config(128, 128, 8, 3)]
 
@@ -61,23 +64,29 @@ def _load(ptrs, inside, EVEN_K: tl.constexpr):
     return tile
 
 
-@triton.heuristics(_EVEN_K)
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym,
-                 HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     row = tl.program_id(0)  # rows first: programs that read the same codes run side by side (L2)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + row * stride_xm + rk * stride_xk
     w_ptrs = w_ptr + (rn % N)[:, None] * stride_wn + rk[None, :] * stride_wk  # rows past N reread row n % N
+    x = tl.load(x_ptrs, mask=rk < K, other=0.0)
+    w = tl.load(w_ptrs, mask=(rk < K)[None, :], other=0)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        inside = k0 + rk < K
-        x = _load(x_ptrs, inside, EVEN_K)
-        w = _load(w_ptrs, inside[None, :], EVEN_K)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    for k0 in range(BLOCK_K, K + BLOCK_K, BLOCK_K):
+        # the next tile's loads are issued before this one's math: two tiles in flight per program (Triton does
+        # not pipeline loads that feed no tl.dot); past K they are masked off and read nothing
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
+        ahead = k0 + rk < K
+        x_next = tl.load(x_ptrs, mask=ahead, other=0.0)
+        w_next = tl.load(w_ptrs, mask=ahead[None, :], other=0)
+        # int8 -> x's dtype first: exact, and Triton converts int8 to bf16 / fp16 with integer ops (prmt + sub)
+        # where int8 -> fp32 is a 16-per-clock conversion; bf16 / fp16 -> fp32 is a shift
+        acc += w.to(x_ptr.dtype.element_ty).to(tl.float32) * x.to(tl.float32)[None, :]
+        x, w = x_next, w_next
     y = tl.sum(acc, axis=1) * tl.load(s_ptr + rn, mask=rn < N, other=0.0)
     if HAS_BIAS:
         y += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
@@ -120,6 +129,7 @@ _TUNED = {
 }
 _RAW = {"gemv": (_gemv_kernel, GEMV_CONFIGS), "dot": (_dot_kernel, DOT_CONFIGS)}
 Kernel = tp.Literal["gemv", "dot"]
+_timed: set[tuple] = set()  # (kernel, N, K, row tile, dtypes) the autotuner has timed: safe inside a graph capture
 
 
 def block_m(rows: int) -> int:
@@ -154,10 +164,13 @@ def int8_mm_triton(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None 
     def grid(m: dict[str, tp.Any]) -> tuple[int, int]:
         return triton.cdiv(M, m.get("BLOCK_M", 1)), triton.cdiv(N, m["BLOCK_N"])
 
-    if config is None and TRITON_INTERPRET:
-        config = 0
+    shape = (kernel, N, K, meta.get("BLOCK_M"), x.dtype, None if bias is None else bias.dtype)
+    if config is None and (TRITON_INTERPRET or (x.is_cuda and torch.cuda.is_current_stream_capturing()
+                                                and shape not in _timed)):
+        config = 0  # autotuning times on the stream, which would break a capture: an untimed shape there runs untuned
     if config is None:
         _TUNED[kernel][grid](*args, **meta)
+        _timed.add(shape)
     else:
         raw, configs = _RAW[kernel]
         c = configs[config]
