@@ -15,6 +15,8 @@
 #   w8a8 eager (torch._int_mm at 64, never timed: its compiled row's capture failed); int4+compile;
 #   int8+compile last (int8_linear, fp32 scale: measured 2026-12-02, 1.654x / 1.345x: here for the same call's
 #     ratio). int8+autotune is not a default row any more: its max-autotune warm-up ran over 7 minutes.
+# Before the rows (not with TINY=1), at most MM_SECONDS (default 75): benchmarks/int8_mm.py, our kernel alone against
+# cuBLAS bf16 at every linear shape of the hybrid (µs, GB/s, the autotuned config; $OUT/quant21/int8_mm.md).
 # Run from the repository root, carrying .whl (moshi 0.2.13 and torchao 0.18.0 py3-none-any wheels, ~1.5 MB;
 # the device has neither; sphn is not needed here; triton comes with the device's torch):
 #   run(command="bash recipes/quant21/device.sh", carry=[".whl"], timeout_s=600)
@@ -29,14 +31,15 @@
 # Each row's own process adds its imports and CUDA context (~5-10 s, not measured). int8triton's autotuning
 # (4 GEMV configs at batch 1, 5 tile configs at 64, ~10 weight shapes each, 25 ms a timing, plus compiling ~9
 # kernels) is not measured: expected well under a minute per batch.
-# Nothing new starts after ~475 s (budget) and SIGINT comes at ~505 s (the row in progress stops, the finished
-# ones are out), then the gpu checks (~60 s).
+# After set-up (~15 s) and int8_mm.py (<= 75 s) the rows have ~385 s: nothing new starts after ~475 s (budget) and
+# SIGINT comes at ~505 s (the row in progress stops, the finished ones are out), then the gpu checks (~60 s).
 # w8a8 at batch 1 may fail or fall back (a result, printed as its row): cuBLAS's int8 GEMM behind torch._int_mm
 # refuses fewer than 17 rows ("self.size(0) needs to be greater than 16").
 # Compiled rows skip their logit pass (--logits eager: it would compile the teacher-forced shapes too); the
 # eager row of the same mode gives the quantization's logit error.
 #
-# Knobs (env): DEADLINE (s, whole command, default 570), ROWS, BATCHES (default 1,64), LAYERS (default all).
+# Knobs (env): DEADLINE (s, whole command, default 570), ROWS, BATCHES (default 1,64), LAYERS (default all),
+# MM_SECONDS (int8_mm.py's share, default 75; 0 skips it).
 # TINY=1: the same steps at the tiny shape on the CPU in seconds, compiled rows through aot_eager, int8triton
 # refused as its row (tests/test_quant_recipe.py; PYTHON picks the interpreter, nothing is installed).
 set -uo pipefail
@@ -58,6 +61,13 @@ else
 fi
 export NO_TORCH_COMPILE=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 PYTHONPATH=${PYTHONPATH:-}:$PWD/benchmarks
 echo "set-up $((SECONDS - S0)) s; $(left) s left; rows $ROWS" | tee "$R/log.txt"
+if [ "${TINY:-0}" != 1 ] && [ "${MM_SECONDS:-75}" -gt 0 ]; then
+  # first, at most MM_SECONDS: our int8 kernel alone against cuBLAS bf16 at every linear shape of the hybrid, batch
+  # 1, 64, 4, 16 (what the int8triton row can gain at most, and which config autotuning picks; fills Triton's cache)
+  timeout -k 5 "${MM_SECONDS:-75}" "$PY" benchmarks/int8_mm.py --seconds $((${MM_SECONDS:-75} - 20)) 2>&1 \
+    | tee "$R/int8_mm.md"
+  echo "int8_mm rc=${PIPESTATUS[0]} after $((SECONDS - S0)) s" | tee -a "$R/log.txt"
+fi
 # nothing new starts 95 s before the deadline; SIGINT 65 s before it: the row in progress stops, the finished ones
 # are out; the last ~55 s check our int8 kernel and int4's against their references (the docs' int4 logit errors
 # rest on the second)
