@@ -3,13 +3,15 @@
 Shapes are drawn by hypothesis: M from 0 to 70 rows (both kernels, all three row tiles, rows past a tile), N and K
 not multiples of any block, with and without bias, x contiguous, transposed, column-strided or with leading dims,
 every autotune config. Tolerances: fp32 up to fp32 summation order; fp16 / bf16 up to one rounding of the output
-(the reference rounds the same fp32 sum once: the two may land one unit in the last place apart).
+(the reference rounds the same fp32 sum once: the two may land one unit in the last place apart). Through the
+quantize path, a stack of linears and the tiny Moshi TTT hybrid in mode int8triton equal them in mode int8.
 Triton 3.6's interpreter casts int8 to bf16 as raw bits and multiplies bf16 wrongly, so on the CPU the
 half-precision path is checked in fp16 (same kernel code, 10 mantissa bits instead of 7); bf16 runs on CUDA.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -124,7 +126,7 @@ def routed_equals_int8(device: str, dtype: torch.dtype, widths: tuple[int, ...],
 def test_int8_kernels_equal_the_reference_interpreter() -> None:
     # Triton's interpreter is chosen when kernels are defined, so it needs a fresh process
     src = str(Path(__file__).resolve().parents[1] / "src")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, TRITON_INTERPRET="1", NO_TORCH_COMPILE="1", PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "max abs error vs reference" in done.stdout
@@ -164,11 +166,34 @@ def test_int8triton_model_equals_int8_cuda() -> None:
     assert routed_equals_int8("cuda", torch.bfloat16, (4096, 11264, 4096), (1, 16, 64)) < 0.02
 
 
+def tiny_hybrid_logits_delta() -> float:
+    """The tiny Moshi TTT hybrid (fp32) quantized int8triton against int8: max |delta| of the logits of one
+    teacher-forced pass (every linear routed, moshi's gatings included: tests/test_quantize.py counts them)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from helpers.moshi import random_codes
+
+    from ttt_speech.moshi.tiny import build_tiny_hybrid
+    from ttt_speech.quantize import quantize_weights
+
+    eager, routed = build_tiny_hybrid(0), build_tiny_hybrid(0)
+    codes = random_codes(eager, 2, 8, seed=1)
+    quantize_weights(eager, "int8")
+    quantize_weights(routed, "int8triton")
+    with torch.no_grad():
+        want, got = eager(codes), routed(codes)
+    pairs = ((got.logits, want.logits), (got.text_logits, want.text_logits))
+    return max(float((g - w)[w.isfinite()].abs().max()) for g, w in pairs)  # NaN: positions a delay leaves empty
+
+
 if __name__ == "__main__":
     # mode int8triton equals mode int8 in fp32 (both sum exactly-representable products: fp32 summation order)
     routed = routed_equals_int8("cpu", torch.float32, (48, 40, 33, 24), (0, 1, 5, 17))
     print(f"int8triton vs int8, fp32 stack of 3 linears: max relative difference {routed:.2e}")
     assert routed < 1e-5
+    if importlib.util.find_spec("moshi") is not None:
+        hybrid = tiny_hybrid_logits_delta()
+        print(f"int8triton vs int8, tiny fp32 Moshi TTT hybrid: max abs logit difference {hybrid:.2e}")
+        assert hybrid < 2e-5  # logits of size ~1-4; int8 itself moves them by ~0.08 (tests/test_quantize.py)
     interpreted()
     print("max abs error vs reference:", worst)
     print("largest |y|:", largest, "examples per kernel and row tile:", dict(sorted(covered.items())))

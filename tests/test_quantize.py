@@ -16,6 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch._dynamo.utils import counters
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
 from ttt_speech.quantize import (Linear, _linear, int4_round_trip, int8_linear, int8pack_linear, is_quantized,
                                  quantize_weights, route_linears, weight_bytes)
@@ -138,9 +140,9 @@ def test_compiled_quantized_linears_compute_the_same_logits() -> None:
         report = quantize_weights(compiled, "int8", compile=True, backend=recording)
         want, got = eager(codes), compiled(codes)
     assert report.compiled and report.summary().startswith("int8, compiled: 29 linear layers")
-    # one graph per distinct (input, weight) shape of the 29 layers: 7 at this model's shapes, each the int8
-    # codes cast and multiplied, then scaled
-    assert len(graphs) == 7 and all("qdata.t()" in gm.code and "torch.mm(rows" in gm.code for gm in graphs)
+    # one graph per distinct (input, weight) shape of the 29 layers: 11 at this model's shapes (7 before moshi's
+    # gatings were routed too), each the int8 codes cast and multiplied, then scaled
+    assert len(graphs) == 11 and all("qdata.t()" in gm.code and "torch.mm(rows" in gm.code for gm in graphs)
     torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(got.text_logits, want.text_logits, rtol=0, atol=0, equal_nan=True)
 
@@ -185,6 +187,39 @@ def test_int8pack_multiplies_int8s_weights_with_the_fused_kernel() -> None:
         assert torch.equal(valid, g.isfinite())
         assert (w - r)[valid].abs().max() > 0.02  # quantized: the comparison below is not vacuous
         torch.testing.assert_close(g[valid], w[valid], rtol=0, atol=2e-5)
+
+
+class QuantizedLinearCalls(TorchFunctionMode):
+    """Counts `F.linear` calls whose weight is a torchao tensor: torchao's own matmul, which a routed mode avoids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.calls += func is F.linear and is_quantized(args[1])
+        return func(*args, **(kwargs or {}))
+
+
+@needs_torchao
+@pytest.mark.parametrize(("mode", "torchaos"), [("int8", 29), ("int8pack", 0)])
+def test_a_routed_mode_routes_every_linear_moshis_gatings_included(mode: str, torchaos: int) -> None:
+    """moshi's ActivationGating calls F.linear on its linears' weights, past their forward: without route_gatings
+    the 8 gating linears of the tiny hybrid (half a Moshi-7B's weight bytes) stayed on torchao's matmul. Eager
+    int8 (nothing routed) shows the count sees all 29; a routed mode leaves none, and its logits stay int8's."""
+    eager, lm = build_tiny_hybrid(0), build_tiny_hybrid(0)
+    codes = random_codes(lm, 2, 8, seed=1)
+    quantize_weights(eager, "int8")
+    quantize_weights(lm, mode)  # type: ignore[arg-type]
+    counter = QuantizedLinearCalls()
+    with torch.no_grad():
+        with counter:
+            got = lm(codes)
+        want = eager(codes)
+    # one teacher-forced pass calls each of the 29 linears once (the depformer's per codebook)
+    assert counter.calls == torchaos
+    valid = want.logits.isfinite()
+    torch.testing.assert_close(got.logits[valid], want.logits[valid], rtol=0, atol=2e-5)
 
 
 @needs_torchao

@@ -10,11 +10,13 @@
 #     converted in registers; a GEMV at batch 1, tensor-core tiles at 64), autotuned in the first (eager) step of
 #     each batch (its "to frame s" includes that), never run on a GPU before this call: its logit line (eager
 #     rows get one) against int8's 0.0436 relative error of 2026-12-02 says whether it computes int8;
-#   int8pack: torch._weight_int8pack_mm eager, the kernel inductor put into 2026-12-02's int8 compiled row at
-#     batch 64 (14.4x): about as slow there if that is the cause;
-#   w8a8 eager (torch._int_mm at 64, never timed: its compiled row's capture failed); int4+compile;
-#   int8+compile last (int8_linear, fp32 scale: measured 2026-12-02, 1.654x / 1.345x: here for the same call's
-#     ratio). int8+autotune is not a default row any more: its max-autotune warm-up ran over 7 minutes.
+#   int8+compile (int8_linear, fp32 scale, torch.compile): 1.654x / 1.345x on 2026-12-02, but then moshi's gated
+#     MLPs (half the weight bytes) bypassed every routed linear and ran torchao's eager int8 (quantize.route_gatings,
+#     since 2026-12-02 11:40 UTC): this is its first timing with them routed;
+#   int8pack: torch._weight_int8pack_mm eager (gatings routed too now), the kernel inductor put into the int8
+#     compiled row of 2026-12-02 at batch 64 (14.4x): about as slow there if that is the cause;
+#   w8a8 eager (torch._int_mm at 64, never timed: its compiled row's capture failed); int4+compile.
+#   int8+autotune is not a default row any more: its max-autotune warm-up ran over 7 minutes.
 # Before the rows (not with TINY=1), at most MM_SECONDS (default 75): benchmarks/int8_mm.py, our kernel alone against
 # cuBLAS bf16 at every linear shape of the hybrid (µs, GB/s, the autotuned config; $OUT/quant21/int8_mm.md).
 # Run from the repository root, carrying .whl (moshi 0.2.13 and torchao 0.18.0 py3-none-any wheels, ~1.5 MB;
@@ -46,7 +48,7 @@ set -uo pipefail
 S0=$SECONDS
 R=$OUT/quant21
 DEADLINE=${DEADLINE:-570} PY=${PYTHON:-python3}
-ROWS=${ROWS:-bf16,int8triton,int8pack,w8a8,int4+compile,int8+compile}
+ROWS=${ROWS:-bf16,int8triton,int8+compile,int8pack,w8a8,int4+compile}
 left() { echo $((DEADLINE - (SECONDS - S0))); }
 mkdir -p "$R"
 if [ "${TINY:-0}" = 1 ]; then

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from ttt_speech.compat import allow_recompiles, weight_int8pack_mm
 from ttt_speech.deps import require
+from ttt_speech.layers.inplace import GatedMLP
 from ttt_speech.ops.triton_env import TRITON_INTERPRET, triton_installed
 
 Mode = tp.Literal["int8", "int8pack", "int8triton", "w8a8", "int4"]
@@ -190,6 +191,23 @@ def route_linears(linears: tp.Iterable[nn.Linear], linear: Linear = _linear, com
         m.forward = lambda x, m=m: linear(x, m.weight, m.bias)  # type: ignore[method-assign]
 
 
+def route_gatings(model: nn.Module, routed: tp.Iterable[nn.Module]) -> int:
+    """Make each moshi `ActivationGating` whose linear_in and linear_out are both in `routed` call them (their
+    routed forward) instead of `F.linear` on their weights; returns how many gatings that is.
+
+    Why: moshi's gating multiplies with `F.linear(x, self.linear_in.weight)` (one compiled kernel for the MLP), so
+    `route_linears` alone left every gated MLP on torchao's own matmul: at Moshi-7B shape half the hybrid's weight
+    bytes (32 x (22528 x 4096 + 4096 x 11264) + the depformer's 48 gatings, 4.5 of 8.9 GiB of int8 codes). It now
+    runs as `GatedMLP` (the same ops, held bit-equal to moshi's gating by tests/test_inplace_layer.py). Matched by
+    class name: moshi is an optional extra, not imported here."""
+    ids = {id(m) for m in routed}
+    gatings = [m for m in model.modules() if type(m).__name__ == "ActivationGating"
+               and id(getattr(m, "linear_in", None)) in ids and id(getattr(m, "linear_out", None)) in ids]
+    for m in gatings:
+        m.forward = GatedMLP.moshi(m).forward  # type: ignore[method-assign]
+    return len(gatings)
+
+
 def int4_round_trip(weight: Tensor, group_size: int = INT4_GROUP_SIZE) -> Tensor:
     """`weight` ([out, in]) rounded as mode "int4" rounds it, back in its own dtype: the slow reference of the
     tinygemm path (a GPU test holds the two equal), and int4's error measurable on a CPU, where no kernel runs.
@@ -274,5 +292,6 @@ def quantize_weights(model: nn.Module, mode: Mode = "int8", *, group_size: int =
     if compile or mode in ("int8pack", "int8triton"):
         linear = {"int8pack": int8pack_linear, "int8triton": int8_triton_linear, "int8": int8_linear}.get(mode, _linear)
         route_linears(chosen.values(), linear, compile, backend)
+        route_gatings(model, chosen.values())
     return QuantizeReport(mode, tuple(chosen), tuple(n for n in linears if n not in chosen), before,
                           sum(tensor_bytes(m.weight) for m in chosen.values()), bool(compile))
