@@ -15,6 +15,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import typing as tp
 from pathlib import Path
 
 import pytest
@@ -185,7 +186,37 @@ def tiny_hybrid_logits_delta() -> float:
     return max(float((g - w)[w.isfinite()].abs().max()) for g, w in pairs)  # NaN: positions a delay leaves empty
 
 
+def autotuned_launch() -> dict[str, tuple]:
+    """The autotuned launch path (what CUDA runs), on the CPU: the interpreter's default of config 0 lifted and
+    Triton's timer replaced by one that runs each config once. Every config then runs through the autotuner's own
+    argument plumbing (heuristics, the row tile in the key) and the result must still equal the reference."""
+    from ttt_speech.ops.int8 import triton_mm
+
+    timings = iter(range(100, 0, -1))  # each config timed faster than the last: the autotuner must pick the last
+
+    def one_run(fn: tp.Callable[[], None], quantiles: tp.Sequence[float]) -> list[float]:
+        fn()
+        t = float(next(timings))
+        return [t] * len(quantiles)
+
+    chosen = {}
+    triton_mm.TRITON_INTERPRET = False
+    try:
+        for name, m in (("gemv", 1), ("dot", 20)):
+            triton_mm._TUNED[name]._do_bench = one_run
+            check(m, 70, 300, torch.float32, "contiguous", True, None, None, "cpu")
+            tuned = triton_mm._TUNED[name]
+            assert tuned.best_config is tuned.configs[-1], (name, tuned.best_config)
+            chosen[name] = next(iter(tuned.cache))
+    finally:
+        triton_mm.TRITON_INTERPRET = True
+    return chosen
+
+
 if __name__ == "__main__":
+    keys = autotuned_launch()
+    print("autotuned launch keys:", keys)
+    assert keys["gemv"][:2] == (70, 300) and keys["dot"][:3] == (70, 300, 32)  # (N, K[, row tile], dtypes...)
     # mode int8triton equals mode int8 in fp32 (both sum exactly-representable products: fp32 summation order)
     routed = routed_equals_int8("cpu", torch.float32, (48, 40, 33, 24), (0, 1, 5, 17))
     print(f"int8triton vs int8, fp32 stack of 3 linears: max relative difference {routed:.2e}")
