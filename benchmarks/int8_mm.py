@@ -8,8 +8,8 @@ streaming step's linears (each shape times its count in the hybrid): the most th
     python benchmarks/int8_mm.py --rows 1,2,8 --seconds 60
 
 Shapes come from the hybrid built on the meta device (moshi_stream.py's `build`, TTT with own projections in all
-32 layers): no weights are made. Columns: auto (the kernel int8_mm_triton picks: the GEMV at one row, tensor-core
-tiles from two), then each kernel forced (`--no-forced` skips them), then cuBLAS bf16. Prints markdown rows as it
+32 layers): no weights are made. Columns: auto (the kernel int8_mm_triton picks: up to 4 rows the faster of the two,
+raced at the first call, else the tensor-core tiles), then each kernel forced (`--no-forced` skips them), then cuBLAS bf16. Prints markdown rows as it
 goes (a cut run keeps what it printed); nothing new starts after `--seconds`.
 """
 
@@ -28,7 +28,7 @@ from moshi.models import loaders
 from moshi_stream import build  # this directory
 
 from ttt_speech.ops.int8 import int8_mm_naive
-from ttt_speech.ops.int8.triton_mm import _TUNED, GEMV_MAX_M, int8_mm_triton
+from ttt_speech.ops.int8.triton_mm import int8_mm_triton, settled
 from ttt_speech.quantize import linear_layers
 
 
@@ -80,11 +80,9 @@ def main() -> None:
             w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
             scale = w.float().abs().amax(1, keepdim=True) / 127
             codes = (w.float() / scale).round().clamp(-128, 127).to(torch.int8)
-            times = {}
-            for kern in kernels:
-                times[str(kern)] = median_us(lambda kern=kern: int8_mm_triton(x, codes, scale, kernel=kern))
-                if kern is None:  # the config autotuning chose for this shape, timed just now
-                    best = _TUNED["gemv" if m <= GEMV_MAX_M else "dot"].best_config
+            times = {str(kern): median_us(lambda kern=kern: int8_mm_triton(x, codes, scale, kernel=kern))
+                     for kern in kernels}
+            chosen, best = settled(n, k, m, torch.bfloat16)
             bf16 = median_us(lambda: F.linear(x, w))
             want = int8_mm_naive(x, codes, scale).float()
             err = float((int8_mm_triton(x, codes, scale).float() - want).abs().max() / want.abs().max())
@@ -92,7 +90,7 @@ def main() -> None:
             total.update({"auto": auto * count, "bf16": bf16 * count})
             row(str(m), f"{n} x {k}", str(count), f"{auto:.1f}", f"{times.get('gemv', float('nan')):.1f}",
                 f"{times.get('dot', float('nan')):.1f}", f"{bf16:.1f}", f"{bf16 / auto:.2f}",
-                f"{n * k / auto / 1e3:.0f}", f"{best.kwargs} w{best.num_warps} s{best.num_stages}", f"{err:.1e}")
+                f"{n * k / auto / 1e3:.0f}", f"{chosen} {best.kwargs if best else '?'}", f"{err:.1e}")
         row(str(m), "**all linears of a step**", str(sum(shapes.values())), f"**{total['auto'] / 1e3:.2f} ms**", "", "",
             f"**{total['bf16'] / 1e3:.2f} ms**", f"**{total['bf16'] / total['auto']:.2f}**", "", "", "")
 

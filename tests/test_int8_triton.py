@@ -74,6 +74,8 @@ largest = 0.0  # max |y| of the reference
 @settings(max_examples=150, deadline=None, derandomize=True)
 @example(m=20, n=40, k=300, dtype=torch.float32, layout="strided", bias=True, which="auto", config=1, seed=1)
 @example(m=32, n=17, k=512, dtype=torch.float16, layout="transposed", bias=False, which="auto", config=4, seed=2)
+@example(m=3, n=45, k=1100, dtype=torch.float16, layout="leading", bias=True, which="gemv", config=2, seed=3)
+@example(m=1, n=9, k=2048, dtype=torch.float32, layout="strided", bias=False, which="gemv", config=3, seed=4)
 @given(m=st.one_of(st.sampled_from([0, 1, 2, 16, 17, 20, 32, 33, 64, 65]), st.integers(0, 70)),
        n=st.integers(1, 150), k=st.one_of(st.sampled_from([128, 256, 512, 1024]), st.integers(1, 1100)),
        dtype=st.sampled_from([torch.float32, torch.float16]), layout=st.sampled_from(LAYOUTS),
@@ -82,13 +84,13 @@ largest = 0.0  # max |y| of the reference
 def interpreted(m: int, n: int, k: int, dtype: torch.dtype, layout: str, bias: bool, which: str, config: int,
                 seed: int) -> None:
     """Run by the test below in a subprocess under TRITON_INTERPRET=1 (small shapes: it runs in Python)."""
-    from ttt_speech.ops.int8.triton_mm import DOT_CONFIGS, GEMV_CONFIGS, GEMV_MAX_M, block_m
+    from ttt_speech.ops.int8.triton_mm import DOT_CONFIGS, GEMV_CONFIGS, block_m
 
     kernel = None if which == "auto" else which
     if kernel == "gemv":
         m = min(m, 3)  # the GEMV interprets one program per row: keep it quick
     rows = m * (2 if layout == "leading" else 1)
-    chosen = kernel or ("gemv" if rows <= GEMV_MAX_M else "dot")
+    chosen = kernel or "dot"  # untimed (the interpreter), the choice is the tile kernel
     configs = GEMV_CONFIGS if chosen == "gemv" else DOT_CONFIGS
     err = check(m, n, k, dtype, layout, bias, kernel, config % len(configs), "cpu", seed)
     name = "gemv" if chosen == "gemv" else f"dot {block_m(rows)}"
@@ -186,37 +188,40 @@ def tiny_hybrid_logits_delta() -> float:
     return max(float((g - w)[w.isfinite()].abs().max()) for g, w in pairs)  # NaN: positions a delay leaves empty
 
 
-def autotuned_launch() -> dict[str, tuple]:
-    """The autotuned launch path (what CUDA runs), on the CPU: the interpreter's default of config 0 lifted and
-    Triton's timer replaced by one that runs each config once. Every config then runs through the autotuner's own
-    argument plumbing (heuristics, the row tile in the key) and the result must still equal the reference."""
+def autotuned_launch() -> tuple[dict[str, list[tuple]], dict[tuple, str]]:
+    """The timed launch path (what CUDA runs), on the CPU: the interpreter's untimed default lifted and Triton's
+    timer replaced by one that runs the kernel once and reports ever shorter times. Every config then runs through
+    the autotuners' own plumbing (heuristics, the row tile in the key) and must still equal the reference; at one
+    row both autotuned kernels are raced, the later-timed one wins. Returns the autotuners' keys and the races."""
     from ttt_speech.ops.int8 import triton_mm
 
-    timings = iter(range(100, 0, -1))  # each config timed faster than the last: the autotuner must pick the last
+    timings = iter(range(100, 0, -1))
 
     def one_run(fn: tp.Callable[[], None], quantiles: tp.Sequence[float]) -> list[float]:
         fn()
-        t = float(next(timings))
-        return [t] * len(quantiles)
+        return [float(next(timings))] * len(quantiles)
 
-    chosen = {}
-    triton_mm.TRITON_INTERPRET = False
+    for tuned in triton_mm._TUNED.values():
+        tuned._do_bench = one_run
+    saved = triton_mm._quick_bench
+    triton_mm.TRITON_INTERPRET, triton_mm._quick_bench = False, one_run
     try:
-        for name, m in (("gemv", 1), ("dot", 20)):
-            triton_mm._TUNED[name]._do_bench = one_run
-            check(m, 70, 300, torch.float32, "contiguous", True, None, None, "cpu")
-            tuned = triton_mm._TUNED[name]
-            assert tuned.best_config is tuned.configs[-1], (name, tuned.best_config)
-            chosen[name] = next(iter(tuned.cache))
+        check(1, 70, 300, torch.float32, "contiguous", True, None, None, "cpu")  # gemv vs tiles (row tile 16)
+        check(20, 70, 300, torch.float32, "contiguous", True, None, None, "cpu")  # tiles only (row tile 32)
     finally:
-        triton_mm.TRITON_INTERPRET = True
-    return chosen
+        triton_mm.TRITON_INTERPRET, triton_mm._quick_bench = True, saved
+    assert all(t.best_config is t.configs[-1] for t in triton_mm._TUNED.values())  # the fastest timed config
+    kernel, config = triton_mm.settled(70, 300, 1, torch.float32, torch.float32)
+    assert kernel == "dot" and config is triton_mm.DOT_CONFIGS[-1]  # what the race and the autotuner settled
+    return {name: list(t.cache) for name, t in triton_mm._TUNED.items()}, dict(triton_mm._faster)
 
 
 if __name__ == "__main__":
-    keys = autotuned_launch()
-    print("autotuned launch keys:", keys)
-    assert keys["gemv"][:2] == (70, 300) and keys["dot"][:3] == (70, 300, 32)  # (N, K[, row tile], dtypes...)
+    keys, races = autotuned_launch()
+    print("autotuned launch keys:", keys, "kernel races:", races)
+    f32 = torch.float32
+    assert [k[:3] for k in keys["dot"]] == [(70, 300, 16), (70, 300, 32)] and keys["gemv"][0][:2] == (70, 300)
+    assert races == {(70, 300, 1, f32, f32): "dot"}  # (N, K, rows, dtypes): timed after the GEMV, so faster
     # mode int8triton equals mode int8 in fp32 (both sum exactly-representable products: fp32 summation order)
     routed = routed_equals_int8("cpu", torch.float32, (48, 40, 33, 24), (0, 1, 5, 17))
     print(f"int8triton vs int8, fp32 stack of 3 linears: max relative difference {routed:.2e}")

@@ -7,19 +7,23 @@ fuses the cast into a slow GEMV or rewrites the matmul into `torch._weight_int8p
 no tensor cores; docs/benchmarks.md). These kernels load each int8 code once, convert it in registers,
 accumulate in fp32 and apply the per-output-channel scale (and bias) once, at the end.
 
-Two kernels, chosen by the number of rows M:
-- `_gemv_kernel` (M = 1, a streaming step at batch 1): one program per (row, BLOCK_N outputs) walks all of K
-  with multiply-adds on CUDA cores into a [BLOCK_N, BLOCK_K] fp32 tile, summed once at the end, loading the
-  next K tile before multiplying the current one. BLOCK_N of 4-16 gives a 4096-wide layer 256-1024 programs
-  (an H200 has 132 SMs), and long K tiles keep ~N * BLOCK_K * 2 / 132 bytes (32-64 KB) in flight per SM: about
-  what HBM's latency asks for at full bandwidth.
-- `_dot_kernel` (any M, used from 2 rows): [BLOCK_M, BLOCK_N] tiles on tensor cores (tl.dot), BLOCK_M 16 / 32 /
-  64 by M (tl.dot's smallest tile is 16: rows past M are masked), the codes converted to x's dtype per tile.
+Two kernels:
+- `_gemv_kernel` (a streaming step at batch 1): one program per (row, BLOCK_N outputs) walks all of K with
+  multiply-adds on CUDA cores into a [BLOCK_N, BLOCK_K] fp32 tile, summed once at the end, loading the next K
+  tile before multiplying the current one. BLOCK_N of 4-16 gives a 4096-wide layer 256-1024 programs (an H200
+  has 132 SMs), and long K tiles keep ~N * BLOCK_K * 2 / 132 bytes (32-64 KB) in flight per SM: about what HBM's
+  latency asks for at full bandwidth. Its cost: ~8 instructions per weight in sm_90 SASS (the conversion and
+  the fp32 multiply-add), ~5 of them on the 64-per-clock integer pipe: near HBM's time, not far below it.
+- `_dot_kernel` (any M): [BLOCK_M, BLOCK_N] tiles on tensor cores (tl.dot), BLOCK_M 16 / 32 / 64 by M (tl.dot's
+  smallest tile is 16: rows past M are masked and wasted), the codes converted to x's dtype per tile (~1.6
+  integer-pipe instructions per weight), cp.async-pipelined.
 Each has a handful of autotuned configs (tile sizes, warps, pipeline stages), keyed on N, K (and the kernel's
-BLOCK_M bucket and the dtypes), timed briefly at the first call of a shape: that call must not be inside a
-CUDA graph capture (moshi's streaming runs its first step eagerly, so the capture after it only launches; a shape
-first met inside a capture runs the first config, untimed, rather than break the capture).
-Under Triton's CPU interpreter nothing is timed: the first config runs (tests pick each config in turn).
+BLOCK_M bucket and the dtypes), timed briefly at the first call of a shape; up to GEMV_MAX_M rows the two
+autotuned kernels are then timed against each other and the faster kept for that shape. That first call must
+not be inside a CUDA graph capture (moshi's streaming runs its first step eagerly, so the capture after it only
+launches; a shape first met inside a capture runs the tile kernel's first config, untimed, rather than break the
+capture). Under Triton's CPU interpreter nothing is timed: the tile kernel's first config runs (tests pick each
+kernel and config in turn).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from torch import Tensor
 
 from ttt_speech.ops.triton_env import TRITON_INTERPRET
 
-GEMV_MAX_M = 1  # rows up to which the CUDA-core GEMV runs; the tensor-core kernel above
+GEMV_MAX_M = 4  # rows up to which the CUDA-core GEMV is timed against the tensor-core kernel at a shape's first call
 
 
 def _config(block_n: int, block_k: int, warps: int, stages: int) -> triton.Config:
@@ -130,6 +134,7 @@ _TUNED = {
 _RAW = {"gemv": (_gemv_kernel, GEMV_CONFIGS), "dot": (_dot_kernel, DOT_CONFIGS)}
 Kernel = tp.Literal["gemv", "dot"]
 _timed: set[tuple] = set()  # (kernel, N, K, row tile, dtypes) the autotuner has timed: safe inside a graph capture
+_faster: dict[tuple, Kernel] = {}  # (N, K, rows, dtypes) -> the kernel timed faster there, for up to GEMV_MAX_M rows
 
 
 def block_m(rows: int) -> int:
@@ -137,13 +142,23 @@ def block_m(rows: int) -> int:
     return 16 if rows <= 16 else 32 if rows <= 32 else 64
 
 
+def settled(N: int, K: int, M: int, dtype: torch.dtype, bias_dtype: torch.dtype | None = None
+            ) -> tuple[Kernel, triton.Config | None]:
+    """The kernel and config the timed calls so far settled on for this shape (None: not autotuned yet), as
+    `int8_mm_triton` picks them without `kernel` / `config`; benchmarks print it."""
+    kernel = _faster.get((N, K, M, dtype, bias_dtype), "dot")
+    key = (N, K) if kernel == "gemv" else (N, K, block_m(M))
+    types = (str(dtype), str(torch.int8), str(torch.float32), str(bias_dtype or torch.float32), str(dtype))
+    return kernel, _TUNED[kernel].cache.get((*key, *types))
+
+
 def int8_mm_triton(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None = None, *,
                    kernel: Kernel | None = None, config: int | None = None) -> Tensor:
     """`naive.int8_mm_naive` in one kernel launch: x [..., K] (any strides), codes int8 [N, K], scale [N] (or
     [N, 1]; fp32 in torchao), bias [N] or None; returns [..., N] in x's dtype.
 
-    kernel: "gemv" / "dot" instead of the choice by row count (tests); config: an index into that kernel's
-    configs instead of autotuning (tests; under Triton's interpreter the default is the first).
+    kernel: "gemv" / "dot" instead of the choice (tests, benchmarks); config: an index into that kernel's configs
+    instead of autotuning (tests; under Triton's interpreter the default is the first).
     """
     K, N = x.shape[-1], codes.shape[0]
     if codes.dtype != torch.int8 or codes.dim() != 2 or codes.shape[1] != K:
@@ -153,26 +168,39 @@ def int8_mm_triton(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None 
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
         return y.reshape(*x.shape[:-1], N)
-    kernel = kernel or ("gemv" if M <= GEMV_MAX_M else "dot")
     scale = scale.reshape(-1).float().contiguous()
     args = (rows, codes, scale, scale if bias is None else bias.contiguous(), y, M, N, K, *rows.stride(),
             *codes.stride(), y.stride(0))
-    meta: dict[str, tp.Any] = {"HAS_BIAS": bias is not None}
-    if kernel == "dot":
-        meta |= {"BLOCK_M": block_m(M), "FP32": x.dtype == torch.float32}
+    dtypes = (x.dtype, None if bias is None else bias.dtype)
+    untimed = TRITON_INTERPRET or (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
-    def grid(m: dict[str, tp.Any]) -> tuple[int, int]:
-        return triton.cdiv(M, m.get("BLOCK_M", 1)), triton.cdiv(N, m["BLOCK_N"])
+    def launch(kernel: Kernel, config: int | None) -> None:
+        meta: dict[str, tp.Any] = {"HAS_BIAS": bias is not None}
+        if kernel == "dot":
+            meta |= {"BLOCK_M": block_m(M), "FP32": x.dtype == torch.float32}
 
-    shape = (kernel, N, K, meta.get("BLOCK_M"), x.dtype, None if bias is None else bias.dtype)
-    if config is None and (TRITON_INTERPRET or (x.is_cuda and torch.cuda.is_current_stream_capturing()
-                                                and shape not in _timed)):
-        config = 0  # autotuning times on the stream, which would break a capture: an untimed shape there runs untuned
-    if config is None:
-        _TUNED[kernel][grid](*args, **meta)
-        _timed.add(shape)
-    else:
-        raw, configs = _RAW[kernel]
-        c = configs[config]
-        raw[grid](*args, **meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+        def grid(m: dict[str, tp.Any]) -> tuple[int, int]:
+            return triton.cdiv(M, m.get("BLOCK_M", 1)), triton.cdiv(N, m["BLOCK_N"])
+
+        shape = (kernel, N, K, meta.get("BLOCK_M"), *dtypes)
+        if config is None and untimed and (TRITON_INTERPRET or shape not in _timed):
+            config = 0  # autotuning times on the stream, which would break a capture: there an untimed shape runs untuned
+        if config is None:
+            _TUNED[kernel][grid](*args, **meta)
+            _timed.add(shape)
+        else:
+            raw, configs = _RAW[kernel]
+            c = configs[config]
+            raw[grid](*args, **meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+
+    if kernel is None:
+        # up to GEMV_MAX_M rows both kernels can win (CUDA-core multiply-adds vs tensor cores with wasted rows):
+        # at a shape's first call each is autotuned, then the two are timed against each other; untimed: tiles
+        choice = (N, K, M, *dtypes)
+        if M <= GEMV_MAX_M and choice not in _faster and not untimed and config is None:
+            for k in ("gemv", "dot"):
+                launch(k, None)
+            _faster[choice] = min(("gemv", "dot"), key=lambda k: _quick_bench(lambda: launch(k, None), [0.5])[0])
+        kernel = _faster.get(choice, "dot")
+    launch(kernel, config)
     return y.reshape(*x.shape[:-1], N)
