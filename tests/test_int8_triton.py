@@ -74,12 +74,14 @@ largest = 0.0  # max |y| of the reference
 @settings(max_examples=150, deadline=None, derandomize=True)
 @example(m=20, n=40, k=300, dtype=torch.float32, layout="strided", bias=True, which="auto", config=1, seed=1)
 @example(m=32, n=17, k=512, dtype=torch.float16, layout="transposed", bias=False, which="auto", config=4, seed=2)
+@example(m=40, n=130, k=700, dtype=torch.float32, layout="transposed", bias=True, which="dot", config=5, seed=5)
+@example(m=1, n=70, k=256, dtype=torch.float16, layout="contiguous", bias=False, which="auto", config=5, seed=6)
 @example(m=3, n=45, k=1100, dtype=torch.float16, layout="leading", bias=True, which="gemv", config=2, seed=3)
 @example(m=1, n=9, k=2048, dtype=torch.float32, layout="strided", bias=False, which="gemv", config=3, seed=4)
 @given(m=st.one_of(st.sampled_from([0, 1, 2, 16, 17, 20, 32, 33, 64, 65]), st.integers(0, 70)),
        n=st.integers(1, 150), k=st.one_of(st.sampled_from([128, 256, 512, 1024]), st.integers(1, 1100)),
        dtype=st.sampled_from([torch.float32, torch.float16]), layout=st.sampled_from(LAYOUTS),
-       bias=st.booleans(), which=st.sampled_from(["auto", "gemv", "dot"]), config=st.integers(0, 4),
+       bias=st.booleans(), which=st.sampled_from(["auto", "gemv", "dot"]), config=st.integers(0, 5),
        seed=st.integers(0, 2**16))
 def interpreted(m: int, n: int, k: int, dtype: torch.dtype, layout: str, bias: bool, which: str, config: int,
                 seed: int) -> None:

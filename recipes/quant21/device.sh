@@ -30,9 +30,10 @@
 #
 # Row times on 2026-12-02 (H200, one process): bf16 build 2.4 s, 6 s to frame 100 at batch 1 and 5.5 s at 64;
 # int8 compiled 34 s to frame 100 at batch 1 and 69 s at 64 (inductor's warm-up); eager rows ~20 s in all.
-# Each row's own process adds its imports and CUDA context (~5-10 s, not measured). int8triton's autotuning
-# (4 GEMV configs at batch 1, 5 tile configs at 64, ~10 weight shapes each, 25 ms a timing, plus compiling ~9
-# kernels) is not measured: expected well under a minute per batch.
+# Each row's own process adds its imports and CUDA context (~5-10 s, not measured). int8triton's autotuning (4 GEMV
+# and 6 tile configs at batch 1, then the two raced; 6 tile configs at 64; 11 weight shapes each, ~40 ms a timing,
+# plus compiling ~16 kernels, most already in Triton's cache from int8_mm.py) is not measured: expected well under
+# a minute per batch.
 # After set-up (~15 s) and int8_mm.py (<= 75 s) the rows have ~385 s: nothing new starts after ~475 s (budget) and
 # SIGINT comes at ~505 s (the row in progress stops, the finished ones are out), then the gpu checks (~60 s).
 # w8a8 at batch 1 may fail or fall back (a result, printed as its row): cuBLAS's int8 GEMM behind torch._int_mm

@@ -40,14 +40,17 @@ from ttt_speech.ops.triton_env import TRITON_INTERPRET
 GEMV_MAX_M = 4  # rows up to which the CUDA-core GEMV is timed against the tensor-core kernel at a shape's first call
 
 
-def _config(block_n: int, block_k: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
+def _config(block_n: int, block_k: int, warps: int, stages: int, **more: tp.Any) -> triton.Config:
+    return triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k, **more}, num_warps=warps, num_stages=stages)
 
 
 # Few on purpose: each is compiled once per specialisation and timed at every new (N, K) (a Moshi step has ~10).
 GEMV_CONFIGS = [_config(8, 1024, 4, 1), _config(16, 512, 4, 1), _config(4, 2048, 4, 1), _config(16, 1024, 8, 1)]
-DOT_CONFIGS = [_config(32, 256, 4, 4), _config(16, 256, 4, 4), _config(64, 128, 4, 4), _config(64, 256, 8, 3),
-               _config(128, 128, 8, 3)]
+# SWAP: the weight tile is the MMA's A operand (W x^T): its rows fill the tensor cores' 64-row side, the few x rows
+# their narrow side, and converted codes stay in registers; unswapped, x is A and the converted codes go to B.
+DOT_CONFIGS = [_config(32, 256, 4, 4, SWAP=False), _config(16, 256, 4, 4, SWAP=False),
+               _config(64, 128, 4, 4, SWAP=False), _config(64, 256, 8, 3, SWAP=False),
+               _config(64, 256, 4, 3, SWAP=True), _config(128, 128, 8, 3, SWAP=True)]
 
 
 def _quick_bench(fn: tp.Callable[[], tp.Any], quantiles: tp.Sequence[float]) -> tp.Any:
@@ -97,29 +100,42 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_x
     tl.store(y_ptr + row * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
 
 
+@triton.jit
+def _mma(a, b, acc, FP32: tl.constexpr):
+    if FP32:
+        acc = tl.dot(a, b, acc, input_precision="ieee")  # fp32 models get fp32 products, not tf32
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
 @triton.heuristics(_EVEN_K)
 @triton.jit
 def _dot_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym,
                 HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                BLOCK_M: tl.constexpr, FP32: tl.constexpr):
+                BLOCK_M: tl.constexpr, FP32: tl.constexpr, SWAP: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # row tiles first: they share the codes' tile (L2)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     # rows past M / N reread a valid row (their results are never stored): the loads need no row mask
     x_ptrs = x_ptr + (rm % M)[:, None] * stride_xm + rk[None, :] * stride_xk
     w_ptrs = w_ptr + (rn % N)[:, None] * stride_wn + rk[None, :] * stride_wk
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         inside = (k0 + rk < K)[None, :]
         x = _load(x_ptrs, inside, EVEN_K)
-        w = _load(w_ptrs, inside, EVEN_K)
-        w = tl.trans(w.to(x_ptr.dtype.element_ty))  # exact: every int8 is a bf16 / fp16 / fp32 value
-        if FP32:
-            acc = tl.dot(x, w, acc, input_precision="ieee")  # fp32 models get fp32 products, not tf32
+        w = _load(w_ptrs, inside, EVEN_K).to(x_ptr.dtype.element_ty)  # exact: int8 is a bf16 / fp16 / fp32 value
+        if SWAP:
+            acc = _mma(w, tl.trans(x), acc, FP32)
         else:
-            acc = tl.dot(x, w, acc)
+            acc = _mma(x, tl.trans(w), acc, FP32)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
+    if SWAP:
+        acc = tl.trans(acc)
     acc *= tl.load(s_ptr + rn, mask=rn < N, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
