@@ -7,9 +7,10 @@
 # matter most first (docs/benchmarks.md "int8 that is not slower" says why):
 #   bf16 hybrid (the reference);
 #   int8triton: our Triton weight-only int8 kernel (src/ttt_speech/ops/int8/triton_mm.py: the codes read once and
-#     converted in registers; a GEMV at batch 1, tensor-core tiles at 64), autotuned in the first (eager) step of
-#     each batch (its "to frame s" includes that), never run on a GPU before this call: its logit line (eager
-#     rows get one) against int8's 0.0436 relative error of 2026-12-02 says whether it computes int8;
+#     converted in registers; at batch 1 the faster of a GEMV and tensor-core tiles, raced per shape; tiles at 64),
+#     autotuned in the first (eager) step of each batch (its "to frame s" includes that), never run on a GPU before
+#     this call: its logit line (eager rows get one) against int8's 0.0436 relative error of 2026-12-02 says
+#     whether it computes int8;
 #   int8+compile (int8_linear, fp32 scale, torch.compile): 1.654x / 1.345x on 2026-12-02, but then moshi's gated
 #     MLPs (half the weight bytes) bypassed every routed linear and ran torchao's eager int8 (quantize.route_gatings,
 #     since 2026-12-02 11:40 UTC): this is its first timing with them routed;
