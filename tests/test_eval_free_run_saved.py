@@ -19,7 +19,7 @@ from helpers.moshi import random_codes
 from ttt_speech import cli
 from ttt_speech.eval import asr
 from ttt_speech.eval.data import save_sequence
-from ttt_speech.eval.free_run import AudioScoring, free_run_moshi, score_saved_run
+from ttt_speech.eval.free_run import AudioScoring, FreeRunResult, free_run_moshi, score_saved_run
 from ttt_speech.eval.speaker import SpeakerEmbedder
 from ttt_speech.moshi.tiny import (
     build_tiny_lm,
@@ -93,6 +93,9 @@ def test_scoring_saved_tokens_gives_the_live_scores(one_thread, tmp_path):
     assert len(pcm) == 50 * FRAME_SAMPLES and np.abs(pcm).max() > 0
     with pytest.raises(ValueError, match="Mimi"):
         score_saved_run(live.tokens, AudioScoring(), pad_ids, 20)
+    # a report's results.json reads back into the same run (what recipes draw several reports with)
+    back = FreeRunResult.from_dict(json.loads(json.dumps(live.to_dict())))
+    assert back.minutes == live.minutes and back.audio == live.audio and back.to_dict() == live.to_dict()
 
 
 def test_eval_long_saves_the_run_and_score_free_run_rescores_it(one_thread, tmp_path, monkeypatch, capsys):

@@ -76,6 +76,13 @@ class FreeRunResult:
         d.pop("tokens")
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, tp.Any]) -> FreeRunResult:
+        """A run as `to_dict` wrote it (a report's results.json), without its tokens: runs from several reports
+        can then be drawn on the same axes by `plots.free_runs`."""
+        return cls(**{**d, "minutes": [MinuteStats(**m) for m in d["minutes"]],
+                      "audio": [MinuteAudio(**a) for a in d["audio"]]})
+
 
 @dataclass
 class AudioScoring:

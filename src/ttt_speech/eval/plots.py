@@ -104,7 +104,7 @@ def degradation(results: list[ModelResult], out_dir: Path) -> Path:
     return _save(fig, out_dir / "degradation.png")
 
 
-def free_runs(runs: list[FreeRunResult], out_dir: Path) -> Path:
+def free_runs(runs: list[FreeRunResult], out_dir: Path, file_name: str = "free_run.png") -> Path:
     """Per-minute statistics of each free run; the degraded minute marked."""
     plt = _pyplot()
     panels = [("entropy_bits", "text entropy (bits)"), ("repetition", "4-gram repetition"),
@@ -129,7 +129,7 @@ def free_runs(runs: list[FreeRunResult], out_dir: Path) -> Path:
     axes[0].legend(fontsize=8)
     axes[0].set_title("free-running generation per minute (dotted: first degraded minute)")
     axes[-1].set_xlabel("minute")
-    return _save(fig, out_dir / "free_run.png")
+    return _save(fig, out_dir / file_name)
 
 
 def conversations(results: list[ConversationResult], out_dir: Path) -> Path:
