@@ -30,7 +30,14 @@ def test_pyproject_states_the_same_ranges_as_deps():
         assert "--no-deps moshi==0.2.13" in (ROOT / doc).read_text(), doc
 
 
-def test_require_refuses_an_untested_release_naming_both(monkeypatch):
+@pytest.fixture
+def no_override(monkeypatch):
+    """The refusal itself is under test: a suite run with TTT_SPEECH_ALLOW_UNTESTED (how a range is widened,
+    README) must not let these tests' fake releases through."""
+    monkeypatch.delenv(deps.OVERRIDE_ENV, raising=False)
+
+
+def test_require_refuses_an_untested_release_naming_both(monkeypatch, no_override):
     monkeypatch.setattr(deps, "version", lambda dist: "5.25.0")
     with pytest.raises(deps.UnsupportedVersionError) as e:
         deps.require("transformers")
@@ -44,7 +51,7 @@ def test_require_refuses_an_untested_release_naming_both(monkeypatch):
         deps.require("moshi")
 
 
-def test_an_untested_release_ends_a_command_with_one_line(monkeypatch, capsys):
+def test_an_untested_release_ends_a_command_with_one_line(monkeypatch, capsys, no_override):
     from ttt_speech.errors import one_line_errors
 
     monkeypatch.setattr(deps, "version", lambda dist: "0.19.0")
@@ -63,14 +70,16 @@ def test_require_names_a_missing_distribution(monkeypatch):
         deps.require("torchao")
 
 
-def test_hf_integration_refuses_an_untested_transformers_at_import(monkeypatch):
+def test_hf_integration_refuses_an_untested_transformers_at_import(monkeypatch, no_override):
     pytest.importorskip("transformers")
     compat = importlib.import_module("ttt_speech.hf.compat")
     monkeypatch.setattr(deps, "version", lambda dist: "5.22.0")
-    with pytest.raises(deps.UnsupportedVersionError, match="transformers 5.22.0 is installed"):
+    try:
+        with pytest.raises(deps.UnsupportedVersionError, match="transformers 5.22.0 is installed"):
+            importlib.reload(compat)
+    finally:  # a reload that did not refuse would leave 5.22's spellings to every later HF test
+        monkeypatch.undo()
         importlib.reload(compat)
-    monkeypatch.undo()
-    importlib.reload(compat)
 
 
 def test_the_installed_releases_are_supported():
