@@ -80,6 +80,7 @@ def teacher_forced_logits(lm: LMModel, codes: Tensor) -> list[Tensor]:
 
 def logit_error(ref: list[Tensor], got: list[Tensor]) -> tuple[float, float, float]:
     """(max |Δ|, ‖Δ‖ / ‖ref‖, fraction of positions with the same argmax) over all parts."""
+    got = [g.to(r.device) for r, g in zip(ref, got, strict=True)]  # the reference comes back from disk on the CPU
     deltas = [g - r for r, g in zip(ref, got, strict=True)]
     max_abs = max(float(d.abs().max()) for d in deltas)
     rel = (sum(float(d.square().sum()) for d in deltas) / sum(float(r.square().sum()) for r in ref)) ** 0.5

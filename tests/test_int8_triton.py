@@ -192,26 +192,29 @@ def tiny_hybrid_logits_delta() -> float:
 
 def autotuned_launch() -> tuple[dict[str, list[tuple]], dict[tuple, str]]:
     """The timed launch path (what CUDA runs), on the CPU: the interpreter's untimed default lifted and Triton's
-    timer replaced by one that runs the kernel once and reports ever shorter times. Every config then runs through
-    the autotuners' own plumbing (heuristics, the row tile in the key) and must still equal the reference; at one
-    row both autotuned kernels are raced, the later-timed one wins. Returns the autotuners' keys and the races."""
+    timer replaced by one that runs the kernel once and reports ever shorter times, returned the way Triton's own
+    `do_bench` returns them (its `_summarize_statistics`: a float for one quantile or a return mode, a list for
+    several: the race once indexed a float, on the H200 2026-12-02). Every config then runs through the
+    autotuners' own plumbing (heuristics, the row tile in the key) and must still equal the reference; at one row
+    both autotuned kernels are raced, the later-timed one wins. Returns the autotuners' keys and the races."""
+    import triton.testing
+
     from ttt_speech.ops.int8 import triton_mm
 
     timings = iter(range(100, 0, -1))
 
-    def one_run(fn: tp.Callable[[], None], quantiles: tp.Sequence[float]) -> list[float]:
+    def one_run(fn: tp.Callable[[], None], warmup: int = 25, rep: int = 100, grad_to_none: tp.Any = None,
+                quantiles: tp.Sequence[float] | None = None, return_mode: str = "mean") -> tp.Any:
         fn()
-        return [float(next(timings))] * len(quantiles)
+        return triton.testing._summarize_statistics([float(next(timings))], quantiles, return_mode)
 
-    for tuned in triton_mm._TUNED.values():
-        tuned._do_bench = one_run
-    saved = triton_mm._quick_bench
-    triton_mm.TRITON_INTERPRET, triton_mm._quick_bench = False, one_run
+    saved = triton.testing.do_bench
+    triton_mm.TRITON_INTERPRET, triton.testing.do_bench = False, one_run
     try:
         check(1, 70, 300, torch.float32, "contiguous", True, None, None, "cpu")  # gemv vs tiles (row tile 16)
         check(20, 70, 300, torch.float32, "contiguous", True, None, None, "cpu")  # tiles only (row tile 32)
     finally:
-        triton_mm.TRITON_INTERPRET, triton_mm._quick_bench = True, saved
+        triton_mm.TRITON_INTERPRET, triton.testing.do_bench = True, saved
     assert all(t.best_config is t.configs[-1] for t in triton_mm._TUNED.values())  # the fastest timed config
     kernel, config = triton_mm.settled(70, 300, 1, torch.float32, torch.float32)
     assert kernel == "dot" and config is triton_mm.DOT_CONFIGS[-1]  # what the race and the autotuner settled

@@ -58,6 +58,11 @@ def _quick_bench(fn: tp.Callable[[], tp.Any], quantiles: tp.Sequence[float]) -> 
     return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
 
+def _median_ms(fn: tp.Callable[[], tp.Any]) -> float:
+    """The GEMV-or-tiles race's timer: one number (do_bench given one quantile returns a float, not a list)."""
+    return float(triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median"))
+
+
 _EVEN_K = {"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0}
 
 
@@ -216,7 +221,7 @@ def int8_mm_triton(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None 
         if M <= GEMV_MAX_M and choice not in _faster and not untimed and config is None:
             for k in ("gemv", "dot"):
                 launch(k, None)
-            _faster[choice] = min(("gemv", "dot"), key=lambda k: _quick_bench(lambda: launch(k, None), [0.5])[0])
+            _faster[choice] = min(("gemv", "dot"), key=lambda k: _median_ms(lambda: launch(k, None)))
         kernel = _faster.get(choice, "dot")
     launch(kernel, config)
     return y.reshape(*x.shape[:-1], N)
