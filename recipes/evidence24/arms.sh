@@ -35,7 +35,12 @@
 #   the same continuation with every sequence's, FROM=.exp24/ship (arm_b/export = the shipped model):
 #   ARMS="bb br" RARE=br FROM=.exp24/ship FARLEN=16,320 FARBLOCKS=random LR=3e-4 MEMLR=10
 #   WARMUP=0.001 DEADLINE=400 PHASE=all PROBES=30 GAPS=96,640 LENGTHS=64,1024,4096,8192 END=585 EVBATCH=360
-#   KEEP="bb br", one call; then CPU free runs of both exports (section 13 gives the commands).
+#   KEEP="bb br", one call; then CPU free runs of both exports (section 13 gives the commands). (Ran 2026-12-02: no-go, section 14.)
+# A RARE entry "arm=p" gives that arm its own share p (0: no copies at all, natural speech only). Next (section 15,
+#   pre-registered there): from the base, the shipped recipe (section 10) with copies in every sequence, in a
+#   quarter, and in none, side by side: ARMS="bd bq bz" DECAYED="bd bq bz" DECAY=0.9 RARE="bq=0.25 bz=0"
+#   FARLEN=16,320 FARBLOCKS=random LR=3e-4 MEMLR=10, call 1 DEADLINE=530 PHASE=train, call 2 DEADLINE=300
+#   PHASE=all PROBES=30 GAPS=96,640 LENGTHS=64,1024,4096,8192 END=585 EVBATCH=360 KEEP="bd bq bz".
 set -uo pipefail
 X=$PWD/recipes/evidence24 B=$PWD/.exp24 W=${W:-/tmp/w}
 ARMS=${ARMS:-d b a} DEADLINE=${DEADLINE:-240} LR=${LR:-5.0e-4} MEMLR=${MEMLR:-1} PHASE=${PHASE:-all}
@@ -60,7 +65,9 @@ STAGES="[{seq_len: $SEQ, steps: 20000, lr: $LR, warmup: $WARMUP, min_lr_ratio: 1
 extra() {  # one argument per line
   local source=speech prob=1.0
   [[ " $SHUFFLED " == *" $1 "* ]] && source=shuffled
-  [[ " $RARE " == *" $1 "* ]] && prob=$REPEATPROB
+  for r in $RARE; do  # "arm" takes REPEATPROB, "arm=p" its own p
+    [ "${r%%=*}" = "$1" ] && { prob=$REPEATPROB; [[ $r == *=* ]] && prob=${r#*=}; }
+  done
   printf -- '--set\n%s\n' "data.repeat={prob: $prob, min_gap: 16, max_gap: 60, min_len: 16, max_len: 48, copies: $COPIES, far_gap: [$FAR],${FARLEN:+ far_len: [$FARLEN],} far_blocks: $FARBLOCKS, source: $source}"
   [[ " $DECAYED " == *" $1 "* ]] && printf -- '--set\n%s\n' model.memory.decay=$DECAY
   if [ -n "$FROM" ]; then printf -- '--set\n%s\n' model.pretrained=null model.layers=all model.hybrid=$FROM/arm_${1:0:1}/export; return; fi
