@@ -8,15 +8,12 @@
 #   bf16 hybrid (the reference);
 #   int8triton: our Triton weight-only int8 kernel (src/ttt_speech/ops/int8/triton_mm.py: the codes read once and
 #     converted in registers; at batch 1 the faster of a GEMV and tensor-core tiles, raced per shape; tiles at 64),
-#     autotuned in the first (eager) step of each batch (its "to frame s" includes that), never run on a GPU before
-#     this call: its logit line (eager rows get one) against int8's 0.0436 relative error of 2026-12-02 says
-#     whether it computes int8;
-#   int8+compile (int8_linear, fp32 scale, torch.compile): 1.654x / 1.345x on 2026-12-02, but then moshi's gated
-#     MLPs (half the weight bytes) bypassed every routed linear and ran torchao's eager int8 (quantize.route_gatings,
-#     since 2026-12-02 11:40 UTC): this is its first timing with them routed;
-#   int8pack: torch._weight_int8pack_mm eager (gatings routed too now), the kernel inductor put into the int8
-#     compiled row of 2026-12-02 at batch 64 (14.4x): about as slow there if that is the cause;
-#   w8a8 eager (torch._int_mm at 64, never timed: its compiled row's capture failed); int4+compile.
+#     autotuned in the first (eager) step of each batch (its "to frame s" includes that): 0.973x / 0.98-1.03x on
+#     2026-12-02, logit error 0.0430 (int8's 0.0436: it computes int8);
+#   int8+compile (int8_linear, fp32 scale, torch.compile, moshi's gated MLPs routed too): 0.862x / 1.157x;
+#   int8pack: torch._weight_int8pack_mm eager, the kernel inductor put into the morning's compiled row: 5.7x / 27x;
+#   w8a8 eager: fails moshi's CUDA graph capture (torchao's safe_int_mm syncs inside it); int4+compile 0.847x / 1.73x.
+#   (docs/benchmarks.md, 2026-12-02 12:32-12:45 UTC; the default rows still run them all.)
 #   int8+autotune is not a default row any more: its max-autotune warm-up ran over 7 minutes.
 # Before the rows (not with TINY=1), at most MM_SECONDS (default 75): benchmarks/int8_mm.py, our kernel alone against
 # cuBLAS bf16 at every linear shape of the hybrid (µs, GB/s, the autotuned config; $OUT/quant21/int8_mm.md).
