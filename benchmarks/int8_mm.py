@@ -1,11 +1,18 @@
 """Our Triton int8 weight-only matmul alone, against bf16 `F.linear` (cuBLAS), at every linear shape of the
-Moshi-7B TTT hybrid: median microseconds per call with the L2 cache flushed before each (`triton.testing.do_bench`,
-as its autotuning times: in a streaming step every weight comes from HBM; the host's launch time hides behind the
-flush), the int8 kernel's read bandwidth, the config its autotuning chose, and per row count the sum over one
-streaming step's linears (each shape times its count in the hybrid): the most the int8triton model row can gain.
+Moshi-7B TTT hybrid: microseconds per call as a streaming step sees them, the int8 kernel's read bandwidth, the
+config its autotuning chose, and per row count the sum over one streaming step's linears (each shape times its
+count in the hybrid): the most the int8triton model row can gain.
+
+How a call is timed: like the model's step, inside a CUDA graph (no host launch time) and from HBM (nothing in
+L2): one graph calls the kernel on enough distinct copies of the weight, back to back, that they span
+4x the L2 cache, and a call's time is the graph's replay time over the number of calls (median of 5 replays).
+Before 2026-12-02 13:30 UTC this script timed single eager calls with `triton.testing.do_bench` (L2 flushed
+between): our autotuned kernel's Python launch path then outlasted the flush, so its small shapes measured the
+host (a ~13-25 µs floor), and at 64 rows the sum over a step came out at 28.9 ms where the model row said ~10.
 
     python benchmarks/int8_mm.py                       # CUDA: rows 1,64,4,16, both kernels forced too
     python benchmarks/int8_mm.py --rows 1,2,8 --seconds 60
+    python benchmarks/int8_mm.py --rows 64 --configs   # every tile config of the kernel at each shape, forced
 
 Shapes come from the hybrid built on the meta device (moshi_stream.py's `build`, TTT with own projections in all
 32 layers): no weights are made. Columns: auto (the kernel int8_mm_triton picks: up to 4 rows the faster of the two,
@@ -17,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import math
+import statistics
 import sys
 import time
 import typing as tp
@@ -28,7 +37,7 @@ from moshi.models import loaders
 from moshi_stream import build  # this directory
 
 from ttt_speech.ops.int8 import int8_mm_naive
-from ttt_speech.ops.int8.triton_mm import int8_mm_triton, settled
+from ttt_speech.ops.int8.triton_mm import DOT_CONFIGS, int8_mm_triton, settled
 from ttt_speech.quantize import linear_layers
 
 
@@ -40,10 +49,31 @@ def hybrid_shapes(layers: str) -> dict[tuple[int, int], int]:
     return dict(sorted(count.items(), key=lambda kv: -kv[0][0] * kv[0][1]))
 
 
-def median_us(fn: tp.Callable[[], torch.Tensor]) -> float:
-    """Median µs of `fn`, L2 flushed before each call; one call first (autotuning happens there)."""
-    fn()
-    return triton.testing.do_bench(fn, warmup=5, rep=30, return_mode="median") * 1e3
+def graph_us(call: tp.Callable[[int], torch.Tensor], copies: int) -> float:
+    """Median µs of `call(i)` over copies i = 0..copies-1, run back to back in one CUDA graph (see the top). The
+    first pass is eager: autotuning and the GEMV-or-tiles race happen there, outside the capture."""
+    for i in range(copies):
+        call(i)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(copies):
+            call(i)
+    graph.replay()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / copies)
+    return statistics.median(times)
+
+
+def l2_bytes() -> int:
+    props = torch.cuda.get_device_properties(0)
+    return getattr(props, "L2_cache_size", 0) or 50 * 2**20
 
 
 def row(*cells: str) -> None:
@@ -55,6 +85,7 @@ def main() -> None:
     p.add_argument("--rows", default="1,64,4,16", help="comma list of M (batch size of a streaming step)")
     p.add_argument("--layers", default="all", help="TTT layers of the hybrid whose shapes are timed (all, A-B, none)")
     p.add_argument("--no-forced", action="store_true", help="time only the kernel int8_mm_triton picks")
+    p.add_argument("--configs", action="store_true", help="also each tile config forced (a column per config)")
     p.add_argument("--seconds", type=float, default=float("inf"), help="nothing new starts after this budget")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -66,9 +97,13 @@ def main() -> None:
           f"shapes of the Moshi-7B hybrid (TTT layers {args.layers}): {len(shapes)} shapes, "
           f"{sum(shapes.values())} linears, {sum(n * k * c for (n, k), c in shapes.items()) / 2**30:.2f} GiB of int8 "
           "codes per step", flush=True)
+    configs = [f"dot {j}" for j in range(len(DOT_CONFIGS))] if args.configs else []
+    if configs:
+        print("tile configs: " + "; ".join(f"{j}: {c.kwargs}, warps {c.num_warps}, stages {c.num_stages}"
+                                           for j, c in enumerate(DOT_CONFIGS)), flush=True)
     row("M", "N x K", "count", "auto µs", "gemv µs", "dot µs", "bf16 µs", "bf16 / auto", "auto GB/s", "auto config",
-        "max rel err")
-    print("|---" * 11 + "|", flush=True)
+        "max rel err", *[f"{c} µs" for c in configs])
+    print("|---" * (11 + len(configs)) + "|", flush=True)
     g = torch.Generator(device="cuda").manual_seed(0)
     for m in (int(r) for r in args.rows.split(",") if r):
         total = collections.Counter()
@@ -80,19 +115,27 @@ def main() -> None:
             w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
             scale = w.float().abs().amax(1, keepdim=True) / 127
             codes = (w.float() / scale).round().clamp(-128, 127).to(torch.int8)
-            times = {str(kern): median_us(lambda kern=kern: int8_mm_triton(x, codes, scale, kernel=kern))
+            # distinct copies spanning 4x L2 (bf16's twice int8's count: the same bytes each), so each call reads HBM
+            n8 = max(1, math.ceil(4 * l2_bytes() / codes.numel()))
+            c8, w16 = [codes.clone() for _ in range(n8)], [w.clone() for _ in range(max(1, n8 // 2))]
+            times = {str(kern): graph_us(lambda i, kern=kern: int8_mm_triton(x, c8[i], scale, kernel=kern), n8)
                      for kern in kernels}
+            if args.configs:
+                times.update({f"dot {j}": graph_us(lambda i, j=j: int8_mm_triton(x, c8[i], scale, kernel="dot", config=j),
+                                                   n8) for j in range(len(DOT_CONFIGS))})
             chosen, best = settled(n, k, m, torch.bfloat16)
-            bf16 = median_us(lambda: F.linear(x, w))
+            bf16 = graph_us(lambda i: F.linear(x, w16[i]), len(w16))
             want = int8_mm_naive(x, codes, scale).float()
             err = float((int8_mm_triton(x, codes, scale).float() - want).abs().max() / want.abs().max())
             auto = times["None"]
             total.update({"auto": auto * count, "bf16": bf16 * count})
             row(str(m), f"{n} x {k}", str(count), f"{auto:.1f}", f"{times.get('gemv', float('nan')):.1f}",
                 f"{times.get('dot', float('nan')):.1f}", f"{bf16:.1f}", f"{bf16 / auto:.2f}",
-                f"{n * k / auto / 1e3:.0f}", f"{chosen} {best.kwargs if best else '?'}", f"{err:.1e}")
+                f"{n * k / auto / 1e3:.0f}", f"{chosen} {best.kwargs if best else '?'}", f"{err:.1e}",
+                *[f"{times[c]:.1f}" for c in configs])
         row(str(m), "**all linears of a step**", str(sum(shapes.values())), f"**{total['auto'] / 1e3:.2f} ms**", "", "",
-            f"**{total['bf16'] / 1e3:.2f} ms**", f"**{total['bf16'] / total['auto']:.2f}**", "", "", "")
+            f"**{total['bf16'] / 1e3:.2f} ms**", f"**{total['bf16'] / total['auto']:.2f}**", "", "", "",
+            *[""] * len(configs))
 
 
 if __name__ == "__main__":
