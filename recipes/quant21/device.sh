@@ -40,7 +40,9 @@
 # eager row of the same mode gives the quantization's logit error.
 #
 # Knobs (env): DEADLINE (s, whole command, default 570), ROWS, BATCHES (default 1,64), LAYERS (default all),
-# MM_SECONDS (int8_mm.py's share, default 75; 0 skips it).
+# MM_SECONDS (int8_mm.py's share, default 75; 0 skips it), MM_ARGS (more int8_mm.py arguments: the next call's
+# MM_SECONDS=200 MM_ARGS="--rows 64,16,1 --configs" ROWS=bf16,int8triton DEADLINE=420 times every tile config,
+# graph-timed, docs/benchmarks.md).
 # TINY=1: the same steps at the tiny shape on the CPU in seconds, compiled rows through aot_eager, int8triton
 # refused as its row (tests/test_quant_recipe.py; PYTHON picks the interpreter, nothing is installed).
 set -uo pipefail
@@ -65,7 +67,7 @@ echo "set-up $((SECONDS - S0)) s; $(left) s left; rows $ROWS" | tee "$R/log.txt"
 if [ "${TINY:-0}" != 1 ] && [ "${MM_SECONDS:-75}" -gt 0 ]; then
   # first, at most MM_SECONDS: our int8 kernel alone against cuBLAS bf16 at every linear shape of the hybrid, batch
   # 1, 64, 4, 16 (what the int8triton row can gain at most, and which config autotuning picks; fills Triton's cache)
-  timeout -k 5 "${MM_SECONDS:-75}" "$PY" benchmarks/int8_mm.py --seconds $((${MM_SECONDS:-75} - 20)) 2>&1 \
+  timeout -k 5 "${MM_SECONDS:-75}" "$PY" benchmarks/int8_mm.py --seconds $((${MM_SECONDS:-75} - 20)) ${MM_ARGS:-} 2>&1 \
     | tee "$R/int8_mm.md"
   echo "int8_mm rc=${PIPESTATUS[0]} after $((SECONDS - S0)) s" | tee -a "$R/log.txt"
 fi

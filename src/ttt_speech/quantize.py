@@ -142,9 +142,7 @@ def int8_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     keeps its GEMV reduction at one row and a matmul at more rows. In fp32 it computes exactly what
     torchao's does (tests); in bf16 only the scale's rounding differs."""
     rows = x.reshape(-1, x.shape[-1])
-    y = (torch.mm(rows, weight.qdata.t().to(x.dtype)) * weight.scale.reshape(-1)).to(x.dtype)
-    y = y.reshape(*x.shape[:-1], y.shape[-1])
-    return y if bias is None else y + bias
+    return _unflatten(x, (torch.mm(rows, weight.qdata.t().to(x.dtype)) * weight.scale.reshape(-1)).to(x.dtype), bias)
 
 
 def int8pack_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -152,7 +150,11 @@ def int8pack_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     `torch._weight_int8pack_mm`: one kernel reads the int8 codes, where torchao's eager path first writes a
     bf16 copy of the whole weight. Its reference is mode "int8" itself (same weights, tests hold them equal)."""
     rows = x.reshape(-1, x.shape[-1]).contiguous()  # the kernels take a contiguous 2D input
-    y = weight_int8pack_mm(rows, weight.qdata, weight.scale.reshape(-1).to(x.dtype))
+    return _unflatten(x, weight_int8pack_mm(rows, weight.qdata, weight.scale.reshape(-1).to(x.dtype)), bias)
+
+
+def _unflatten(x: Tensor, y: Tensor, bias: Tensor | None) -> Tensor:
+    """A matmul's [rows, N] result back to x's leading dimensions, plus the bias."""
     y = y.reshape(*x.shape[:-1], y.shape[-1])
     return y if bias is None else y + bias
 
