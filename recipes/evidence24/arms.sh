@@ -45,14 +45,14 @@ set -uo pipefail
 X=$PWD/recipes/evidence24 B=$PWD/.exp24 W=${W:-/tmp/w}
 ARMS=${ARMS:-d b a} DEADLINE=${DEADLINE:-240} LR=${LR:-5.0e-4} MEMLR=${MEMLR:-1} PHASE=${PHASE:-all}
 COPIES=${COPIES:-2} FAR=${FAR:-96, 700} SEQ=${SEQ:-1536} SEGMENT=${SEGMENT:-1536} GAPS=${GAPS:-32,96,160,320,640}
-SHUFFLED=${SHUFFLED:-} FROM=${FROM:-} WARMUP=${WARMUP:-0.005} FARLEN=${FARLEN:-} KEEP=${KEEP:-}
+SHUFFLED=${SHUFFLED:-} BASE=${BASE:-$B/arms/base} STEPS=${STEPS:-20000} FROM=${FROM:-} WARMUP=${WARMUP:-0.005} FARLEN=${FARLEN:-} KEEP=${KEEP:-}
 FARBLOCKS=${FARBLOCKS:-odd} DECAYED=${DECAYED:-} DECAY=${DECAY:-0.9} RARE=${RARE:-} REPEATPROB=${REPEATPROB:-0.25} LENGTHS=${LENGTHS:-64} AGES=${AGES:-}
 AGES_ARMS=$([ -n "$AGES" ] && echo $ARMS)
 S0=$SECONDS; t() { echo "[t=$((SECONDS - S0))s] $*"; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $B/whl/*.whl $(ls .whl/f*.whl 2>/dev/null) || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src NO_TORCH_COMPILE=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
 # the base's codec is the shipped one (byte for byte): not carried twice
-for d in $B/arms/base ${FROM:+$FROM/arm_*/export}; do
+for d in $BASE ${FROM:+$FROM/arm_*/export}; do
   [ -d $d ] && cp src/ttt_speech/assets/small_moshi/mimi.safetensors src/ttt_speech/assets/small_moshi/mimi_config.json $d/
 done
 [ -d $W/tok ] || { mkdir -p $W && tar xJf $B/arms/pack.tar.xz -C $W && python3 $X/tok24.py unpack $W/pack $W/tok || exit 1; }
@@ -61,7 +61,7 @@ if [ "${GPUTESTS:-0}" = 1 ]; then  # sphn is not carried: the serve test modules
   (python3 -m pytest -m gpu tests -p no:cacheprovider -o addopts= -rfE --continue-on-collection-errors \
     > $OUT/gpu_tests.log 2>&1; echo "rc=$?" >> $OUT/gpu_tests.log) &
 fi
-STAGES="[{seq_len: $SEQ, steps: 20000, lr: $LR, warmup: $WARMUP, min_lr_ratio: 1.0}]"
+STAGES="[{seq_len: $SEQ, steps: $STEPS, lr: $LR, warmup: $WARMUP, min_lr_ratio: 1.0}]"
 extra() {  # one argument per line
   local source=speech prob=1.0
   [[ " $SHUFFLED " == *" $1 "* ]] && source=shuffled
@@ -71,7 +71,7 @@ extra() {  # one argument per line
   printf -- '--set\n%s\n' "data.repeat={prob: $prob, min_gap: 16, max_gap: 60, min_len: 16, max_len: 48, copies: $COPIES, far_gap: [$FAR],${FARLEN:+ far_len: [$FARLEN],} far_blocks: $FARBLOCKS, source: $source}"
   [[ " $DECAYED " == *" $1 "* ]] && printf -- '--set\n%s\n' model.memory.decay=$DECAY
   if [ -n "$FROM" ]; then printf -- '--set\n%s\n' model.pretrained=null model.layers=all model.hybrid=$FROM/arm_${1:0:1}/export; return; fi
-  printf -- '--set\n%s\n' model.pretrained=$B/arms/base
+  printf -- '--set\n%s\n' model.pretrained=$BASE
   case ${1:0:1} in
     d) ;;
     b) printf -- '--set\n%s\n' model.layers=all model.branch=inplace ;;
