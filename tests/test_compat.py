@@ -269,6 +269,8 @@ def test_hooked_lmgen_extends_its_state_and_force_text_token(tiny_lm):
         moshi_compat.force_text_token(gen, 7)
         column = state.offsets % state.cache.shape[-1]
         assert state.cache[:, 0, column].tolist() == [[7, 7], [7, 7]]
+        moshi_compat.force_text_token(gen, torch.tensor([3, 9]))  # one per stream (batched own-sample prefixes)
+        assert state.cache[:, 0, column].tolist() == [[3, 3], [9, 9]]
 
 
 # -- nothing else touches a library's privates --------------------------------------------------

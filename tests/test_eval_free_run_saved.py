@@ -46,6 +46,8 @@ def test_saved_tokens_are_what_lmgen_returned(one_thread, monkeypatch):
     what the depformer sampled delays[k] steps after frame j's text; the last max-delay columns are padding."""
     from moshi.models import lm as lm_module
 
+    from ttt_speech.moshi import generate
+
     sampled: list[torch.Tensor] = []  # the depformer's tokens per step (delayed coordinates)
 
     class SpyGen(lm_module.LMGen):
@@ -53,7 +55,7 @@ def test_saved_tokens_are_what_lmgen_returned(one_thread, monkeypatch):
             super().__init__(*args, **kwargs)
             self.on_audio_hook = lambda tokens: sampled.append(tokens[0].clone())
 
-    monkeypatch.setattr(lm_module, "LMGen", SpyGen)
+    monkeypatch.setattr(generate, "LMGen", SpyGen)  # where generate_frames (free runs) finds it
     lm = build_tiny_lm(0)
     P, frames = 3, 20
     run = free_run_moshi(lm, "tiny", frames, prompt=random_codes(lm, 1, P, seed=1)[0], progress=False,

@@ -14,14 +14,14 @@ import torch
 
 pytest.importorskip("moshi")
 
-from helpers.moshi import convert_moshi  # noqa: E402
+from helpers.moshi import convert_moshi, random_codes, user_stream  # noqa: E402
 from ttt_speech import TTTConfig  # noqa: E402
 from ttt_speech.moshi import convert  # noqa: E402
 from ttt_speech.eval.generate_command import add_generate_arguments, run_generate  # noqa: E402
 from ttt_speech.moshi.files import SHIPPED_DIR  # noqa: E402
 from moshi.models.lm import LMGen  # noqa: E402
 
-from ttt_speech.moshi.generate import stream, streaming_state_finite  # noqa: E402
+from ttt_speech.moshi.generate import generate_frames, stream, streaming_state_finite  # noqa: E402
 from ttt_speech.moshi.tiny import build_tiny_hybrid, build_tiny_lm, write_tiny_checkpoint  # noqa: E402
 
 
@@ -182,3 +182,37 @@ def test_state_finite_flags_a_nan_in_the_ttt_memory():
         assert streaming_state_finite(gen, lm)
         lm.memory_layers()[0]._streaming_state.memory["W1"][0, 0, 0, 0] = float("nan")
         assert not streaming_state_finite(gen, lm)
+
+
+def own_stream(lm, prompt: torch.Tensor, user: torch.Tensor, seed: int, **kw) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return generate_frames(lm, user, 12, prompt=prompt, **kw)
+
+
+def test_generate_frames_forces_the_prompt_and_samples_reproducibly_per_sequence() -> None:
+    lm = build_tiny_hybrid(0).eval()
+    rows, P = 1 + lm.dep_q, 5
+    prompt, user = random_codes(lm, 2, P, seed=1)[:, :rows], user_stream(lm, 2, 13)
+    codes = own_stream(lm, prompt, user, seed=0)
+    assert codes.shape == (2, rows, 12)
+    for k in range(rows):  # each stream's prompt frames come back as forced, up to its acoustic delay:
+        end = P - lm.delays[k]  # the step after the prompt samples the last frames' delayed codebooks
+        assert torch.equal(codes[:, k, :end], prompt[:, k, :end]), k
+    assert torch.equal(own_stream(lm, prompt, user, seed=0), codes)
+    assert not torch.equal(own_stream(lm, prompt, user, seed=1)[..., P:], codes[..., P:])
+    assert (codes[:, 1:, -1] != 0).any()  # flush: the last frame's audio is sampled, not left at 0
+    with pytest.raises(ValueError, match="user stream has 12 frames, the run needs 13"):
+        generate_frames(lm, user[..., :12], 12, prompt=prompt)
+
+
+def test_generate_frames_keeps_each_sequence_to_its_own_row() -> None:
+    """Near-greedy sampling (temperatures 1e-4) takes the RNG out: each row must come out as it does alone,
+    whatever its batch position (a forced text or prompt frame landing in another row would show)."""
+    lm = build_tiny_hybrid(0).eval()
+    prompt, user = random_codes(lm, 2, 4, seed=2)[:, :1 + lm.dep_q], user_stream(lm, 2, 13, seed=4)
+    greedy = {"temp": 1e-4, "temp_text": 1e-4}
+    both = own_stream(lm, prompt, user, seed=0, **greedy)
+    swapped = own_stream(lm, prompt.flip(0), user.flip(0), seed=1, **greedy)
+    alone = own_stream(lm, prompt[1:], user[1:], seed=2, **greedy)
+    assert not torch.equal(both[0, :, 4:], both[1, :, 4:])
+    assert torch.equal(swapped, both.flip(0)) and torch.equal(alone[0], both[1])

@@ -176,13 +176,11 @@ def free_run_moshi(lm: tp.Any, name: str, frames: int, *, prompt: Tensor | None 
                    frames_per_minute: int = FRAMES_PER_MINUTE) -> FreeRunResult:
     """Generate `frames` frames after an optional `prompt` [1 + n_q (+ user rows), P] forced into the model's
     stream; `user` [n_user, >= P + frames] is the user's stream (default: the prompt's user rows, then silence)."""
-    from moshi.models.lm import LMGen
-
-    from ttt_speech.moshi.compat import force_text_token
+    from ttt_speech.moshi.generate import generate_frames
 
     torch.manual_seed(seed)
     scoring = scoring or AudioScoring()
-    device, mimi = lm.device, scoring.mimi
+    mimi = scoring.mimi
     pad_ids = (lm.text_padding_token_id, lm.end_of_text_padding_id)
     P = 0 if prompt is None else prompt.shape[-1]
     if mimi is not None:
@@ -191,42 +189,19 @@ def free_run_moshi(lm: tp.Any, name: str, frames: int, *, prompt: Tensor | None 
         user = _silence(lm, mimi)[:, None].repeat(1, P + frames)
         if prompt is not None and prompt.shape[0] >= 1 + lm.n_q:
             user[:, :P] = prompt[1 + lm.dep_q:1 + lm.n_q]
-    if user.shape[-1] < P + frames:
-        raise ValueError(f"the user stream has {user.shape[-1]} frames, the run needs {P + frames}")
-    step: list[Tensor] = []  # this frame's text log-probs and token (one frame only: memory stays flat)
-
-    def on_logits(logits: Tensor) -> None:
-        step[:] = [logits[:, 0, 0].float().log_softmax(-1)]
-
-    gen = LMGen(lm, use_sampling=True, temp=temp, temp_text=temp_text, on_text_logits_hook=on_logits,
-                on_text_hook=step.append)
-    text = np.zeros(frames, dtype=np.int64)
     logprobs = np.zeros(frames, dtype=np.float64)
-    tokens = np.zeros((1 + lm.dep_q, frames), dtype=np.int16 if max(lm.text_card, lm.card) <= 2**15 else np.int32)
-    lag = P + gen.max_delay  # at step i LMGen returns frame i - max_delay: generated frame i - lag
-    delays = torch.tensor(lm.delays[1:1 + lm.dep_q])
     bar = tqdm(total=P + frames, unit="frame", disable=not progress, dynamic_ncols=True, desc=f"{name} free run")
-    with gen.streaming(1):
-        for i in range(P + frames):
-            forced = None
-            if i < P:  # the prompt's audio, in the depformer's delayed coordinates
-                assert prompt is not None
-                src = (i - delays).clamp(min=0)
-                forced = prompt[1:1 + lm.dep_q].gather(1, src[:, None])[None].to(device)
-            out = gen.step(user[:, i].view(1, -1, 1).to(device), depformer_replace_tokens=forced)
-            logp, token = step
-            if i < P:  # force the prompt's text where LMGen wrote its sample
-                force_text_token(gen, int(prompt[0, i]))
-            else:
-                text[i - P] = int(token[0])
-                logprobs[i - P] = float(logp[0, token[0]])
-            if i >= lag:
-                assert out is not None
-                tokens[:, i - lag] = out[0, :, 0].cpu().numpy()
-            bar.update(1)
+
+    def on_frame(i: int, logits: Tensor, token: Tensor) -> None:
+        if i >= P:  # the model's log-probability of its own text token (raw logits, temperature 1)
+            logprobs[i - P] = float(logits.float().log_softmax(-1)[0, token[0]])
+        bar.update(1)
+
+    codes = generate_frames(lm, user[None], P + frames, prompt=None if prompt is None else prompt[None, :1 + lm.dep_q],
+                            temp=temp, temp_text=temp_text, flush=False, on_frame=on_frame)[0, :, P:].cpu().numpy()
     bar.close()
-    tail = max(frames - gen.max_delay, 0)
-    tokens[0, tail:] = text[tail:]  # LMGen has not returned these frames yet: their text, audio codes 0
+    text = codes[0].copy()
+    tokens = codes.astype(np.int16 if max(lm.text_card, lm.card) <= 2**15 else np.int32)
     stats = minute_stats(text, lm.text_card, pad_ids, logprobs, frames_per_minute, thresholds)
     audio = [] if mimi is None else score_saved_run(tokens, scoring, pad_ids, frames_per_minute)
     return FreeRunResult(name, frames, P, stats, audio, degraded_minute(stats),

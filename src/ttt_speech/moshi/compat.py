@@ -13,6 +13,7 @@ import contextlib
 import copy
 import typing as tp
 
+import torch
 from moshi.models.compression import MimiModel
 from moshi.models.lm import LMGen, LMModel, _LMGenState
 from moshi.models.lm_utils import _delay_sequence
@@ -142,8 +143,10 @@ def schedule_dead_code_check(codebook: EuclideanCodebook, forwards: int) -> None
     codebook._next_unused_check = forwards
 
 
-def force_text_token(gen: LMGen, token: int) -> None:
-    """Overwrite the text token LMGen just sampled for the current frame (every stream) with `token`."""
+def force_text_token(gen: LMGen, token: int | Tensor) -> None:
+    """Overwrite the text token LMGen just sampled for the current frame with `token` (one for every stream,
+    or one per stream [B])."""
     state = gen._streaming_state
     assert state is not None, "force_text_token needs LMGen in streaming mode"
-    state.cache[:, 0, state.offsets % state.cache.shape[-1]] = token
+    streams = torch.arange(state.cache.shape[0], device=state.cache.device)
+    state.cache[streams, 0, state.offsets % state.cache.shape[-1]] = torch.as_tensor(token).to(state.cache)

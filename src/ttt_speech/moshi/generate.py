@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from ttt_speech.audio import FRAME_RATE, SAMPLE_RATE
 from ttt_speech.layers.state import LayerState
+from ttt_speech.moshi.compat import force_text_token
 
 
 
@@ -102,6 +103,63 @@ def silence_codes(mimi: MimiModel, n: int) -> Tensor:
     with torch.no_grad():
         codes = mimi.encode(torch.zeros(1, mimi.channels, SAMPLE_RATE, device=device))
     return codes[0, :n, -1]
+
+
+@torch.no_grad()
+def generate_frames(lm: LMModel, user: Tensor, frames: int, *, prompt: Tensor | None = None, temp: float = 0.8,
+                    temp_text: float = 0.7, flush: bool = True,
+                    on_frame: tp.Callable[[int, Tensor, Tensor], None] | None = None) -> Tensor:
+    """The model's own stream for B sequences at once: `frames` frames of text and its dep_q audio codebooks,
+    undelayed [B, 1 + dep_q, frames], sampled by moshi's `LMGen` one frame per step as it serves.
+
+    The first P frames of `prompt` [B, 1 + dep_q, P] are forced into the stream: the audio through LMGen's
+    `depformer_replace_tokens` (in its delayed coordinates), the text by overwriting the token LMGen just
+    wrote (`compat.force_text_token`). LMGen forces a whole depformer step or none, so the step after the
+    prompt samples the new frame's first codebook together with the prompt's last frames' delayed codebooks:
+    those few tokens are the model's samples, as the stream held them. `user` [B, n_user, >= steps] is the
+    user's stream, one column per step. LMGen returns frame i at step i + max(delays): with `flush` it runs
+    max(delays) more steps (user columns), so every frame is complete; without, the last max(delays) frames
+    hold their text and audio codes 0 (free runs keep those steps' cost off). The RNG is the caller's
+    (`torch.manual_seed`). `on_frame(i, text_logits [B, V], text_token [B])` sees each step's text logits and
+    sampled token (before a prompt frame's text is forced in)."""
+    P = 0 if prompt is None else prompt.shape[-1]
+    B, device = user.shape[0], lm.device
+    if P > frames:
+        raise ValueError(f"the prompt has {P} frames, more than the {frames} to generate")
+    step: list[Tensor] = []  # this step's text logits, then its token
+
+    def on_logits(logits: Tensor) -> None:
+        step[:] = [logits[:, 0, 0]]
+
+    gen = LMGen(lm, use_sampling=True, temp=temp, temp_text=temp_text, on_text_logits_hook=on_logits,
+                on_text_hook=step.append)
+    steps = frames + (gen.max_delay if flush else 0)
+    if user.shape[-1] < steps:
+        raise ValueError(f"the user stream has {user.shape[-1]} frames, the run needs {steps}")
+    codes = torch.zeros(B, 1 + lm.dep_q, frames, dtype=torch.long, device=device)
+    delays = torch.tensor(lm.delays[1:1 + lm.dep_q], device=device)
+    if prompt is not None:
+        prompt = prompt.to(device)
+    with gen.streaming(B):
+        for i in range(steps):
+            forced = None
+            if i < P:  # the prompt's audio, in the depformer's delayed coordinates
+                assert prompt is not None
+                src = (i - delays).clamp(min=0)[None, :, None].expand(B, -1, -1)
+                forced = prompt[:, 1:1 + lm.dep_q].gather(2, src)
+            out = gen.step(user[:, :, i:i + 1].to(device), depformer_replace_tokens=forced)
+            logits, token = step
+            if on_frame is not None:
+                on_frame(i, logits, token)
+            if i < P:  # force the prompt's text where LMGen wrote its sample
+                assert prompt is not None
+                force_text_token(gen, prompt[:, 0, i])
+                codes[:, 0, i] = prompt[:, 0, i]
+            elif i < frames:
+                codes[:, 0, i] = token
+            if out is not None and i - gen.max_delay < frames:
+                codes[:, 1:, i - gen.max_delay] = out[:, 1:1 + lm.dep_q, 0]
+    return codes
 
 
 @torch.no_grad()
