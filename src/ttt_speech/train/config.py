@@ -186,6 +186,36 @@ class LossConfig:
 
 
 @dataclass
+class OwnPrefixConfig:
+    """Training with the model's own samples in its context and memory (a scheduled-sampling cure for the
+    free-run drift of issue 24: teacher forcing never shows the memory its own samples).
+
+    With probability `prob` a sequence keeps its first `prompt` real frames, then holds `frames` frames of
+    the model's own stream sampled after them (`temp`, `temp_text`: moshi's LMGen temperatures), then the
+    real sequence again from frame `prompt`, cut to the stage length; loss only on the real frames.
+    Moshi only, one process or DDP (generation runs the whole model, FSDP holds a shard of it).
+    """
+
+    prob: float = 0.0  # 0: off
+    prompt: int = 64
+    frames: int = 256
+    temp: float = 0.8
+    temp_text: float = 0.7
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.prob <= 1.0:
+            raise ValueError(f"train.own_prefix.prob must be in [0, 1] (0: off), got {self.prob}")
+        if self.prompt < 1:
+            raise ValueError(f"train.own_prefix.prompt must be >= 1 real frame before the own samples, "
+                             f"got {self.prompt}")
+        if self.frames < 1:
+            raise ValueError(f"train.own_prefix.frames must be >= 1 (or prob: 0 for off), got {self.frames}")
+        for name in ("temp", "temp_text"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"train.own_prefix.{name} must be > 0 (moshi samples), got {getattr(self, name)}")
+
+
+@dataclass
 class TrainConfig:
     trainable: Trainable = "memory"
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -201,6 +231,7 @@ class TrainConfig:
     memory_lr_scale: float = 1.0  # the memory branch's parameters train at the stage's lr times this
     betas: tuple[float, float] = (0.9, 0.95)
     device: str = "auto"
+    own_prefix: OwnPrefixConfig = field(default_factory=OwnPrefixConfig)  # own samples in context (prob 0: off)
 
     def __post_init__(self) -> None:
         if self.trainable == "ttt":
@@ -213,6 +244,9 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {value}")
+        if self.own_prefix.prob and self.parallel == "fsdp":
+            raise ValueError("train.own_prefix needs the whole model in each process to generate: "
+                             "use train.parallel: ddp (or none), or own_prefix.prob: 0")
         self.betas = tuple(self.betas)  # type: ignore[assignment]
 
 
@@ -231,6 +265,9 @@ class Config:
     def __post_init__(self) -> None:
         if not self.stages:
             raise ValueError("stages: give at least one {seq_len, steps, lr}")
+        if self.train.own_prefix.prob and self.model.family != "moshi":
+            raise ValueError("train.own_prefix is Moshi-only (it samples with moshi's LMGen): set "
+                             "train.own_prefix.prob: 0 for this model")
 
     @property
     def total_steps(self) -> int:

@@ -82,12 +82,15 @@ class HFSegmentLM(SegmentLM):
     def memory_layer_count(self) -> int:
         return sum(hasattr(layer.self_attn, MEMORY) or hasattr(layer.mlp, MEMORY) for layer in self.layers())
 
-    def prepare(self, codes: Tensor) -> Batch:
+    def prepare(self, codes: Tensor, scored: Tensor | None = None) -> Batch:
         codes = codes.view(codes.shape[0], 1, -1)
         top, vocab = int(codes.max()), self.model.config.vocab_size
         if top >= vocab:
             raise ValueError(f"data has token {top}; this model's vocabulary has {vocab} entries")
-        return Batch(codes.clamp_min(0), (codes[:, :, 1:] >= 0).float())
+        valid = codes[:, :, 1:] >= 0
+        if scored is not None:
+            valid &= scored[:, None, 1:]
+        return Batch(codes.clamp_min(0), valid.float())
 
     def layer_forward(self, layer: nn.Module, x: Tensor, carry: LayerCarry, pos: int) -> tuple[Tensor, LayerCarry]:
         x, kv, memory = layer_segment(self.model, layer, x, carry.kv, carry.memory, pos, self.window, self.chunk)

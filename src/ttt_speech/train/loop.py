@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 import typing as tp
 import warnings
 from pathlib import Path
@@ -34,6 +35,9 @@ from ttt_speech.train.data import TokenData, check_streams, find_documents, spli
 from ttt_speech.train.model import Batch, Carry, SegmentLM
 from ttt_speech.train.parallel import full, parallelize, start_processes, sync_gradients
 from ttt_speech.train.trainable import add_lora, is_memory, merge_lora, set_trainable
+
+if tp.TYPE_CHECKING:
+    from ttt_speech.train.own_prefix import OwnPrefix
 
 log = logging.getLogger("ttt_speech.train")
 
@@ -59,6 +63,15 @@ def build_segment_lm(cfg: Config, device: torch.device, dtype: torch.dtype) -> S
         add_lora(seg.layers(), t.lora)
     set_trainable(seg, t.trainable)
     return seg
+
+
+def own_prefix(cfg: Config, seg: SegmentLM, bf16: bool) -> OwnPrefix | None:
+    """`train.own_prefix` (None when off) on the module the loop trains (the model, not its DDP wrapper)."""
+    if not cfg.train.own_prefix.prob:
+        return None
+    from ttt_speech.train.own_prefix import OwnPrefix
+
+    return OwnPrefix(cfg.train.own_prefix, seg.model, cfg.seed, bf16)
 
 
 def segment_bounds(length: int, segment: int | None) -> list[tuple[int, int]]:
@@ -125,8 +138,11 @@ class Trainer(StagedTrainer):
                                     cfg.data.repeat)
         self.val_data = TokenData(val_docs, self.seg.streams, cfg.seed, cfg.data.pack, cfg.data.min_chunk) \
             if val_docs else None
+        self.own_prefix = own_prefix(cfg, self.seg, self.bf16)
         for i, stage in enumerate(cfg.stages):  # before step 1, not when the stage comes
             self.train_data.check_length(stage.seq_len, f"stage {i}, training data {cfg.data.train}")
+            if self.own_prefix is not None:
+                self.own_prefix.check_length(stage.seq_len, f"stage {i}")
 
         self.model = parallelize(self.seg, p, cfg.train.parallel, self.bf16)
         named = [(n, q) for n, q in self.seg.named_parameters() if q.requires_grad]
@@ -169,8 +185,8 @@ class Trainer(StagedTrainer):
     def _totals(self, batch: Batch) -> Tensor:
         return self.procs.all_reduce(self.seg.term_weights(batch).to(self.procs.device))
 
-    def train_step(self, codes: Tensor, segment: int | None) -> dict[str, float]:
-        batch = self.seg.prepare(codes.to(self.procs.device))
+    def train_step(self, codes: Tensor, segment: int | None, scored: Tensor | None = None) -> dict[str, float]:
+        batch = self.seg.prepare(codes.to(self.procs.device), scored)
         totals = self._totals(batch)
         # DDP and FSDP average gradients over processes: undo it, each process already holds its share
         scale = torch.where(totals > 0, self.procs.world / totals.clamp_min(1e-12), torch.zeros_like(totals))
@@ -206,19 +222,32 @@ class Trainer(StagedTrainer):
 
     # -- what the engine asks ---------------------------------------------------------------------
     def step(self, batch: Tensor, state: TrainState, stage: Stage) -> dict[str, float]:
-        return self.train_step(batch, stage.segment_len or self.cfg.train.segment_len)
+        segment = stage.segment_len or self.cfg.train.segment_len
+        if self.own_prefix is None:
+            return self.train_step(batch, segment)
+        start = time.perf_counter()  # generation is sequential, one frame per step: worth watching
+        codes, scored = self.own_prefix(batch.to(self.procs.device), state.stage, self._first(state))
+        if self.procs.device.type == "cuda":
+            torch.cuda.synchronize(self.procs.device)
+        seconds = time.perf_counter() - start
+        return self.train_step(codes, segment, scored) | {"own_prefix_s": seconds}
+
+    def _first(self, state: TrainState) -> int:
+        """The stage's index of this process's first sample in the step."""
+        return state.samples + self.procs.rank * self.local_batch
 
     def batches(self, state: TrainState, stage: Stage) -> tp.Iterator[Tensor]:
         for _ in range(stage.steps - state.stage_step):  # state.samples moves on with each step
-            yield self.train_data.batch(state.samples + self.procs.rank * self.local_batch, self.local_batch,
-                                        stage.seq_len, state.stage)
+            yield self.train_data.batch(self._first(state), self.local_batch, stage.seq_len, state.stage)
 
     def throughput(self, stage: Stage, seconds: float) -> dict[str, float]:
         tokens = self.cfg.train.batch_size * stage.seq_len
         return {"tokens": tokens, "tokens_per_s": tokens / seconds}
 
     def progress(self, out: dict[str, float], state: TrainState, throughput: dict[str, float]) -> dict[str, str]:
-        return {"stage": str(state.stage), "loss": f"{out['loss']:.4f}", "tok_s": f"{throughput['tokens_per_s']:,.0f}"}
+        own = {"own_s": f"{out['own_prefix_s']:.1f}"} if "own_prefix_s" in out else {}
+        return {"stage": str(state.stage), "loss": f"{out['loss']:.4f}",
+                "tok_s": f"{throughput['tokens_per_s']:,.0f}"} | own
 
     def begin_stage(self, state: TrainState, stage: Stage) -> None:
         segment = stage.segment_len or self.cfg.train.segment_len

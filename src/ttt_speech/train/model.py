@@ -104,8 +104,10 @@ class SegmentLM(nn.Module):
         """The model's container of sequence layers."""
         raise NotImplementedError
 
-    def prepare(self, codes: Tensor) -> Batch:
-        """Tokens [B, K, L] from the data (-1 = nothing there) -> inputs and loss weights."""
+    def prepare(self, codes: Tensor, scored: Tensor | None = None) -> Batch:
+        """Tokens [B, K, L] from the data (-1 = nothing there) -> inputs and loss weights. `scored` [B, L]
+        (bool): the frames that are targets (None: all); the others are context only (own samples,
+        `train.own_prefix`)."""
         raise NotImplementedError
 
     def layer_forward(self, layer: nn.Module, x: Tensor, carry: LayerCarry, pos: int) -> tuple[Tensor, LayerCarry]:

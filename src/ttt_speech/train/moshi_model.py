@@ -80,7 +80,7 @@ class MoshiSegmentLM(SegmentLM):
     def memory_layer_count(self) -> int:
         return sum(hasattr(layer, MEMORY) for layer in self.layers())
 
-    def prepare(self, codes: Tensor) -> Batch:
+    def prepare(self, codes: Tensor, scored: Tensor | None = None) -> Batch:
         lm = self.model
         B, K, L = codes.shape
         if K != lm.num_codebooks:
@@ -95,7 +95,10 @@ class MoshiSegmentLM(SegmentLM):
         rows = 1 + lm.dep_q
         targets = inputs[:, :rows, 1:]
         delays = torch.tensor(lm.delays[:rows], device=codes.device).view(1, rows, 1)
-        valid = (torch.arange(L, device=codes.device).view(1, 1, L) >= delays) & (targets != lm.zero_token_id)
+        frame = torch.arange(L, device=codes.device).view(1, 1, L) - delays  # the frame each target holds
+        valid = (frame >= 0) & (targets != lm.zero_token_id)
+        if scored is not None:  # a stream's target is scored when the frame it holds (through its delay) is
+            valid &= scored[:, frame[0].clamp(min=0)]
         weights = valid.float()
         pad = (targets[:, 0] == lm.text_padding_token_id) | (targets[:, 0] == lm.end_of_text_padding_id)
         weights[:, 0] *= torch.where(pad, self.loss.text_padding_weight, 1.0)

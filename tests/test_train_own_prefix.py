@@ -1,0 +1,100 @@
+"""`train.own_prefix`: sequences that hold the model's own samples after a real prompt, scored on the real
+frames only (the delayed codebooks of the own frames included); the config says what is wrong in one line."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("moshi")
+
+from helpers.train import tiny_config  # noqa: E402
+from ttt_speech.engine.metrics import read_metrics  # noqa: E402
+from ttt_speech.errors import UsageError  # noqa: E402
+from ttt_speech.train.config import config_from_dict, load_config  # noqa: E402
+from ttt_speech.train.loop import Trainer  # noqa: E402
+
+P, F, T = 4, 8, 24  # prompt, own frames, stage length (tiny_config's first stage)
+OWN = {"prob": 1.0, "prompt": P, "frames": F}
+
+
+def trainer(tmp: Path, own: dict, **over: object) -> Trainer:
+    return Trainer(config_from_dict(tiny_config(tmp, **{"train.own_prefix": own}, **over)))
+
+
+def test_the_sequence_is_prompt_own_samples_then_the_real_continuation(tmp_path: Path) -> None:
+    t = trainer(tmp_path, OWN)
+    seg, lm = t.seg, t.seg.model
+    rows = 1 + lm.dep_q
+    codes = t.train_data.batch(0, 2, T, 0)
+    out, scored = t.own_prefix(codes, 0, 0)
+    assert lm.training  # generation ran in eval mode, training goes on in training mode
+    assert torch.equal(out[..., :P], codes[..., :P])  # the real prompt
+    assert torch.equal(out[..., P + F:], codes[..., P:T - F])  # the real sequence again from the prompt's end
+    assert torch.equal(out[:, rows:, P:P + F], codes[:, rows:, P:P + F])  # the user heard during the own frames
+    assert (out[:, :rows, P:P + F] != codes[:, :rows, P:P + F]).float().mean() > 0.5  # the model's own samples
+    assert scored.tolist() == [[not P <= i < P + F for i in range(T)]] * 2
+
+    weights, teacher = seg.prepare(out, scored).weights, seg.prepare(out).weights  # [B, rows, T], delayed
+    assert lm.delays[:rows] == [0, 0, 1]
+    for k, delay in enumerate(lm.delays[:rows]):  # a stream's own targets sit `delay` frames later
+        own = torch.zeros(T, dtype=torch.bool)
+        own[P + delay:P + F + delay] = True
+        assert torch.equal(weights[:, k], torch.where(own, 0.0, teacher[:, k])), k
+    assert (teacher[:, :, P:P + F + 1] > 0).all()  # so exactly 8 targets per stream went: 24 per sequence
+    assert ((weights == 0) & (teacher > 0)).sum().item() == 2 * rows * F
+
+
+def test_each_sample_is_drawn_on_its_own_so_any_process_recomputes_it(tmp_path: Path) -> None:
+    t = trainer(tmp_path, OWN | {"prob": 0.5})
+    chosen, seed = t.own_prefix.draws(0, 0, 8)
+    assert 0 < chosen.sum() < 8
+    assert torch.equal(t.own_prefix.draws(0, 4, 4)[0], chosen[4:]) and t.own_prefix.draws(0, 0, 8)[1] == seed
+    assert t.own_prefix.draws(1, 0, 8)[1] != seed  # another stage, other draws
+    codes = t.train_data.batch(0, 8, T, 0)
+    out, scored = t.own_prefix(codes, 0, 0)
+    assert torch.equal(out[~chosen], codes[~chosen]) and scored[~chosen].all()
+    assert not torch.equal(out[chosen], codes[chosen]) and (~scored[chosen]).sum() == chosen.sum() * F
+
+
+def test_a_short_run_trains_and_logs_the_generation_time(tmp_path: Path) -> None:
+    t = trainer(tmp_path, OWN | {"prob": 0.5}, **{"train.batch_size": 4,
+                                                   "stages": [{"seq_len": T, "steps": 2, "lr": 1e-3}]})
+    assert t.run().finished
+    train = [r for r in read_metrics(t.cfg.run_dir) if r["split"] == "train"]
+    assert [r["step"] for r in train] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and r["own_prefix_s"] > 0 for r in train)
+    assert train[0]["loss"] != pytest.approx(train[1]["loss"])
+
+
+def test_off_by_default_and_set_from_yaml_or_set(tmp_path: Path) -> None:
+    cfg = config_from_dict(tiny_config(tmp_path))
+    assert cfg.train.own_prefix.prob == 0.0 and (cfg.train.own_prefix.prompt, cfg.train.own_prefix.frames) == (64, 256)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tmp_path, **{"train.own_prefix": {"prob": 0.25}})))
+    cfg = load_config(path, ["train.own_prefix.frames=16", "train.own_prefix.temp_text=0.5"])
+    own = cfg.train.own_prefix
+    assert (own.prob, own.prompt, own.frames, own.temp, own.temp_text) == (0.25, 64, 16, 0.8, 0.5)
+
+
+@pytest.mark.parametrize("over,message", [
+    ({"train.own_prefix": {"prob": 1.5}}, r"train.own_prefix.prob must be in \[0, 1\] \(0: off\), got 1.5"),
+    ({"train.own_prefix": {"prob": 0.5, "prompt": 0}}, "train.own_prefix.prompt must be >= 1"),
+    ({"train.own_prefix": {"frames": 0}}, "train.own_prefix.frames must be >= 1"),
+    ({"train.own_prefix": {"temp_text": 0.0}}, "train.own_prefix.temp_text must be > 0"),
+    ({"train.own_prefix": {"prob": 0.5}, "train.parallel": "fsdp"}, "use train.parallel: ddp"),
+    ({"train.own_prefix": {"prob": 0.5}, "model.family": "hf"}, "train.own_prefix is Moshi-only"),
+])
+def test_config_errors_name_the_field_and_the_fix(tmp_path: Path, over: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        config_from_dict(tiny_config(tmp_path, **over))
+
+
+def test_a_stage_too_short_for_prompt_and_frames_fails_before_step_one(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match=r"stage 0: seq_len 24 leaves no real frame after train.own_prefix's "
+                                         r"prompt \+ frames \+ the model's acoustic delay \(24\)"):
+        trainer(tmp_path, OWN | {"frames": 19})
