@@ -31,7 +31,7 @@ def test_the_sequence_is_prompt_own_samples_then_the_real_continuation(tmp_path:
     seg, lm = t.seg, t.seg.model
     rows = 1 + lm.dep_q
     codes = t.train_data.batch(0, 2, T, 0)
-    out, scored = t.own_prefix(codes, 0, 0)
+    out, scored = t.own_prefix(codes, 0, 0, 0)
     assert lm.training  # generation ran in eval mode, training goes on in training mode
     assert torch.equal(out[..., :P], codes[..., :P])  # the real prompt
     assert torch.equal(out[..., P + F:], codes[..., P:T - F])  # the real sequence again from the prompt's end
@@ -56,9 +56,20 @@ def test_each_sample_is_drawn_on_its_own_so_any_process_recomputes_it(tmp_path: 
     assert torch.equal(t.own_prefix.draws(0, 4, 4)[0], chosen[4:]) and t.own_prefix.draws(0, 0, 8)[1] == seed
     assert t.own_prefix.draws(1, 0, 8)[1] != seed  # another stage, other draws
     codes = t.train_data.batch(0, 8, T, 0)
-    out, scored = t.own_prefix(codes, 0, 0)
+    out, scored = t.own_prefix(codes, 0, 0, 0)
     assert torch.equal(out[~chosen], codes[~chosen]) and scored[~chosen].all()
     assert not torch.equal(out[chosen], codes[chosen]) and (~scored[chosen]).sum() == chosen.sum() * F
+
+
+def test_every_leaves_the_other_steps_teacher_forced(tmp_path: Path) -> None:
+    t = trainer(tmp_path, OWN | {"every": 3})
+    codes = t.train_data.batch(0, 2, T, 0)
+    for step in (1, 2, 4, 5):
+        out, scored = t.own_prefix(codes, 0, 0, step)
+        assert torch.equal(out, codes) and scored.all(), step
+    for step in (0, 3, 6):
+        out, scored = t.own_prefix(codes, 0, 0, step)
+        assert (~scored).sum() == 2 * F and not torch.equal(out, codes), step
 
 
 def test_a_short_run_trains_and_logs_the_generation_time(tmp_path: Path) -> None:
@@ -86,6 +97,7 @@ def test_off_by_default_and_set_from_yaml_or_set(tmp_path: Path) -> None:
     ({"train.own_prefix": {"prob": 0.5, "prompt": 0}}, "train.own_prefix.prompt must be >= 1"),
     ({"train.own_prefix": {"frames": 0}}, "train.own_prefix.frames must be >= 1"),
     ({"train.own_prefix": {"temp_text": 0.0}}, "train.own_prefix.temp_text must be > 0"),
+    ({"train.own_prefix": {"every": 0}}, r"train.own_prefix.every must be >= 1 \(1: every step\), got 0"),
     ({"train.own_prefix": {"prob": 0.5}, "train.parallel": "fsdp"}, "use train.parallel: ddp"),
     ({"train.own_prefix": {"prob": 0.5}, "model.family": "hf"}, "train.own_prefix is Moshi-only"),
 ])

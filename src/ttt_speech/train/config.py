@@ -192,7 +192,9 @@ class OwnPrefixConfig:
 
     With probability `prob` a sequence keeps its first `prompt` real frames, then holds `frames` frames of
     the model's own stream sampled after them (`temp`, `temp_text`: moshi's LMGen temperatures), then the
-    real sequence again from frame `prompt`, cut to the stage length; loss only on the real frames.
+    real sequence again from frame `prompt`, cut to the stage length; loss only on the real frames. Only
+    every `every`-th optimizer step draws any: generation is one frame at a time, so a step costs about the
+    same for one chosen sequence as for a batch of them, and `every` (not `prob`) is what sets the cost.
     Moshi only, one process or DDP (generation runs the whole model, FSDP holds a shard of it).
     """
 
@@ -201,8 +203,11 @@ class OwnPrefixConfig:
     frames: int = 256
     temp: float = 0.8
     temp_text: float = 0.7
+    every: int = 1  # own prefixes only in steps 0, every, 2 * every, ... (the generation's cost)
 
     def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ValueError(f"train.own_prefix.every must be >= 1 (1: every step), got {self.every}")
         if not 0.0 <= self.prob <= 1.0:
             raise ValueError(f"train.own_prefix.prob must be in [0, 1] (0: off), got {self.prob}")
         if self.prompt < 1:

@@ -226,7 +226,7 @@ class Trainer(StagedTrainer):
         if self.own_prefix is None:
             return self.train_step(batch, segment)
         start = time.perf_counter()  # generation is sequential, one frame per step: worth watching
-        codes, scored = self.own_prefix(batch.to(self.procs.device), state.stage, self._first(state))
+        codes, scored = self.own_prefix(batch.to(self.procs.device), state.stage, self._first(state), state.step)
         if self.procs.device.type == "cuda":
             torch.cuda.synchronize(self.procs.device)
         seconds = time.perf_counter() - start

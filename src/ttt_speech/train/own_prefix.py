@@ -87,10 +87,11 @@ class OwnPrefix:
             lm.train(training)
         return own[..., P:]
 
-    def __call__(self, codes: Tensor, stage: int, first: int) -> tuple[Tensor, Tensor]:
-        """codes [B, K, T] (samples first .. of `stage`) with own prefixes in the chosen sequences, and the
-        frames that are targets [B, T] (`SegmentLM.prepare`'s `scored`)."""
+    def __call__(self, codes: Tensor, stage: int, first: int, step: int) -> tuple[Tensor, Tensor]:
+        """codes [B, K, T] (samples first .. of `stage`, optimizer step `step`) with own prefixes in the chosen
+        sequences, and the frames that are targets [B, T] (`SegmentLM.prepare`'s `scored`)."""
         chosen, seed = self.draws(stage, first, codes.shape[0])
+        chosen &= step % self.cfg.every == 0
         P, F = self.cfg.prompt, self.cfg.frames
         if chosen.any():
             codes = codes.clone()
