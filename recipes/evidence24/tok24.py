@@ -4,7 +4,9 @@
     python tok24.py silence PACK FRAMES         PACK/silence.safetensors: Mimi's codes of FRAMES frames of silence
     python tok24.py random PACK OUT DOCS FRAMES random-frame documents (text + 8 codebooks random, user streams silent)
     python tok24.py encode PACK CORPUS...       every recording of the corpora -> PACK/{train,val}.safetensors
-                                                (rows: text + the 8 model codebooks, int16)
+                                                (rows: text + the 8 model codebooks, int16); with PART=i/n in the
+                                                environment, every n-th from the i-th (parallel parts: merge)
+    python tok24.py merge PACK PART...          packs of disjoint corpora (encoded in parallel) -> one PACK
     python tok24.py unpack PACK OUT             PACK -> OUT/{train,val}: `ttt-speech tokenize` directories, the
                                                 user's 8 silent codebooks rebuilt from the cached encoding of silence
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -106,6 +109,8 @@ def encode(pack: str, *corpora: str, group: int = 24) -> None:
             for line in (c / f"{split}.jsonl").read_text().splitlines():
                 rel = json.loads(line)["path"]
                 items.append((split, f"{c.name}/{rel}", c / rel))
+    i, n = map(int, os.environ.get("PART", "0/1").split("/"))
+    items = items[i::n]
     arrays: dict[str, dict[str, np.ndarray]] = {"train": {}, "val": {}}
     longest = 0
     t0 = time.time()
@@ -129,6 +134,21 @@ def encode(pack: str, *corpora: str, group: int = 24) -> None:
     for split, a in arrays.items():
         save_file(a, str(out / f"{split}.safetensors"))
         print(split, len(a), "recordings", sum(x.shape[1] for x in a.values()), "frames", flush=True)
+
+
+def merge(pack: str, *parts: str) -> None:
+    from safetensors.numpy import load_file, save_file
+    Path(pack).mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(parts[0]) / "silence.safetensors", Path(pack) / "silence.safetensors")
+    for split in ("train", "val"):
+        arrays: dict[str, np.ndarray] = {}
+        for part in parts:
+            a = load_file(str(Path(part) / f"{split}.safetensors"))
+            if arrays.keys() & a.keys():
+                raise ValueError(f"{part}: recordings {sorted(arrays.keys() & a.keys())[:3]} are in another part")
+            arrays |= a
+        save_file(arrays, str(Path(pack) / f"{split}.safetensors"))
+        print(split, len(arrays), "recordings", sum(x.shape[1] for x in arrays.values()), "frames", flush=True)
 
 
 def unpack(pack: str, out: str, shard_frames: int = 1 << 20) -> None:
@@ -168,4 +188,5 @@ def unpack(pack: str, out: str, shard_frames: int = 1 << 20) -> None:
 
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
-    {"base": base, "silence": silence, "random": random_docs, "encode": encode, "unpack": unpack}[cmd](*args)
+    {"base": base, "silence": silence, "random": random_docs, "encode": encode, "merge": merge,
+     "unpack": unpack}[cmd](*args)
