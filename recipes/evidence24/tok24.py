@@ -94,6 +94,16 @@ def _left(path: Path) -> np.ndarray:
     return x[:, 0].astype(np.float32) / 32768.0
 
 
+def part_of(items: list, spec: str) -> list:
+    """Part i of n ("i/n"): every n-th item from the i-th, so n processes encode disjoint recordings."""
+    try:
+        i, n = map(int, spec.split("/"))
+        assert 0 <= i < n
+    except (ValueError, AssertionError):
+        raise SystemExit(f"PART={spec}: give i/n with 0 <= i < n, e.g. PART=1/2") from None
+    return items[i::n]
+
+
 def encode(pack: str, *corpora: str, group: int = 24) -> None:
     import torch
     from safetensors.numpy import save_file
@@ -109,8 +119,7 @@ def encode(pack: str, *corpora: str, group: int = 24) -> None:
             for line in (c / f"{split}.jsonl").read_text().splitlines():
                 rel = json.loads(line)["path"]
                 items.append((split, f"{c.name}/{rel}", c / rel))
-    i, n = map(int, os.environ.get("PART", "0/1").split("/"))
-    items = items[i::n]
+    items = part_of(items, os.environ.get("PART", "0/1"))
     arrays: dict[str, dict[str, np.ndarray]] = {"train": {}, "val": {}}
     longest = 0
     t0 = time.time()
