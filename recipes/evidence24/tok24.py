@@ -5,7 +5,9 @@
     python tok24.py random PACK OUT DOCS FRAMES random-frame documents (text + 8 codebooks random, user streams silent)
     python tok24.py encode PACK CORPUS...       every recording of the corpora -> PACK/{train,val}.safetensors
                                                 (rows: text + the 8 model codebooks, int16); with PART=i/n in the
-                                                environment, every n-th from the i-th (parallel parts: merge)
+                                                environment, every n-th from the i-th (parallel parts: merge);
+                                                GROUP=k recordings per batch (default 24: ~10 GB
+                                                of host memory for 20-minute recordings, 4 on a CPU)
     python tok24.py merge PACK PART...          packs of disjoint corpora (encoded in parallel) -> one PACK
     python tok24.py unpack PACK OUT             PACK -> OUT/{train,val}: `ttt-speech tokenize` directories, the
                                                 user's 8 silent codebooks rebuilt from the cached encoding of silence
@@ -120,6 +122,7 @@ def encode(pack: str, *corpora: str, group: int = 24) -> None:
                 rel = json.loads(line)["path"]
                 items.append((split, f"{c.name}/{rel}", c / rel))
     items = part_of(items, os.environ.get("PART", "0/1"))
+    group = int(os.environ.get("GROUP", group))
     arrays: dict[str, dict[str, np.ndarray]] = {"train": {}, "val": {}}
     longest = 0
     t0 = time.time()
