@@ -3,7 +3,8 @@
 # (text + 8 model codebooks); meanwhile the random-frame warm-up of the 64-frame-window base on the GPU; then
 # its speech stage (2 in-window copies per sequence, 1500 steps) and a first in-window copy probe.
 # Run from the repository root, with the carried files in $B (recipes/evidence.sh, step 8, builds them):
-# flite.tar.xz (flite + its libraries), texts.json.xz (the three texts' paragraphs), whl/ (moshi 0.2.13).
+# flite.tar.xz (flite + its libraries), texts.json.xz (the three texts' paragraphs), whl/ (moshi 0.2.13); with
+# arms/pack.tar.xz (the tokens made elsewhere) only whl/ and arms/ are needed.
 # Everything lives in /tmp/w on the device and every phase is skipped once its output is there, so the same
 # command in a later call on the same (warm) machine goes on where the last one stopped: the speech stage is
 # stopped by SIGTERM at END seconds (it checkpoints) and resumed by the next call.
@@ -20,7 +21,7 @@ RECS=(${RECS:-140 36 12})  # recordings of kjv, jargon, devil (20 minutes each)
 S0=$SECONDS; t() { echo "[t=$((SECONDS - S0))s] $*"; }
 left() { echo $((END - (SECONDS - S0))); }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $B/whl/*.whl || exit 1
-mkdir -p /tmp/fl $W && [ -x /tmp/fl/usr/bin/flite ] || tar xJf $B/flite.tar.xz -C /tmp/fl
+mkdir -p /tmp/fl $W
 export PATH=/tmp/fl/usr/bin:$PATH LD_LIBRARY_PATH=/tmp/fl/usr/lib/x86_64-linux-gnu PYTHONPATH=/tmp/site:$PWD/src \
   NO_TORCH_COMPILE=1 NO_CUDA_GRAPH=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 nvidia-smi --query-gpu=name,memory.used --format=csv; python3 -c 'import torch, moshi; print(torch.__version__)'
@@ -38,6 +39,7 @@ MC="python3 $X/texts24.py run $B/texts.json.xz make-corpus --dialogues 0 --minut
 [ -f $W/pack/val.safetensors ] || [ ! -f $B/arms/pack.tar.xz ] || { tar xJf $B/arms/pack.tar.xz -C $W && t pack unpacked; }
 if [ ! -f $W/pack/val.safetensors ]; then
   if [ ! -f $W/c/devil/corpus.json ]; then
+    [ -x /tmp/fl/usr/bin/flite ] || tar xJf $B/flite.tar.xz -C /tmp/fl || exit 1
     $MC --out $W/c/kjv --texts kjv --recordings ${RECS[0]} --val-fraction 0.05 --seed 0 --jobs 10 > $W/c_kjv.log 2>&1 &
     C1=$!
     $MC --out $W/c/jargon --texts jargon --recordings ${RECS[1]} --val-fraction 0.06 --seed 1 --jobs 3 > $W/c_jargon.log 2>&1 &

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 24, section 15 as amended (docs/results.md, 2026-12-02 14:15 UTC): the base rebuilt (device1.sh, from the
 # CPU-made token pack in .exp24/arms/pack.tar.xz when it is there), then arms BD / BQ / BO side by side from it,
-# each stopped at 1092 steps, in three calls on one warm H200 (carry .exp24):
+# each stopped at 1092 steps, in three calls on one warm H200 (carry .exp24/whl and .exp24/arms; without the
+# pack, carry .exp24 and run ARMS="bd bo": device1.sh then synthesizes the corpus on the device):
 #   bash recipes/evidence24/section15.sh 1   # the base (~430 s), then the arms' first steps
 #   bash recipes/evidence24/section15.sh 2   # the arms (the base first, if call 1 could not finish it)
 #   bash recipes/evidence24/section15.sh 3   # the arms to their 1092 steps, exported (bf16, to $OUT) and scored
