@@ -128,9 +128,23 @@ R=/tmp/i24root; mkdir -p $R .exp24/whl && (cd /tmp && apt-get download flite lib
 tar cJf .exp24/flite.tar.xz -C $R usr/bin/flite usr/lib/x86_64-linux-gnu
 PATH=$R/usr/bin:$PATH python recipes/evidence24/texts24.py dump $R .exp24/texts.json.xz
 pip download --no-deps --only-binary=:all: -d .exp24/whl moshi==0.2.13
-#    On the device (carry .exp24; it writes tokens.tar.xz.* (text + 8 model codebooks, int16, xz: 30 MB),
-#    speech_model.safetensors (the base, bf16) and misc.tar (logs, metrics, a first probe) to $OUT):
-bash recipes/evidence24/device1.sh
+#    Either the tokens here on the CPU (2026-12-02, 2 cores: synthesis ~35 min, encoding ~95 min in parallel
+#    parts beside other work), carried as .exp24/arms/pack.tar.xz, which device1.sh unpacks instead of synthesizing:
+E=runs/evidence X=recipes/evidence24 V=flite:slt,flite:awb,flite:rms,flite:kal16,flite:kal
+MC="python $X/texts24.py run .exp24/texts.json.xz make-corpus --dialogues 0 --minutes-per-recording 20 --voices $V --no-progress --jobs 2"
+PATH=$R/usr/bin:$PATH LD_LIBRARY_PATH=$R/usr/lib/x86_64-linux-gnu bash -c "$MC --out $E/c/kjv --texts kjv --recordings 140 \
+    --val-fraction 0.05 --seed 0 && $MC --out $E/c/jargon --texts jargon --recordings 36 --val-fraction 0.06 --seed 1 \
+    && $MC --out $E/c/devil --texts devil --recordings 12 --val-fraction 0.09 --seed 2"
+python $X/tok24.py silence $E/pack_a 16000 && mkdir -p $E/pack_b && cp $E/pack_a/silence.safetensors $E/pack_b/
+GROUP=4 PART=0/2 python $X/tok24.py encode $E/pack_a $E/c/kjv $E/c/jargon $E/c/devil &
+GROUP=4 PART=1/2 python $X/tok24.py encode $E/pack_b $E/c/kjv $E/c/jargon $E/c/devil; wait
+python $X/tok24.py merge $E/pack $E/pack_a $E/pack_b && mkdir -p $E/meta .exp24/arms \
+    && for c in kjv jargon devil; do cp $E/c/$c/corpus.json $E/meta/$c.json; done \
+    && (cd $E && tar cf - pack/*.safetensors meta | xz -T2 -6) > .exp24/arms/pack.tar.xz
+#    or all of it on the device (carry .exp24; PACK=all brings tokens.tar.xz.* (text + 8 model codebooks, int16,
+#    xz: 30 MB) back; speech_model.safetensors (the base, bf16) and misc.tar (logs, metrics, a first probe) come
+#    to $OUT either way; END stops a call, the same command in the next call goes on):
+END=560 PACK=all bash recipes/evidence24/device1.sh
 #    Back here: the tokens as `ttt-speech tokenize` directories (user streams rebuilt from the silence codes),
 #    the base as a checkpoint directory, and its copy probes with intervals and both controls (CPU, ~15 min).
 E=runs/evidence; mkdir -p $E/base_speech && cat $OUT/tokens.tar.xz.* | xz -d | tar xf - -C $E
