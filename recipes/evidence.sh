@@ -130,11 +130,8 @@ PATH=$R/usr/bin:$PATH python recipes/evidence24/texts24.py dump $R .exp24/texts.
 pip download --no-deps --only-binary=:all: -d .exp24/whl moshi==0.2.13
 #    Either the tokens here on the CPU (2026-12-02, 2 cores: synthesis ~35 min, encoding ~95 min in parallel
 #    parts beside other work), carried as .exp24/arms/pack.tar.xz, which device1.sh unpacks instead of synthesizing:
-E=runs/evidence X=recipes/evidence24 V=flite:slt,flite:awb,flite:rms,flite:kal16,flite:kal
-MC="python $X/texts24.py run .exp24/texts.json.xz make-corpus --dialogues 0 --minutes-per-recording 20 --voices $V --no-progress --jobs 2"
-PATH=$R/usr/bin:$PATH LD_LIBRARY_PATH=$R/usr/lib/x86_64-linux-gnu bash -c "$MC --out $E/c/kjv --texts kjv --recordings 140 \
-    --val-fraction 0.05 --seed 0 && $MC --out $E/c/jargon --texts jargon --recordings 36 --val-fraction 0.06 --seed 1 \
-    && $MC --out $E/c/devil --texts devil --recordings 12 --val-fraction 0.09 --seed 2"
+E=runs/evidence X=recipes/evidence24
+PATH=$R/usr/bin:$PATH LD_LIBRARY_PATH=$R/usr/lib/x86_64-linux-gnu JOBS="2 1 1" bash $X/corpora.sh $E .exp24/texts.json.xz
 python $X/tok24.py silence $E/pack_a 16000 && mkdir -p $E/pack_b && cp $E/pack_a/silence.safetensors $E/pack_b/
 GROUP=4 PART=0/2 python $X/tok24.py encode $E/pack_a $E/c/kjv $E/c/jargon $E/c/devil &
 GROUP=4 PART=1/2 python $X/tok24.py encode $E/pack_b $E/c/kjv $E/c/jargon $E/c/devil; wait

@@ -2,7 +2,7 @@
 # Issue 24 on one H200 (16 cores): ~60 h of flite speech, tokenized with the shipped codec, packed as int16
 # (text + 8 model codebooks); meanwhile the random-frame warm-up of the 64-frame-window base on the GPU; then
 # its speech stage (2 in-window copies per sequence, 1500 steps) and a first in-window copy probe.
-# Run from the repository root, with the carried files in $B (recipes/evidence.sh, step 8, builds them):
+# The corpus is corpora.sh's (RECS, MINUTES, JOBS pass through). Run from the repository root, with the carried files in $B (recipes/evidence.sh, step 8, builds them):
 # flite.tar.xz (flite + its libraries), texts.json.xz (the three texts' paragraphs), whl/ (moshi 0.2.13); with
 # arms/pack.tar.xz (the tokens made elsewhere) only whl/ and arms/ are needed.
 # Everything lives in /tmp/w on the device and every phase is skipped once its output is there, so the same
@@ -17,7 +17,6 @@
 # PACK=all also packs the training split (tokens.tar.xz.*, 30 MB: 2026-12-02's first run carried it back).
 set -uo pipefail
 X=$PWD/recipes/evidence24 B=${B:-$PWD/.exp24} W=/tmp/w END=${END:-560}
-RECS=(${RECS:-140 36 12})  # recordings of kjv, jargon, devil (20 minutes each)
 S0=$SECONDS; t() { echo "[t=$((SECONDS - S0))s] $*"; }
 left() { echo $((END - (SECONDS - S0))); }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $B/whl/*.whl || exit 1
@@ -33,20 +32,12 @@ if [ ! -f $W/warm/export/model.safetensors ]; then
   rm -rf $W/warm; python3 -m ttt_speech.train $X/warm.yaml ${WARM_SET:+--set "$WARM_SET"} > $W/warm.log 2>&1 &
   WARM=$!
 fi
-V=flite:slt,flite:awb,flite:rms,flite:kal16,flite:kal
-MC="python3 $X/texts24.py run $B/texts.json.xz make-corpus --dialogues 0 --minutes-per-recording ${MINUTES:-20} --voices $V --no-progress"
 # tokens made elsewhere (the same corpora encoded on a CPU: recipes/evidence.sh, step 8) replace the synthesis
 [ -f $W/pack/val.safetensors ] || [ ! -f $B/arms/pack.tar.xz ] || { tar xJf $B/arms/pack.tar.xz -C $W && t pack unpacked; }
 if [ ! -f $W/pack/val.safetensors ]; then
   if [ ! -f $W/c/devil/corpus.json ]; then
     [ -x /tmp/fl/usr/bin/flite ] || tar xJf $B/flite.tar.xz -C /tmp/fl || exit 1
-    $MC --out $W/c/kjv --texts kjv --recordings ${RECS[0]} --val-fraction 0.05 --seed 0 --jobs 10 > $W/c_kjv.log 2>&1 &
-    C1=$!
-    $MC --out $W/c/jargon --texts jargon --recordings ${RECS[1]} --val-fraction 0.06 --seed 1 --jobs 3 > $W/c_jargon.log 2>&1 &
-    C2=$!
-    $MC --out $W/c/devil --texts devil --recordings ${RECS[2]} --val-fraction 0.09 --seed 2 --jobs 2 > $W/c_devil.log 2>&1 &
-    C3=$!
-    wait $C1 $C2 $C3
+    bash $X/corpora.sh $W $B/texts.json.xz || { cat $W/c_*.log; exit 1; }
   fi
   t corpora done; cat $W/c_*.log; du -sh $W/c
   python3 $X/tok24.py encode $W/pack $W/c/kjv $W/c/jargon $W/c/devil || exit 1
