@@ -156,8 +156,8 @@ def merge(pack: str, *parts: str) -> None:
         arrays: dict[str, np.ndarray] = {}
         for part in parts:
             a = load_file(str(Path(part) / f"{split}.safetensors"))
-            if arrays.keys() & a.keys():
-                raise ValueError(f"{part}: recordings {sorted(arrays.keys() & a.keys())[:3]} are in another part")
+            if twice := sorted(arrays.keys() & a.keys()):
+                raise ValueError(f"{part}: recordings {twice[:3]} are in another part")
             arrays |= a
         save_file(arrays, str(Path(pack) / f"{split}.safetensors"))
         print(split, len(arrays), "recordings", sum(x.shape[1] for x in arrays.values()), "frames", flush=True)
