@@ -307,6 +307,32 @@ def _is_module_object(node: ast.expr) -> bool:
     return isinstance(node, ast.Subscript) and ast.unparse(node.value) == "sys.modules"
 
 
+def test_kv_caches_follow_autocast_in_lmgen_and_the_depformer(tiny_lm):
+    """float32 weights under bf16 autocast: moshi's own KV caches (float32) refuse the bf16 keys; within the
+    context the main transformer's and the depformer's caches (made anew each step) are bf16, and after it
+    moshi makes them in the weights' dtype again."""
+    from moshi.models.lm import LMGen
+
+    from ttt_speech.moshi.compat import kv_caches_follow_autocast
+
+    lm = tiny_lm.float()
+    user = torch.full((2, lm.n_q - lm.dep_q, 1), lm.zero_token_id, dtype=torch.long)
+
+    def run() -> None:
+        gen = LMGen(lm, temp=0.8, temp_text=0.7)
+        with gen.streaming(2):
+            for _ in range(3):
+                gen.step(user)
+
+    with torch.autocast("cpu", torch.bfloat16):
+        with pytest.raises(RuntimeError, match="dtype"):
+            run()
+        with kv_caches_follow_autocast(lm):
+            run()
+    assert not any("_init_streaming_state" in vars(m) for m in lm.modules())
+    run()  # no autocast: float32 caches, as moshi makes them
+
+
 def test_no_private_access_outside_the_compat_modules():
     """`obj._x` where ttt_speech does not define `_x`, `from lib import _x`, or `obj.__class__ = ...` (but
     for a module's): only the compat modules may do these."""

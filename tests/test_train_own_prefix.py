@@ -110,3 +110,34 @@ def test_a_stage_too_short_for_prompt_and_frames_fails_before_step_one(tmp_path:
     with pytest.raises(UsageError, match=r"stage 0: seq_len 24 leaves no real frame after train.own_prefix's "
                                          r"prompt \+ frames \+ the model's acoustic delay \(24\)"):
         trainer(tmp_path, OWN | {"frames": 19})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("branch,memory,dtype", [("ttt", {"gate_init": 0.5, "mini_batch": 4}, "auto"),
+                                                ("inplace", {"chunk": 4, "decay": 0.9}, "float32")])
+def test_own_prefixes_train_on_cuda_in_bf16(tmp_path: Path, branch: str, memory: dict, dtype: str) -> None:
+    """The device path: moshi's LMGen (CUDA-graphed unless NO_CUDA_GRAPH is set) samples inside the bf16
+    training loop, twice (every 2nd of 4 steps), and the run's losses stay finite; with bf16 weights and with
+    float32 ones under autocast (issue 24's arms)."""
+    t = trainer(tmp_path, OWN | {"every": 2}, **{
+        "model.branch": branch, "model.memory": memory, "model.dtype": dtype, "train.device": "cuda",
+        "train.precision": "bf16",
+        "train.batch_size": 4, "stages": [{"seq_len": T, "steps": 4, "lr": 1e-3}]})
+    assert t.run().finished
+    train = [r for r in read_metrics(t.cfg.run_dir) if r["split"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) for r in train)
+    assert train[0]["own_prefix_s"] > 0 and train[2]["own_prefix_s"] > 0  # steps 0 and 2 sampled
+
+
+def test_own_prefixes_sample_under_bf16_autocast_with_float32_weights(tmp_path: Path) -> None:
+    """model.dtype float32 with train.precision bf16 (recipes/evidence24/arms.yaml): moshi makes its KV caches
+    in the weights' float32 while autocast projects keys and values to bf16, and its ring cache's `scatter_`
+    failed ("Expected self.dtype to be equal to src.dtype"). CPU autocast takes the same path as CUDA's."""
+    t = trainer(tmp_path, OWN, **{"model.branch": "inplace", "model.memory": {"chunk": 4, "decay": 0.9},
+                                  "model.layers": "all"})
+    assert t.seg.model.transformer.layers[0].self_attn.in_projs[0].weight.dtype == torch.float32
+    t.own_prefix.bf16 = True  # the trainer turns bf16 on for CUDA only: the CPU autocast stands in for it
+    codes = t.train_data.batch(0, 2, T, 0)
+    out, scored = t.own_prefix(codes, 0, 0, 0)
+    assert torch.equal(out[..., :P], codes[..., :P]) and (~scored).sum() == 2 * F

@@ -85,7 +85,9 @@ extra() {  # one argument per line
 PIDS=()
 for arm in $ARMS; do
   mapfile -t EXTRA < <(extra $arm)
-  timeout -s TERM $DEADLINE python3 -m ttt_speech.train $X/arms.yaml --run-dir $W/arm_$arm \
+  # own-prefix arms sample with moshi's CUDA-graphed LMGen; section15.sh's GPU check falls back to no graphs
+  NOGRAPH=(); [[ " $OWN " == *" $arm "* && -f $W/own_nograph ]] && NOGRAPH=(NO_CUDA_GRAPH=1)
+  env "${NOGRAPH[@]}" timeout -s TERM $DEADLINE python3 -m ttt_speech.train $X/arms.yaml --run-dir $W/arm_$arm \
     --set "data.train=[$W/tok/train]" --set "data.eval=[$W/tok/val]" \
     --set train.batch_size=${BATCH:-64} --set train.segment_len=$SEGMENT --set train.memory_lr_scale=$MEMLR \
     --set "stages=$STAGES" --set checkpoint.every=100 --set log.every=25 --set log.eval_every=0 \

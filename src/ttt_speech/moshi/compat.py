@@ -20,7 +20,7 @@ from moshi.models.lm_utils import _delay_sequence
 from moshi.models.loaders import _mimi_config
 from moshi.modules.gating import _get_activation
 from moshi.modules.streaming import StreamingModule
-from moshi.modules.transformer import StreamingTransformerLayer, _LayerState
+from moshi.modules.transformer import StreamingMultiheadAttention, StreamingTransformerLayer, _LayerState
 from moshi.quantization.core_vq import EuclideanCodebook
 from torch import Tensor, nn
 
@@ -141,6 +141,34 @@ def to_encoder_framerate(mimi: MimiModel, x: Tensor) -> Tensor:
 def schedule_dead_code_check(codebook: EuclideanCodebook, forwards: int) -> None:
     """Make the codebook check for dead codes after `forwards` more training forwards (1: this one)."""
     codebook._next_unused_check = forwards
+
+
+@contextlib.contextmanager
+def kv_caches_follow_autocast(model: nn.Module) -> tp.Iterator[None]:
+    """Within, each moshi attention of `model` that starts streaming under autocast makes its ring KV cache in
+    the autocast dtype. moshi makes it in the dtype of the attention's weights (`_init_streaming_state`),
+    but under autocast the keys and values it writes come out of the projection in the autocast dtype:
+    float32 weights under bf16 autocast fail in the cache's `scatter_` ("Expected self.dtype to be equal
+    to src.dtype"). The depformer starts streaming anew every step, so the states are made right, not
+    cast once."""
+    attns = [m for m in model.modules() if isinstance(m, StreamingMultiheadAttention)]
+
+    def follow(make: tp.Callable[[int], tp.Any]) -> tp.Callable[[int], tp.Any]:
+        def init(batch_size: int) -> tp.Any:
+            state = make(batch_size)
+            kv = state.kv_cache
+            if kv is not None and torch.is_autocast_enabled(kv.cache.device.type) and kv.cache.is_floating_point():
+                kv.cache = kv.cache.to(torch.get_autocast_dtype(kv.cache.device.type))
+            return state
+        return init
+
+    for m in attns:
+        m._init_streaming_state = follow(m._init_streaming_state)
+    try:
+        yield
+    finally:
+        for m in attns:
+            del m._init_streaming_state
 
 
 def force_text_token(gen: LMGen, token: int | Tensor) -> None:

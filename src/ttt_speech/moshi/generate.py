@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from ttt_speech.audio import FRAME_RATE, SAMPLE_RATE
 from ttt_speech.layers.state import LayerState
-from ttt_speech.moshi.compat import force_text_token
+from ttt_speech.moshi.compat import force_text_token, kv_caches_follow_autocast
 
 
 
@@ -140,7 +140,7 @@ def generate_frames(lm: LMModel, user: Tensor, frames: int, *, prompt: Tensor | 
     delays = torch.tensor(lm.delays[1:1 + lm.dep_q], device=device)
     if prompt is not None:
         prompt = prompt.to(device)
-    with gen.streaming(B):
+    with kv_caches_follow_autocast(lm), gen.streaming(B):
         for i in range(steps):
             forced = None
             if i < P:  # the prompt's audio, in the depformer's delayed coordinates
