@@ -15,9 +15,9 @@
 #   shuffled  ARMS="b bs" SHUFFLED=bs FROM=.exp24/cont LR=3e-4 MEMLR=10 WARMUP=0.001 (the long run's B, continued)
 #   far_len   ARMS="d b bs" SHUFFLED=bs FARLEN=16,320 LR=3e-4 MEMLR=10 (section 9: 11 % of the targets far
 #             copies instead of 2 %), call 1 DEADLINE=540 PHASE=train, call 2 DEADLINE=330 PHASE=all KEEP="b bs"
-# FARLEN=lo,hi sets data.repeat.far_len (the far copies' span lengths); KEEP names arms whose export comes
-# back in $OUT (bf16, without the codec) for probe-memory and shipping. FARBLOCKS=random sets
-# data.repeat.far_blocks (far sources at every age of the state); arms named in DECAYED get
+# FARLEN=lo,hi sets data.repeat.far_len (the far copies' span lengths); KEEP names arms whose export (with
+# PHASE=train: of the last checkpoint) comes back in $OUT (bf16, without the codec) for probe-memory and
+# shipping. FARBLOCKS=random sets data.repeat.far_blocks (far sources at every age of the state); arms named in DECAYED get
 # model.memory.decay=$DECAY (a bounded in-place state). Next (section 9, pre-registered there):
 #   ARMS="d b bd" DECAYED=bd DECAY=0.9 FARLEN=16,320 FARBLOCKS=random LR=3e-4 MEMLR=10, two calls as far_len,
 #   the second with LENGTHS=64,1024,2048,4096,8192 AGES=64,1024,4096 (eval-long to 8192 frames and
@@ -113,6 +113,9 @@ if [ "$PHASE" = all ]; then
   wait; [ -n "$AGES_ARMS" ] && t ages
 fi
 wait
-for arm in $KEEP; do [ -d $W/arm_$arm/export ] && python3 $X/bf16.py $W/arm_$arm/export $OUT/export_$arm; done
+for arm in $KEEP; do  # a train-only call brings its last checkpoints back too: the machine may not wait for the next
+  [ "$PHASE" = all ] || { rm -rf $W/arm_$arm/export; python3 $X/export_last.py $W/arm_$arm || true; }
+  [ -d $W/arm_$arm/export ] && python3 $X/bf16.py $W/arm_$arm/export $OUT/export_$arm
+done
 cd $W && tar cf $OUT/arms.tar arm_*.log arm_*/metrics.jsonl arm_*/config.yaml eval_* 2>/dev/null
 ls -la $OUT; tail -3 $OUT/gpu_tests.log 2>/dev/null

@@ -27,7 +27,8 @@ case ${1:?call 1, 2 or 3} in
      wait; tail -3 /tmp/w/own_check.log; ls /tmp/w/own_nograph 2>/dev/null
      DEADLINE=$((${CALL_END:-570} - (SECONDS - S0))) PHASE=train bash recipes/evidence24/arms.sh ;;
   2) [ -d $BASE ] || END=250 bash recipes/evidence24/device1.sh; [ -d $BASE ] || exit 1
-     DEADLINE=$((${CALL_END:-500} - (SECONDS - S0))) PHASE=train bash recipes/evidence24/arms.sh ;;
+     # the arms' last checkpoints come back (bf16): 2026-12-02's machine went back before call 3 and took them
+     DEADLINE=$((${CALL_END:-500} - (SECONDS - S0))) PHASE=train KEEP="$ARMS" bash recipes/evidence24/arms.sh ;;
   3) DEADLINE=${TRAIN_END:-280} PHASE=all PROBES=30 GAPS=96,640 LENGTHS=64,1024,4096,8192 END=${CALL_END:-520} \
        EVBATCH=360 KEEP="$ARMS" bash recipes/evidence24/arms.sh ;;
   *) echo "section15.sh: call must be 1, 2 or 3, got $1" >&2; exit 2 ;;
