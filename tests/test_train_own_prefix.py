@@ -121,8 +121,7 @@ def test_own_prefixes_train_on_cuda_in_bf16(tmp_path: Path, branch: str, memory:
     float32 ones under autocast (issue 24's arms)."""
     t = trainer(tmp_path, OWN | {"every": 2}, **{
         "model.branch": branch, "model.memory": memory, "model.dtype": dtype, "train.device": "cuda",
-        "train.precision": "bf16",
-        "train.batch_size": 4, "stages": [{"seq_len": T, "steps": 4, "lr": 1e-3}]})
+        "train.precision": "bf16", "train.batch_size": 4, "stages": [{"seq_len": T, "steps": 4, "lr": 1e-3}]})
     assert t.run().finished
     train = [r for r in read_metrics(t.cfg.run_dir) if r["split"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3, 4]
