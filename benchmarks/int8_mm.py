@@ -10,9 +10,9 @@ Before 2026-12-02 13:30 UTC this script timed single eager calls with `triton.te
 between): our autotuned kernel's Python launch path then outlasted the flush, so its small shapes measured the
 host (a ~13-25 µs floor), and at 64 rows the sum over a step came out at 28.9 ms where the model row said ~10.
 
-    python benchmarks/int8_mm.py                       # CUDA: rows 1,64,4,16, both kernels forced too
+    python benchmarks/int8_mm.py                       # CUDA: rows 1,64,4,16, each kernel forced too
     python benchmarks/int8_mm.py --rows 1,2,8 --seconds 60
-    python benchmarks/int8_mm.py --rows 64 --configs   # every tile config of the kernel at each shape, forced
+    python benchmarks/int8_mm.py --rows 64 --configs   # every tile / split-K config at each shape, forced
 
 Shapes come from the hybrid built on the meta device (moshi_stream.py's `build`, TTT with own projections in all
 32 layers): no weights are made. Columns: auto (the kernel int8_mm_triton picks: up to 4 rows the faster of the two,
@@ -37,7 +37,7 @@ from moshi.models import loaders
 from moshi_stream import build  # this directory
 
 from ttt_speech.ops.int8 import int8_mm_naive
-from ttt_speech.ops.int8.triton_mm import DOT_CONFIGS, int8_mm_triton, settled
+from ttt_speech.ops.int8.triton_mm import DOT_CONFIGS, SPLITK_CONFIGS, int8_mm_triton, settled
 from ttt_speech.quantize import linear_layers
 
 
@@ -85,25 +85,26 @@ def main() -> None:
     p.add_argument("--rows", default="1,64,4,16", help="comma list of M (batch size of a streaming step)")
     p.add_argument("--layers", default="all", help="TTT layers of the hybrid whose shapes are timed (all, A-B, none)")
     p.add_argument("--no-forced", action="store_true", help="time only the kernel int8_mm_triton picks")
-    p.add_argument("--configs", action="store_true", help="also each tile config forced (a column per config)")
+    p.add_argument("--configs", action="store_true", help="also each tile and split-K config forced (a column per config)")
     p.add_argument("--seconds", type=float, default=float("inf"), help="nothing new starts after this budget")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("int8_mm.py times CUDA kernels: run it on a GPU (tests/test_int8_triton.py checks them on the CPU)")
     start = time.perf_counter()
     shapes = hybrid_shapes(args.layers)
-    kernels = [None] if args.no_forced else [None, "gemv", "dot"]
+    kernels = [None] if args.no_forced else [None, "gemv", "dot", "splitk"]
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, bf16 x, "
           f"shapes of the Moshi-7B hybrid (TTT layers {args.layers}): {len(shapes)} shapes, "
           f"{sum(shapes.values())} linears, {sum(n * k * c for (n, k), c in shapes.items()) / 2**30:.2f} GiB of int8 "
           "codes per step", flush=True)
-    configs = [f"dot {j}" for j in range(len(DOT_CONFIGS))] if args.configs else []
-    if configs:
-        print("tile configs: " + "; ".join(f"{j}: {c.kwargs}, warps {c.num_warps}, stages {c.num_stages}"
-                                           for j, c in enumerate(DOT_CONFIGS)), flush=True)
-    row("M", "N x K", "count", "auto µs", "gemv µs", "dot µs", "bf16 µs", "bf16 / auto", "auto GB/s", "auto config",
-        "max rel err", *[f"{c} µs" for c in configs])
-    print("|---" * (11 + len(configs)) + "|", flush=True)
+    tiles = {"dot": DOT_CONFIGS, "splitk": SPLITK_CONFIGS}
+    configs = [(kern, j) for kern, cs in tiles.items() for j in range(len(cs))] if args.configs else []
+    for kern, cs in tiles.items() if configs else ():
+        print(f"{kern} configs: " + "; ".join(f"{j}: {c.kwargs}, warps {c.num_warps}, stages {c.num_stages}"
+                                             for j, c in enumerate(cs)), flush=True)
+    row("M", "N x K", "count", "auto µs", "gemv µs", "dot µs", "splitk µs", "bf16 µs", "bf16 / auto", "auto GB/s",
+        "auto config", "max rel err", *[f"{kern} {j} µs" for kern, j in configs])
+    print("|---" * (12 + len(configs)) + "|", flush=True)
     g = torch.Generator(device="cuda").manual_seed(0)
     for m in (int(r) for r in args.rows.split(",") if r):
         total = collections.Counter()
@@ -120,9 +121,9 @@ def main() -> None:
             c8, w16 = [codes.clone() for _ in range(n8)], [w.clone() for _ in range(max(1, n8 // 2))]
             times = {str(kern): graph_us(lambda i, kern=kern: int8_mm_triton(x, c8[i], scale, kernel=kern), n8)
                      for kern in kernels}
-            if args.configs:
-                times.update({f"dot {j}": graph_us(lambda i, j=j: int8_mm_triton(x, c8[i], scale, kernel="dot", config=j),
-                                                   n8) for j in range(len(DOT_CONFIGS))})
+            for kern, j in configs:
+                times[f"{kern} {j}"] = graph_us(
+                    lambda i, kern=kern, j=j: int8_mm_triton(x, c8[i], scale, kernel=kern, config=j), n8)
             chosen, best = settled(n, k, m, torch.bfloat16)
             bf16 = graph_us(lambda i: F.linear(x, w16[i]), len(w16))
             want = int8_mm_naive(x, codes, scale).float()
@@ -130,10 +131,11 @@ def main() -> None:
             auto = times["None"]
             total.update({"auto": auto * count, "bf16": bf16 * count})
             row(str(m), f"{n} x {k}", str(count), f"{auto:.1f}", f"{times.get('gemv', float('nan')):.1f}",
-                f"{times.get('dot', float('nan')):.1f}", f"{bf16:.1f}", f"{bf16 / auto:.2f}",
+                f"{times.get('dot', float('nan')):.1f}", f"{times.get('splitk', float('nan')):.1f}", f"{bf16:.1f}",
+                f"{bf16 / auto:.2f}",
                 f"{n * k / auto / 1e3:.0f}", f"{chosen} {best.kwargs if best else '?'}", f"{err:.1e}",
-                *[f"{times[c]:.1f}" for c in configs])
-        row(str(m), "**all linears of a step**", str(sum(shapes.values())), f"**{total['auto'] / 1e3:.2f} ms**", "", "",
+                *[f"{times[f'{kern} {j}']:.1f}" for kern, j in configs])
+        row(str(m), "**all linears of a step**", str(sum(shapes.values())), f"**{total['auto'] / 1e3:.2f} ms**", "", "", "",
             f"**{total['bf16'] / 1e3:.2f} ms**", f"**{total['bf16'] / total['auto']:.2f}**", "", "", "",
             *[""] * len(configs))
 

@@ -78,24 +78,26 @@ largest = 0.0  # max |y| of the reference
 @example(m=1, n=70, k=256, dtype=torch.float16, layout="contiguous", bias=False, which="auto", config=5, seed=6)
 @example(m=3, n=45, k=1100, dtype=torch.float16, layout="leading", bias=True, which="gemv", config=2, seed=3)
 @example(m=1, n=9, k=2048, dtype=torch.float32, layout="strided", bias=False, which="gemv", config=3, seed=4)
+@example(m=64, n=70, k=1000, dtype=torch.float16, layout="contiguous", bias=True, which="splitk", config=5, seed=7)
+@example(m=5, n=33, k=40, dtype=torch.float32, layout="leading", bias=True, which="splitk", config=4, seed=8)
 @given(m=st.one_of(st.sampled_from([0, 1, 2, 16, 17, 20, 32, 33, 64, 65]), st.integers(0, 70)),
        n=st.integers(1, 150), k=st.one_of(st.sampled_from([128, 256, 512, 1024]), st.integers(1, 1100)),
        dtype=st.sampled_from([torch.float32, torch.float16]), layout=st.sampled_from(LAYOUTS),
-       bias=st.booleans(), which=st.sampled_from(["auto", "gemv", "dot"]), config=st.integers(0, 5),
+       bias=st.booleans(), which=st.sampled_from(["auto", "gemv", "dot", "splitk"]), config=st.integers(0, 5),
        seed=st.integers(0, 2**16))
 def interpreted(m: int, n: int, k: int, dtype: torch.dtype, layout: str, bias: bool, which: str, config: int,
                 seed: int) -> None:
     """Run by the test below in a subprocess under TRITON_INTERPRET=1 (small shapes: it runs in Python)."""
-    from ttt_speech.ops.int8.triton_mm import DOT_CONFIGS, GEMV_CONFIGS, block_m
+    from ttt_speech.ops.int8.triton_mm import DOT_CONFIGS, GEMV_CONFIGS, SPLITK_CONFIGS, block_m
 
     kernel = None if which == "auto" else which
     if kernel == "gemv":
         m = min(m, 3)  # the GEMV interprets one program per row: keep it quick
     rows = m * (2 if layout == "leading" else 1)
     chosen = kernel or "dot"  # untimed (the interpreter), the choice is the tile kernel
-    configs = GEMV_CONFIGS if chosen == "gemv" else DOT_CONFIGS
+    configs = {"gemv": GEMV_CONFIGS, "dot": DOT_CONFIGS, "splitk": SPLITK_CONFIGS}[chosen]
     err = check(m, n, k, dtype, layout, bias, kernel, config % len(configs), "cpu", seed)
-    name = "gemv" if chosen == "gemv" else f"dot {block_m(rows)}"
+    name = "gemv" if chosen == "gemv" else f"{chosen} {block_m(rows)}"
     covered[name] = covered.get(name, 0) + (rows > 0)
     worst[str(dtype)] = max(worst.get(str(dtype), 0.0), err)
 
@@ -196,7 +198,8 @@ def autotuned_launch() -> tuple[dict[str, list[tuple]], dict[tuple, str]]:
     `do_bench` returns them (its `_summarize_statistics`: a float for one quantile or a return mode, a list for
     several: the race once indexed a float, on the H200 2026-12-02). Every config then runs through the
     autotuners' own plumbing (heuristics, the row tile in the key) and must still equal the reference; at one row
-    both autotuned kernels are raced, the later-timed one wins. Returns the autotuners' keys and the races."""
+    all three autotuned kernels are raced (at 20 rows the two tile kernels), the last-timed one wins. Returns the
+    autotuners' keys and the races."""
     import triton.testing
 
     from ttt_speech.ops.int8 import triton_mm
@@ -211,13 +214,13 @@ def autotuned_launch() -> tuple[dict[str, list[tuple]], dict[tuple, str]]:
     saved = triton.testing.do_bench
     triton_mm.TRITON_INTERPRET, triton.testing.do_bench = False, one_run
     try:
-        check(1, 70, 300, torch.float32, "contiguous", True, None, None, "cpu")  # gemv vs tiles (row tile 16)
-        check(20, 70, 300, torch.float32, "contiguous", True, None, None, "cpu")  # tiles only (row tile 32)
+        check(1, 70, 300, torch.float32, "contiguous", True, None, None, "cpu")  # gemv, tiles, split (row tile 16)
+        check(20, 70, 300, torch.float32, "contiguous", True, None, None, "cpu")  # tiles vs split (row tile 32)
     finally:
         triton_mm.TRITON_INTERPRET, triton.testing.do_bench = True, saved
     assert all(t.best_config is t.configs[-1] for t in triton_mm._TUNED.values())  # the fastest timed config
     kernel, config = triton_mm.settled(70, 300, 1, torch.float32, torch.float32)
-    assert kernel == "dot" and config is triton_mm.DOT_CONFIGS[-1]  # what the race and the autotuner settled
+    assert kernel == "splitk" and config is triton_mm.SPLITK_CONFIGS[-1]  # what the race and the autotuner settled
     return {name: list(t.cache) for name, t in triton_mm._TUNED.items()}, dict(triton_mm._faster)
 
 
@@ -225,8 +228,10 @@ if __name__ == "__main__":
     keys, races = autotuned_launch()
     print("autotuned launch keys:", keys, "kernel races:", races)
     f32 = torch.float32
-    assert [k[:3] for k in keys["dot"]] == [(70, 300, 16), (70, 300, 32)] and keys["gemv"][0][:2] == (70, 300)
-    assert races == {(70, 300, 1, f32, f32): "dot"}  # (N, K, rows, dtypes): timed after the GEMV, so faster
+    assert [k[:3] for k in keys["dot"]] == [(70, 300, 16), (70, 300, 32)] == [k[:3] for k in keys["splitk"]]
+    assert keys["gemv"][0][:2] == (70, 300)
+    # (N, K, rows, dtypes): split K timed last, so fastest
+    assert races == {(70, 300, 1, f32, f32): "splitk", (70, 300, 20, f32, f32): "splitk"}
     # mode int8triton equals mode int8 in fp32 (both sum exactly-representable products: fp32 summation order)
     routed = routed_equals_int8("cpu", torch.float32, (48, 40, 33, 24), (0, 1, 5, 17))
     print(f"int8triton vs int8, fp32 stack of 3 linears: max relative difference {routed:.2e}")
@@ -239,4 +244,4 @@ if __name__ == "__main__":
     print("max abs error vs reference:", worst)
     print("largest |y|:", largest, "examples per kernel and row tile:", dict(sorted(covered.items())))
     assert largest > 2  # outputs of size ~1: the tolerances are not vacuous
-    assert {"gemv", "dot 16", "dot 32", "dot 64"} <= covered.keys()
+    assert {"gemv", "dot 16", "dot 32", "dot 64", "splitk 16", "splitk 32", "splitk 64"} <= covered.keys()

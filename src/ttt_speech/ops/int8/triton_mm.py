@@ -17,9 +17,12 @@ Two kernels:
 - `_dot_kernel` (any M): [BLOCK_M, BLOCK_N] tiles on tensor cores (tl.dot), BLOCK_M 16 / 32 / 64 by M (tl.dot's
   smallest tile is 16: rows past M are masked and wasted), the codes converted to x's dtype per tile (~1.6
   integer-pipe instructions per weight), cp.async-pipelined.
-Each has a handful of autotuned configs (tile sizes, warps, pipeline stages), keyed on N, K (and the kernel's
-BLOCK_M bucket and the dtypes), timed briefly at the first call of a shape; up to GEMV_MAX_M rows the two
-autotuned kernels are then timed against each other and the faster kept for that shape. That first call must
+- the same kernel split over K ("splitk", SPLIT_K 2-8 programs per output tile, fp32 partial sums added
+  atomically into a zeroed fp32 buffer, then cast): a 4096-wide output at 64 rows is only 32-128 tiles for 132 SMs,
+  too few programs to keep HBM busy; splitting K multiplies them, for a memset and a cast per call.
+Each has a handful of autotuned configs (tile sizes, warps, pipeline stages, splits), keyed on N, K (and the
+kernel's BLOCK_M bucket and the dtypes), timed briefly at the first call of a shape; the autotuned kernels (the
+GEMV only up to GEMV_MAX_M rows) are then timed against each other and the fastest kept for that shape. That first call must
 not be inside a CUDA graph capture (moshi's streaming runs its first step eagerly, so the capture after it only
 launches; a shape first met inside a capture runs the tile kernel's first config, untimed, rather than break the
 capture). Under Triton's CPU interpreter nothing is timed: the tile kernel's first config runs (tests pick each
@@ -51,6 +54,10 @@ GEMV_CONFIGS = [_config(8, 1024, 4, 1), _config(16, 512, 4, 1), _config(4, 2048,
 DOT_CONFIGS = [_config(32, 256, 4, 4, SWAP=False), _config(16, 256, 4, 4, SWAP=False),
                _config(64, 128, 4, 4, SWAP=False), _config(64, 256, 8, 3, SWAP=False),
                _config(64, 256, 4, 3, SWAP=True), _config(128, 128, 8, 3, SWAP=True)]
+# split over K: for the few output tiles of a 1024-4096-wide layer at 16-64 rows (the serving batches)
+SPLITK_CONFIGS = [_config(64, 128, 4, 4, SWAP=False, SPLIT_K=4), _config(32, 256, 4, 3, SWAP=False, SPLIT_K=4),
+                  _config(64, 256, 4, 3, SWAP=True, SPLIT_K=2), _config(64, 128, 4, 4, SWAP=True, SPLIT_K=4),
+                  _config(128, 128, 8, 3, SWAP=True, SPLIT_K=4), _config(64, 128, 4, 4, SWAP=True, SPLIT_K=8)]
 
 
 def _quick_bench(fn: tp.Callable[[], tp.Any], quantiles: tp.Sequence[float]) -> tp.Any:
@@ -63,7 +70,8 @@ def _median_ms(fn: tp.Callable[[], tp.Any]) -> float:
     return float(triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median"))
 
 
-_EVEN_K = {"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0}
+# every split's K range a whole number of tiles: no masks (a config without SPLIT_K is one split)
+_EVEN_K = {"EVEN_K": lambda args: args["K"] % (args["BLOCK_K"] * args.get("SPLIT_K", 1)) == 0}
 
 
 @triton.jit
@@ -118,19 +126,23 @@ def _mma(a, b, acc, FP32: tl.constexpr):
 @triton.jit
 def _dot_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym,
                 HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                BLOCK_M: tl.constexpr, FP32: tl.constexpr, SWAP: tl.constexpr):
+                BLOCK_M: tl.constexpr, FP32: tl.constexpr, SWAP: tl.constexpr, SPLIT_K: tl.constexpr = 1):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # row tiles first: they share the codes' tile (L2)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # this program's share of K: whole tiles, the last split shorter (or empty: it adds zeros)
+    k_per = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
+    k_start = tl.program_id(2) * k_per
+    k_end = tl.minimum(K, k_start + k_per)
     rk = tl.arange(0, BLOCK_K)
     # rows past M / N reread a valid row (their results are never stored): the loads need no row mask
-    x_ptrs = x_ptr + (rm % M)[:, None] * stride_xm + rk[None, :] * stride_xk
-    w_ptrs = w_ptr + (rn % N)[:, None] * stride_wn + rk[None, :] * stride_wk
+    x_ptrs = x_ptr + (rm % M)[:, None] * stride_xm + (k_start + rk)[None, :] * stride_xk
+    w_ptrs = w_ptr + (rn % N)[:, None] * stride_wn + (k_start + rk)[None, :] * stride_wk
     if SWAP:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        inside = (k0 + rk < K)[None, :]
+    for k0 in range(k_start, k_end, BLOCK_K):
+        inside = (k0 + rk < k_end)[None, :]
         x = _load(x_ptrs, inside, EVEN_K)
         w = _load(w_ptrs, inside, EVEN_K).to(x_ptr.dtype.element_ty)  # exact: int8 is a bf16 / fp16 / fp32 value
         if SWAP:
@@ -141,21 +153,29 @@ def _dot_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_xk
         w_ptrs += BLOCK_K * stride_wk
     if SWAP:
         acc = tl.trans(acc)
-    acc *= tl.load(s_ptr + rn, mask=rn < N, other=0.0)[None, :]
+    acc *= tl.load(s_ptr + rn, mask=rn < N, other=0.0)[None, :]  # scaling each split's sum scales their total
     if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        bias = tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+        acc += tl.where(tl.program_id(2) == 0, bias, 0.0)[None, :]  # once, by the first split
     y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
+    else:  # y is the zeroed fp32 buffer
+        tl.atomic_add(y_ptrs, acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
 _TUNED = {
     "gemv": triton.autotune(GEMV_CONFIGS, key=["N", "K"], do_bench=_quick_bench)(_gemv_kernel),
     "dot": triton.autotune(DOT_CONFIGS, key=["N", "K", "BLOCK_M"], do_bench=_quick_bench)(_dot_kernel),
+    # each timed run adds into the fp32 buffer: zeroed before every one
+    "splitk": triton.autotune(SPLITK_CONFIGS, key=["N", "K", "BLOCK_M"], do_bench=_quick_bench,
+                              reset_to_zero=["y_ptr"])(_dot_kernel),
 }
-_RAW = {"gemv": (_gemv_kernel, GEMV_CONFIGS), "dot": (_dot_kernel, DOT_CONFIGS)}
-Kernel = tp.Literal["gemv", "dot"]
+_RAW = {"gemv": (_gemv_kernel, GEMV_CONFIGS), "dot": (_dot_kernel, DOT_CONFIGS),
+        "splitk": (_dot_kernel, SPLITK_CONFIGS)}
+Kernel = tp.Literal["gemv", "dot", "splitk"]
 _timed: set[tuple] = set()  # (kernel, N, K, row tile, dtypes) the autotuner has timed: safe inside a graph capture
-_faster: dict[tuple, Kernel] = {}  # (N, K, rows, dtypes) -> the kernel timed faster there, for up to GEMV_MAX_M rows
+_faster: dict[tuple, Kernel] = {}  # (N, K, rows, dtypes) -> the kernel timed fastest there
 
 
 def block_m(rows: int) -> int:
@@ -169,7 +189,8 @@ def settled(N: int, K: int, M: int, dtype: torch.dtype, bias_dtype: torch.dtype 
     `int8_mm_triton` picks them without `kernel` / `config`; benchmarks print it."""
     kernel = _faster.get((N, K, M, dtype, bias_dtype), "dot")
     key = (N, K) if kernel == "gemv" else (N, K, block_m(M))
-    types = (str(dtype), str(torch.int8), str(torch.float32), str(bias_dtype or torch.float32), str(dtype))
+    out = torch.float32 if kernel == "splitk" else dtype
+    types = (str(dtype), str(torch.int8), str(torch.float32), str(bias_dtype or torch.float32), str(out))
     return kernel, _TUNED[kernel].cache.get((*key, *types))
 
 
@@ -178,8 +199,8 @@ def int8_mm_triton(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None 
     """`naive.int8_mm_naive` in one kernel launch: x [..., K] (any strides), codes int8 [N, K], scale [N] (or
     [N, 1]; fp32 in torchao), bias [N] or None; returns [..., N] in x's dtype.
 
-    kernel: "gemv" / "dot" instead of the choice (tests, benchmarks); config: an index into that kernel's configs
-    instead of autotuning (tests; under Triton's interpreter the default is the first).
+    kernel: "gemv" / "dot" / "splitk" instead of the choice (tests, benchmarks); config: an index into that
+    kernel's configs instead of autotuning (tests; under Triton's interpreter the default is the first).
     """
     K, N = x.shape[-1], codes.shape[0]
     if codes.dtype != torch.int8 or codes.dim() != 2 or codes.shape[1] != K:
@@ -190,18 +211,20 @@ def int8_mm_triton(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None 
     if M == 0:
         return y.reshape(*x.shape[:-1], N)
     scale = scale.reshape(-1).float().contiguous()
-    args = (rows, codes, scale, scale if bias is None else bias.contiguous(), y, M, N, K, *rows.stride(),
-            *codes.stride(), y.stride(0))
     dtypes = (x.dtype, None if bias is None else bias.dtype)
     untimed = TRITON_INTERPRET or (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
-    def launch(kernel: Kernel, config: int | None) -> None:
+    def launch(kernel: Kernel, config: int | None) -> Tensor:
         meta: dict[str, tp.Any] = {"HAS_BIAS": bias is not None}
-        if kernel == "dot":
+        if kernel != "gemv":
             meta |= {"BLOCK_M": block_m(M), "FP32": x.dtype == torch.float32}
+        # split-K programs add their partial sums into a zeroed fp32 buffer, cast to x's dtype after
+        out = torch.zeros((M, N), dtype=torch.float32, device=x.device) if kernel == "splitk" else y
+        args = (rows, codes, scale, scale if bias is None else bias.contiguous(), out, M, N, K, *rows.stride(),
+                *codes.stride(), out.stride(0))
 
-        def grid(m: dict[str, tp.Any]) -> tuple[int, int]:
-            return triton.cdiv(M, m.get("BLOCK_M", 1)), triton.cdiv(N, m["BLOCK_N"])
+        def grid(m: dict[str, tp.Any]) -> tuple[int, int, int]:
+            return triton.cdiv(M, m.get("BLOCK_M", 1)), triton.cdiv(N, m["BLOCK_N"]), m.get("SPLIT_K", 1)
 
         shape = (kernel, N, K, meta.get("BLOCK_M"), *dtypes)
         if config is None and untimed and (TRITON_INTERPRET or shape not in _timed):
@@ -213,15 +236,20 @@ def int8_mm_triton(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None 
             raw, configs = _RAW[kernel]
             c = configs[config]
             raw[grid](*args, **meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+        return out
 
     if kernel is None:
-        # up to GEMV_MAX_M rows both kernels can win (CUDA-core multiply-adds vs tensor cores with wasted rows):
-        # at a shape's first call each is autotuned, then the two are timed against each other; untimed: tiles
+        # every kernel can win somewhere (CUDA-core multiply-adds vs tensor cores with wasted rows up to
+        # GEMV_MAX_M rows; whole-K tiles vs split K by how many tiles fill the SMs): at a shape's first call each is
+        # autotuned, then they are timed against each other; untimed: whole-K tiles
         choice = (N, K, M, *dtypes)
-        if M <= GEMV_MAX_M and choice not in _faster and not untimed and config is None:
-            for k in ("gemv", "dot"):
+        if choice not in _faster and not untimed and config is None:
+            kernels: tuple[Kernel, ...] = ("gemv", "dot", "splitk") if M <= GEMV_MAX_M else ("dot", "splitk")
+            for k in kernels:
                 launch(k, None)
-            _faster[choice] = min(("gemv", "dot"), key=lambda k: _median_ms(lambda: launch(k, None)))
+            _faster[choice] = min(kernels, key=lambda k: _median_ms(lambda: launch(k, None)))
         kernel = _faster.get(choice, "dot")
-    launch(kernel, config)
+    out = launch(kernel, config)
+    if out is not y:
+        y.copy_(out)
     return y.reshape(*x.shape[:-1], N)
