@@ -1,7 +1,7 @@
 """Our Triton weight-only int8 matmul equals its fp32 reference (on CUDA, or in Triton's CPU interpreter).
 
-Shapes are drawn by hypothesis: M from 0 to 70 rows (both kernels, all three row tiles, rows past a tile), N and K
-not multiples of any block, with and without bias, x contiguous, transposed, column-strided or with leading dims,
+Shapes are drawn by hypothesis: M from 0 to 70 rows (every kernel and config, all three row buckets, rows past a
+tile, row tiles smaller than the bucket), N and K not multiples of any block, with and without bias, x contiguous, transposed, column-strided or with leading dims,
 every autotune config. Tolerances: fp32 up to fp32 summation order; fp16 / bf16 up to one rounding of the output
 (the reference rounds the same fp32 sum once: the two may land one unit in the last place apart). Through the
 quantize path, a stack of linears and the tiny Moshi TTT hybrid in mode int8triton equal them in mode int8.
@@ -80,10 +80,13 @@ largest = 0.0  # max |y| of the reference
 @example(m=1, n=9, k=2048, dtype=torch.float32, layout="strided", bias=False, which="gemv", config=3, seed=4)
 @example(m=64, n=70, k=1000, dtype=torch.float16, layout="contiguous", bias=True, which="splitk", config=5, seed=7)
 @example(m=5, n=33, k=40, dtype=torch.float32, layout="leading", bias=True, which="splitk", config=4, seed=8)
+@example(m=64, n=100, k=600, dtype=torch.float16, layout="transposed", bias=True, which="dot", config=7, seed=9)
+@example(m=45, n=70, k=256, dtype=torch.float32, layout="contiguous", bias=False, which="dot", config=8, seed=10)
+@example(m=24, n=50, k=520, dtype=torch.float16, layout="strided", bias=True, which="splitk", config=1, seed=11)
 @given(m=st.one_of(st.sampled_from([0, 1, 2, 16, 17, 20, 32, 33, 64, 65]), st.integers(0, 70)),
        n=st.integers(1, 150), k=st.one_of(st.sampled_from([128, 256, 512, 1024]), st.integers(1, 1100)),
        dtype=st.sampled_from([torch.float32, torch.float16]), layout=st.sampled_from(LAYOUTS),
-       bias=st.booleans(), which=st.sampled_from(["auto", "gemv", "dot", "splitk"]), config=st.integers(0, 5),
+       bias=st.booleans(), which=st.sampled_from(["auto", "gemv", "dot", "splitk"]), config=st.integers(0, 8),
        seed=st.integers(0, 2**16))
 def interpreted(m: int, n: int, k: int, dtype: torch.dtype, layout: str, bias: bool, which: str, config: int,
                 seed: int) -> None:

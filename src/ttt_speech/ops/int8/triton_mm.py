@@ -16,12 +16,14 @@ Two kernels:
   the fp32 multiply-add), ~5 of them on the 64-per-clock integer pipe: near HBM's time, not far below it.
 - `_dot_kernel` (any M): [BLOCK_M, BLOCK_N] tiles on tensor cores (tl.dot), BLOCK_M 16 / 32 / 64 by M (tl.dot's
   smallest tile is 16: rows past M are masked and wasted), the codes converted to x's dtype per tile (~1.6
-  integer-pipe instructions per weight), cp.async-pipelined.
+  integer-pipe instructions per weight), cp.async-pipelined. Configs with a ROW_TILE below that cover M with
+  several row tiles, the programs of one codes tile side by side (the codes come from HBM once, then L2): at
+  64 rows the 64-row tiles ran at 1.0-1.5 TB/s on the H200 where 16 rows ran near 3.3 (docs/benchmarks.md).
 - the same kernel split over K ("splitk", SPLIT_K 2-8 programs per output tile, fp32 partial sums added
   atomically into a zeroed fp32 buffer, then cast): a 4096-wide output at 64 rows is only 32-128 tiles for 132 SMs,
   too few programs to keep HBM busy; splitting K multiplies them, for a memset and a cast per call.
 Each has a handful of autotuned configs (tile sizes, warps, pipeline stages, splits), keyed on N, K (and the
-kernel's BLOCK_M bucket and the dtypes), timed briefly at the first call of a shape; the autotuned kernels (the
+kernel's rows bucket and the dtypes), timed briefly at the first call of a shape; the autotuned kernels (the
 GEMV only up to GEMV_MAX_M rows) are then timed against each other and the fastest kept for that shape. That first call must
 not be inside a CUDA graph capture (moshi's streaming runs its first step eagerly, so the capture after it only
 launches; a shape first met inside a capture runs the tile kernel's first config, untimed, rather than break the
@@ -53,7 +55,9 @@ GEMV_CONFIGS = [_config(8, 1024, 4, 1), _config(16, 512, 4, 1), _config(4, 2048,
 # their narrow side, and converted codes stay in registers; unswapped, x is A and the converted codes go to B.
 DOT_CONFIGS = [_config(32, 256, 4, 4, SWAP=False), _config(16, 256, 4, 4, SWAP=False),
                _config(64, 128, 4, 4, SWAP=False), _config(64, 256, 8, 3, SWAP=False),
-               _config(64, 256, 4, 3, SWAP=True), _config(128, 128, 8, 3, SWAP=True)]
+               _config(64, 256, 4, 3, SWAP=True), _config(128, 128, 8, 3, SWAP=True),
+               _config(64, 128, 4, 4, SWAP=False, ROW_TILE=16), _config(32, 256, 4, 4, SWAP=False, ROW_TILE=16),
+               _config(64, 128, 4, 4, SWAP=False, ROW_TILE=32)]
 # split over K: for the few output tiles of a 1024-4096-wide layer at 16-64 rows (the serving batches)
 SPLITK_CONFIGS = [_config(64, 128, 4, 4, SWAP=False, SPLIT_K=4), _config(32, 256, 4, 3, SWAP=False, SPLIT_K=4),
                   _config(64, 256, 4, 3, SWAP=True, SPLIT_K=2), _config(64, 128, 4, 4, SWAP=True, SPLIT_K=4),
@@ -70,8 +74,12 @@ def _median_ms(fn: tp.Callable[[], tp.Any]) -> float:
     return float(triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median"))
 
 
-# every split's K range a whole number of tiles: no masks (a config without SPLIT_K is one split)
-_EVEN_K = {"EVEN_K": lambda args: args["K"] % (args["BLOCK_K"] * args.get("SPLIT_K", 1)) == 0}
+_DOT_META = {
+    # every split's K range a whole number of tiles: no masks (a config without SPLIT_K is one split)
+    "EVEN_K": lambda args: args["K"] % (args["BLOCK_K"] * args.get("SPLIT_K", 1)) == 0,
+    # the row tile: the rows' bucket (16 / 32 / 64, the autotuning key), or a config's smaller ROW_TILE
+    "BLOCK_M": lambda args: min(args["ROWS"], args.get("ROW_TILE", 64)),
+}
 
 
 @triton.jit
@@ -122,11 +130,12 @@ def _mma(a, b, acc, FP32: tl.constexpr):
     return acc
 
 
-@triton.heuristics(_EVEN_K)
+@triton.heuristics(_DOT_META)
 @triton.jit
 def _dot_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym,
                 HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                BLOCK_M: tl.constexpr, FP32: tl.constexpr, SWAP: tl.constexpr, SPLIT_K: tl.constexpr = 1):
+                ROWS: tl.constexpr, BLOCK_M: tl.constexpr, FP32: tl.constexpr, SWAP: tl.constexpr,
+                SPLIT_K: tl.constexpr = 1, ROW_TILE: tl.constexpr = 64):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # row tiles first: they share the codes' tile (L2)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     # this program's share of K: whole tiles, the last split shorter (or empty: it adds zeros)
@@ -166,9 +175,9 @@ def _dot_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_xk
 
 _TUNED = {
     "gemv": triton.autotune(GEMV_CONFIGS, key=["N", "K"], do_bench=_quick_bench)(_gemv_kernel),
-    "dot": triton.autotune(DOT_CONFIGS, key=["N", "K", "BLOCK_M"], do_bench=_quick_bench)(_dot_kernel),
+    "dot": triton.autotune(DOT_CONFIGS, key=["N", "K", "ROWS"], do_bench=_quick_bench)(_dot_kernel),
     # each timed run adds into the fp32 buffer: zeroed before every one
-    "splitk": triton.autotune(SPLITK_CONFIGS, key=["N", "K", "BLOCK_M"], do_bench=_quick_bench,
+    "splitk": triton.autotune(SPLITK_CONFIGS, key=["N", "K", "ROWS"], do_bench=_quick_bench,
                               reset_to_zero=["y_ptr"])(_dot_kernel),
 }
 _RAW = {"gemv": (_gemv_kernel, GEMV_CONFIGS), "dot": (_dot_kernel, DOT_CONFIGS),
@@ -179,7 +188,8 @@ _faster: dict[tuple, Kernel] = {}  # (N, K, rows, dtypes) -> the kernel timed fa
 
 
 def block_m(rows: int) -> int:
-    """The tensor-core kernel's row tile: the smallest of 16 / 32 / 64 that covers `rows` (64 past that)."""
+    """The tensor-core kernel's rows bucket (its autotuning key, and its row tile unless a config's ROW_TILE is
+    smaller): the smallest of 16 / 32 / 64 that covers `rows` (64 past that)."""
     return 16 if rows <= 16 else 32 if rows <= 32 else 64
 
 
@@ -217,7 +227,7 @@ def int8_mm_triton(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None 
     def launch(kernel: Kernel, config: int | None) -> Tensor:
         meta: dict[str, tp.Any] = {"HAS_BIAS": bias is not None}
         if kernel != "gemv":
-            meta |= {"BLOCK_M": block_m(M), "FP32": x.dtype == torch.float32}
+            meta |= {"ROWS": block_m(M), "FP32": x.dtype == torch.float32}
         # split-K programs add their partial sums into a zeroed fp32 buffer, cast to x's dtype after
         out = torch.zeros((M, N), dtype=torch.float32, device=x.device) if kernel == "splitk" else y
         args = (rows, codes, scale, scale if bias is None else bias.contiguous(), out, M, N, K, *rows.stride(),
@@ -226,7 +236,7 @@ def int8_mm_triton(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None 
         def grid(m: dict[str, tp.Any]) -> tuple[int, int, int]:
             return triton.cdiv(M, m.get("BLOCK_M", 1)), triton.cdiv(N, m["BLOCK_N"]), m.get("SPLIT_K", 1)
 
-        shape = (kernel, N, K, meta.get("BLOCK_M"), *dtypes)
+        shape = (kernel, N, K, meta.get("ROWS"), *dtypes)
         if config is None and untimed and (TRITON_INTERPRET or shape not in _timed):
             config = 0  # autotuning times on the stream, which would break a capture: there an untimed shape runs untuned
         if config is None:
