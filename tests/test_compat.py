@@ -372,8 +372,10 @@ def test_no_class_overrides_a_librarys_private_method():
             if not isinstance(cls, type) or cls.__module__ != info.name:
                 continue
             foreign = [b for b in cls.__mro__[1:] if b.__module__.split(".")[0] in LIBRARIES]
+            # a class the library's metaclass made and set (torch's `Function._backward_cls`) is not ours
             found += [f"{info.name}.{cls.__name__}.{name}" for name, value in vars(cls).items()
-                      if _private(name) and callable(value) and any(name in vars(b) for b in foreign)]
+                      if _private(name) and callable(value) and any(name in vars(b) for b in foreign)
+                      and not (isinstance(value, type) and value.__module__.split(".")[0] in LIBRARIES)]
     assert not found, f"overrides of another library's private methods outside the compat modules: {found}"
 
 

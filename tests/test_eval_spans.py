@@ -139,8 +139,8 @@ def test_copy_scores_show_recall_only_beyond_the_window_and_the_controls_remove_
                             progress=False)
     vanilla = evaluate_copies(MoshiScorer(build_tiny_lm(0), "vanilla"), probes, spans, reset=True, batch_size=3,
                               progress=False)
-    for group in GROUPS3:  # no memory: resetting it changes nothing, to the last bit
-        assert vanilla[30]["again/reset"][group] == [1.0, 1.0, 1.0]
+    for group in GROUPS3:  # no memory: resetting it changes nothing (up to fp32 reassociation: helpers/numerics.py)
+        assert vanilla[30]["again/reset"][group] == pytest.approx([1.0, 1.0, 1.0], abs=1e-6)
     assert any(plain[30]["again/reset"][g][0] != 1.0 for g in GROUPS3)  # the hybrid's TTT state does matter
     res = evaluate(MoshiScorer(lm, "tiny"), seqs, [16, 32], progress=False)
     res.copy_loss = plain

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from helpers.layers import BAD_INPUTS, assert_exec_mask_freezes_streams, assert_forward_leaves_state, assert_reset_mask_restarts_stream, assert_splits_equal_one_shot
+from helpers.numerics import REASSOCIATION
 from safetensors.torch import load_file, save_file
 
 from ttt_speech.config import InPlaceConfig, TTTConfig
@@ -83,7 +84,8 @@ def test_moshi_gating_wrapped_is_exact_before_any_write(dtype):
         assert state["delta"].abs().amax() == 0
         s = layer.init_state(2)
         ys = torch.stack([layer.step(x[:, t], s)[0] for t in range(13)], 1)
-    assert torch.equal(ys, ref)
+    # one frame at a time is another layout of the same products: equal up to reassociation (one bf16 unit)
+    torch.testing.assert_close(ys, ref, **(REASSOCIATION if dtype == torch.float32 else {"rtol": 2**-7, "atol": 1e-3}))
     with torch.no_grad():  # with a trained projection, the first chunk is still exact and later ones move
         layer.target_proj.weight.normal_(std=1.0)
         layer.config.base_lr = 1e3

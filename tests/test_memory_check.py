@@ -73,12 +73,13 @@ def test_the_line_holds_evals_copy_probe_numbers(tmp_path: Path) -> None:
 
 def test_the_reset_restarts_the_memory_and_only_the_memory(tmp_path: Path) -> None:
     """An open gate: the memory's state shapes the copy's loss, so restarting it changes the numbers. A closed gate
-    (the branch adds exactly 0): the reset changes nothing, to the last bit, as attention keeps its window."""
+    (the branch adds exactly 0): the reset changes nothing (up to fp32 reassociation, helpers/numerics.py: the
+    two passes run in other batches), as attention keeps its window."""
     clip_path, model_dir = tiny_clip(tmp_path)
     live = check_memory(build_tiny_hybrid(0, gate_init=0.5), model_dir, {}, clip_path)
     assert abs(live.change("text words")) > 3e-3 and abs(live.change("codebook 0")) > 3e-4, live.to_dict()  # 7e-3, 8e-4
     shut = check_memory(build_tiny_hybrid(0, gate_init=0.0), model_dir, {}, clip_path)
-    assert shut.with_memory == shut.reset and shut.change("text words") == 0.0
+    assert shut.with_memory == pytest.approx(shut.reset, rel=1e-6) and shut.change("text words") == pytest.approx(0, abs=1e-6)
 
 
 def test_a_model_without_attention_is_probed_as_far_back_as_the_clip_reaches(tmp_path: Path) -> None:
