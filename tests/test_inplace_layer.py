@@ -242,3 +242,34 @@ def test_decay_is_a_learned_per_layer_parameter_only_below_one():
     with torch.no_grad():  # the delta after two chunks: 0.9 (chunk 0) + chunk 1, so chunk 0 alone is the gap
         _, s_first = plain(x[:, :4])
     torch.testing.assert_close(s1["delta"] - s2["delta"], 0.1 * s_first["delta"], rtol=0, atol=1e-5)
+
+
+def test_writes_scaled_is_the_target_projection_scaled_and_is_undone_on_exit():
+    """Scale 0: the layer reads and never writes, as with `target_proj` zeroed (recipes/evidence24/write_scale.py
+    edits the weights for the same effect); scale 1 is the layer as trained; a model without in-place layers is
+    refused."""
+    from torch import nn
+
+    from ttt_speech.layers.inplace import writes_scaled
+
+    layer = build()
+    with torch.no_grad():
+        layer.target_proj.weight.normal_(std=1.0)
+    x = torch.randn(2, 11, 16)
+    trained, _ = layer(x)
+    off = build()
+    off.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        off.target_proj.weight.zero_()
+    want, _ = off(x)
+    with writes_scaled(nn.Sequential(layer), 0.0):
+        got, state = layer(x)
+        s = layer.init_state(2)
+        steps = torch.stack([layer.step(x[:, t], s)[0] for t in range(11)], 1)
+    assert torch.equal(got, want) and state["delta"].abs().max() == 0
+    torch.testing.assert_close(steps, want, **REASSOCIATION)
+    assert layer.write_scale == 1.0 and torch.equal(layer(x)[0], trained)
+    assert (trained - want).abs().max() > 0.1  # the writes matter: the test could fail
+    with pytest.raises(ValueError, match="has no in-place memory layer"):
+        with writes_scaled(nn.Linear(2, 2), 0.0):
+            pass

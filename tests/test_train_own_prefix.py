@@ -4,6 +4,7 @@ frames only (the delayed codebooks of the own frames included); the config says 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ pytest.importorskip("moshi")
 from helpers.train import tiny_config  # noqa: E402
 from ttt_speech.engine.metrics import read_metrics  # noqa: E402
 from ttt_speech.errors import UsageError  # noqa: E402
+from ttt_speech.layers.inplace import InPlaceLayer, writes_scaled  # noqa: E402
 from ttt_speech.train.config import config_from_dict, load_config  # noqa: E402
 from ttt_speech.train.loop import Trainer  # noqa: E402
 
@@ -100,6 +102,9 @@ def test_off_by_default_and_set_from_yaml_or_set(tmp_path: Path) -> None:
     ({"train.own_prefix": {"every": 0}}, r"train.own_prefix.every must be >= 1 \(1: every step\), got 0"),
     ({"train.own_prefix": {"prob": 0.5}, "train.parallel": "fsdp"}, "use train.parallel: ddp"),
     ({"train.own_prefix": {"prob": 0.5}, "model.family": "hf"}, "train.own_prefix is Moshi-only"),
+    ({"train.own_prefix": {"distill": -1.0}}, r"train.own_prefix.distill must be >= 0 \(0: own frames unscored\)"),
+    ({"train.own_prefix": {"prob": 0.5, "distill": 1.0}, "model.branch": "ttt"},
+     "train.own_prefix.distill needs model.branch: inplace"),
 ])
 def test_config_errors_name_the_field_and_the_fix(tmp_path: Path, over: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -140,3 +145,62 @@ def test_own_prefixes_sample_under_bf16_autocast_with_float32_weights(tmp_path: 
     codes = t.train_data.batch(0, 2, T, 0)
     out, scored = t.own_prefix(codes, 0, 0, 0)
     assert torch.equal(out[..., :P], codes[..., :P]) and (~scored).sum() == 2 * F
+
+
+DISTILL = {"model.branch": "inplace", "model.memory": {"chunk": 4, "decay": 0.9}, "model.layers": "all"}
+
+
+def distill_trainer(tmp: Path, written: bool) -> tuple[Trainer, torch.Tensor, torch.Tensor]:
+    """An in-place tiny Moshi with own prefixes and `distill`, its memory writing (`written`: target projections
+    drawn at std 1) or not (the initial zero projections); a batch of own-prefix sequences and its `scored`."""
+    t = trainer(tmp, OWN | {"distill": 2.0}, **DISTILL)
+    layers = [m for m in t.seg.model.modules() if isinstance(m, InPlaceLayer)]
+    assert layers and all(m.target_proj.weight.abs().max() == 0 for m in layers)
+    if written:
+        torch.manual_seed(3)
+        with torch.no_grad():
+            for m in layers:
+                m.target_proj.weight.normal_(std=1.0)
+    codes, scored = t.own_prefix(t.train_data.batch(0, 2, T, 0), 0, 0, 0)
+    return t, codes, scored
+
+
+def test_distill_scores_the_own_frames_by_kl_to_the_model_with_its_writes_off(tmp_path: Path) -> None:
+    """Soft targets: the own frames' usual weights times `distill`, scored by KL(writes off || model); the real
+    frames' cross-entropy unchanged; each term normalised by real + soft weight."""
+    t, codes, scored = distill_trainer(tmp_path, written=True)
+    seg = t.seg
+    plain = seg.prepare(codes, scored)
+    soft = (seg.prepare(codes).weights - plain.weights) * 2.0
+    assert soft.sum() > 0 and ((soft > 0) & (plain.weights > 0)).sum() == 0  # own targets only
+    with torch.no_grad():
+        ce = t._run_sequence(seg, plain, 12, None)
+        both = t._run_sequence(seg, replace(plain, soft_weights=soft), 12, None)
+        student, _ = seg.segment_logits(plain)
+        with writes_scaled(seg.model, 0.0):
+            teacher, _ = seg.segment_logits(plain)
+    want = []
+    for s, tl, (a, b) in zip(student, teacher, seg.terms.values()):
+        w = soft[:, a:b]
+        kl = torch.nn.functional.kl_div(s[w > 0].log_softmax(-1), tl[w > 0].log_softmax(-1), log_target=True,
+                                        reduction="none")
+        want.append(float((kl.sum(-1) * w[w > 0]).sum()))
+    got = (both - ce).tolist()
+    assert got == pytest.approx(want, rel=1e-4) and min(want) > 1e-3  # the writes move the own frames' predictions
+    assert torch.equal(seg.term_weights(replace(plain, soft_weights=soft)), seg.term_weights(plain) + torch.stack(
+        [soft[:, a:b].sum() for a, b in seg.terms.values()]))
+
+
+def test_distill_adds_nothing_while_the_memory_writes_nothing(tmp_path: Path) -> None:
+    """Zero target projections write nothing, so the model is its own teacher: the KL is 0 and the gradient
+    the teacher-forced one; a short run trains with finite losses."""
+    t, codes, scored = distill_trainer(tmp_path, written=False)
+    plain = t.seg.prepare(codes, scored)
+    soft = (t.seg.prepare(codes).weights - plain.weights) * 2.0
+    with torch.no_grad():
+        diff = t._run_sequence(t.seg, replace(plain, soft_weights=soft), 12, None) - t._run_sequence(t.seg, plain, 12, None)
+    assert diff.abs().max() < 1e-4
+    run = trainer(tmp_path / "run2", OWN | {"distill": 1.0, "prob": 0.5}, **DISTILL, **{
+        "train.batch_size": 4, "stages": [{"seq_len": T, "steps": 2, "lr": 1e-3}]})
+    assert run.run().finished
+    assert all(math.isfinite(r["loss"]) for r in read_metrics(run.cfg.run_dir) if r["split"] == "train")

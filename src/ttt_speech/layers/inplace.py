@@ -42,6 +42,7 @@ and stream on an H200. An estimate from bytes and FLOPs;
 
 from __future__ import annotations
 
+import contextlib
 import math
 import typing as tp
 
@@ -145,6 +146,7 @@ class InPlaceLayer(StreamingLayer):
     mlp: GatedMLP
     state_cls = InPlaceState
     state_param = "lr_weight"  # the memory's own (the MLP's may be the host's, in its dtype)
+    write_scale = 1.0  # every written value times this (`writes_scaled`); 1.0 computes exactly the trained layer
 
     def __init__(self, config: InPlaceConfig, mlp: GatedMLP | None = None, host_owned: bool = False) -> None:
         super().__init__()
@@ -200,6 +202,8 @@ class InPlaceLayer(StreamingLayer):
             u = s.to(cd) * self.target_conv_weight[:, 0].to(cd) + self.target_conv_bias.to(cd)
         eta = torch.sigmoid(s.to(cd) @ self.lr_weight.to(cd) + self.lr_bias.to(cd)) * (cfg.base_lr / cfg.hidden)
         v = (F.linear(u, self.target_proj.weight.to(cd)) * eta[..., None]).to(cd)  # autocast made it bf16
+        if self.write_scale != 1.0:
+            v = v * self.write_scale
         q = z.to(cd)
         k = torch.cat([state["z_prev"][:, None], q[:, :-1]], 1)
         tails["z_prev"] = q[:, -1].clone()  # not a view of z: states are written in place later
@@ -236,3 +240,22 @@ class InPlaceLayer(StreamingLayer):
                           state.tensors["offset"], self.config.chunk, exec_mask=exec_mask, decay=self.decay(q.dtype))
         state.write_(tails, exec_mask)
         return (base.to(o.dtype) + o[:, None]).to(base.dtype)
+
+
+@contextlib.contextmanager
+def writes_scaled(module: nn.Module, scale: float) -> tp.Iterator[None]:
+    """Every in-place layer in `module` writes `scale` times its values while inside (0.0: reads what its
+    state holds, writes nothing new), as `target_proj` times `scale` would; restored on exit. Why: the same
+    trained weights without their memory's writes are the teacher of `train.own_prefix.distill`
+    (docs/results.md section 16: with writes off the shipped model does not drift)."""
+    layers = [m for m in module.modules() if isinstance(m, InPlaceLayer)]
+    if not layers:
+        raise ValueError(f"{type(module).__name__} has no in-place memory layer whose writes could be scaled")
+    before = [m.write_scale for m in layers]
+    for m in layers:
+        m.write_scale = scale
+    try:
+        yield
+    finally:
+        for m, b in zip(layers, before):
+            m.write_scale = b

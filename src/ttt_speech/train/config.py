@@ -196,6 +196,12 @@ class OwnPrefixConfig:
     every `every`-th optimizer step draws any: generation is one frame at a time, so a step costs about the
     same for one chosen sequence as for a batch of them, and `every` (not `prob`) is what sets the cost.
     Moshi only, one process or DDP (generation runs the whole model, FSDP holds a shard of it).
+
+    `distill` > 0 also scores the own frames: KL(teacher || model) per target, `distill` times the target's
+    usual weight, where the teacher is the same model with its in-place memory's writes off (no gradient).
+    Why: scored on the real continuation only, own prefixes left the drift as it was (docs/results.md section
+    16), while the same weights with writes off do not drift; this teaches the memory not to reinforce what
+    the model itself said. In-place memory only.
     """
 
     prob: float = 0.0  # 0: off
@@ -204,6 +210,7 @@ class OwnPrefixConfig:
     temp: float = 0.8
     temp_text: float = 0.7
     every: int = 1  # own prefixes only in steps 0, every, 2 * every, ... (the generation's cost)
+    distill: float = 0.0  # weight of the own frames' KL to the model with its memory's writes off (0: unscored)
 
     def __post_init__(self) -> None:
         if self.every < 1:
@@ -215,6 +222,8 @@ class OwnPrefixConfig:
                              f"got {self.prompt}")
         if self.frames < 1:
             raise ValueError(f"train.own_prefix.frames must be >= 1 (or prob: 0 for off), got {self.frames}")
+        if not self.distill >= 0.0:
+            raise ValueError(f"train.own_prefix.distill must be >= 0 (0: own frames unscored), got {self.distill}")
         for name in ("temp", "temp_text"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"train.own_prefix.{name} must be > 0 (moshi samples), got {getattr(self, name)}")
@@ -273,6 +282,9 @@ class Config:
         if self.train.own_prefix.prob and self.model.family != "moshi":
             raise ValueError("train.own_prefix is Moshi-only (it samples with moshi's LMGen): set "
                              "train.own_prefix.prob: 0 for this model")
+        if self.train.own_prefix.prob and self.train.own_prefix.distill and self.model.branch != "inplace":
+            raise ValueError(f"train.own_prefix.distill needs model.branch: inplace (its teacher is the model with "
+                             f"the in-place memory's writes off), got {self.model.branch}; or distill: 0")
 
     @property
     def total_steps(self) -> int:

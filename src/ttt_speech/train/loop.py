@@ -16,6 +16,7 @@ import os
 import time
 import typing as tp
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from ttt_speech.engine.loop import EXPORT_DIR, RunResult, StagedTrainer, adamw, 
 from ttt_speech.engine.metrics import Metrics
 from ttt_speech.engine.skips import BadInputError, SkipLog
 from ttt_speech.errors import UsageError
+from ttt_speech.layers.inplace import writes_scaled
 from ttt_speech.layers.ttt import TTTLayer
 from ttt_speech.train.config import Config
 from ttt_speech.train.data import TokenData, check_streams, find_documents, split_by_source
@@ -169,14 +171,22 @@ class Trainer(StagedTrainer):
     # -- one step ---------------------------------------------------------------------------------
     def _run_sequence(self, model: nn.Module, batch: Batch, segment: int | None, backward_scale: Tensor | None
                       ) -> Tensor:
-        """Forward (and backward when `backward_scale` is given) over all segments; the loss sums per term."""
+        """Forward (and backward when `backward_scale` is given) over all segments; the loss sums per term.
+        A batch with soft targets first runs each segment through the teacher: the same model with its memory's
+        writes off, no gradient, its own carry."""
         sums = torch.zeros(len(self.seg.terms), device=self.procs.device)
         carry: Carry | None = None
+        teacher: Carry | None = None
         bounds = segment_bounds(batch.length, segment)
         for i, (a, b) in enumerate(bounds):
             with sync_gradients(model, i == len(bounds) - 1), torch.autocast(self.procs.device.type, torch.bfloat16,
                                                                     enabled=self.bf16):
-                part, carry = model(batch.segment(a, b), carry)
+                part_batch = batch.segment(a, b)
+                if part_batch.soft_weights is not None:
+                    with torch.no_grad(), writes_scaled(self.seg.model, 0.0):
+                        logits, teacher = self.seg.segment_logits(part_batch, teacher)
+                    part_batch = replace(part_batch, teacher=logits)
+                part, carry = model(part_batch, carry)
                 if backward_scale is not None:
                     (part * backward_scale).sum().backward()
             sums += part.detach().float()
@@ -185,8 +195,14 @@ class Trainer(StagedTrainer):
     def _totals(self, batch: Batch) -> Tensor:
         return self.procs.all_reduce(self.seg.term_weights(batch).to(self.procs.device))
 
-    def train_step(self, codes: Tensor, segment: int | None, scored: Tensor | None = None) -> dict[str, float]:
-        batch = self.seg.prepare(codes.to(self.procs.device), scored)
+    def train_step(self, codes: Tensor, segment: int | None, scored: Tensor | None = None,
+                   distill: float = 0.0) -> dict[str, float]:
+        """One optimizer step. `scored` [B, T]: the frames that are targets (None: all); with `distill`, the
+        others are scored against the teacher (`train.own_prefix.distill`), `distill` times their usual weight."""
+        codes = codes.to(self.procs.device)
+        batch = self.seg.prepare(codes, scored)
+        if distill and scored is not None and not scored.all():
+            batch = replace(batch, soft_weights=(self.seg.prepare(codes).weights - batch.weights) * distill)
         totals = self._totals(batch)
         # DDP and FSDP average gradients over processes: undo it, each process already holds its share
         scale = torch.where(totals > 0, self.procs.world / totals.clamp_min(1e-12), torch.zeros_like(totals))
@@ -230,7 +246,7 @@ class Trainer(StagedTrainer):
         if self.procs.device.type == "cuda":
             torch.cuda.synchronize(self.procs.device)
         seconds = time.perf_counter() - start
-        return self.train_step(codes, segment, scored) | {"own_prefix_s": seconds}
+        return self.train_step(codes, segment, scored, self.cfg.train.own_prefix.distill) | {"own_prefix_s": seconds}
 
     def _first(self, state: TrainState) -> int:
         """The stage's index of this process's first sample in the step."""

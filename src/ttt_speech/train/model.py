@@ -51,10 +51,16 @@ class Carry:
 class Batch:
     """A prepared batch of T positions: position t reads inputs[..., t] and is scored against
     targets[..., t] = inputs[:, :Kt, t + 1] with weights[..., t] (0: no loss). inputs: [B, K, T + 1]
-    (Moshi's depformer also reads inputs[..., t + 1], teacher-forced); weights: [B, Kt, T]."""
+    (Moshi's depformer also reads inputs[..., t + 1], teacher-forced); weights: [B, Kt, T].
+
+    soft_weights [B, Kt, T] (or None): positions scored against a teacher's distribution instead, by
+    KL(teacher || model) (`train.own_prefix.distill`); teacher: its logits per term for this segment, set by
+    the loop right before the forward."""
 
     inputs: Tensor
     weights: Tensor
+    soft_weights: Tensor | None = None
+    teacher: list[Tensor] | None = None
 
     @property
     def length(self) -> int:
@@ -65,7 +71,9 @@ class Batch:
         return self.inputs[:, : self.weights.shape[1], 1:]
 
     def segment(self, start: int, end: int) -> Batch:
-        return replace(self, inputs=self.inputs[..., start:end + 1], weights=self.weights[..., start:end])
+        soft = None if self.soft_weights is None else self.soft_weights[..., start:end]
+        return replace(self, inputs=self.inputs[..., start:end + 1], weights=self.weights[..., start:end],
+                       soft_weights=soft, teacher=None)
 
 
 def weighted_ce_sum(logits: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
@@ -73,6 +81,15 @@ def weighted_ce_sum(logits: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
     targets = torch.where(weights > 0, targets, 0)
     ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
     return (ce * weights.reshape(-1)).sum()
+
+
+def weighted_kl_sum(teacher: Tensor, logits: Tensor, weights: Tensor) -> Tensor:
+    """sum(weights * KL(softmax(teacher) || softmax(logits))): logits [..., V], weights [...]; only where the
+    weight is > 0 (elsewhere the logits may be NaN: positions a delay leaves empty)."""
+    where = weights > 0
+    t = F.log_softmax(teacher[where].float(), -1)
+    kl = (t.exp() * (t - F.log_softmax(logits[where].float(), -1))).sum(-1)
+    return (kl * weights[where]).sum()
 
 
 class SegmentLM(nn.Module):
@@ -158,9 +175,13 @@ class SegmentLM(nn.Module):
         targets = batch.targets
         sums = [weighted_ce_sum(term, targets[:, a:b], batch.weights[:, a:b])
                 for term, (a, b) in zip(logits, self.terms.values())]
+        if batch.teacher is not None and batch.soft_weights is not None:
+            sums = [s + weighted_kl_sum(t, term, batch.soft_weights[:, a:b])
+                    for s, t, term, (a, b) in zip(sums, batch.teacher, logits, self.terms.values())]
         return torch.stack(sums), carry
 
     def term_weights(self, batch: Batch) -> Tensor:
-        """Total loss weight of each term in `batch` [len(terms)] (the normalisers)."""
-        return torch.stack([batch.weights[:, a:b].sum() for a, b in self.terms.values()]).float()
+        """Total loss weight of each term in `batch` [len(terms)] (the normalisers), soft targets included."""
+        weights = batch.weights if batch.soft_weights is None else batch.weights + batch.soft_weights
+        return torch.stack([weights[:, a:b].sum() for a, b in self.terms.values()]).float()
 
