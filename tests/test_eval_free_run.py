@@ -90,3 +90,29 @@ def test_hf_free_run_own_perplexity_is_the_models():
     scorer.score(tokens, out, lambda step: None)
     for m, lo in zip(run.minutes, (6, 26)):
         assert m.own_ppl == pytest.approx(math.exp(float(out[0, 0, lo:lo + 20].mean())), rel=1e-4)
+
+
+def test_writes_after_the_prompt_scale_only_the_generated_frames():
+    """`writes_after_prompt=0`: the in-place memory writes while the prompt is read and never after (its values
+    are exactly 0 from step P + 1 on), and the model writes as trained again once the run is over; a model
+    without in-place memory is refused in one line."""
+    from ttt_speech.errors import UsageError
+    from ttt_speech.layers.inplace import InPlaceLayer
+    from ttt_speech.moshi import convert, default_inplace_config
+    from ttt_speech.moshi.tiny import build_tiny_lm
+
+    base = build_tiny_lm(0)
+    lm = convert(base, layers="all", ttt=default_inplace_config(base, chunk=4))
+    layers = [m for m in lm.modules() if isinstance(m, InPlaceLayer)]
+    with torch.no_grad():
+        for m in layers:
+            m.target_proj.weight.normal_(std=1.0)  # the tiny model's zero projections would write nothing anyway
+    written: list[float] = []
+    layers[0].register_inner_hook(lambda layer, q, k, v: written.append(float(v.abs().max())))
+    P = 6
+    free_run_moshi(lm, "tiny", 10, prompt=random_codes(lm, 1, P, seed=5)[0], progress=False, frames_per_minute=5,
+                   writes_after_prompt=0.0)
+    assert len(written) == P + 10 and min(written[:P + 1]) > 0 and max(written[P + 1:]) == 0
+    assert all(m.write_scale == 1.0 for m in layers)
+    with pytest.raises(UsageError, match="writes after the prompt need an in-place memory"):
+        free_run_moshi(build_tiny_hybrid(0), "ttt", 4, progress=False, frames_per_minute=2, writes_after_prompt=0.0)

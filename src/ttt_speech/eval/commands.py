@@ -97,6 +97,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _add_audio_arguments(p)
     p.add_argument("--temp", type=nonnegative_float, default=0.8, help="audio sampling temperature (0: argmax)")
     p.add_argument("--temp-text", type=nonnegative_float, default=0.7, help="text sampling temperature (0: argmax)")
+    p.add_argument("--free-run-writes", type=nonnegative_float, metavar="SCALE",
+                   help="the in-place memory's writes times SCALE once the prompt is read (0: it keeps the prompt "
+                        "and never writes its own samples; a drift diagnostic; on CUDA with NO_CUDA_GRAPH=1)")
     p.add_argument("--hf-chunk", type=positive_int, default=256, help="tokens per forward call for HF models")
     p.add_argument("--segment", type=positive_int, metavar="FRAMES",
                    help="score Moshi models through the training path in segments of FRAMES (state and window "
@@ -315,7 +318,8 @@ def _free_run(args: argparse.Namespace, loaded: Loaded, first: torch.Tensor, fra
     scoring = _model_scoring(args, loaded, device, report.notes)
     result = free_run_moshi(scorer.model, scorer.name, frames, prompt=first[:, :P] if P else None, scoring=scoring,
                             thresholds=report.thresholds, temp=args.temp, temp_text=args.temp_text, seed=args.seed,
-                            progress=progress, frames_per_minute=args.frames_per_minute)
+                            progress=progress, frames_per_minute=args.frames_per_minute,
+                            writes_after_prompt=args.free_run_writes)
     lm = scorer.model
     _save_free_run(args.out, result, scoring, (lm.text_padding_token_id, lm.end_of_text_padding_id),
                    args.frames_per_minute)
