@@ -27,8 +27,10 @@ def streams(B: int, D: int, F: int, C: int, device: str, seed: int = 0) -> dict[
     return {k: v.to(device) for k, v in state.items()}
 
 
-def compare(B: int, D: int, F: int, C: int, frames: int, decay: float | torch.Tensor, device: str) -> float:
-    """Run both steps side by side on copies of one state; the largest difference seen (outputs and states)."""
+def compare(B: int, D: int, F: int, C: int, frames: int, decay: float | torch.Tensor, device: str,
+            rel: float = 1e-6) -> float:
+    """Run both steps side by side on copies of one state; the largest difference seen (outputs and states),
+    each within RTOL plus `rel` times the tensor's largest value."""
     from ttt_speech.ops.inplace import inplace_step_
 
     fused, plain = streams(B, D, F, C, device), streams(B, D, F, C, device)
@@ -42,10 +44,10 @@ def compare(B: int, D: int, F: int, C: int, frames: int, decay: float | torch.Te
         o1 = inplace_step_(q, k, v, fused["delta"], fused["keys"], fused["values"], fused["offset"], *args, fused=True)
         o2 = inplace_step_(q, k, v, plain["delta"], plain["keys"], plain["values"], plain["offset"], *args,
                            fused=False)
-        torch.testing.assert_close(o1, o2, rtol=RTOL, atol=1e-6 * float(o2.abs().max()))
+        torch.testing.assert_close(o1, o2, rtol=RTOL, atol=rel * float(o2.abs().max()))
         for name in plain:
             scale = float(plain[name].abs().max()) if plain[name].is_floating_point() else 0.0
-            torch.testing.assert_close(fused[name], plain[name], rtol=RTOL, atol=1e-6 * scale)
+            torch.testing.assert_close(fused[name], plain[name], rtol=RTOL, atol=rel * scale)
         worst = max(worst, float((o1 - o2).abs().max()), float((fused["delta"] - plain["delta"]).abs().max()))
     assert ends >= 2  # chunk ends happened: the write was compared, not only the read
     return worst
@@ -63,8 +65,10 @@ def test_fused_step_equals_the_torch_step_interpreter() -> None:
 
 @pytest.mark.gpu
 def test_fused_step_equals_the_torch_step_cuda() -> None:
-    """Moshi-7B's in-place layer (D 4096, F 11264, chunk 64), 4 streams, across a chunk end; learned decay."""
-    compare(4, 4096, 11264, 64, 4, torch.tensor(0.95, device="cuda"), "cuda")
+    """Moshi-7B's in-place layer (D 4096, F 11264, chunk 64), 4 streams, across a chunk end; learned decay. The
+    write's products are TF32 on CUDA (triton_step.PRECISION): 1e-3 of the largest value, where this test's random
+    pairs make the write as large as the delta itself (in a model it is ~1e-3 of it)."""
+    compare(4, 4096, 11264, 64, 4, torch.tensor(0.95, device="cuda"), "cuda", rel=1e-3)
 
 
 if __name__ == "__main__":
