@@ -66,9 +66,10 @@ def test_fused_step_equals_the_torch_step_interpreter() -> None:
 @pytest.mark.gpu
 def test_fused_step_equals_the_torch_step_cuda() -> None:
     """Moshi-7B's in-place layer (D 4096, F 11264, chunk 64), 4 streams, across a chunk end; learned decay. The
-    write's products are TF32 on CUDA (triton_step.PRECISION): 1e-3 of the largest value, where this test's random
-    pairs make the write as large as the delta itself (in a model it is ~1e-3 of it)."""
-    compare(4, 4096, 11264, 64, 4, torch.tensor(0.95, device="cuda"), "cuda", rel=1e-3)
+    write's products are TF32 on CUDA (triton_step.PRECISION): 3e-3 of the largest value, where this test's random
+    pairs make the write as large as the delta itself (in a model it is ~1e-3 of it). On the H200 (2026-12-02) the
+    largest difference was 1.1e-3 of it, in 2 of 185M elements (a 1e-3 bound failed there)."""
+    compare(4, 4096, 11264, 64, 4, torch.tensor(0.95, device="cuda"), "cuda", rel=3e-3)
 
 
 if __name__ == "__main__":
