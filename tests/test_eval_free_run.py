@@ -115,4 +115,5 @@ def test_writes_after_the_prompt_scale_only_the_generated_frames():
     assert len(written) == P + 10 and min(written[:P + 1]) > 0 and max(written[P + 1:]) == 0
     assert all(m.write_scale == 1.0 for m in layers)
     with pytest.raises(UsageError, match="writes after the prompt need an in-place memory"):
-        free_run_moshi(build_tiny_hybrid(0), "ttt", 4, progress=False, frames_per_minute=2, writes_after_prompt=0.0)
+        free_run_moshi(build_tiny_hybrid(0), "ttt", 4, prompt=random_codes(lm, 1, P, seed=5)[0], progress=False,
+                       frames_per_minute=2, writes_after_prompt=0.0)  # refused before it generates

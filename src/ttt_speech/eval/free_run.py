@@ -185,7 +185,7 @@ def free_run_moshi(lm: tp.Any, name: str, frames: int, *, prompt: Tensor | None 
     memory's writes of its own samples cause from one its content causes (docs/results.md section 18).
     Needs an in-place memory, and on CUDA `NO_CUDA_GRAPH=1` (a captured graph keeps the scale it was captured
     with)."""
-    from ttt_speech.layers.inplace import writes_scaled
+    from ttt_speech.layers.inplace import InPlaceLayer, writes_scaled
     from ttt_speech.moshi.generate import generate_frames
 
     torch.manual_seed(seed)
@@ -199,6 +199,9 @@ def free_run_moshi(lm: tp.Any, name: str, frames: int, *, prompt: Tensor | None 
         user = _silence(lm, mimi)[:, None].repeat(1, P + frames)
         if prompt is not None and prompt.shape[0] >= 1 + lm.n_q:
             user[:, :P] = prompt[1 + lm.dep_q:1 + lm.n_q]
+    if writes_after_prompt is not None and not any(isinstance(m, InPlaceLayer) for m in lm.modules()):
+        raise UsageError(f"{name}: writes after the prompt need an in-place memory, and this model has none: "
+                         "drop the writes scale (--free-run-writes)")
     if writes_after_prompt is not None and lm.device.type == "cuda" and not os.environ.get("NO_CUDA_GRAPH"):
         raise UsageError("writes after the prompt change mid-run, which moshi's CUDA graphs would not see: set "
                          "NO_CUDA_GRAPH=1 (or run on the CPU)")
@@ -207,10 +210,7 @@ def free_run_moshi(lm: tp.Any, name: str, frames: int, *, prompt: Tensor | None 
     scaled = ExitStack()
 
     def scale_writes() -> None:
-        try:
-            scaled.enter_context(writes_scaled(lm, tp.cast(float, writes_after_prompt)))
-        except ValueError as e:
-            raise UsageError(f"{name}: writes after the prompt need an in-place memory ({e})") from None
+        scaled.enter_context(writes_scaled(lm, tp.cast(float, writes_after_prompt)))
 
     def on_frame(i: int, logits: Tensor, token: Tensor) -> None:
         if i >= P:  # the model's log-probability of its own text token (raw logits, temperature 1)
