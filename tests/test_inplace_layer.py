@@ -269,6 +269,9 @@ def test_writes_scaled_is_the_target_projection_scaled_and_is_undone_on_exit():
     assert torch.equal(got, want) and state["delta"].abs().max() == 0
     torch.testing.assert_close(steps, want, **REASSOCIATION)
     assert layer.write_scale == 1.0 and torch.equal(layer(x)[0], trained)
+    for per_position, expected in ((torch.zeros(11), want), (torch.ones(2, 11), trained)):  # [T] and [B, T]
+        with writes_scaled(nn.Sequential(layer), per_position):
+            assert torch.equal(layer(x)[0], expected)
     assert (trained - want).abs().max() > 0.1  # the writes matter: the test could fail
     with pytest.raises(ValueError, match="has no in-place memory layer"):
         with writes_scaled(nn.Linear(2, 2), 0.0):

@@ -165,9 +165,11 @@ def distill_trainer(tmp: Path, written: bool) -> tuple[Trainer, torch.Tensor, to
     return t, codes, scored
 
 
-def test_distill_scores_the_own_frames_by_kl_to_the_model_with_its_writes_off(tmp_path: Path) -> None:
-    """Soft targets: the own frames' usual weights times `distill`, scored by KL(writes off || model); the real
-    frames' cross-entropy unchanged; each term normalised by real + soft weight."""
+def test_distill_scores_the_own_frames_by_kl_to_the_model_frozen_after_the_prompt(tmp_path: Path) -> None:
+    """Soft targets: the own frames' usual weights times `distill`, scored by KL(teacher || model), the teacher
+    the model whose memory writes nothing after the prompt (positions > P: position t reads frame t - 1); the
+    real frames' cross-entropy unchanged; each term normalised by real + soft weight. The teacher runs segment by
+    segment (12 frames) with its own carry, the hand computation in one forward."""
     t, codes, scored = distill_trainer(tmp_path, written=True)
     seg = t.seg
     plain = seg.prepare(codes, scored)
@@ -177,8 +179,10 @@ def test_distill_scores_the_own_frames_by_kl_to_the_model_with_its_writes_off(tm
         ce = t._run_sequence(seg, plain, 12, None)
         both = t._run_sequence(seg, replace(plain, soft_weights=soft), 12, None)
         student, _ = seg.segment_logits(plain)
-        with writes_scaled(seg.model, 0.0):
+        with writes_scaled(seg.model, (torch.arange(T) <= P).float()):
             teacher, _ = seg.segment_logits(plain)
+        with writes_scaled(seg.model, 0.0):  # writes off from the start: another teacher, other numbers
+            off, _ = seg.segment_logits(plain)
     want = []
     for s, tl, (a, b) in zip(student, teacher, seg.terms.values()):
         w = soft[:, a:b]
@@ -187,6 +191,7 @@ def test_distill_scores_the_own_frames_by_kl_to_the_model_with_its_writes_off(tm
         want.append(float((kl.sum(-1) * w[w > 0]).sum()))
     got = (both - ce).tolist()
     assert got == pytest.approx(want, rel=1e-4) and min(want) > 1e-3  # the writes move the own frames' predictions
+    assert (off[0] - teacher[0]).abs().nan_to_num().max() > 1e-3  # the prompt's writes matter to the teacher
     assert torch.equal(seg.term_weights(replace(plain, soft_weights=soft)), seg.term_weights(plain) + torch.stack(
         [soft[:, a:b].sum() for a, b in seg.terms.values()]))
 

@@ -24,7 +24,7 @@
 #   recall_age.py at those contexts, per arm, into eval_<arm>/).
 # Arms named in OWN train with the model's own samples in their context (train.own_prefix=$OWNPREFIX, default
 #   {prob: 1.0, every: 4, prompt: 64, frames: 256}: every 4th step, 256 own frames after 64 real ones; docs/training.md);
-#   those also in DISTILLED score their own frames by KL to the model with its memory's writes off
+#   those also in DISTILLED score their own frames by KL to the model with its memory frozen after the prompt
 #   (train.own_prefix.distill=$DISTILL, default 1.0). Next (section 17, pre-registered there).
 # SEQ sets the training sequence length, SEGMENT the frames per forward/backward (the state is carried between
 # segments without gradient, so a decay learns only from recall inside one segment: SEGMENT=SEQ for far gaps).

@@ -146,7 +146,7 @@ class InPlaceLayer(StreamingLayer):
     mlp: GatedMLP
     state_cls = InPlaceState
     state_param = "lr_weight"  # the memory's own (the MLP's may be the host's, in its dtype)
-    write_scale = 1.0  # every written value times this (`writes_scaled`); 1.0 computes exactly the trained layer
+    write_scale: float | Tensor = 1.0  # written values times this (`writes_scaled`); 1.0: exactly the trained layer
 
     def __init__(self, config: InPlaceConfig, mlp: GatedMLP | None = None, host_owned: bool = False) -> None:
         super().__init__()
@@ -202,7 +202,9 @@ class InPlaceLayer(StreamingLayer):
             u = s.to(cd) * self.target_conv_weight[:, 0].to(cd) + self.target_conv_bias.to(cd)
         eta = torch.sigmoid(s.to(cd) @ self.lr_weight.to(cd) + self.lr_bias.to(cd)) * (cfg.base_lr / cfg.hidden)
         v = (F.linear(u, self.target_proj.weight.to(cd)) * eta[..., None]).to(cd)  # autocast made it bf16
-        if self.write_scale != 1.0:
+        if isinstance(self.write_scale, Tensor):  # per position of this forward: [T] or [B, T]
+            v = v * self.write_scale[..., None].to(v.device, v.dtype)
+        elif self.write_scale != 1.0:
             v = v * self.write_scale
         q = z.to(cd)
         k = torch.cat([state["z_prev"][:, None], q[:, :-1]], 1)
@@ -243,11 +245,12 @@ class InPlaceLayer(StreamingLayer):
 
 
 @contextlib.contextmanager
-def writes_scaled(module: nn.Module, scale: float) -> tp.Iterator[None]:
+def writes_scaled(module: nn.Module, scale: float | Tensor) -> tp.Iterator[None]:
     """Every in-place layer in `module` writes `scale` times its values while inside (0.0: reads what its
-    state holds, writes nothing new), as `target_proj` times `scale` would; restored on exit. Why: the same
-    trained weights without their memory's writes are the teacher of `train.own_prefix.distill`
-    (docs/results.md section 16: with writes off the shipped model does not drift)."""
+    state holds, writes nothing new), as `target_proj` times `scale` would; restored on exit. A tensor scales
+    each position of the forwards inside ([T], or [B, T] per stream): 1 up to a point and 0 after it freezes the
+    memory there. Why: the memory frozen once the prompt is read does not drift (docs/results.md section 18), and
+    that is the teacher of `train.own_prefix.distill`."""
     layers = [m for m in module.modules() if isinstance(m, InPlaceLayer)]
     if not layers:
         raise ValueError(f"{type(module).__name__} has no in-place memory layer whose writes could be scaled")

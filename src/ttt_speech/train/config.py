@@ -198,10 +198,11 @@ class OwnPrefixConfig:
     Moshi only, one process or DDP (generation runs the whole model, FSDP holds a shard of it).
 
     `distill` > 0 also scores the own frames: KL(teacher || model) per target, `distill` times the target's
-    usual weight, where the teacher is the same model with its in-place memory's writes off (no gradient).
+    usual weight, where the teacher is the same model with its in-place memory frozen after the prompt (it writes
+    the `prompt` real frames, not the own ones; no gradient).
     Why: scored on the real continuation only, own prefixes left the drift as it was (docs/results.md section
-    16), while the same weights with writes off do not drift; this teaches the memory not to reinforce what
-    the model itself said. In-place memory only.
+    16), while the same weights with the memory frozen after a prompt do not drift (section 18); this teaches
+    the memory not to reinforce what the model itself said. In-place memory only.
     """
 
     prob: float = 0.0  # 0: off
@@ -210,7 +211,7 @@ class OwnPrefixConfig:
     temp: float = 0.8
     temp_text: float = 0.7
     every: int = 1  # own prefixes only in steps 0, every, 2 * every, ... (the generation's cost)
-    distill: float = 0.0  # weight of the own frames' KL to the model with its memory's writes off (0: unscored)
+    distill: float = 0.0  # weight of the own frames' KL to the model with its memory frozen after the prompt
 
     def __post_init__(self) -> None:
         if self.every < 1:
@@ -284,7 +285,7 @@ class Config:
                              "train.own_prefix.prob: 0 for this model")
         if self.train.own_prefix.prob and self.train.own_prefix.distill and self.model.branch != "inplace":
             raise ValueError(f"train.own_prefix.distill needs model.branch: inplace (its teacher is the model with "
-                             f"the in-place memory's writes off), got {self.model.branch}; or distill: 0")
+                             f"the in-place memory frozen after the prompt), got {self.model.branch}; or distill: 0")
 
     @property
     def total_steps(self) -> int:

@@ -172,8 +172,8 @@ class Trainer(StagedTrainer):
     def _run_sequence(self, model: nn.Module, batch: Batch, segment: int | None, backward_scale: Tensor | None
                       ) -> Tensor:
         """Forward (and backward when `backward_scale` is given) over all segments; the loss sums per term.
-        A batch with soft targets first runs each segment through the teacher: the same model with its memory's
-        writes off, no gradient, its own carry."""
+        A batch with soft targets first runs each segment through the teacher: the same model with its memory
+        frozen after the own-prefix prompt (`train.own_prefix.distill`), no gradient, its own carry."""
         sums = torch.zeros(len(self.seg.terms), device=self.procs.device)
         carry: Carry | None = None
         teacher: Carry | None = None
@@ -183,7 +183,9 @@ class Trainer(StagedTrainer):
                                                                     enabled=self.bf16):
                 part_batch = batch.segment(a, b)
                 if part_batch.soft_weights is not None:
-                    with torch.no_grad(), writes_scaled(self.seg.model, 0.0):
+                    # Moshi's position t reads frame t - 1: the prompt's frames are written through position `prompt`
+                    frozen = (torch.arange(a, b, device=self.procs.device) <= self.cfg.train.own_prefix.prompt).float()
+                    with torch.no_grad(), writes_scaled(self.seg.model, frozen):
                         logits, teacher = self.seg.segment_logits(part_batch, teacher)
                     part_batch = replace(part_batch, teacher=logits)
                 part, carry = model(part_batch, carry)
