@@ -203,7 +203,8 @@ def test_distill_adds_nothing_while_the_memory_writes_nothing(tmp_path: Path) ->
     plain = t.seg.prepare(codes, scored)
     soft = (t.seg.prepare(codes).weights - plain.weights) * 2.0
     with torch.no_grad():
-        diff = t._run_sequence(t.seg, replace(plain, soft_weights=soft), 12, None) - t._run_sequence(t.seg, plain, 12, None)
+        both = t._run_sequence(t.seg, replace(plain, soft_weights=soft), 12, None)
+        diff = both - t._run_sequence(t.seg, plain, 12, None)
     assert diff.abs().max() < 1e-4
     run = trainer(tmp_path / "run2", OWN | {"distill": 1.0, "prob": 0.5}, **DISTILL, **{
         "train.batch_size": 4, "stages": [{"seq_len": T, "steps": 2, "lr": 1e-3}]})

@@ -223,8 +223,9 @@ def free_run_moshi(lm: tp.Any, name: str, frames: int, *, prompt: Tensor | None 
     with scaled:
         if P == 0 and writes_after_prompt is not None:  # (the first step reads no frame)
             scale_writes()
-        codes = generate_frames(lm, user[None], P + frames, prompt=None if prompt is None else prompt[None, :1 + lm.dep_q],
-                                temp=temp, temp_text=temp_text, flush=False, on_frame=on_frame)[0, :, P:].cpu().numpy()
+        forced = None if prompt is None else prompt[None, :1 + lm.dep_q]
+        codes = generate_frames(lm, user[None], P + frames, prompt=forced, temp=temp, temp_text=temp_text, flush=False,
+                                on_frame=on_frame)[0, :, P:].cpu().numpy()
     bar.close()
     text = codes[0].copy()
     tokens = codes.astype(np.int16 if max(lm.text_card, lm.card) <= 2**15 else np.int32)

@@ -6,8 +6,9 @@ although only a stream at its chunk's last frame changes its delta. At Moshi-7B 
 28-31) that is ~3.8 GB of traffic per stream and frame, and the server step grew by 1.44 ms per stream
 (docs/benchmarks.md). Here each program reads one [BLOCK_D, F] row block of one stream's delta once, for the
 read, and writes it back only when that stream is at its chunk end (lambda * Delta + V^T K over the chunk's
-buffered pairs; TF32 products, fp32 sums, see PRECISION below): one read per frame, one write per chunk. No host sync: whether a stream writes is read
-on the GPU, so one captured CUDA graph serves every frame, as the torch step's does.
+buffered pairs; TF32 products, fp32 sums: see below): one read per frame, one write per chunk. No host sync:
+whether a stream writes is read on the GPU, so one captured CUDA graph serves every frame, as the torch step's
+does.
 
 The buffer row write, the clearing of finished chunks and the offsets stay in torch (`step.inplace_step_`, the
 reference this kernel is held equal to in tests/test_inplace_triton.py).
@@ -19,6 +20,14 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+BLOCK_D, BLOCK_F = 32, 128  # a [32, 128] fp32 tile of the delta per loop step: 16 KB, 32 registers a thread
+# The write's products on CUDA: TF32 (10-bit mantissas, fp32 sums, on tensor cores). A chunk end costs 2 D C F
+# flops per stream (5.9 GFLOP a layer at Moshi-7B shape) and streams started together end their chunks on the
+# same frame: with fp32-accurate "tf32x3" that frame took ~50 ms more at 64 streams (H200, 2026-12-02), over the
+# 80-ms budget. TF32 rounds the write by ~5e-4 of itself, and a chunk's write is ~1e-3 of the delta it joins
+# (InPlaceState): ~5e-7 of the delta, three orders below the bf16 model's own rounding; the delta and every sum
+# stay fp32. Plain fp32 in the interpreter.
 
 
 @triton.jit
@@ -69,12 +78,3 @@ def read_and_write_(delta: Tensor, q: Tensor, keys: Tensor, values: Tensor, done
                              C=C, BLOCK_D=BLOCK_D, BLOCK_F=BLOCK_F, PRECISION="tf32" if delta.is_cuda else "ieee",
                              DECAY_TENSOR=tensor)
     return o
-
-
-BLOCK_D, BLOCK_F = 32, 128  # a [32, 128] fp32 tile of the delta per loop step: 16 KB, 32 registers a thread
-# The write's products on CUDA: TF32 (10-bit mantissas, fp32 sums, on tensor cores). A chunk end costs 2 D C F
-# flops per stream (5.9 GFLOP a layer at Moshi-7B shape) and streams started together end their chunks on the
-# same frame: with fp32-accurate "tf32x3" that frame took ~50 ms more at 64 streams (H200, 2026-12-02), over the
-# 80-ms budget. TF32 rounds the write by ~5e-4 of itself, and a chunk's write is ~1e-3 of the delta it joins
-# (InPlaceState): ~5e-7 of the delta, three orders below the bf16 model's own rounding; the delta and every sum
-# stay fp32. Plain fp32 in the interpreter.

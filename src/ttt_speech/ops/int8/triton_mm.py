@@ -24,10 +24,10 @@ Two kernels:
   too few programs to keep HBM busy; splitting K multiplies them, for a memset and a cast per call.
 Each has a handful of autotuned configs (tile sizes, warps, pipeline stages, splits), keyed on N, K (and the
 kernel's rows bucket and the dtypes), timed briefly at the first call of a shape; the autotuned kernels (the
-GEMV only up to GEMV_MAX_M rows) are then timed against each other and the fastest kept for that shape. That first call must
-not be inside a CUDA graph capture (moshi's streaming runs its first step eagerly, so the capture after it only
-launches; a shape first met inside a capture runs the tile kernel's first config, untimed, rather than break the
-capture). Under Triton's CPU interpreter nothing is timed: the tile kernel's first config runs (tests pick each
+GEMV only up to GEMV_MAX_M rows) are then timed against each other and the fastest kept for that shape. That
+first call must not be inside a CUDA graph capture (moshi's streaming runs its first step eagerly, so the capture
+after it only launches; a shape first met inside a capture runs the tile kernel's first config, untimed, rather
+than break the capture). Under Triton's CPU interpreter nothing is timed: the tile kernel's first config runs (tests pick each
 kernel and config in turn).
 """
 
