@@ -94,8 +94,8 @@ def test_hf_free_run_own_perplexity_is_the_models():
 
 def test_writes_after_the_prompt_scale_only_the_generated_frames():
     """`writes_after_prompt=0`: the in-place memory writes while the prompt is read and never after (its values
-    are exactly 0 from step P + 1 on), and the model writes as trained again once the run is over; a model
-    without in-place memory is refused in one line."""
+    are exactly 0 from step P + 1 on), and the model writes as trained again in the next run (the mute was the
+    run's streaming state); a model without in-place memory is refused in one line."""
     from ttt_speech.errors import UsageError
     from ttt_speech.layers.inplace import InPlaceLayer
     from ttt_speech.moshi import convert, default_inplace_config
@@ -113,7 +113,15 @@ def test_writes_after_the_prompt_scale_only_the_generated_frames():
     free_run_moshi(lm, "tiny", 10, prompt=random_codes(lm, 1, P, seed=5)[0], progress=False, frames_per_minute=5,
                    writes_after_prompt=0.0)
     assert len(written) == P + 10 and min(written[:P + 1]) > 0 and max(written[P + 1:]) == 0
-    assert all(m.write_scale == 1.0 for m in layers)
+    written.clear()
+    free_run_moshi(lm, "tiny", 10, prompt=random_codes(lm, 1, P, seed=5)[0], progress=False, frames_per_minute=5)
+    assert len(written) == P + 10 and min(written) > 0
+    written.clear()  # listening: after the prompt only the steps where the user speaks write
+    listening = torch.zeros(P + 10, dtype=torch.bool)
+    listening[[2, P + 3, P + 4, P + 8]] = True
+    free_run_moshi(lm, "tiny", 10, prompt=random_codes(lm, 1, P, seed=5)[0], progress=False, frames_per_minute=5,
+                   writes_after_prompt=0.0, listening=listening)
+    assert [t for t in range(P + 1, P + 10) if written[t] > 0] == [P + 3, P + 4, P + 8] and min(written[:P + 1]) > 0
     with pytest.raises(UsageError, match="writes after the prompt need an in-place memory"):
         free_run_moshi(build_tiny_hybrid(0), "ttt", 4, prompt=random_codes(lm, 1, P, seed=5)[0], progress=False,
                        frames_per_minute=2, writes_after_prompt=0.0)  # refused before it generates

@@ -133,11 +133,11 @@ def test_state_size_constant_and_bytes_at_moshi_7b_shape():
     layer = InPlaceConfig(dim=8, hidden=12, chunk=4, target_init_std=0.1).build()
     _, s10 = layer(torch.randn(1, 10, 8))
     y, s5k = layer(torch.randn(1, 5000, 8))
-    assert s10.nbytes == s5k.nbytes == layer.init_state(1).nbytes == 4 * (8 * 12 + 4 * 12 + 4 * 8 + 12 + 8) + 8
+    assert s10.nbytes == s5k.nbytes == layer.init_state(1).nbytes == 4 * (8 * 12 + 4 * 12 + 4 * 8 + 12 + 8 + 1) + 8
     assert torch.isfinite(y).all() and all(torch.isfinite(s5k[k]).all() for k in s5k)
     spec = InPlaceState.spec(InPlaceConfig(dim=4096, hidden=11264, chunk=64), 1)
     nbytes = sum(torch.Size(shape).numel() * (8 if dt == torch.int64 else 4) for shape, dt in spec.values())
-    assert nbytes == 4 * (4096 * 11264 + 64 * (11264 + 4096) + 11264 + 4096) + 8  # 188.6 MB per layer and stream
+    assert nbytes == 4 * (4096 * 11264 + 64 * (11264 + 4096) + 11264 + 4096 + 1) + 8  # 188.6 MB per layer and stream
 
 
 def test_save_load_round_trip_and_mismatches_are_named(tmp_path):

@@ -53,7 +53,7 @@ def test_the_tiny_run_reports_every_field(bench: tp.Any, tmp_path: Path) -> None
     assert [rows[m]["layers"] for m in rows] == [[], [0, 1], [1]]
     cfg = bench.build(tiny_lm_config(), "all:inplace", "cpu", torch.float32, 16, chunk).memory_layers()[0].memory.config
     per_layer = sum(torch.empty(shape, dtype=dt).nbytes for shape, dt in InPlaceState.spec(cfg, 1).values())
-    assert per_layer == 4 * (32 * 88 + chunk * 88 + chunk * 32 + 88 + 32) + 8  # delta, buffers, z_prev, conv, offset
+    assert per_layer == 4 * (32 * 88 + chunk * 88 + chunk * 32 + 88 + 32 + 1) + 8  # delta, buffers, z_prev, conv, mute, offset
     for name, layers in (("vanilla", 0), ("in-place all", 2), ("in-place 1", 1)):
         row = rows[name]
         assert row["inplace_state_bytes_per_session"] == layers * per_layer

@@ -22,6 +22,8 @@ from ttt_speech.config import InPlaceConfig  # noqa: E402
 from ttt_speech.errors import UsageError  # noqa: E402
 from ttt_speech.branches import inplace_cost  # noqa: E402
 from ttt_speech.layers import InPlaceLayer, InPlaceState  # noqa: E402
+from ttt_speech.layers.inplace import writes_scaled  # noqa: E402
+from ttt_speech.moshi.layer import mute_writes_  # noqa: E402
 from ttt_speech.moshi import HybridLMModel, HybridTransformerLayer, convert, default_inplace_config, load_hybrid  # noqa: E402
 from ttt_speech.moshi.tiny import TinyCheckpoint, build_tiny_lm, tiny_lm_config, write_tiny_checkpoint  # noqa: E402
 
@@ -76,6 +78,33 @@ def test_training_path_equals_frame_by_frame_streaming(layers) -> None:
     torch.testing.assert_close(logits, train.logits, rtol=1e-5, atol=2e-5, equal_nan=True)
     torch.testing.assert_close(text_logits, train.text_logits, rtol=1e-5, atol=2e-5, equal_nan=True)
     assert (train.logits - plain.logits).nan_to_num().abs().max() > 1e-2  # the memory changed the model
+
+
+def test_a_muted_stream_writes_nothing_from_that_frame_and_its_neighbour_is_untouched() -> None:
+    """`mute_writes_` mid-stream, per stream: stream 0 muted from frame k equals the training path with its writes
+    scaled to 0 from position k (`writes_scaled`, the reference), stream 1 (not muted) equals the model as trained,
+    and the mute changed stream 0 (so the comparison can fail)."""
+    model = inplace_hybrid()
+    open_memory(model)
+    codes = random_codes(model, 2, 5 * CONTEXT)
+    T, k = codes.shape[-1], 2 * CONTEXT + 1
+
+    def mute(t: int) -> None:
+        if t == k:
+            assert mute_writes_(model, torch.tensor([1.0, 0.0])) == len(model.memory_layers())
+
+    logits, text_logits = streamed_logits(model, codes, before_frame=mute)
+    scale = torch.ones(2, T)
+    scale[0, k:] = 0.0
+    with torch.no_grad():
+        with writes_scaled(model, scale):
+            ref = model(codes)
+        plain = model(codes)
+    torch.testing.assert_close(text_logits, ref.text_logits, rtol=1e-5, atol=2e-5, equal_nan=True)
+    torch.testing.assert_close(logits, ref.logits, rtol=1e-5, atol=2e-5, equal_nan=True)
+    torch.testing.assert_close(text_logits[1], plain.text_logits[1], rtol=1e-5, atol=2e-5, equal_nan=True)
+    assert (text_logits[0] - plain.text_logits[0]).nan_to_num().abs().max() > 1e-2
+    assert mute_writes_(build_tiny_lm(0), 1.0) == 0  # no in-place memory: nothing to mute
 
 
 def test_save_then_load_gives_identical_logits_and_one_key_per_weight(tiny_ckpt: TinyCheckpoint, tmp_path: Path) -> None:

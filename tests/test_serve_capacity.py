@@ -196,3 +196,28 @@ def test_the_figure_leaves_out_a_row_cut_before_any_confirmed_count_and_keeps_a_
                           note="time budget: stopped before a full run of 216")
     assert capacity.plotted([vanilla, cut, none_real_time, short]) == {"vanilla": [(3000, 80)],
                                                                        "hybrid": [(6, 0), (750, 208)]}
+
+
+def test_in_place_sessions_arrive_spread_over_a_chunk_and_vanilla_ones_together() -> None:
+    """`start_sessions`: with an in-place memory (chunk 4) six sessions join one per frame over the chunk, so their
+    memories' positions (and chunk ends) differ by their arrival frame; a vanilla model's all start on frame 0."""
+    import numpy as np
+    import torch
+
+    from ttt_speech.moshi import convert, default_inplace_config
+    from ttt_speech.serve.capacity import stagger_frames, start_sessions
+    from ttt_speech.serve.streams import BatchedStreams
+
+    lm = build_tiny_lm(0)
+    assert stagger_frames(lm) == 0
+    lm = convert(lm, "all", ttt=default_inplace_config(lm, chunk=4))
+    assert stagger_frames(lm) == 4
+    streams = BatchedStreams(lm, listening_mimi(0), 6)
+    try:
+        with torch.no_grad():
+            start_sessions(streams, np.zeros((6, 1920), np.float32), warmup=2, stagger=stagger_frames(lm))
+        offsets = [t for n, (t, _) in streams._tensors().items() if n.endswith(".memory.offset")]
+        # frames stepped: 3 + 2 less the wait (5, 4, 3, 2, 5, 4), each memory's position in its chunk of 4 that mod 4
+        assert offsets and all(o.tolist() == [1, 0, 3, 2, 1, 0] for o in offsets)
+    finally:
+        streams.close()

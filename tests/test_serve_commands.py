@@ -16,7 +16,7 @@ from ttt_speech.errors import UsageError  # noqa: E402
 from ttt_speech.moshi import HybridLMModel  # noqa: E402
 from ttt_speech.moshi.tiny import build_tiny_hybrid, write_tiny_checkpoint  # noqa: E402
 from ttt_speech.moshi.files import MIMI_WEIGHTS_NAME  # noqa: E402
-from ttt_speech.serve.commands import add_arguments, load_mimi, load_model, load_tokenizer  # noqa: E402
+from ttt_speech.serve.commands import add_arguments, check_serve, load_mimi, load_model, load_tokenizer  # noqa: E402
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -56,3 +56,15 @@ def test_the_default_model_is_the_shipped_small_hybrid_with_its_codec(tmp_path: 
     lm, _, mimi, tok = load(parse(), tmp_path)
     assert isinstance(lm, HybridLMModel) and (lm.n_q, lm.dep_q, lm.card) == (16, 8, 1024)
     assert mimi.num_codebooks == 8 and mimi.cardinality == 1024 and tok.vocab_size() <= lm.text_card
+
+
+def test_listen_db_needs_an_in_place_memory(tmp_path: Path) -> None:
+    """--listen-db gates an in-place memory's writes: the shipped model has one; tiny (TTT) and a vanilla Moshi are
+    refused in one line before anything loads."""
+    state = ["--state-dir", str(tmp_path / "states"), "--port", "0"]
+    assert check_serve(parse("--listen-db", "-50", *state)) is not None
+    with pytest.raises(UsageError, match="--listen-db -50.0: the tiny model has no in-place memory"):
+        check_serve(parse("--model", "tiny", "--listen-db", "-50", *state))
+    vanilla = write_tiny_checkpoint(tmp_path / "vanilla").root
+    with pytest.raises(UsageError, match=f"{vanilla} has no in-place memory"):
+        check_serve(parse("--model", str(vanilla), "--listen-db", "-50", *state))

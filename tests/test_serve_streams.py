@@ -236,3 +236,38 @@ def test_starting_slots_together_equals_starting_them_one_by_one() -> None:
     assert not torch.equal(reset["gen.seeds"], together.snapshot(1)["gen.seeds"])  # row 1 kept its seed
     together.close()
     one_by_one.close()
+
+
+@torch.no_grad()
+def test_listening_streams_write_only_frames_with_a_voice() -> None:
+    """`listen_db`: a slot fed silence reads its in-place memory and never writes it (its deltas stay exactly
+    zero), a slot fed a voice (-20 dBFS noise) writes as without the gate; without the gate the silent slot writes
+    too (so the first check can fail); a model without in-place memory is refused."""
+    from ttt_speech.moshi import default_inplace_config
+    from ttt_speech.serve.streams import quiet_frames
+
+    def deltas(listen_db: float | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        lm = build_tiny_lm(0)
+        lm = convert(lm, "all", ttt=default_inplace_config(lm, chunk=4))
+        for i, layer in enumerate(lm.memory_layers()):
+            layer.memory.target_proj.weight.copy_(torch.randn(layer.memory.target_proj.weight.shape,
+                                                              generator=torch.Generator().manual_seed(i)))
+        streams = BatchedStreams(lm, listening_mimi(0), 2, listen_db=listen_db)
+        pcm = np.stack([np.zeros(1920, np.float32), audio(1, 1)[0]])
+        on = np.ones(2, bool)
+        for t in range(12):
+            streams.step(pcm, on, on if t == 0 else ~on)
+        states = [t for n, (t, _) in streams._tensors().items() if n.endswith(".memory.delta")]
+        mutes = [t for n, (t, _) in streams._tensors().items() if n.endswith(".memory.mute")]
+        streams.close()
+        return states, mutes
+
+    gated, mutes = deltas(-40.0)
+    assert len(gated) == 2 and all(torch.equal(m, torch.tensor([1.0, 0.0])) for m in mutes)
+    assert all(d[0].abs().max() == 0 and d[1].abs().max() > 0 for d in gated)
+    plain, _ = deltas(None)
+    assert all(d[0].abs().max() > 0 for d in plain)
+    torch.testing.assert_close(gated[0][1], plain[0][1])  # the speaking slot wrote as without the gate
+    assert quiet_frames(np.stack([np.full(4, 0.01), np.full(4, 0.1)]), -30.0).tolist() == [1.0, 0.0]  # -40, -20 dB
+    with pytest.raises(ValueError, match="needs an in-place memory"):
+        BatchedStreams(build_tiny_lm(0), listening_mimi(0), 2, listen_db=-40.0)

@@ -50,7 +50,7 @@ def assert_exec_mask_freezes_streams(layer, dim: int = 16) -> dict:
     layer.step(torch.randn(3, 2, dim), state, exec_mask=mask)
     for k, t in state.tensors.items():
         assert torch.equal(t[1], before[k][1]), k
-        assert not torch.equal(t[0], before[k][0]), k
+        assert k in getattr(state, "settings", ()) or not torch.equal(t[0], before[k][0]), k
     return state
 
 

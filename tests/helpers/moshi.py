@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import typing as tp
 from pathlib import Path
 
 import pytest
@@ -41,15 +42,19 @@ def open_gates(model: LMModel, value: float = 0.7) -> None:
 
 
 @torch.no_grad()
-def streamed_logits(lm: LMModel, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def streamed_logits(lm: LMModel, codes: torch.Tensor,
+                    before_frame: tp.Callable[[int], object] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced logits computed as inference does: the temporal transformer one frame per call
-    (ring KV cache, TTT step), the depformer one codebook per call; re-aligned as LMModel.forward."""
+    (ring KV cache, TTT step), the depformer one codebook per call; re-aligned as LMModel.forward.
+    `before_frame(t)` runs inside the streaming context before frame t (to change the state mid-stream)."""
     B, K, T = codes.shape
     initial = lm._get_initial_token().expand(B, -1, -1)
     delayed = torch.cat([initial, _delay_sequence(lm.delays, codes, initial)], dim=2)
     text, audio = [], []
     with lm.streaming(B):
         for t in range(T):
+            if before_frame is not None:
+                before_frame(t)
             out, text_logits = lm.forward_text(delayed[:, :, t:t + 1])
             text.append(text_logits)
             with lm.depformer.streaming(B):

@@ -99,7 +99,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temp-text", type=nonnegative_float, default=0.7, help="text sampling temperature (0: argmax)")
     p.add_argument("--free-run-writes", type=nonnegative_float, metavar="SCALE",
                    help="the in-place memory's writes times SCALE once the prompt is read (0: it keeps the prompt "
-                        "and never writes its own samples; a drift diagnostic; on CUDA with NO_CUDA_GRAPH=1)")
+                        "and never writes its own samples: a drift diagnostic, docs/results.md section 18)")
     p.add_argument("--hf-chunk", type=positive_int, default=256, help="tokens per forward call for HF models")
     p.add_argument("--segment", type=positive_int, metavar="FRAMES",
                    help="score Moshi models through the training path in segments of FRAMES (state and window "

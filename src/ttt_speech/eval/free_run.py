@@ -18,7 +18,6 @@ its "minutes" are blocks of 750 tokens, with no pad ids and no audio.
 
 from __future__ import annotations
 
-import os
 import typing as tp
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
@@ -175,18 +174,21 @@ def _silence(lm: tp.Any, mimi: tp.Any) -> Tensor:
 def free_run_moshi(lm: tp.Any, name: str, frames: int, *, prompt: Tensor | None = None, user: Tensor | None = None,
                    scoring: AudioScoring | None = None, thresholds: GibberishThresholds | None = None,
                    temp: float = 0.8, temp_text: float = 0.7, seed: int = 0, progress: bool = True,
-                   frames_per_minute: int = FRAMES_PER_MINUTE, writes_after_prompt: float | None = None
-                   ) -> FreeRunResult:
+                   frames_per_minute: int = FRAMES_PER_MINUTE, writes_after_prompt: float | None = None,
+                   listening: Tensor | None = None) -> FreeRunResult:
     """Generate `frames` frames after an optional `prompt` [1 + n_q (+ user rows), P] forced into the model's
     stream; `user` [n_user, >= P + frames] is the user's stream (default: the prompt's user rows, then silence).
 
     writes_after_prompt: the in-place memory writes this times its values from the first generated frame on
     (0.0: it keeps what the prompt wrote and never writes the model's own samples), to tell a drift that the
     memory's writes of its own samples cause from one its content causes (docs/results.md section 18).
-    Needs an in-place memory, and on CUDA `NO_CUDA_GRAPH=1` (a captured graph keeps the scale it was captured
-    with)."""
-    from ttt_speech.layers.inplace import InPlaceLayer, writes_scaled
+    listening [>= P + frames] bool: after the prompt, the steps where the user speaks are still written in full,
+    the others at `writes_after_prompt` (the write gate `serve --listen-db` applies to live audio; the caller
+    decides from the user's tokens). Both need an in-place memory; set in the streaming state (`mute_writes_`),
+    so moshi's CUDA graphs see them."""
+    from ttt_speech.layers.inplace import InPlaceLayer
     from ttt_speech.moshi.generate import generate_frames
+    from ttt_speech.moshi.layer import mute_writes_
 
     torch.manual_seed(seed)
     scoring = scoring or AudioScoring()
@@ -202,30 +204,26 @@ def free_run_moshi(lm: tp.Any, name: str, frames: int, *, prompt: Tensor | None 
     if writes_after_prompt is not None and not any(isinstance(m, InPlaceLayer) for m in lm.modules()):
         raise UsageError(f"{name}: writes after the prompt need an in-place memory, and this model has none: "
                          "drop the writes scale (--free-run-writes)")
-    if writes_after_prompt is not None and lm.device.type == "cuda" and not os.environ.get("NO_CUDA_GRAPH"):
-        raise UsageError("writes after the prompt change mid-run, which moshi's CUDA graphs would not see: set "
-                         "NO_CUDA_GRAPH=1 (or run on the CPU)")
+    if listening is not None and writes_after_prompt is None:
+        raise ValueError("a listening free run writes in full while the user speaks and at writes_after_prompt "
+                         "otherwise: give writes_after_prompt")
+    mutes = torch.full((P + frames + 1,), 1.0 - (writes_after_prompt or 0.0))  # of each step (step i reads user frame i)
+    if listening is not None:
+        mutes[:P + frames][listening[:P + frames].cpu()] = 0.0
     logprobs = np.zeros(frames, dtype=np.float64)
     bar = tqdm(total=P + frames, unit="frame", disable=not progress, dynamic_ncols=True, desc=f"{name} free run")
-    scaled = ExitStack()
-
-    def scale_writes() -> None:
-        scaled.enter_context(writes_scaled(lm, tp.cast(float, writes_after_prompt)))
 
     def on_frame(i: int, logits: Tensor, token: Tensor) -> None:
         if i >= P:  # the model's log-probability of its own text token (raw logits, temperature 1)
             logprobs[i - P] = float(logits.float().log_softmax(-1)[0, token[0]])
         # step i reads frame i - 1: step P wrote the prompt's last frame, the steps after it read generated ones
-        if i == P and writes_after_prompt is not None:
-            scale_writes()
+        if i >= P and writes_after_prompt is not None and (i == P or mutes[i + 1] != mutes[i]):
+            mute_writes_(lm, float(mutes[i + 1]))
         bar.update(1)
 
-    with scaled:
-        if P == 0 and writes_after_prompt is not None:  # (the first step reads no frame)
-            scale_writes()
-        forced = None if prompt is None else prompt[None, :1 + lm.dep_q]
-        codes = generate_frames(lm, user[None], P + frames, prompt=forced, temp=temp, temp_text=temp_text, flush=False,
-                                on_frame=on_frame)[0, :, P:].cpu().numpy()
+    forced = None if prompt is None else prompt[None, :1 + lm.dep_q]
+    codes = generate_frames(lm, user[None], P + frames, prompt=forced, temp=temp, temp_text=temp_text, flush=False,
+                            on_frame=on_frame)[0, :, P:].cpu().numpy()
     bar.close()
     text = codes[0].copy()
     tokens = codes.astype(np.int16 if max(lm.text_card, lm.card) <= 2**15 else np.int32)

@@ -104,15 +104,19 @@ def fresh_mlp(dim: int, hidden: int, std: float) -> GatedMLP:
 
 
 class InPlaceState(LayerState):
-    """The delta on W_down [B, dim, hidden], the current chunk's pairs, the last hidden, the conv tail, offsets.
+    """The delta on W_down [B, dim, hidden], the current chunk's pairs, the last hidden, the conv tail, offsets,
+    and `mute` [B]: the share of each stream's writes withheld (0 writes as trained, 1 writes nothing).
 
     fp32 whatever the model dtype: a chunk's write is ~1e-3 of the delta it joins, below bf16's
-    resolution. Starts (and resets) to zeros: the host MLP's own weights.
+    resolution. Starts (and resets) to zeros: the host MLP's own weights, writing. `mute` is state rather
+    than a setting because it is per stream and changes between frames under a captured CUDA graph: the
+    caller writes it in place (`moshi.layer.mute_writes_`); why a stream mutes: docs/results.md section 18.
     """
 
     kind = "inplace"
     config_cls = InPlaceConfig
     main = "delta"
+    settings = ("mute",)  # set by the caller, never moved by a step
 
     @classmethod
     def spec(cls, config: InPlaceConfig, batch_size: int, dtype: torch.dtype = torch.float32) -> Spec:
@@ -123,6 +127,7 @@ class InPlaceState(LayerState):
             "values": ((B, C, D), dtype),
             "z_prev": ((B, Fh), dtype),
             "offset": ((B,), torch.int64),
+            "mute": ((B,), dtype),
         }
         if config.conv_kernel > 1:
             spec["conv"] = ((B, config.conv_kernel - 1, D), dtype)
@@ -202,6 +207,7 @@ class InPlaceLayer(StreamingLayer):
             u = s.to(cd) * self.target_conv_weight[:, 0].to(cd) + self.target_conv_bias.to(cd)
         eta = torch.sigmoid(s.to(cd) @ self.lr_weight.to(cd) + self.lr_bias.to(cd)) * (cfg.base_lr / cfg.hidden)
         v = (F.linear(u, self.target_proj.weight.to(cd)) * eta[..., None]).to(cd)  # autocast made it bf16
+        v = v * (1.0 - state["mute"])[:, None, None]  # x 1 exactly while the stream writes
         if isinstance(self.write_scale, Tensor):  # per position of this forward: [T] or [B, T]
             v = v * self.write_scale[..., None].to(v.device, v.dtype)
         elif self.write_scale != 1.0:

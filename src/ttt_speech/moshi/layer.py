@@ -286,3 +286,28 @@ def reset_memories(lm: nn.Module) -> int:
             state.memory_layer.reset_state(state.memory)
             n += 1
     return n
+
+
+def write_mutes(lm: nn.Module) -> list[Tensor]:
+    """The `mute` [B] tensor of every in-place memory's streaming state (empty for a model without one or not
+    streaming): a caller that mutes every frame finds them once and writes them in place."""
+    mutes = []
+    for module in lm.modules():
+        state = streaming_state(module) if isinstance(module, HybridTransformerLayer) else None
+        if isinstance(state, HybridLayerState) and isinstance(state.memory_layer, InPlaceLayer):
+            assert state.memory is not None
+            mutes.append(state.memory["mute"])
+    return mutes
+
+
+def mute_writes_(lm: nn.Module, mute: Tensor | float) -> int:
+    """Set how much of its writes each stream withholds, in every in-place memory of a streaming model: `mute`
+    is a float for all streams or a [B] tensor (0 writes as trained, 1 reads the memory and writes nothing).
+    Written into the states in place, so a captured CUDA graph sees it at its next replay; a stream's reset
+    unmutes it. Why: the memory's writes of the model's own samples make it drift, what it holds does not
+    (docs/results.md section 18), so a stream may write while it listens and not while it speaks.
+    Returns the number of states set (0 for a model without in-place memory or not streaming)."""
+    mutes = write_mutes(lm)
+    for t in mutes:
+        t.copy_(torch.as_tensor(mute) if isinstance(mute, float) else mute)
+    return len(mutes)

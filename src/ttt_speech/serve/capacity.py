@@ -257,11 +257,31 @@ def time_frames(step_ms: tp.Callable[[], float], sessions: int, frames: int, bud
     return _summary(ms, sessions, peak(), budget_ms)
 
 
+def stagger_frames(lm: LMModel) -> int:
+    """Frames over which `measure` spreads the sessions' arrivals: the longest in-place chunk (0 without in-place
+    memory). An in-place session writes its memory only at its chunk's last frame, and sessions that all start on
+    one frame would all write on the same frame every chunk, which real arrivals (at any frame) do not."""
+    from ttt_speech.layers.inplace import InPlaceLayer
+
+    return max((m.config.chunk for m in lm.modules() if isinstance(m, InPlaceLayer)), default=0)
+
+
+def start_sessions(streams: BatchedStreams, pcm: np.ndarray, warmup: int, stagger: int, seed: int = 0) -> None:
+    """Start every slot's conversation, slot s joining at frame s mod `stagger` (all at frame 0 when 0), then step
+    `warmup` more frames with all of them (untimed: moshi captures its CUDA graphs on the second step)."""
+    sessions = streams.batch_size
+    join = np.arange(sessions) % stagger if stagger else np.zeros(sessions, int)
+    streams.start_many({slot: seed + slot for slot in range(sessions)})
+    for i in range(int(join.max()) + warmup):
+        streams.step(pcm, join <= i, join == i)
+
+
 @torch.no_grad()
 def measure(lm: LMModel, mimi: MimiModel, sessions: int, frames: int, warmup: int = 3,
             budget_ms: float = FRAME_MS, timer: Timer | None = None, seed: int = 0,
             state_bytes: int | None = None) -> Point:
-    """Time `frames` server steps with `sessions` conversations started (after `warmup` untimed steps).
+    """Time `frames` server steps with `sessions` conversations started (after `warmup` untimed steps; arrivals
+    spread over `stagger_frames(lm)` frames before them).
 
     On CUDA a batch whose streaming state (`state_bytes` per session) exceeds the free memory is refused
     before allocating: moshi cannot leave streaming mode cleanly from an allocation that failed halfway.
@@ -280,10 +300,8 @@ def measure(lm: LMModel, mimi: MimiModel, sessions: int, frames: int, warmup: in
         streams = BatchedStreams(lm, mimi, sessions)
         rng = np.random.default_rng(seed)
         pcm = (0.1 * rng.standard_normal((sessions, mimi.frame_size))).astype(np.float32)
-        active, first, later = np.ones(sessions, bool), np.ones(sessions, bool), np.zeros(sessions, bool)
-        streams.start_many({slot: seed + slot for slot in range(sessions)})
-        for i in range(warmup):
-            streams.step(pcm, active, first if i == 0 else later)
+        active, later = np.ones(sessions, bool), np.zeros(sessions, bool)
+        start_sessions(streams, pcm, warmup, stagger_frames(lm), seed)
         timed = streams  # the closure's own name: `streams` is unbound in `finally`
         return time_frames(lambda: timer(lambda: timed.step(pcm, active, later), sessions), sessions, frames,
                            budget_ms, peak)

@@ -93,6 +93,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=nonnegative_int, default=TOP_K, help="audio tokens sampled from (0: all)")
     p.add_argument("--top-k-text", type=nonnegative_int, default=TOP_K_TEXT, help="text tokens sampled from (0: all)")
     p.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
+    p.add_argument("--listen-db", type=float, metavar="DBFS",
+                   help="an in-place memory writes only frames whose input is louder than DBFS (e.g. -50) and reads "
+                        "without writing while the model talks alone, so it does not drift (docs/results.md section "
+                        "18); default: it writes every frame, as trained")
     p.add_argument("--shutdown-after", type=seconds_or_off, default=None,
                    help=f"stop after this many seconds (default, '{OFF}': at SIGINT/SIGTERM)")
 
@@ -200,6 +204,9 @@ async def serve(manager: SessionManager, host: str, port: int, shutdown_after: f
 def check_serve(args: argparse.Namespace) -> MoshiDir | None:
     """Every file `run` will read, checked before anything is loaded; returns the model's directory (None: tiny)."""
     found = model_dir(args.model)
+    if args.listen_db is not None and (found is None or (found.config.get("memory") or {}).get("branch") != "inplace"):
+        raise UsageError(f"--listen-db {args.listen_db}: {found.root if found else 'the tiny model'} has no in-place "
+                         "memory whose writes it could gate; drop --listen-db (or serve an in-place hybrid)")
     mimi_files(args, found)
     tokenizer = tokenizer_file(args, found)
     if tokenizer is not None:
@@ -255,7 +262,7 @@ def run(args: argparse.Namespace) -> None:
         tokenizer = load_tokenizer(args, lm, found, Path(work))
         if device.type == "cuda":  # a clear refusal instead of an out-of-memory error halfway through allocating
             check_fits(args.max_sessions, session_bytes(lm.eval(), mimi.eval())[0], torch.cuda.mem_get_info(device)[0])
-        streams = BatchedStreams(lm.eval(), mimi.eval(), args.max_sessions, sampling)
+        streams = BatchedStreams(lm.eval(), mimi.eval(), args.max_sessions, sampling, args.listen_db)
         streams.warmup()
         store = StateStore(args.state_dir, fingerprint(model_id, streams.layout), args.max_kept,
                            args.keep_hours * 3600, legacy_fingerprint(model_id, streams.layout))

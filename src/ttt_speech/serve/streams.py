@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ttt_speech.layers.state import LayerState
 from ttt_speech.moshi.compat import streaming_state
+from ttt_speech.moshi.layer import write_mutes
 from ttt_speech.serve.sampling import SamplingConfig, SeededLMGen
 
 # Streaming-state fields shared by all rows or driven by the server, never saved per stream.
@@ -46,7 +47,9 @@ class BatchedStreams:
     """`batch_size` independent conversations stepped together; see the module docstring."""
 
     def __init__(self, lm: LMModel, mimi: MimiModel, batch_size: int,
-                 sampling: SamplingConfig = SamplingConfig()) -> None:
+                 sampling: SamplingConfig = SamplingConfig(), listen_db: float | None = None) -> None:
+        """`listen_db`: an in-place memory writes only the frames whose input (the user's voice) is louder than
+        this many dBFS and reads without writing the others, where the model talks alone (`quiet_frames`)."""
         if lm.fuser is not None or lm.condition_provider is not None:
             raise ValueError("conditioned Moshi models (fuser / condition provider) are not supported by the server")
         if mimi.cardinality != lm.card:
@@ -63,6 +66,12 @@ class BatchedStreams:
         except BaseException:
             self._exit.close()
             raise
+        self.listen_db = listen_db
+        self._mutes = [] if listen_db is None else write_mutes(self.gen.lm_model)
+        if listen_db is not None and not self._mutes:
+            self._exit.close()
+            raise ValueError(f"listen_db={listen_db}: writing only while the user speaks needs an in-place memory, "
+                             "and this model has none")
         self.layout: Layout = {k: (tuple(t.select(d, 0).shape), t.dtype) for k, (t, d) in self._tensors().items()}
         self.slot_bytes = sum(int(np.prod(s)) * dt.itemsize for s, dt in self.layout.values())
 
@@ -137,6 +146,10 @@ class BatchedStreams:
         codes = self.mimi.encode(x)[:, :self.n_user]
         if first.any():
             self.mimi.reset_streaming(torch.from_numpy(first).to(self.device))
+        if self._mutes:
+            mute = torch.from_numpy(quiet_frames(pcm, tp.cast(float, self.listen_db))).to(self.device, torch.float32)
+            for t in self._mutes:
+                t.copy_(mute)
         self.gen.set_exec_mask(active_t)
         tokens = self.gen.step(codes)
         assert tokens is not None  # support_out_of_sync: never None
@@ -168,6 +181,13 @@ class BatchedStreams:
         check_layout(tensors, self.layout)
         for name, (t, dim) in self._tensors().items():
             t.select(dim, slot).copy_(tensors[name])
+
+
+def quiet_frames(pcm: np.ndarray, db: float) -> np.ndarray:
+    """[B] 1.0 where a frame of pcm [B, samples] (full scale 1.0) has an RMS level below `db` dBFS, else 0.0.
+    Moshi reads the user's codebook 0 of a frame in the step that receives it, so the mute applies at once."""
+    power = np.mean(np.square(pcm, dtype=np.float64), axis=1)
+    return (10.0 * np.log10(power + 1e-20) < db).astype(np.float32)
 
 
 def check_layout(tensors: dict[str, Tensor], layout: Layout) -> None:
