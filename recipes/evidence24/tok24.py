@@ -169,6 +169,8 @@ def unpack(pack: str, out: str, shard_frames: int = 1 << 20) -> None:
 
     silence = _silence(pack, 0)
     for split in ("train", "val"):
+        if not (Path(pack) / f"{split}.safetensors").exists():  # device1.sh's pack_val brings only val
+            continue
         arrays = load_file(str(Path(pack) / f"{split}.safetensors"))
         root = Path(out) / split
         root.mkdir(parents=True, exist_ok=True)
