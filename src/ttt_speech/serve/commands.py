@@ -272,6 +272,8 @@ def run(args: argparse.Namespace) -> None:
         log.info("%s on %s: %d sessions, %.1f KiB of streaming state each, Opus on %s", model_id, device,
                  args.max_sessions, streams.slot_bytes / 1024,
                  f"{workers} worker processes" if workers else "the event loop")
+        if args.listen_db is not None:
+            log.info("in-place memory writes only frames louder than %.1f dBFS (the user heard)", args.listen_db)
         asyncio.run(serve(manager, args.host, args.port, args.shutdown_after))
 
 
