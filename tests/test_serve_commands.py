@@ -68,3 +68,5 @@ def test_listen_db_needs_an_in_place_memory(tmp_path: Path) -> None:
     vanilla = write_tiny_checkpoint(tmp_path / "vanilla").root
     with pytest.raises(UsageError, match=f"{vanilla} has no in-place memory"):
         check_serve(parse("--model", str(vanilla), "--listen-db", "-50", *state))
+    with pytest.raises(SystemExit):  # a level above full scale (a forgotten minus) would gate every frame
+        parse("--listen-db", "50")

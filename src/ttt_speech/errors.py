@@ -95,6 +95,11 @@ def nonnegative_float(text: str) -> float:
     return _in_range(text, float, "a number >= 0", 0)
 
 
+def dbfs(text: str) -> float:
+    """A level in dB relative to full scale: a finite number <= 0 (a forgotten minus sign would gate every frame)."""
+    return _in_range(text, float, "a level in dBFS (<= 0, e.g. -50)", -math.inf, 0)
+
+
 def fraction(text: str) -> float:
     """A number in [0, 1]."""
     return _in_range(text, float, "a number in [0, 1]", 0, 1)

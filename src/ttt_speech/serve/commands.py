@@ -17,7 +17,7 @@ import typing as tp
 from pathlib import Path
 
 from ttt_speech.devices import DTYPE_NAMES, torch_device, torch_dtype
-from ttt_speech.errors import (OFF, UsageError, check_safetensors, nonnegative_float, nonnegative_int, output_dir,
+from ttt_speech.errors import (OFF, UsageError, check_safetensors, dbfs, nonnegative_float, nonnegative_int, output_dir,
                                port, positive_float, positive_float_or_off, positive_int, positive_int_or_off,
                                read_json_object, seconds_or_off)
 from ttt_speech.moshi.commands import add_quantize_argument, check_quantize, quantize_or_exit
@@ -93,7 +93,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=nonnegative_int, default=TOP_K, help="audio tokens sampled from (0: all)")
     p.add_argument("--top-k-text", type=nonnegative_int, default=TOP_K_TEXT, help="text tokens sampled from (0: all)")
     p.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
-    p.add_argument("--listen-db", type=float, metavar="DBFS",
+    p.add_argument("--listen-db", type=dbfs, metavar="DBFS",
                    help="an in-place memory writes only frames whose input is louder than DBFS (e.g. -50) and reads "
                         "without writing while the model talks alone, so it does not drift (docs/results.md section "
                         "18); default: it writes every frame, as trained")
