@@ -22,7 +22,7 @@ def pads(path: str) -> list[tuple[str, list[float]]]:
     if "free_runs" in data:  # an eval-long report
         seed = data["settings"]["seed"]
         return [(f"seed {seed}", [m["pad_ratio"] for m in run["minutes"]]) for run in data["free_runs"]]
-    return [(f"seed {data['seed']}", data["pad_ratio"])]
+    return [(f"{data['policy']}, seed {data['seed']}", data["pad_ratio"])]
 
 
 out, *specs = sys.argv[1:]
