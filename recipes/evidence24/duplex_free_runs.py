@@ -37,7 +37,6 @@ def user_voice(wav_path: Path, frame: int = 1920) -> np.ndarray:
     return quiet_frames(pcm[:n * frame].reshape(n, frame).astype(np.float32) / 32768.0, LISTEN_DB) == 0.0
 
 
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("model", type=Path)

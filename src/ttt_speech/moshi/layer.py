@@ -275,29 +275,30 @@ def feed_forward_block(layer: nn.Module, x: Tensor, remember: Remember) -> Tenso
     return x.to(update) + layer.layer_scale_2(update)
 
 
+def memory_states(lm: nn.Module) -> tp.Iterator[HybridLayerState]:
+    """The streaming state of every hybrid layer of a streaming model that holds a memory (none when not streaming)."""
+    for module in lm.modules():
+        state = streaming_state(module) if isinstance(module, HybridTransformerLayer) else None
+        if isinstance(state, HybridLayerState) and state.memory is not None and state.memory_layer is not None:
+            yield state
+
+
 def reset_memories(lm: nn.Module) -> int:
     """Restart the memory branch state of every hybrid layer of a streaming model, all streams, leaving
     attention's KV cache as it is: the "memory reset between source and copy" control (issue 24).
     Returns the number of states reset (0 for a model without memory or not streaming)."""
     n = 0
-    for module in lm.modules():
-        state = streaming_state(module) if isinstance(module, HybridTransformerLayer) else None
-        if isinstance(state, HybridLayerState) and state.memory is not None and state.memory_layer is not None:
-            state.memory_layer.reset_state(state.memory)
-            n += 1
+    for state in memory_states(lm):
+        state.memory_layer.reset_state(state.memory)  # type: ignore[union-attr]
+        n += 1
     return n
 
 
 def write_mutes(lm: nn.Module) -> list[Tensor]:
     """The `mute` [B] tensor of every in-place memory's streaming state (empty for a model without one or not
     streaming): a caller that mutes every frame finds them once and writes them in place."""
-    mutes = []
-    for module in lm.modules():
-        state = streaming_state(module) if isinstance(module, HybridTransformerLayer) else None
-        if isinstance(state, HybridLayerState) and isinstance(state.memory_layer, InPlaceLayer):
-            assert state.memory is not None
-            mutes.append(state.memory["mute"])
-    return mutes
+    return [state.memory["mute"] for state in memory_states(lm)  # type: ignore[index]
+            if isinstance(state.memory_layer, InPlaceLayer)]
 
 
 def mute_writes_(lm: nn.Module, mute: Tensor | float) -> int:
