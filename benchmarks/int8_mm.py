@@ -12,12 +12,13 @@ host (a ~13-25 µs floor), and at 64 rows the sum over a step came out at 28.9 m
 
     python benchmarks/int8_mm.py                       # CUDA: rows 1,64,4,16, each kernel forced too
     python benchmarks/int8_mm.py --rows 1,2,8 --seconds 60
-    python benchmarks/int8_mm.py --rows 64 --configs   # every tile / split-K config at each shape, forced
+    python benchmarks/int8_mm.py --rows 64 --configs   # every config of every tile kernel at each shape, forced
 
 Shapes come from the hybrid built on the meta device (moshi_stream.py's `build`, TTT with own projections in all
-32 layers): no weights are made. Columns: auto (the kernel int8_mm_triton picks: up to 4 rows the faster of the two,
-raced at the first call, else the tensor-core tiles), then each kernel forced (`--no-forced` skips them), then cuBLAS bf16. Prints markdown rows as it
-goes (a cut run keeps what it printed); nothing new starts after `--seconds`.
+32 layers): no weights are made. Columns: auto (the kernel int8_mm_triton picks, raced at a shape's first call: the
+GEMV up to 4 rows, the tensor-core tiles whole K or split, and for bf16 x x's two int8 digits on the int8 tensor
+cores, whole K or split), then each kernel forced (`--no-forced` skips them), then cuBLAS bf16. Prints markdown
+rows as it goes (a cut run keeps what it printed); nothing new starts after `--seconds`.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from moshi.models import loaders
 from moshi_stream import build  # this directory
 
 from ttt_speech.ops.int8 import int8_mm_naive
-from ttt_speech.ops.int8.triton_mm import DOT_CONFIGS, SPLITK_CONFIGS, int8_mm_triton, settled
+from ttt_speech.ops.int8.triton_mm import (DIGITS_CONFIGS, DIGITSK_CONFIGS, DOT_CONFIGS, SPLITK_CONFIGS, int8_mm_triton,
+                                           settled)
 from ttt_speech.quantize import linear_layers
 
 
@@ -92,19 +94,20 @@ def main() -> None:
         sys.exit("int8_mm.py times CUDA kernels: run it on a GPU (tests/test_int8_triton.py checks them on the CPU)")
     start = time.perf_counter()
     shapes = hybrid_shapes(args.layers)
-    kernels = [None] if args.no_forced else [None, "gemv", "dot", "splitk"]
+    kernels = [None] if args.no_forced else [None, "gemv", "dot", "splitk", "digits", "digitsk"]
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, bf16 x, "
           f"shapes of the Moshi-7B hybrid (TTT layers {args.layers}): {len(shapes)} shapes, "
           f"{sum(shapes.values())} linears, {sum(n * k * c for (n, k), c in shapes.items()) / 2**30:.2f} GiB of int8 "
           "codes per step", flush=True)
-    tiles = {"dot": DOT_CONFIGS, "splitk": SPLITK_CONFIGS}
+    tiles = {"dot": DOT_CONFIGS, "splitk": SPLITK_CONFIGS, "digits": DIGITS_CONFIGS, "digitsk": DIGITSK_CONFIGS}
     configs = [(kern, j) for kern, cs in tiles.items() for j in range(len(cs))] if args.configs else []
     for kern, cs in tiles.items() if configs else ():
         print(f"{kern} configs: " + "; ".join(f"{j}: {c.kwargs}, warps {c.num_warps}, stages {c.num_stages}"
                                              for j, c in enumerate(cs)), flush=True)
-    row("M", "N x K", "count", "auto µs", "gemv µs", "dot µs", "splitk µs", "bf16 µs", "bf16 / auto", "auto GB/s",
+    row("M", "N x K", "count", "auto µs", "gemv µs", "dot µs", "splitk µs", "digits µs", "digitsk µs", "bf16 µs",
+        "bf16 / auto", "auto GB/s",
         "auto config", "max rel err", *[f"{kern} {j} µs" for kern, j in configs])
-    print("|---" * (12 + len(configs)) + "|", flush=True)
+    print("|---" * (14 + len(configs)) + "|", flush=True)
     g = torch.Generator(device="cuda").manual_seed(0)
     for m in (int(r) for r in args.rows.split(",") if r):
         total = collections.Counter()
@@ -131,11 +134,13 @@ def main() -> None:
             auto = times["None"]
             total.update({"auto": auto * count, "bf16": bf16 * count})
             row(str(m), f"{n} x {k}", str(count), f"{auto:.1f}", f"{times.get('gemv', float('nan')):.1f}",
-                f"{times.get('dot', float('nan')):.1f}", f"{times.get('splitk', float('nan')):.1f}", f"{bf16:.1f}",
+                f"{times.get('dot', float('nan')):.1f}", f"{times.get('splitk', float('nan')):.1f}",
+                f"{times.get('digits', float('nan')):.1f}", f"{times.get('digitsk', float('nan')):.1f}", f"{bf16:.1f}",
                 f"{bf16 / auto:.2f}",
                 f"{n * k / auto / 1e3:.0f}", f"{chosen} {best.kwargs if best else '?'}", f"{err:.1e}",
                 *[f"{times[f'{kern} {j}']:.1f}" for kern, j in configs])
-        row(str(m), "**all linears of a step**", str(sum(shapes.values())), f"**{total['auto'] / 1e3:.2f} ms**", "", "", "",
+        row(str(m), "**all linears of a step**", str(sum(shapes.values())), f"**{total['auto'] / 1e3:.2f} ms**",
+            "", "", "", "", "",
             f"**{total['bf16'] / 1e3:.2f} ms**", f"**{total['bf16'] / total['auto']:.2f}**", "", "", "",
             *[""] * len(configs))
 

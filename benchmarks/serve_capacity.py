@@ -40,8 +40,9 @@ import torch  # noqa: E402
 from moshi.models.loaders import _lm_kwargs, get_mimi, get_moshi_lm  # noqa: E402
 
 from ttt_speech.moshi import convert, default_inplace_config, default_ttt_config, set_attention_window  # noqa: E402
-from ttt_speech.moshi.commands import parse_layers  # noqa: E402
+from ttt_speech.moshi.commands import QUANT_MODES, parse_layers, quantize_or_exit  # noqa: E402
 from ttt_speech.moshi.tiny import build_tiny_lm, build_tiny_mimi, tiny_lm_config, tiny_mimi_config  # noqa: E402
+from ttt_speech.quantize import linear_layers  # noqa: E402
 from ttt_speech.serve.capacity import (  # noqa: E402
     FRAME_MS, Point, Ramp, Timer, opus_cpu_ms, plot, ramp, row_deadline, table)
 
@@ -85,6 +86,9 @@ def parser() -> argparse.ArgumentParser:
                    help="merge into an existing capacity.json (rows of the same model and window are replaced)")
     p.add_argument("--seconds", type=float, help="wall-clock budget of the whole run from its start, model build "
                                                  "included (default: none)")
+    p.add_argument("--quantize", choices=QUANT_MODES,
+                   help="quantize each row's linears before it runs (ttt_speech.quantize; the hybrid's after its "
+                        "conversion): fewer weight bytes leave memory for more sessions; rows are named with it")
     p.add_argument("--row-seconds", type=floats,
                    help="budget of each row in the order they run (vanilla first), comma-separated; a row ends "
                         "by min(its start + this, --seconds)")
@@ -201,7 +205,8 @@ def main(argv: list[str] | None = None, timer: Timer | None = None,
         """Every row so far (kept rows of the same model and window replaced), written to --out."""
         new = ramps + ([current] if current is not None else [])  # the row being measured
         rows = [r for r in kept if (r.model, r.window) not in {(n.model, n.window) for n in new}] + new
-        rows.sort(key=lambda r: (r.model != VANILLA, r.model, -(r.window or 0)))  # vanilla first: the baseline
+        # vanilla first (the baseline; "vanilla int8" with --quantize)
+        rows.sort(key=lambda r: (not r.model.startswith(VANILLA), r.model, -(r.window or 0)))
         write(out, rows, meta, args.frames, args.budget_ms, figure)
         return rows
 
@@ -217,7 +222,7 @@ def main(argv: list[str] | None = None, timer: Timer | None = None,
     end = t0 + args.seconds if args.seconds is not None else None
     converted = False
     for i, row in enumerate(rows):
-        name = VANILLA if row == VANILLA else f"hybrid {args.hybrid}"
+        name = (VANILLA if row == VANILLA else f"hybrid {args.hybrid}") + (f" {args.quantize}" if args.quantize else "")
         label = name if row == VANILLA else f"{name}, window {row}"
         deadline = row_deadline(clock(), end, row_seconds[i] if i < len(row_seconds) else None)
         if deadline is not None and clock() >= deadline:
@@ -227,6 +232,8 @@ def main(argv: list[str] | None = None, timer: Timer | None = None,
             if not converted:
                 lm, converted = hybridize(lm, args.hybrid), True
             set_attention_window(lm, int(row))
+        if args.quantize and linear_layers(lm):  # the vanilla weights once, a conversion's new linears after it
+            print(quantize_or_exit(lm, args.quantize), flush=True)
         done = ramp(name, lm, mimi, counts, args.frames, args.warmup, args.budget_ms, timer, progress, probe_frames,
                     deadline, clock)
         if done.points:

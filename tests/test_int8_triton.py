@@ -105,6 +105,25 @@ def interpreted(m: int, n: int, k: int, dtype: torch.dtype, layout: str, bias: b
     worst[str(dtype)] = max(worst.get(str(dtype), 0.0), err)
 
 
+digit_examples: list[tuple[float, float]] = []  # (fraction of digits equal, max abs difference) per example
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@example(m=64, n=40, k=1100, bias=True, kernel="digits", config=0, seed=1)
+@example(m=17, n=70, k=256, bias=False, kernel="digits", config=6, seed=2)
+@example(m=40, n=130, k=700, bias=True, kernel="digitsk", config=1, seed=3)
+@example(m=5, n=33, k=40, bias=True, kernel="digitsk", config=5, seed=4)
+@given(m=st.one_of(st.sampled_from([0, 1, 16, 17, 33, 64]), st.integers(0, 70)), n=st.integers(1, 150),
+       k=st.one_of(st.sampled_from([256, 512]), st.integers(1, 1100)), bias=st.booleans(),
+       kernel=st.sampled_from(["digits", "digitsk"]), config=st.integers(0, 6), seed=st.integers(0, 2**16))
+def interpreted_digits(m: int, n: int, k: int, bias: bool, kernel: str, config: int, seed: int) -> None:
+    """The digits routes in fp16 under the interpreter (see `check_digits`), every config, all row buckets."""
+    from ttt_speech.ops.int8.triton_mm import _RAW
+
+    digit_examples.append(check_digits(m, n, k, torch.float16, bias, kernel, config % len(_RAW[kernel][1]), "cpu",
+                                       seed))
+
+
 def routed_equals_int8(device: str, dtype: torch.dtype, widths: tuple[int, ...], rows: tuple[int, ...]) -> float:
     """A stack of Linear layers (bias on every other) quantized by mode int8triton against the same stack by mode
     int8 (same codes and scales; torchao's own matmul), on x [2, rows, in] transposed from [2, in, rows]: the max
@@ -150,6 +169,57 @@ def test_int8_kernels_equal_the_reference_cuda(dtype: torch.dtype) -> None:
         for m in (1, 16, 64):
             check(m, n, k, dtype, "contiguous", False, None, None, "cuda", seed=m)
     check(64, 4096, 4096, dtype, "transposed", True, None, None, "cuda")
+
+
+def check_digits(m: int, n: int, k: int, dtype: torch.dtype, bias: bool, kernel: str, config: int | None,
+                 device: str, seed: int = 0) -> tuple[float, float]:
+    """The digits route ("digits" or "digitsk", split over K): its digits kernel against `int8_digits_naive` (equal
+    but for rare ties or one-unit low digits: fused multiply-adds, Triton's own float ops) and within the two
+    digits' bound of x, then its int8 tensor-core kernel against `int8_mm_digits_naive` of those very digits
+    (integer sums exact: only the fp32 epilogue and the output's rounding differ), and the whole against
+    `int8_mm_naive` of x itself within the digits' error.
+    Returns (fraction of digits equal to the reference's, max abs difference from the reference)."""
+    from ttt_speech.ops.int8.naive import LO, int8_digits_naive, int8_mm_digits_naive, int8_mm_naive
+    from ttt_speech.ops.int8.triton_mm import int8_digits_triton, int8_mm_triton
+
+    x, codes, scale, b = operands(m, n, k, dtype, "contiguous", bias, device, seed)
+    x[: m // 2, : k // 3] *= 40  # rows whose largest |x| is far from the rest: the low digit's job
+    digits, unit = int8_digits_triton(x)
+    want_digits, want_unit = int8_digits_naive(x)
+    assert digits.dtype == torch.int8 and digits.shape == (2, m, k)
+    torch.testing.assert_close(unit, want_unit, rtol=2**-22, atol=0)  # torch on CUDA divides by a reciprocal
+    same = float((digits == want_digits).float().mean()) if x.numel() else 1.0
+    def value(d: torch.Tensor) -> torch.Tensor:
+        return d[0].float() + d[1].float() / LO  # x / unit; a tie may go high (-127 low) or low (+127 low): same
+
+    assert float((value(digits) - value(want_digits)).abs().max() if x.numel() else 0) <= 1.01 / LO
+    u = unit.reshape(-1, 1)
+    rebuilt = u * (digits[0].float() + digits[1].float() / LO)
+    assert bool(((rebuilt - x.float()).abs() <= u * (1 / (2 * LO) + 2**-14)).all())
+    got = int8_mm_triton(x, codes, scale, b, kernel=kernel, config=config)  # type: ignore[arg-type]
+    want = int8_mm_digits_naive(digits, unit, codes, scale, b, dtype)
+    rtol, atol = TOLERANCE[dtype]
+    if kernel == "digitsk":
+        atol += 1e-5 * float(want.float().abs().max()) if want.numel() else 0  # fp32 partial sums in any order
+    torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol)
+    # against x itself: each |x| off by <= unit / 508, times the codes' scale (|y| ~ 1 per unit of |x|)
+    exact = int8_mm_naive(x, codes, scale, b).float()
+    off = (u.reshape(-1, 1) / (2 * LO)) @ (codes.float().abs() * scale.reshape(-1, 1)).sum(1, keepdim=True).t()
+    assert bool(((got.float() - exact).abs() <= off + rtol * exact.abs() + atol).all())
+    return same, float((got.float() - want.float()).abs().max()) if got.numel() else 0.0
+
+
+@pytest.mark.gpu
+def test_int8_digits_equal_their_reference_cuda() -> None:
+    """The digits routes at Moshi-7B's shapes in bf16 at the serving batches, autotuned and each config forced."""
+    from ttt_speech.ops.int8.triton_mm import DIGITS_CONFIGS, DIGITSK_CONFIGS
+
+    for kernel, configs in (("digits", DIGITS_CONFIGS), ("digitsk", DIGITSK_CONFIGS)):
+        for n, k in ((12288, 4096), (4096, 4096), (22528, 4096), (4096, 11264), (32000, 4096)):
+            for m in (1, 16, 33, 64):
+                check_digits(m, n, k, torch.bfloat16, m % 2 == 1, kernel, None, "cuda", seed=m)
+        for config in range(len(configs)):
+            check_digits(48, 4096, 4096, torch.bfloat16, True, kernel, config, "cuda", seed=config)
 
 
 @pytest.mark.gpu
@@ -201,7 +271,8 @@ def autotuned_launch() -> tuple[dict[str, list[tuple]], dict[tuple, str]]:
     `do_bench` returns them (its `_summarize_statistics`: a float for one quantile or a return mode, a list for
     several: the race once indexed a float, on the H200 2026-12-02). Every config then runs through the
     autotuners' own plumbing (heuristics, the row tile in the key) and must still equal the reference; at one row
-    all three autotuned kernels are raced (at 20 rows the two tile kernels), the last-timed one wins. Returns the
+    the three exact autotuned kernels are raced (at 20 rows the two tile kernels, in fp16 the digits route too),
+    the last-timed one wins. Returns the
     autotuners' keys and the races."""
     import triton.testing
 
@@ -219,6 +290,7 @@ def autotuned_launch() -> tuple[dict[str, list[tuple]], dict[tuple, str]]:
     try:
         check(1, 70, 300, torch.float32, "contiguous", True, None, None, "cpu")  # gemv, tiles, split (row tile 16)
         check(20, 70, 300, torch.float32, "contiguous", True, None, None, "cpu")  # tiles vs split (row tile 32)
+        check(20, 70, 300, torch.float16, "contiguous", True, None, None, "cpu")  # half precision: digits too
     finally:
         triton_mm.TRITON_INTERPRET, triton.testing.do_bench = True, saved
     assert all(t.best_config is t.configs[-1] for t in triton_mm._TUNED.values())  # the fastest timed config
@@ -231,10 +303,15 @@ if __name__ == "__main__":
     keys, races = autotuned_launch()
     print("autotuned launch keys:", keys, "kernel races:", races)
     f32 = torch.float32
-    assert [k[:3] for k in keys["dot"]] == [(70, 300, 16), (70, 300, 32)] == [k[:3] for k in keys["splitk"]]
+    # row tile 16 (fp32), 32 (fp32, then fp16)
+    assert [k[:3] for k in keys["dot"]] == [(70, 300, 16), (70, 300, 32), (70, 300, 32)] == [
+        k[:3] for k in keys["splitk"]]
     assert keys["gemv"][0][:2] == (70, 300)
     # (N, K, rows, dtypes): split K timed last, so fastest
-    assert races == {(70, 300, 1, f32, f32): "splitk", (70, 300, 20, f32, f32): "splitk"}
+    f16 = torch.float16  # the digits routes raced only there (split K timed last, so fastest)
+    assert races == {(70, 300, 1, f32, f32): "splitk", (70, 300, 20, f32, f32): "splitk",
+                     (70, 300, 20, f16, f16): "digitsk"}
+    assert [k[:3] for k in keys["digits"]] == [(70, 300, 32)] == [k[:3] for k in keys["digitsk"]]
     # mode int8triton equals mode int8 in fp32 (both sum exactly-representable products: fp32 summation order)
     routed = routed_equals_int8("cpu", torch.float32, (48, 40, 33, 24), (0, 1, 5, 17))
     print(f"int8triton vs int8, fp32 stack of 3 linears: max relative difference {routed:.2e}")
@@ -243,6 +320,10 @@ if __name__ == "__main__":
         hybrid = tiny_hybrid_logits_delta()
         print(f"int8triton vs int8, tiny fp32 Moshi TTT hybrid: max abs logit difference {hybrid:.2e}")
         assert hybrid < 2e-5  # logits of size ~1-4; int8 itself moves them by ~0.08 (tests/test_quantize.py)
+    interpreted_digits()
+    same, diff = min(e[0] for e in digit_examples), max(e[1] for e in digit_examples)
+    print(f"digits route: {len(digit_examples)} examples, digits equal to the reference's >= {same:.5f}, "
+          f"max abs difference from its reference {diff:.2e}")
     interpreted()
     print("max abs error vs reference:", worst)
     print("largest |y|:", largest, "examples per kernel and row tile:", dict(sorted(covered.items())))

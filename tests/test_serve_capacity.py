@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("moshi")
 
@@ -73,6 +74,31 @@ def test_the_ramp_stops_at_the_first_failing_count_and_writes_the_table(tmp_path
         "over N processes (benchmarks/opus_pool.py).", "",
         f"Earlier call, rows kept unless measured again: CPU, {saved['date']}; `python benchmarks/serve_capacity.py "
         f"{' '.join(common)} --models vanilla,12`"]  # the first call's rows, kept by the --append
+
+
+def test_quantize_names_the_rows_and_quantizes_each_model_before_it_runs(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("torchao")
+    from ttt_speech.quantize import is_quantized
+
+    bench, models, summaries = benchmark(), [], []
+
+    def recorded(lm: tp.Any, mode: str) -> str:
+        models.append(lm)
+        summaries.append(quantize(lm, mode))
+        return summaries[-1]
+
+    quantize = bench.quantize_or_exit
+    monkeypatch.setattr(bench, "quantize_or_exit", recorded)
+    ramps = bench.main(["--tiny", "--counts", "1,4", "--frames", "3", "--warmup", "1", "--windows", "12",
+                        "--hybrid", "0-1:inplace", "--quantize", "int8", "--out", str(tmp_path)],
+                       timer=thirty_ms_per_session)
+    assert [(r.model, r.capacity) for r in ramps] == [("vanilla int8", 1), ("hybrid 0-1:inplace int8", 1)]
+    # the vanilla weights before the first row, then only the in-place memories' new target projections
+    assert len(models) == 2 and models[0] is models[1]
+    assert summaries[0].startswith("int8: 21 linear layers") and summaries[1].startswith("int8: 2 linear layers")
+    linears = [m for m in models[1].modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 23 and all(is_quantized(m.weight) for m in linears)
 
 
 def test_p99_allows_one_slow_frame_in_a_hundred_and_stops_at_the_second() -> None:

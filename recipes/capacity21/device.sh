@@ -41,7 +41,8 @@
 # device host's per-core figure that bounds the server beside the GPU.
 #
 # Knobs (env): DEADLINE (s, whole command, default 570), MODELS (default vanilla,750,1500,3000), WINDOWS,
-# HYBRID, COUNTS, ROW_S (row budgets in s, in the order rows run; "" none), PREV, OPUS_WORKERS ("" skips opus_pool).
+# HYBRID, COUNTS, ROW_S (row budgets in s, in the order rows run; "" none), PREV, OPUS_WORKERS ("" skips opus_pool),
+# QUANTIZE (a --quantize mode for every row, e.g. int8triton: carry the torchao wheel in .whl/ too).
 # TINY=1: the same steps with the tiny CPU models in seconds (tests/test_capacity_recipe.py; PYTHON picks the
 # interpreter, nothing is installed).
 set -uo pipefail
@@ -60,7 +61,9 @@ else
   OPUS=(--frames 50 --rounds 1)
   MOSHI=$(ls .whl/moshi-*.whl .exp24/whl/moshi-*.whl 2>/dev/null | head -1)
   [ -n "$MOSHI" ] || { echo "no moshi wheel in .whl/ or .exp24/whl/: carry one (docs/benchmarks.md)"; exit 1; }
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$MOSHI" \
+  AO=$([ -n "${QUANTIZE:-}" ] && ls .whl/torchao-*.whl 2>/dev/null | head -1)
+  [ -z "${QUANTIZE:-}" ] || [ -n "$AO" ] || { echo "QUANTIZE needs the torchao wheel in .whl/: carry it"; exit 1; }
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$MOSHI" $AO \
     $(ls .whl/sphn-*.whl 2>/dev/null) || exit 1
   export PYTHONPATH=/tmp/site:$PWD/src
   nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.max.sm --format=csv > "$R/nvidia-smi.txt"
@@ -73,6 +76,7 @@ echo "set-up $((SECONDS - S0)) s; $(left) s left" | tee "$R/log.txt"
 # SIGINT at the deadline: the row in progress ends with its counts so far already written
 timeout -k 10 -s INT $(($(left) - 10)) "$PY" benchmarks/serve_capacity.py "${SHAPE[@]}" --out "$R" \
   --windows "$WINDOWS" --models "$MODELS" --hybrid "${HYBRID:-all:shared}" --seconds $(($(left) - 25)) \
+  ${QUANTIZE:+--quantize "$QUANTIZE"} \
   "${ROWS[@]}" "${APPEND[@]}" 2>&1 | tee -a "$R/log.txt"
 echo "serve_capacity rc=${PIPESTATUS[0]} after $((SECONDS - S0)) s" | tee -a "$R/log.txt"
 if [ -n "$OPUS_WORKERS" ] && [ "$(left)" -ge 45 ]; then

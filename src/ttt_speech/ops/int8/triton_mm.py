@@ -1,4 +1,5 @@
-"""Weight-only int8 matmul in Triton: y[M, N] = x[M, K] @ (codes[N, K] -> x.dtype)^T * scale[N] (+ bias[N]).
+"""Weight-only int8 matmul in Triton: y[M, N] = x[M, K] @ (codes[N, K] -> x.dtype)^T * scale[N] (+ bias[N]), or
+for half-precision x on int8 tensor cores with x in two int8 digits (to 2^-16 of each row's largest |x|).
 
 Why: at Moshi-7B shape a streaming step is memory-bound from batch 1 to 64 (at 64 rows, bf16 weights give ~64
 flop per byte against an H200's ~200), so the weight bytes read per step set its time. Torch's paths read more
@@ -7,7 +8,7 @@ fuses the cast into a slow GEMV or rewrites the matmul into `torch._weight_int8p
 no tensor cores; docs/benchmarks.md). These kernels load each int8 code once, convert it in registers,
 accumulate in fp32 and apply the per-output-channel scale (and bias) once, at the end.
 
-Two kernels:
+The kernels:
 - `_gemv_kernel` (a streaming step at batch 1): one program per (row, BLOCK_N outputs) walks all of K with
   multiply-adds on CUDA cores into a [BLOCK_N, BLOCK_K] fp32 tile, summed once at the end, loading the next K
   tile before multiplying the current one. BLOCK_N of 4-16 gives a 4096-wide layer 256-1024 programs (an H200
@@ -22,13 +23,19 @@ Two kernels:
 - the same kernel split over K ("splitk", SPLIT_K 2-8 programs per output tile, fp32 partial sums added
   atomically into a zeroed fp32 buffer, then cast): a 4096-wide output at 64 rows is only 32-128 tiles for 132 SMs,
   too few programs to keep HBM busy; splitting K multiplies them, for a memset and a cast per call.
+- `_digits_kernel` + `_digits_dot_kernel` ("digits", and "digitsk" split over K; half-precision x only): x's rows
+  in two int8 digits (`naive.int8_digits_naive`: x to 2^-16 of its row's largest |x|, finer than bf16 keeps the
+  elements near it), then both digits against the same codes tile on the int8 tensor cores (int32 sums, exact):
+  the codes go to the tensor cores as they are read, no conversion in the main loop, which is what held the tiles
+  back at 48-64 rows (docs/benchmarks.md). Two launches: the digits kernel is one program per row.
 Each has a handful of autotuned configs (tile sizes, warps, pipeline stages, splits), keyed on N, K (and the
-kernel's rows bucket and the dtypes), timed briefly at the first call of a shape; the autotuned kernels (the
-GEMV only up to GEMV_MAX_M rows) are then timed against each other and the fastest kept for that shape. That
-first call must not be inside a CUDA graph capture (moshi's streaming runs its first step eagerly, so the capture
-after it only launches; a shape first met inside a capture runs the tile kernel's first config, untimed, rather
-than break the capture). Under Triton's CPU interpreter nothing is timed: the tile kernel's first config runs (tests pick each
-kernel and config in turn).
+kernel's rows bucket and the dtypes), timed briefly at the first call of a shape, each replayed from a CUDA graph
+after an L2 flush (`_quick_bench`); the autotuned kernels (the GEMV only up to GEMV_MAX_M rows, the digits only for
+half-precision x) are then timed against each other the same way and the fastest kept for that shape. That first
+call must not be inside a CUDA graph capture (moshi's streaming runs its first step eagerly, so the capture after
+it only launches; a shape first met inside a capture runs the tile kernel's first config, untimed, rather than
+break the capture). Under Triton's CPU interpreter nothing is timed: the tile kernel's first config runs (tests
+pick each kernel and config in turn).
 """
 
 from __future__ import annotations
@@ -40,7 +47,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ttt_speech.ops.int8.naive import LO
 from ttt_speech.ops.triton_env import TRITON_INTERPRET
+
+_LO: tl.constexpr = tl.constexpr(LO)
 
 GEMV_MAX_M = 4  # rows up to which the CUDA-core GEMV is timed against the tensor-core kernel at a shape's first call
 
@@ -62,16 +72,39 @@ DOT_CONFIGS = [_config(32, 256, 4, 4, SWAP=False), _config(16, 256, 4, 4, SWAP=F
 SPLITK_CONFIGS = [_config(64, 128, 4, 4, SWAP=False, SPLIT_K=4), _config(32, 256, 4, 3, SWAP=False, SPLIT_K=4),
                   _config(64, 256, 4, 3, SWAP=True, SPLIT_K=2), _config(64, 128, 4, 4, SWAP=True, SPLIT_K=4),
                   _config(128, 128, 8, 3, SWAP=True, SPLIT_K=4), _config(64, 128, 4, 4, SWAP=True, SPLIT_K=8)]
+# x in two int8 digits on the int8 tensor cores (the codes go to them unconverted); 16-64 outputs a program for the
+# 4096-wide layers' few tiles, SWAP for the narrow row buckets
+DIGITS_CONFIGS = [_config(32, 256, 4, 4, SWAP=False), _config(64, 256, 4, 4, SWAP=False),
+                  _config(64, 128, 4, 4, SWAP=False), _config(128, 128, 4, 4, SWAP=False),
+                  _config(128, 256, 8, 3, SWAP=False), _config(64, 256, 4, 4, SWAP=True),
+                  _config(128, 128, 4, 4, SWAP=True)]
+# ... split over K: wide output tiles (each program rereads all of x's digits it multiplies: 64 rows x K x 2 bytes
+# from L2 per BLOCK_N outputs) and still enough programs for 132 SMs
+DIGITSK_CONFIGS = [_config(128, 128, 4, 4, SWAP=False, SPLIT_K=4), _config(256, 128, 8, 3, SWAP=False, SPLIT_K=4),
+                   _config(128, 256, 8, 3, SWAP=False, SPLIT_K=2), _config(64, 256, 4, 4, SWAP=False, SPLIT_K=4),
+                   _config(128, 128, 4, 4, SWAP=True, SPLIT_K=4), _config(64, 128, 4, 4, SWAP=False, SPLIT_K=8)]
+DIGITS_BLOCK_K = 1024  # the digits kernel's K step: one program per row, two passes over it
 
 
-def _quick_bench(fn: tp.Callable[[], tp.Any], quantiles: tp.Sequence[float]) -> tp.Any:
-    """Autotuning's timer, shorter than Triton's default 25 + 100 ms per config: a GEMV takes microseconds."""
-    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+def _quick_bench(fn: tp.Callable[[], tp.Any], quantiles: tp.Sequence[float] | None = None,
+                 return_mode: str = "mean") -> tp.Any:
+    """Autotuning's and the race's timer: `fn` as moshi's step runs it, captured once in a CUDA graph (after an
+    eager call that compiles and loads it) and replayed after Triton's L2 flush, 5 + 20 ms (a call takes
+    microseconds). Why a graph: timed eagerly, our kernels' Python launch outlasts a 5-20 µs kernel (the race once
+    kept a kernel 1.4x slower, docs/benchmarks.md), and the digits route launches twice. Off CUDA (the CPU tests'
+    stand-in timer) `fn` is timed as it is."""
+    if torch.cuda.is_available():
+        fn()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads' CUDA calls stay legal
+            fn()
+        fn = graph.replay
+    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles, return_mode=return_mode)
 
 
 def _median_ms(fn: tp.Callable[[], tp.Any]) -> float:
-    """The GEMV-or-tiles race's timer: one number (do_bench given one quantile returns a float, not a list)."""
-    return float(triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median"))
+    """The kernels' race's timer: one number (do_bench given one quantile returns a float, not a list)."""
+    return float(_quick_bench(fn, return_mode="median"))
 
 
 _DOT_META = {
@@ -130,6 +163,21 @@ def _mma(a, b, acc, FP32: tl.constexpr):
     return acc
 
 
+@triton.jit
+def _store(acc, s_ptr, b_ptr, y_ptr, rm, rn, M, N, stride_ym, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """The tile kernels' epilogue: the fp32 tile [BLOCK_M, BLOCK_N] times the per-channel scale, plus the bias,
+    stored in y's dtype; split over K, added into the zeroed fp32 y (scaling each split's sum scales their total)."""
+    acc *= tl.load(s_ptr + rn, mask=rn < N, other=0.0)[None, :]
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+        acc += tl.where(tl.program_id(2) == 0, bias, 0.0)[None, :]  # once, by the first split
+    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
+    else:
+        tl.atomic_add(y_ptrs, acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
 @triton.heuristics(_DOT_META)
 @triton.jit
 def _dot_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym,
@@ -162,15 +210,73 @@ def _dot_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_xk
         w_ptrs += BLOCK_K * stride_wk
     if SWAP:
         acc = tl.trans(acc)
-    acc *= tl.load(s_ptr + rn, mask=rn < N, other=0.0)[None, :]  # scaling each split's sum scales their total
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-        acc += tl.where(tl.program_id(2) == 0, bias, 0.0)[None, :]  # once, by the first split
-    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-    if SPLIT_K == 1:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
-    else:  # y is the zeroed fp32 buffer
-        tl.atomic_add(y_ptrs, acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
+    _store(acc, s_ptr, b_ptr, y_ptr, rm, rn, M, N, stride_ym, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _digits_kernel(x_ptr, d_ptr, u_ptr, M, K, stride_xm, stride_xk, BLOCK_K: tl.constexpr):
+    """One row of x -> its two int8 digits (d[0, row], d[1, row]) and unit (`naive.int8_digits_naive`)."""
+    row = tl.program_id(0)
+    rk = tl.arange(0, BLOCK_K)
+    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptr + row * stride_xm + (k0 + rk) * stride_xk, mask=k0 + rk < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    top = tl.max(amax, axis=0)
+    levels = tl.full([], 127.0, tl.float32)
+    unit = tl.div_rn(top, levels)
+    inv = tl.where(top > 0, tl.div_rn(levels, tl.where(top > 0, top, levels)), 0.0)  # an all-zero row: digits 0
+    tl.store(u_ptr + row, unit)
+    for k0 in range(0, K, BLOCK_K):
+        inside = k0 + rk < K
+        x = tl.load(x_ptr + row * stride_xm + (k0 + rk) * stride_xk, mask=inside, other=0.0).to(tl.float32)
+        high = tl.clamp(tl.floor(x * inv + 0.5), -127.0, 127.0)
+        low = tl.clamp(tl.floor((x - high * unit) * inv * _LO + 0.5), -127.0, 127.0)
+        tl.store(d_ptr + row * K + k0 + rk, high.to(tl.int8), mask=inside)
+        tl.store(d_ptr + (M + row) * K + k0 + rk, low.to(tl.int8), mask=inside)
+
+
+@triton.heuristics(_DOT_META)
+@triton.jit
+def _digits_dot_kernel(d_ptr, u_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_wn, stride_wk, stride_ym,
+                       HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       ROWS: tl.constexpr, BLOCK_M: tl.constexpr, SWAP: tl.constexpr, SPLIT_K: tl.constexpr = 1):
+    """y = (high @ codes^T * unit + low @ codes^T * unit / LO) * scale (+ bias): both digits against the same
+    codes tile on the int8 tensor cores (int32 sums, exact), no conversion of the codes. Split over K as
+    `_dot_kernel` (each split's scaled sum added atomically into the zeroed fp32 y)."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_per = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
+    k_start = tl.program_id(2) * k_per
+    k_end = tl.minimum(K, k_start + k_per)
+    rk = tl.arange(0, BLOCK_K)
+    hi_ptrs = d_ptr + (rm % M)[:, None] * K + (k_start + rk)[None, :]  # rows past M / N reread a valid row
+    lo_ptrs = hi_ptrs + M * K
+    w_ptrs = w_ptr + (rn % N)[:, None] * stride_wn + (k_start + rk)[None, :] * stride_wk
+    if SWAP:
+        acc_hi = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+    else:
+        acc_hi = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    acc_lo = tl.zeros_like(acc_hi)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        inside = (k0 + rk < k_end)[None, :]
+        hi = _load(hi_ptrs, inside, EVEN_K)
+        lo = _load(lo_ptrs, inside, EVEN_K)
+        w = _load(w_ptrs, inside, EVEN_K)
+        if SWAP:
+            acc_hi = tl.dot(w, tl.trans(hi), acc_hi, out_dtype=tl.int32)
+            acc_lo = tl.dot(w, tl.trans(lo), acc_lo, out_dtype=tl.int32)
+        else:
+            acc_hi = tl.dot(hi, tl.trans(w), acc_hi, out_dtype=tl.int32)
+            acc_lo = tl.dot(lo, tl.trans(w), acc_lo, out_dtype=tl.int32)
+        hi_ptrs += BLOCK_K
+        lo_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wk
+    if SWAP:
+        acc_hi, acc_lo = tl.trans(acc_hi), tl.trans(acc_lo)
+    unit = tl.load(u_ptr + rm % M)[:, None]
+    acc = acc_hi.to(tl.float32) * unit + acc_lo.to(tl.float32) * (unit / _LO)
+    _store(acc, s_ptr, b_ptr, y_ptr, rm, rn, M, N, stride_ym, HAS_BIAS, SPLIT_K)
 
 
 _TUNED = {
@@ -179,10 +285,16 @@ _TUNED = {
     # each timed run adds into the fp32 buffer: zeroed before every one
     "splitk": triton.autotune(SPLITK_CONFIGS, key=["N", "K", "ROWS"], do_bench=_quick_bench,
                               reset_to_zero=["y_ptr"])(_dot_kernel),
+    "digits": triton.autotune(DIGITS_CONFIGS, key=["N", "K", "ROWS"], do_bench=_quick_bench)(_digits_dot_kernel),
+    "digitsk": triton.autotune(DIGITSK_CONFIGS, key=["N", "K", "ROWS"], do_bench=_quick_bench,
+                               reset_to_zero=["y_ptr"])(_digits_dot_kernel),
 }
 _RAW = {"gemv": (_gemv_kernel, GEMV_CONFIGS), "dot": (_dot_kernel, DOT_CONFIGS),
-        "splitk": (_dot_kernel, SPLITK_CONFIGS)}
-Kernel = tp.Literal["gemv", "dot", "splitk"]
+        "splitk": (_dot_kernel, SPLITK_CONFIGS), "digits": (_digits_dot_kernel, DIGITS_CONFIGS),
+        "digitsk": (_digits_dot_kernel, DIGITSK_CONFIGS)}
+Kernel = tp.Literal["gemv", "dot", "splitk", "digits", "digitsk"]
+SPLIT: set[str] = {"splitk", "digitsk"}  # kernels that add into a zeroed fp32 buffer
+DIGITS: set[str] = {"digits", "digitsk"}  # kernels that take x's two int8 digits
 _timed: set[tuple] = set()  # (kernel, N, K, row tile, dtypes) the autotuner has timed: safe inside a graph capture
 _faster: dict[tuple, Kernel] = {}  # (N, K, rows, dtypes) -> the kernel timed fastest there
 
@@ -199,18 +311,30 @@ def settled(N: int, K: int, M: int, dtype: torch.dtype, bias_dtype: torch.dtype 
     `int8_mm_triton` picks them without `kernel` / `config`; benchmarks print it."""
     kernel = _faster.get((N, K, M, dtype, bias_dtype), "dot")
     key = (N, K) if kernel == "gemv" else (N, K, block_m(M))
-    out = torch.float32 if kernel == "splitk" else dtype
-    types = (str(dtype), str(torch.int8), str(torch.float32), str(bias_dtype or torch.float32), str(out))
+    out = torch.float32 if kernel in SPLIT else dtype
+    x_types = (torch.int8, torch.float32) if kernel in DIGITS else (dtype,)  # the digits and their units
+    types = (*map(str, x_types), str(torch.int8), str(torch.float32), str(bias_dtype or torch.float32), str(out))
     return kernel, _TUNED[kernel].cache.get((*key, *types))
+
+
+def int8_digits_triton(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """`naive.int8_digits_naive` in one launch (a program per row): rows [M, K], any strides."""
+    M, K = rows.shape
+    digits = torch.empty((2, M, K), dtype=torch.int8, device=rows.device)
+    unit = torch.empty((M,), dtype=torch.float32, device=rows.device)
+    if M:
+        _digits_kernel[(M,)](rows, digits, unit, M, K, *rows.stride(), BLOCK_K=DIGITS_BLOCK_K)
+    return digits, unit
 
 
 def int8_mm_triton(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None = None, *,
                    kernel: Kernel | None = None, config: int | None = None) -> Tensor:
     """`naive.int8_mm_naive` in one kernel launch: x [..., K] (any strides), codes int8 [N, K], scale [N] (or
-    [N, 1]; fp32 in torchao), bias [N] or None; returns [..., N] in x's dtype.
+    [N, 1]; fp32 in torchao), bias [N] or None; returns [..., N] in x's dtype. Or in two ("digits", raced for
+    half-precision x): x's two int8 digits, then `naive.int8_mm_digits_naive` on the int8 tensor cores.
 
-    kernel: "gemv" / "dot" / "splitk" instead of the choice (tests, benchmarks); config: an index into that
-    kernel's configs instead of autotuning (tests; under Triton's interpreter the default is the first).
+    kernel: one of `_RAW` instead of the choice (tests, benchmarks); config: an index into that kernel's configs
+    instead of autotuning (tests; under Triton's interpreter the default is the first).
     """
     K, N = x.shape[-1], codes.shape[0]
     if codes.dtype != torch.int8 or codes.dim() != 2 or codes.shape[1] != K:
@@ -227,11 +351,15 @@ def int8_mm_triton(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None 
     def launch(kernel: Kernel, config: int | None) -> Tensor:
         meta: dict[str, tp.Any] = {"HAS_BIAS": bias is not None}
         if kernel != "gemv":
-            meta |= {"ROWS": block_m(M), "FP32": x.dtype == torch.float32}
+            meta |= {"ROWS": block_m(M)} | ({} if kernel in DIGITS else {"FP32": x.dtype == torch.float32})
         # split-K programs add their partial sums into a zeroed fp32 buffer, cast to x's dtype after
-        out = torch.zeros((M, N), dtype=torch.float32, device=x.device) if kernel == "splitk" else y
-        args = (rows, codes, scale, scale if bias is None else bias.contiguous(), out, M, N, K, *rows.stride(),
-                *codes.stride(), out.stride(0))
+        out = torch.zeros((M, N), dtype=torch.float32, device=x.device) if kernel in SPLIT else y
+        tail = (codes, scale, scale if bias is None else bias.contiguous(), out, M, N, K)
+        if kernel in DIGITS:
+            digits, unit = int8_digits_triton(rows)
+            args = (digits, unit, *tail, *codes.stride(), out.stride(0))
+        else:
+            args = (rows, *tail, *rows.stride(), *codes.stride(), out.stride(0))
 
         def grid(m: dict[str, tp.Any]) -> tuple[int, int, int]:
             return triton.cdiv(M, m.get("BLOCK_M", 1)), triton.cdiv(N, m["BLOCK_N"]), m.get("SPLIT_K", 1)
@@ -255,6 +383,8 @@ def int8_mm_triton(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None 
         choice = (N, K, M, *dtypes)
         if choice not in _faster and not untimed and config is None:
             kernels: tuple[Kernel, ...] = ("gemv", "dot", "splitk") if M <= GEMV_MAX_M else ("dot", "splitk")
+            if x.dtype != torch.float32:
+                kernels += ("digits", "digitsk")  # x to 2^-16 of its row's max: finer than half precision, not fp32
             for k in kernels:
                 launch(k, None)
             _faster[choice] = min(kernels, key=lambda k: _median_ms(lambda: launch(k, None)))
