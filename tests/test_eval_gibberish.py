@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 
 from ttt_speech.eval.gibberish import (
+    FLOOR_MINUTES,
     FRAMES_PER_MINUTE,
+    PAD_FLOOR,
     GibberishThresholds,
     degraded_minute,
     minute_stats,
+    minutes_below_pad_floor,
     repetition_rate,
     uniform_entropy_bits,
 )
@@ -83,3 +86,10 @@ def test_helpers():
     assert repetition_rate(np.arange(100)) == 0.0
     # 300 draws from 32000 values: about 298.6 distinct
     assert 2 ** uniform_entropy_bits(300, VOCAB) == pytest.approx(298.6, abs=0.1)
+
+
+def test_minutes_below_the_pad_floor_count_minutes_2_to_9_only():
+    pads = [0.0, 0.0, 0.1, 0.149, 0.15, 0.4, None, 0.05, 0.3, 0.14, 0.0, 0.0]  # minutes 0-1 and 10-11 never count
+    assert minutes_below_pad_floor(pads) == 4  # minutes 2, 3, 7, 9 (0.15 itself is not below; None not scored)
+    assert minutes_below_pad_floor(pads[:4]) == 2  # a shorter run counts the minutes it has
+    assert PAD_FLOOR == 0.15 and list(FLOOR_MINUTES) == list(range(2, 10))

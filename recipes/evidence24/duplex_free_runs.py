@@ -21,7 +21,7 @@ import torch
 
 from ttt_speech.eval.data import load_sequences
 from ttt_speech.eval.free_run import free_run_moshi
-from ttt_speech.eval.gibberish import FRAMES_PER_MINUTE
+from ttt_speech.eval.gibberish import FRAMES_PER_MINUTE, PAD_FLOOR, minutes_below_pad_floor
 from ttt_speech.moshi import load_hybrid
 from ttt_speech.serve.streams import quiet_frames
 
@@ -65,11 +65,11 @@ def main() -> None:
                                  writes_after_prompt=None if policy == "trained" else 0.0,
                                  listening=listening if policy == "listening" else None)
             pads = [m.pad_ratio for m in run.minutes]
-            low = sum(x < 0.15 for x in pads[2:10])
+            low = minutes_below_pad_floor(pads)
             record = {"policy": policy, "seed": seed, "pad_ratio": pads, "below_floor_2_9": low,
                       "minutes": [asdict(m) for m in run.minutes]}
             (args.out / f"{policy}_s{seed}.json").write_text(json.dumps(record, default=float))
-            print(f"{policy} s{seed}: pad {' '.join(f'{x:.2f}' for x in pads)}; minutes 2-9 below 0.15: {low}",
+            print(f"{policy} s{seed}: pad {' '.join(f'{x:.2f}' for x in pads)}; minutes 2-9 below {PAD_FLOOR}: {low}",
                   flush=True)
 
 

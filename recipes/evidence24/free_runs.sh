@@ -29,9 +29,10 @@ done
 wait
 "$PY" - "$OUT" <<'PY'
 import json, pathlib, sys
+from ttt_speech.eval.gibberish import PAD_FLOOR, minutes_below_pad_floor
 for d in sorted(pathlib.Path(sys.argv[1]).glob("*_s*/results.json")):
     for run in json.loads(d.read_text())["free_runs"]:
         pads = [m["pad_ratio"] for m in run["minutes"]]
-        low = sum(p < 0.15 for p in pads[2:10])
-        print(f"{d.parent.name}: pad {' '.join(f'{p:.2f}' for p in pads)}; minutes 2-9 below 0.15: {low}")
+        print(f"{d.parent.name}: pad {' '.join(f'{p:.2f}' for p in pads)}; minutes 2-9 below {PAD_FLOOR}: "
+              f"{minutes_below_pad_floor(pads)}")
 PY

@@ -1,4 +1,4 @@
-"""Pad ratio per minute of free runs, one panel per condition, one line per seed, the 0.15 floor drawn.
+"""Pad ratio per minute of free runs, one panel per condition, one line per seed, the pad floor (0.15) drawn.
 
     python plot_pads.py OUT.png "TITLE=GLOB[,GLOB...]" ["TITLE=GLOB" ...]
 
@@ -16,6 +16,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ttt_speech.eval.gibberish import PAD_FLOOR  # noqa: E402
+
 
 def pads(path: str) -> list[tuple[str, list[float]]]:
     data = json.loads(Path(path).read_text())
@@ -32,7 +34,7 @@ for ax, spec in zip(axes[0], specs):
     for path in sorted(p for one in pattern.split(",") for p in glob.glob(one)):
         for label, series in pads(path):
             ax.plot(range(len(series)), series, marker=".", label=label)
-    ax.axhline(0.15, color="grey", linestyle="--", linewidth=0.8)
+    ax.axhline(PAD_FLOOR, color="grey", linestyle="--", linewidth=0.8)
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("minute")
     ax.legend(fontsize=7)

@@ -131,3 +131,15 @@ def flags(s: MinuteStats, first_ppl: float | None, th: GibberishThresholds) -> l
 def degraded_minute(stats: list[MinuteStats]) -> int | None:
     """The first flagged minute (0-based), or None for a run that stayed speech-like."""
     return next((s.minute for s in stats if s.flags), None)
+
+
+# Issue 24's pre-registered floor (docs/results.md section 18): a minute of a free run whose text stream is under
+# 15 % pads has stopped pausing (held-out speech: 0.3-0.5), counted over minutes 2-9 (minute 0 holds the prompt)
+PAD_FLOOR = 0.15
+FLOOR_MINUTES = range(2, 10)
+
+
+def minutes_below_pad_floor(pad_ratios: Sequence[float | None]) -> int:
+    """How many of FLOOR_MINUTES a run's per-minute pad ratios fall below PAD_FLOOR (missing minutes: none)."""
+    return sum(1 for m in FLOOR_MINUTES if m < len(pad_ratios) and pad_ratios[m] is not None
+               and pad_ratios[m] < PAD_FLOOR)
