@@ -118,10 +118,11 @@ digit_examples: list[tuple[float, float]] = []  # (fraction of digits equal, max
        kernel=st.sampled_from(["digits", "digitsk"]), config=st.integers(0, 6), seed=st.integers(0, 2**16))
 def interpreted_digits(m: int, n: int, k: int, bias: bool, kernel: str, config: int, seed: int) -> None:
     """The digits routes in fp16 under the interpreter (see `check_digits`), every config, all row buckets."""
-    from ttt_speech.ops.int8.triton_mm import _RAW
+    from ttt_speech.ops.int8.triton_mm import _RAW, block_m
 
     digit_examples.append(check_digits(m, n, k, torch.float16, bias, kernel, config % len(_RAW[kernel][1]), "cpu",
                                        seed))
+    covered[f"{kernel} {block_m(m)}"] = covered.get(f"{kernel} {block_m(m)}", 0) + (m > 0)
 
 
 def routed_equals_int8(device: str, dtype: torch.dtype, widths: tuple[int, ...], rows: tuple[int, ...]) -> float:
@@ -329,3 +330,4 @@ if __name__ == "__main__":
     print("largest |y|:", largest, "examples per kernel and row tile:", dict(sorted(covered.items())))
     assert largest > 2  # outputs of size ~1: the tolerances are not vacuous
     assert {"gemv", "dot 16", "dot 32", "dot 64", "splitk 16", "splitk 32", "splitk 64"} <= covered.keys()
+    assert all(covered.get(f"{kernel} {rows}", 0) > 0 for kernel in ("digits", "digitsk") for rows in (16, 32, 64))
