@@ -322,6 +322,13 @@ if __name__ == "__main__":
         print(f"int8triton vs int8, tiny fp32 Moshi TTT hybrid: max abs logit difference {hybrid:.2e}")
         assert hybrid < 2e-5  # logits of size ~1-4; int8 itself moves them by ~0.08 (tests/test_quantize.py)
     interpreted_digits()
+    from ttt_speech.ops.int8.triton_mm import int8_mm_triton
+
+    x, codes, scale, _ = operands(3, 20, 300, torch.float16, "contiguous", False, "cpu", seed=1)
+    x[1, 7] = float("nan")  # a NaN activation: its row's outputs NaN, as the exact kernels' (not finite garbage)
+    for kernel in ("digits", "digitsk"):
+        y = int8_mm_triton(x, codes, scale, kernel=kernel)  # type: ignore[arg-type]
+        assert bool(y[1].isnan().all()) and bool(y[[0, 2]].isfinite().all())
     same, diff = min(e[0] for e in digit_examples), max(e[1] for e in digit_examples)
     print(f"digits route: {len(digit_examples)} examples, digits equal to the reference's >= {same:.5f}, "
           f"max abs difference from its reference {diff:.2e}")

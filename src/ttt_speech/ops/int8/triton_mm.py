@@ -214,15 +214,21 @@ def _dot_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_xk
 
 
 @triton.jit
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _digits_kernel(x_ptr, d_ptr, u_ptr, M, K, stride_xm, stride_xk, BLOCK_K: tl.constexpr):
-    """One row of x -> its two int8 digits (d[0, row], d[1, row]) and unit (`naive.int8_digits_naive`)."""
+    """One row of x -> its two int8 digits (d[0, row], d[1, row]) and unit (`naive.int8_digits_naive`). A NaN in
+    the row makes its unit NaN (so its outputs, as the exact kernels'): the GPU's max would drop it."""
     row = tl.program_id(0)
     rk = tl.arange(0, BLOCK_K)
     amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_ptr + row * stride_xm + (k0 + rk) * stride_xk, mask=k0 + rk < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
-    top = tl.max(amax, axis=0)
+        amax = _max_nan(amax, tl.abs(x))
+    top = tl.reduce(amax, 0, _max_nan)
     levels = tl.full([], 127.0, tl.float32)
     unit = tl.div_rn(top, levels)
     inv = tl.where(top > 0, tl.div_rn(levels, tl.where(top > 0, top, levels)), 0.0)  # an all-zero row: digits 0
