@@ -60,8 +60,11 @@ def test_the_device_call_at_tiny_shape_runs_its_default_rows_in_order(tmp_path: 
 
 def test_a_run_cut_by_sigint_keeps_its_finished_rows_and_names_the_rest() -> None:
     # 600 frames per batch (~2.5 s on the CPU): the SIGINT, sent when int8's batch-1 row is out, lands in its batch 3
+    # SIGINT's default restored in the run: a suite started as a background job (`pytest &`) ignores it, and so
+    # would every process it starts
     run = subprocess.Popen([*BENCH, "--rows", "bf16,int8,w8a8", "--batches", "1,3", "--frames", "600", "--window", "2"],
-                           cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                           cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert run.stdout is not None
     lines = []
     for line in run.stdout:
