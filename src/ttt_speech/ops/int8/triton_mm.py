@@ -391,8 +391,7 @@ def int8_mm_triton(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None 
             kernels: tuple[Kernel, ...] = ("gemv", "dot", "splitk") if M <= GEMV_MAX_M else ("dot", "splitk")
             if x.dtype != torch.float32:
                 kernels += ("digits", "digitsk")  # x to 2^-16 of its row's max: finer than half precision, not fp32
-            for k in kernels:
-                launch(k, None)
+            # the timer's eager first call autotunes each kernel, before it captures the tuned launch
             _faster[choice] = min(kernels, key=lambda k: _median_ms(lambda: launch(k, None)))
         kernel = _faster.get(choice, "dot")
     out = launch(kernel, config)
