@@ -113,6 +113,7 @@ digit_examples: list[tuple[float, float]] = []  # (fraction of digits equal, max
 @example(m=17, n=70, k=256, bias=False, kernel="digits", config=6, seed=2)
 @example(m=40, n=130, k=700, bias=True, kernel="digitsk", config=1, seed=3)
 @example(m=5, n=33, k=40, bias=True, kernel="digitsk", config=5, seed=4)
+@example(m=70, n=150, k=1024, bias=True, kernel="digitsk", config=6, seed=5)  # 2 x 3 tiles, each split's sums meet
 @given(m=st.one_of(st.sampled_from([0, 1, 16, 17, 33, 64]), st.integers(0, 70)), n=st.integers(1, 150),
        k=st.one_of(st.sampled_from([256, 512]), st.integers(1, 1100)), bias=st.booleans(),
        kernel=st.sampled_from(["digits", "digitsk"]), config=st.integers(0, 6), seed=st.integers(0, 2**16))
@@ -322,13 +323,16 @@ if __name__ == "__main__":
         print(f"int8triton vs int8, tiny fp32 Moshi TTT hybrid: max abs logit difference {hybrid:.2e}")
         assert hybrid < 2e-5  # logits of size ~1-4; int8 itself moves them by ~0.08 (tests/test_quantize.py)
     interpreted_digits()
-    from ttt_speech.ops.int8.triton_mm import int8_mm_triton
+    from ttt_speech.ops.int8 import triton_mm
 
-    x, codes, scale, _ = operands(3, 20, 300, torch.float16, "contiguous", False, "cpu", seed=1)
-    x[1, 7] = float("nan")  # a NaN activation: its row's outputs NaN, as the exact kernels' (not finite garbage)
-    for kernel in ("digits", "digitsk"):
-        y = int8_mm_triton(x, codes, scale, kernel=kernel)  # type: ignore[arg-type]
-        assert bool(y[1].isnan().all()) and bool(y[[0, 2]].isfinite().all())
+    for row in (triton_mm.DIGITS_ROW, 128):  # rows in registers; rows longer than DIGITS_ROW, in steps
+        triton_mm.DIGITS_ROW = row
+        digit_examples.append(check_digits(33, 70, 300, torch.float16, True, "digitsk", 0, "cpu", seed=row))
+        x, codes, scale, _ = operands(3, 20, 300, torch.float16, "contiguous", False, "cpu", seed=1)
+        x[1, 7] = float("nan")  # a NaN activation: its row's outputs NaN, as the exact kernels' (not finite garbage)
+        for kernel in ("digits", "digitsk"):
+            y = triton_mm.int8_mm_triton(x, codes, scale, kernel=kernel)  # type: ignore[arg-type]
+            assert bool(y[1].isnan().all()) and bool(y[[0, 2]].isfinite().all())
     same, diff = min(e[0] for e in digit_examples), max(e[1] for e in digit_examples)
     print(f"digits route: {len(digit_examples)} examples, digits equal to the reference's >= {same:.5f}, "
           f"max abs difference from its reference {diff:.2e}")
