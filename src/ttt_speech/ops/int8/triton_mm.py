@@ -27,7 +27,10 @@ The kernels:
   in two int8 digits (`naive.int8_digits_naive`: x to 2^-16 of its row's largest |x|, finer than bf16 keeps the
   elements near it), then both digits against the same codes tile on the int8 tensor cores (int32 sums, exact):
   the codes go to the tensor cores as they are read, no conversion in the main loop, which is what held the tiles
-  back at 48-64 rows (docs/benchmarks.md). Two launches: the digits kernel is one program per row.
+  back at 48-64 rows (docs/benchmarks.md). Two launches: the digits kernel is one program per row, the row read
+  once into registers (read in steps, each load waited for, it cost ~1.4 µs per 1024 of K); split over K, it also
+  zeroes the fp32 sums and tile counters the splits meet at, and the last split of a tile stores y (no memset or
+  cast launch, unlike "splitk").
 Each has a handful of autotuned configs (tile sizes, warps, pipeline stages, splits), keyed on N, K (and the
 kernel's rows bucket and the dtypes), timed briefly at the first call of a shape, each replayed from a CUDA graph
 after an L2 flush (`_quick_bench`); the autotuned kernels (the GEMV only up to GEMV_MAX_M rows, the digits only for
