@@ -34,13 +34,15 @@ def table(text: str) -> list[list[str]]:
 
 
 def test_the_device_call_at_tiny_shape_runs_its_default_rows_in_order(tmp_path: Path) -> None:
-    env = {**ENV, "TINY": "1", "OUT": str(tmp_path), "PYTHON": sys.executable}
+    env = {**ENV, "TINY": "1", "OUT": str(tmp_path), "PYTHON": sys.executable, "PROFILE": "2"}
     done = subprocess.run(["bash", "recipes/quant21/device.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     r = tmp_path / "quant21"
     log = (r / "log.txt").read_text()
-    assert "quantize rc=0" in log and "gpu checks rc=0" in log
+    assert "step_kernels batch 2 rc=0" in log and "quantize rc=0" in log and "gpu checks rc=0" in log
+    profile = (r / "step_kernels_2.md").read_text()  # the step's top ops, unquantized and int8 side by side
+    assert "| kernel | none µs/step (launches) | int8 µs/step (launches) |" in profile and "| **all** |" in profile
     checks = (r / "gpu_checks.log").read_text()
     assert "SKIPPED [1] tests/test_quantize.py" in checks and "passed" not in checks  # no CUDA here
     rows = table((r / "quantize.md").read_text())

@@ -43,6 +43,9 @@
 # MM_SECONDS (int8_mm.py's share, default 75; 0 skips it), MM_ARGS (more int8_mm.py arguments: the next call's
 # MM_SECONDS=200 MM_ARGS="--rows 64,16,1 --configs" ROWS=bf16,int8triton DEADLINE=420 times every tile config,
 # graph-timed, docs/benchmarks.md).
+# PROFILE (a comma list of batches, default none): before the rows, benchmarks/step_kernels.py at each, into
+# $OUT/quant21/step_kernels_B.md (the next call: `PROFILE=64,48 MM_SECONDS=0 ROWS=bf16,int8triton BATCHES=64
+# DEADLINE=500`: why int8triton's step is ~2 ms slower at batch 64 while its linears are faster, docs/benchmarks.md).
 # TINY=1: the same steps at the tiny shape on the CPU in seconds, compiled rows through aot_eager, int8triton
 # refused as its row (tests/test_quant_recipe.py; PYTHON picks the interpreter, nothing is installed).
 set -uo pipefail
@@ -70,6 +73,17 @@ if [ "${TINY:-0}" != 1 ] && [ "${MM_SECONDS:-75}" -gt 0 ]; then
   timeout -k 5 "${MM_SECONDS:-75}" "$PY" benchmarks/int8_mm.py --seconds $((${MM_SECONDS:-75} - 20)) ${MM_ARGS:-} 2>&1 \
     | tee "$R/int8_mm.md"
   echo "int8_mm rc=${PIPESTATUS[0]} after $((SECONDS - S0)) s" | tee -a "$R/log.txt"
+fi
+if [ -n "${PROFILE:-}" ]; then
+  # where a step's GPU time goes, per batch in PROFILE: the step's kernels, unquantized and int8triton side by side
+  # (benchmarks/step_kernels.py; moshi's CUDA graphs off so each kernel is its own event), at most PROFILE_SECONDS
+  # (default 150) each
+  for B in ${PROFILE//,/ }; do
+    if [ "${TINY:-0}" = 1 ]; then KS=(--tiny --modes none,int8 --frames 4 --steps 2); else KS=(--modes none,int8triton); fi
+    NO_CUDA_GRAPH=1 timeout -k 5 "${PROFILE_SECONDS:-150}" "$PY" benchmarks/step_kernels.py "${KS[@]}" --batch "$B" \
+      --top 45 > "$R/step_kernels_$B.md" 2>> "$R/log.txt"
+    echo "step_kernels batch $B rc=$? after $((SECONDS - S0)) s" | tee -a "$R/log.txt"
+  done
 fi
 # nothing new starts 95 s before the deadline; SIGINT 65 s before it: the row in progress stops, the finished ones
 # are out; the last ~55 s check our int8 kernel and int4's against their references (the docs' int4 logit errors
