@@ -1,4 +1,5 @@
-"""The corpus builder with a fake engine (a tone per word) and a fake text: layout, stereo, split, repeats, seeds."""
+"""The corpus builder with a fake engine (a tone per word) and a fake text: layout, stereo, split, repeats, quotes,
+seeds."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from ttt_speech.corpus import CorpusConfig, build, commands
 from ttt_speech.corpus import engines as engines_mod
 from ttt_speech.corpus import texts as texts_mod
 from ttt_speech.corpus.engines import Engine, Speech
-from ttt_speech.corpus.plan import Recording, Timing, layout_reading
+from ttt_speech.corpus.plan import Recording, Timing, layout_reading, quote_sources, turn_speakers
 from ttt_speech.corpus.texts import TextSource
 from ttt_speech.train.tokenize import read_alignments
 
@@ -180,14 +181,50 @@ def test_layout_grows_by_prefix():
         assert not part.done and part.placements == full.placements[:len(part.placements)]
 
 
+def test_quotes_open_model_turns_with_a_user_sentence_and_grow_by_prefix():
+    speakers = turn_speakers((0, 2, 0), 400)
+    quotes = quote_sources((0, 2, 0), speakers, 0.5, 10)
+    opens = [k for k in range(1, 400) if speakers[k] == 0 and speakers[k - 1] == 1]  # the model's turns
+    assert 0.3 < len(quotes) / len(opens) < 0.7
+    for k, j in quotes.items():
+        assert k in opens and speakers[j] == 1 and 10 <= k - j <= 20
+    assert quote_sources((0, 2, 0), speakers[:150], 0.5, 10) == {k: j for k, j in quotes.items() if k < 150}
+    assert quote_sources((0, 2, 0), speakers, 0.0, 10) == {}
+
+
+def test_a_quote_is_the_users_words_again_in_the_models_voice(fakes, tmp_path):
+    cfg = CorpusConfig(recordings=0, dialogues=1, minutes=0.5, voices=("tones:a", "tones:b"), texts=("fake",),
+                       quote_fraction=0.5, quote_gap_sentences=3, val_fraction=0, jobs=1, batch=4, progress=False)
+    build(tmp_path / "q", cfg)
+    (e,) = json.loads((tmp_path / "q/corpus.json").read_text())["recordings"]
+    align = json.loads((tmp_path / "q" / e["path"]).with_suffix(".json").read_text())["alignments"]
+    assert len(e["quotes"]) >= 2
+    for q in e["quotes"]:
+        (s0, s1), (q0, q1) = q["said"], q["quoted"]
+        said = [(w, sp) for w, (s, _), sp in align if s0 - 1e-3 <= s < s1]
+        quoted = [(w, sp) for w, (s, _), sp in align if q0 - 1e-3 <= s < q1]
+        assert said and [w for w, _ in said] == [w for w, _ in quoted]
+        assert {sp for _, sp in said} == {"SPEAKER_OTHER"} and {sp for _, sp in quoted} == {"SPEAKER_MAIN"}
+        assert q["gap"] == pytest.approx(q0 - s1, abs=2e-3) and q["gap"] > 0
+    # the text reads on past a quote: the words outside the quotes are the text's, in order, none left out
+    sentences = texts_mod.load_sources(["fake"])["fake"]
+    first, read = e["text"]["first_sentence"], e["text"]["sentences"]
+    quoted = [q["quoted"] for q in e["quotes"]]
+    spoken = [w for w, (s, _), _ in align if not any(q0 - 1e-3 <= s < q1 for q0, q1 in quoted)]
+    assert spoken == [w for i in range(read) for w in sentences[(first + i) % len(sentences)].text.split()]
+
+
 def test_cli_builds_and_reports_a_missing_voice(fakes, tmp_path, capsys):
     p = argparse.ArgumentParser()
     commands.add_arguments(p)
     args = p.parse_args(["--out", str(tmp_path / "cli"), "--recordings", "2", "--dialogues", "1",
                          "--minutes-per-recording", "0.2", "--voices", "tones:a,tones:b", "--texts", "fake",
-                         "--jobs", "1", "--no-progress"])
+                         "--quote-fraction", "1", "--quote-gap-sentences", "2", "--jobs", "1", "--no-progress"])
     assert commands.run(args) == 0
     assert "3 recordings" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "cli/corpus.json").read_text())
+    assert meta["settings"]["quote_fraction"] == 1 and meta["settings"]["quote_gap_sentences"] == 2
+    assert [bool(e.get("quotes")) for e in meta["recordings"]] == [True, False, False]  # the dialogue quotes
     assert len((tmp_path / "cli/train.jsonl").read_text().splitlines()) == 2  # 1 reading + 1 dialogue held out
     assert commands.run(args) == 2  # the directory holds a corpus now
     assert "already holds a corpus" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """Build a corpus directory: synthesize sentences in parallel, lay recordings out, write wavs + transcripts.
 
-    out/corpus.json                 voices, texts, seed, settings, every recording with its repeats and split
+    out/corpus.json                 voices, texts, seed, settings, every recording with its repeats (quotes) and split
     out/train.jsonl, out/val.jsonl  {"path": "readings/reading_000.wav", "duration": 1203.4} per line
     out/readings/reading_000.wav    stereo 24 kHz 16-bit: the reader on the left (model) channel, right silent
     out/readings/reading_000.json   {"alignments": [[word, [start, end], "SPEAKER_MAIN"], ...], "voices": {...}}
@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 from ttt_speech.corpus.audio import RATE, estimate_word_times, level, trim, write_wav
 from ttt_speech.corpus.engines import DEFAULT_VOICES, Engine, Speech, available_voices, split_voice
-from ttt_speech.corpus.plan import Layout, Recording, Timing, layout_dialogue, layout_reading, plan, turn_speakers
+from ttt_speech.corpus.plan import (Layout, Recording, Timing, layout_dialogue, layout_reading, plan, quote_sources,
+                                    turn_speakers)
 from ttt_speech.corpus.texts import SOURCES, Sentence, load_sources
 from ttt_speech.dsp import resample
 
@@ -51,6 +52,8 @@ class CorpusConfig:
     repeat_gap_minutes: float = 10.0  # a re-read passage ended at least this long before
     repeat_minutes: float = 1.0  # length of a re-read passage
     repeat_every_minutes: float = 5.0
+    quote_fraction: float = 0.0  # share of the model's turns in a dialogue that open by quoting the user
+    quote_gap_sentences: int = 20  # ... a sentence the user said this many to twice as many sentences before
     val_fraction: float = 0.1
     jobs: int = 0  # synthesis processes; 0: one per CPU
     batch: int = 16  # sentences per synthesis task
@@ -116,12 +119,26 @@ class _Progress:
     waiting: int = 0  # tasks in flight
     pending_words: int = 0
     done: bool = False
+    quotes: dict[int, int] = field(default_factory=dict)  # a dialogue's quotes so far (plan.quote_sources)
+    quotes_to: int = 0  # sentences the quotes were drawn for
+
+    def text_index(self, k: int) -> int:
+        """Which sentence of the recording's text sentence k says: a quote says its user sentence's, and the
+        sentences after it read on from where the text was."""
+        if self.rec.quote_fraction and k >= self.quotes_to:
+            self.quotes_to = max(k + 1, 2 * self.quotes_to)
+            self.quotes = quote_sources(self.rec.seed, turn_speakers(self.rec.seed, self.quotes_to),
+                                        self.rec.quote_fraction, self.rec.quote_gap)
+        if k in self.quotes:
+            return self.text_index(self.quotes[k])
+        return k - sum(q < k for q in self.quotes)
 
     def sentence(self, k: int) -> Sentence:
-        if k >= len(self.text):
+        i = self.text_index(k)
+        if i >= len(self.text):
             raise ValueError(f"{self.rec.name}: text {self.rec.source!r} ran out ({len(self.text)} sentences); "
                              "shorten the recordings or add texts")
-        return self.text[(self.rec.first + k) % len(self.text)]
+        return self.text[(self.rec.first + i) % len(self.text)]
 
     def missing_seconds(self) -> float:
         """About how much more audio to ask for: 10 % past the target, counting what is in flight."""
@@ -164,16 +181,32 @@ def _write(out: Path, p: _Progress, layout: Layout) -> dict:
     tmp = wav.with_name(f".{wav.stem}.json.tmp")
     tmp.write_text(json.dumps({"alignments": alignments, "voices": voices}) + "\n")
     os.replace(tmp, wav.with_suffix(".json"))
-    read = max(pl.sentence for pl in layout.placements) + 1
-    return {"path": f"{p.rec.name}.wav", "kind": p.rec.kind, "duration": round(audio.shape[1] / RATE, 3),
-            "voices": voices, "text": {"source": p.rec.source, "first_sentence": p.rec.first, "sentences": read},
-            "words": len(alignments),
-            "repeats": [{**r, "gap": round(r["again"][0] - r["first"][1], 3)} for r in layout.repeats]}
+    read = max(p.text_index(pl.sentence) for pl in layout.placements) + 1
+    entry = {"path": f"{p.rec.name}.wav", "kind": p.rec.kind, "duration": round(audio.shape[1] / RATE, 3),
+             "voices": voices, "text": {"source": p.rec.source, "first_sentence": p.rec.first, "sentences": read},
+             "words": len(alignments),
+             "repeats": [{**r, "gap": round(r["again"][0] - r["first"][1], 3)} for r in layout.repeats]}
+    if p.rec.kind == "dialogue":
+        entry["quotes"] = quotes(layout, p.clips, p.quotes)
+    return entry
+
+
+def quotes(layout: Layout, clips: dict[int, Clip], sources: dict[int, int]) -> list[dict]:
+    """A dialogue's quotes as placed: the user's sentence ("said", right channel) and the model saying it again
+    ("quoted", left channel), [start, end] in seconds, the sentence indices, and the gap between them."""
+    at = {pl.sentence: pl.start for pl in layout.placements}
+    out = []
+    for k, j in sorted(sources.items()):
+        if k in at and j in at:
+            said = [round(at[j], 3), round(at[j] + len(clips[j].audio) / RATE, 3)]
+            quoted = [round(at[k], 3), round(at[k] + len(clips[k].audio) / RATE, 3)]
+            out.append({"said": said, "quoted": quoted, "sentences": [j, k], "gap": round(quoted[0] - said[1], 3)})
+    return out
 
 
 def split(entries: list[dict], val_fraction: float, seed: int) -> set[str]:
     """Paths of held-out recordings: ceil(val_fraction x n) of each kind (none of a kind with < 2), chosen
-    by the seed; readings with repeats go first, so held-out data can score repeated content."""
+    by the seed; readings with repeats and dialogues with quotes go first, so held-out data can score them."""
     held: set[str] = set()
     rng = np.random.default_rng([seed, 3])
     for kind in ("reading", "dialogue"):
@@ -181,7 +214,7 @@ def split(entries: list[dict], val_fraction: float, seed: int) -> set[str]:
         if len(mine) < 2 or val_fraction <= 0:
             continue
         order = [mine[i] for i in rng.permutation(len(mine))]
-        order.sort(key=lambda e: not e["repeats"])
+        order.sort(key=lambda e: not (e["repeats"] or e.get("quotes")))
         held |= {e["path"] for e in order[:min(len(mine) - 1, math.ceil(val_fraction * len(mine)))]}
     return held
 
@@ -205,7 +238,7 @@ def build(out: str | Path, cfg: CorpusConfig) -> BuildReport:
     voices, skipped = _voices(cfg)
     texts = load_sources(list(cfg.texts))
     recs = plan(cfg.recordings, cfg.dialogues, voices, {n: len(s) for n, s in texts.items()}, cfg.seed,
-                cfg.repeat_fraction)
+                cfg.repeat_fraction, cfg.quote_fraction, cfg.quote_gap_sentences)
     minutes = {"reading": cfg.minutes, "dialogue": cfg.dialogue_minutes or cfg.minutes}
     timings = {k: Timing(60 * m, 60 * cfg.repeat_gap_minutes, 60 * cfg.repeat_minutes, 60 * cfg.repeat_every_minutes)
                for k, m in minutes.items()}

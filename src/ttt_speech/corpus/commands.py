@@ -11,7 +11,7 @@ import sys
 
 from ttt_speech.corpus.engines import DEFAULT_VOICES, ENGINES
 from ttt_speech.corpus.texts import SOURCES
-from ttt_speech.errors import fraction, nonnegative_int, positive_float
+from ttt_speech.errors import fraction, nonnegative_int, positive_float, positive_int
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -36,6 +36,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a re-read passage ended at least this long before (default 10)")
     p.add_argument("--repeat-minutes", type=positive_float, default=1.0, help="length of a re-read passage (default 1)")
     p.add_argument("--repeat-every-minutes", type=positive_float, default=5.0, help="time between re-reads (default 5)")
+    p.add_argument("--quote-fraction", type=fraction, default=0.0,
+                   help="share of the model's turns in a dialogue that open by saying again what the user said "
+                        "(default 0)")
+    p.add_argument("--quote-gap-sentences", type=positive_int, default=20,
+                   help="a quoted user sentence was said this many to twice as many sentences before (default 20)")
     p.add_argument("--val-fraction", type=fraction, default=0.1, help="recordings held out, per kind (default 0.1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=nonnegative_int, default=0, help="synthesis processes (default: one per CPU)")
@@ -50,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
                        dialogue_minutes=args.dialogue_minutes, voices=args.voices, texts=args.texts, seed=args.seed,
                        repeat_fraction=args.repeat_fraction, repeat_gap_minutes=args.repeat_gap_minutes,
                        repeat_minutes=args.repeat_minutes, repeat_every_minutes=args.repeat_every_minutes,
+                       quote_fraction=args.quote_fraction, quote_gap_sentences=args.quote_gap_sentences,
                        val_fraction=args.val_fraction, jobs=args.jobs, progress=not args.no_progress)
     try:
         report = build(args.out, cfg)

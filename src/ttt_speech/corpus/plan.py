@@ -8,7 +8,10 @@ Readings: one voice, consecutive sentences, short pauses (longer at paragraph en
 with repeats, once `repeat_gap` plus one to two times `repeat` has passed and then every
 `repeat_every`, a span of about `repeat` that ended at least `repeat_gap` earlier is played again:
 the same audio, pauses included, and the same words.
-Dialogues: two voices take turns of 1-3 consecutive sentences; only one speaks at a time.
+Dialogues: two voices take turns of 1-3 consecutive sentences; only one speaks at a time. In a dialogue with
+quotes, a share of the model's turns open by saying again a sentence the user said `quote_gap` to 2 x
+`quote_gap` sentences earlier: the same words in the model's voice (`quote_sources`), so that recalling what the
+user said, not what the model said, can be trained and scored.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ class Recording:
     first: int  # index of its first sentence in the source (it reads on from there, wrapping)
     repeats: bool
     seed: tuple[int, ...]
+    quote_fraction: float = 0.0  # dialogues: share of the model's turns that open with a quote of the user
+    quote_gap: int = 20  # ... of a user sentence this many to twice as many sentences earlier
 
     @property
     def name(self) -> str:
@@ -74,7 +79,7 @@ def _sample(t: float) -> float:
 
 
 def plan(recordings: int, dialogues: int, voices: list[str], sizes: dict[str, int], seed: int,
-         repeat_fraction: float) -> list[Recording]:
+         repeat_fraction: float, quote_fraction: float = 0.0, quote_gap: int = 20) -> list[Recording]:
     """Readings then dialogues; texts go round the sources, each recording starting in its own slice of its text."""
     if not voices:
         raise ValueError("no voice to read with")
@@ -98,7 +103,24 @@ def plan(recordings: int, dialogues: int, voices: list[str], sizes: dict[str, in
         model = (v0 + d) % len(voices)
         user = (model + 1 + int(rng.integers(len(voices) - 1))) % len(voices)
         j = recordings + d
-        out.append(Recording("dialogue", d, (voices[model], voices[user]), source[j], first[j], False, (seed, 2, d)))
+        out.append(Recording("dialogue", d, (voices[model], voices[user]), source[j], first[j], False, (seed, 2, d),
+                             quote_fraction, quote_gap))
+    return out
+
+
+def quote_sources(seed: tuple[int, ...], speakers: list[int], fraction: float, gap: int) -> dict[int, int]:
+    """Quotes among a dialogue's sentences (speakers: `turn_speakers`): sentence k -> the user's sentence j it
+    says again. A model turn's first sentence is a quote with probability `fraction`, of a user sentence drawn
+    from gap to 2 x gap sentences before it. Each k draws from its own seed and reads speakers[:k] only, so more
+    sentences extend the quotes unchanged (the builder plans ahead in batches)."""
+    out: dict[int, int] = {}
+    for k in range(1, len(speakers)):
+        if speakers[k] != 0 or speakers[k - 1] != 1:
+            continue
+        rng = np.random.default_rng([*seed, 2, k])
+        said = [j for j in range(max(0, k - 2 * gap), k - gap + 1) if speakers[j] == 1]
+        if rng.uniform() < fraction and said:
+            out[k] = said[int(rng.integers(len(said)))]
     return out
 
 
