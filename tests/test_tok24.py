@@ -1,10 +1,13 @@
 """recipes/evidence24/tok24.py's pack plumbing for tokens encoded in parallel parts: PART=i/n takes every n-th
-recording, merge joins disjoint parts into the pack that unpack reads, and refuses parts that overlap."""
+recording, merge joins disjoint parts into the pack that unpack reads, and refuses parts that overlap; a dialogue's
+user channel is encoded and kept, a silent one rebuilt from the cached silence."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import wave
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +72,50 @@ def test_part_takes_every_nth_recording(spec: str, picked: list[int]) -> None:
 def test_a_bad_part_says_how_to_write_it(spec: str) -> None:
     with pytest.raises(SystemExit, match=f"PART={spec}: give i/n with 0 <= i < n"):
         load_tok24().part_of([1, 2], spec)
+
+
+def test_unpack_keeps_a_speaking_users_codebooks_and_fills_a_silent_ones(tmp_path: Path) -> None:
+    pack = tmp_path / "pack"
+    pack.mkdir()
+    silence = np.arange(8 * 40, dtype=np.int16).reshape(8, 40)
+    save_file({"silence": silence}, str(pack / "silence.safetensors"))
+    dialogue = np.full((17, 12), 7, np.int16)  # text + the model's 8 + the user's 8 (tok24 encode of a dialogue)
+    save_file({"c/readings/r.wav": np.full((9, 10), 3, np.int16), "c/dialogues/d.wav": dialogue},
+              str(pack / "train.safetensors"))
+    out = run("unpack", str(pack), str(tmp_path / "tok"))
+    assert out.returncode == 0, out.stderr
+    index = json.loads((tmp_path / "tok/train/index.json").read_text())
+    docs = {d["source"]: load_file(str(tmp_path / "tok/train" / d["shard"]))[d["key"]] for d in index["documents"]}
+    np.testing.assert_array_equal(docs["c/dialogues/d.wav"], dialogue)
+    np.testing.assert_array_equal(docs["c/readings/r.wav"][9:], silence[:, :10])
+
+
+def test_encode_packs_the_user_channel_of_a_dialogue_only(tmp_path: Path) -> None:
+    """The shipped codec on the CPU, two 2-second recordings: a reading (right channel silent) -> 9 rows, a
+    dialogue (a tone on the right) -> 17, the user's rows unlike silence's codes."""
+    rate = 24000
+    corpus = tmp_path / "c"
+    t = np.arange(2 * rate) / rate
+    tone = (0.3 * np.sin(2 * np.pi * 220 * t) * 32767).astype(np.int16)
+    for name, right in (("readings/r", np.zeros_like(tone)), ("dialogues/d", tone[::-1].copy())):
+        path = corpus / f"{name}.wav"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with wave.open(str(path), "wb") as w:
+            w.setnchannels(2)
+            w.setsampwidth(2)
+            w.setframerate(rate)
+            w.writeframes(np.stack([tone, right], 1).tobytes())
+        path.with_suffix(".json").write_text(json.dumps({"alignments": [["hello", [0.2, 0.6], "SPEAKER_MAIN"]]}))
+    (corpus / "train.jsonl").write_text("".join(json.dumps({"path": f"{n}.wav", "duration": 2.0}) + "\n"
+                                                for n in ("readings/r", "dialogues/d")))
+    (corpus / "val.jsonl").write_text("")
+    pack = tmp_path / "pack"
+    for args in (("silence", str(pack), "30"), ("encode", str(pack), str(corpus))):
+        out = run(*args)
+        assert out.returncode == 0, out.stderr
+    train = load_file(str(pack / "train.safetensors"))
+    reading, dialogue = train["c/readings/r.wav"], train["c/dialogues/d.wav"]
+    silence = load_file(str(pack / "silence.safetensors"))["silence"]
+    assert reading.shape == (9, 25) and dialogue.shape == (17, 25)
+    np.testing.assert_array_equal(dialogue[:9], reading)  # the same left channel and words
+    assert (dialogue[9:] != silence[:, :25]).mean() > 0.5

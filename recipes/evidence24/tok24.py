@@ -4,13 +4,14 @@
     python tok24.py silence PACK FRAMES         PACK/silence.safetensors: Mimi's codes of FRAMES frames of silence
     python tok24.py random PACK OUT DOCS FRAMES random-frame documents (text + 8 codebooks random, user streams silent)
     python tok24.py encode PACK CORPUS...       every recording of the corpora -> PACK/{train,val}.safetensors
-                                                (rows: text + the 8 model codebooks, int16); with PART=i/n in the
+                                                (rows: text + the 8 model codebooks, int16, + the user's 8 where
+                                                the right channel is not silent: dialogues); with PART=i/n in the
                                                 environment, every n-th from the i-th (parallel parts: merge);
                                                 GROUP=k recordings per batch (default 24: ~10 GB
                                                 of host memory for 20-minute recordings, 4 on a CPU)
     python tok24.py merge PACK PART...          packs of disjoint corpora (encoded in parallel) -> one PACK
-    python tok24.py unpack PACK OUT             PACK -> OUT/{train,val}: `ttt-speech tokenize` directories, the
-                                                user's 8 silent codebooks rebuilt from the cached encoding of silence
+    python tok24.py unpack PACK OUT             PACK -> OUT/{train,val}: `ttt-speech tokenize` directories, a
+                                                silent user's 8 codebooks rebuilt from the cached encoding of silence
 """
 
 from __future__ import annotations
@@ -87,13 +88,14 @@ def random_docs(pack: str, out: str, docs: str, frames: str) -> None:
     save_file(arrays, str(Path(out) / "random.safetensors"))
 
 
-def _left(path: Path) -> np.ndarray:
+def _channels(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """A stereo 16-bit wav -> the model's (left) channel and the user's (right), None where the user is silent
+    (readings: their codes are the cached silence's, added by unpack)."""
     with wave.open(str(path)) as w:
         assert w.getnchannels() == 2 and w.getsampwidth() == 2, path
         x = np.frombuffer(w.readframes(w.getnframes()), np.int16).reshape(-1, 2)
-    right = x[:, 1]
-    assert not right.any(), f"{path}: user channel is not silent"
-    return x[:, 0].astype(np.float32) / 32768.0
+    left, right = (x[:, c].astype(np.float32) / 32768.0 for c in (0, 1))
+    return left, (right if right.any() else None)
 
 
 def part_of(items: list, spec: str) -> list:
@@ -128,11 +130,13 @@ def encode(pack: str, *corpora: str, group: int = 24) -> None:
     t0 = time.time()
     for g in range(0, len(items), group):
         part = items[g:g + group]
-        wavs = [_left(p) for _, _, p in part]
+        channels = [_channels(p) for _, _, p in part]
+        wavs = [left for left, _ in channels]
+        users = [i for i, (_, right) in enumerate(channels) if right is not None]
         frames = [math.ceil(len(w) / fs) for w in wavs]
         longest = max(longest, *frames)
-        batch = np.zeros((len(wavs), max(frames) * fs), np.float32)
-        for i, w in enumerate(wavs):
+        batch = np.zeros((len(wavs) + len(users), max(frames) * fs), np.float32)  # the users' channels after
+        for i, w in enumerate([*wavs, *(channels[u][1] for u in users)]):
             batch[i, :len(w)] = w
         with torch.no_grad():
             codes = tok._encode(batch, max(frames))  # causal: zero padding after a recording leaves its codes unchanged
@@ -140,7 +144,10 @@ def encode(pack: str, *corpora: str, group: int = 24) -> None:
             words = read_alignments(path.with_suffix(".json"), len(wavs[i]) / tok.mimi.sample_rate, fr, "SPEAKER_MAIN")
             tokens = [Word(tuple(tok.text.encode(w.strip())), s, e) for w, s, e in words]
             text = text_stream(tokens, frames[i], fr, tok.pad, tok.end_pad)
-            arrays[split][key] = np.concatenate([text[None], codes[i, :, :frames[i]]]).astype(np.int16)
+            rows = [text[None], codes[i, :, :frames[i]]]
+            if i in users:
+                rows.append(codes[len(wavs) + users.index(i), :, :frames[i]])
+            arrays[split][key] = np.concatenate(rows).astype(np.int16)
         print(f"encoded {g + len(part)}/{len(items)} recordings, {time.time() - t0:.0f} s", flush=True)
     _silence(pack, longest)  # the cache covers every recording
     for split, a in arrays.items():
@@ -188,7 +195,7 @@ def unpack(pack: str, out: str, shard_frames: int = 1 << 20) -> None:
         for i, (source, a) in enumerate(sorted(arrays.items())):
             k = str(i)
             keys[k] = source
-            shard[k] = np.concatenate([a, silence[:, :a.shape[1]]])
+            shard[k] = a if a.shape[0] == 17 else np.concatenate([a, silence[:, :a.shape[1]]])  # a silent user
             filled += a.shape[1]
             if filled >= shard_frames:
                 flush()
