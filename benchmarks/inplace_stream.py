@@ -4,7 +4,7 @@
     python benchmarks/inplace_stream.py --layers all 28-31 --frames 256 --warmup 8 --train-T 4096 --out inplace23/
     python benchmarks/inplace_stream.py --tiny --chunk 4 --frames 24 --train-T 64 --out /tmp/ip   # CPU check
 
-Random weights (moshi's 7B `_lm_kwargs`), bf16 on CUDA. Written to `--out` (inplace_stream.json and
+Random weights (moshi's 7B config, `moshi.compat.default_lm_config`), bf16 on CUDA. Written to `--out` (inplace_stream.json and
 .md) after every part, and the parts run most wanted first, so a run cut short by the device's clock
 keeps what it measured:
 
@@ -43,16 +43,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moshi_stream import Stream, build  # beside this script; first: it sets NO_TORCH_COMPILE on CPU before moshi loads
+from moshi_stream import Stream, build, lm_config  # beside this script; first: it sets NO_TORCH_COMPILE on CPU before moshi loads
 from layer import cuda_graph, peak_gib, timeit  # benchmarks/layer.py
 
-from moshi.models import loaders
 from moshi.utils.compile import no_cuda_graph
 from ttt_speech.layers.inplace import InPlaceLayer, InPlaceState
 from ttt_speech.moshi.compat import streaming_state
 from ttt_speech.moshi.generate import streaming_state_bytes
 from ttt_speech.moshi.layer import HybridLayerState
-from ttt_speech.moshi.tiny import tiny_lm_config
 
 PATHS = ("cuda_graph", "eager")
 START = time.perf_counter()
@@ -366,7 +364,7 @@ def main(argv: list[str] | None = None) -> dict[str, tp.Any]:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
-    kwargs = tiny_lm_config() if args.tiny else dict(loaders._lm_kwargs)
+    kwargs = lm_config(args.tiny)
     compiled = not os.environ.get("NO_TORCH_COMPILE")
     header = (f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}, "
               f"{'tiny' if args.tiny else 'Moshi-7B'} shape, random weights, {dtype}, batch {args.batch}, "

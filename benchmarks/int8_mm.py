@@ -34,9 +34,9 @@ import typing as tp
 import torch
 import torch.nn.functional as F
 import triton.testing
-from moshi.models import loaders
 from moshi_stream import build  # this directory
 
+from ttt_speech.moshi.compat import default_lm_config
 from ttt_speech.ops.int8 import int8_mm_naive
 from ttt_speech.ops.int8.triton_mm import (DIGITS_CONFIGS, DIGITSK_CONFIGS, DOT_CONFIGS, SPLITK_CONFIGS, int8_mm_triton,
                                            settled)
@@ -46,7 +46,7 @@ from ttt_speech.quantize import linear_layers
 def hybrid_shapes(layers: str) -> dict[tuple[int, int], int]:
     """(out_features, in_features) -> how many linears of that shape the hybrid has (one call each per step)."""
     with torch.device("meta"):
-        lm = build(dict(loaders._lm_kwargs), layers, "meta", torch.bfloat16, 16)
+        lm = build(default_lm_config(), layers, "meta", torch.bfloat16, 16)
     count = collections.Counter((m.out_features, m.in_features) for m in linear_layers(lm).values())
     return dict(sorted(count.items(), key=lambda kv: -kv[0][0] * kv[0][1]))
 

@@ -38,6 +38,7 @@ from moshi.modules.transformer import RingKVCache  # noqa: E402
 
 from ttt_speech.moshi import convert, default_inplace_config, default_ttt_config  # noqa: E402
 from ttt_speech.moshi.generate import streaming_state_bytes  # noqa: E402
+from ttt_speech.moshi.compat import default_lm_config  # noqa: E402
 from ttt_speech.moshi.tiny import tiny_lm_config  # noqa: E402
 
 
@@ -52,6 +53,11 @@ def advance_offsets(gen: LMGen, n: int) -> None:
                     setattr(state, name, value + n)
                 elif isinstance(value, RingKVCache):
                     value.end_offset.add_(n)
+
+
+def lm_config(tiny: bool) -> dict:
+    """The LM config the benchmarks build: the tiny one (CPU checks), or Moshi-7B's."""
+    return tiny_lm_config() if tiny else default_lm_config()
 
 
 def build(kwargs: dict, model: str, device: str, dtype: torch.dtype, mini_batch: int, chunk: int = 64):
@@ -129,7 +135,7 @@ def main() -> None:
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    kwargs = tiny_lm_config() if args.tiny else dict(loaders._lm_kwargs)
+    kwargs = lm_config(args.tiny)
     print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}, "
           f"{'tiny' if args.tiny else 'Moshi-7B'} shape, {dtype}, batch {args.batch}, "
           f"CUDA graphs: {device == 'cuda' and not os.environ.get('NO_CUDA_GRAPH')}")

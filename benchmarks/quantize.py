@@ -48,12 +48,11 @@ if not torch.cuda.is_available():
 
 from moshi.models import loaders  # noqa: E402
 from moshi.models.lm import LMModel  # noqa: E402
-from moshi_stream import Stream, build  # noqa: E402  (this directory: the same models and timing)
+from moshi_stream import Stream, build, lm_config  # noqa: E402  (this directory: the same models and timing)
 
 from ttt_speech.moshi import convert, load_hybrid  # noqa: E402
 from ttt_speech.moshi.config import lm_kwargs  # noqa: E402
 from ttt_speech.moshi.files import SHIPPED_DIR  # noqa: E402
-from ttt_speech.moshi.tiny import tiny_lm_config  # noqa: E402
 from ttt_speech.ops.int8.naive import int8_digits_naive, int8_mm_digits_naive  # noqa: E402
 from ttt_speech.quantize import (MODES, format_bytes, int4_round_trip, linear_layers, quantize_weights,  # noqa: E402
                                  route_gatings, route_linears, torchao_quantization, weight_bytes)
@@ -256,7 +255,7 @@ def main() -> None:
     dtype = torch.bfloat16 if cuda else torch.float32
     if args.child is not None:
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # cut: this process just ends; its finished rows are out
-        kwargs = tiny_lm_config() if args.tiny else dict(loaders._lm_kwargs)
+        kwargs = lm_config(args.tiny)
         run_row(rows[0], args, kwargs, "cuda" if cuda else "cpu", dtype, group_size, batches,
                 Reference.load(args.child), time.perf_counter())
         return

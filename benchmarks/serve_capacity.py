@@ -37,10 +37,11 @@ from pathlib import Path
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
 import torch  # noqa: E402
-from moshi.models.loaders import _lm_kwargs, get_mimi, get_moshi_lm  # noqa: E402
+from moshi.models.loaders import get_mimi, get_moshi_lm  # noqa: E402
 
 from ttt_speech.moshi import convert, default_inplace_config, default_ttt_config, set_attention_window  # noqa: E402
 from ttt_speech.moshi.commands import QUANT_MODES, parse_layers, quantize_or_exit  # noqa: E402
+from ttt_speech.moshi.compat import default_lm_config  # noqa: E402
 from ttt_speech.moshi.tiny import build_tiny_lm, build_tiny_mimi, tiny_lm_config, tiny_mimi_config  # noqa: E402
 from ttt_speech.quantize import linear_layers  # noqa: E402
 from ttt_speech.serve.capacity import (  # noqa: E402
@@ -123,7 +124,7 @@ def build(tiny: bool, windows: list[int]):  # type: ignore[no-untyped-def]
     if not torch.cuda.is_available():
         raise SystemExit("serve_capacity: the 7B-shaped benchmark needs CUDA; use --tiny on a CPU")
     torch.manual_seed(0)
-    lm = get_moshi_lm(None, lm_kwargs=_lm_kwargs, device="cuda", dtype=torch.bfloat16)
+    lm = get_moshi_lm(None, lm_kwargs=default_lm_config(), device="cuda", dtype=torch.bfloat16)
     return lm, get_mimi(None, device="cuda", num_codebooks=lm.dep_q)
 
 

@@ -25,10 +25,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from moshi.models.compression import MimiModel  # noqa: E402
 from moshi.models.lm import LMGen, LMModel  # noqa: E402
-from moshi.models.loaders import _lm_kwargs, get_mimi, get_moshi_lm  # noqa: E402
+from moshi.models.loaders import get_mimi, get_moshi_lm  # noqa: E402
 
 from ttt_speech.moshi import convert, default_ttt_config  # noqa: E402
 from ttt_speech.moshi.commands import parse_layers  # noqa: E402
+from ttt_speech.moshi.compat import default_lm_config  # noqa: E402
 from ttt_speech.moshi.tiny import build_tiny_lm, build_tiny_mimi, tiny_mimi_config  # noqa: E402
 from ttt_speech.serve.streams import BatchedStreams  # noqa: E402
 
@@ -95,7 +96,7 @@ def main() -> None:
             raise SystemExit("the 7B-shaped benchmark needs CUDA; use --tiny on a CPU")
         device = torch.device("cuda")
         torch.manual_seed(0)
-        lm = get_moshi_lm(None, lm_kwargs=_lm_kwargs, device=device, dtype=torch.bfloat16)
+        lm = get_moshi_lm(None, lm_kwargs=default_lm_config(), device=device, dtype=torch.bfloat16)
         mimi = get_mimi(None, device=device, num_codebooks=lm.dep_q)
         shape = "7B-shaped"
     lm.eval()

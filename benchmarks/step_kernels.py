@@ -17,21 +17,18 @@ import collections
 import gc
 
 import torch
-from moshi.models import loaders
-from moshi_stream import Stream, build  # this directory
+from moshi_stream import Stream, build, lm_config  # this directory
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from ttt_speech.moshi.tiny import tiny_lm_config
 from ttt_speech.quantize import quantize_weights
 
 
 def kernel_times(mode: str, args: argparse.Namespace, device: str) -> dict[str, tuple[float, float]]:
     """name -> (µs per step, launches per step) of one model's `--steps` streaming steps."""
     torch.manual_seed(0)
-    kwargs = tiny_lm_config() if args.tiny else dict(loaders._lm_kwargs)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    lm = build(kwargs, args.layers, device, dtype, 16)
+    lm = build(lm_config(args.tiny), args.layers, device, dtype, 16)
     if mode != "none":
         quantize_weights(lm, mode)  # type: ignore[arg-type]
     stream = Stream(mode, lm, args.batch)

@@ -218,6 +218,13 @@ def test_activation_by_name():
     assert moshi_compat.activation("tanh") is torch.tanh
 
 
+def test_default_lm_config_is_moshi_7b_and_a_copy():
+    cfg = moshi_compat.default_lm_config()
+    assert cfg["dim"] == 4096 and cfg["num_layers"] == 32 and cfg["context"] == 3000 and cfg["dep_q"] == 8
+    cfg["dim"] = -1
+    assert moshi_compat.default_lm_config()["dim"] == 4096
+
+
 def test_default_mimi_config_is_the_released_layout_and_a_copy():
     cfg = moshi_compat.default_mimi_config()
     assert cfg["sample_rate"] == 24000 and cfg["frame_rate"] == 12.5

@@ -17,7 +17,7 @@ import torch
 from moshi.models.compression import MimiModel
 from moshi.models.lm import LMGen, LMModel, _LMGenState
 from moshi.models.lm_utils import _delay_sequence
-from moshi.models.loaders import _mimi_config
+from moshi.models.loaders import _lm_kwargs, _mimi_config
 from moshi.modules.gating import _get_activation
 from moshi.modules.streaming import StreamingModule
 from moshi.modules.transformer import StreamingMultiheadAttention, StreamingTransformerLayer, _LayerState
@@ -121,6 +121,11 @@ def initial_token(lm: LMModel) -> Tensor:
 def activation(name: str) -> tp.Callable[[Tensor], Tensor]:
     """The activation function moshi's gating builds from a config name."""
     return _get_activation(name)
+
+
+def default_lm_config() -> dict[str, tp.Any]:
+    """A copy of the released Moshi-7B LM's config dict (`get_moshi_lm`'s lm_kwargs: the benchmarks' shape)."""
+    return copy.deepcopy(_lm_kwargs)
 
 
 def default_mimi_config() -> dict[str, tp.Any]:
