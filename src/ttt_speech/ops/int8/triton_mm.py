@@ -360,7 +360,7 @@ _RAW = {"gemv": (_gemv_kernel, GEMV_CONFIGS), "dot": (_dot_kernel, DOT_CONFIGS),
         "splitk": (_dot_kernel, SPLITK_CONFIGS), "digits": (_digits_dot_kernel, DIGITS_CONFIGS),
         "digitsk": (_digits_dot_kernel, DIGITSK_CONFIGS)}
 Kernel = tp.Literal["gemv", "dot", "splitk", "digits", "digitsk"]
-SPLIT: set[str] = {"splitk"}  # the kernel that adds into an fp32 buffer zeroed before it and cast after it
+BUFFERED: set[str] = {"splitk"}  # adds into an fp32 buffer zeroed before it, cast after (digitsk stores y itself)
 DIGITS: set[str] = {"digits", "digitsk"}  # kernels that take x's two int8 digits
 _timed: dict[tuple, triton.Config] = {}  # (kernel, N, K, rows bucket, dtypes) -> the config autotuning kept there
 _faster: dict[tuple, Kernel] = {}  # (N, K, rows, dtypes) -> the kernel timed fastest there
@@ -427,7 +427,7 @@ def int8_mm_triton(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None 
         if kernel != "gemv":
             meta |= {"ROWS": block_m(M)} | ({} if kernel in DIGITS else {"FP32": x.dtype == torch.float32})
         # split-K programs add their partial sums into a zeroed fp32 buffer, cast to x's dtype after
-        out = torch.zeros((M, N), dtype=torch.float32, device=x.device) if kernel in SPLIT else y
+        out = torch.zeros((M, N), dtype=torch.float32, device=x.device) if kernel in BUFFERED else y
         head = (codes, scale, scale if bias is None else bias.contiguous())
         if kernel in DIGITS:
             # split over K, the splits add into fp32 sums and count themselves at tile counters (zeroed with the
