@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import typing as tp
+import warnings
 from pathlib import Path
 
 import pytest
@@ -224,6 +225,20 @@ def test_int8_digits_equal_their_reference_cuda() -> None:
             check_digits(48, 4096, 4096, torch.bfloat16, True, kernel, config, "cuda", seed=config)
 
 
+def test_an_untuned_capture_is_said_once_per_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A graph keeps whatever launch it captured: the user hears of an untuned one, once per shape."""
+    from ttt_speech.ops.int8 import triton_mm
+
+    monkeypatch.setattr(triton_mm, "TRITON_INTERPRET", False)
+    monkeypatch.setattr(triton_mm, "untuned", set())
+    with pytest.warns(UserWarning, match=r"\(1000, 520, 3\) first ran inside a CUDA graph capture"):
+        triton_mm._capture_untuned((1000, 520, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        triton_mm._capture_untuned((1000, 520, 3))  # said already
+    assert triton_mm.untuned == {(1000, 520, 3)}
+
+
 @pytest.mark.gpu
 def test_a_shape_first_met_inside_a_cuda_graph_capture_runs_untuned() -> None:
     """Autotuning would time kernels on the capturing stream and break the capture: a new shape runs config 0."""
@@ -232,7 +247,7 @@ def test_a_shape_first_met_inside_a_cuda_graph_capture_runs_untuned() -> None:
 
     x, codes, scale, _ = operands(3, 1000, 520, torch.bfloat16, "contiguous", False, "cuda", seed=5)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with pytest.warns(UserWarning, match="inside a CUDA graph capture"), torch.cuda.graph(graph):
         y = int8_mm_triton(x, codes, scale)
     x.copy_(torch.randn_like(x))
     graph.replay()

@@ -43,6 +43,7 @@ def test_the_device_call_at_tiny_shape_runs_its_default_rows_in_order(tmp_path: 
     assert "step_kernels batch 2 rc=0" in log and "quantize rc=0" in log and "gpu checks rc=0" in log
     profile = (r / "step_kernels_2.md").read_text()  # the step's top ops, unquantized and int8 side by side
     assert "| kernel | none µs/step (launches) | int8 µs/step (launches) |" in profile and "| **all** |" in profile
+    assert "2 round(s)" in profile and profile.count("| int8 | ") == 1  # the modes alternated, one wall row each
     checks = (r / "gpu_checks.log").read_text()
     assert "SKIPPED [1] tests/test_quantize.py" in checks and "passed" not in checks  # no CUDA here
     rows = table((r / "quantize.md").read_text())

@@ -44,8 +44,9 @@
 # MM_SECONDS=200 MM_ARGS="--rows 64,16,1 --configs" ROWS=bf16,int8triton DEADLINE=420 times every tile config,
 # graph-timed, docs/benchmarks.md).
 # PROFILE (a comma list of batches, default none): before the rows, benchmarks/step_kernels.py at each, into
-# $OUT/quant21/step_kernels_B.md (the next call: `PROFILE=64,48 MM_SECONDS=0 ROWS=bf16,int8triton BATCHES=64
-# DEADLINE=500`: why int8triton's step is ~2 ms slower at batch 64 while its linears are faster, docs/benchmarks.md).
+# $OUT/quant21/step_kernels_B.md: the step's kernels under moshi's CUDA graphs, and wall-clock vs GPU-busy per step
+# with the models alternating PROFILE_ROUNDS times (default 2) in one process (docs/benchmarks.md: at batch 64 a
+# model's wall clock moves by up to 4 ms with the process's history, its GPU time does not).
 # TINY=1: the same steps at the tiny shape on the CPU in seconds, compiled rows through aot_eager, int8triton
 # refused as its row (tests/test_quant_recipe.py; PYTHON picks the interpreter, nothing is installed).
 set -uo pipefail
@@ -75,13 +76,12 @@ if [ "${TINY:-0}" != 1 ] && [ "${MM_SECONDS:-75}" -gt 0 ]; then
   echo "int8_mm rc=${PIPESTATUS[0]} after $((SECONDS - S0)) s" | tee -a "$R/log.txt"
 fi
 if [ -n "${PROFILE:-}" ]; then
-  # where a step's GPU time goes, per batch in PROFILE: the step's kernels, unquantized and int8triton side by side
-  # (benchmarks/step_kernels.py; moshi's CUDA graphs off so each kernel is its own event), at most PROFILE_SECONDS
-  # (default 150) each
+  # where a step's GPU time goes, per batch in PROFILE: the step's kernels, unquantized and int8triton side by side,
+  # alternating PROFILE_ROUNDS times (benchmarks/step_kernels.py), at most PROFILE_SECONDS (default 150) each
   for B in ${PROFILE//,/ }; do
-    if [ "${TINY:-0}" = 1 ]; then KS=(--tiny --modes none,int8 --frames 4 --steps 2); else KS=(--modes none,int8triton); fi
-    NO_CUDA_GRAPH=1 timeout -k 5 "${PROFILE_SECONDS:-150}" "$PY" benchmarks/step_kernels.py "${KS[@]}" --batch "$B" \
-      --top 45 > "$R/step_kernels_$B.md" 2>> "$R/log.txt"
+    if [ "${TINY:-0}" = 1 ]; then KS=(--tiny --modes none,int8 --frames 4 --steps 2 --wall-steps 2); else KS=(--modes none,int8triton); fi
+    timeout -k 5 "${PROFILE_SECONDS:-150}" "$PY" benchmarks/step_kernels.py "${KS[@]}" --batch "$B" \
+      --rounds "${PROFILE_ROUNDS:-2}" --top 45 > "$R/step_kernels_$B.md" 2>> "$R/log.txt"
     echo "step_kernels batch $B rc=$? after $((SECONDS - S0)) s" | tee -a "$R/log.txt"
   done
 fi

@@ -44,6 +44,7 @@ pick each kernel and config in turn).
 from __future__ import annotations
 
 import typing as tp
+import warnings
 
 import torch
 import triton
@@ -364,6 +365,15 @@ BUFFERED: set[str] = {"splitk"}  # adds into an fp32 buffer zeroed before it, ca
 DIGITS: set[str] = {"digits", "digitsk"}  # kernels that take x's two int8 digits
 _timed: dict[tuple, triton.Config] = {}  # (kernel, N, K, rows bucket, dtypes) -> the config autotuning kept there
 _faster: dict[tuple, Kernel] = {}  # (N, K, rows, dtypes) -> the kernel timed fastest there
+untuned: set[tuple] = set()  # shapes first met inside a CUDA graph capture: captured with an untimed kernel / config
+
+
+def _capture_untuned(what: tuple) -> None:
+    """Say once per shape that a capture baked in an untimed launch: a graph replays it at that speed for good."""
+    if what not in untuned and not TRITON_INTERPRET:
+        untuned.add(what)
+        warnings.warn(f"int8 triton: {what} first ran inside a CUDA graph capture, so the graph keeps an untuned "
+                      "launch; run one eager step at this batch before capturing", stacklevel=3)
 
 
 def block_m(rows: int) -> int:
@@ -446,6 +456,7 @@ def int8_mm_triton(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None 
         shape = (kernel, N, K, meta.get("ROWS"), *dtypes)
         if config is None and untimed and (TRITON_INTERPRET or shape not in _timed):
             config = 0  # autotuning times on the stream, which would break a capture: there an untimed shape runs untuned
+            _capture_untuned(shape)
         if config is None:
             _TUNED[kernel][grid](*args, **meta)
             _timed[shape] = _TUNED[kernel].best_config
@@ -467,6 +478,8 @@ def int8_mm_triton(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None 
                 kernels += ("digits", "digitsk")  # x to 2^-16 of its row's max: finer than half precision, not fp32
             # the timer's eager first call autotunes each kernel, before it captures the tuned launch
             _faster[choice] = min(kernels, key=lambda k: _median_ms(lambda: launch(k, None)))
+        if choice not in _faster and untimed and config is None:
+            _capture_untuned(choice)
         kernel = _faster.get(choice, "dot")
     launch(kernel, config)
     return y.reshape(*x.shape[:-1], N)
