@@ -277,6 +277,9 @@ ROWS: list[tuple[str, str]] = [
     ("eval-long --model tiny --data {held_out} --lengths 64 --repeats {dir}/nope", "no such make-corpus directory"),
     ("eval-long --model tiny --data {held_out} --lengths 64 --repeats {held_out}", "no corpus.json in it or its folders"),
     ("eval-long --model tiny --data {held_out} --lengths 64 --repeats {corpus}", "none of its re-read passages"),
+    ("eval-long --model tiny --data {held_out} --lengths 64 --quotes {dir}/nope", "no such make-corpus directory"),
+    ("eval-long --model tiny --data {held_out} --lengths 64 --quotes {held_out}", "--quotes"),
+    ("eval-long --model tiny --data {held_out} --lengths 64 --quotes {corpus}", "none of its quotes is in"),
     ("eval-long --model tiny --data {held_out} --lengths 64 --out {a_file}", "a_file: is a file"),
     ("eval-long --model tiny --data {held_out} --device cuda:99", "--device cuda:99"),
     # score-free-run

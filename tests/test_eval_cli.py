@@ -138,3 +138,27 @@ def test_parse_lengths():
     assert commands.parse_lengths("8192,4096, 4096") == [4096, 8192]
     with pytest.raises(argparse.ArgumentTypeError):
         commands.parse_lengths("4k")
+
+
+def test_eval_long_scores_quotes_with_their_controls(tmp_path):
+    """--quotes: the dialogues' quotes (corpus.json) found in --data by source and scored with both controls."""
+    lm = build_tiny_lm(0)
+    paths = [save_sequence(tmp_path / "held_out" / f"d{i}.npy", codes)
+             for i, codes in enumerate(random_codes(lm, 2, 70, seed=7))]
+    sources = [s.source for s in load_sequences(tmp_path / "held_out")]
+    quote = {"said": [0.8, 1.28], "quoted": [2.4, 2.88], "sentences": [1, 2], "gap": 1.12}  # frames 10-16, 30-36
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "corpus.json").write_text(json.dumps(
+        {"recordings": [{"path": src, "quotes": [quote]} for src in sources]}))
+    assert len(paths) == 2 and all(sources)
+    parser = argparse.ArgumentParser()
+    commands.add_arguments(parser)
+    args = parser.parse_args(["--model", "tiny", "--data", str(tmp_path / "held_out"), "--lengths", "16",
+                              "--out", str(tmp_path / "report"), "--quotes", str(tmp_path / "corpus"),
+                              "--copy-context", "4", "--copy-controls", "--no-progress"])
+    files = commands.run(args)
+    tiny = json.loads(files["results"].read_text())["long_context"][0]
+    entry = tiny["quote_loss"]["16"]  # quoted 20 frames after the user's sentence began: bucket 16-31
+    assert entry["probes"] == 2 and {"again/replaced", "again/reset"} <= set(entry)
+    assert all(0 < r < 10 for r, _, _ in entry["again/replaced"].values())
+    assert "Recall of what the user said" in files["report"].read_text()

@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 pytest.importorskip("moshi")
 
 from ttt_speech.eval.data import Sequence  # noqa: E402
-from ttt_speech.eval.long_context import evaluate, evaluate_copies  # noqa: E402
+from ttt_speech.eval.long_context import evaluate, evaluate_copies, evaluate_quotes, quote_bucket  # noqa: E402
 from ttt_speech.eval.models import MoshiScorer  # noqa: E402
 from ttt_speech.eval.report import Report, write  # noqa: E402
-from ttt_speech.eval.spans import Span, copy_probes, repeat_spans  # noqa: E402
+from ttt_speech.eval.spans import Span, copy_probes, quote_probes, quote_spans, repeat_spans  # noqa: E402
 from ttt_speech.moshi.compat import streaming_state  # noqa: E402
 from ttt_speech.moshi.layer import reset_memories  # noqa: E402
 from ttt_speech.moshi.tiny import build_tiny_hybrid, build_tiny_lm  # noqa: E402
@@ -191,3 +191,84 @@ def _layer_states(lm: torch.nn.Module) -> list:
 
 def _ttt_states(lm: torch.nn.Module) -> list:
     return [s for s in _layer_states(lm) if getattr(s, "memory", None) is not None]
+
+
+def test_quote_spans_read_corpus_json_in_pairs(tmp_path) -> None:
+    recs = [{"path": "dialogues/d0.wav", "quotes": [{"said": [10.0, 12.0], "quoted": [30.0, 32.4], "sentences": [3, 7],
+                                                    "gap": 18.0}]},
+            {"path": "readings/r0.wav", "repeats": [{"first": [1.0, 2.0], "again": [700.0, 701.0]}]}]
+    (tmp_path / "corpus.json").write_text(json.dumps({"recordings": recs}))
+    assert quote_spans(tmp_path) == {"dialogues/d0.wav": [Span("said", 125, 150), Span("quoted", 375, 405)]}
+    assert list(repeat_spans(tmp_path)) == ["readings/r0.wav"]  # each reads its own key
+
+
+USER = slice(3, 5)  # the tiny Moshi's rows: text, its 2 codebooks, the user's 2
+
+
+class _QuotingMemory(MoshiScorer):
+    """Loss 0 on every stream where the model's codebooks at t equal the user's codebooks somewhere more than
+    `attention_window` positions back (after the last reset), else 1: an ideal memory of what the user said."""
+
+    def score(self, tokens: torch.Tensor, out: torch.Tensor, tick, reset_at: int | None = None) -> None:
+        W, forget = self.attention_window, 0
+        for t in range(tokens.shape[-1]):
+            heard = tokens[:, USER, forget:max(t - W, forget)]
+            seen = (heard == tokens[:, 1:3, t:t + 1]).all(1).any(-1)
+            out[:, :, t] = (~seen).float()[:, None]
+            if t + 1 == reset_at:
+                forget = t + 1
+            tick(t + 1)
+
+
+def _dialogues(lm: torch.nn.Module) -> tuple[list[Sequence], dict[str, list[Span]]]:
+    """Three random dialogues; in each the model says again (its codebooks = the user's) a user span: 4 frames
+    later (inside the window of 8: attention's) in d0, 40 frames later (beyond it) in d1 and d2."""
+    seqs, spans = [], {}
+    for i, (said, gap) in enumerate(((20, 4), (10, 40), (30, 40))):
+        tokens = _codes(lm, 4, 120)[i]
+        tokens[1:3, said + gap:said + gap + 6] = tokens[USER, said:said + 6]
+        seqs.append(Sequence(f"d{i}", tokens, f"dialogues/d{i}.wav"))
+        spans[f"dialogues/d{i}.wav"] = [Span("said", said, said + 6), Span("quoted", said + gap, said + gap + 6)]
+    return seqs, spans
+
+
+def test_quote_probes_replace_only_the_users_sentence() -> None:
+    lm = build_tiny_hybrid(0)
+    seqs, spans = _dialogues(lm)
+    probes, pspans = quote_probes(seqs, spans, context=5, user_rows=USER)
+    swapped, sspans = quote_probes(seqs, spans, context=5, user_rows=USER, replace_source=True)
+    assert sspans == pspans and [p.name for p in probes] == ["d0@quote20", "d1@quote10", "d2@quote30"]
+    for p, q, seq in zip(probes, swapped, seqs):
+        said, quoted = pspans[p.source]
+        assert said.start == 5 and p.length == quoted.end  # 5 frames of context, to the quote's end
+        lo = spans[seq.source][0].start - 5
+        assert torch.equal(p.tokens, seq.tokens[:, lo:lo + p.length])
+        changed = (p.tokens != q.tokens).any(0).nonzero().flatten().tolist()
+        assert changed == list(range(said.start, said.end))  # only the user's sentence's frames ...
+        assert torch.equal(p.tokens[:3], q.tokens[:3])  # ... and only on the user's rows
+    assert torch.equal(swapped[0].tokens[USER, 5:11], seqs[1].tokens[USER, 10:16])  # another dialogue's sentence
+
+
+def test_quote_scores_show_recall_beyond_the_window_and_the_controls_remove_it(tmp_path) -> None:
+    lm = build_tiny_hybrid(0)  # attention window 8
+    seqs, spans = _dialogues(lm)
+    probes, pspans = quote_probes(seqs, spans, context=5, user_rows=USER)
+    replaced = quote_probes(seqs, spans, context=5, user_rows=USER, replace_source=True)
+    memory = evaluate_quotes(_QuotingMemory(lm, "memory"), probes, pspans, replaced=replaced, reset=True,
+                             progress=False)
+    assert [quote_bucket(g) for g in (4, 40, 63, 64)] == [4, 32, 32, 64]
+    assert sorted(memory) == [4, 32] and memory[4]["probes"] == 1 and memory[32]["probes"] == 2
+    for group in GROUPS3:
+        assert memory[4]["again"][group] == 1.0  # inside the window: a memory has nothing to do (attention's)
+        assert memory[32]["again"][group] == 0.0 and memory[32]["again (replaced)"][group] == 1.0
+        assert memory[32]["again/replaced"][group] == [0.0, 0.0, 0.0]  # recalled; nothing to recall
+        assert memory[32]["again/reset"][group] == [0.0, 0.0, 0.0]  # forgotten once reset after the sentence
+    plain = evaluate_quotes(MoshiScorer(lm, "tiny"), probes, pspans, replaced=replaced, reset=True, progress=False)
+    res = evaluate(MoshiScorer(lm, "tiny"), seqs, [16, 32], progress=False)
+    res.quote_loss = plain
+    ideal = evaluate(MoshiScorer(lm, "memory"), seqs, [16, 32], progress=False)
+    ideal.quote_loss = memory
+    md = write(Report({"test": True}, long_context=[res, ideal]), tmp_path)["report"].read_text()
+    assert "Recall of what the user said" in md and "| text words | gap 4 | gap 32 |" in md
+    assert "| memory: quote / user replaced | 1.000 [1.000, 1.000] | 0.000 [0.000, 0.000] |" in md
+    assert "memory: quote vs tiny's quote | " in md and "copy / first" not in md

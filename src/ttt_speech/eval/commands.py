@@ -76,6 +76,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--copy-controls", action="store_true",
                    help="score the copy probes twice more: sources replaced by other speech, and memory states "
                         "reset right after the source (Moshi models)")
+    p.add_argument("--quotes", type=Path, metavar="CORPUS_DIR",
+                   help="make-corpus directory whose dialogues quote the user (`make-corpus --quote-fraction`): also "
+                        "score the model saying again what the user said, against --copy-controls' controls "
+                        "(Moshi models; --data must hold those dialogues with the user's codebooks)")
     p.add_argument("--dialogues", type=Path, help="held-out two-speaker dialogue shards (Moshi's layout)")
     p.add_argument("--out", type=Path, default=Path("report"), help="output directory")
     p.add_argument("--lengths", type=parse_lengths, default=parse_lengths(DEFAULT_LENGTHS),
@@ -230,18 +234,19 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     from ttt_speech.eval.conversation import score_conversation
     from ttt_speech.eval.data import load_sequences
     from ttt_speech.eval.gibberish import GibberishThresholds
-    from ttt_speech.eval.long_context import OOM_ERRORS, evaluate, evaluate_copies
+    from ttt_speech.eval.long_context import OOM_ERRORS, evaluate, evaluate_copies, evaluate_quotes
     from ttt_speech.eval.models import MoshiScorer, check_spec, load_model
     from ttt_speech.eval.report import Report, write
-    from ttt_speech.eval.spans import copy_probes, repeat_spans
+    from ttt_speech.eval.spans import copy_probes, quote_probes, quote_spans, repeat_spans
 
     device = torch_device(args.device)
     use_cpu_threads(args.threads)
     dtype = torch_dtype(args.dtype, device)
     specs = [check_spec(spec) for spec in args.model]
     check_audio_options(args)
-    if args.repeats:
-        existing_dir(args.repeats, "make-corpus directory")
+    for corpus in (args.repeats, args.quotes):
+        if corpus:
+            existing_dir(corpus, "make-corpus directory")
     output_dir(args.out)
     for flag, path in (("--data", args.data), ("--dialogues", args.dialogues)):
         if path is not None and not path.exists():
@@ -257,6 +262,13 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
         raise UsageError(f"--repeats {e}") from None
     if spans is not None and not any(s.source in spans for s in sequences):
         raise UsageError(f"--repeats {args.repeats}: none of its re-read passages is in {args.data}")
+    try:
+        quotes = quote_spans(args.quotes) if args.quotes else None
+    except FileNotFoundError as e:
+        raise UsageError(f"--quotes {e}") from None
+    if quotes is not None and not quote_probes(sequences, quotes, 0, slice(0))[0]:
+        raise UsageError(f"--quotes {args.quotes}: none of its quotes is in {args.data} (tokenize its dialogues, "
+                         "user channel included: recipes/evidence24/tok24.py encode)")
     probes, probe_spans = (copy_probes(sequences, args.copy_gaps, args.copy_span, args.copy_context, args.copy_probes)
                            if args.copy_gaps else ([], {}))
     replaced = (copy_probes(sequences, args.copy_gaps, args.copy_span, args.copy_context, args.copy_probes,
@@ -275,6 +287,15 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
             report.long_context[-1].copy_loss = evaluate_copies(
                 scorer, probes, probe_spans, replaced=replaced, reset=args.copy_controls and scorer.kind == "moshi",
                 batch_size=args.batch_size, progress=progress)
+        if quotes is not None and isinstance(scorer, MoshiScorer):
+            user = slice(1 + scorer.model.dep_q, 1 + 2 * scorer.model.dep_q)  # the user's codebooks' rows
+            report.long_context[-1].quote_loss = evaluate_quotes(
+                scorer, *quote_probes(sequences, quotes, args.copy_context, user),
+                replaced=quote_probes(sequences, quotes, args.copy_context, user, replace_source=True)
+                if args.copy_controls else None, reset=args.copy_controls, batch_size=args.batch_size,
+                progress=progress)
+        elif quotes is not None:
+            report.notes.append(f"{scorer.name}: quote probes need a Moshi model (the user's stream); skipped")
         _free(device)
         frames = round(args.minutes * args.frames_per_minute)
         if frames > 0:

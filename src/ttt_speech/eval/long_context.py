@@ -27,6 +27,7 @@ import time
 import typing as tp
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
@@ -136,6 +137,7 @@ class ModelResult:
     notes: list[str] = field(default_factory=list)
     span_loss: dict[str, dict[str, float | None]] = field(default_factory=dict)  # label -> text/audio mean loss
     copy_loss: dict[int, dict[str, tp.Any]] = field(default_factory=dict)  # gap -> copies.summarize's entry
+    quote_loss: dict[int, dict[str, tp.Any]] = field(default_factory=dict)  # quote_bucket -> the same
 
     @property
     def window_gap(self) -> float | None:
@@ -345,4 +347,38 @@ def evaluate_copies(scorer: Scorer, probes: list[Sequence], spans: dict[str, lis
         if late:
             controls["reset"] = score_copy_probes(scorer, late, spans, batch_size=batch_size, reset_after=after,
                                                   progress=progress)
+    return summarize(main, controls, boot)
+
+
+def quote_bucket(gap: int) -> int:
+    """A quote's distance (frames from the user's sentence to the model's quote) to its power-of-two bucket: quotes
+    fall where the dialogue put them, so they are pooled by scale (16, 32, ..., 2048 frames) rather than by gap."""
+    return 1 << max(int(gap), 1).bit_length() - 1
+
+
+def evaluate_quotes(scorer: Scorer, probes: list[Sequence], spans: dict[str, list[Span]], *,
+                    replaced: tuple[list[Sequence], dict[str, list[Span]]] | None = None, reset: bool = False,
+                    batch_size: int = 1, progress: bool = True, boot: int = 2000) -> dict[int, dict[str, tp.Any]]:
+    """Does the model recall what the user said? Its loss on its quotes (`spans.quote_probes`) against the
+    controls, per `quote_bucket`, with bootstrap intervals (`copies.summarize`; its "first" is the model's own
+    streams while the user speaks, so only the "again/<control>" ratios mean recall here).
+
+    `replaced`: `quote_probes(..., replace_source=True)`, the user's sentence replaced by another; `reset`: every
+    memory state restarted once the user's sentence has streamed in (or at the quote, if that comes sooner), one
+    probe at a time since each has its own place.
+    """
+    main = score_copy_probes(scorer, probes, spans, batch_size=batch_size, progress=progress)
+    controls = {}
+    if replaced is not None:
+        controls["replaced"] = score_copy_probes(scorer, *replaced, batch_size=batch_size, progress=progress)
+    if reset:
+        parts = []
+        for p in tqdm(probes, unit="probe", disable=not progress, dynamic_ncols=True, desc=f"{scorer.name} reset"):
+            said, quoted = spans[p.source]
+            after = min(said.end + 1 + scorer.lookahead, quoted.start)
+            parts.append(score_copy_probes(scorer, [p], spans, reset_after=after, progress=False))
+        controls["reset"] = ProbeLosses(*(np.concatenate([getattr(x, f) for x in parts])
+                                          for f in ("gaps", "sums", "counts")))
+    for acc in (main, *controls.values()):
+        acc.gaps = np.array([quote_bucket(g) for g in acc.gaps], dtype=np.int64)
     return summarize(main, controls, boot)

@@ -59,7 +59,7 @@ def _long_context_md(results: list[ModelResult]) -> list[str]:
     lines += _table(["model", "kind", "attention window", "baseline length", "baseline loss", "loss inside window",
                      "loss beyond window", "beyond - inside", "verdict"], rows)
     lines += _span_md(results)
-    lines += _copy_md(results)
+    lines += _copy_md(results) + _copy_md(results, quotes=True)
     for r in results:
         lines += ["", f"### {r.name}: per length ({', '.join(r.quality_streams)} stream(s); {r.sequences} sequences)", ""]
         lines += _table(["length", "status", "loss", "quality", "ratio to baseline", "ms / position", "peak MiB"], [
@@ -103,36 +103,51 @@ def _interval(x: list[float | None] | None) -> str:
     return f"{x[0]:.3f} [{x[1]:.3f}, {x[2]:.3f}]"
 
 
-def _copy_md(results: list[ModelResult]) -> list[str]:
+def _copy_md(results: list[ModelResult], quotes: bool = False) -> list[str]:
     """Copy probes per gap and stream group: copy / first occurrence, copy / each control (with bootstrap
-    95 % intervals over probes), and the copy's loss against the first model's."""
-    scored = [r for r in results if r.copy_loss]
+    95 % intervals over probes), and the copy's loss against the first model's. quotes: the quote probes instead
+    (the model saying again what the user said), whose first occurrence is on the user's channel: no copy / first."""
+    attr = "quote_loss" if quotes else "copy_loss"
+    scored = [r for r in results if getattr(r, attr)]
     if not scored:
         return []
     ref = scored[0]
-    gaps = sorted({g for r in scored for g in r.copy_loss})
-    probes = {g: max(r.copy_loss[g]["probes"] for r in scored if g in r.copy_loss) for g in gaps}
-    lines = ["", "### Recall at distance (spans copied verbatim G frames later)", "",
-             "Loss on the copy / loss on the same span's first occurrence, with the bootstrap 95 % interval over "
-             "probes: below 1, the model recalls. Controls (same probes, paired): the source replaced by other "
-             "speech, and the memory states reset right after the source; last row: the copy's loss against "
-             f"{ref.name}'s. Text words exclude padding. Probes per gap: "
-             + ", ".join(f"{g}: {n}" for g, n in probes.items()) + ". Attention windows: "
-             + ", ".join(f"{r.name} {r.attention_window}" for r in scored) + ". Figure: `recall_vs_gap.png`.", ""]
-    groups = list(dict.fromkeys(grp for r in scored for d in r.copy_loss.values() for grp in d["again"]))
+    gaps = sorted({g for r in scored for g in getattr(r, attr)})
+    probes = {g: max(getattr(r, attr)[g]["probes"] for r in scored if g in getattr(r, attr)) for g in gaps}
+    if quotes:
+        head = ["", "### Recall of what the user said (the model quoting the user's sentence, G frames later)", "",
+                "Loss on the model's quote / the same quote with a control (same probes, paired), with the bootstrap "
+                "95 % interval over probes: below 1, the model recalls. Controls: the user's sentence replaced by "
+                "another user sentence, and the memory states reset right after it; last row: the quote's loss "
+                f"against {ref.name}'s. Quotes pooled by distance: gap G means G to 2G frames. Probes: "]
+        keys = (("again/replaced", "quote / user replaced"), ("again/reset", "quote / memory reset"))
+    else:
+        head = ["", "### Recall at distance (spans copied verbatim G frames later)", "",
+                "Loss on the copy / loss on the same span's first occurrence, with the bootstrap 95 % interval over "
+                "probes: below 1, the model recalls. Controls (same probes, paired): the source replaced by other "
+                "speech, and the memory states reset right after the source; last row: the copy's loss against "
+                f"{ref.name}'s. Text words exclude padding. Probes per gap: "]
+        keys = (("ratio", "copy / first"), ("again/replaced", "copy / source replaced"),
+                ("again/reset", "copy / memory reset"))
+    head[-1] += (", ".join(f"{g}: {n}" for g, n in probes.items()) + ". Attention windows: "
+                 + ", ".join(f"{r.name} {r.attention_window}" for r in scored)
+                 + ("." if quotes else ". Figure: `recall_vs_gap.png`."))
+    lines = [*head, ""]
+    groups = list(dict.fromkeys(grp for r in scored for d in getattr(r, attr).values() for grp in d["again"]))
     for group in groups:
         rows = []
         for r in scored:
-            for key, what in (("ratio", "copy / first"), ("again/replaced", "copy / source replaced"),
-                              ("again/reset", "copy / memory reset")):
-                if any(key in d for d in r.copy_loss.values()):
-                    rows.append([f"{r.name}: {what}",
-                                 *(_interval(r.copy_loss.get(g, {}).get(key, {}).get(group)) for g in gaps)])
+            loss = getattr(r, attr)
+            for key, what in keys:
+                if any(key in d for d in loss.values()):
+                    rows.append([f"{r.name}: {what}", *(_interval(loss.get(g, {}).get(key, {}).get(group))
+                                                        for g in gaps)])
             if r is not ref:
-                row = [f"{r.name}: copy vs {ref.name}'s copy"]
+                kind = "quote" if quotes else "copy"
+                row = [f"{r.name}: {kind} vs {ref.name}'s {kind}"]
                 for g in gaps:
-                    again = r.copy_loss.get(g, {}).get("again", {}).get(group)
-                    base = ref.copy_loss.get(g, {}).get("again", {}).get(group)
+                    again = loss.get(g, {}).get("again", {}).get(group)
+                    base = getattr(ref, attr).get(g, {}).get("again", {}).get(group)
                     row.append(_f(again / base - 1 if again is not None and base else None, "+.1%"))
                 rows.append(row)
         lines += ["", *_table([f"{group}", *(f"gap {g}" for g in gaps)], rows)]

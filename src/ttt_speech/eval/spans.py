@@ -37,25 +37,69 @@ def repeat_spans(corpus_dir: str | Path, frame_rate: float = FRAME_RATE) -> dict
     `corpus_dir` is one make-corpus directory, or a directory of them: token shards packed from several
     corpora name each source under its corpus's folder ("devil/readings/r0.wav"), so that is the key here too.
     """
+    return _corpus_spans(corpus_dir, frame_rate, "repeats", ("first", "again"))
+
+
+def quote_spans(corpus_dir: str | Path, frame_rate: float = FRAME_RATE) -> dict[str, list[Span]]:
+    """dialogue wav -> its quotes' spans in frames, in pairs: "said" (the user's sentence, on the user's channel)
+    then "quoted" (the model saying the same words again later; `make-corpus --quote-fraction`)."""
+    return _corpus_spans(corpus_dir, frame_rate, "quotes", ("said", "quoted"))
+
+
+def _corpus_spans(corpus_dir: str | Path, frame_rate: float, key: str, labels: tuple[str, str]
+                  ) -> dict[str, list[Span]]:
     root = Path(corpus_dir)
     path = root / "corpus.json"
     if path.exists():
-        return _spans(path, "", frame_rate)
+        return _spans(path, "", frame_rate, key, labels)
     nested = sorted(root.glob("*/corpus.json"))
     if not nested:
         raise FileNotFoundError(f"{corpus_dir}: no corpus.json in it or its folders "
                                 "(expected a `ttt-speech make-corpus` directory, or a directory of them)")
-    return {k: v for p in nested for k, v in _spans(p, p.parent.name + "/", frame_rate).items()}
+    return {k: v for p in nested for k, v in _spans(p, p.parent.name + "/", frame_rate, key, labels).items()}
 
 
-def _spans(path: Path, prefix: str, frame_rate: float) -> dict[str, list[Span]]:
+def _spans(path: Path, prefix: str, frame_rate: float, key: str, labels: tuple[str, str]) -> dict[str, list[Span]]:
     out: dict[str, list[Span]] = {}
     for rec in json.loads(path.read_text())["recordings"]:
-        spans = [Span(label, round(rep[label][0] * frame_rate), round(rep[label][1] * frame_rate))
-                 for rep in rec.get("repeats", []) for label in ("first", "again")]
+        spans = [Span(label, round(entry[label][0] * frame_rate), round(entry[label][1] * frame_rate))
+                 for entry in rec.get(key, []) for label in labels]
         if spans:
             out[prefix + rec["path"]] = spans
     return out
+
+
+def quote_probes(sequences: list[Sequence], spans: dict[str, list[Span]], context: int, user_rows: slice,
+                 replace_source: bool = False) -> tuple[list[Sequence], dict[str, list[Span]]]:
+    """One excerpt per quote of the held-out dialogues: `context` frames before the user's sentence, to the end of
+    the model's quote, with its spans [said, quoted] (`quote_spans`, shifted into the excerpt).
+
+    The model says again what the user said: only the user's channel (`user_rows` of the tokens) carries the
+    source, so `replace_source` puts another quote's user sentence (from another dialogue where there is one,
+    tiled if shorter) on those rows at the same place, the model's own rows unchanged: the control with nothing
+    to recall and the same amount of speech heard.
+    """
+    if context < 0:
+        raise UsageError(f"quote probes: context {context} >= 0")
+    found = [(i, said, quoted) for i, seq in enumerate(sequences) for said, quoted in
+             zip(spans.get(seq.source, [])[::2], spans.get(seq.source, [])[1::2]) if quoted.end <= seq.length]
+    probes, out = [], {}
+    for n, (i, said, quoted) in enumerate(found):
+        lo = max(0, said.start - context)
+        tokens = sequences[i].tokens[:, lo:quoted.end].clone()
+        if replace_source:
+            others = [f for f in found[n + 1:] + found[:n] if f[0] != i] or found[n + 1:] + found[:n]
+            if not others:
+                raise UsageError("source-replaced quote probes need at least two quotes in the held-out data")
+            j, other, _ = others[0]
+            source = sequences[j].tokens[user_rows, other.start:other.end]
+            length = said.end - said.start
+            tokens[user_rows, said.start - lo:said.end - lo] = source.repeat(1, -(-length // source.shape[-1]))[:,
+                                                                                                              :length]
+        name = f"{sequences[i].name}@quote{said.start}"
+        probes.append(Sequence(name, tokens, name))
+        out[name] = [Span("said", said.start - lo, said.end - lo), Span("quoted", quoted.start - lo, quoted.end - lo)]
+    return probes, out
 
 
 def copy_label(kind: str, gap: int) -> str:
