@@ -110,6 +110,8 @@ def test_encode_packs_the_user_channel_of_a_dialogue_only(tmp_path: Path) -> Non
                                                 for n in ("readings/r", "dialogues/d")))
     (corpus / "val.jsonl").write_text("")
     pack = tmp_path / "pack"
+    early = run("encode", str(pack), str(corpus))  # no silence cache yet: said before any encoding
+    assert early.returncode != 0 and "silence.safetensors: missing" in early.stderr and "encoded" not in early.stdout
     for args in (("silence", str(pack), "30"), ("encode", str(pack), str(corpus))):
         out = run(*args)
         assert out.returncode == 0, out.stderr

@@ -113,10 +113,11 @@ def encode(pack: str, *corpora: str, group: int = 24) -> None:
     from safetensors.numpy import save_file
     from ttt_speech.train.tokenize import Word, read_alignments, text_stream
 
+    out = Path(pack)
+    if not (out / "silence.safetensors").is_file():  # unpack needs it: say so before minutes of encoding
+        raise SystemExit(f"{pack}/silence.safetensors: missing; run `tok24.py silence {pack} FRAMES` first")
     tok = _tokenizer()
     fs, fr = tok.mimi.frame_size, tok.mimi.frame_rate
-    out = Path(pack)
-    out.mkdir(parents=True, exist_ok=True)
     items = []  # (split, key, wav path)
     for c in map(Path, corpora):
         for split in ("train", "val"):
@@ -149,10 +150,10 @@ def encode(pack: str, *corpora: str, group: int = 24) -> None:
                 rows.append(codes[len(wavs) + users.index(i), :, :frames[i]])
             arrays[split][key] = np.concatenate(rows).astype(np.int16)
         print(f"encoded {g + len(part)}/{len(items)} recordings, {time.time() - t0:.0f} s", flush=True)
-    _silence(pack, longest)  # the cache covers every recording
     for split, a in arrays.items():
         save_file(a, str(out / f"{split}.safetensors"))
         print(split, len(a), "recordings", sum(x.shape[1] for x in a.values()), "frames", flush=True)
+    _silence(pack, longest)  # the cache covers every recording (checked after saving: the tokens are kept)
 
 
 def merge(pack: str, *parts: str) -> None:
