@@ -33,6 +33,12 @@
 #   DEADLINE=530 PHASE=train, call 2 DEADLINE=290 PHASE=all PROBES=30 GAPS=96,640,1280,2560
 #   LENGTHS=64,1024,4096,8192,14976 AGES=64,1024,4096 AGE_GAPS=640,2560 END=585 EVBATCH=360 KEEP="d bd" (467 s).
 # EVBATCH sets eval-long's probes per batch (default 240): the same probes, fewer frame-by-frame passes.
+# QUOTES=DIR adds eval-long --quotes DIR (the quotes of the dialogues in W/tok/val: quote_corpus.sh writes both, into
+#   W/c and W/tok); GAPS="" leaves the copy probes out. Next (docs/results.md section 21, a plan): the shipped model
+#   continued on quote dialogues 1-2 sentences back, no copies, until it quotes the user inside its window:
+#   bash recipes/evidence24/quote_corpus.sh /tmp/w .exp24/texts.json.xz, then ARMS=bb FROM=.exp24/ship RARE=bb=0
+#   GAPS= QUOTES=/tmp/w/c LR=3e-4 MEMLR=10 WARMUP=0.001 SEQ=1024 SEGMENT=1024 PHASE=all KEEP=bb (one call; go: quote /
+#   user replaced <= 0.8 on text words, interval below, in the buckets inside the 64-frame window).
 # Arms named in RARE draw copies into only a REPEATPROB share of their sequences (data.repeat.prob; default 0.25,
 #   the others 1.0): repeats the exception, as in natural speech (section 12: the memory that recalls is the one
 #   that drifts). Next (section 13, pre-registered there): the shipped B-decay continued with rare repeats beside
@@ -48,7 +54,7 @@
 set -uo pipefail
 X=$PWD/recipes/evidence24 B=$PWD/.exp24 W=${W:-/tmp/w}
 ARMS=${ARMS:-d b a} DEADLINE=${DEADLINE:-240} LR=${LR:-5.0e-4} MEMLR=${MEMLR:-1} PHASE=${PHASE:-all}
-COPIES=${COPIES:-2} FAR=${FAR:-96, 700} SEQ=${SEQ:-1536} SEGMENT=${SEGMENT:-1536} GAPS=${GAPS:-32,96,160,320,640}
+COPIES=${COPIES:-2} FAR=${FAR:-96, 700} SEQ=${SEQ:-1536} SEGMENT=${SEGMENT:-1536} GAPS=${GAPS-32,96,160,320,640}
 SHUFFLED=${SHUFFLED:-} BASE=${BASE:-$B/arms/base} STEPS=${STEPS:-20000} FROM=${FROM:-} WARMUP=${WARMUP:-0.005} FARLEN=${FARLEN:-} KEEP=${KEEP:-}
 FARBLOCKS=${FARBLOCKS:-odd} DECAYED=${DECAYED:-} DECAY=${DECAY:-0.9} RARE=${RARE:-} OWN=${OWN:-} DISTILLED=${DISTILLED:-} DISTILL=${DISTILL:-1.0} OWNPREFIX=${OWNPREFIX:-{prob: 1.0, every: 4, prompt: 64, frames: 256\}} REPEATPROB=${REPEATPROB:-0.25} LENGTHS=${LENGTHS:-64} AGES=${AGES:-}
 AGES_ARMS=$([ -n "$AGES" ] && echo $ARMS)
@@ -102,8 +108,9 @@ for arm in $ARMS; do grep -E "step +[0-9]+ |Error|error|resumed" $W/arm_$arm.log
 if [ "$PHASE" = all ]; then
   for arm in $ARMS; do rm -rf $W/arm_$arm/export; python3 $X/export_last.py $W/arm_$arm || true; done
   t exported
-  EV="--data $W/tok/val --lengths $LENGTHS --baseline-length 64 --minutes 0 --copy-gaps $GAPS --copy-span 32
-    --copy-context 64 --copy-probes ${PROBES:-20} --copy-controls --batch-size ${EVBATCH:-240} --no-progress"
+  EV="--data $W/tok/val --lengths $LENGTHS --baseline-length 64 --minutes 0 ${GAPS:+--copy-gaps $GAPS --copy-span 32
+    --copy-probes ${PROBES:-20}} --copy-context 64 --copy-controls ${QUOTES:+--quotes $QUOTES} --batch-size ${EVBATCH:-240}
+    --no-progress"
   for arm in $ARMS; do
     timeout $((${END:-560} - (SECONDS - S0))) python3 -m ttt_speech eval-long $EV --model $arm=$W/arm_$arm/export \
       --out $W/eval_$arm > $W/eval_$arm.log 2>&1 &
