@@ -1,0 +1,73 @@
+"""Issue 24, section 21: an in-place model on two-voice dialogues, its memory as trained vs lambda ~0 (every delta
+faded at each chunk end, so the memory holds its last chunk only): the quote probes with both controls, and the text
+loss per position. Why: a memory trained with a silent user meets a user who speaks. First, how alike the codes
+of the user's sentence and of the model's quote of it are (codebook 0, the best of +-12 frames of offset, against
+an unrelated span of the model's): a model can only copy codes that agree, else it must recognise the words.
+
+    PYTHONPATH=src python recipes/evidence24/dialogue_memory.py MODEL_DIR TOKENS CORPORA [LENGTH]
+TOKENS: the dialogues tokenized with the user's codebooks (quote_corpus.sh's W/tok/train or val); CORPORA: the
+make-corpus directories above them (W/c); LENGTH: the longest position scored (default 4096). Teacher-forced in
+2048-frame segments (equal to eval-long's frame-by-frame numbers on the shipped model, 2026-12-03).
+"""
+import sys
+
+import torch
+
+from ttt_speech.eval.data import load_sequences
+from ttt_speech.eval.long_context import evaluate, evaluate_quotes
+from ttt_speech.eval.models import load_model
+from ttt_speech.eval.spans import quote_probes, quote_spans
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor, at: int, reach: int = 12) -> float:
+    """The largest share of equal codes between `a` and `b[at + k:]` over offsets k in [-reach, reach]."""
+    best = 0.0
+    for k in range(-reach, reach + 1):
+        part = b[max(at + k, 0):at + k + len(a)]
+        n = min(len(part), len(a))
+        if n > 5:
+            best = max(best, (part[:n] == a[:n]).float().mean().item())
+    return best
+
+
+def _r(x: list[float]) -> str:
+    return f"{x[0]:.3f} [{x[1]:.3f}, {x[2]:.3f}]"
+
+
+def main(model: str, tokens: str, corpora: str, length: str = "4096") -> None:
+    seqs, spans = load_sequences(tokens), quote_spans(corpora)
+    g = torch.Generator().manual_seed(0)
+    same, other = [], []
+    for seq in seqs:
+        marks = spans.get(seq.source, [])
+        for said, quoted in zip(marks[::2], marks[1::2]):
+            user = seq.tokens[9, said.start:said.end]  # the user's codebook 0 (rows: text, the model's 8, the user's 8)
+            same.append(agreement(user, seq.tokens[1], quoted.start))
+            far = int(torch.randint(0, seq.length - len(user), (1,), generator=g))
+            other.append(agreement(user, seq.tokens[1], far))
+    print(f"codebook 0, user's sentence vs the model's quote of it: {sum(same) / len(same):.3f} equal, vs an unrelated "
+          f"span of the model's {sum(other) / len(other):.3f} ({len(same)} quotes)")
+    for lambda0 in (False, True):
+        scorer = load_model(model, "cpu", torch.float32, 0, 256, 2048).scorer
+        dep = scorer.model.dep_q
+        user = slice(1 + dep, 1 + 2 * dep)
+        if lambda0:
+            with torch.no_grad():
+                for name, p in scorer.model.named_parameters():
+                    if name.endswith("decay_logit"):
+                        p.fill_(-30.0)  # sigmoid: lambda ~ 1e-13
+        label = "lambda~0" if lambda0 else "as trained"
+        quotes = evaluate_quotes(scorer, *quote_probes(seqs, spans, 64, user),
+                                 replaced=quote_probes(seqs, spans, 64, user, replace_source=True), reset=True,
+                                 progress=False)
+        for gap, d in quotes.items():
+            print(f"{label}, quotes {gap}-{2 * gap - 1} frames back ({d['probes']}): text words {d['again']['text words']:.3f}"
+                  f" nats, / user replaced {_r(d['again/replaced']['text words'])}, / memory reset "
+                  f"{_r(d['again/reset']['text words'])}")
+        r = evaluate(scorer, seqs, [64, int(length)], progress=False)
+        print(f"{label}, text loss by position:", {e: round(x, 2) for e, x in zip(r.bucket_edges, r.bucket_loss["text"])
+                                                   if x is not None and e >= 64}, flush=True)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
