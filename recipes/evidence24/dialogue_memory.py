@@ -4,16 +4,18 @@ loss per position. Why: a memory trained with a silent user meets a user who spe
 of the user's sentence and of the model's quote of it are (codebook 0, the best of +-12 frames of offset, against
 an unrelated span of the model's): a model can only copy codes that agree, else it must recognise the words.
 
-    PYTHONPATH=src python recipes/evidence24/dialogue_memory.py MODEL_DIR TOKENS CORPORA [LENGTH]
+    PYTHONPATH=src python recipes/evidence24/dialogue_memory.py MODEL_DIR TOKENS CORPORA [LENGTH [SILENCE]]
 TOKENS: the dialogues tokenized with the user's codebooks (quote_corpus.sh's W/tok/train or val); CORPORA: the
 make-corpus directories above them (W/c); LENGTH: the longest position scored (default 4096). Teacher-forced in
-2048-frame segments (equal to eval-long's frame-by-frame numbers on the shipped model, 2026-12-03).
+2048-frame segments (equal to eval-long's frame-by-frame numbers on the shipped model, 2026-12-03). SILENCE:
+tok24.py's silence.safetensors: the loss by position once more with the user's rows replaced by silence's codes
+(is it the user's voice that breaks the memory, or the model's own turns?).
 """
 import sys
 
 import torch
 
-from ttt_speech.eval.data import load_sequences
+from ttt_speech.eval.data import Sequence, load_sequences
 from ttt_speech.eval.long_context import evaluate, evaluate_quotes
 from ttt_speech.eval.models import load_model
 from ttt_speech.eval.spans import quote_probes, quote_spans
@@ -34,7 +36,7 @@ def _r(x: list[float]) -> str:
     return f"{x[0]:.3f} [{x[1]:.3f}, {x[2]:.3f}]"
 
 
-def main(model: str, tokens: str, corpora: str, length: str = "4096") -> None:
+def main(model: str, tokens: str, corpora: str, length: str = "4096", silence: str | None = None) -> None:
     seqs, spans = load_sequences(tokens), quote_spans(corpora)
     g = torch.Generator().manual_seed(0)
     same, other = [], []
@@ -64,9 +66,16 @@ def main(model: str, tokens: str, corpora: str, length: str = "4096") -> None:
             print(f"{label}, quotes {gap}-{2 * gap - 1} frames back ({d['probes']}): text words {d['again']['text words']:.3f}"
                   f" nats, / user replaced {_r(d['again/replaced']['text words'])}, / memory reset "
                   f"{_r(d['again/reset']['text words'])}")
-        r = evaluate(scorer, seqs, [64, int(length)], progress=False)
-        print(f"{label}, text loss by position:", {e: round(x, 2) for e, x in zip(r.bucket_edges, r.bucket_loss["text"])
-                                                   if x is not None and e >= 64}, flush=True)
+        variants = [(label, seqs)]
+        if silence and not lambda0:
+            from safetensors.torch import load_file
+            quiet = load_file(silence)["silence"].long()
+            silent = [Sequence(q.name, torch.cat([q.tokens[:user.start], quiet[:, :q.length]]), q.source) for q in seqs]
+            variants.append((f"{label}, the user's rows silence", silent))
+        for name, data in variants:
+            r = evaluate(scorer, data, [64, int(length)], progress=False)
+            print(f"{name}, text loss by position:", {e: round(x, 2) for e, x in zip(r.bucket_edges, r.bucket_loss["text"])
+                                                      if x is not None and e >= 64}, flush=True)
 
 
 if __name__ == "__main__":
