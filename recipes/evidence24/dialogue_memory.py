@@ -4,14 +4,17 @@ loss per position. Why: a memory trained with a silent user meets a user who spe
 of the user's sentence and of the model's quote of it are (codebook 0, the best of +-12 frames of offset, against
 an unrelated span of the model's): a model can only copy codes that agree, else it must recognise the words.
 
-    PYTHONPATH=src python recipes/evidence24/dialogue_memory.py MODEL_DIR TOKENS CORPORA [LENGTH [SILENCE]]
+    PYTHONPATH=src python recipes/evidence24/dialogue_memory.py MODEL_DIR TOKENS CORPORA [LENGTH [SILENCE [DB]]]
 TOKENS: the dialogues tokenized with the user's codebooks (quote_corpus.sh's W/tok/train or val); CORPORA: the
 make-corpus directories above them (W/c); LENGTH: the longest position scored (default 4096). Teacher-forced in
 2048-frame segments (equal to eval-long's frame-by-frame numbers on the shipped model, 2026-12-03). SILENCE:
 tok24.py's silence.safetensors: the loss by position once more with the user's rows replaced by silence's codes
-(is it the user's voice that breaks the memory, or the model's own turns?).
+(is it the user's voice that breaks the memory, or the model's own turns?). DB: the loss by position once more,
+streamed frame by frame with the writes gated as `serve --listen-db DB` gates them (a frame is written only where
+the user's channel of the dialogue's wav is louder than DB dBFS).
 """
 import sys
+from pathlib import Path
 
 import torch
 
@@ -36,7 +39,44 @@ def _r(x: list[float]) -> str:
     return f"{x[0]:.3f} [{x[1]:.3f}, {x[2]:.3f}]"
 
 
-def main(model: str, tokens: str, corpora: str, length: str = "4096", silence: str | None = None) -> None:
+def gated_losses(model: str, seqs: list[Sequence], corpora: str, length: int, db: float) -> dict[int, float]:
+    """Text loss by position bucket, streamed with the in-place writes muted where the user is not heard."""
+    import wave
+
+    import numpy as np
+
+    from ttt_speech.moshi.layer import mute_writes_
+    from ttt_speech.serve.streams import quiet_frames
+
+    scorer = load_model(model, "cpu", torch.float32, 0, 256, None).scorer
+    lm, step = scorer.model, [0]
+    forward_text, mutes = lm.forward_text, [torch.zeros(1)]
+
+    def gated(*args):  # the scorer's one call per frame: set that frame's mute first, as the server does
+        mute_writes_(lm, mutes[0][:, min(step[0], mutes[0].shape[1] - 1)])
+        step[0] += 1
+        return forward_text(*args)
+
+    lm.forward_text = gated
+    total: dict[int, list[float]] = {}
+    for seq in seqs:
+        with wave.open(str(Path(corpora) / seq.source)) as w:
+            right = np.frombuffer(w.readframes(w.getnframes()), np.int16).reshape(-1, 2)[:, 1] / 32768.0
+        frame = len(right) // seq.length
+        quiet = quiet_frames(right[:frame * seq.length].reshape(seq.length, frame), db)
+        mutes[0], step[0] = torch.from_numpy(quiet)[None], 0
+        r = evaluate(scorer, [seq], [64, length], progress=False)
+        for e, x, n in zip(r.bucket_edges, r.bucket_loss["text"], r.bucket_count["text"]):
+            if x is not None:
+                total.setdefault(e, [0.0, 0])
+                total[e][0] += x * n
+                total[e][1] += n
+        print(f"  {seq.name}: the user heard in {1 - quiet.mean():.0%} of the frames", flush=True)
+    return {e: round(a / n, 2) for e, (a, n) in sorted(total.items()) if e >= 64}
+
+
+def main(model: str, tokens: str, corpora: str, length: str = "4096", silence: str | None = None,
+         db: str | None = None) -> None:
     seqs, spans = load_sequences(tokens), quote_spans(corpora)
     g = torch.Generator().manual_seed(0)
     same, other = [], []
@@ -76,6 +116,11 @@ def main(model: str, tokens: str, corpora: str, length: str = "4096", silence: s
             r = evaluate(scorer, data, [64, int(length)], progress=False)
             print(f"{name}, text loss by position:", {e: round(x, 2) for e, x in zip(r.bucket_edges, r.bucket_loss["text"])
                                                       if x is not None and e >= 64}, flush=True)
+
+
+    if db is not None:
+        print(f"writes gated at {db} dBFS, text loss by position:", gated_losses(model, seqs, corpora, int(length),
+                                                                                 float(db)), flush=True)
 
 
 if __name__ == "__main__":
