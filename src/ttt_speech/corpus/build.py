@@ -187,11 +187,11 @@ def _write(out: Path, p: _Progress, layout: Layout) -> dict:
              "words": len(alignments),
              "repeats": [{**r, "gap": round(r["again"][0] - r["first"][1], 3)} for r in layout.repeats]}
     if p.rec.kind == "dialogue":
-        entry["quotes"] = quotes(layout, p.clips, p.quotes)
+        entry["quotes"] = placed_quotes(layout, p.clips, p.quotes)
     return entry
 
 
-def quotes(layout: Layout, clips: dict[int, Clip], sources: dict[int, int]) -> list[dict]:
+def placed_quotes(layout: Layout, clips: dict[int, Clip], sources: dict[int, int]) -> list[dict]:
     """A dialogue's quotes as placed: the user's sentence ("said", right channel) and the model saying it again
     ("quoted", left channel), [start, end] in seconds, the sentence indices, and the gap between them."""
     at = {pl.sentence: pl.start for pl in layout.placements}
