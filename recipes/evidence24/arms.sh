@@ -128,4 +128,4 @@ for arm in $KEEP; do  # a train-only call brings its last checkpoints back too: 
   [ -d $W/arm_$arm/export ] && python3 $X/bf16.py $W/arm_$arm/export $OUT/export_$arm
 done
 cd $W && tar cf $OUT/arms.tar arm_*.log arm_*/metrics.jsonl arm_*/config.yaml eval_* 2>/dev/null
-ls -la $OUT; tail -3 $OUT/gpu_tests.log 2>/dev/null
+ls -la $OUT; tail -3 $OUT/gpu_tests.log 2>/dev/null || true

@@ -23,6 +23,8 @@ from ttt_speech.eval.long_context import evaluate, evaluate_quotes
 from ttt_speech.eval.models import load_model
 from ttt_speech.eval.spans import quote_probes, quote_spans
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # ~12 CPU minutes for two 8-minute dialogues
+
 
 def agreement(a: torch.Tensor, b: torch.Tensor, at: int, reach: int = 12) -> float:
     """The largest share of equal codes between `a` and `b[at + k:]` over offsets k in [-reach, reach]."""
@@ -48,7 +50,7 @@ def gated_losses(model: str, seqs: list[Sequence], corpora: str, length: int, db
     from ttt_speech.moshi.layer import mute_writes_
     from ttt_speech.serve.streams import quiet_frames
 
-    scorer = load_model(model, "cpu", torch.float32, 0, 256, None).scorer
+    scorer = load_model(model, DEVICE, torch.float32, 0, 256, None).scorer
     lm, step = scorer.model, [0]
     forward_text, mutes = lm.forward_text, [torch.zeros(1)]
 
@@ -64,7 +66,7 @@ def gated_losses(model: str, seqs: list[Sequence], corpora: str, length: int, db
             right = np.frombuffer(w.readframes(w.getnframes()), np.int16).reshape(-1, 2)[:, 1] / 32768.0
         frame = len(right) // seq.length
         quiet = quiet_frames(right[:frame * seq.length].reshape(seq.length, frame), db)
-        mutes[0], step[0] = torch.from_numpy(quiet)[None], 0
+        mutes[0], step[0] = torch.from_numpy(quiet)[None].to(DEVICE), 0
         r = evaluate(scorer, [seq], [64, length], progress=False)
         for e, x, n in zip(r.bucket_edges, r.bucket_loss["text"], r.bucket_count["text"]):
             if x is not None:
@@ -90,7 +92,7 @@ def main(model: str, tokens: str, corpora: str, length: str = "4096", silence: s
     print(f"codebook 0, user's sentence vs the model's quote of it: {sum(same) / len(same):.3f} equal, vs an unrelated "
           f"span of the model's {sum(other) / len(other):.3f} ({len(same)} quotes)")
     for lambda0 in (False, True):
-        scorer = load_model(model, "cpu", torch.float32, 0, 256, 2048).scorer
+        scorer = load_model(model, DEVICE, torch.float32, 0, 256, 2048).scorer
         dep = scorer.model.dep_q
         user = slice(1 + dep, 1 + 2 * dep)
         if lambda0:
