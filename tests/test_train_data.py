@@ -116,6 +116,33 @@ def test_a_silent_channel_takes_the_cached_codes_of_silence(tokenizer: MoshiToke
     assert tokenizer._silence.shape[-1] == 37 and np.array_equal(short[1], tokenizer._silence[:, :5])
 
 
+def test_every_chunk_reaches_the_codec_in_one_shape(tokenizer: MoshiTokenizer,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA, Mimi's streaming encoder replays one CUDA graph: a shorter last chunk failed there (2026-12-03,
+    300 eight-minute dialogues on an H200). The padded chunks give the unpadded codes."""
+    wav = np.random.default_rng(1).normal(0, 0.1, (2, 37 * FRAME - 100)).astype(np.float32)
+    whole = torch.nn.functional.pad(torch.from_numpy(wav)[:, None], (0, 100))  # Mimi streams whole frames
+    with torch.no_grad(), tokenizer.mimi.streaming(2):
+        want = tokenizer.mimi.encode(whole).numpy()
+    shapes, encode = [], tokenizer.mimi.encode
+    monkeypatch.setattr(tokenizer, "chunk_frames", 10)
+    monkeypatch.setattr(tokenizer.mimi, "encode", lambda x: shapes.append(tuple(x.shape)) or encode(x))
+    got = tokenizer.encode_audio(wav)
+    assert shapes == [(2, 1, 10 * FRAME)] * 4 and got.shape == (2, want.shape[1], 37)
+    assert np.array_equal(got, want)
+
+
+@pytest.mark.gpu
+def test_a_long_recording_tokenizes_on_cuda(checkpoint: TinyCheckpoint) -> None:
+    """The same on CUDA, where moshi graphs the streaming encoder: three chunks and a short last one."""
+    cuda = MoshiTokenizer.from_checkpoint(str(checkpoint.root), str(checkpoint.mimi_config), device="cuda")
+    cpu = MoshiTokenizer.from_checkpoint(str(checkpoint.root), str(checkpoint.mimi_config))
+    cuda.chunk_frames = cpu.chunk_frames = 10
+    wav = np.random.default_rng(2).normal(0, 0.1, (2, 37 * FRAME - 100)).astype(np.float32)
+    got, want = cuda.encode_audio(wav), cpu.encode_audio(wav)
+    assert got.shape == want.shape == (2, want.shape[1], 37) and (got == want).mean() > 0.95
+
+
 def test_tokenize_command(tmp_path: Path, checkpoint: TinyCheckpoint, capsys: pytest.CaptureFixture[str]) -> None:
     manifest = write_manifest(tmp_path, [write_conversation(tmp_path, "a", 2.0), "audio/missing.wav"])
     args = ["tokenize", str(manifest), "--out", str(tmp_path / "tokens"), "--checkpoint", str(checkpoint.root),

@@ -12,7 +12,9 @@ tok24.py's silence.safetensors: the loss by position once more with the user's r
 (is it the user's voice that breaks the memory, or the model's own turns?). DB: the loss by position once more,
 streamed frame by frame with the writes gated as `serve --listen-db DB` gates them (a frame is written only where
 the user's channel of the dialogue's wav is louder than DB dBFS).
+QUOTES=0 in the environment leaves out the codes' agreement and the quote probes (the loss by position alone).
 """
+import os
 import sys
 from pathlib import Path
 
@@ -80,17 +82,19 @@ def gated_losses(model: str, seqs: list[Sequence], corpora: str, length: int, db
 def main(model: str, tokens: str, corpora: str, length: str = "4096", silence: str | None = None,
          db: str | None = None) -> None:
     seqs, spans = load_sequences(tokens), quote_spans(corpora)
+    with_quotes = os.environ.get("QUOTES", "1") != "0"
     g = torch.Generator().manual_seed(0)
     same, other = [], []
-    for seq in seqs:
+    for seq in seqs if with_quotes else []:
         marks = spans.get(seq.source, [])
         for said, quoted in zip(marks[::2], marks[1::2]):
             user = seq.tokens[9, said.start:said.end]  # the user's codebook 0 (rows: text, the model's 8, the user's 8)
             same.append(agreement(user, seq.tokens[1], quoted.start))
             far = int(torch.randint(0, seq.length - len(user), (1,), generator=g))
             other.append(agreement(user, seq.tokens[1], far))
-    print(f"codebook 0, user's sentence vs the model's quote of it: {sum(same) / len(same):.3f} equal, vs an unrelated "
-          f"span of the model's {sum(other) / len(other):.3f} ({len(same)} quotes)")
+    if with_quotes:
+        print(f"codebook 0, user's sentence vs the model's quote of it: {sum(same) / len(same):.3f} equal, vs an "
+              f"unrelated span of the model's {sum(other) / len(other):.3f} ({len(same)} quotes)")
     for lambda0 in (False, True):
         scorer = load_model(model, DEVICE, torch.float32, 0, 256, 2048).scorer
         dep = scorer.model.dep_q
@@ -103,7 +107,7 @@ def main(model: str, tokens: str, corpora: str, length: str = "4096", silence: s
         label = "lambda~0" if lambda0 else "as trained"
         quotes = evaluate_quotes(scorer, *quote_probes(seqs, spans, 64, user),
                                  replaced=quote_probes(seqs, spans, 64, user, replace_source=True), reset=True,
-                                 progress=False)
+                                 progress=False) if with_quotes else {}
         for gap, d in quotes.items():
             print(f"{label}, quotes {gap}-{2 * gap - 1} frames back ({d['probes']}): text words {d['again']['text words']:.3f}"
                   f" nats, / user replaced {_r(d['again/replaced']['text words'])}, / memory reset "

@@ -135,13 +135,16 @@ class MoshiTokenizer:
         return out
 
     def _encode(self, wav: np.ndarray, frames: int) -> np.ndarray:
+        """Zero-padded to whole chunks: on CUDA, Mimi's streaming encoder replays a CUDA graph that takes one
+        shape only, so a shorter last chunk would fail (moshi's "every call must be done with exactly the same
+        shapes"); the codec is causal, so the padding changes no code of the first `frames`."""
         fs = self.mimi.frame_size
         device = next(self.mimi.parameters()).device
-        x = torch.nn.functional.pad(torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))[:, None],
-                                    (0, frames * fs - wav.shape[-1]))
         step = self.chunk_frames * fs
+        x = torch.nn.functional.pad(torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))[:, None],
+                                    (0, math.ceil(frames / self.chunk_frames) * step - wav.shape[-1]))
         with self.mimi.streaming(x.shape[0]):
-            codes = [self.mimi.encode(x[..., s:s + step].to(device)).cpu() for s in range(0, frames * fs, step)]
+            codes = [self.mimi.encode(x[..., s:s + step].to(device)).cpu() for s in range(0, x.shape[-1], step)]
         return torch.cat(codes, dim=-1)[..., :frames].numpy()
 
     def encode_file(self, wav_path: Path) -> np.ndarray:
