@@ -33,12 +33,14 @@
 #   DEADLINE=530 PHASE=train, call 2 DEADLINE=290 PHASE=all PROBES=30 GAPS=96,640,1280,2560
 #   LENGTHS=64,1024,4096,8192,14976 AGES=64,1024,4096 AGE_GAPS=640,2560 END=585 EVBATCH=360 KEEP="d bd" (467 s).
 # EVBATCH sets eval-long's probes per batch (default 240): the same probes, fewer frame-by-frame passes.
+# MIX=DIR adds a second training split beside W/tok/train (section 24: readings beside the dialogues).
 # QUOTES=DIR adds eval-long --quotes DIR (the quotes of the dialogues in W/tok/val: quote_corpus.sh writes both, into
 #   W/c and W/tok); GAPS="" leaves the copy probes out. Next (docs/results.md section 21, a plan): the shipped model
 #   continued on quote dialogues 1-2 sentences back, no copies, until it quotes the user inside its window:
 #   bash recipes/evidence24/quote_corpus.sh /tmp/w .exp24/texts.json.xz, then ARMS=bb FROM=.exp24/ship RARE=bb=0
 #   GAPS= QUOTES=/tmp/w/c LR=3e-4 MEMLR=10 WARMUP=0.001 SEQ=1024 SEGMENT=1024 PHASE=all KEEP=bb (one call; go: quote /
-#   user replaced <= 0.8 on text words, interval below, in the buckets inside the 64-frame window).
+#   user replaced <= 0.8 on text words, interval below, in the buckets inside the 64-frame window). Ran as section 22
+#   pre-registered it (300 dialogues, a second arm bc with copies, GAPS=96,640): results section 23, no user recall.
 # Arms named in RARE draw copies into only a REPEATPROB share of their sequences (data.repeat.prob; default 0.25,
 #   the others 1.0): repeats the exception, as in natural speech (section 12: the memory that recalls is the one
 #   that drifts). Next (section 13, pre-registered there): the shipped B-decay continued with rare repeats beside
@@ -97,7 +99,7 @@ for arm in $ARMS; do
   # own-prefix arms sample with moshi's CUDA-graphed LMGen; section15.sh's GPU check falls back to no graphs
   NOGRAPH=(); [[ " $OWN " == *" $arm "* && -f $W/own_nograph ]] && NOGRAPH=(NO_CUDA_GRAPH=1)
   env "${NOGRAPH[@]}" timeout -s TERM $DEADLINE python3 -m ttt_speech.train $X/arms.yaml --run-dir $W/arm_$arm \
-    --set "data.train=[$W/tok/train]" --set "data.eval=[$W/tok/val]" \
+    --set "data.train=[$W/tok/train${MIX:+, $MIX}]" --set "data.eval=[$W/tok/val]" \
     --set train.batch_size=${BATCH:-64} --set train.segment_len=$SEGMENT --set train.memory_lr_scale=$MEMLR \
     --set "stages=$STAGES" --set checkpoint.every=100 --set log.every=25 --set log.eval_every=0 \
     --set log.progress=false "${EXTRA[@]}" >> $W/arm_$arm.log 2>&1 &

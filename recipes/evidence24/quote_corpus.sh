@@ -8,8 +8,8 @@
 # Knobs: DIALOGUES (default 200: ~27 h at 8 minutes), MINUTES (dialogue length, 8), GAP (1: inside a short window;
 # make-corpus's default is 20), FRACTION (share of the model's turns that quote, 1.0), VAL (held-out share, 0.05),
 # SEED (5; sections 6-20 used 0-2 and 11), JOBS (synthesis processes, 14 of the device's 16 cores), VOICES (the
-# five flite voices of corpora.sh), PY (interpreter). On the device's 16 cores ~27 h take about 4 minutes to
-# synthesize (corpora.sh's rate, not yet measured for dialogues) plus the encoding.
+# five flite voices of corpora.sh), PY (interpreter). On the H200 machine's 16 cores 300 dialogues (40 h) took
+# 198 s to synthesize and 84 s to encode (docs/results.md section 23).
 # On a bare device machine (no flite, no moshi) it unpacks FLITE (default .exp24/flite.tar.xz, device1.sh's) into
 # /tmp/fl and installs WHEELS (default .exp24/whl/*.whl: moshi) into /tmp/site, as device1.sh does.
 set -euo pipefail
