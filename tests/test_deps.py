@@ -38,14 +38,14 @@ def no_override(monkeypatch):
 
 
 def test_require_refuses_an_untested_release_naming_both(monkeypatch, no_override):
-    monkeypatch.setattr(deps, "version", lambda dist: "5.25.0")
+    monkeypatch.setattr(deps, "version", lambda dist: "5.26.0")
     with pytest.raises(deps.UnsupportedVersionError) as e:
         deps.require("transformers")
     msg = str(e.value)
-    assert "transformers 5.25.0 is installed" in msg and "pip install 'transformers>=5.23,<5.25'" in msg
+    assert "transformers 5.26.0 is installed" in msg and "pip install 'transformers>=5.23,<5.26'" in msg
     assert "\n" not in msg
     monkeypatch.setenv(deps.OVERRIDE_ENV, "torchao, transformers")  # how a range is widened: run the suite
-    assert deps.require("transformers") == "5.25.0"
+    assert deps.require("transformers") == "5.26.0"
     monkeypatch.setattr(deps, "version", lambda dist: "0.2.12")
     with pytest.raises(deps.UnsupportedVersionError, match=r"pip install --no-deps 'moshi==0\.2\.13'"):
         deps.require("moshi")

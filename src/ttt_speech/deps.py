@@ -21,7 +21,7 @@ from ttt_speech.errors import UsageError
 
 # distribution name -> the releases the suite passed on
 SUPPORTED: dict[str, str] = {
-    "transformers": ">=5.23,<5.25",
+    "transformers": ">=5.23,<5.26",
     "moshi": "==0.2.13",
     "torchao": "==0.18.0",
     "flash-linear-attention": ">=0.6,<0.7",
