@@ -16,7 +16,7 @@ from ttt_speech.eval.data import Sequence  # noqa: E402
 from ttt_speech.eval.long_context import evaluate, evaluate_copies, evaluate_quotes, quote_bucket  # noqa: E402
 from ttt_speech.eval.models import MoshiScorer  # noqa: E402
 from ttt_speech.eval.report import Report, write  # noqa: E402
-from ttt_speech.eval.spans import Span, copy_probes, quote_probes, quote_spans, repeat_spans  # noqa: E402
+from ttt_speech.eval.spans import Span, copy_probes, quote_probes, quote_spans, quotes_in, repeat_spans  # noqa: E402
 from ttt_speech.moshi.compat import streaming_state  # noqa: E402
 from ttt_speech.moshi.layer import reset_memories  # noqa: E402
 from ttt_speech.moshi.tiny import build_tiny_hybrid, build_tiny_lm  # noqa: E402
@@ -247,6 +247,9 @@ def test_quote_probes_replace_only_the_users_sentence() -> None:
         assert changed == list(range(said.start, said.end))  # only the user's sentence's frames ...
         assert torch.equal(p.tokens[:3], q.tokens[:3])  # ... and only on the user's rows
     assert torch.equal(swapped[0].tokens[USER, 5:11], seqs[1].tokens[USER, 10:16])  # another dialogue's sentence
+    assert [(i, said.start) for i, said, _ in quotes_in(seqs, spans)] == [(0, 20), (1, 10), (2, 30)]
+    short = [Sequence("d2", seqs[2].tokens[:, :75], "dialogues/d2.wav")]  # d2's quote ends at frame 76: cut off
+    assert quotes_in(short, spans) == [] and quote_probes(short, spans, context=5, user_rows=USER) == ([], {})
 
 
 def test_quote_scores_show_recall_beyond_the_window_and_the_controls_remove_it(tmp_path) -> None:

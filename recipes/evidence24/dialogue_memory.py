@@ -23,7 +23,7 @@ import torch
 from ttt_speech.eval.data import Sequence, load_sequences
 from ttt_speech.eval.long_context import evaluate, evaluate_quotes
 from ttt_speech.eval.models import load_model
-from ttt_speech.eval.spans import quote_probes, quote_spans
+from ttt_speech.eval.spans import quote_probes, quote_spans, quotes_in
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # ~12 CPU minutes for two 8-minute dialogues
 
@@ -85,13 +85,12 @@ def main(model: str, tokens: str, corpora: str, length: str = "4096", silence: s
     with_quotes = os.environ.get("QUOTES", "1") != "0"
     g = torch.Generator().manual_seed(0)
     same, other = [], []
-    for seq in seqs if with_quotes else []:
-        marks = spans.get(seq.source, [])
-        for said, quoted in zip(marks[::2], marks[1::2]):
-            user = seq.tokens[9, said.start:said.end]  # the user's codebook 0 (rows: text, the model's 8, the user's 8)
-            same.append(agreement(user, seq.tokens[1], quoted.start))
-            far = int(torch.randint(0, seq.length - len(user), (1,), generator=g))
-            other.append(agreement(user, seq.tokens[1], far))
+    for i, said, quoted in quotes_in(seqs, spans) if with_quotes else []:
+        seq = seqs[i]
+        user = seq.tokens[9, said.start:said.end]  # the user's codebook 0 (rows: text, the model's 8, the user's 8)
+        same.append(agreement(user, seq.tokens[1], quoted.start))
+        far = int(torch.randint(0, seq.length - len(user), (1,), generator=g))
+        other.append(agreement(user, seq.tokens[1], far))
     if with_quotes:
         print(f"codebook 0, user's sentence vs the model's quote of it: {sum(same) / len(same):.3f} equal, vs an "
               f"unrelated span of the model's {sum(other) / len(other):.3f} ({len(same)} quotes)")

@@ -237,7 +237,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     from ttt_speech.eval.long_context import OOM_ERRORS, evaluate, evaluate_copies, evaluate_quotes
     from ttt_speech.eval.models import MoshiScorer, check_spec, load_model
     from ttt_speech.eval.report import Report, write
-    from ttt_speech.eval.spans import copy_probes, quote_probes, quote_spans, repeat_spans
+    from ttt_speech.eval.spans import copy_probes, quote_probes, quote_spans, quotes_in, repeat_spans
 
     device = torch_device(args.device)
     use_cpu_threads(args.threads)
@@ -266,7 +266,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
         quotes = quote_spans(args.quotes) if args.quotes else None
     except FileNotFoundError as e:
         raise UsageError(f"--quotes {e}") from None
-    if quotes is not None and not quote_probes(sequences, quotes, 0, slice(0))[0]:
+    if quotes is not None and not quotes_in(sequences, quotes):
         raise UsageError(f"--quotes {args.quotes}: none of its quotes is in {args.data} (tokenize its dialogues, "
                          "user channel included: recipes/evidence24/tok24.py encode)")
     probes, probe_spans = (copy_probes(sequences, args.copy_gaps, args.copy_span, args.copy_context, args.copy_probes)

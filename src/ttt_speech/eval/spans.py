@@ -69,6 +69,13 @@ def _spans(path: Path, prefix: str, frame_rate: float, key: str, labels: tuple[s
     return out
 
 
+def quotes_in(sequences: list[Sequence], spans: dict[str, list[Span]]) -> list[tuple[int, Span, Span]]:
+    """(sequence index, said, quoted) of every quote (`quote_spans`) that lies whole inside its sequence: what
+    `quote_probes` excerpts, and what a caller counts before building any probe."""
+    return [(i, said, quoted) for i, seq in enumerate(sequences) for said, quoted in
+            zip(spans.get(seq.source, [])[::2], spans.get(seq.source, [])[1::2]) if quoted.end <= seq.length]
+
+
 def quote_probes(sequences: list[Sequence], spans: dict[str, list[Span]], context: int, user_rows: slice,
                  replace_source: bool = False) -> tuple[list[Sequence], dict[str, list[Span]]]:
     """One excerpt per quote of the held-out dialogues: `context` frames before the user's sentence, to the end of
@@ -81,8 +88,7 @@ def quote_probes(sequences: list[Sequence], spans: dict[str, list[Span]], contex
     """
     if context < 0:
         raise UsageError(f"quote probes: context {context} >= 0")
-    found = [(i, said, quoted) for i, seq in enumerate(sequences) for said, quoted in
-             zip(spans.get(seq.source, [])[::2], spans.get(seq.source, [])[1::2]) if quoted.end <= seq.length]
+    found = quotes_in(sequences, spans)
     probes, out = [], {}
     for n, (i, said, quoted) in enumerate(found):
         lo = max(0, said.start - context)
