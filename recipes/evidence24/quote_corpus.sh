@@ -10,19 +10,11 @@
 # SEED (5; sections 6-20 used 0-2 and 11), JOBS (synthesis processes, 14 of the device's 16 cores), VOICES (the
 # five flite voices of corpora.sh), PY (interpreter). On the H200 machine's 16 cores 300 dialogues (40 h) took
 # 198 s to synthesize and 84 s to encode (docs/results.md section 23).
-# On a bare device machine (no flite, no moshi) it unpacks FLITE (default .exp24/flite.tar.xz, device1.sh's) into
-# /tmp/fl and installs WHEELS (default .exp24/whl/*.whl: moshi) into /tmp/site, as device1.sh does.
+# On a bare device machine (no flite, no moshi) bare24.sh unpacks flite and installs moshi first.
 set -euo pipefail
 W=$1 TEXTS=$2 X=$(dirname "$0") PY=${PY:-python3}
-if ! command -v flite > /dev/null; then
-  mkdir -p /tmp/fl && tar xJf "${FLITE:-.exp24/flite.tar.xz}" -C /tmp/fl
-  export PATH=/tmp/fl/usr/bin:$PATH LD_LIBRARY_PATH=/tmp/fl/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-fi
-if ! $PY -c "import moshi" 2> /dev/null; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site ${WHEELS:-.exp24/whl/*.whl}
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} NO_TORCH_COMPILE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+source "$X/bare24.sh"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 MIN=${MINUTES:-8}
 $PY "$X/texts24.py" run "$TEXTS" make-corpus --out "$W/c/quotes" --recordings 0 --dialogues "${DIALOGUES:-200}" \
   --dialogue-minutes "$MIN" --quote-fraction "${FRACTION:-1.0}" --quote-gap-sentences "${GAP:-1}" \

@@ -4,16 +4,14 @@
 # with the shipped codec. Call 2 is then arms.sh with MIX=/tmp/r/tok/train (section 24 gives the command).
 #   bash recipes/evidence24/section24.sh TEXTS        TEXTS: texts24.py dump's JSON (.exp24/texts.json.xz)
 # Knobs: DIALOGUES (300), MINUTES (the dialogues', 8), RECS (corpora.sh's readings per text, "70 18 6"), RMINUTES
-# (the readings', 20), JOBS / RJOBS (synthesis processes), W / R (the two work directories), PY. On a bare device machine quote_corpus.sh unpacks flite and installs moshi first.
+# (the readings', 20), JOBS / RJOBS (synthesis processes), W / R (the two work directories), PY. On a bare device
+# machine bare24.sh unpacks flite and installs moshi first.
 set -euo pipefail
 TEXTS=$1 X=$(dirname "$0") PY=${PY:-python3} W=${W:-/tmp/w} R=${R:-/tmp/r}
 S0=$SECONDS; t() { echo "[t=$((SECONDS - S0))s] $*"; }
-# the dialogues first: quote_corpus.sh readies flite and moshi, which the readings then find
+source "$X/bare24.sh"
 DIALOGUES=${DIALOGUES:-300} VAL=${VAL:-0.1} JOBS=${JOBS:-14} PY=$PY bash "$X/quote_corpus.sh" "$W" "$TEXTS"
 t dialogues ready
-[ -x /tmp/fl/usr/bin/flite ] && export PATH=/tmp/fl/usr/bin:$PATH LD_LIBRARY_PATH=/tmp/fl/usr/lib/x86_64-linux-gnu
-[ -d /tmp/site/moshi ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} NO_TORCH_COMPILE=1
 mkdir -p "$R"
 RECS=${RECS:-70 18 6} JOBS="${RJOBS:-10 3 2}" MINUTES=${RMINUTES:-20} bash "$X/corpora.sh" "$R" "$TEXTS" \
   || { cat "$R"/c_*.log; exit 1; }
