@@ -32,6 +32,9 @@
 #   SEQ=6144 SEGMENT=6144 BATCH=16 FAR="96, 2800" FARLEN=16,320 FARBLOCKS=random LR=3e-4 MEMLR=10, call 1
 #   DEADLINE=530 PHASE=train, call 2 DEADLINE=290 PHASE=all PROBES=30 GAPS=96,640,1280,2560
 #   LENGTHS=64,1024,4096,8192,14976 AGES=64,1024,4096 AGE_GAPS=640,2560 END=585 EVBATCH=360 KEEP="d bd" (467 s).
+# KEEPSTEPS="1300 ..." also brings back the exports of those steps (export_<arm>_<step>; CEVERY: checkpoint.every,
+#   default 100), with CKEEP (checkpoint.keep,
+#   default 1) large enough to keep them: section 24's pre-registered step beside the last.
 # EVBATCH sets eval-long's probes per batch (default 240): the same probes, fewer frame-by-frame passes.
 # MIX=DIR adds a second training split beside W/tok/train (section 24: readings beside the dialogues).
 # QUOTES=DIR adds eval-long --quotes DIR (the quotes of the dialogues in W/tok/val: quote_corpus.sh writes both, into
@@ -101,7 +104,7 @@ for arm in $ARMS; do
   env "${NOGRAPH[@]}" timeout -s TERM $DEADLINE python3 -m ttt_speech.train $X/arms.yaml --run-dir $W/arm_$arm \
     --set "data.train=[$W/tok/train${MIX:+, $MIX}]" --set "data.eval=[$W/tok/val]" \
     --set train.batch_size=${BATCH:-64} --set train.segment_len=$SEGMENT --set train.memory_lr_scale=$MEMLR \
-    --set "stages=$STAGES" --set checkpoint.every=100 --set log.every=25 --set log.eval_every=0 \
+    --set "stages=$STAGES" --set checkpoint.every=${CEVERY:-100} --set checkpoint.keep=${CKEEP:-1} --set log.every=25 --set log.eval_every=0 \
     --set log.progress=false "${EXTRA[@]}" >> $W/arm_$arm.log 2>&1 &
   PIDS+=($!)
 done
@@ -128,6 +131,9 @@ wait
 for arm in $KEEP; do  # a train-only call brings its last checkpoints back too: the machine may not wait for the next
   [ "$PHASE" = all ] || { rm -rf $W/arm_$arm/export; python3 $X/export_last.py $W/arm_$arm || true; }
   [ -d $W/arm_$arm/export ] && python3 $X/bf16.py $W/arm_$arm/export $OUT/export_$arm
+  for s in ${KEEPSTEPS:-}; do
+    python3 $X/export_last.py $W/arm_$arm $s && python3 $X/bf16.py $W/arm_$arm/export_$s $OUT/export_${arm}_$s
+  done
 done
 cd $W && tar cf $OUT/arms.tar arm_*.log arm_*/metrics.jsonl arm_*/config.yaml eval_* 2>/dev/null
 ls -la $OUT; tail -3 $OUT/gpu_tests.log 2>/dev/null || true
