@@ -121,3 +121,12 @@ def test_encode_packs_the_user_channel_of_a_dialogue_only(tmp_path: Path) -> Non
     assert reading.shape == (9, 25) and dialogue.shape == (17, 25)
     np.testing.assert_array_equal(dialogue[:9], reading)  # the same left channel and words
     assert (dialogue[9:] != silence[:, :25]).mean() > 0.5
+    assert run("unpack", str(pack), str(tmp_path / "tok")).returncode == 0
+    out = run("tokens", str(tmp_path / "pack2"), str(tmp_path / "tok2"), "0.01", str(corpus))  # the three in one
+    assert out.returncode == 0, out.stderr
+    assert load_file(str(tmp_path / "pack2" / "silence.safetensors"))["silence"].shape == (8, 758)
+    one, three = (json.loads((tmp_path / d / "train" / "index.json").read_text()) for d in ("tok", "tok2"))
+    assert one["documents"] == three["documents"] and len(one["documents"]) == 2
+    for shard in (tmp_path / "tok" / "train").glob("*.safetensors"):
+        got, want = load_file(str(tmp_path / "tok2" / "train" / shard.name)), load_file(str(shard))
+        assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)

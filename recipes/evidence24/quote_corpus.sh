@@ -20,7 +20,4 @@ $PY "$X/texts24.py" run "$TEXTS" make-corpus --out "$W/c/quotes" --recordings 0 
   --dialogue-minutes "$MIN" --quote-fraction "${FRACTION:-1.0}" --quote-gap-sentences "${GAP:-1}" \
   --val-fraction "${VAL:-0.05}" --seed "${SEED:-5}" --jobs "${JOBS:-14}" --no-progress \
   --voices "${VOICES:-flite:slt,flite:awb,flite:rms,flite:kal16,flite:kal}"
-# the silence cache covers the longest recording (12.5 frames a second, a minute to spare)
-$PY "$X/tok24.py" silence "$W/pack" "$($PY -c "import math; print(math.ceil(($MIN + 1) * 750))")"
-$PY "$X/tok24.py" encode "$W/pack" "$W/c/quotes"
-$PY "$X/tok24.py" unpack "$W/pack" "$W/tok"
+$PY "$X/tok24.py" tokens "$W/pack" "$W/tok" "$MIN" "$W/c/quotes"

@@ -16,7 +16,5 @@ mkdir -p "$R"
 RECS=${RECS:-70 18 6} JOBS="${RJOBS:-10 3 2}" MINUTES=${RMINUTES:-20} bash "$X/corpora.sh" "$R" "$TEXTS" \
   || { cat "$R"/c_*.log; exit 1; }
 t readings synthesized
-$PY "$X/tok24.py" silence "$R/pack" "$($PY -c "import math; print(math.ceil((${RMINUTES:-20} + 1) * 750))")"
-$PY "$X/tok24.py" encode "$R/pack" "$R"/c/*
-$PY "$X/tok24.py" unpack "$R/pack" "$R/tok"
+$PY "$X/tok24.py" tokens "$R/pack" "$R/tok" "${RMINUTES:-20}" "$R"/c/*
 t readings ready

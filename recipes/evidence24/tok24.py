@@ -12,6 +12,9 @@
     python tok24.py merge PACK PART...          packs of disjoint corpora (encoded in parallel) -> one PACK
     python tok24.py unpack PACK OUT             PACK -> OUT/{train,val}: `ttt-speech tokenize` directories, a
                                                 silent user's 8 codebooks rebuilt from the cached encoding of silence
+    python tok24.py tokens PACK OUT MINUTES CORPUS...
+                                                the three above for corpora of recordings up to MINUTES long (the
+                                                silence cache a minute longer): what the corpus recipes run
 """
 
 from __future__ import annotations
@@ -208,7 +211,13 @@ def unpack(pack: str, out: str, shard_frames: int = 1 << 20) -> None:
         print(split, len(docs), "documents", sum(d["frames"] for d in docs), "frames", flush=True)
 
 
+def tokens(pack: str, out: str, minutes: str, *corpora: str) -> None:
+    silence(pack, str(math.ceil((float(minutes) + 1) * 750)))  # 12.5 frames a second
+    encode(pack, *corpora)
+    unpack(pack, out)
+
+
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
     {"base": base, "silence": silence, "random": random_docs, "encode": encode, "merge": merge,
-     "unpack": unpack}[cmd](*args)
+     "unpack": unpack, "tokens": tokens}[cmd](*args)
