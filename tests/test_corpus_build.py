@@ -15,7 +15,7 @@ from ttt_speech.corpus import CorpusConfig, build, commands
 from ttt_speech.corpus import engines as engines_mod
 from ttt_speech.corpus import texts as texts_mod
 from ttt_speech.corpus.engines import Engine, Speech
-from ttt_speech.corpus.plan import Recording, Timing, layout_reading, quote_sources, turn_speakers
+from ttt_speech.corpus.plan import Recording, Timing, layout_reading, quote_sources, random_words, turn_speakers
 from ttt_speech.corpus.texts import TextSource
 from ttt_speech.train.tokenize import read_alignments
 
@@ -212,6 +212,40 @@ def test_a_quote_is_the_users_words_again_in_the_models_voice(fakes, tmp_path):
     quoted = [q["quoted"] for q in e["quotes"]]
     spoken = [w for w, (s, _), _ in align if not any(q0 - 1e-3 <= s < q1 for q0, q1 in quoted)]
     assert spoken == [w for i in range(read) for w in sentences[(first + i) % len(sentences)].text.split()]
+
+
+def test_random_user_words_are_heard_once_and_quoted_as_said(fakes, tmp_path):
+    """--random-user-words: every user sentence is fresh random words of the text (as many as the sentence it
+    stands for), a quote says them again, and the model's other sentences still read the text in order."""
+    cfg = CorpusConfig(recordings=0, dialogues=1, minutes=0.5, voices=("tones:a", "tones:b"), texts=("fake",),
+                       quote_fraction=0.5, quote_gap_sentences=3, random_user_words=True, val_fraction=0, jobs=1,
+                       batch=4, progress=False)
+    build(tmp_path / "r", cfg)
+    meta = json.loads((tmp_path / "r/corpus.json").read_text())
+    (e,) = meta["recordings"]
+    assert meta["settings"]["random_user_words"] is True and len(e["quotes"]) >= 2
+    align = json.loads((tmp_path / "r" / e["path"]).with_suffix(".json").read_text())["alignments"]
+    sentences = texts_mod.load_sources(["fake"])["fake"]
+    first, read = e["text"]["first_sentence"], e["text"]["sentences"]
+    quoted = [q["quoted"] for q in e["quotes"]]
+    heard = [w for w, (s, _), sp in align if sp == "SPEAKER_OTHER"]
+    own = [w for w, (s, _), sp in align if sp == "SPEAKER_MAIN" and not any(q0 - 1e-3 <= s < q1 for q0, q1 in quoted)]
+    said = {k: j for j, k in (q["sentences"] for q in e["quotes"])}
+    speakers = turn_speakers((0, 2, 0), read + len(said))  # dialogue 0's seed
+    text = {k: sentences[(first + k - sum(q < k for q in said)) % len(sentences)].text.split()
+            for k in range(read + len(said)) if k not in said}  # what sentence k would read
+    assert own == [w for k, ws in text.items() if speakers[k] == 0 for w in ws]
+    users = [k for k in text if speakers[k] == 1]
+    assert len(heard) == sum(len(text[k]) for k in users) > 20  # each as long as the sentence it stands for
+    assert {w.strip(".").lower() for w in heard} <= set(VOCAB)
+    assert heard != [w for k in users for w in text[k]]
+    for q in e["quotes"]:
+        (s0, s1), (q0, q1) = q["said"], q["quoted"]
+        said = [w for w, (s, _), sp in align if s0 - 1e-3 <= s < s1]
+        assert said == [w for w, (s, _), sp in align if q0 - 1e-3 <= s < q1]
+    assert random_words((0, 2, 0), 5, 6, VOCAB) == random_words((0, 2, 0), 5, 6, VOCAB) != \
+        random_words((0, 2, 0), 6, 6, VOCAB)
+    assert len(random_words((0, 2, 0), 5, 6, VOCAB).split()) == 6
 
 
 def test_cli_builds_and_reports_a_missing_voice(fakes, tmp_path, capsys):

@@ -30,8 +30,8 @@ from tqdm import tqdm
 from ttt_speech.corpus.audio import RATE, estimate_word_times, level, trim, write_wav
 from ttt_speech.corpus.engines import DEFAULT_VOICES, Engine, Speech, available_voices, split_voice
 from ttt_speech.corpus.plan import (Layout, Recording, Timing, layout_dialogue, layout_reading, plan, quote_sources,
-                                    turn_speakers)
-from ttt_speech.corpus.texts import SOURCES, Sentence, load_sources
+                                    random_words, turn_speakers)
+from ttt_speech.corpus.texts import SOURCES, Sentence, load_sources, vocabulary
 from ttt_speech.dsp import resample
 
 FORMAT, VERSION = "ttt-speech/corpus", 1
@@ -54,6 +54,7 @@ class CorpusConfig:
     repeat_every_minutes: float = 5.0
     quote_fraction: float = 0.0  # share of the model's turns in a dialogue that open by quoting the user
     quote_gap_sentences: int = 20  # ... a sentence the user said this many to twice as many sentences before
+    random_user_words: bool = False  # dialogues: the user's sentences are random words of the text (plan.random_words)
     val_fraction: float = 0.1
     jobs: int = 0  # synthesis processes; 0: one per CPU
     batch: int = 16  # sentences per synthesis task
@@ -121,6 +122,7 @@ class _Progress:
     done: bool = False
     quotes: dict[int, int] = field(default_factory=dict)  # a dialogue's quotes so far (plan.quote_sources)
     quotes_to: int = 0  # sentences the quotes were drawn for
+    words: list[str] = field(default_factory=list)  # the text's vocabulary, once a user sentence needs it
 
     def text_index(self, k: int) -> int:
         """Which sentence of the recording's text sentence k says: a quote says its user sentence's, and the
@@ -138,7 +140,13 @@ class _Progress:
         if i >= len(self.text):
             raise ValueError(f"{self.rec.name}: text {self.rec.source!r} ran out ({len(self.text)} sentences); "
                              "shorten the recordings or add texts")
-        return self.text[(self.rec.first + i) % len(self.text)]
+        if k in self.quotes:  # the user's sentence again, random words included
+            return self.sentence(self.quotes[k])
+        read = self.text[(self.rec.first + i) % len(self.text)]
+        if not (self.rec.random_user and turn_speakers(self.rec.seed, k + 1)[k] == 1):
+            return read
+        self.words = self.words or vocabulary(self.text)  # as many words as the sentence it stands for
+        return Sentence(random_words(self.rec.seed, k, len(read.text.split()), self.words), read.paragraph)
 
     def missing_seconds(self) -> float:
         """About how much more audio to ask for: 10 % past the target, counting what is in flight."""
@@ -238,7 +246,7 @@ def build(out: str | Path, cfg: CorpusConfig) -> BuildReport:
     voices, skipped = _voices(cfg)
     texts = load_sources(list(cfg.texts))
     recs = plan(cfg.recordings, cfg.dialogues, voices, {n: len(s) for n, s in texts.items()}, cfg.seed,
-                cfg.repeat_fraction, cfg.quote_fraction, cfg.quote_gap_sentences)
+                cfg.repeat_fraction, cfg.quote_fraction, cfg.quote_gap_sentences, cfg.random_user_words)
     minutes = {"reading": cfg.minutes, "dialogue": cfg.dialogue_minutes or cfg.minutes}
     timings = {k: Timing(60 * m, 60 * cfg.repeat_gap_minutes, 60 * cfg.repeat_minutes, 60 * cfg.repeat_every_minutes)
                for k, m in minutes.items()}

@@ -41,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default 0)")
     p.add_argument("--quote-gap-sentences", type=positive_int, default=20,
                    help="a quoted user sentence was said this many to twice as many sentences before (default 20)")
+    p.add_argument("--random-user-words", action="store_true",
+                   help="in dialogues the user says random words of the text instead of its sentences (quotes "
+                        "of them can only be predicted by hearing the user, never recited from training)")
     p.add_argument("--val-fraction", type=fraction, default=0.1, help="recordings held out, per kind (default 0.1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=nonnegative_int, default=0, help="synthesis processes (default: one per CPU)")
@@ -56,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
                        repeat_fraction=args.repeat_fraction, repeat_gap_minutes=args.repeat_gap_minutes,
                        repeat_minutes=args.repeat_minutes, repeat_every_minutes=args.repeat_every_minutes,
                        quote_fraction=args.quote_fraction, quote_gap_sentences=args.quote_gap_sentences,
+                       random_user_words=args.random_user_words,
                        val_fraction=args.val_fraction, jobs=args.jobs, progress=not args.no_progress)
     try:
         report = build(args.out, cfg)

@@ -47,6 +47,7 @@ class Recording:
     seed: tuple[int, ...]
     quote_fraction: float = 0.0  # dialogues: share of the model's turns that open with a quote of the user
     quote_gap: int = 20  # ... of a user sentence this many to twice as many sentences earlier
+    random_user: bool = False  # dialogues: the user says random words of the text (`random_words`), not its sentences
 
     @property
     def name(self) -> str:
@@ -79,7 +80,8 @@ def _sample(t: float) -> float:
 
 
 def plan(recordings: int, dialogues: int, voices: list[str], sizes: dict[str, int], seed: int,
-         repeat_fraction: float, quote_fraction: float = 0.0, quote_gap: int = 20) -> list[Recording]:
+         repeat_fraction: float, quote_fraction: float = 0.0, quote_gap: int = 20,
+         random_user: bool = False) -> list[Recording]:
     """Readings then dialogues; texts go round the sources, each recording starting in its own slice of its text."""
     if not voices:
         raise ValueError("no voice to read with")
@@ -104,7 +106,7 @@ def plan(recordings: int, dialogues: int, voices: list[str], sizes: dict[str, in
         user = (model + 1 + int(rng.integers(len(voices) - 1))) % len(voices)
         j = recordings + d
         out.append(Recording("dialogue", d, (voices[model], voices[user]), source[j], first[j], False, (seed, 2, d),
-                             quote_fraction, quote_gap))
+                             quote_fraction, quote_gap, random_user))
     return out
 
 
@@ -122,6 +124,14 @@ def quote_sources(seed: tuple[int, ...], speakers: list[int], fraction: float, g
         if rng.uniform() < fraction and said:
             out[k] = said[int(rng.integers(len(said)))]
     return out
+
+
+def random_words(seed: tuple[int, ...], k: int, n: int, vocabulary: list[str]) -> str:
+    """Sentence k of a dialogue as n words drawn from `vocabulary`, from its own seed: a user sentence that no
+    training pass can make familiar, so a model that quotes it must have heard it (issue 24: quotes of the texts'
+    own sentences were recited from the weights)."""
+    rng = np.random.default_rng([*seed, 3, k])
+    return " ".join(vocabulary[i] for i in rng.integers(len(vocabulary), size=n)).capitalize() + "."
 
 
 def turn_speakers(seed: tuple[int, ...], n: int) -> list[int]:

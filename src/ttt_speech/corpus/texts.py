@@ -49,6 +49,11 @@ class TextSource:
         return out
 
 
+def vocabulary(sentences: list[Sentence]) -> list[str]:
+    """The distinct words of `sentences`, lower-cased, without punctuation, sorted (a seed picks the same ones)."""
+    return sorted({w.lower() for s in sentences for w in re.findall(r"[A-Za-z]+(?:'[A-Za-z]+)?", s.text)})
+
+
 def _need(path: Path, package: str, title: str) -> Path:
     if not path.exists():
         raise MissingTextError(f"{title}: {path} is missing; install it with `apt-get install {package}`")
