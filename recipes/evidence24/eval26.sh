@@ -6,14 +6,15 @@
 # read10/ (section 10's 12 held-out readings less the two in section 24's training readings) and tok_reading/
 # (free runs' prompt), as section 25 wrote them into .exp24/evaldata; W: the dialogues (section24.sh's /tmp/w).
 #   1. criterion 1: eval-long's copy probes on clean5, all models in one run (the same probes), both controls;
-#   2. criterion 2: 10-minute free runs after a reading, the user silent, seeds 0-2 (sampled on the GPU, so not the
-#      CPU's streams: section 25 ran both);
+#   2. criterion 2: 10-minute free runs after a reading, the user silent, seeds 0-2 (free_runs.sh, all at once on
+#      DEVICE, default the GPU, so not the CPU's streams: section 25 ran both);
 #   4. criterion 4: dialogue_memory.py QUOTES=0 on the held-out dialogues (memory as trained and lambda ~0);
 #   5. criterion 5: eval-long's text loss by position on read10.
 # Criterion 3 (duplex_free_runs.py, a user talking) runs on the CPU: ~5 minutes a seed there. Knobs: T (each
-# job's timeout, 400 s), MINUTES (the free runs', 10; a CPU smoke test shortens them).
+# job's timeout, 400 s), MINUTES (the free runs', 10) and DEVICE (a CPU smoke test shortens them, DEVICE=cpu).
 set -uo pipefail
 X=$(dirname "$0") EVAL=${EVAL:-.exp24/evaldata} W=${W:-/tmp/w} T=${T:-400} E=/tmp/eval26 MINUTES=${MINUTES:-10}
+DEVICE=${DEVICE:-cuda}
 export PYTHONPATH=/tmp/site:$PWD/src NO_TORCH_COMPILE=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 rm -rf $E && mkdir -p $E
 MODELS=() EV="--baseline-length 64 --minutes 0 --no-progress --segment 2048"
@@ -23,16 +24,12 @@ for spec in "$@"; do
   QUOTES=0 timeout $T python3 $X/dialogue_memory.py "$dir" $W/tok/val $W/c > $E/dialogue_$name.log 2>&1 &
   timeout $T python3 -m ttt_speech eval-long --model "$spec" --data $EVAL/read10 --lengths 64,4096 $EV \
     --out $E/read10_$name > $E/read10_$name.log 2>&1 &
-  mkdir -p $E/fm_$name && cp "$dir"/{model.safetensors,config.json} $E/fm_$name/ &&  # text only, as free_runs.sh
-    cp src/ttt_speech/assets/small_moshi/tokenizer.model $E/fm_$name/
-  for seed in 0 1 2; do
-    timeout $T python3 -m ttt_speech eval-long --model $name=$E/fm_$name --data $EVAL/tok_reading --lengths 64 \
-      --minutes $MINUTES --segment 2048 --seed $seed --no-progress --out $E/fr_${name}_s$seed > $E/fr_${name}_s$seed.log 2>&1 &
-  done
 done
+DEVICE=$DEVICE JOBS=$((3 * $#)) DATA=$EVAL/tok_reading MINUTES=$MINUTES timeout $T bash $X/free_runs.sh $E/fr "$@" \
+  > $E/fr.log 2>&1 &
 timeout $T python3 -m ttt_speech eval-long "${MODELS[@]}" --data $EVAL/clean5 --lengths 64 --copy-gaps 96,640 \
   --copy-span 32 --copy-probes 20 --copy-context 64 --copy-controls $EV --out $E/clean5 > $E/clean5.log 2>&1 &
 wait
-rm -rf $E/fm_*
-grep -h "text loss by position" $E/dialogue_*.log; grep -A4 "^| text words" $E/clean5/report.md
+rm -rf $E/fr/model_*
+cat $E/fr.log; grep -h "text loss by position" $E/dialogue_*.log; grep -A4 "^| text words" $E/clean5/report.md
 cd $E && tar cf $OUT/eval26.tar . && ls -la $OUT

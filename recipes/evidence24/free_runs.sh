@@ -5,6 +5,7 @@
 # DATA: the held-out tokens whose first sequence prompts each run (default runs/evidence/tok/val); ARGS: more
 # eval-long arguments for every run (section 18: ARGS="--free-run-writes 0", the memory frozen after the prompt).
 # Each model is copied without its codec, so only the text stream is generated and scored (section 10's setup).
+# DEVICE (cpu) and JOBS (runs at a time, 2: one core each) set where they sample (eval26.sh: the GPU, all at once).
 # Section 13's: bash recipes/evidence24/free_runs.sh runs/evidence/arms7/fr bb=EXPORT_bb br=EXPORT_br
 set -uo pipefail
 OUT=$1; shift
@@ -22,9 +23,9 @@ done
 for job in "${jobs[@]}"; do
   read -r name seed <<< "$job"
   "$PY" -m ttt_speech eval-long --model "$name=$OUT/model_$name" --data "$DATA" --lengths 64 $ARGS \
-    --minutes "$MINUTES" --segment 2048 --seed "$seed" --device cpu --threads 1 --no-progress \
+    --minutes "$MINUTES" --segment 2048 --seed "$seed" --device "${DEVICE:-cpu}" --threads 1 --no-progress \
     --out "$OUT/${name}_s$seed" > "$OUT/${name}_s$seed.log" 2>&1 &
-  while [ "$(jobs -rp | wc -l)" -ge 2 ]; do sleep 5; done
+  while [ "$(jobs -rp | wc -l)" -ge "${JOBS:-2}" ]; do sleep 5; done
 done
 wait
 "$PY" - "$OUT" <<'PY'
