@@ -8,8 +8,8 @@
 # Knobs: DIALOGUES (default 200: ~27 h at 8 minutes), MINUTES (dialogue length, 8), GAP (1: inside a short window;
 # make-corpus's default is 20), FRACTION (share of the model's turns that quote, 1.0), VAL (held-out share, 0.05),
 # SEED (5; sections 6-20 used 0-2 and 11), RANDOM_WORDS (set: the user says random words, make-corpus
-# --random-user-words: quotes that cannot be recited from training, section 23's lesson), JOBS (synthesis processes, 14 of the device's 16 cores), VOICES (the
-# five flite voices of corpora.sh), PY (interpreter). On the H200 machine's 16 cores 300 dialogues (40 h) took
+# --random-user-words: quotes that cannot be recited from training, section 23's lesson), JOBS (synthesis
+# processes, 14 of the device's 16 cores), VOICES (the five flite voices of corpora.sh), PY (interpreter). On the H200 machine's 16 cores 300 dialogues (40 h) took
 # 198 s to synthesize and 84 s to encode (docs/results.md section 23).
 # On a bare device machine (no flite, no moshi) bare24.sh unpacks flite and installs moshi first.
 set -euo pipefail
