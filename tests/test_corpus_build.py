@@ -265,3 +265,15 @@ def test_cli_builds_and_reports_a_missing_voice(fakes, tmp_path, capsys):
     args = p.parse_args(["--out", str(tmp_path / "x"), "--voices", "nosuch:a", "--texts", "fake"])
     assert commands.run(args) == 2
     assert "bad voice 'nosuch:a'" in capsys.readouterr().err
+
+
+def test_only_rebuilds_named_recordings_exactly(fakes, corpus, tmp_path):
+    only = ("reading_002", "dialogue_001")
+    build(tmp_path / "some", CorpusConfig(**{**CFG.__dict__, "only": only, "val_fraction": 0}))
+    meta = json.loads((tmp_path / "some/corpus.json").read_text())
+    assert [e["path"] for e in meta["recordings"]] == ["dialogues/dialogue_001.wav", "readings/reading_002.wav"]
+    for name in ("dialogues/dialogue_001", "readings/reading_002"):
+        for ext in (".wav", ".json"):
+            assert (tmp_path / "some" / (name + ext)).read_bytes() == (corpus / (name + ext)).read_bytes(), name
+    with pytest.raises(ValueError, match="--only names reading_004, not in this plan"):
+        build(tmp_path / "bad", CorpusConfig(**{**CFG.__dict__, "only": ("reading_004",)}))

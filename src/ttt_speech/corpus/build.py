@@ -56,6 +56,7 @@ class CorpusConfig:
     quote_gap_sentences: int = 20  # ... a sentence the user said this many to twice as many sentences before
     random_user_words: bool = False  # dialogues: the user's sentences are random words of the text (plan.random_words)
     val_fraction: float = 0.1
+    only: tuple[str, ...] = ()  # recording names ("reading_027"): just these of the plan, as the whole corpus has them
     jobs: int = 0  # synthesis processes; 0: one per CPU
     batch: int = 16  # sentences per synthesis task
     progress: bool = True
@@ -226,6 +227,20 @@ def split(entries: list[dict], val_fraction: float, seed: int) -> set[str]:
     return held
 
 
+def _only(recs: list[Recording], names: tuple[str, ...]) -> list[Recording]:
+    """The planned recordings named in `names` (all if empty): a held-out set of a large corpus rebuilt exactly,
+    without synthesizing the rest (each recording depends only on the plan, never on the others)."""
+    if not names:
+        return recs
+    have = {r.name.split("/")[1]: r for r in recs}
+    if unknown := [n for n in names if n not in have]:
+        n = {k: sum(r.kind == k for r in recs) for k in ("reading", "dialogue")}
+        raise ValueError(f"--only names {', '.join(unknown)}, not in this plan ({n['reading']} readings, "
+                         f"{n['dialogue']} dialogues, numbered from 000): raise --recordings / --dialogues or fix "
+                         "the names")
+    return [have[n] for n in dict.fromkeys(names)]
+
+
 def _voices(cfg: CorpusConfig) -> tuple[list[str], dict[str, str]]:
     if cfg.voices:
         for v in cfg.voices:
@@ -246,6 +261,7 @@ def build(out: str | Path, cfg: CorpusConfig) -> BuildReport:
     texts = load_sources(list(cfg.texts))
     recs = plan(cfg.recordings, cfg.dialogues, voices, {n: len(s) for n, s in texts.items()}, cfg.seed,
                 cfg.repeat_fraction, cfg.quote_fraction, cfg.quote_gap_sentences, cfg.random_user_words)
+    recs = _only(recs, cfg.only)
     minutes = {"reading": cfg.minutes, "dialogue": cfg.dialogue_minutes or cfg.minutes}
     timings = {k: Timing(60 * m, 60 * cfg.repeat_gap_minutes, 60 * cfg.repeat_minutes, 60 * cfg.repeat_every_minutes)
                for k, m in minutes.items()}

@@ -45,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="in dialogues the user says random words of the text instead of its sentences (quotes "
                         "of them can only be predicted by hearing the user, never recited from training)")
     p.add_argument("--val-fraction", type=fraction, default=0.1, help="recordings held out, per kind (default 0.1)")
+    p.add_argument("--only", type=_names, default=(),
+                   help="comma-separated recording names (reading_027,dialogue_003): build just these, exactly as "
+                        "the whole corpus of these settings has them (a held-out set without the rest)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=nonnegative_int, default=0, help="synthesis processes (default: one per CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -60,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
                        repeat_minutes=args.repeat_minutes, repeat_every_minutes=args.repeat_every_minutes,
                        quote_fraction=args.quote_fraction, quote_gap_sentences=args.quote_gap_sentences,
                        random_user_words=args.random_user_words,
-                       val_fraction=args.val_fraction, jobs=args.jobs, progress=not args.no_progress)
+                       val_fraction=args.val_fraction, only=args.only, jobs=args.jobs, progress=not args.no_progress)
     try:
         report = build(args.out, cfg)
     except (MissingTextError, RuntimeError, ValueError, FileExistsError) as e:
