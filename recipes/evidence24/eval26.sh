@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Issue 24: the go checks of docs/results.md sections 24-26 for exported models, on the device's GPU in one call
-# (section 25 ran them there one call each: ~4 minutes in all for two models), packed into one tar in $OUT.
+# (section 25 ran them there one call each: ~4 minutes in all for two models), packed into one tar in $OUT
+# (in 15 MiB parts: `cat eval26.tar.* | tar x`).
 #   bash recipes/evidence24/eval26.sh NAME=EXPORT_DIR [NAME=EXPORT_DIR ...]
 # EVAL: a directory with clean5/ (held-out KJV readings none of whose sentences any of these models trained on),
 # read10/ (section 10's 12 held-out readings less the two in section 24's training readings) and tok_reading/
-# (free runs' prompt), as section 25 wrote them into .exp24/evaldata; W: the dialogues (section24.sh's /tmp/w).
+# (free runs' prompt), as evalsets.sh writes them (section 25 kept them in .exp24/evaldata); W: the dialogues
+# (section24.sh's /tmp/w).
 #   1. criterion 1: eval-long's copy probes on clean5, all models in one run (the same probes), both controls;
 #   2. criterion 2: 10-minute free runs after a reading, the user silent, seeds 0-2 (free_runs.sh, all at once on
 #      DEVICE, default the GPU, so not the CPU's streams: section 25 ran both);
@@ -32,4 +34,4 @@ timeout $T python3 -m ttt_speech eval-long "${MODELS[@]}" --data $EVAL/clean5 --
 wait
 rm -rf $E/fr/model_*
 cat $E/fr.log; grep -h "text loss by position" $E/dialogue_*.log; grep -A4 "^| text words" $E/clean5/report.md
-cd $E && tar cf $OUT/eval26.tar . && ls -la $OUT
+cd $E && tar cf - . | split -b 15M -d -a 1 - $OUT/eval26.tar. && ls -la $OUT  # files of <= 16 MiB come back
