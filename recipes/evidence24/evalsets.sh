@@ -5,7 +5,7 @@
 #   clean5       section 6's held-out KJV readings none of whose sentences BC or BM trained on (section 25);
 #   read10       section 6's twelve held-out readings less KJV reading_064 and devil reading_006 (in BM's training);
 #   tok_reading  section 18's held-out 3-minute reading (--seed 11): the free runs' prompt (section 19).
-#   bash recipes/evidence24/evalsets.sh OUT TEXTS     (TEXTS: texts24.py dump's JSON; ~4 min on 16 cores, ~25 on 2)
+#   bash recipes/evidence24/evalsets.sh OUT TEXTS     (TEXTS: texts24.py dump's JSON; ~16 min on 2 cores, mostly encoding)
 # Knob JOBS (synthesis processes per run, default 4); on a bare device machine bare24.sh brings flite and moshi.
 set -euo pipefail
 OUT=$1 TEXTS=$2 X=$(dirname "$0") PY=${PY:-python3} J=${JOBS:-4}
