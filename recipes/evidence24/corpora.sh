@@ -9,8 +9,8 @@ set -uo pipefail
 readings() {  # TEXT RECORDINGS JOBS OUT [make-corpus arguments...]: that text's run with its seed and held-out share
   local -A seed=([kjv]=0 [jargon]=1 [devil]=2) val=([kjv]=0.05 [jargon]=0.06 [devil]=0.09)
   python3 "$X/texts24.py" run "$TEXTS" make-corpus --dialogues 0 --minutes-per-recording "${MINUTES:-20}" \
-    --no-progress --voices flite:slt,flite:awb,flite:rms,flite:kal16,flite:kal --texts "$1" --recordings "$2" --jobs "$3" \
-    --out "$4" --val-fraction "${val[$1]}" --seed "${seed[$1]}" "${@:5}"
+    --no-progress --voices flite:slt,flite:awb,flite:rms,flite:kal16,flite:kal --texts "$1" --recordings "$2" \
+    --jobs "$3" --out "$4" --val-fraction "${val[$1]}" --seed "${seed[$1]}" "${@:5}"
 }
 OUT=$1 TEXTS=$2 X=$(dirname "${BASH_SOURCE[0]}")
 [[ ${BASH_SOURCE[0]} == "$0" ]] || return 0

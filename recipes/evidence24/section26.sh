@@ -7,7 +7,8 @@
 #   bash recipes/evidence24/section26.sh
 # Knobs: ARMS26 (the arms to run, "bl bn"; "bl" alone has the GPU to itself), DEADLINE (540 s), FROM (.exp24/bm;
 # section 26's amendment: /tmp/ship, the shipped model, made by the caller), MIX (/tmp/r/tok/train), KEEPSTEP, and
-# BLSET / BNSET, each arm's arms.sh settings (a CPU smoke test shrinks them; arms.sh's other knobs, e.g. STEPS, W, CEVERY, pass through).
+# BLSET / BNSET, each arm's arms.sh settings (a CPU smoke test shrinks them; arms.sh's other knobs, e.g. STEPS, W,
+# CEVERY, pass through).
 # Each arm is arms.sh with its own SEQ/SEGMENT/BATCH/FAR (arms.sh takes one of each per call, so two run at once);
 # $OUT gets one tar in 15 MiB parts (the device brings back at most 8 files a call, 16 MiB each): logs, metrics,
 # and each arm's last export and that of step KEEPSTEP (default 1300), bf16, without the codec.
