@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import yaml
 from safetensors.numpy import save_file
 
@@ -30,6 +32,7 @@ from ttt_speech.train.data import (  # noqa: E402
     copy_span,
     copy_spans,
     find_documents,
+    free_draws,
     make_chunks,
     split_by_source,
 )
@@ -382,6 +385,70 @@ def test_random_far_blocks_put_far_sources_in_either_half_and_odd_keeps_the_old_
     assert 0.3 < first_half / len(far_sources) < 0.7 and 50 < len(far_sources) < 110  # ~80 far of 160 blocks
 
 
+FREE = RepeatConfig(1.0, min_gap=16, min_len=16, max_len=48, max_gap=60, copies=8, far_gap=[96, 1000],
+                    far_len=[16, 320], far_blocks="random", placement="free")
+
+
+def free_layout(seed: int, cfg: RepeatConfig, real: int) -> list[tuple[int, int, int]]:
+    """The (source, copy, frames) that copy_spans(..., default_rng(seed), cfg) draws on `real` frames."""
+    g = np.random.default_rng(seed)
+    is_far = g.random(cfg.copies) < 0.5 if cfg.far_blocks == "random" else np.arange(cfg.copies) % 2 == 1
+    return free_draws(real, g, [cfg.far() if f else cfg for f in is_far])
+
+
+@settings(max_examples=150, deadline=None)
+@given(real=st.integers(0, 2500), copies=st.integers(2, 10), seed=st.integers(0, 2**32 - 1),
+       far_blocks=st.sampled_from(["odd", "random"]), source=st.sampled_from(["speech", "shuffled"]))
+def test_free_placement_copies_in_range_and_no_frame_read_or_written_twice(real: int, copies: int, seed: int,
+                                                                           far_blocks: str, source: str) -> None:
+    cfg = dataclasses.replace(FREE, copies=copies, far_blocks=far_blocks, source=source)
+    before = random_tokens(np.random.default_rng(seed), real + 7, real)
+    after = copy_spans(before, np.random.default_rng(seed), cfg)
+    layout = free_layout(seed, cfg, real)
+    far = [d - s > 60 for s, d, _ in layout]
+    asked = np.random.default_rng(seed).random(copies) < 0.5 if far_blocks == "random" else np.arange(copies) % 2 == 1
+    wanted_far = int(asked.sum())
+    assert sum(far) <= wanted_far and len(far) - sum(far) <= copies - wanted_far
+    spans = sorted(iv for s, d, n in layout for iv in ((s, s + n), (d, d + n)))
+    assert all(e <= b for (_, e), (b, _) in zip(spans, spans[1:])), spans  # pairwise disjoint
+    untouched = np.ones(real + 7, bool)
+    for (s, d, n), f in zip(layout, far):
+        assert 0 <= s and d + n <= real and d - s >= n
+        assert (96 <= d - s <= 1000 and 16 <= n <= 320) if f else (16 <= d - s <= 60 and 16 <= n <= 48)
+        assert np.array_equal(after[:, d:d + n], after[:, s:s + n])  # verbatim, as the model reads both
+        source_frames = sorted(map(tuple, before[:, s:s + n].T))
+        assert sorted(map(tuple, after[:, d:d + n].T)) == source_frames  # shuffled or not, the source's frames
+        untouched[s:s + n] = untouched[d:d + n] = False
+    if source == "speech":
+        for s, _, n in layout:
+            assert np.array_equal(after[:, s:s + n], before[:, s:s + n])
+    assert np.array_equal(after[:, untouched], before[:, untouched])
+
+
+def test_free_placement_keeps_far_gaps_that_blocks_shorten() -> None:
+    blocks = dataclasses.replace(FREE, placement="blocks")
+    free_gaps, block_gaps, placed = [], [], 0
+    for seed in range(200):
+        before = random_tokens(np.random.default_rng(seed), 2048, 2048)
+        layout = free_layout(seed, FREE, 2048)
+        placed += len(layout)
+        free_gaps += [d - s for s, d, _ in layout if d - s > 60]
+        after = copy_spans(before, np.random.default_rng(seed), blocks)
+        for b in range(8):
+            span = copied_span(before[:, b * 256:(b + 1) * 256], after[:, b * 256:(b + 1) * 256])
+            if span and span[1] - span[0] > 60:
+                block_gaps.append(span[1] - span[0])
+    assert placed / 200 > 7.5  # 8 asked; a copy with no room is left out
+    assert max(block_gaps) < 256 and np.median(free_gaps) > 450 and max(free_gaps) > 950
+
+
+def test_free_placement_draws_nothing_when_prob_is_zero_and_at_most_copies_in_a_short_sequence() -> None:
+    before = random_tokens(np.random.default_rng(0), 300, 300)
+    assert np.array_equal(copy_spans(before, np.random.default_rng(1), dataclasses.replace(FREE, prob=0.0)), before)
+    assert 3 <= len(free_layout(1, FREE, 300)) <= 8
+    assert free_layout(1, FREE, 31) == []  # two 16-frame spans need 32 frames
+
+
 def test_one_copy_draws_exactly_as_copy_span() -> None:
     cfg = RepeatConfig(1.0, min_gap=8, min_len=4, max_len=12)
     before = random_tokens(np.random.default_rng(0), 64, 50)
@@ -437,6 +504,8 @@ def test_eval_batches_never_get_copied_spans(tmp_path: Path) -> None:
     ((0.5, 10, 5, 20, None, 2, [100, 200], None, "even"), "data.repeat.far_blocks must be odd or random, got 'even'"),
     ((0.5, 10, 5, 20, None, 2, [100, 200], [40, 20]), r"data.repeat.far_len must be \[lo, hi\] .* got \[40, 20\]"),
     ((0.5, 10, 5, 20, None, 2, [100, 200], [40, 300]), r"far_gap's hi \(200\), got \[40, 300\]"),
+    ((0.5, 10, 5, 20, None, 2, None, None, "odd", "loose"), "data.repeat.placement must be blocks or free, got 'lo"),
+    ((0.5, 10, 5, 20, None, 1, None, None, "odd", "free"), "data.repeat.placement: free needs copies >= 2"),
 ])
 def test_repeat_config_rejects_bad_values_naming_the_field(values: tuple, why: str) -> None:
     with pytest.raises(ValueError, match=why):

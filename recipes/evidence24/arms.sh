@@ -26,6 +26,8 @@
 #   {prob: 1.0, every: 4, prompt: 64, frames: 256}: every 4th step, 256 own frames after 64 real ones; docs/training.md);
 #   those also in DISTILLED score their own frames by KL to the model with its memory frozen after the prompt
 #   (train.own_prefix.distill=$DISTILL, default 1.0). Next (section 17, pre-registered there).
+# PLACEMENT=free sets data.repeat.placement (the COPIES drawn anywhere in the sequence, so more copies do not shorten
+#   the far gaps as blocks of SEQ/COPIES frames do; docs/results.md section 29).
 # SEQ sets the training sequence length, SEGMENT the frames per forward/backward (the state is carried between
 # segments without gradient, so a decay learns only from recall inside one segment: SEGMENT=SEQ for far gaps).
 # Minutes (docs/results.md section 11, pre-registered in section 10; no-go): ARMS="d bd" DECAYED=bd DECAY=0.97
@@ -61,7 +63,7 @@ X=$PWD/recipes/evidence24 B=$PWD/.exp24 W=${W:-/tmp/w}
 ARMS=${ARMS:-d b a} DEADLINE=${DEADLINE:-240} LR=${LR:-5.0e-4} MEMLR=${MEMLR:-1} PHASE=${PHASE:-all}
 COPIES=${COPIES:-2} FAR=${FAR:-96, 700} SEQ=${SEQ:-1536} SEGMENT=${SEGMENT:-1536} GAPS=${GAPS-32,96,160,320,640}
 SHUFFLED=${SHUFFLED:-} BASE=${BASE:-$B/arms/base} STEPS=${STEPS:-20000} FROM=${FROM:-} WARMUP=${WARMUP:-0.005} FARLEN=${FARLEN:-} KEEP=${KEEP:-}
-FARBLOCKS=${FARBLOCKS:-odd} DECAYED=${DECAYED:-} DECAY=${DECAY:-0.9} RARE=${RARE:-} OWN=${OWN:-} DISTILLED=${DISTILLED:-} DISTILL=${DISTILL:-1.0} OWNPREFIX=${OWNPREFIX:-{prob: 1.0, every: 4, prompt: 64, frames: 256\}} REPEATPROB=${REPEATPROB:-0.25} LENGTHS=${LENGTHS:-64} AGES=${AGES:-}
+FARBLOCKS=${FARBLOCKS:-odd} PLACEMENT=${PLACEMENT:-blocks} DECAYED=${DECAYED:-} DECAY=${DECAY:-0.9} RARE=${RARE:-} OWN=${OWN:-} DISTILLED=${DISTILLED:-} DISTILL=${DISTILL:-1.0} OWNPREFIX=${OWNPREFIX:-{prob: 1.0, every: 4, prompt: 64, frames: 256\}} REPEATPROB=${REPEATPROB:-0.25} LENGTHS=${LENGTHS:-64} AGES=${AGES:-}
 AGES_ARMS=$([ -n "$AGES" ] && echo $ARMS)
 S0=$SECONDS; t() { echo "[t=$((SECONDS - S0))s] $*"; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $B/whl/*.whl $(ls .whl/f*.whl 2>/dev/null) || exit 1
@@ -83,7 +85,7 @@ extra() {  # one argument per line
   for r in $RARE; do  # "arm" takes REPEATPROB, "arm=p" its own p
     [ "${r%%=*}" = "$1" ] && { prob=$REPEATPROB; [[ $r == *=* ]] && prob=${r#*=}; }
   done
-  printf -- '--set\n%s\n' "data.repeat={prob: $prob, min_gap: 16, max_gap: 60, min_len: 16, max_len: 48, copies: $COPIES, far_gap: [$FAR],${FARLEN:+ far_len: [$FARLEN],} far_blocks: $FARBLOCKS, source: $source}"
+  printf -- '--set\n%s\n' "data.repeat={prob: $prob, min_gap: 16, max_gap: 60, min_len: 16, max_len: 48, copies: $COPIES, far_gap: [$FAR],${FARLEN:+ far_len: [$FARLEN],} far_blocks: $FARBLOCKS, placement: $PLACEMENT, source: $source}"
   [[ " $DECAYED " == *" $1 "* ]] && printf -- '--set\n%s\n' model.memory.decay=$DECAY
   [[ " $OWN " == *" $1 "* ]] && printf -- '--set\n%s\n' "train.own_prefix=$OWNPREFIX"
   [[ " $DISTILLED " == *" $1 "* ]] && printf -- '--set\n%s\n' "train.own_prefix.distill=$DISTILL"

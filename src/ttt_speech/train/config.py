@@ -89,6 +89,11 @@ class RepeatConfig:
     `far_len` [lo, hi] (with far_gap): those far blocks' span lengths instead of min_len..max_len. One
     32-frame far copy per 1536 frames is ~2 % of the targets, too little signal for a memory to learn
     from (issue 24, results section 8); longer far spans raise it without touching the inside copies.
+    `placement: free` draws the copies over the whole sequence instead of one per block, each in a place
+    that no earlier copy reads or writes (up to 64 tries, then that copy is left out): with blocks, the
+    block length bounds the far gaps, so more copies per sequence meant shorter gaps (issue 24, results
+    section 28: recall at 10x the window followed the copies seen, not the gaps trained; free placement
+    raises the copies without shortening the gaps).
     `source: shuffled` puts the source span's frames in a random order first (both occurrences then
     hold the same shuffled frames): after many epochs of a small corpus the weights recite a copied
     stretch of speech, so nothing rewards looking back; a shuffled span exists only in this sequence,
@@ -104,6 +109,7 @@ class RepeatConfig:
     far_gap: list[int] | None = None
     far_len: list[int] | None = None
     far_blocks: tp.Literal["odd", "random"] = "odd"
+    placement: tp.Literal["blocks", "free"] = "blocks"
     source: tp.Literal["speech", "shuffled"] = "speech"
 
     def __post_init__(self) -> None:
@@ -130,6 +136,10 @@ class RepeatConfig:
                                  f"got {self.far_gap}")
         if self.far_blocks not in ("odd", "random"):
             raise ValueError(f"data.repeat.far_blocks must be odd or random, got {self.far_blocks!r}")
+        if self.placement not in ("blocks", "free"):
+            raise ValueError(f"data.repeat.placement must be blocks or free, got {self.placement!r}")
+        if self.placement == "free" and self.copies < 2:
+            raise ValueError("data.repeat.placement: free needs copies >= 2 (one copy has no blocks to free)")
         if self.far_blocks != "odd" and self.far_gap is None:
             raise ValueError("data.repeat.far_blocks needs far_gap (it picks the blocks whose copies lie far)")
         if self.far_len is not None:
@@ -145,7 +155,7 @@ class RepeatConfig:
         lo, hi = self.far_gap
         n_lo, n_hi = self.far_len or (self.min_len, self.max_len)
         return dataclasses.replace(self, min_gap=lo, max_gap=hi, min_len=n_lo, max_len=n_hi, copies=1,
-                                   far_gap=None, far_len=None, far_blocks="odd")
+                                   far_gap=None, far_len=None, far_blocks="odd", placement="blocks")
 
 
 @dataclass

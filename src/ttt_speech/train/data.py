@@ -221,16 +221,47 @@ def copy_spans(tokens: np.ndarray, rng: np.random.Generator, cfg: RepeatConfig) 
     """`tokens` [K, T] with up to cfg.copies copied spans: the real part is cut into that many equal
     blocks and `copy_span` draws one inside each, so no copy overwrites another's source; with
     cfg.far_gap, blocks 1, 3, 5, ... (far_blocks "random": each block with probability 1/2) draw their
-    distance from it."""
+    distance from it. With cfg.placement "free" the same draws go anywhere in the sequence (`free_draws`)."""
     if cfg.copies == 1:
         return copy_span(tokens, rng, cfg)
     length = real_length(tokens)
     far = cfg.far() if cfg.far_gap is not None else cfg
     out = tokens.copy()
     is_far = rng.random(cfg.copies) < 0.5 if cfg.far_blocks == "random" else np.arange(cfg.copies) % 2 == 1
+    if cfg.placement == "free":
+        for src, dst, n in free_draws(length, rng, [far if f else cfg for f in is_far]):
+            span = tokens[:, src:src + n]
+            if cfg.source == "shuffled":
+                span = out[:, src:src + n] = span[:, rng.permutation(n)]
+            out[:, dst:dst + n] = span
+        return out
     for b in range(cfg.copies):
         lo, hi = b * length // cfg.copies, (b + 1) * length // cfg.copies
         out[:, lo:hi] = copy_span(tokens[:, lo:hi], rng, far if is_far[b] else cfg)
+    return out
+
+
+def free_draws(length: int, rng: np.random.Generator, draws: list[RepeatConfig],
+               tries: int = 64) -> list[tuple[int, int, int]]:
+    """(source, copy, frames) of each of `draws` anywhere in `length` frames, in no frame another read or
+    wrote (the longest draws, the far ones, go first: they need the most room); a draw that finds no
+    such place in `tries` attempts, or that `prob` leaves out, is skipped."""
+    taken: list[tuple[int, int]] = []
+    out = []
+    for c in sorted(draws, key=lambda c: c.min_gap, reverse=True):
+        if rng.random() >= c.prob:
+            continue
+        for _ in range(tries):
+            n = int(rng.integers(c.min_len, c.max_len + 1))
+            lo, hi = max(c.min_gap, n), min(length - n, c.max_gap if c.max_gap is not None else length)
+            if lo > hi:
+                continue
+            d = int(rng.integers(lo, hi + 1))
+            src = int(rng.integers(0, length - n - d + 1))
+            if all(e <= a or b >= a + n for a in (src, src + d) for b, e in taken):
+                taken += [(src, src + n), (src + d, src + d + n)]
+                out.append((src, src + d, n))
+                break
     return out
 
 
