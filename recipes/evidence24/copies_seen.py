@@ -4,7 +4,7 @@
 
 Counts, with the trainer's own `copy_spans`, the far copies (beyond the 64-frame window) each recipe put
 in its sequences, by gap, and plots the recorded clean5 ratios against them: recall at 640 frames
-follows how many far copies a model saw, whether or not any of them lay that far back. Sequences
+follows how many far copies a model saw more than whether any lay that far back. Sequences
 are taken as full (the training chunks are, but for each document's tail).
 """
 

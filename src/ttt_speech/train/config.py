@@ -92,7 +92,7 @@ class RepeatConfig:
     `placement: free` draws the copies over the whole sequence instead of one per block, each in a place
     that no earlier copy reads or writes (up to 64 tries, then that copy is left out): with blocks, the
     block length bounds the far gaps, so more copies per sequence meant shorter gaps (issue 24, results
-    section 28: recall at 10x the window followed the copies seen, not the gaps trained; free placement
+    section 28: recall at 10x the window followed the far copies seen more than their gaps; free placement
     raises the copies without shortening the gaps).
     `source: shuffled` puts the source span's frames in a random order first (both occurrences then
     hold the same shuffled frames): after many epochs of a small corpus the weights recite a copied
