@@ -13,10 +13,12 @@
 #   4. criterion 4: dialogue_memory.py QUOTES=0 on the held-out dialogues (memory as trained and lambda ~0);
 #   5. criterion 5: eval-long's text loss by position on read10.
 # Criterion 3 (duplex_free_runs.py, a user talking) runs on the CPU: ~5 minutes a seed there. Knobs: T (each
-# job's timeout, 400 s), MINUTES (the free runs', 10) and DEVICE (a CPU smoke test shortens them, DEVICE=cpu).
+# job's timeout, 400 s), MINUTES (the free runs', 10), DEVICE (a CPU smoke test shortens them, DEVICE=cpu) and SWEEP
+# (more copy gaps, scored by a job of their own into sweep/, so criterion 1's never waits on them; section 29:
+# section 25's 320,480,800,960).
 set -uo pipefail
 X=$(dirname "$0") EVAL=${EVAL:-.exp24/evaldata} W=${W:-/tmp/w} T=${T:-400} E=/tmp/eval26 MINUTES=${MINUTES:-10}
-DEVICE=${DEVICE:-cuda}
+DEVICE=${DEVICE:-cuda} SWEEP=${SWEEP:-}
 export PYTHONPATH=/tmp/site:$PWD/src NO_TORCH_COMPILE=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 rm -rf $E && mkdir -p $E
 MODELS=() EV="--baseline-length 64 --minutes 0 --no-progress --segment 2048"
@@ -29,9 +31,13 @@ for spec in "$@"; do
 done
 DEVICE=$DEVICE JOBS=$((3 * $#)) DATA=$EVAL/tok_reading MINUTES=$MINUTES timeout $T bash $X/free_runs.sh $E/fr "$@" \
   > $E/fr.log 2>&1 &
+[ -n "$SWEEP" ] && timeout $T python3 -m ttt_speech eval-long "${MODELS[@]}" --data $EVAL/clean5 --lengths 64 \
+  --copy-gaps $SWEEP --copy-span 32 --copy-probes 20 --copy-context 64 --copy-controls $EV --out $E/sweep \
+  > $E/sweep.log 2>&1 &
 timeout $T python3 -m ttt_speech eval-long "${MODELS[@]}" --data $EVAL/clean5 --lengths 64 --copy-gaps 96,640 \
   --copy-span 32 --copy-probes 20 --copy-context 64 --copy-controls $EV --out $E/clean5 > $E/clean5.log 2>&1 &
 wait
 rm -rf $E/fr/model_*
 cat $E/fr.log; grep -h "text loss by position" $E/dialogue_*.log; grep -A4 "^| text words" $E/clean5/report.md
+[ -n "$SWEEP" ] && grep -A4 "^| text words" $E/sweep/report.md
 cd $E && tar cf - . | split -b 15M -d -a 1 - $OUT/eval26.tar. && ls -la $OUT  # files of <= 16 MiB come back
