@@ -31,8 +31,9 @@ from ttt_speech.train.data import (  # noqa: E402
     check_streams,
     copy_span,
     copy_spans,
+    far_mask,
     find_documents,
-    free_draws,
+    free_layout,
     make_chunks,
     split_by_source,
 )
@@ -389,13 +390,6 @@ FREE = RepeatConfig(1.0, min_gap=16, min_len=16, max_len=48, max_gap=60, copies=
                     far_len=[16, 320], far_blocks="random", placement="free")
 
 
-def free_layout(seed: int, cfg: RepeatConfig, real: int) -> list[tuple[int, int, int]]:
-    """The (source, copy, frames) that copy_spans(..., default_rng(seed), cfg) draws on `real` frames."""
-    g = np.random.default_rng(seed)
-    is_far = g.random(cfg.copies) < 0.5 if cfg.far_blocks == "random" else np.arange(cfg.copies) % 2 == 1
-    return free_draws(real, g, [cfg.far() if f else cfg for f in is_far])
-
-
 @settings(max_examples=150, deadline=None)
 @given(real=st.integers(0, 2500), copies=st.integers(2, 10), seed=st.integers(0, 2**32 - 1),
        far_blocks=st.sampled_from(["odd", "random"]), source=st.sampled_from(["speech", "shuffled"]))
@@ -404,10 +398,9 @@ def test_free_placement_copies_in_range_and_no_frame_read_or_written_twice(real:
     cfg = dataclasses.replace(FREE, copies=copies, far_blocks=far_blocks, source=source)
     before = random_tokens(np.random.default_rng(seed), real + 7, real)
     after = copy_spans(before, np.random.default_rng(seed), cfg)
-    layout = free_layout(seed, cfg, real)
+    layout = free_layout(real, np.random.default_rng(seed), cfg)  # what copy_spans drew with the same generator
     far = [d - s > 60 for s, d, _ in layout]
-    asked = np.random.default_rng(seed).random(copies) < 0.5 if far_blocks == "random" else np.arange(copies) % 2 == 1
-    wanted_far = int(asked.sum())
+    wanted_far = int(far_mask(np.random.default_rng(seed), cfg).sum())
     assert sum(far) <= wanted_far and len(far) - sum(far) <= copies - wanted_far
     spans = sorted(iv for s, d, n in layout for iv in ((s, s + n), (d, d + n)))
     assert all(e <= b for (_, e), (b, _) in zip(spans, spans[1:])), spans  # pairwise disjoint
@@ -430,7 +423,7 @@ def test_free_placement_keeps_far_gaps_that_blocks_shorten() -> None:
     free_gaps, block_gaps, placed = [], [], 0
     for seed in range(200):
         before = random_tokens(np.random.default_rng(seed), 2048, 2048)
-        layout = free_layout(seed, FREE, 2048)
+        layout = free_layout(2048, np.random.default_rng(seed), FREE)
         placed += len(layout)
         free_gaps += [d - s for s, d, _ in layout if d - s > 60]
         after = copy_spans(before, np.random.default_rng(seed), blocks)
@@ -445,8 +438,8 @@ def test_free_placement_keeps_far_gaps_that_blocks_shorten() -> None:
 def test_free_placement_draws_nothing_when_prob_is_zero_and_at_most_copies_in_a_short_sequence() -> None:
     before = random_tokens(np.random.default_rng(0), 300, 300)
     assert np.array_equal(copy_spans(before, np.random.default_rng(1), dataclasses.replace(FREE, prob=0.0)), before)
-    assert 3 <= len(free_layout(1, FREE, 300)) <= 8
-    assert free_layout(1, FREE, 31) == []  # two 16-frame spans need 32 frames
+    assert 3 <= len(free_layout(300, np.random.default_rng(1), FREE)) <= 8
+    assert free_layout(31, np.random.default_rng(1), FREE) == []  # two 16-frame spans need 32 frames
 
 
 def test_one_copy_draws_exactly_as_copy_span() -> None:

@@ -31,11 +31,12 @@ for spec in "$@"; do
 done
 DEVICE=$DEVICE JOBS=$((3 * $#)) DATA=$EVAL/tok_reading MINUTES=$MINUTES timeout $T bash $X/free_runs.sh $E/fr "$@" \
   > $E/fr.log 2>&1 &
-[ -n "$SWEEP" ] && timeout $T python3 -m ttt_speech eval-long "${MODELS[@]}" --data $EVAL/clean5 --lengths 64 \
-  --copy-gaps $SWEEP --copy-span 32 --copy-probes 20 --copy-context 64 --copy-controls $EV --out $E/sweep \
-  > $E/sweep.log 2>&1 &
-timeout $T python3 -m ttt_speech eval-long "${MODELS[@]}" --data $EVAL/clean5 --lengths 64 --copy-gaps 96,640 \
-  --copy-span 32 --copy-probes 20 --copy-context 64 --copy-controls $EV --out $E/clean5 > $E/clean5.log 2>&1 &
+copies() {  # GAPS NAME: eval-long's copy probes on clean5 at those gaps, all models in one run, into $E/NAME
+  timeout $T python3 -m ttt_speech eval-long "${MODELS[@]}" --data $EVAL/clean5 --lengths 64 --copy-gaps $1 \
+    --copy-span 32 --copy-probes 20 --copy-context 64 --copy-controls $EV --out $E/$2 > $E/$2.log 2>&1
+}
+[ -n "$SWEEP" ] && copies $SWEEP sweep &
+copies 96,640 clean5 &
 wait
 rm -rf $E/fr/model_*
 cat $E/fr.log; grep -h "text loss by position" $E/dialogue_*.log; grep -A4 "^| text words" $E/clean5/report.md

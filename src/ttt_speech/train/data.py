@@ -221,24 +221,36 @@ def copy_spans(tokens: np.ndarray, rng: np.random.Generator, cfg: RepeatConfig) 
     """`tokens` [K, T] with up to cfg.copies copied spans: the real part is cut into that many equal
     blocks and `copy_span` draws one inside each, so no copy overwrites another's source; with
     cfg.far_gap, blocks 1, 3, 5, ... (far_blocks "random": each block with probability 1/2) draw their
-    distance from it. With cfg.placement "free" the same draws go anywhere in the sequence (`free_draws`)."""
+    distance from it. With cfg.placement "free" the same draws go anywhere in the sequence (`free_layout`)."""
     if cfg.copies == 1:
         return copy_span(tokens, rng, cfg)
     length = real_length(tokens)
-    far = cfg.far() if cfg.far_gap is not None else cfg
     out = tokens.copy()
-    is_far = rng.random(cfg.copies) < 0.5 if cfg.far_blocks == "random" else np.arange(cfg.copies) % 2 == 1
     if cfg.placement == "free":
-        for src, dst, n in free_draws(length, rng, [far if f else cfg for f in is_far]):
+        for src, dst, n in free_layout(length, rng, cfg):
             span = tokens[:, src:src + n]
             if cfg.source == "shuffled":
                 span = out[:, src:src + n] = span[:, rng.permutation(n)]
             out[:, dst:dst + n] = span
         return out
+    far = cfg.far() if cfg.far_gap is not None else cfg
+    is_far = far_mask(rng, cfg)
     for b in range(cfg.copies):
         lo, hi = b * length // cfg.copies, (b + 1) * length // cfg.copies
         out[:, lo:hi] = copy_span(tokens[:, lo:hi], rng, far if is_far[b] else cfg)
     return out
+
+
+def far_mask(rng: np.random.Generator, cfg: RepeatConfig) -> np.ndarray:
+    """Which of cfg.copies draw a far copy: every second one, or (far_blocks "random") each with probability 1/2."""
+    return rng.random(cfg.copies) < 0.5 if cfg.far_blocks == "random" else np.arange(cfg.copies) % 2 == 1
+
+
+def free_layout(length: int, rng: np.random.Generator, cfg: RepeatConfig) -> list[tuple[int, int, int]]:
+    """(source, copy, frames) of placement "free"'s copies in `length` frames: far_mask's draws, placed by
+    free_draws."""
+    far = cfg.far() if cfg.far_gap is not None else cfg
+    return free_draws(length, rng, [far if f else cfg for f in far_mask(rng, cfg)])
 
 
 def free_draws(length: int, rng: np.random.Generator, draws: list[RepeatConfig],
